@@ -1,0 +1,127 @@
+//! The `sidscript` command line: run, check, doc, repl.
+
+mod doc;
+mod repl;
+
+use crate::host::{tensor, Host, HostOptions};
+use clap::{Parser, Subcommand};
+use rhai::{Dynamic, Map};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sidscript",
+    version,
+    about = "Score identity Distillation of diffusion models, scripted in Rhai"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a script.
+    Run {
+        /// The .rhai script.
+        file: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Compile a script without running it (syntax check).
+    Check { file: PathBuf },
+    /// List every native function with its signature and a one-line description.
+    Doc {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An interactive session.
+    Repl {
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Configuration for the script, `key=value`; seen by the script as `cfg.key`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Seed of the run's random generator (a CPU run with the same seed is bit-identical).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, or cuda:N with a build that has the cuda feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `value` as the most specific Rhai value: int, float, bool, JSON array/object, else string.
+pub fn parse_value(value: &str) -> Dynamic {
+    if let Ok(i) = value.parse::<i64>() {
+        return i.into();
+    }
+    if let Ok(f) = value.parse::<f64>() {
+        return f.into();
+    }
+    match value {
+        "true" => return true.into(),
+        "false" => return false.into(),
+        _ => {}
+    }
+    if value.starts_with('[') || value.starts_with('{') {
+        if let Ok(json) = serde_json::from_str::<serde_json::Value>(value) {
+            if let Ok(d) = rhai::serde::to_dynamic(json) {
+                return d;
+            }
+        }
+    }
+    value.into()
+}
+
+impl RunArgs {
+    pub fn host_options(&self) -> anyhow::Result<HostOptions> {
+        let mut config = Map::new();
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--set expects key=value, got '{kv}'"))?;
+            if k.is_empty() {
+                anyhow::bail!("--set expects key=value, got '{kv}'");
+            }
+            config.insert(k.into(), parse_value(v));
+        }
+        let device = tensor::parse_device(&self.device)
+            .map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
+        Ok(HostOptions {
+            seed: self.seed,
+            device,
+            config,
+        })
+    }
+}
+
+fn error_text(e: &rhai::EvalAltResult) -> String {
+    match e {
+        rhai::EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+        other => other.to_string(),
+    }
+}
+
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { file, run } => {
+            let host = Host::new(run.host_options()?)?;
+            let _value = host.run_file(&file)?;
+            Ok(())
+        }
+        Command::Check { file } => {
+            let host = Host::new(HostOptions::default())?;
+            host.compile_file(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Doc { json } => doc::print(json),
+        Command::Repl { run } => repl::run(run.host_options()?),
+    }
+}

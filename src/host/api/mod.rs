@@ -1,0 +1,27 @@
+//! Native functions registered into the engine, one file per concern.
+
+pub mod autograd;
+pub mod convert;
+pub mod create;
+pub mod io;
+pub mod math;
+pub mod optim;
+pub mod run;
+pub mod shape;
+
+use super::docs::Api;
+use super::runtime::Runtime;
+use super::tensor::TensorHandle;
+use std::sync::Arc;
+
+pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
+    api.engine.register_type_with_name::<TensorHandle>("Tensor");
+    create::register(api, rt);
+    math::register(api);
+    shape::register(api);
+    convert::register(api);
+    autograd::register(api);
+    optim::register(api);
+    io::register(api, rt);
+    run::register(api, rt);
+}

@@ -1,0 +1,162 @@
+//! The Rhai host: an engine in which tensors, parameters and optimisers are
+//! first-class, plus module resolution, error mapping and documentation.
+//!
+//! ```
+//! use sidscript::host::{Host, HostOptions};
+//! let host = Host::new(HostOptions::default()).unwrap();
+//! let v: f64 = host.eval("let w = param(tensor([1.0, 2.0])); let l = (w * w).sum(); l.backward(); w.grad.sum().item()").unwrap().cast();
+//! assert_eq!(v, 6.0);
+//! ```
+
+pub mod api;
+pub mod docs;
+pub mod error;
+pub mod modules;
+pub mod runtime;
+pub mod tensor;
+
+use candle_core::Device;
+pub use docs::FnDoc;
+pub use error::ScriptError;
+use modules::Modules;
+use rhai::{Dynamic, Engine, Map, Scope, AST};
+pub use runtime::Runtime;
+use std::path::Path;
+use std::sync::Arc;
+pub use tensor::TensorHandle;
+
+/// How to build a [`Host`].
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// Seed of the run's generator.
+    pub seed: u64,
+    pub device: Device,
+    /// The run's configuration, visible as `cfg` and `config()`.
+    pub config: Map,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            device: Device::Cpu,
+            config: Map::new(),
+        }
+    }
+}
+
+/// An engine with sidscript's functions, and the run state they share.
+pub struct Host {
+    engine: Engine,
+    runtime: Arc<Runtime>,
+    docs: Vec<FnDoc>,
+    modules: Modules,
+}
+
+impl Host {
+    pub fn new(opts: HostOptions) -> crate::Result<Self> {
+        let runtime = Arc::new(Runtime::new(opts.seed, opts.device));
+        runtime.set_config(opts.config);
+        let mut engine = Engine::new();
+        // Deep models nest calls; the defaults are made for untrusted snippets.
+        engine.set_max_call_levels(256);
+        engine.set_max_expr_depths(256, 256);
+        engine.on_print(|s| println!("{s}"));
+        engine.on_debug(|s, src, pos| match (src, pos.line()) {
+            (Some(src), Some(l)) => eprintln!("[{src}:{l}] {s}"),
+            _ => eprintln!("{s}"),
+        });
+        let modules = Modules::default();
+        engine.set_module_resolver(modules.clone());
+        let mut docs = vec![];
+        api::register_all(&mut docs::Api::new(&mut engine, &mut docs), &runtime);
+        Ok(Self {
+            engine,
+            runtime,
+            docs,
+            modules,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    pub fn modules(&self) -> &Modules {
+        &self.modules
+    }
+
+    /// Every registered native function, documented.
+    pub fn docs(&self) -> &[FnDoc] {
+        &self.docs
+    }
+
+    /// A scope holding the run's configuration as the constant `cfg`.
+    pub fn new_scope(&self) -> Scope<'static> {
+        let mut scope = Scope::new();
+        scope.push_constant("cfg", self.runtime.config());
+        scope
+    }
+
+    /// Compiles a script file (syntax check only; imports are resolved when run).
+    pub fn compile_file(&self, path: &Path) -> Result<AST, ScriptError> {
+        let name = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ScriptError {
+            location: name.clone(),
+            file: name.clone(),
+            line: None,
+            message: format!("cannot read script: {e}"),
+            trace: vec![],
+        })?;
+        let scope = self.new_scope();
+        let mut ast = self
+            .engine
+            .compile_with_scope(&scope, &src)
+            .map_err(|e| ScriptError::from_parse(&e, &name))?;
+        ast.set_source(name.as_str());
+        Ok(ast)
+    }
+
+    /// Runs a compiled script in `scope`, returning its final value.
+    pub fn run_ast(&self, scope: &mut Scope, ast: &AST) -> Result<Dynamic, ScriptError> {
+        let file = ast.source().unwrap_or("<script>").to_string();
+        self.modules
+            .set_main_dir(Path::new(&file).parent().map(Path::to_path_buf));
+        self.engine
+            .eval_ast_with_scope::<Dynamic>(scope, ast)
+            .map_err(|e| ScriptError::from_eval(&e, &file))
+    }
+
+    /// Compiles and runs a script file.
+    pub fn run_file(&self, path: &Path) -> Result<Dynamic, ScriptError> {
+        let ast = self.compile_file(path)?;
+        self.run_ast(&mut self.new_scope(), &ast)
+    }
+
+    /// Evaluates a snippet in a fresh scope (for tests and examples).
+    pub fn eval(&self, src: &str) -> Result<Dynamic, ScriptError> {
+        let mut scope = self.new_scope();
+        self.eval_in(&mut scope, src, "<eval>")
+    }
+
+    /// Evaluates a snippet in a given scope, naming it `name` in errors.
+    pub fn eval_in(
+        &self,
+        scope: &mut Scope,
+        src: &str,
+        name: &str,
+    ) -> Result<Dynamic, ScriptError> {
+        let mut ast = self
+            .engine
+            .compile_with_scope(scope, src)
+            .map_err(|e| ScriptError::from_parse(&e, name))?;
+        ast.set_source(name);
+        self.engine
+            .eval_ast_with_scope::<Dynamic>(scope, &ast)
+            .map_err(|e| ScriptError::from_eval(&e, name))
+    }
+}

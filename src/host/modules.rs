@@ -1,0 +1,138 @@
+//! Where `import "name" as x;` finds modules: beside the importing file, beside the
+//! main script, then in the stdlib (a folder named by `SIDSCRIPT_STDLIB`, else the
+//! copy embedded in the binary at build time). Compiled modules are cached by
+//! path; [`Modules::clear_cache`] forgets them so that edited files are read again.
+
+use include_dir::{include_dir, Dir};
+use rhai::{Engine, EvalAltResult, Module, ModuleResolver, Position, Scope, Shared};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+static EMBEDDED_STDLIB: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/stdlib");
+
+/// Where a module's source came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Origin {
+    File(PathBuf),
+    Embedded(&'static str),
+}
+
+#[derive(Default)]
+struct Inner {
+    main_dir: Option<PathBuf>,
+    cache: HashMap<Origin, Shared<Module>>,
+}
+
+/// The module resolver; clones share the cache.
+#[derive(Clone, Default)]
+pub struct Modules(Arc<Mutex<Inner>>);
+
+impl Modules {
+    /// Sets the folder of the main script (searched after the importing file's folder).
+    pub fn set_main_dir(&self, dir: Option<PathBuf>) {
+        self.inner().main_dir = dir;
+    }
+
+    pub fn clear_cache(&self) {
+        self.inner().cache.clear();
+    }
+
+    /// Every file behind a cached module (for watching them).
+    pub fn cached_files(&self) -> Vec<PathBuf> {
+        self.inner()
+            .cache
+            .keys()
+            .filter_map(|o| match o {
+                Origin::File(p) => Some(p.clone()),
+                Origin::Embedded(_) => None,
+            })
+            .collect()
+    }
+
+    /// Names of the stdlib modules embedded in the binary.
+    pub fn embedded_names() -> Vec<String> {
+        EMBEDDED_STDLIB
+            .files()
+            .filter_map(|f| f.path().to_str()?.strip_suffix(".rhai").map(str::to_string))
+            .collect()
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn find(&self, source: Option<&str>, name: &str) -> Option<Origin> {
+        let file = if name.ends_with(".rhai") {
+            name.to_string()
+        } else {
+            format!("{name}.rhai")
+        };
+        let mut dirs: Vec<PathBuf> = vec![];
+        if let Some(dir) = source
+            .filter(|s| !s.starts_with("stdlib:"))
+            .and_then(|s| Path::new(s).parent())
+        {
+            dirs.push(dir.to_path_buf());
+        }
+        if let Some(d) = self.inner().main_dir.clone() {
+            dirs.push(d);
+        }
+        if let Ok(d) = std::env::var("SIDSCRIPT_STDLIB") {
+            dirs.push(PathBuf::from(d));
+        }
+        if let Some(p) = dirs.iter().map(|d| d.join(&file)).find(|p| p.is_file()) {
+            return Some(Origin::File(p));
+        }
+        EMBEDDED_STDLIB
+            .get_file(&file)
+            .and_then(|f| f.path().to_str())
+            .map(Origin::Embedded)
+    }
+}
+
+impl ModuleResolver for Modules {
+    fn resolve(
+        &self,
+        engine: &Engine,
+        source: Option<&str>,
+        path: &str,
+        pos: Position,
+    ) -> Result<Shared<Module>, Box<EvalAltResult>> {
+        let origin = self
+            .find(source, path)
+            .ok_or_else(|| Box::new(EvalAltResult::ErrorModuleNotFound(path.to_string(), pos)))?;
+        if let Some(m) = self.inner().cache.get(&origin) {
+            return Ok(m.clone());
+        }
+        let (mut ast, name) = match &origin {
+            Origin::File(p) => {
+                let ast = engine
+                    .compile_file(p.clone())
+                    .map_err(|e| with_module(e, &p.display().to_string(), pos))?;
+                (ast, p.display().to_string())
+            }
+            Origin::Embedded(rel) => {
+                let name = format!("stdlib:{rel}");
+                let src = EMBEDDED_STDLIB
+                    .get_file(rel)
+                    .and_then(|f| f.contents_utf8())
+                    .unwrap_or_default();
+                let ast = engine
+                    .compile(src)
+                    .map_err(|e| with_module(e.into(), &name, pos))?;
+                (ast, name)
+            }
+        };
+        ast.set_source(name.as_str());
+        let module: Shared<Module> = Module::eval_ast_as_new(Scope::new(), &ast, engine)
+            .map_err(|e| with_module(e, &name, pos))?
+            .into();
+        self.inner().cache.insert(origin, module.clone());
+        Ok(module)
+    }
+}
+
+fn with_module(e: Box<EvalAltResult>, name: &str, pos: Position) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorInModule(name.to_string(), e, pos))
+}

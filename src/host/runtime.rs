@@ -1,0 +1,46 @@
+//! What native functions share during one run: the seeded generator, the default
+//! device and dtype, and the run's configuration map.
+
+use crate::rng::Generator;
+use candle_core::{DType, Device};
+use rhai::Map;
+use std::sync::{Mutex, MutexGuard};
+
+pub struct Runtime {
+    rng: Mutex<Generator>,
+    pub device: Device,
+    pub dtype: DType,
+    config: Mutex<Map>,
+}
+
+impl Runtime {
+    pub fn new(seed: u64, device: Device) -> Self {
+        Self {
+            rng: Mutex::new(Generator::new(seed)),
+            device,
+            dtype: DType::F32,
+            config: Mutex::new(Map::new()),
+        }
+    }
+
+    /// The run's generator. A panic elsewhere cannot leave it half-updated, so a
+    /// poisoned lock is simply taken over.
+    pub fn rng(&self) -> MutexGuard<'_, Generator> {
+        self.rng.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn reseed(&self, seed: u64) {
+        *self.rng() = Generator::new(seed);
+    }
+
+    pub fn config(&self) -> Map {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_config(&self, cfg: Map) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+}

@@ -1,0 +1,4 @@
+//! Files: atomic writes and safetensors.
+
+pub mod atomic;
+pub mod safetensors;

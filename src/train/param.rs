@@ -1,0 +1,204 @@
+//! Trainable parameters with PyTorch-like gradient slots.
+//!
+//! A [`Param`] owns a candle `Var` and a gradient slot. `backward(loss)` runs
+//! candle's backprop once and *adds* each parameter's gradient to its slot, so
+//! several backward calls accumulate (gradient accumulation) until the slots are
+//! zeroed. Parameters find their slot through a process-wide registry keyed by
+//! the tensor id, holding weak references only: dropping the last handle of a
+//! parameter frees it and removes its entry.
+
+use crate::error::{Error, Result};
+use candle_core::{Tensor, TensorId, Var};
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
+
+static REGISTRY: LazyLock<Mutex<HashMap<TensorId, Weak<Param>>>> = LazyLock::new(Default::default);
+
+fn registry() -> MutexGuard<'static, HashMap<TensorId, Weak<Param>>> {
+    // A panic while holding this lock cannot leave the map inconsistent.
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A trainable tensor and its accumulated gradient.
+#[derive(Debug)]
+pub struct Param {
+    var: Var,
+    name: Mutex<String>,
+    grad: Mutex<Option<Tensor>>,
+}
+
+impl Param {
+    /// A new parameter holding a copy of `value`.
+    pub fn new(value: &Tensor, name: impl Into<String>) -> Result<Arc<Self>> {
+        Ok(Self::from_var(Var::from_tensor(&value.detach())?, name))
+    }
+
+    /// Wraps an existing `Var` (its storage is shared, not copied).
+    pub fn from_var(var: Var, name: impl Into<String>) -> Arc<Self> {
+        let p = Arc::new(Self {
+            var,
+            name: Mutex::new(name.into()),
+            grad: Mutex::new(None),
+        });
+        registry().insert(p.var.as_tensor().id(), Arc::downgrade(&p));
+        p
+    }
+
+    /// The live tensor; ops on it are tracked for backprop.
+    pub fn tensor(&self) -> &Tensor {
+        self.var.as_tensor()
+    }
+
+    pub fn var(&self) -> &Var {
+        &self.var
+    }
+
+    pub fn name(&self) -> String {
+        self.name.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    pub fn set_name(&self, name: &str) {
+        if let Ok(mut n) = self.name.lock() {
+            *n = name.to_string();
+        }
+    }
+
+    /// The accumulated gradient, if any backward reached this parameter.
+    pub fn grad(&self) -> Option<Tensor> {
+        self.grad.lock().ok().and_then(|g| g.clone())
+    }
+
+    pub fn set_grad(&self, grad: Option<Tensor>) -> Result<()> {
+        if let Some(g) = &grad {
+            check_same_shape(self.tensor(), g, "gradient")?;
+        }
+        *self
+            .grad
+            .lock()
+            .map_err(|_| Error::msg("gradient slot poisoned"))? = grad;
+        Ok(())
+    }
+
+    pub fn zero_grad(&self) {
+        if let Ok(mut g) = self.grad.lock() {
+            *g = None;
+        }
+    }
+
+    /// Adds `g` to the gradient slot.
+    pub fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
+        let g = g.detach();
+        let mut slot = self
+            .grad
+            .lock()
+            .map_err(|_| Error::msg("gradient slot poisoned"))?;
+        *slot = Some(match slot.take() {
+            Some(old) => (old + g)?,
+            None => g,
+        });
+        Ok(())
+    }
+
+    /// Overwrites the value in place (every view of this parameter sees it).
+    pub fn assign(&self, value: &Tensor) -> Result<()> {
+        check_same_shape(self.tensor(), value, "value")?;
+        let value = value
+            .to_dtype(self.tensor().dtype())?
+            .to_device(self.tensor().device())?;
+        Ok(self.var.set(&value.detach())?)
+    }
+}
+
+impl Drop for Param {
+    fn drop(&mut self) {
+        registry().remove(&self.var.as_tensor().id());
+    }
+}
+
+fn check_same_shape(p: &Tensor, t: &Tensor, what: &str) -> Result<()> {
+    if p.dims() != t.dims() {
+        return Err(Error::msg(format!(
+            "{what} of shape {:?} does not fit a parameter of shape {:?}",
+            t.dims(),
+            p.dims()
+        )));
+    }
+    Ok(())
+}
+
+fn check_scalar(loss: &Tensor) -> Result<()> {
+    if loss.elem_count() != 1 {
+        return Err(Error::msg(format!(
+            "backward needs a scalar loss, got shape {:?} (reduce it with sum() or mean())",
+            loss.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Backpropagates a scalar `loss` and adds the gradients to every live parameter it
+/// depends on. Returns how many parameters received a gradient.
+pub fn backward(loss: &Tensor) -> Result<usize> {
+    check_scalar(loss)?;
+    let grads = loss.backward()?;
+    // Upgrade under the lock, work after releasing it: dropping an upgraded Arc
+    // may run Param::drop, which takes the lock again.
+    let reached: Vec<(Arc<Param>, TensorId)> = {
+        let reg = registry();
+        grads
+            .get_ids()
+            .filter_map(|id| reg.get(id).and_then(Weak::upgrade).map(|p| (p, *id)))
+            .collect()
+    };
+    for (p, id) in &reached {
+        if let Some(g) = grads.get_id(*id) {
+            p.accumulate_grad(g)?;
+        }
+    }
+    Ok(reached.len())
+}
+
+/// Gradients of a scalar `loss` with respect to `params`, without touching their
+/// slots. `None` where the loss does not depend on a parameter.
+pub fn grads_of(loss: &Tensor, params: &[Arc<Param>]) -> Result<Vec<Option<Tensor>>> {
+    check_scalar(loss)?;
+    let grads = loss.backward()?;
+    Ok(params
+        .iter()
+        .map(|p| grads.get(p.tensor()).map(Tensor::detach))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn backward_accumulates_until_zeroed() -> Result<()> {
+        let w = Param::new(&Tensor::new(&[1.0f64, 2.0, 3.0], &Device::Cpu)?, "w")?;
+        let loss = w.tensor().sqr()?.sum_all()?; // d/dw = 2w
+        assert_eq!(backward(&loss)?, 1);
+        assert_eq!(w.grad().unwrap().to_vec1::<f64>()?, vec![2.0, 4.0, 6.0]);
+        backward(&loss)?;
+        assert_eq!(w.grad().unwrap().to_vec1::<f64>()?, vec![4.0, 8.0, 12.0]);
+        w.zero_grad();
+        assert!(w.grad().is_none());
+        let not_scalar = w.tensor().sqr()?;
+        assert!(backward(&not_scalar).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dropped_params_leave_the_registry() -> Result<()> {
+        let id = {
+            let p = Param::new(
+                &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?,
+                "tmp",
+            )?;
+            p.tensor().id()
+        };
+        assert!(!registry().contains_key(&id));
+        Ok(())
+    }
+}
