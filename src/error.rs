@@ -18,11 +18,7 @@ pub enum Error {
     },
     /// A file was read but its content is wrong; names the file and, where known, the tensor.
     #[error("{}{}: {msg}", path.display(), tensor.as_ref().map(|t| format!(" (tensor '{t}')")).unwrap_or_default())]
-    File {
-        path: PathBuf,
-        tensor: Option<String>,
-        msg: String,
-    },
+    File { path: PathBuf, tensor: Option<String>, msg: String },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),
@@ -47,21 +43,10 @@ impl Error {
         Error::Msg(m.into())
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
-    pub fn file(
-        path: impl Into<PathBuf>,
-        tensor: Option<&str>,
-        msg: impl std::fmt::Display,
-    ) -> Self {
-        Error::File {
-            path: path.into(),
-            tensor: tensor.map(str::to_string),
-            msg: msg.to_string(),
-        }
+    pub fn file(path: impl Into<PathBuf>, tensor: Option<&str>, msg: impl std::fmt::Display) -> Self {
+        Error::File { path: path.into(), tensor: tensor.map(str::to_string), msg: msg.to_string() }
     }
 }
 

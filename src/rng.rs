@@ -29,10 +29,7 @@ pub struct GeneratorState {
 
 impl Generator {
     pub fn new(seed: u64) -> Self {
-        Self {
-            seed,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        Self { seed, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
     pub fn seed(&self) -> u64 {
@@ -40,10 +37,7 @@ impl Generator {
     }
 
     pub fn state(&self) -> GeneratorState {
-        GeneratorState {
-            seed: self.seed,
-            word_pos: self.rng.get_word_pos(),
-        }
+        GeneratorState { seed: self.seed, word_pos: self.rng.get_word_pos() }
     }
 
     pub fn from_state(state: GeneratorState) -> Self {
@@ -53,25 +47,16 @@ impl Generator {
     }
 
     /// Standard normal samples of the given shape.
-    pub fn randn(
-        &mut self,
-        shape: impl Into<Shape>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn randn(&mut self, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
         let t = match dtype {
             DType::F64 => {
-                let v: Vec<f64> = (0..n)
-                    .map(|_| StandardNormal.sample(&mut self.rng))
-                    .collect();
+                let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
                 Tensor::from_vec(v, shape, &Device::Cpu)?
             }
             _ => {
-                let v: Vec<f32> = (0..n)
-                    .map(|_| StandardNormal.sample(&mut self.rng))
-                    .collect();
+                let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
                 Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(float_dtype(dtype)?)?
             }
         };
@@ -79,14 +64,7 @@ impl Generator {
     }
 
     /// Uniform samples in `[lo, hi)`.
-    pub fn rand(
-        &mut self,
-        shape: impl Into<Shape>,
-        lo: f64,
-        hi: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn rand(&mut self, shape: impl Into<Shape>, lo: f64, hi: f64, dtype: DType, device: &Device) -> Result<Tensor> {
         if !(lo < hi) {
             return Err(Error::msg(format!("rand: empty range [{lo}, {hi})")));
         }
@@ -123,9 +101,7 @@ impl Generator {
 fn float_dtype(dtype: DType) -> Result<DType> {
     match dtype {
         DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(dtype),
-        other => Err(Error::msg(format!(
-            "random tensors must be floating point, not {other:?}"
-        ))),
+        other => Err(Error::msg(format!("random tensors must be floating point, not {other:?}"))),
     }
 }
 
@@ -154,10 +130,7 @@ mod tests {
         let saved = a.state();
         let next = a.randn(8, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?;
         let mut c = Generator::from_state(saved);
-        assert_eq!(
-            next,
-            c.randn(8, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?
-        );
+        assert_eq!(next, c.randn(8, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?);
         let mut d = Generator::new(8);
         assert_ne!(x, d.randn(16, DType::F32, &Device::Cpu)?.to_vec1::<f32>()?);
         Ok(())

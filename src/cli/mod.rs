@@ -9,11 +9,7 @@ use rhai::{Dynamic, Map};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "sidscript",
-    version,
-    about = "Score identity Distillation of diffusion models, scripted in Rhai"
-)]
+#[command(name = "sidscript", version, about = "Score identity Distillation of diffusion models, scripted in Rhai")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -83,21 +79,14 @@ impl RunArgs {
     pub fn host_options(&self) -> anyhow::Result<HostOptions> {
         let mut config = Map::new();
         for kv in &self.set {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--set expects key=value, got '{kv}'"))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set expects key=value, got '{kv}'"))?;
             if k.is_empty() {
                 anyhow::bail!("--set expects key=value, got '{kv}'");
             }
             config.insert(k.into(), parse_value(v));
         }
-        let device = tensor::parse_device(&self.device)
-            .map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
-        Ok(HostOptions {
-            seed: self.seed,
-            device,
-            config,
-        })
+        let device = tensor::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
+        Ok(HostOptions { seed: self.seed, device, config })
     }
 }
 

@@ -91,11 +91,7 @@ pub fn run(opts: HostOptions) -> anyhow::Result<()> {
 }
 
 fn help(host: &Host, name: &str) {
-    let found: Vec<_> = host
-        .docs()
-        .iter()
-        .filter(|d| name.is_empty() || d.name == name)
-        .collect();
+    let found: Vec<_> = host.docs().iter().filter(|d| name.is_empty() || d.name == name).collect();
     if found.is_empty() {
         println!("no function named '{name}'");
     }

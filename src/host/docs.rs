@@ -65,9 +65,7 @@ pub fn pretty_type(rust: &str) -> String {
         "()" => return String::new(),
         "i64" => return "int".into(),
         "f64" => return "float".into(),
-        "&str" | "alloc::string::String" | "rhai::types::immutable_string::ImmutableString" => {
-            return "String".into()
-        }
+        "&str" | "alloc::string::String" | "rhai::types::immutable_string::ImmutableString" => return "String".into(),
         _ => {}
     }
     let base = t.split('<').next().unwrap_or(t);
@@ -76,11 +74,7 @@ pub fn pretty_type(rust: &str) -> String {
 
 impl<'a> Api<'a> {
     pub fn new(engine: &'a mut Engine, docs: &'a mut Vec<FnDoc>) -> Self {
-        Self {
-            engine,
-            docs,
-            group: "core",
-        }
+        Self { engine, docs, group: "core" }
     }
 
     /// Sets the group that the following registrations belong to.
@@ -102,43 +96,22 @@ impl<'a> Api<'a> {
         FUNC: RhaiNativeFunc<A, N, X, R, F> + Send + Sync + 'static,
     {
         let types = FUNC::param_names();
-        let params: Vec<Param> = params
-            .iter()
-            .zip(types.iter())
-            .map(|(n, t)| Param {
-                name: n.to_string(),
-                ty: pretty_type(t),
-            })
-            .collect();
+        let params: Vec<Param> =
+            params.iter().zip(types.iter()).map(|(n, t)| Param { name: n.to_string(), ty: pretty_type(t) }).collect();
         let returns = pretty_type(FUNC::return_type_name());
-        let args = |ps: &[Param]| {
-            ps.iter()
-                .map(|p| format!("{}: {}", p.name, p.ty))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let args = |ps: &[Param]| ps.iter().map(|p| format!("{}: {}", p.name, p.ty)).collect::<Vec<_>>().join(", ");
         let signature = match kind {
             "getter" => format!("{}.{name} -> {returns}", params[0].name),
             "setter" => format!("{}.{name} = {}", params[0].name, params[1].ty),
             "indexer" => format!("{}[{}]{}", params[0].name, params[1].ty, arrow(&returns)),
-            "method" => format!(
-                "{}.{name}({}){}",
-                params[0].name,
-                args(&params[1..]),
-                arrow(&returns)
-            ),
+            "method" => format!("{}.{name}({}){}", params[0].name, args(&params[1..]), arrow(&returns)),
             _ => format!("{name}({}){}", args(&params), arrow(&returns)),
         };
-        let mut info: Vec<String> = params
-            .iter()
-            .map(|p| format!("{}: {}", p.name, p.ty))
-            .collect();
+        let mut info: Vec<String> = params.iter().map(|p| format!("{}: {}", p.name, p.ty)).collect();
         if !returns.is_empty() {
             info.push(returns.clone());
         }
-        reg.with_params_info(info)
-            .with_comments([format!("/// {doc}")])
-            .register_into_engine(self.engine, f);
+        reg.with_params_info(info).with_comments([format!("/// {doc}")]).register_into_engine(self.engine, f);
         self.docs.push(FnDoc {
             name: name.to_string(),
             kind,
@@ -153,14 +126,7 @@ impl<'a> Api<'a> {
 
     /// A function called as `name(args)`; with a first argument it may also be called
     /// as a method (Rhai allows both), so `kind` only chooses how docs show it.
-    pub fn func<
-        A: 'static,
-        const N: usize,
-        const X: bool,
-        R: Variant + Clone,
-        const F: bool,
-        FUNC,
-    >(
+    pub fn func<A: 'static, const N: usize, const X: bool, R: Variant + Clone, const F: bool, FUNC>(
         &mut self,
         name: &str,
         params: [&str; N],
@@ -170,25 +136,11 @@ impl<'a> Api<'a> {
     where
         FUNC: RhaiNativeFunc<A, N, X, R, F> + Send + Sync + 'static,
     {
-        self.record(
-            FuncRegistration::new(name),
-            name,
-            "function",
-            params,
-            doc,
-            f,
-        )
+        self.record(FuncRegistration::new(name), name, "function", params, doc, f)
     }
 
     /// Like [`Api::func`], documented as `first.name(rest)`.
-    pub fn method<
-        A: 'static,
-        const N: usize,
-        const X: bool,
-        R: Variant + Clone,
-        const F: bool,
-        FUNC,
-    >(
+    pub fn method<A: 'static, const N: usize, const X: bool, R: Variant + Clone, const F: bool, FUNC>(
         &mut self,
         name: &str,
         params: [&str; N],
@@ -202,14 +154,7 @@ impl<'a> Api<'a> {
     }
 
     /// An operator such as `+` or unary `-`.
-    pub fn operator<
-        A: 'static,
-        const N: usize,
-        const X: bool,
-        R: Variant + Clone,
-        const F: bool,
-        FUNC,
-    >(
+    pub fn operator<A: 'static, const N: usize, const X: bool, R: Variant + Clone, const F: bool, FUNC>(
         &mut self,
         op: &str,
         params: [&str; N],
@@ -232,14 +177,7 @@ impl<'a> Api<'a> {
     where
         FUNC: RhaiNativeFunc<A, 1, X, R, F> + Send + Sync + 'static,
     {
-        self.record(
-            FuncRegistration::new_getter(name),
-            name,
-            "getter",
-            ["self"],
-            doc,
-            f,
-        )
+        self.record(FuncRegistration::new_getter(name), name, "getter", ["self"], doc, f)
     }
 
     /// A writable property `x.name = value`.
@@ -252,14 +190,7 @@ impl<'a> Api<'a> {
     where
         FUNC: RhaiNativeFunc<A, 2, X, R, F> + Send + Sync + 'static,
     {
-        self.record(
-            FuncRegistration::new_setter(name),
-            name,
-            "setter",
-            ["self", "value"],
-            doc,
-            f,
-        )
+        self.record(FuncRegistration::new_setter(name), name, "setter", ["self", "value"], doc, f)
     }
 
     /// `x[i]`.
@@ -271,14 +202,7 @@ impl<'a> Api<'a> {
     where
         FUNC: RhaiNativeFunc<A, 2, X, R, F> + Send + Sync + 'static,
     {
-        self.record(
-            FuncRegistration::new_index_getter(),
-            "[]",
-            "indexer",
-            ["self", "index"],
-            doc,
-            f,
-        )
+        self.record(FuncRegistration::new_index_getter(), "[]", "indexer", ["self", "index"], doc, f)
     }
 }
 

@@ -12,10 +12,7 @@ pub type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// A runtime error for a script, positioned at the calling line by Rhai.
 pub fn script_err(msg: impl fmt::Display) -> Box<EvalAltResult> {
-    Box::new(EvalAltResult::ErrorRuntime(
-        msg.to_string().into(),
-        Position::NONE,
-    ))
+    Box::new(EvalAltResult::ErrorRuntime(msg.to_string().into(), Position::NONE))
 }
 
 /// Errors that native functions may raise, as text for the user.
@@ -113,10 +110,7 @@ impl ScriptError {
                     err = inner;
                 }
                 EvalAltResult::ErrorInModule(path, inner, pos) => {
-                    trace.push(format!(
-                        "in module '{path}' imported at {}",
-                        locate(&file, *pos)
-                    ));
+                    trace.push(format!("in module '{path}' imported at {}", locate(&file, *pos)));
                     if !path.is_empty() {
                         file = path.clone();
                     }
@@ -138,17 +132,9 @@ impl ScriptError {
                 // Rhai appends " (line L, position C)"; the location is printed separately.
                 let text = other.to_string();
                 let suffix = format!(" ({})", other.position());
-                text.strip_suffix(&suffix)
-                    .map(str::to_string)
-                    .unwrap_or(text)
+                text.strip_suffix(&suffix).map(str::to_string).unwrap_or(text)
             }
         };
-        Self {
-            location: locate(&file, err.position()),
-            file,
-            line: err.position().line(),
-            message,
-            trace,
-        }
+        Self { location: locate(&file, err.position()), file, line: err.position().line(), message, trace }
     }
 }

@@ -37,11 +37,7 @@ pub struct HostOptions {
 
 impl Default for HostOptions {
     fn default() -> Self {
-        Self {
-            seed: 0,
-            device: Device::Cpu,
-            config: Map::new(),
-        }
+        Self { seed: 0, device: Device::Cpu, config: Map::new() }
     }
 }
 
@@ -70,12 +66,7 @@ impl Host {
         engine.set_module_resolver(modules.clone());
         let mut docs = vec![];
         api::register_all(&mut docs::Api::new(&mut engine, &mut docs), &runtime);
-        Ok(Self {
-            engine,
-            runtime,
-            docs,
-            modules,
-        })
+        Ok(Self { engine, runtime, docs, modules })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -113,10 +104,7 @@ impl Host {
             trace: vec![],
         })?;
         let scope = self.new_scope();
-        let mut ast = self
-            .engine
-            .compile_with_scope(&scope, &src)
-            .map_err(|e| ScriptError::from_parse(&e, &name))?;
+        let mut ast = self.engine.compile_with_scope(&scope, &src).map_err(|e| ScriptError::from_parse(&e, &name))?;
         ast.set_source(name.as_str());
         Ok(ast)
     }
@@ -124,11 +112,8 @@ impl Host {
     /// Runs a compiled script in `scope`, returning its final value.
     pub fn run_ast(&self, scope: &mut Scope, ast: &AST) -> Result<Dynamic, ScriptError> {
         let file = ast.source().unwrap_or("<script>").to_string();
-        self.modules
-            .set_main_dir(Path::new(&file).parent().map(Path::to_path_buf));
-        self.engine
-            .eval_ast_with_scope::<Dynamic>(scope, ast)
-            .map_err(|e| ScriptError::from_eval(&e, &file))
+        self.modules.set_main_dir(Path::new(&file).parent().map(Path::to_path_buf));
+        self.engine.eval_ast_with_scope::<Dynamic>(scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))
     }
 
     /// Compiles and runs a script file.
@@ -144,19 +129,9 @@ impl Host {
     }
 
     /// Evaluates a snippet in a given scope, naming it `name` in errors.
-    pub fn eval_in(
-        &self,
-        scope: &mut Scope,
-        src: &str,
-        name: &str,
-    ) -> Result<Dynamic, ScriptError> {
-        let mut ast = self
-            .engine
-            .compile_with_scope(scope, src)
-            .map_err(|e| ScriptError::from_parse(&e, name))?;
+    pub fn eval_in(&self, scope: &mut Scope, src: &str, name: &str) -> Result<Dynamic, ScriptError> {
+        let mut ast = self.engine.compile_with_scope(scope, src).map_err(|e| ScriptError::from_parse(&e, name))?;
         ast.set_source(name);
-        self.engine
-            .eval_ast_with_scope::<Dynamic>(scope, &ast)
-            .map_err(|e| ScriptError::from_eval(&e, name))
+        self.engine.eval_ast_with_scope::<Dynamic>(scope, &ast).map_err(|e| ScriptError::from_eval(&e, name))
     }
 }

@@ -52,10 +52,7 @@ impl Modules {
 
     /// Names of the stdlib modules embedded in the binary.
     pub fn embedded_names() -> Vec<String> {
-        EMBEDDED_STDLIB
-            .files()
-            .filter_map(|f| f.path().to_str()?.strip_suffix(".rhai").map(str::to_string))
-            .collect()
+        EMBEDDED_STDLIB.files().filter_map(|f| f.path().to_str()?.strip_suffix(".rhai").map(str::to_string)).collect()
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -63,16 +60,9 @@ impl Modules {
     }
 
     fn find(&self, source: Option<&str>, name: &str) -> Option<Origin> {
-        let file = if name.ends_with(".rhai") {
-            name.to_string()
-        } else {
-            format!("{name}.rhai")
-        };
+        let file = if name.ends_with(".rhai") { name.to_string() } else { format!("{name}.rhai") };
         let mut dirs: Vec<PathBuf> = vec![];
-        if let Some(dir) = source
-            .filter(|s| !s.starts_with("stdlib:"))
-            .and_then(|s| Path::new(s).parent())
-        {
+        if let Some(dir) = source.filter(|s| !s.starts_with("stdlib:")).and_then(|s| Path::new(s).parent()) {
             dirs.push(dir.to_path_buf());
         }
         if let Some(d) = self.inner().main_dir.clone() {
@@ -84,10 +74,7 @@ impl Modules {
         if let Some(p) = dirs.iter().map(|d| d.join(&file)).find(|p| p.is_file()) {
             return Some(Origin::File(p));
         }
-        EMBEDDED_STDLIB
-            .get_file(&file)
-            .and_then(|f| f.path().to_str())
-            .map(Origin::Embedded)
+        EMBEDDED_STDLIB.get_file(&file).and_then(|f| f.path().to_str()).map(Origin::Embedded)
     }
 }
 
@@ -107,27 +94,19 @@ impl ModuleResolver for Modules {
         }
         let (mut ast, name) = match &origin {
             Origin::File(p) => {
-                let ast = engine
-                    .compile_file(p.clone())
-                    .map_err(|e| with_module(e, &p.display().to_string(), pos))?;
+                let ast = engine.compile_file(p.clone()).map_err(|e| with_module(e, &p.display().to_string(), pos))?;
                 (ast, p.display().to_string())
             }
             Origin::Embedded(rel) => {
                 let name = format!("stdlib:{rel}");
-                let src = EMBEDDED_STDLIB
-                    .get_file(rel)
-                    .and_then(|f| f.contents_utf8())
-                    .unwrap_or_default();
-                let ast = engine
-                    .compile(src)
-                    .map_err(|e| with_module(e.into(), &name, pos))?;
+                let src = EMBEDDED_STDLIB.get_file(rel).and_then(|f| f.contents_utf8()).unwrap_or_default();
+                let ast = engine.compile(src).map_err(|e| with_module(e.into(), &name, pos))?;
                 (ast, name)
             }
         };
         ast.set_source(name.as_str());
-        let module: Shared<Module> = Module::eval_ast_as_new(Scope::new(), &ast, engine)
-            .map_err(|e| with_module(e, &name, pos))?
-            .into();
+        let module: Shared<Module> =
+            Module::eval_ast_as_new(Scope::new(), &ast, engine).map_err(|e| with_module(e, &name, pos))?.into();
         self.inner().cache.insert(origin, module.clone());
         Ok(module)
     }

@@ -15,12 +15,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(seed: u64, device: Device) -> Self {
-        Self {
-            rng: Mutex::new(Generator::new(seed)),
-            device,
-            dtype: DType::F32,
-            config: Mutex::new(Map::new()),
-        }
+        Self { rng: Mutex::new(Generator::new(seed)), device, dtype: DType::F32, config: Mutex::new(Map::new()) }
     }
 
     /// The run's generator. A panic elsewhere cannot leave it half-updated, so a
@@ -34,10 +29,7 @@ impl Runtime {
     }
 
     pub fn config(&self) -> Map {
-        self.config
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.config.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn set_config(&self, cfg: Map) {

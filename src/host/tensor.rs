@@ -18,17 +18,11 @@ pub struct TensorHandle {
 
 impl TensorHandle {
     pub fn new(tensor: Tensor) -> Self {
-        Self {
-            tensor,
-            param: None,
-        }
+        Self { tensor, param: None }
     }
 
     pub fn from_param(param: Arc<Param>) -> Self {
-        Self {
-            tensor: param.tensor().clone(),
-            param: Some(param),
-        }
+        Self { tensor: param.tensor().clone(), param: Some(param) }
     }
 
     pub fn tensor(&self) -> &Tensor {
@@ -45,11 +39,9 @@ impl TensorHandle {
 
     /// The parameter behind this tensor, or an error naming `what` needs one.
     pub fn require_param(&self, what: &str) -> ScriptResult<Arc<Param>> {
-        self.param.clone().ok_or_else(|| {
-            script_err(format!(
-                "{what} needs a trainable parameter (make one with param(t))"
-            ))
-        })
+        self.param
+            .clone()
+            .ok_or_else(|| script_err(format!("{what} needs a trainable parameter (make one with param(t))")))
     }
 }
 
@@ -63,9 +55,7 @@ impl From<Tensor> for TensorHandle {
 pub fn index(i: i64, size: usize, what: &str) -> ScriptResult<usize> {
     let j = if i < 0 { i + size as i64 } else { i };
     if j < 0 || j >= size as i64 {
-        return Err(script_err(format!(
-            "{what} {i} is out of range for size {size}"
-        )));
+        return Err(script_err(format!("{what} {i} is out of range for size {size}")));
     }
     Ok(j as usize)
 }
@@ -80,20 +70,15 @@ pub fn dims(v: &Dynamic, rank: usize) -> ScriptResult<Vec<usize>> {
     if let Some(d) = v.clone().try_cast::<i64>() {
         return Ok(vec![dim(d, rank)?]);
     }
-    let arr = v.clone().try_cast::<Array>().ok_or_else(|| {
-        script_err(format!(
-            "expected a dim or an array of dims, got {}",
-            v.type_name()
-        ))
-    })?;
-    arr.iter()
-        .map(|x| int(x, "dim").and_then(|d| dim(d, rank)))
-        .collect()
+    let arr = v
+        .clone()
+        .try_cast::<Array>()
+        .ok_or_else(|| script_err(format!("expected a dim or an array of dims, got {}", v.type_name())))?;
+    arr.iter().map(|x| int(x, "dim").and_then(|d| dim(d, rank))).collect()
 }
 
 pub fn int(v: &Dynamic, what: &str) -> ScriptResult<i64> {
-    v.as_int()
-        .map_err(|t| script_err(format!("{what} must be an integer, got {t}")))
+    v.as_int().map_err(|t| script_err(format!("{what} must be an integer, got {t}")))
 }
 
 /// A number (int or float) as f64.
@@ -101,8 +86,7 @@ pub fn number(v: &Dynamic, what: &str) -> ScriptResult<f64> {
     if let Ok(i) = v.as_int() {
         return Ok(i as f64);
     }
-    v.as_float()
-        .map_err(|t| script_err(format!("{what} must be a number, got {t}")))
+    v.as_float().map_err(|t| script_err(format!("{what} must be a number, got {t}")))
 }
 
 /// A shape: an array of non-negative ints, or a single int.
@@ -110,17 +94,14 @@ pub fn shape(v: &Dynamic) -> ScriptResult<Vec<usize>> {
     if let Ok(n) = v.as_int() {
         return shape(&Dynamic::from_array(vec![n.into()]));
     }
-    let arr = v.clone().try_cast::<Array>().ok_or_else(|| {
-        script_err(format!(
-            "a shape is an array of ints, got {}",
-            v.type_name()
-        ))
-    })?;
+    let arr = v
+        .clone()
+        .try_cast::<Array>()
+        .ok_or_else(|| script_err(format!("a shape is an array of ints, got {}", v.type_name())))?;
     arr.iter()
         .map(|x| {
             let n = int(x, "shape entry")?;
-            usize::try_from(n)
-                .map_err(|_| script_err(format!("shape entries must be >= 0, got {n}")))
+            usize::try_from(n).map_err(|_| script_err(format!("shape entries must be >= 0, got {n}")))
         })
         .collect()
 }
@@ -138,11 +119,7 @@ pub fn parse_dtype(s: &str) -> ScriptResult<DType> {
         "u8" => DType::U8,
         "u32" => DType::U32,
         "i64" | "int64" => DType::I64,
-        other => {
-            return Err(script_err(format!(
-                "unknown dtype '{other}' (use f32, f64, f16, bf16, u8, u32 or i64)"
-            )))
-        }
+        other => return Err(script_err(format!("unknown dtype '{other}' (use f32, f64, f16, bf16, u8, u32 or i64)"))),
     })
 }
 
@@ -160,14 +137,8 @@ pub fn parse_device(s: &str) -> ScriptResult<Device> {
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        script_err(format!("unknown device '{s}' (use cpu or cuda:N)"))
-                    })?,
-                None => {
-                    return Err(script_err(format!(
-                        "unknown device '{s}' (use cpu or cuda:N)"
-                    )))
-                }
+                    .ok_or_else(|| script_err(format!("unknown device '{s}' (use cpu or cuda:N)")))?,
+                None => return Err(script_err(format!("unknown device '{s}' (use cpu or cuda:N)"))),
             };
             if !cfg!(feature = "cuda") {
                 return Err(script_err(format!(
@@ -225,10 +196,7 @@ fn flatten_into(v: &Dynamic, dims: &[usize], depth: usize, out: &mut Vec<f64>) -
         return Ok(());
     }
     let arr = v.clone().try_cast::<Array>().ok_or_else(|| {
-        script_err(format!(
-            "ragged array: expected an array at depth {depth}, got {}",
-            v.type_name()
-        ))
+        script_err(format!("ragged array: expected an array at depth {depth}, got {}", v.type_name()))
     })?;
     if arr.len() != dims[depth] {
         return Err(script_err(format!(
@@ -237,18 +205,13 @@ fn flatten_into(v: &Dynamic, dims: &[usize], depth: usize, out: &mut Vec<f64>) -
             dims[depth]
         )));
     }
-    arr.iter()
-        .try_for_each(|x| flatten_into(x, dims, depth + 1, out))
+    arr.iter().try_for_each(|x| flatten_into(x, dims, depth + 1, out))
 }
 
 /// The tensor's values as a nested Rhai array (floats, or ints for integer dtypes).
 pub fn to_nested(t: &Tensor) -> ScriptResult<Dynamic> {
     let is_int = t.dtype().is_int();
-    let flat = t
-        .to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .script()?;
+    let flat = t.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f64>()).script()?;
     let to_dyn = |x: f64| {
         if is_int {
             Dynamic::from_int(x as i64)
@@ -261,11 +224,7 @@ pub fn to_nested(t: &Tensor) -> ScriptResult<Dynamic> {
             None => f(flat[0]),
             Some((&n, rest)) => {
                 let stride: usize = rest.iter().product();
-                Dynamic::from_array(
-                    (0..n)
-                        .map(|i| build(&flat[i * stride..], rest, f))
-                        .collect(),
-                )
+                Dynamic::from_array((0..n).map(|i| build(&flat[i * stride..], rest, f)).collect())
             }
         }
     }
@@ -274,18 +233,9 @@ pub fn to_nested(t: &Tensor) -> ScriptResult<Dynamic> {
 
 /// A one-line summary: shape, dtype, device and statistics, never all the values.
 pub fn summary(t: &Tensor) -> String {
-    let head = format!(
-        "Tensor{:?} {} {}",
-        t.dims(),
-        dtype_name(t.dtype()),
-        device_name(t.device())
-    );
+    let head = format!("Tensor{:?} {} {}", t.dims(), dtype_name(t.dtype()), device_name(t.device()));
     let n = t.elem_count();
-    let Ok(v) = t
-        .to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-    else {
+    let Ok(v) = t.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f64>()) else {
         return head;
     };
     if n == 0 {
@@ -301,10 +251,7 @@ pub fn summary(t: &Tensor) -> String {
     let var = finite.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / finite.len().max(1) as f64;
     let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
     let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let mut s = format!(
-        "{head} mean={mean:.4} std={:.4} min={min:.4} max={max:.4}",
-        var.sqrt()
-    );
+    let mut s = format!("{head} mean={mean:.4} std={:.4} min={min:.4} max={max:.4}", var.sqrt());
     if nonfinite > 0 {
         s.push_str(&format!(" non-finite={nonfinite}"));
     }

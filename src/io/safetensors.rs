@@ -18,14 +18,10 @@ pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Vec<(S
     names
         .into_iter()
         .map(|name| {
-            let view = st
-                .tensor(&name)
-                .map_err(|e| Error::file(path, Some(&name), e))?;
+            let view = st.tensor(&name).map_err(|e| Error::file(path, Some(&name), e))?;
             let t = convert_view(&view, device).map_err(|e| Error::file(path, Some(&name), e))?;
             let t = match dtype {
-                Some(d) if d != t.dtype() => t
-                    .to_dtype(d)
-                    .map_err(|e| Error::file(path, Some(&name), e))?,
+                Some(d) if d != t.dtype() => t.to_dtype(d).map_err(|e| Error::file(path, Some(&name), e))?,
                 _ => t,
             };
             Ok((name, t))
@@ -33,10 +29,7 @@ pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Vec<(S
         .collect()
 }
 
-fn convert_view(
-    view: &safetensors::tensor::TensorView<'_>,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
+fn convert_view(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> candle_core::Result<Tensor> {
     use safetensors::Dtype as S;
     let dtype = match view.dtype() {
         S::U8 => DType::U8,
@@ -55,16 +48,12 @@ fn convert_view(
 pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut map = HashMap::with_capacity(tensors.len());
     for (name, t) in tensors {
-        if map
-            .insert(name.clone(), t.to_device(&Device::Cpu)?.contiguous()?)
-            .is_some()
-        {
+        if map.insert(name.clone(), t.to_device(&Device::Cpu)?.contiguous()?).is_some() {
             return Err(Error::file(path, Some(name), "tensor name given twice"));
         }
     }
     atomic::write_with(path, |tmp| {
-        candle_core::safetensors::save(&map, tmp)
-            .map_err(|e| Error::file(path, None, format!("cannot write: {e}")))
+        candle_core::safetensors::save(&map, tmp).map_err(|e| Error::file(path, None, format!("cannot write: {e}")))
     })
 }
 
@@ -85,13 +74,8 @@ mod tests {
         assert_eq!(back[1].1.dtype(), DType::F64);
         std::fs::write(&path, b"garbage").unwrap();
         let err = load(&path, &Device::Cpu, None).unwrap_err().to_string();
-        assert!(
-            err.contains("a.safetensors") && err.contains("not a valid safetensors"),
-            "{err}"
-        );
-        let err = load(&dir.join("missing.safetensors"), &Device::Cpu, None)
-            .unwrap_err()
-            .to_string();
+        assert!(err.contains("a.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        let err = load(&dir.join("missing.safetensors"), &Device::Cpu, None).unwrap_err().to_string();
         assert!(err.contains("missing.safetensors"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
         Ok(())

@@ -20,11 +20,7 @@ pub fn grad_norm(params: &[Arc<Param>]) -> Result<f64> {
     let mut sq = 0.0;
     for p in params {
         if let Some(g) = p.grad() {
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
         }
     }
     Ok(sq.sqrt())

@@ -11,7 +11,7 @@
 use super::param::Param;
 use crate::error::{Error, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -20,12 +20,7 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Method {
     /// Adam; `decoupled` = true is AdamW (weight decay applied to the weights, not the gradient).
-    Adam {
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        decoupled: bool,
-    },
+    Adam { beta1: f64, beta2: f64, eps: f64, decoupled: bool },
     /// Plain SGD with optional (heavy-ball) momentum.
     Sgd { momentum: f64 },
 }
@@ -88,14 +83,9 @@ struct AdamHp {
 
 impl Optimizer {
     pub fn new(method: Method, groups: Vec<ParamGroup>) -> Result<Self> {
-        if let Method::Adam {
-            beta1, beta2, eps, ..
-        } = method
-        {
+        if let Method::Adam { beta1, beta2, eps, .. } = method {
             if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
-                return Err(Error::msg(format!(
-                    "Adam betas must lie in [0, 1), got ({beta1}, {beta2})"
-                )));
+                return Err(Error::msg(format!("Adam betas must lie in [0, 1), got ({beta1}, {beta2})")));
             }
             if eps <= 0.0 {
                 return Err(Error::msg(format!("Adam eps must be positive, got {eps}")));
@@ -109,15 +99,8 @@ impl Optimizer {
                 )));
             }
         }
-        let states = groups
-            .iter()
-            .map(|g| vec![ParamState::default(); g.params.len()])
-            .collect();
-        Ok(Self {
-            method,
-            groups,
-            states,
-        })
+        let states = groups.iter().map(|g| vec![ParamState::default(); g.params.len()]).collect();
+        Ok(Self { method, groups, states })
     }
 
     pub fn method(&self) -> Method {
@@ -149,12 +132,7 @@ impl Optimizer {
 
     /// Number of updates applied to the first parameter that has been updated.
     pub fn step_count(&self) -> u64 {
-        self.states
-            .iter()
-            .flatten()
-            .map(|s| s.step)
-            .max()
-            .unwrap_or(0)
+        self.states.iter().flatten().map(|s| s.step).max().unwrap_or(0)
     }
 
     /// Applies one update to every parameter that has a gradient.
@@ -164,12 +142,7 @@ impl Optimizer {
                 let Some(grad) = p.grad() else { continue };
                 st.step += 1;
                 match self.method {
-                    Method::Adam {
-                        beta1,
-                        beta2,
-                        eps,
-                        decoupled,
-                    } => {
+                    Method::Adam { beta1, beta2, eps, decoupled } => {
                         let hp = AdamHp {
                             lr: group.lr,
                             beta1,
@@ -182,9 +155,7 @@ impl Optimizer {
                         };
                         adam_update(p, &grad, st, hp)?;
                     }
-                    Method::Sgd { momentum } => {
-                        sgd_update(p, &grad, st, group.lr, group.weight_decay, momentum)?
-                    }
+                    Method::Sgd { momentum } => sgd_update(p, &grad, st, group.lr, group.weight_decay, momentum)?,
                 }
             }
         }
@@ -211,10 +182,20 @@ impl Optimizer {
 
 fn zeros_like_buf(p: &Tensor) -> Result<Buf> {
     Ok(match (p.device().is_cpu(), p.dtype()) {
-        (true, candle_core::DType::F32) => Buf::F32(vec![0.0; p.elem_count()]),
-        (true, candle_core::DType::F64) => Buf::F64(vec![0.0; p.elem_count()]),
-        _ => Buf::Tensor(p.zeros_like()?),
+        (true, DType::F32) => Buf::F32(vec![0.0; p.elem_count()]),
+        (true, DType::F64) => Buf::F64(vec![0.0; p.elem_count()]),
+        // Half-precision parameters keep their moments in f32.
+        _ => Buf::Tensor(p.zeros_like()?.to_dtype(state_dtype(p.dtype()))?),
     })
+}
+
+/// The dtype Adam computes and keeps moments in: f32 for half-precision parameters,
+/// whose range cannot hold g² or eps.
+fn state_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
 }
 
 fn adam_update(p: &Param, grad: &Tensor, st: &mut ParamState, hp: AdamHp) -> Result<()> {
@@ -228,18 +209,16 @@ fn adam_update(p: &Param, grad: &Tensor, st: &mut ParamState, hp: AdamHp) -> Res
     let grad = grad.to_dtype(value.dtype())?.contiguous()?;
     let fused = matches!(st.v, Some(Buf::F32(_)) | Some(Buf::F64(_))) && value.is_contiguous();
     if fused {
-        let kernel = AdamKernel {
-            state: RefCell::new(st),
-            hp,
-        };
+        let kernel = AdamKernel { state: RefCell::new(st), hp };
         return Ok(value.inplace_op2(&grad, &kernel)?);
     }
     // Tensor path (accelerators, half precision): the same formula, op by op.
-    let mut g = grad;
+    let compute = state_dtype(value.dtype());
+    let mut g = grad.to_dtype(compute)?;
+    let mut new_p = value.to_dtype(compute)?;
     if hp.weight_decay != 0.0 && !hp.decoupled {
-        g = (g + (value * hp.weight_decay)?)?;
+        g = (g + (&new_p * hp.weight_decay)?)?;
     }
-    let mut new_p = value.clone();
     if hp.weight_decay != 0.0 && hp.decoupled {
         new_p = (new_p * (1.0 - hp.lr * hp.weight_decay))?;
     }
@@ -257,7 +236,7 @@ fn adam_update(p: &Param, grad: &Tensor, st: &mut ParamState, hp: AdamHp) -> Res
         st.m = Some(Buf::Tensor(m));
     }
     st.v = Some(Buf::Tensor(v));
-    p.var().set(&new_p)?;
+    p.var().set(&new_p.to_dtype(value.dtype())?)?;
     Ok(())
 }
 
@@ -273,21 +252,11 @@ const PAR_CHUNK: usize = 1 << 15;
 macro_rules! adam_slices {
     ($t:ty, $p:expr, $g:expr, $m:expr, $v:expr, $hp:expr) => {{
         let hp = $hp;
-        let (lr, b1, b2, eps, wd) = (
-            hp.lr as $t,
-            hp.beta1 as $t,
-            hp.beta2 as $t,
-            hp.eps as $t,
-            hp.weight_decay as $t,
-        );
+        let (lr, b1, b2, eps, wd) = (hp.lr as $t, hp.beta1 as $t, hp.beta2 as $t, hp.eps as $t, hp.weight_decay as $t);
         let step = (hp.lr / hp.bias1) as $t;
         let bc2 = hp.bias2_sqrt as $t;
         let l2 = if hp.decoupled { 0.0 as $t } else { wd };
-        let shrink = if hp.decoupled {
-            1.0 as $t - lr * wd
-        } else {
-            1.0 as $t
-        };
+        let shrink = if hp.decoupled { 1.0 as $t - lr * wd } else { 1.0 as $t };
         let one = 1.0 as $t;
         let p: &mut [$t] = $p;
         let g: &[$t] = $g;
@@ -311,17 +280,16 @@ macro_rules! adam_slices {
                     });
             }
             None => {
-                p.par_chunks_mut(PAR_CHUNK)
-                    .zip(g.par_chunks(PAR_CHUNK))
-                    .zip(v.par_chunks_mut(PAR_CHUNK))
-                    .for_each(|((p, g), v)| {
+                p.par_chunks_mut(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)).zip(v.par_chunks_mut(PAR_CHUNK)).for_each(
+                    |((p, g), v)| {
                         for i in 0..p.len() {
                             let gi = g[i] + l2 * p[i];
                             let vi = b2 * v[i] + (one - b2) * gi * gi;
                             v[i] = vi;
                             p[i] = p[i] * shrink - step * gi / (vi.sqrt() / bc2 + eps);
                         }
-                    });
+                    },
+                );
             }
         }
     }};
@@ -332,15 +300,8 @@ impl candle_core::InplaceOp2 for AdamKernel<'_> {
         "fused-adam"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("fused-adam needs contiguous tensors")
         };
         let mut st = self.state.borrow_mut();
@@ -352,28 +313,14 @@ impl candle_core::InplaceOp2 for AdamKernel<'_> {
                     Some(Buf::F32(m)) => Some(m.as_mut_slice()),
                     _ => None,
                 };
-                adam_slices!(
-                    f32,
-                    &mut p[p0..p1],
-                    &g[g0..g1],
-                    m,
-                    v.as_mut_slice(),
-                    self.hp
-                )
+                adam_slices!(f32, &mut p[p0..p1], &g[g0..g1], m, v.as_mut_slice(), self.hp)
             }
             (CpuStorage::F64(p), CpuStorage::F64(g), Some(Buf::F64(v))) => {
                 let m = match m {
                     Some(Buf::F64(m)) => Some(m.as_mut_slice()),
                     _ => None,
                 };
-                adam_slices!(
-                    f64,
-                    &mut p[p0..p1],
-                    &g[g0..g1],
-                    m,
-                    v.as_mut_slice(),
-                    self.hp
-                )
+                adam_slices!(f64, &mut p[p0..p1], &g[g0..g1], m, v.as_mut_slice(), self.hp)
             }
             (p, _, _) => candle_core::bail!("fused-adam: unsupported dtype {:?}", p.dtype()),
         }
@@ -381,14 +328,7 @@ impl candle_core::InplaceOp2 for AdamKernel<'_> {
     }
 }
 
-fn sgd_update(
-    p: &Param,
-    grad: &Tensor,
-    st: &mut ParamState,
-    lr: f64,
-    wd: f64,
-    momentum: f64,
-) -> Result<()> {
+fn sgd_update(p: &Param, grad: &Tensor, st: &mut ParamState, lr: f64, wd: f64, momentum: f64) -> Result<()> {
     let value = p.tensor();
     let mut g = grad.to_dtype(value.dtype())?;
     if wd != 0.0 {
@@ -442,57 +382,26 @@ mod tests {
         p
     }
 
-    fn run(
-        dev: &Device,
-        dtype: DType,
-        b1: f64,
-        wd: f64,
-        decoupled: bool,
-    ) -> Result<(Vec<f64>, Vec<f64>)> {
+    fn run(dev: &Device, dtype: DType, b1: f64, wd: f64, decoupled: bool) -> Result<(Vec<f64>, Vec<f64>)> {
         let p0: Vec<f64> = (0..7).map(|i| (i as f64 - 3.0) * 0.37).collect();
-        let grads: Vec<Vec<f64>> = (0..5)
-            .map(|s| (0..7).map(|i| ((i * 3 + s) as f64).sin()).collect())
-            .collect();
+        let grads: Vec<Vec<f64>> = (0..5).map(|s| (0..7).map(|i| ((i * 3 + s) as f64).sin()).collect()).collect();
         let p = Param::new(&Tensor::new(p0.as_slice(), dev)?.to_dtype(dtype)?, "p")?;
-        let method = Method::Adam {
-            beta1: b1,
-            beta2: 0.999,
-            eps: 1e-8,
-            decoupled,
-        };
-        let mut opt = Optimizer::new(
-            method,
-            vec![ParamGroup {
-                params: vec![p.clone()],
-                lr: 0.01,
-                weight_decay: wd,
-            }],
-        )?;
+        let method = Method::Adam { beta1: b1, beta2: 0.999, eps: 1e-8, decoupled };
+        let mut opt = Optimizer::new(method, vec![ParamGroup { params: vec![p.clone()], lr: 0.01, weight_decay: wd }])?;
         for g in &grads {
             p.set_grad(Some(Tensor::new(g.as_slice(), dev)?.to_dtype(dtype)?))?;
             opt.step()?;
         }
         let got = p.tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        Ok((
-            got,
-            reference_adam(&p0, &grads, 0.01, b1, 0.999, 1e-8, wd, decoupled),
-        ))
+        Ok((got, reference_adam(&p0, &grads, 0.01, b1, 0.999, 1e-8, wd, decoupled)))
     }
 
     #[test]
     fn fused_and_tensor_paths_match_the_reference() -> Result<()> {
-        for &(b1, wd, dec) in &[
-            (0.9, 0.0, false),
-            (0.0, 0.0, false),
-            (0.9, 0.01, true),
-            (0.0, 0.1, false),
-        ] {
+        for &(b1, wd, dec) in &[(0.9, 0.0, false), (0.0, 0.0, false), (0.9, 0.01, true), (0.0, 0.1, false)] {
             let (got, want) = run(&Device::Cpu, DType::F64, b1, wd, dec)?; // fused
             for (a, b) in got.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() < 1e-12,
-                    "f64 fused b1={b1} wd={wd}: {a} vs {b}"
-                );
+                assert!((a - b).abs() < 1e-12, "f64 fused b1={b1} wd={wd}: {a} vs {b}");
             }
             let (got, want) = run(&Device::Cpu, DType::F32, b1, wd, dec)?;
             for (a, b) in got.iter().zip(&want) {
@@ -511,14 +420,8 @@ mod tests {
         let a = Param::new(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?, "a")?;
         let b = Param::new(&Tensor::new(&[3.0f32], &Device::Cpu)?, "b")?;
         let m = Method::Sgd { momentum: 0.0 };
-        let mut opt = Optimizer::new(
-            m,
-            vec![ParamGroup {
-                params: vec![a.clone(), b.clone()],
-                lr: 0.5,
-                weight_decay: 0.0,
-            }],
-        )?;
+        let mut opt =
+            Optimizer::new(m, vec![ParamGroup { params: vec![a.clone(), b.clone()], lr: 0.5, weight_decay: 0.0 }])?;
         a.set_grad(Some(Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?))?;
         opt.step()?;
         assert_eq!(a.tensor().to_vec1::<f32>()?, vec![0.5, 3.0]);

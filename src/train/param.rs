@@ -35,11 +35,7 @@ impl Param {
 
     /// Wraps an existing `Var` (its storage is shared, not copied).
     pub fn from_var(var: Var, name: impl Into<String>) -> Arc<Self> {
-        let p = Arc::new(Self {
-            var,
-            name: Mutex::new(name.into()),
-            grad: Mutex::new(None),
-        });
+        let p = Arc::new(Self { var, name: Mutex::new(name.into()), grad: Mutex::new(None) });
         registry().insert(p.var.as_tensor().id(), Arc::downgrade(&p));
         p
     }
@@ -72,10 +68,7 @@ impl Param {
         if let Some(g) = &grad {
             check_same_shape(self.tensor(), g, "gradient")?;
         }
-        *self
-            .grad
-            .lock()
-            .map_err(|_| Error::msg("gradient slot poisoned"))? = grad;
+        *self.grad.lock().map_err(|_| Error::msg("gradient slot poisoned"))? = grad;
         Ok(())
     }
 
@@ -88,10 +81,7 @@ impl Param {
     /// Adds `g` to the gradient slot.
     pub fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
         let g = g.detach();
-        let mut slot = self
-            .grad
-            .lock()
-            .map_err(|_| Error::msg("gradient slot poisoned"))?;
+        let mut slot = self.grad.lock().map_err(|_| Error::msg("gradient slot poisoned"))?;
         *slot = Some(match slot.take() {
             Some(old) => (old + g)?,
             None => g,
@@ -102,9 +92,7 @@ impl Param {
     /// Overwrites the value in place (every view of this parameter sees it).
     pub fn assign(&self, value: &Tensor) -> Result<()> {
         check_same_shape(self.tensor(), value, "value")?;
-        let value = value
-            .to_dtype(self.tensor().dtype())?
-            .to_device(self.tensor().device())?;
+        let value = value.to_dtype(self.tensor().dtype())?.to_device(self.tensor().device())?;
         Ok(self.var.set(&value.detach())?)
     }
 }
@@ -145,10 +133,7 @@ pub fn backward(loss: &Tensor) -> Result<usize> {
     // may run Param::drop, which takes the lock again.
     let reached: Vec<(Arc<Param>, TensorId)> = {
         let reg = registry();
-        grads
-            .get_ids()
-            .filter_map(|id| reg.get(id).and_then(Weak::upgrade).map(|p| (p, *id)))
-            .collect()
+        grads.get_ids().filter_map(|id| reg.get(id).and_then(Weak::upgrade).map(|p| (p, *id))).collect()
     };
     for (p, id) in &reached {
         if let Some(g) = grads.get_id(*id) {
@@ -163,10 +148,7 @@ pub fn backward(loss: &Tensor) -> Result<usize> {
 pub fn grads_of(loss: &Tensor, params: &[Arc<Param>]) -> Result<Vec<Option<Tensor>>> {
     check_scalar(loss)?;
     let grads = loss.backward()?;
-    Ok(params
-        .iter()
-        .map(|p| grads.get(p.tensor()).map(Tensor::detach))
-        .collect())
+    Ok(params.iter().map(|p| grads.get(p.tensor()).map(Tensor::detach)).collect())
 }
 
 #[cfg(test)]
@@ -192,10 +174,7 @@ mod tests {
     #[test]
     fn dropped_params_leave_the_registry() -> Result<()> {
         let id = {
-            let p = Param::new(
-                &Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?,
-                "tmp",
-            )?;
+            let p = Param::new(&Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu)?, "tmp")?;
             p.tensor().id()
         };
         assert!(!registry().contains_key(&id));

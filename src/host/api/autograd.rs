@@ -26,10 +26,7 @@ pub fn collect_params(v: &Dynamic, out: &mut Vec<Arc<Param>>) -> ScriptResult<()
     } else if let Some(map) = v.clone().try_cast::<Map>() {
         map.values().try_for_each(|x| collect_params(x, out))?;
     } else {
-        return Err(script_err(format!(
-            "expected tensors (in an array or map), found {}",
-            v.type_name()
-        )));
+        return Err(script_err(format!("expected tensors (in an array or map), found {}", v.type_name())));
     }
     Ok(())
 }
@@ -43,18 +40,12 @@ pub fn params_of(v: &Dynamic) -> ScriptResult<Vec<Arc<Param>>> {
 /// Makes every tensor in an array or map (recursively) a parameter named by its key path.
 fn to_params(v: &Dynamic, name: &str) -> ScriptResult<Dynamic> {
     if let Some(t) = v.clone().try_cast::<T>() {
-        return Ok(Dynamic::from(T::from_param(
-            Param::new(t.tensor(), name).script()?,
-        )));
+        return Ok(Dynamic::from(T::from_param(Param::new(t.tensor(), name).script()?)));
     }
     if let Some(map) = v.clone().try_cast::<Map>() {
         let mut out = Map::new();
         for (k, x) in map {
-            let n = if name.is_empty() {
-                k.to_string()
-            } else {
-                format!("{name}.{k}")
-            };
+            let n = if name.is_empty() { k.to_string() } else { format!("{name}.{k}") };
             out.insert(k, to_params(&x, &n)?);
         }
         return Ok(out.into());
@@ -63,50 +54,34 @@ fn to_params(v: &Dynamic, name: &str) -> ScriptResult<Dynamic> {
         let out: Array = arr
             .iter()
             .enumerate()
-            .map(|(i, x)| {
-                to_params(
-                    x,
-                    &if name.is_empty() {
-                        i.to_string()
-                    } else {
-                        format!("{name}.{i}")
-                    },
-                )
-            })
+            .map(|(i, x)| to_params(x, &if name.is_empty() { i.to_string() } else { format!("{name}.{i}") }))
             .collect::<ScriptResult<_>>()?;
         return Ok(out.into());
     }
-    Err(script_err(format!(
-        "params: expected tensors in an array or map, found {}",
-        v.type_name()
-    )))
+    Err(script_err(format!("params: expected tensors in an array or map, found {}", v.type_name())))
 }
 
 pub fn register(api: &mut Api) {
     api.group("autograd");
-    api.func(
-        "param",
-        ["value"],
-        "A trainable parameter initialised with a copy of `value`.",
-        |x: T| -> R { Ok(T::from_param(Param::new(x.tensor(), "").script()?)) },
-    );
+    api.func("param", ["value"], "A trainable parameter initialised with a copy of `value`.", |x: T| -> R {
+        Ok(T::from_param(Param::new(x.tensor(), "").script()?))
+    });
     api.func(
         "param",
         ["value", "name"],
         "A named trainable parameter initialised with a copy of `value`.",
         |x: T, n: &str| -> R { Ok(T::from_param(Param::new(x.tensor(), n).script()?)) },
     );
-    api.func("params", ["tensors"], "Copies every tensor of a map or array (nested too) into trainable parameters named by their keys.", |v: Dynamic| to_params(&v, ""));
-    api.getter(
-        "is_param",
-        "True for a trainable parameter.",
-        |x: &mut T| x.param().is_some(),
+    api.func(
+        "params",
+        ["tensors"],
+        "Copies every tensor of a map or array (nested too) into trainable parameters named by their keys.",
+        |v: Dynamic| to_params(&v, ""),
     );
-    api.getter(
-        "name",
-        "A parameter's name (empty for other tensors).",
-        |x: &mut T| x.param().map(|p| p.name()).unwrap_or_default(),
-    );
+    api.getter("is_param", "True for a trainable parameter.", |x: &mut T| x.param().is_some());
+    api.getter("name", "A parameter's name (empty for other tensors).", |x: &mut T| {
+        x.param().map(|p| p.name()).unwrap_or_default()
+    });
     api.method("backward", ["loss"], "Backpropagates a scalar loss, adding gradients to every parameter it depends on; returns how many were reached.", |l: &mut T| -> ScriptResult<i64> {
         crate::train::param::backward(l.tensor()).script().map(|n| n as i64)
     });
@@ -114,10 +89,7 @@ pub fn register(api: &mut Api) {
         "grad",
         "The accumulated gradient of a parameter, or () when none.",
         |x: &mut T| -> ScriptResult<Dynamic> {
-            Ok(x.param()
-                .and_then(|p| p.grad())
-                .map(|g| Dynamic::from(T::new(g)))
-                .unwrap_or(Dynamic::UNIT))
+            Ok(x.param().and_then(|p| p.grad()).map(|g| Dynamic::from(T::new(g))).unwrap_or(Dynamic::UNIT))
         },
     );
     api.setter(
@@ -128,11 +100,7 @@ pub fn register(api: &mut Api) {
             let g = if g.is_unit() {
                 None
             } else {
-                Some(
-                    g.try_cast::<T>()
-                        .ok_or_else(|| script_err("grad must be a tensor or ()"))?
-                        .into_tensor(),
-                )
+                Some(g.try_cast::<T>().ok_or_else(|| script_err("grad must be a tensor or ()"))?.into_tensor())
             };
             p.set_grad(g).script()
         },
@@ -155,9 +123,7 @@ pub fn register(api: &mut Api) {
         "assign",
         ["param", "value"],
         "Overwrites a parameter's values in place (optimisers and all views see it).",
-        |x: &mut T, v: T| -> ScriptResult<()> {
-            x.require_param("assign")?.assign(v.tensor()).script()
-        },
+        |x: &mut T, v: T| -> ScriptResult<()> { x.require_param("assign")?.assign(v.tensor()).script() },
     );
 
     api.group("optim: clipping");
@@ -173,10 +139,7 @@ pub fn register(api: &mut Api) {
         "Rescales gradients so their global L2 norm is at most max_norm; returns the norm before.",
         |v: Dynamic, m: f64| clip::clip_grad_norm(&params_of(&v)?, m).script(),
     );
-    api.func(
-        "grad_norm",
-        ["params"],
-        "Global L2 norm of the gradients.",
-        |v: Dynamic| clip::grad_norm(&params_of(&v)?).script(),
-    );
+    api.func("grad_norm", ["params"], "Global L2 norm of the gradients.", |v: Dynamic| {
+        clip::grad_norm(&params_of(&v)?).script()
+    });
 }

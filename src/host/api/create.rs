@@ -13,17 +13,11 @@ use std::sync::Arc;
 type R = ScriptResult<T>;
 
 fn opts_seed(opts: &Map) -> ScriptResult<Option<u64>> {
-    opts.get("seed")
-        .map(|s| tensor::int(s, "seed").map(|s| s as u64))
-        .transpose()
+    opts.get("seed").map(|s| tensor::int(s, "seed").map(|s| s as u64)).transpose()
 }
 
 /// Draws from the explicit seed when one is given, else from the run's generator.
-fn draw(
-    rt: &Runtime,
-    seed: Option<u64>,
-    f: impl FnOnce(&mut Generator) -> crate::Result<Tensor>,
-) -> R {
+fn draw(rt: &Runtime, seed: Option<u64>, f: impl FnOnce(&mut Generator) -> crate::Result<Tensor>) -> R {
     match seed {
         Some(s) => f(&mut Generator::new(s)),
         None => f(&mut rt.rng()),
@@ -54,30 +48,14 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
             );
         }};
     }
-    constant!(
-        "zeros",
-        "A tensor of zeros.",
-        |s: &[usize], dt, d: &Device| Tensor::zeros(s, dt, d)
-    );
-    constant!(
-        "ones",
-        "A tensor of ones.",
-        |s: &[usize], dt, d: &Device| Tensor::ones(s, dt, d)
-    );
+    constant!("zeros", "A tensor of zeros.", |s: &[usize], dt, d: &Device| Tensor::zeros(s, dt, d));
+    constant!("ones", "A tensor of ones.", |s: &[usize], dt, d: &Device| Tensor::ones(s, dt, d));
 
     let d = dev.clone();
-    api.func(
-        "full",
-        ["shape", "value"],
-        "A tensor filled with one value.",
-        move |s: Dynamic, v: Dynamic| -> R {
-            let v = number(&v, "value")?;
-            Tensor::full(v, tensor::shape(&s)?, &d)
-                .and_then(|t| t.to_dtype(dt))
-                .script()
-                .map(T::new)
-        },
-    );
+    api.func("full", ["shape", "value"], "A tensor filled with one value.", move |s: Dynamic, v: Dynamic| -> R {
+        let v = number(&v, "value")?;
+        Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(T::new)
+    });
     let d = dev.clone();
     api.func(
         "full",
@@ -86,28 +64,25 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         move |s: Dynamic, v: Dynamic, o: Map| -> R {
             let (dt, d) = placement(&o, dt, &d)?;
             let v = number(&v, "value")?;
-            Tensor::full(v, tensor::shape(&s)?, &d)
-                .and_then(|t| t.to_dtype(dt))
-                .script()
-                .map(T::new)
+            Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(T::new)
         },
     );
 
     let (r, d) = (rt.clone(), dev.clone());
+    api.func("randn", ["shape"], "Standard normal samples from the run's seeded generator.", move |s: Dynamic| -> R {
+        let s = tensor::shape(&s)?;
+        draw(&r, None, |g| g.randn(s, dt, &d))
+    });
+    let (r, d) = (rt.clone(), dev.clone());
     api.func(
         "randn",
-        ["shape"],
-        "Standard normal samples from the run's seeded generator.",
-        move |s: Dynamic| -> R {
+        ["shape", "seed"],
+        "Standard normal samples from a generator seeded with `seed` (the run's generator is untouched).",
+        move |s: Dynamic, seed: i64| -> R {
             let s = tensor::shape(&s)?;
-            draw(&r, None, |g| g.randn(s, dt, &d))
+            draw(&r, Some(seed as u64), |g| g.randn(s, dt, &d))
         },
     );
-    let (r, d) = (rt.clone(), dev.clone());
-    api.func("randn", ["shape", "seed"], "Standard normal samples from a generator seeded with `seed` (the run's generator is untouched).", move |s: Dynamic, seed: i64| -> R {
-        let s = tensor::shape(&s)?;
-        draw(&r, Some(seed as u64), |g| g.randn(s, dt, &d))
-    });
     let (r, d) = (rt.clone(), dev.clone());
     api.func(
         "randn",
@@ -115,33 +90,18 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "Normal samples. Options: mean, std, seed, dtype, device.",
         move |s: Dynamic, o: Map| -> R {
             let (dt, d) = placement(&o, dt, &d)?;
-            let mean = o
-                .get("mean")
-                .map(|v| number(v, "mean"))
-                .transpose()?
-                .unwrap_or(0.0);
-            let std = o
-                .get("std")
-                .map(|v| number(v, "std"))
-                .transpose()?
-                .unwrap_or(1.0);
+            let mean = o.get("mean").map(|v| number(v, "mean")).transpose()?.unwrap_or(0.0);
+            let std = o.get("std").map(|v| number(v, "std")).transpose()?.unwrap_or(1.0);
             let s = tensor::shape(&s)?;
-            draw(&r, opts_seed(&o)?, |g| {
-                Ok(g.randn(s, dt, &d)?.affine(std, mean)?)
-            })
+            draw(&r, opts_seed(&o)?, |g| Ok(g.randn(s, dt, &d)?.affine(std, mean)?))
         },
     );
 
     let (r, d) = (rt.clone(), dev.clone());
-    api.func(
-        "rand",
-        ["shape"],
-        "Uniform samples in [0, 1) from the run's seeded generator.",
-        move |s: Dynamic| -> R {
-            let s = tensor::shape(&s)?;
-            draw(&r, None, |g| g.rand(s, 0.0, 1.0, dt, &d))
-        },
-    );
+    api.func("rand", ["shape"], "Uniform samples in [0, 1) from the run's seeded generator.", move |s: Dynamic| -> R {
+        let s = tensor::shape(&s)?;
+        draw(&r, None, |g| g.rand(s, 0.0, 1.0, dt, &d))
+    });
     let (r, d) = (rt.clone(), dev.clone());
     api.func(
         "rand",
@@ -159,16 +119,8 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "Uniform samples in [low, high). Options: low, high, seed, dtype, device.",
         move |s: Dynamic, o: Map| -> R {
             let (dt, d) = placement(&o, dt, &d)?;
-            let lo = o
-                .get("low")
-                .map(|v| number(v, "low"))
-                .transpose()?
-                .unwrap_or(0.0);
-            let hi = o
-                .get("high")
-                .map(|v| number(v, "high"))
-                .transpose()?
-                .unwrap_or(1.0);
+            let lo = o.get("low").map(|v| number(v, "low")).transpose()?.unwrap_or(0.0);
+            let hi = o.get("high").map(|v| number(v, "high")).transpose()?.unwrap_or(1.0);
             let s = tensor::shape(&s)?;
             draw(&r, opts_seed(&o)?, |g| g.rand(s, lo, hi, dt, &d))
         },
@@ -180,28 +132,16 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "`n` integers drawn uniformly from [low, high) by the run's generator, as an array.",
         move |lo: i64, hi: i64, n: i64| -> ScriptResult<rhai::Array> {
             let n = usize::try_from(n).script()?;
-            Ok(r.rng()
-                .randint(n, lo, hi)
-                .script()?
-                .into_iter()
-                .map(Dynamic::from_int)
-                .collect())
+            Ok(r.rng().randint(n, lo, hi).script()?.into_iter().map(Dynamic::from_int).collect())
         },
     );
     let r = rt.clone();
-    api.func(
-        "seed",
-        ["seed"],
-        "Re-seeds the run's generator.",
-        move |s: i64| r.reseed(s as u64),
-    );
+    api.func("seed", ["seed"], "Re-seeds the run's generator.", move |s: i64| r.reseed(s as u64));
 
     let d = dev.clone();
     let arange = move |start: f64, end: f64, step: f64| -> R {
         if step == 0.0 || (end - start) / step < 0.0 {
-            return Err(crate::host::error::script_err(format!(
-                "arange: no values from {start} to {end} by {step}"
-            )));
+            return Err(crate::host::error::script_err(format!("arange: no values from {start} to {end} by {step}")));
         }
         Tensor::arange_step(start, end, step, &Device::Cpu)
             .and_then(|t| t.to_dtype(dt))
@@ -210,12 +150,9 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
             .map(T::new)
     };
     let a = arange.clone();
-    api.func(
-        "arange",
-        ["end"],
-        "0, 1, ... up to but excluding `end`.",
-        move |e: Dynamic| a(0.0, number(&e, "end")?, 1.0),
-    );
+    api.func("arange", ["end"], "0, 1, ... up to but excluding `end`.", move |e: Dynamic| {
+        a(0.0, number(&e, "end")?, 1.0)
+    });
     let a = arange.clone();
     api.func(
         "arange",
@@ -228,11 +165,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["start", "end", "step"],
         "start, start+step, ... up to but excluding `end`.",
         move |s: Dynamic, e: Dynamic, st: Dynamic| {
-            arange(
-                number(&s, "start")?,
-                number(&e, "end")?,
-                number(&st, "step")?,
-            )
+            arange(number(&s, "start")?, number(&e, "end")?, number(&st, "step")?)
         },
     );
     let d = dev.clone();
@@ -254,12 +187,9 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     );
 
     let d = dev.clone();
-    api.func(
-        "tensor",
-        ["values"],
-        "A tensor from a number or a nested array of numbers (f32).",
-        move |v: Dynamic| from_nested(&v, dt, &d).map(T::new),
-    );
+    api.func("tensor", ["values"], "A tensor from a number or a nested array of numbers (f32).", move |v: Dynamic| {
+        from_nested(&v, dt, &d).map(T::new)
+    });
     let d = dev.clone();
     api.func(
         "tensor",
@@ -271,18 +201,12 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         },
     );
 
-    api.method(
-        "zeros_like",
-        ["x"],
-        "Zeros of x's shape, dtype and device.",
-        |x: &mut T| x.tensor().zeros_like().script().map(T::new),
-    );
-    api.method(
-        "ones_like",
-        ["x"],
-        "Ones of x's shape, dtype and device.",
-        |x: &mut T| x.tensor().ones_like().script().map(T::new),
-    );
+    api.method("zeros_like", ["x"], "Zeros of x's shape, dtype and device.", |x: &mut T| {
+        x.tensor().zeros_like().script().map(T::new)
+    });
+    api.method("ones_like", ["x"], "Ones of x's shape, dtype and device.", |x: &mut T| {
+        x.tensor().ones_like().script().map(T::new)
+    });
     let r = rt.clone();
     api.method(
         "randn_like",
@@ -290,9 +214,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "Standard normal samples of x's shape, dtype and device, from the run's generator.",
         move |x: &mut T| -> R {
             let t = x.tensor();
-            draw(&r, None, |g| {
-                g.randn(t.shape().clone(), t.dtype(), t.device())
-            })
+            draw(&r, None, |g| g.randn(t.shape().clone(), t.dtype(), t.device()))
         },
     );
 }

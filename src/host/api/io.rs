@@ -13,15 +13,9 @@ fn load(path: &str, opts: &Map, rt: &Runtime) -> ScriptResult<Map> {
         Some(d) => tensor::parse_device(&d.to_string())?,
         None => rt.device.clone(),
     };
-    let dtype = opts
-        .get("dtype")
-        .map(|d| tensor::parse_dtype(&d.to_string()))
-        .transpose()?;
+    let dtype = opts.get("dtype").map(|d| tensor::parse_dtype(&d.to_string())).transpose()?;
     let tensors = crate::io::safetensors::load(Path::new(path), &device, dtype).script()?;
-    Ok(tensors
-        .into_iter()
-        .map(|(k, t)| (k.into(), Dynamic::from(T::new(t))))
-        .collect())
+    Ok(tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(T::new(t)))).collect())
 }
 
 pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
@@ -50,9 +44,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
                 .map(|(k, v)| {
                     v.try_cast::<T>()
                         .map(|t| (k.to_string(), t.into_tensor()))
-                        .ok_or_else(|| {
-                            script_err(format!("save_safetensors: '{k}' is not a tensor"))
-                        })
+                        .ok_or_else(|| script_err(format!("save_safetensors: '{k}' is not a tensor")))
                 })
                 .collect::<ScriptResult<Vec<_>>>()?;
             crate::io::safetensors::save(Path::new(p), &tensors).script()

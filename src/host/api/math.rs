@@ -53,24 +53,15 @@ pub fn register(api: &mut Api) {
     api.group("tensor: arithmetic");
     macro_rules! binary {
         ($op:literal, $what:literal, $bcast:ident, $scalar_rhs:expr, $scalar_lhs:expr) => {
-            api.operator(
-                $op,
-                ["a", "b"],
-                concat!("Elementwise ", $what, " with broadcasting."),
-                |a: T, b: T| ok(a.tensor().$bcast(b.tensor())),
-            );
-            api.operator(
-                $op,
-                ["a", "b"],
-                concat!("Elementwise ", $what, " with a number."),
-                |a: T, b: f64| ok($scalar_rhs(a.tensor(), b)),
-            );
-            api.operator(
-                $op,
-                ["a", "b"],
-                concat!("Elementwise ", $what, " with a number."),
-                |a: T, b: i64| ok($scalar_rhs(a.tensor(), b as f64)),
-            );
+            api.operator($op, ["a", "b"], concat!("Elementwise ", $what, " with broadcasting."), |a: T, b: T| {
+                ok(a.tensor().$bcast(b.tensor()))
+            });
+            api.operator($op, ["a", "b"], concat!("Elementwise ", $what, " with a number."), |a: T, b: f64| {
+                ok($scalar_rhs(a.tensor(), b))
+            });
+            api.operator($op, ["a", "b"], concat!("Elementwise ", $what, " with a number."), |a: T, b: i64| {
+                ok($scalar_rhs(a.tensor(), b as f64))
+            });
             api.operator(
                 $op,
                 ["a", "b"],
@@ -85,47 +76,15 @@ pub fn register(api: &mut Api) {
             );
         };
     }
-    binary!(
-        "+",
-        "sum",
-        broadcast_add,
-        |a: &Tensor, b| a + b,
-        |a, b: &Tensor| b + a
-    );
-    binary!(
-        "-",
-        "difference",
-        broadcast_sub,
-        |a: &Tensor, b| a - b,
-        |a, b: &Tensor| b.affine(-1.0, a)
-    );
-    binary!(
-        "*",
-        "product",
-        broadcast_mul,
-        |a: &Tensor, b| a * b,
-        |a, b: &Tensor| b * a
-    );
-    binary!(
-        "/",
-        "quotient",
-        broadcast_div,
-        |a: &Tensor, b| a / b,
-        |a, b: &Tensor| b.recip().and_then(|r| r * a)
-    );
+    binary!("+", "sum", broadcast_add, |a: &Tensor, b| a + b, |a, b: &Tensor| b + a);
+    binary!("-", "difference", broadcast_sub, |a: &Tensor, b| a - b, |a, b: &Tensor| b.affine(-1.0, a));
+    binary!("*", "product", broadcast_mul, |a: &Tensor, b| a * b, |a, b: &Tensor| b * a);
+    binary!("/", "quotient", broadcast_div, |a: &Tensor, b| a / b, |a, b: &Tensor| b.recip().and_then(|r| r * a));
     api.operator("-", ["x"], "Negation.", |x: T| ok(x.tensor().neg()));
-    api.operator(
-        "**",
-        ["x", "p"],
-        "Elementwise power with a number exponent.",
-        |x: T, p: f64| ok(x.tensor().powf(p)),
-    );
-    api.operator(
-        "**",
-        ["x", "p"],
-        "Elementwise power with an integer exponent.",
-        |x: T, p: i64| ok(x.tensor().powf(p as f64)),
-    );
+    api.operator("**", ["x", "p"], "Elementwise power with a number exponent.", |x: T, p: f64| ok(x.tensor().powf(p)));
+    api.operator("**", ["x", "p"], "Elementwise power with an integer exponent.", |x: T, p: i64| {
+        ok(x.tensor().powf(p as f64))
+    });
 
     api.group("tensor: math");
     macro_rules! unary {
@@ -134,8 +93,7 @@ pub fn register(api: &mut Api) {
         };
     }
     unary!("exp", "Elementwise e^x.", |t: &Tensor| t.exp());
-    unary!("log", "Elementwise natural logarithm.", |t: &Tensor| t
-        .log());
+    unary!("log", "Elementwise natural logarithm.", |t: &Tensor| t.log());
     unary!("sqrt", "Elementwise square root.", |t: &Tensor| t.sqrt());
     unary!("abs", "Elementwise absolute value.", |t: &Tensor| t.abs());
     unary!("square", "Elementwise x².", |t: &Tensor| t.sqr());
@@ -143,38 +101,18 @@ pub fn register(api: &mut Api) {
     unary!("recip", "Elementwise 1/x.", |t: &Tensor| t.recip());
     unary!("sin", "Elementwise sine.", |t: &Tensor| t.sin());
     unary!("cos", "Elementwise cosine.", |t: &Tensor| t.cos());
-    unary!("tanh", "Elementwise hyperbolic tangent.", |t: &Tensor| t
-        .tanh());
-    unary!(
-        "sigmoid",
-        "Elementwise logistic sigmoid 1/(1+e^-x).",
-        |t: &Tensor| candle_nn::ops::sigmoid(t)
-    );
+    unary!("tanh", "Elementwise hyperbolic tangent.", |t: &Tensor| t.tanh());
+    unary!("sigmoid", "Elementwise logistic sigmoid 1/(1+e^-x).", |t: &Tensor| candle_nn::ops::sigmoid(t));
     unary!("silu", "Elementwise x·sigmoid(x).", |t: &Tensor| t.silu());
     unary!("relu", "Elementwise max(x, 0).", |t: &Tensor| t.relu());
-    unary!(
-        "gelu",
-        "Elementwise GELU (exact, erf form, as PyTorch's default).",
-        |t: &Tensor| t.gelu_erf()
-    );
-    api.method(
-        "pow",
-        ["x", "p"],
-        "Elementwise x^p for a number p.",
-        |x: &mut T, p: f64| ok(x.tensor().powf(p)),
-    );
-    api.method(
-        "pow",
-        ["x", "p"],
-        "Elementwise x^p for an integer p.",
-        |x: &mut T, p: i64| ok(x.tensor().powf(p as f64)),
-    );
-    api.method(
-        "pow",
-        ["x", "p"],
-        "Elementwise x^p for a tensor p (x > 0).",
-        |x: &mut T, p: T| ok(x.tensor().broadcast_pow(p.tensor())),
-    );
+    unary!("gelu", "Elementwise GELU (exact, erf form, as PyTorch's default).", |t: &Tensor| t.gelu_erf());
+    api.method("pow", ["x", "p"], "Elementwise x^p for a number p.", |x: &mut T, p: f64| ok(x.tensor().powf(p)));
+    api.method("pow", ["x", "p"], "Elementwise x^p for an integer p.", |x: &mut T, p: i64| {
+        ok(x.tensor().powf(p as f64))
+    });
+    api.method("pow", ["x", "p"], "Elementwise x^p for a tensor p (x > 0).", |x: &mut T, p: T| {
+        ok(x.tensor().broadcast_pow(p.tensor()))
+    });
     api.method(
         "clamp",
         ["x", "min", "max"],
@@ -187,73 +125,39 @@ pub fn register(api: &mut Api) {
             ok(x.tensor().clamp(lo, hi))
         },
     );
-    api.method(
-        "maximum",
-        ["x", "y"],
-        "Elementwise maximum with broadcasting.",
-        |x: &mut T, y: T| ok(x.tensor().broadcast_maximum(y.tensor())),
-    );
-    api.method(
-        "maximum",
-        ["x", "y"],
-        "Elementwise maximum with a number.",
-        |x: &mut T, y: f64| ok(x.tensor().maximum(y)),
-    );
-    api.method(
-        "minimum",
-        ["x", "y"],
-        "Elementwise minimum with broadcasting.",
-        |x: &mut T, y: T| ok(x.tensor().broadcast_minimum(y.tensor())),
-    );
-    api.method(
-        "minimum",
-        ["x", "y"],
-        "Elementwise minimum with a number.",
-        |x: &mut T, y: f64| ok(x.tensor().minimum(y)),
-    );
-    api.method(
-        "softmax",
-        ["x", "dim"],
-        "Softmax over `dim` (differentiable form).",
-        |x: &mut T, d: i64| -> R {
-            let d = tensor::dim(d, x.tensor().rank())?;
-            ok(candle_nn::ops::softmax(x.tensor(), d))
-        },
-    );
-    api.method(
-        "log_softmax",
-        ["x", "dim"],
-        "Log-softmax over `dim`, computed stably.",
-        |x: &mut T, d: i64| -> R {
-            let d = tensor::dim(d, x.tensor().rank())?;
-            let t = x.tensor();
-            let max = t.max_keepdim(d).script()?.detach();
-            let shifted = t.broadcast_sub(&max).script()?;
-            let lse = shifted
-                .exp()
-                .and_then(|e| e.sum_keepdim(d))
-                .and_then(|s| s.log())
-                .script()?;
-            ok(shifted.broadcast_sub(&lse))
-        },
-    );
+    api.method("maximum", ["x", "y"], "Elementwise maximum with broadcasting.", |x: &mut T, y: T| {
+        ok(x.tensor().broadcast_maximum(y.tensor()))
+    });
+    api.method("maximum", ["x", "y"], "Elementwise maximum with a number.", |x: &mut T, y: f64| {
+        ok(x.tensor().maximum(y))
+    });
+    api.method("minimum", ["x", "y"], "Elementwise minimum with broadcasting.", |x: &mut T, y: T| {
+        ok(x.tensor().broadcast_minimum(y.tensor()))
+    });
+    api.method("minimum", ["x", "y"], "Elementwise minimum with a number.", |x: &mut T, y: f64| {
+        ok(x.tensor().minimum(y))
+    });
+    api.method("softmax", ["x", "dim"], "Softmax over `dim` (differentiable form).", |x: &mut T, d: i64| -> R {
+        let d = tensor::dim(d, x.tensor().rank())?;
+        ok(candle_nn::ops::softmax(x.tensor(), d))
+    });
+    api.method("log_softmax", ["x", "dim"], "Log-softmax over `dim`, computed stably.", |x: &mut T, d: i64| -> R {
+        let d = tensor::dim(d, x.tensor().rank())?;
+        let t = x.tensor();
+        let max = t.max_keepdim(d).script()?.detach();
+        let shifted = t.broadcast_sub(&max).script()?;
+        let lse = shifted.exp().and_then(|e| e.sum_keepdim(d)).and_then(|s| s.log()).script()?;
+        ok(shifted.broadcast_sub(&lse))
+    });
     api.method(
         "matmul",
         ["a", "b"],
         "Matrix product of the last two dims, batch dims broadcast.",
         |a: &mut T, b: T| ok(a.tensor().broadcast_matmul(b.tensor())),
     );
-    api.method(
-        "mse",
-        ["a", "b"],
-        "Mean of (a - b)² over all elements.",
-        |a: &mut T, b: T| {
-            ok(a.tensor()
-                .broadcast_sub(b.tensor())
-                .and_then(|d| d.sqr())
-                .and_then(|d| d.mean_all()))
-        },
-    );
+    api.method("mse", ["a", "b"], "Mean of (a - b)² over all elements.", |a: &mut T, b: T| {
+        ok(a.tensor().broadcast_sub(b.tensor()).and_then(|d| d.sqr()).and_then(|d| d.mean_all()))
+    });
 
     api.group("tensor: reductions");
     for op in ["sum", "mean", "max", "min"] {
@@ -263,9 +167,7 @@ pub fn register(api: &mut Api) {
             "max" => "Largest element (a scalar tensor).",
             _ => "Smallest element (a scalar tensor).",
         };
-        api.method(op, ["x"], doc_all, move |x: &mut T| {
-            reduce_all(x.tensor(), op)
-        });
+        api.method(op, ["x"], doc_all, move |x: &mut T| reduce_all(x.tensor(), op));
         api.method(
             op,
             ["x", "dims"],
@@ -288,21 +190,13 @@ pub fn register(api: &mut Api) {
             ok(x.tensor().argmax(d))
         },
     );
+    api.method("norm", ["x"], "L2 norm of all elements (a scalar tensor).", |x: &mut T| {
+        ok(x.tensor().sqr().and_then(|s| s.sum_all()).and_then(|s| s.sqrt()))
+    });
     api.method(
-        "norm",
-        ["x"],
-        "L2 norm of all elements (a scalar tensor).",
-        |x: &mut T| {
-            ok(x.tensor()
-                .sqr()
-                .and_then(|s| s.sum_all())
-                .and_then(|s| s.sqrt()))
-        },
-    );
-    api.method(
-        "var",
+        "variance",
         ["x", "dim"],
-        "Unbiased variance along `dim`.",
+        "Unbiased variance along `dim` (`var` is a reserved word in Rhai).",
         |x: &mut T, d: i64| -> R {
             let d = tensor::dim(d, x.tensor().rank())?;
             ok(x.tensor().var(d))

@@ -25,21 +25,14 @@ impl OptimizerHandle {
 }
 
 fn opt_f64(m: &Map, key: &str, default: f64) -> ScriptResult<f64> {
-    m.get(key)
-        .map(|v| number(v, key))
-        .transpose()
-        .map(|v| v.unwrap_or(default))
+    m.get(key).map(|v| number(v, key)).transpose().map(|v| v.unwrap_or(default))
 }
 
 const KNOWN_OPTS: &[&str] = &["lr", "betas", "eps", "weight_decay", "momentum"];
 
 /// Groups from an array/map of parameters, or an array of `#{params, lr?, weight_decay?}` maps.
 fn groups(params: &Dynamic, lr: f64, wd: f64) -> ScriptResult<Vec<ParamGroup>> {
-    let is_group = |v: &Dynamic| {
-        v.clone()
-            .try_cast::<Map>()
-            .is_some_and(|m| m.contains_key("params"))
-    };
+    let is_group = |v: &Dynamic| v.clone().try_cast::<Map>().is_some_and(|m| m.contains_key("params"));
     if let Some(arr) = params.clone().try_cast::<Array>() {
         if !arr.is_empty() && arr.iter().all(is_group) {
             return arr
@@ -59,19 +52,12 @@ fn groups(params: &Dynamic, lr: f64, wd: f64) -> ScriptResult<Vec<ParamGroup>> {
     if params.is_empty() {
         return Err(script_err("an optimiser needs at least one parameter"));
     }
-    Ok(vec![ParamGroup {
-        params,
-        lr,
-        weight_decay: wd,
-    }])
+    Ok(vec![ParamGroup { params, lr, weight_decay: wd }])
 }
 
 fn check_opts(opts: &Map, who: &str) -> ScriptResult<()> {
     match opts.keys().find(|k| !KNOWN_OPTS.contains(&k.as_str())) {
-        Some(k) => Err(script_err(format!(
-            "{who}: unknown option '{k}' (known: {})",
-            KNOWN_OPTS.join(", ")
-        ))),
+        Some(k) => Err(script_err(format!("{who}: unknown option '{k}' (known: {})", KNOWN_OPTS.join(", ")))),
         None => Ok(()),
     }
 }
@@ -90,53 +76,34 @@ fn adam(params: &Dynamic, opts: &Map, decoupled: bool) -> ScriptResult<Optimizer
             (number(&b[0], "beta1")?, number(&b[1], "beta2")?)
         }
     };
-    let method = Method::Adam {
-        beta1,
-        beta2,
-        eps: opt_f64(opts, "eps", 1e-8)?,
-        decoupled,
-    };
+    let method = Method::Adam { beta1, beta2, eps: opt_f64(opts, "eps", 1e-8)?, decoupled };
     let wd = opt_f64(opts, "weight_decay", if decoupled { 0.01 } else { 0.0 })?;
     let groups = groups(params, opt_f64(opts, "lr", 1e-3)?, wd)?;
-    Ok(OptimizerHandle(Arc::new(Mutex::new(
-        Optimizer::new(method, groups).script()?,
-    ))))
+    Ok(OptimizerHandle(Arc::new(Mutex::new(Optimizer::new(method, groups).script()?))))
 }
 
 pub fn register(api: &mut Api) {
-    api.engine
-        .register_type_with_name::<OptimizerHandle>("Optimizer");
+    api.engine.register_type_with_name::<OptimizerHandle>("Optimizer");
     api.group("optim");
     api.func("adam", ["params", "opts"], "Adam over parameters or groups. Options: lr (1e-3), betas ([0.9, 0.999]; beta1 may be 0), eps (1e-8), weight_decay (0, added to the gradient).", |p: Dynamic, o: Map| adam(&p, &o, false));
-    api.func(
-        "adam",
-        ["params"],
-        "Adam with default options.",
-        |p: Dynamic| adam(&p, &Map::new(), false),
-    );
-    api.func("adamw", ["params", "opts"], "AdamW (decoupled weight decay). Options: lr (1e-3), betas, eps (1e-8), weight_decay (0.01).", |p: Dynamic, o: Map| adam(&p, &o, true));
+    api.func("adam", ["params"], "Adam with default options.", |p: Dynamic| adam(&p, &Map::new(), false));
     api.func(
         "adamw",
-        ["params"],
-        "AdamW with default options.",
-        |p: Dynamic| adam(&p, &Map::new(), true),
+        ["params", "opts"],
+        "AdamW (decoupled weight decay). Options: lr (1e-3), betas, eps (1e-8), weight_decay (0.01).",
+        |p: Dynamic, o: Map| adam(&p, &o, true),
     );
+    api.func("adamw", ["params"], "AdamW with default options.", |p: Dynamic| adam(&p, &Map::new(), true));
     api.func(
         "sgd",
         ["params", "opts"],
         "SGD. Options: lr (required), momentum (0), weight_decay (0).",
         |p: Dynamic, o: Map| -> ScriptResult<OptimizerHandle> {
             check_opts(&o, "sgd")?;
-            let lr = o
-                .get("lr")
-                .ok_or_else(|| script_err("sgd: lr is required"))?;
-            let method = Method::Sgd {
-                momentum: opt_f64(&o, "momentum", 0.0)?,
-            };
+            let lr = o.get("lr").ok_or_else(|| script_err("sgd: lr is required"))?;
+            let method = Method::Sgd { momentum: opt_f64(&o, "momentum", 0.0)? };
             let groups = groups(&p, number(lr, "lr")?, opt_f64(&o, "weight_decay", 0.0)?)?;
-            Ok(OptimizerHandle(Arc::new(Mutex::new(
-                Optimizer::new(method, groups).script()?,
-            ))))
+            Ok(OptimizerHandle(Arc::new(Mutex::new(Optimizer::new(method, groups).script()?))))
         },
     );
     api.method(
@@ -151,21 +118,13 @@ pub fn register(api: &mut Api) {
         "Clears the gradients of all the optimiser's parameters.",
         |o: &mut OptimizerHandle| o.lock().zero_grad(),
     );
-    api.getter(
-        "lr",
-        "The first group's learning rate.",
-        |o: &mut OptimizerHandle| o.lock().groups().first().map(|g| g.lr).unwrap_or(0.0),
-    );
-    api.setter(
-        "lr",
-        "Sets every group's learning rate.",
-        |o: &mut OptimizerHandle, lr: f64| -> ScriptResult<()> {
-            let mut opt = o.lock();
-            (0..opt.groups().len())
-                .try_for_each(|i| opt.set_lr(i, lr))
-                .script()
-        },
-    );
+    api.getter("lr", "The first group's learning rate.", |o: &mut OptimizerHandle| {
+        o.lock().groups().first().map(|g| g.lr).unwrap_or(0.0)
+    });
+    api.setter("lr", "Sets every group's learning rate.", |o: &mut OptimizerHandle, lr: f64| -> ScriptResult<()> {
+        let mut opt = o.lock();
+        (0..opt.groups().len()).try_for_each(|i| opt.set_lr(i, lr)).script()
+    });
     api.method(
         "set_lr",
         ["opt", "group", "lr"],
@@ -174,47 +133,23 @@ pub fn register(api: &mut Api) {
             o.lock().set_lr(usize::try_from(g).script()?, lr).script()
         },
     );
-    api.method(
-        "group_lrs",
-        ["opt"],
-        "Every group's learning rate, in order.",
-        |o: &mut OptimizerHandle| -> Array {
-            o.lock()
-                .groups()
-                .iter()
-                .map(|g| Dynamic::from_float(g.lr))
-                .collect()
-        },
-    );
-    api.getter(
-        "steps",
-        "How many updates the optimiser has applied.",
-        |o: &mut OptimizerHandle| o.lock().step_count() as i64,
-    );
-    api.method(
-        "params",
-        ["opt"],
-        "The optimiser's parameters, in group order.",
-        |o: &mut OptimizerHandle| -> Array {
-            o.lock()
-                .params()
-                .map(|p| Dynamic::from(crate::host::tensor::TensorHandle::from_param(p.clone())))
-                .collect()
-        },
-    );
-    api.method(
-        "to_string",
-        ["opt"],
-        "A one-line description.",
-        |o: &mut OptimizerHandle| {
-            let opt = o.lock();
-            let n: usize = opt.groups().iter().map(|g| g.params.len()).sum();
-            format!(
-                "Optimizer {:?}, {} group(s), {n} parameter(s), {} step(s)",
-                opt.method(),
-                opt.groups().len(),
-                opt.step_count()
-            )
-        },
-    );
+    api.method("group_lrs", ["opt"], "Every group's learning rate, in order.", |o: &mut OptimizerHandle| -> Array {
+        o.lock().groups().iter().map(|g| Dynamic::from_float(g.lr)).collect()
+    });
+    api.getter("steps", "How many updates the optimiser has applied.", |o: &mut OptimizerHandle| {
+        o.lock().step_count() as i64
+    });
+    api.method("params", ["opt"], "The optimiser's parameters, in group order.", |o: &mut OptimizerHandle| -> Array {
+        o.lock().params().map(|p| Dynamic::from(crate::host::tensor::TensorHandle::from_param(p.clone()))).collect()
+    });
+    api.method("to_string", ["opt"], "A one-line description.", |o: &mut OptimizerHandle| {
+        let opt = o.lock();
+        let n: usize = opt.groups().iter().map(|g| g.params.len()).sum();
+        format!(
+            "Optimizer {:?}, {} group(s), {n} parameter(s), {} step(s)",
+            opt.method(),
+            opt.groups().len(),
+            opt.step_count()
+        )
+    });
 }

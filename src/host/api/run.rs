@@ -17,17 +17,9 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         move || -> Map { r.config() },
     );
     let r = rt.clone();
-    api.func(
-        "default_device",
-        [],
-        "The run's device (--device): cpu or cuda:N.",
-        move || tensor::device_name(&r.device),
-    );
+    api.func("default_device", [], "The run's device (--device): cpu or cuda:N.", move || {
+        tensor::device_name(&r.device)
+    });
     let start = Instant::now();
-    api.func(
-        "elapsed",
-        [],
-        "Seconds since the engine was made.",
-        move || start.elapsed().as_secs_f64(),
-    );
+    api.func("elapsed", [], "Seconds since the engine was made.", move || start.elapsed().as_secs_f64());
 }

@@ -21,32 +21,19 @@ fn tensors(arr: &Array, what: &str) -> ScriptResult<Vec<Tensor>> {
             v.clone()
                 .try_cast::<T>()
                 .map(T::into_tensor)
-                .ok_or_else(|| {
-                    script_err(format!(
-                        "{what} takes an array of tensors, found {}",
-                        v.type_name()
-                    ))
-                })
+                .ok_or_else(|| script_err(format!("{what} takes an array of tensors, found {}", v.type_name())))
         })
         .collect()
 }
 
 /// A reshape target; one entry may be -1 and is inferred.
 fn reshape_dims(x: &Tensor, target: &Dynamic) -> ScriptResult<Vec<usize>> {
-    let arr = target
-        .clone()
-        .try_cast::<Array>()
-        .unwrap_or_else(|| vec![target.clone()]);
-    let raw: Vec<i64> = arr
-        .iter()
-        .map(|v| tensor::int(v, "shape entry"))
-        .collect::<ScriptResult<_>>()?;
+    let arr = target.clone().try_cast::<Array>().unwrap_or_else(|| vec![target.clone()]);
+    let raw: Vec<i64> = arr.iter().map(|v| tensor::int(v, "shape entry")).collect::<ScriptResult<_>>()?;
     let known: i64 = raw.iter().filter(|&&d| d != -1).product();
     let holes = raw.iter().filter(|&&d| d == -1).count();
     if holes > 1 || raw.iter().any(|&d| d < -1) {
-        return Err(script_err(format!(
-            "reshape: bad target {raw:?} (at most one -1, no other negatives)"
-        )));
+        return Err(script_err(format!("reshape: bad target {raw:?} (at most one -1, no other negatives)")));
     }
     let n = x.elem_count() as i64;
     raw.iter()
@@ -55,9 +42,7 @@ fn reshape_dims(x: &Tensor, target: &Dynamic) -> ScriptResult<Vec<usize>> {
                 return Ok(d as usize);
             }
             if known == 0 || n % known != 0 {
-                return Err(script_err(format!(
-                    "reshape: cannot fit {n} elements into {raw:?}"
-                )));
+                return Err(script_err(format!("reshape: cannot fit {n} elements into {raw:?}")));
             }
             Ok((n / known) as usize)
         })
@@ -68,19 +53,13 @@ fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptRe
     if let Some(t) = idx.clone().try_cast::<T>() {
         return t.tensor().to_dtype(DType::U32).script();
     }
-    let arr = idx.clone().try_cast::<Array>().ok_or_else(|| {
-        script_err(format!(
-            "indices must be an array of ints or a tensor, got {}",
-            idx.type_name()
-        ))
-    })?;
+    let arr = idx
+        .clone()
+        .try_cast::<Array>()
+        .ok_or_else(|| script_err(format!("indices must be an array of ints or a tensor, got {}", idx.type_name())))?;
     let v: Vec<u32> = arr
         .iter()
-        .map(|i| {
-            tensor::int(i, "index")
-                .and_then(|i| tensor::index(i, size, "index"))
-                .map(|i| i as u32)
-        })
+        .map(|i| tensor::int(i, "index").and_then(|i| tensor::index(i, size, "index")).map(|i| i as u32))
         .collect::<ScriptResult<_>>()?;
     let n = v.len();
     Tensor::from_vec(v, n, device).script()
@@ -88,15 +67,9 @@ fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptRe
 
 pub fn register(api: &mut Api) {
     api.group("tensor: shape");
-    api.getter("shape", "The dims as an array of ints.", |x: &mut T| {
-        shape_to_array(x.tensor().dims())
-    });
-    api.getter("rank", "Number of dims.", |x: &mut T| {
-        x.tensor().rank() as i64
-    });
-    api.getter("numel", "Number of elements.", |x: &mut T| {
-        x.tensor().elem_count() as i64
-    });
+    api.getter("shape", "The dims as an array of ints.", |x: &mut T| shape_to_array(x.tensor().dims()));
+    api.getter("rank", "Number of dims.", |x: &mut T| x.tensor().rank() as i64);
+    api.getter("numel", "Number of elements.", |x: &mut T| x.tensor().elem_count() as i64);
     api.method(
         "size",
         ["x", "dim"],
@@ -128,39 +101,21 @@ pub fn register(api: &mut Api) {
             ok(x.tensor().permute(dims))
         },
     );
-    api.method(
-        "transpose",
-        ["x", "dim0", "dim1"],
-        "Swaps two dims.",
-        |x: &mut T, a: i64, b: i64| -> R {
-            let rank = x.tensor().rank();
-            ok(x.tensor()
-                .transpose(tensor::dim(a, rank)?, tensor::dim(b, rank)?))
-        },
-    );
-    api.method("t", ["x"], "Swaps the last two dims.", |x: &mut T| {
-        ok(x.tensor().t())
+    api.method("transpose", ["x", "dim0", "dim1"], "Swaps two dims.", |x: &mut T, a: i64, b: i64| -> R {
+        let rank = x.tensor().rank();
+        ok(x.tensor().transpose(tensor::dim(a, rank)?, tensor::dim(b, rank)?))
     });
-    api.func(
-        "cat",
-        ["tensors", "dim"],
-        "Concatenates tensors along an existing dim.",
-        |ts: Array, d: i64| -> R {
-            let ts = tensors(&ts, "cat")?;
-            let d = tensor::dim(d, ts[0].rank())?;
-            ok(Tensor::cat(&ts, d))
-        },
-    );
-    api.func(
-        "stack",
-        ["tensors", "dim"],
-        "Stacks same-shaped tensors along a new dim.",
-        |ts: Array, d: i64| -> R {
-            let ts = tensors(&ts, "stack")?;
-            let d = tensor::dim(d, ts[0].rank() + 1)?;
-            ok(Tensor::stack(&ts, d))
-        },
-    );
+    api.method("t", ["x"], "Swaps the last two dims.", |x: &mut T| ok(x.tensor().t()));
+    api.func("cat", ["tensors", "dim"], "Concatenates tensors along an existing dim.", |ts: Array, d: i64| -> R {
+        let ts = tensors(&ts, "cat")?;
+        let d = tensor::dim(d, ts[0].rank())?;
+        ok(Tensor::cat(&ts, d))
+    });
+    api.func("stack", ["tensors", "dim"], "Stacks same-shaped tensors along a new dim.", |ts: Array, d: i64| -> R {
+        let ts = tensors(&ts, "stack")?;
+        let d = tensor::dim(d, ts[0].rank() + 1)?;
+        ok(Tensor::stack(&ts, d))
+    });
     api.method(
         "chunk",
         ["x", "n", "dim"],
@@ -171,12 +126,7 @@ pub fn register(api: &mut Api) {
                 .ok()
                 .filter(|&n| n > 0)
                 .ok_or_else(|| script_err(format!("chunk: n must be positive, got {n}")))?;
-            Ok(x.tensor()
-                .chunk(n, d)
-                .script()?
-                .into_iter()
-                .map(|t| Dynamic::from(T::new(t)))
-                .collect())
+            Ok(x.tensor().chunk(n, d).script()?.into_iter().map(|t| Dynamic::from(T::new(t))).collect())
         },
     );
     api.method(
@@ -187,8 +137,7 @@ pub fn register(api: &mut Api) {
             let d = tensor::dim(d, x.tensor().rank())?;
             let size = x.tensor().dims()[d];
             let s = tensor::index(s, size + 1, "start")?;
-            let l = usize::try_from(l)
-                .map_err(|_| script_err(format!("narrow: negative length {l}")))?;
+            let l = usize::try_from(l).map_err(|_| script_err(format!("narrow: negative length {l}")))?;
             ok(x.tensor().narrow(d, s, l))
         },
     );
@@ -227,10 +176,7 @@ pub fn register(api: &mut Api) {
         "x[i]: entry i of the first dim, dropping that dim (negative counts from the end).",
         |x: &mut T, i: i64| -> R {
             let t = x.tensor();
-            let size = *t
-                .dims()
-                .first()
-                .ok_or_else(|| script_err("cannot index a scalar tensor"))?;
+            let size = *t.dims().first().ok_or_else(|| script_err("cannot index a scalar tensor"))?;
             let i = tensor::index(i, size, "index")?;
             ok(t.narrow(0, i, 1).and_then(|t| t.squeeze(0)))
         },
@@ -241,41 +187,20 @@ pub fn register(api: &mut Api) {
         "Broadcasts to a larger shape (size-1 or missing leading dims expand).",
         |x: &mut T, s: Dynamic| -> R { ok(x.tensor().broadcast_as(tensor::shape(&s)?)) },
     );
-    api.method("flatten", ["x"], "All dims into one.", |x: &mut T| {
-        ok(x.tensor().flatten_all())
+    api.method("flatten", ["x"], "All dims into one.", |x: &mut T| ok(x.tensor().flatten_all()));
+    api.method("flatten", ["x", "start", "end"], "Dims start..=end into one.", |x: &mut T, s: i64, e: i64| -> R {
+        let rank = x.tensor().rank();
+        ok(x.tensor().flatten(tensor::dim(s, rank)?, tensor::dim(e, rank)?))
     });
-    api.method(
-        "flatten",
-        ["x", "start", "end"],
-        "Dims start..=end into one.",
-        |x: &mut T, s: i64, e: i64| -> R {
-            let rank = x.tensor().rank();
-            ok(x.tensor()
-                .flatten(tensor::dim(s, rank)?, tensor::dim(e, rank)?))
-        },
-    );
-    api.method(
-        "squeeze",
-        ["x", "dim"],
-        "Removes a size-1 dim.",
-        |x: &mut T, d: i64| -> R {
-            let d = tensor::dim(d, x.tensor().rank())?;
-            ok(x.tensor().squeeze(d))
-        },
-    );
-    api.method(
-        "unsqueeze",
-        ["x", "dim"],
-        "Inserts a size-1 dim.",
-        |x: &mut T, d: i64| -> R {
-            let d = tensor::dim(d, x.tensor().rank() + 1)?;
-            ok(x.tensor().unsqueeze(d))
-        },
-    );
-    api.method(
-        "contiguous",
-        ["x"],
-        "A contiguous copy (or x itself when already contiguous).",
-        |x: &mut T| ok(x.tensor().contiguous()),
-    );
+    api.method("squeeze", ["x", "dim"], "Removes a size-1 dim.", |x: &mut T, d: i64| -> R {
+        let d = tensor::dim(d, x.tensor().rank())?;
+        ok(x.tensor().squeeze(d))
+    });
+    api.method("unsqueeze", ["x", "dim"], "Inserts a size-1 dim.", |x: &mut T, d: i64| -> R {
+        let d = tensor::dim(d, x.tensor().rank() + 1)?;
+        ok(x.tensor().unsqueeze(d))
+    });
+    api.method("contiguous", ["x"], "A contiguous copy (or x itself when already contiguous).", |x: &mut T| {
+        ok(x.tensor().contiguous())
+    });
 }

@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use rhai::{Dynamic, Scope};
+use sidscript::host::{Host, HostOptions, TensorHandle};
+use sidscript::train::Param;
+
+/// Writes a test once and instantiates it per device: `name_cpu` always,
+/// `name_cuda` in builds with the cuda feature (as candle's `test_device!`).
+#[macro_export]
+macro_rules! test_device {
+    ($fn_name:ident, $cpu:ident, $cuda:ident) => {
+        #[test]
+        fn $cpu() {
+            $fn_name(&candle_core::Device::Cpu).unwrap()
+        }
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() {
+            $fn_name(&candle_core::Device::new_cuda(0).unwrap()).unwrap()
+        }
+    };
+}
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+pub fn host_on(device: &Device) -> Host {
+    Host::new(HostOptions { device: device.clone(), ..Default::default() }).expect("host")
+}
+
+pub fn host() -> Host {
+    host_on(&Device::Cpu)
+}
+
+/// Evaluates a snippet, panicking with the script error on failure.
+pub fn eval(host: &Host, src: &str) -> Dynamic {
+    host.eval(src).unwrap_or_else(|e| panic!("script failed: {e}\n--- script ---\n{src}"))
+}
+
+pub fn eval_f64(host: &Host, src: &str) -> f64 {
+    let v = eval(host, src);
+    v.as_float().or_else(|_| v.as_int().map(|i| i as f64)).unwrap_or_else(|t| panic!("expected a number, got {t}"))
+}
+
+pub fn eval_tensor(host: &Host, scope: &mut Scope, src: &str) -> Tensor {
+    let v = host.eval_in(scope, src, "<test>").unwrap_or_else(|e| panic!("script failed: {e}\n{src}"));
+    v.try_cast::<TensorHandle>().expect("a tensor").into_tensor()
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
+pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let scale = 1.0f64.max(b.abs());
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}[{i}]: got {a}, want {b} (tol {tol})\n got {got:?}\nwant {want:?}"
+        );
+    }
+}
+
+/// A trainable f64 parameter with the given values, as a script value.
+pub fn param_f64(values: &[f64], shape: &[usize], device: &Device) -> TensorHandle {
+    let t = Tensor::from_slice(values, shape, &Device::Cpu).unwrap().to_device(device).unwrap();
+    TensorHandle::from_param(Param::new(&t, "x").unwrap())
+}
