@@ -2,8 +2,7 @@
 //! functions persist), continues a statement over several lines while braces,
 //! brackets or parentheses are open, prints values (tensors as summaries).
 
-use crate::host::{Host, HostOptions};
-use rhai::{Dynamic, Scope};
+use crate::host::{Host, HostOptions, Session};
 use rustyline::error::ReadlineError;
 
 /// Whether `src` has unclosed (, [ or { outside strings and comments.
@@ -39,16 +38,9 @@ pub fn is_incomplete(src: &str) -> bool {
     depth > 0 || in_str.is_some()
 }
 
-fn show(v: &Dynamic) -> Option<String> {
-    if v.is_unit() {
-        return None;
-    }
-    Some(v.to_string())
-}
-
 pub fn run(opts: HostOptions) -> anyhow::Result<()> {
     let host = Host::new(opts)?;
-    let mut scope: Scope = host.new_scope();
+    let mut session = Session::new(&host);
     let mut ed = rustyline::DefaultEditor::new()?;
     println!("sidscript repl: Rhai with tensors. :help NAME, :quit. Statements may span lines.");
     let mut buf = String::new();
@@ -73,12 +65,9 @@ pub fn run(opts: HostOptions) -> anyhow::Result<()> {
                 }
                 let src = std::mem::take(&mut buf);
                 let _ = ed.add_history_entry(src.trim_end());
-                match host.eval_in(&mut scope, &src, "<repl>") {
-                    Ok(v) => {
-                        if let Some(s) = show(&v) {
-                            println!("{s}");
-                        }
-                    }
+                match session.eval(&src, "<repl>") {
+                    Ok(v) if v.is_unit() => {}
+                    Ok(v) => println!("{}", host.display(&v)),
                     Err(e) => eprintln!("error: {e}"),
                 }
             }

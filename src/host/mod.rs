@@ -128,10 +128,64 @@ impl Host {
         self.eval_in(&mut scope, src, "<eval>")
     }
 
+    /// A value as the REPL shows it: tensors and optimisers as one-line summaries,
+    /// also inside arrays and maps.
+    pub fn display(&self, v: &Dynamic) -> String {
+        if let Some(t) = v.read_lock::<TensorHandle>() {
+            return tensor::summary(t.tensor());
+        }
+        if let Some(o) = v.read_lock::<api::optim::OptimizerHandle>() {
+            return o.describe();
+        }
+        if let Some(arr) = v.read_lock::<rhai::Array>() {
+            let items: Vec<String> = arr.iter().map(|x| self.display(x)).collect();
+            return format!("[{}]", items.join(", "));
+        }
+        if let Some(map) = v.read_lock::<Map>() {
+            let items: Vec<String> = map.iter().map(|(k, x)| format!("{k}: {}", self.display(x))).collect();
+            return format!("#{{{}}}", items.join(", "));
+        }
+        if v.is_string() {
+            return format!("{v:?}");
+        }
+        v.to_string()
+    }
+
     /// Evaluates a snippet in a given scope, naming it `name` in errors.
     pub fn eval_in(&self, scope: &mut Scope, src: &str, name: &str) -> Result<Dynamic, ScriptError> {
         let mut ast = self.engine.compile_with_scope(scope, src).map_err(|e| ScriptError::from_parse(&e, name))?;
         ast.set_source(name);
         self.engine.eval_ast_with_scope::<Dynamic>(scope, &ast).map_err(|e| ScriptError::from_eval(&e, name))
+    }
+}
+
+/// An interactive session: variables and function definitions persist from one
+/// snippet to the next.
+pub struct Session<'h> {
+    host: &'h Host,
+    pub scope: Scope<'static>,
+    functions: AST,
+}
+
+impl<'h> Session<'h> {
+    pub fn new(host: &'h Host) -> Self {
+        Self { host, scope: host.new_scope(), functions: AST::empty() }
+    }
+
+    /// Evaluates `src` (named `name` in errors) with the functions defined so far.
+    pub fn eval(&mut self, src: &str, name: &str) -> Result<Dynamic, ScriptError> {
+        let engine = &self.host.engine;
+        let mut ast = engine.compile_with_scope(&self.scope, src).map_err(|e| ScriptError::from_parse(&e, name))?;
+        ast.set_source(name);
+        let combined = self.functions.merge(&ast);
+        let result = engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &combined);
+        // Definitions stay even when the statements failed, as in any REPL.
+        self.functions = self.functions.merge(&ast.clone_functions_only());
+        result.map_err(|e| ScriptError::from_eval(&e, name))
+    }
+
+    /// Names of the functions the session has defined.
+    pub fn function_names(&self) -> Vec<String> {
+        self.functions.iter_functions().map(|f| f.name.to_string()).collect()
     }
 }

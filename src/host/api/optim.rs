@@ -22,6 +22,18 @@ impl OptimizerHandle {
     pub fn lock(&self) -> MutexGuard<'_, Optimizer> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// A one-line description.
+    pub fn describe(&self) -> String {
+        let opt = self.lock();
+        let n: usize = opt.groups().iter().map(|g| g.params.len()).sum();
+        format!(
+            "Optimizer {:?}, {} group(s), {n} parameter(s), {} step(s)",
+            opt.method(),
+            opt.groups().len(),
+            opt.step_count()
+        )
+    }
 }
 
 fn opt_f64(m: &Map, key: &str, default: f64) -> ScriptResult<f64> {
@@ -142,14 +154,5 @@ pub fn register(api: &mut Api) {
     api.method("params", ["opt"], "The optimiser's parameters, in group order.", |o: &mut OptimizerHandle| -> Array {
         o.lock().params().map(|p| Dynamic::from(crate::host::tensor::TensorHandle::from_param(p.clone()))).collect()
     });
-    api.method("to_string", ["opt"], "A one-line description.", |o: &mut OptimizerHandle| {
-        let opt = o.lock();
-        let n: usize = opt.groups().iter().map(|g| g.params.len()).sum();
-        format!(
-            "Optimizer {:?}, {} group(s), {n} parameter(s), {} step(s)",
-            opt.method(),
-            opt.groups().len(),
-            opt.step_count()
-        )
-    });
+    api.method("to_string", ["opt"], "A one-line description.", |o: &mut OptimizerHandle| o.describe());
 }
