@@ -5,6 +5,7 @@
 //! then [`host`] (the Rhai engine and its bindings), then the CLI in `main.rs`/[`cli`].
 
 pub mod cli;
+pub mod diffusion;
 pub mod error;
 pub mod host;
 pub mod io;

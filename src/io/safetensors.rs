@@ -10,7 +10,10 @@ use std::path::Path;
 /// Loads every tensor of a safetensors file, sorted by name, converting to `dtype`
 /// when one is given.
 pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Mapped, not read: checkpoints can be many gigabytes. Safety: the file is only
+    // read, and candle copies each tensor out of the mapping before it is dropped.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::file(path, None, format!("not a valid safetensors file: {e}")))?;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();

@@ -1,0 +1,133 @@
+//! Reading diffusers folders: `model_index.json` at the top, one folder per
+//! component with `config.json` and safetensors weights — a single file, shards
+//! listed by an index json, or an `fp16` variant of either.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Which family a pipeline folder belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// SD1.x / SD2.x: one CLIP text encoder.
+    Sd,
+    /// SDXL: two text encoders, pooled text and size/crop conditioning.
+    Sdxl,
+}
+
+/// The parts of `model_index.json` that matter here.
+#[derive(Clone, Debug)]
+pub struct ModelIndex {
+    pub class_name: String,
+    pub family: Family,
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, None, format!("invalid JSON: {e}")))
+}
+
+impl ModelIndex {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("model_index.json");
+        let v = read_json(&path)?;
+        let class_name = v["_class_name"].as_str().unwrap_or("").to_string();
+        let family =
+            if class_name.contains("XL") || v.get("text_encoder_2").is_some_and(|t| !t.is_null() && t[0].is_string()) {
+                Family::Sdxl
+            } else {
+                Family::Sd
+            };
+        Ok(Self {
+            class_name,
+            family,
+            force_zeros_for_empty_prompt: v["force_zeros_for_empty_prompt"].as_bool().unwrap_or(false),
+        })
+    }
+}
+
+/// The folder of one component: `dir/name` for a pipeline folder, or `dir` itself
+/// when it is already the component's folder (holds a config.json).
+pub fn component_dir(dir: &Path, name: &str) -> Result<PathBuf> {
+    let sub = dir.join(name);
+    if sub.join("config.json").is_file() {
+        return Ok(sub);
+    }
+    if dir.join("config.json").is_file() && !dir.join("model_index.json").is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    Err(Error::file(dir, None, format!("no {name}/config.json here: not a diffusers folder with a {name} component")))
+}
+
+/// Which weight files hold a component, in preference order: full precision unless
+/// `variant` (e.g. "fp16") is asked for, then the other.
+pub fn weight_files(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    let pick = |var: Option<&str>| -> Result<Option<Vec<PathBuf>>> {
+        let is_var = |n: &str| match var {
+            Some(v) => n.contains(&format!(".{v}.")),
+            None => !n.contains(".fp16.") && !n.contains(".bf16."),
+        };
+        if let Some(index) =
+            names.iter().find(|n| n.contains(".safetensors.index") && n.ends_with(".json") && is_var(n))
+        {
+            let path = dir.join(index);
+            let v = read_json(&path)?;
+            let map = v["weight_map"].as_object().ok_or_else(|| Error::file(&path, None, "no weight_map"))?;
+            let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+            return Ok(Some(files.into_iter().map(|f| dir.join(f)).collect()));
+        }
+        let singles: Vec<&String> =
+            names.iter().filter(|n| n.ends_with(".safetensors") && is_var(n) && !n.contains("-of-")).collect();
+        Ok(match singles.as_slice() {
+            [] => None,
+            [one] => Some(vec![dir.join(one)]),
+            many => {
+                // diffusers' name first, then transformers'.
+                let preferred = many
+                    .iter()
+                    .find(|n| n.starts_with("diffusion_pytorch_model"))
+                    .or_else(|| many.iter().find(|n| n.starts_with("model")));
+                Some(vec![dir.join(preferred.unwrap_or(&many[0]))])
+            }
+        })
+    };
+    let order: Vec<Option<&str>> = match variant {
+        Some(v) => vec![Some(v), None],
+        None => vec![None, Some("fp16")],
+    };
+    for v in order {
+        if let Some(files) = pick(v)? {
+            return Ok(files);
+        }
+    }
+    Err(Error::file(
+        dir,
+        None,
+        "no .safetensors weights found (a .bin checkpoint must be converted to safetensors first)",
+    ))
+}
+
+/// Every tensor of a component, converted to `dtype` on `device`.
+pub fn load_tensors(
+    dir: &Path,
+    variant: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for file in weight_files(dir, variant)? {
+        for (name, t) in crate::io::safetensors::load(&file, device, Some(dtype))? {
+            if out.insert(name.clone(), t).is_some() {
+                return Err(Error::file(&file, Some(&name), "tensor appears in two shards"));
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,197 @@
+//! Building blocks of the diffusion models, written with differentiable candle ops
+//! only (candle's fused softmax/layer-norm kernels have no backward; see
+//! ../shared/notes/CANDLE.md). Norms compute in at least f32.
+
+use super::weights::Weights;
+use crate::error::Result;
+use candle_core::{DType, Tensor, D};
+
+/// y = x Wᵀ + b over the last dim.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = w.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(w.get(out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// 2-D convolution, NCHW.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        Ok(Self { weight: w.get((cout, cin, k, k), "weight")?, bias: Some(w.get(cout, "bias")?), stride, padding })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
+    }
+}
+
+fn upcast(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    })
+}
+
+/// Group normalisation over NC… with per-channel affine.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if channels % groups != 0 {
+            crate::bail!("group norm: {channels} channels do not split into {groups} groups");
+        }
+        Ok(Self { weight: w.get(channels, "weight")?, bias: w.get(channels, "bias")?, groups, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let xg = upcast(x)?.reshape((b, self.groups, ()))?;
+        let mean = xg.mean_keepdim(2)?;
+        let centred = xg.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(2)?;
+        let normed =
+            centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?.to_dtype(x.dtype())?;
+        let mut affine_shape = vec![1usize; dims.len()];
+        affine_shape[1] = c;
+        Ok(normed
+            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)?)
+    }
+}
+
+/// Layer normalisation over the last dim.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: w.get(dim, "weight")?, bias: w.get(dim, "bias")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = upcast(x)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let centred = xf.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(x.dtype())?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last dim, built from differentiable ops.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.silu()?)
+}
+
+/// x·σ(1.702x), CLIP's "quick_gelu".
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Activations named as in diffusers/transformers configs.
+pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    match name {
+        "silu" | "swish" => silu(x),
+        "gelu" => Ok(x.gelu_erf()?),
+        "gelu_new" | "gelu_pytorch_tanh" => Ok(x.gelu()?),
+        "quick_gelu" => quick_gelu(x),
+        "relu" => Ok(x.relu()?),
+        other => crate::bail!("unsupported activation '{other}'"),
+    }
+}
+
+/// Most attention-score elements computed at once; larger problems are split by
+/// query rows so a 64×64 latent never needs its full B×heads×4096×4096 matrix.
+pub const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// Multi-head attention (diffusers `Attention` / CLIP self-attention share it).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Compute scores and softmax in f32 whatever the model dtype.
+    pub upcast: bool,
+}
+
+impl Attention {
+    /// Scaled dot-product attention of `x` over `context` (or itself); `mask` is
+    /// added to the scores (e.g. a causal mask of −∞ above the diagonal).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let (b, n, _) = x.dims3()?;
+        let m = ctx.dim(1)?;
+        let split = |t: Tensor, len: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, len, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.to_q.forward(x)?, n)?;
+        let k = split(self.to_k.forward(ctx)?, m)?;
+        let v = split(self.to_v.forward(ctx)?, m)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let kt = k.t()?;
+        let rows = (ATTENTION_CHUNK_ELEMENTS / (b * self.heads * m).max(1)).clamp(1, n);
+        let mut outs = Vec::with_capacity(n.div_ceil(rows));
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let qc = if len == n { q.clone() } else { q.narrow(2, start, len)? };
+            let (qc, kc) = if self.upcast { (upcast(&qc)?, upcast(&kt)?) } else { (qc, kt.clone()) };
+            let mut scores = (qc.matmul(&kc)? * scale)?;
+            if let Some(mask) = mask {
+                let mk = if len == n { mask.clone() } else { mask.narrow(D::Minus2, start, len)? };
+                scores = scores.broadcast_add(&mk.to_dtype(scores.dtype())?)?;
+            }
+            let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+            outs.push(probs.matmul(&v)?);
+            start += len;
+        }
+        let out = if outs.len() == 1 { outs.pop().unwrap_or_else(|| q.clone()) } else { Tensor::cat(&outs, 2)? };
+        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}

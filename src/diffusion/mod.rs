@@ -1,0 +1,8 @@
+//! Diffusion models as diffusers defines them: the conditional UNet, CLIP text
+//! conditioning, the VAE, VP noise schedules and teacher samplers, and reading
+//! diffusers folders. Knows nothing of Rhai or SiD.
+
+pub mod folder;
+pub mod layers;
+pub mod unet;
+pub mod weights;

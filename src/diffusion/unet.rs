@@ -1,0 +1,686 @@
+//! diffusers' `UNet2DConditionModel` for SD1.x, SD2.x and SDXL configurations, with
+//! one timestep per sample, SDXL's `text_time` added conditioning, and gradients
+//! through everything (parameters, latents, text condition).
+
+use super::layers::{silu, Attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// An int, or one value per block (diffusers accepts both).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    pub fn get(&self, i: usize) -> usize {
+        match self {
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => v.get(i).copied().unwrap_or_else(|| v.last().copied().unwrap_or(1)),
+        }
+    }
+
+    fn check(&self, n: usize, name: &str) -> Result<()> {
+        match self {
+            PerBlock::Each(v) if v.len() != n => {
+                Err(Error::msg(format!("unet config: {name} has {} entries for {n} blocks", v.len())))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn d_in() -> usize {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_groups() -> usize {
+    32
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_layers() -> usize {
+    2
+}
+fn d_heads() -> PerBlock {
+    PerBlock::One(8)
+}
+fn d_tlayers() -> PerBlock {
+    PerBlock::One(1)
+}
+fn d_xattn() -> usize {
+    1280
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_sample() -> usize {
+    64
+}
+
+/// The fields of a diffusers `unet/config.json` that shape the network.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UnetConfig {
+    #[serde(default = "d_sample")]
+    pub sample_size: usize,
+    #[serde(default = "d_in")]
+    pub in_channels: usize,
+    #[serde(default = "d_in")]
+    pub out_channels: usize,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: usize,
+    #[serde(default = "d_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_act")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_xattn")]
+    pub cross_attention_dim: usize,
+    #[serde(default = "d_tlayers")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<usize>>,
+    #[serde(default = "d_heads")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    #[serde(default)]
+    pub only_cross_attention: Option<serde_json::Value>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub time_embedding_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+}
+
+impl UnetConfig {
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::msg(format!("unet config: {e}")))
+    }
+
+    /// Rejects configurations this implementation does not cover, by name.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.block_out_channels.len();
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            crate::bail!(
+                "unet config: {n} block_out_channels but {} down / {} up blocks",
+                self.down_block_types.len(),
+                self.up_block_types.len()
+            );
+        }
+        self.transformer_layers_per_block.check(n, "transformer_layers_per_block")?;
+        self.attention_head_dim.check(n, "attention_head_dim")?;
+        if let Some(h) = &self.num_attention_heads {
+            h.check(n, "num_attention_heads")?;
+        }
+        for t in self.down_block_types.iter().chain(&self.up_block_types) {
+            if !["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].contains(&t.as_str()) {
+                crate::bail!("unet config: block type '{t}' is not supported");
+            }
+        }
+        if let Some(m) = &self.mid_block_type {
+            if m != "UNetMidBlock2DCrossAttn" {
+                crate::bail!("unet config: mid block '{m}' is not supported");
+            }
+        }
+        let unsupported = [
+            (self.class_embed_type.is_some(), "class_embed_type"),
+            (self.time_cond_proj_dim.is_some(), "time_cond_proj_dim"),
+            (self.center_input_sample, "center_input_sample"),
+            (self.resnet_time_scale_shift.as_deref().is_some_and(|s| s != "default"), "resnet_time_scale_shift"),
+            (self.dual_cross_attention, "dual_cross_attention"),
+            (self.encoder_hid_dim.is_some(), "encoder_hid_dim"),
+            (self.time_embedding_type.as_deref().is_some_and(|s| s != "positional"), "time_embedding_type"),
+            (self.only_cross_attention.as_ref().is_some_and(|v| v.as_bool() != Some(false)), "only_cross_attention"),
+        ];
+        if let Some((_, name)) = unsupported.iter().find(|(bad, _)| *bad) {
+            crate::bail!("unet config: {name} is not supported");
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
+                    crate::bail!("unet config: text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim");
+                }
+            }
+            Some(other) => crate::bail!("unet config: addition_embed_type '{other}' is not supported"),
+        }
+        Ok(())
+    }
+
+    /// Attention heads of block `i` (diffusers: `num_attention_heads` or, as SD configs
+    /// have it, `attention_head_dim`, which historically holds the head count).
+    fn heads(&self, i: usize) -> usize {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
+    }
+
+    /// Whether this config has SDXL's added text/time conditioning.
+    pub fn has_text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
+    }
+}
+
+/// diffusers' `get_timestep_embedding`, one row per timestep.
+pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Result<Tensor> {
+    let half = dim / 2;
+    let dev = t.device();
+    let exponent: Vec<f64> = (0..half).map(|i| -(10000f64).ln() * i as f64 / (half as f64 - shift)).collect();
+    let freqs = Tensor::new(exponent, dev)?.exp()?.to_dtype(DType::F32)?;
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs.unsqueeze(0)?)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    Ok(if dim % 2 == 1 { emb.pad_with_zeros(1, 0, 1)? } else { emb })
+}
+
+#[derive(Clone, Debug)]
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+    act: String,
+}
+
+impl TimestepEmbedding {
+    fn new(w: &Weights, cin: usize, dim: usize, act: &str) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(&w.pp("linear_1"), cin, dim, true)?,
+            linear_2: Linear::new(&w.pp("linear_2"), dim, dim, true)?,
+            act: act.into(),
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&super::layers::activation(&self.act, &self.linear_1.forward(x)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale: f64,
+}
+
+impl ResnetBlock {
+    fn new(
+        w: &Weights,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+        output_scale: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(&w.pp("norm1"), groups, cin, eps)?,
+            conv1: Conv2d::new(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: Linear::new(&w.pp("time_emb_proj"), temb, cout, true)?,
+            norm2: GroupNorm::new(&w.pp("norm2"), groups, cout, eps)?,
+            conv2: Conv2d::new(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
+            shortcut: if cin != cout { Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+            output_scale,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let t = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (skip + h)?;
+        Ok(if self.output_scale != 1.0 { (out / self.output_scale)? } else { out })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+fn attention(w: &Weights, dim: usize, ctx_dim: usize, heads: usize, upcast: bool) -> Result<Attention> {
+    let head_dim = dim / heads;
+    Ok(Attention {
+        to_q: Linear::new(&w.pp("to_q"), dim, dim, false)?,
+        to_k: Linear::new(&w.pp("to_k"), ctx_dim, dim, false)?,
+        to_v: Linear::new(&w.pp("to_v"), ctx_dim, dim, false)?,
+        to_out: Linear::new(&w.pp("to_out.0"), dim, dim, true)?,
+        heads,
+        head_dim,
+        upcast,
+    })
+}
+
+impl TransformerBlock {
+    fn new(w: &Weights, dim: usize, heads: usize, ctx_dim: usize, upcast: bool) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            norm1: LayerNorm::new(&w.pp("norm1"), dim, 1e-5)?,
+            attn1: attention(&w.pp("attn1"), dim, dim, heads, upcast)?,
+            norm2: LayerNorm::new(&w.pp("norm2"), dim, 1e-5)?,
+            attn2: attention(&w.pp("attn2"), dim, ctx_dim, heads, upcast)?,
+            norm3: LayerNorm::new(&w.pp("norm3"), dim, 1e-5)?,
+            ff_in: Linear::new(&w.pp("ff.net.0.proj"), dim, inner * 2, true)?,
+            ff_out: Linear::new(&w.pp("ff.net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx), None)? + &x)?;
+        // GEGLU: half the projection gates the other half through exact GELU.
+        let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let half = h.dim(2)? / 2;
+        let (a, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
+        let h = self.ff_out.forward(&(a * gate.gelu_erf()?)?)?;
+        Ok((h + x)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Proj {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+#[derive(Clone, Debug)]
+struct Transformer2d {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl Transformer2d {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        w: &Weights,
+        ch: usize,
+        heads: usize,
+        depth: usize,
+        ctx_dim: usize,
+        groups: usize,
+        linear: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let proj = |name: &str| -> Result<Proj> {
+            Ok(if linear {
+                Proj::Linear(Linear::new(&w.pp(name), ch, ch, true)?)
+            } else {
+                Proj::Conv(Conv2d::new(&w.pp(name), ch, ch, 1, 1, 0)?)
+            })
+        };
+        Ok(Self {
+            norm: GroupNorm::new(&w.pp("norm"), groups, ch, 1e-6)?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..depth)
+                .map(|i| TransformerBlock::new(&w.pp(format!("transformer_blocks.{i}")), ch, heads, ctx_dim, upcast))
+                .collect::<Result<_>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let from_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?) };
+        let n = self.norm.forward(x)?;
+        let mut t = match &self.proj_in {
+            Proj::Conv(p) => to_tokens(&p.forward(&n)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(&n)?)?,
+        };
+        for blk in &self.blocks {
+            t = blk.forward(&t, ctx)?;
+        }
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&from_tokens(&t)?)?,
+            Proj::Linear(p) => from_tokens(&p.forward(&t)?)?,
+        };
+        Ok((out + x)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2d>,
+    /// Downsampler (stride-2 conv) or upsampler (nearest ×2 then conv).
+    resample: Option<Conv2d>,
+}
+
+/// Which SDXL extras a forward call carries.
+#[derive(Clone, Debug, Default)]
+pub struct AddedCond {
+    /// Pooled text embedding (B × pooled dim).
+    pub text_embeds: Option<Tensor>,
+    /// Micro-conditioning ids (B × 6): original h, w, crop top, left, target h, w.
+    pub time_ids: Option<Tensor>,
+}
+
+/// Outputs of a UNet call.
+pub struct UnetOutput {
+    /// The ε (or v) prediction, shaped like the input.
+    pub sample: Tensor,
+    /// The mid-block output (B × C × h × w), for encoder read-outs such as SiD's
+    /// Diffusion-GAN discriminator.
+    pub mid: Tensor,
+}
+
+/// The network. Weights are plain tensors: trainable copies hold `Var` tensors.
+#[derive(Clone, Debug)]
+pub struct Unet {
+    pub config: UnetConfig,
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<TimestepEmbedding>,
+    conv_in: Conv2d,
+    down: Vec<Block>,
+    mid_resnets: Vec<ResnetBlock>,
+    mid_attention: Transformer2d,
+    up: Vec<Block>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    /// Every weight by its diffusers name, in construction order.
+    named: Vec<(String, Tensor)>,
+}
+
+impl Unet {
+    /// Builds the network and checks the source held exactly its tensors.
+    pub fn build(cfg: &UnetConfig, w: Weights) -> Result<Self> {
+        let mut net = Self::new(cfg, &w)?;
+        net.named = w.finish("unet")?;
+        Ok(net)
+    }
+
+    /// Loads `unet/` of a diffusers folder (or a unet folder itself) in `dtype`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device, variant: Option<&str>) -> Result<Self> {
+        let udir = super::folder::component_dir(dir, "unet")?;
+        let cfg_path = udir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg = UnetConfig::from_json(&text).map_err(|e| Error::file(&cfg_path, None, e))?;
+        let tensors = super::folder::load_tensors(&udir, variant, dtype, device)?;
+        Self::build(&cfg, Weights::from_tensors(tensors, dtype, device)).map_err(|e| Error::file(&udir, None, e))
+    }
+
+    /// Every weight by its diffusers name.
+    pub fn named_weights(&self) -> &[(String, Tensor)] {
+        &self.named
+    }
+
+    /// The same network over other tensors with the same names (a trainable copy,
+    /// a detached view, another dtype).
+    pub fn with_weights(&self, tensors: HashMap<String, Tensor>) -> Result<Self> {
+        let w = Weights::from_tensors(tensors, self.dtype(), self.device());
+        Self::build(&self.config, w)
+    }
+
+    /// Parameter count.
+    pub fn num_params(&self) -> usize {
+        self.named.iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Builds the network from a weight source without checking for leftovers.
+    fn new(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
+        cfg.validate()?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
+        let time_embedding = TimestepEmbedding::new(&w.pp("time_embedding"), ch[0], temb, &cfg.act_fn)?;
+        let add_embedding = if cfg.has_text_time() {
+            let cin = cfg.projection_class_embeddings_input_dim.unwrap_or(0);
+            Some(TimestepEmbedding::new(&w.pp("add_embedding"), cin, temb, &cfg.act_fn)?)
+        } else {
+            None
+        };
+        let conv_in = Conv2d::new(&w.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
+        let xattn = |t: &str| t.starts_with("CrossAttn");
+        let mut down = vec![];
+        let mut cout = ch[0];
+        for i in 0..n {
+            let cin = cout;
+            cout = ch[i];
+            let bw = w.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::new(
+                        &bw.pp(format!("resnets.{j}")),
+                        if j == 0 { cin } else { cout },
+                        cout,
+                        temb,
+                        groups,
+                        eps,
+                        1.0,
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let attentions = if xattn(&cfg.down_block_types[i]) {
+                (0..cfg.layers_per_block)
+                    .map(|j| {
+                        Transformer2d::new(
+                            &bw.pp(format!("attentions.{j}")),
+                            cout,
+                            cfg.heads(i),
+                            cfg.transformer_layers_per_block.get(i),
+                            cfg.cross_attention_dim,
+                            groups,
+                            cfg.use_linear_projection,
+                            cfg.upcast_attention,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![]
+            };
+            let resample =
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 2, 1)?) } else { None };
+            down.push(Block { resnets, attentions, resample });
+        }
+        let mw = w.pp("mid_block");
+        let top = ch[n - 1];
+        let mid_scale = cfg.mid_block_scale_factor;
+        let mid_resnets = (0..2)
+            .map(|j| ResnetBlock::new(&mw.pp(format!("resnets.{j}")), top, top, temb, groups, eps, mid_scale))
+            .collect::<Result<_>>()?;
+        let mid_attention = Transformer2d::new(
+            &mw.pp("attentions.0"),
+            top,
+            cfg.heads(n - 1),
+            cfg.transformer_layers_per_block.get(n - 1),
+            cfg.cross_attention_dim,
+            groups,
+            cfg.use_linear_projection,
+            cfg.upcast_attention,
+        )?;
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let rev_depth: Vec<usize> = match &cfg.reverse_transformer_layers_per_block {
+            Some(v) => v.clone(),
+            None => (0..n).rev().map(|i| cfg.transformer_layers_per_block.get(i)).collect(),
+        };
+        let mut up = vec![];
+        let mut prev = rev[0];
+        for i in 0..n {
+            let cout = rev[i];
+            let cin = rev[(i + 1).min(n - 1)];
+            let bw = w.pp(format!("up_blocks.{i}"));
+            let layers = cfg.layers_per_block + 1;
+            let resnets = (0..layers)
+                .map(|j| {
+                    let skip = if j == layers - 1 { cin } else { cout };
+                    let rin = if j == 0 { prev } else { cout };
+                    ResnetBlock::new(&bw.pp(format!("resnets.{j}")), rin + skip, cout, temb, groups, eps, 1.0)
+                })
+                .collect::<Result<_>>()?;
+            let attentions = if xattn(&cfg.up_block_types[i]) {
+                (0..layers)
+                    .map(|j| {
+                        Transformer2d::new(
+                            &bw.pp(format!("attentions.{j}")),
+                            cout,
+                            cfg.heads(n - 1 - i),
+                            rev_depth[i],
+                            cfg.cross_attention_dim,
+                            groups,
+                            cfg.use_linear_projection,
+                            cfg.upcast_attention,
+                        )
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![]
+            };
+            let resample =
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?) } else { None };
+            up.push(Block { resnets, attentions, resample });
+            prev = cout;
+        }
+        Ok(Self {
+            config: cfg.clone(),
+            time_embedding,
+            add_embedding,
+            conv_in,
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+            norm_out: GroupNorm::new(&w.pp("conv_norm_out"), groups, ch[0], eps)?,
+            conv_out: Conv2d::new(&w.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
+            named: vec![],
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.conv_in.weight.device()
+    }
+
+    /// ε̂(x, t, context): `t` holds one timestep per sample (or one for all),
+    /// integer or fractional; `context` is B × tokens × cross_attention_dim.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor, added: &AddedCond) -> Result<UnetOutput> {
+        let (b, _, h, w) = x.dims4()?;
+        let levels = 1usize << (self.down.len() - 1);
+        if h % levels != 0 || w % levels != 0 {
+            crate::bail!("unet: latent size {h}×{w} must be a multiple of {levels}");
+        }
+        if context.rank() != 3 || context.dim(0)? != b || context.dim(2)? != self.config.cross_attention_dim {
+            crate::bail!(
+                "unet: context must be [{b}, tokens, {}], got {:?}",
+                self.config.cross_attention_dim,
+                context.dims()
+            );
+        }
+        let t = match t.rank() {
+            0 => t.broadcast_as(b)?.contiguous()?,
+            1 if t.dim(0)? == b => t.clone(),
+            1 if t.dim(0)? == 1 => t.broadcast_as(b)?.contiguous()?,
+            _ => crate::bail!("unet: timesteps must hold one value or one per sample ({b}), got shape {:?}", t.dims()),
+        };
+        let dtype = self.dtype();
+        let ch0 = self.config.block_out_channels[0];
+        let t_emb =
+            timestep_embedding(&t, ch0, self.config.flip_sin_to_cos, self.config.freq_shift)?.to_dtype(dtype)?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(add) = &self.add_embedding {
+            let (Some(text), Some(ids)) = (&added.text_embeds, &added.time_ids) else {
+                crate::bail!("unet: this SDXL-type model needs text_embeds (pooled) and time_ids");
+            };
+            let dim = self.config.addition_time_embed_dim.unwrap_or(0);
+            let ids_emb =
+                timestep_embedding(&ids.flatten_all()?, dim, self.config.flip_sin_to_cos, self.config.freq_shift)?
+                    .reshape((b, ()))?;
+            let add_in = Tensor::cat(&[text.to_dtype(dtype)?, ids_emb.to_dtype(dtype)?], 1)?;
+            emb = (emb + add.forward(&add_in)?)?;
+        }
+        let context = context.to_dtype(dtype)?;
+        let mut h = self.conv_in.forward(&x.to_dtype(dtype)?)?;
+        let mut skips = vec![h.clone()];
+        for blk in &self.down {
+            for (j, r) in blk.resnets.iter().enumerate() {
+                h = r.forward(&h, &emb)?;
+                if let Some(a) = blk.attentions.get(j) {
+                    h = a.forward(&h, &context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(d) = &blk.resample {
+                h = d.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        h = self.mid_resnets[0].forward(&h, &emb)?;
+        h = self.mid_attention.forward(&h, &context)?;
+        h = self.mid_resnets[1].forward(&h, &emb)?;
+        let mid = h.clone();
+        for blk in &self.up {
+            for (j, r) in blk.resnets.iter().enumerate() {
+                let skip = skips.pop().ok_or_else(|| Error::msg("unet: skip connections out of step"))?;
+                h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb)?;
+                if let Some(a) = blk.attentions.get(j) {
+                    h = a.forward(&h, &context)?;
+                }
+            }
+            if let Some(u) = &blk.resample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+            }
+        }
+        let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
+        Ok(UnetOutput { sample: out, mid })
+    }
+}

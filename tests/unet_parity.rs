@@ -1,0 +1,49 @@
+//! The UNet against diffusers on the tiny fixtures (tools/make_tiny_pipelines.py).
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use sidscript::diffusion::unet::{AddedCond, Unet};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn expected(name: &str) -> HashMap<String, Tensor> {
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn sd15_unet_matches_diffusers_with_per_sample_timesteps() {
+    let e = expected("tiny-sd15");
+    let unet = Unet::load(&fixture("tiny-sd15"), DType::F32, &Device::Cpu, None).unwrap();
+    let out = unet.forward(&e["unet.x"], &e["unet.t"], &e["unet.context"], &AddedCond::default()).unwrap();
+    let err = max_abs(&out.sample, &e["unet.out"]);
+    assert!(err < 1e-4, "max abs error {err}");
+    let t_int = Tensor::new(&[999i64, 20], &Device::Cpu).unwrap();
+    let out = unet.forward(&e["unet.x"], &t_int, &e["unet.context"], &AddedCond::default()).unwrap();
+    let err = max_abs(&out.sample, &e["unet.out_int_t"]);
+    assert!(err < 1e-4, "integer timesteps: max abs error {err}");
+}
+
+#[test]
+fn sdxl_unet_matches_diffusers_with_text_time_and_sharded_weights() {
+    let e = expected("tiny-sdxl");
+    let unet = Unet::load(&fixture("tiny-sdxl"), DType::F32, &Device::Cpu, None).unwrap();
+    let added =
+        AddedCond { text_embeds: Some(e["unet.text_embeds"].clone()), time_ids: Some(e["unet.time_ids"].clone()) };
+    let out = unet.forward(&e["unet.x"], &e["unet.t"], &e["unet.context"], &added).unwrap();
+    let err = max_abs(&out.sample, &e["unet.out"]);
+    assert!(err < 1e-4, "max abs error {err}");
+    let _ = to_vec;
+}
