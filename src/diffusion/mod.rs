@@ -2,7 +2,11 @@
 //! conditioning, the VAE, VP noise schedules and teacher samplers, and reading
 //! diffusers folders. Knows nothing of Rhai or SiD.
 
+pub mod clip;
+pub mod condition;
 pub mod folder;
 pub mod layers;
+pub mod text;
+pub mod tokenizer;
 pub mod unet;
 pub mod weights;

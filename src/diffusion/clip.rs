@@ -1,0 +1,166 @@
+//! The CLIP text transformer (transformers' `CLIPTextModel` and
+//! `CLIPTextModelWithProjection`), frozen, forward only.
+
+use super::layers::{activation, Attention, LayerNorm, Linear};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_act() -> String {
+    "quick_gelu".into()
+}
+
+/// The fields of a text encoder's `config.json` that shape it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+struct Layer {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// What one encoding returns.
+pub struct ClipOutput {
+    /// After the final layer norm (SD1.x's condition).
+    pub last_hidden_state: Tensor,
+    /// The output of the second-to-last layer, before the final norm (SDXL's condition).
+    pub penultimate: Tensor,
+    /// The final state at the end-of-text token.
+    pub pooled: Tensor,
+    /// `text_projection(pooled)` for models with a projection (SDXL's second encoder).
+    pub text_embeds: Option<Tensor>,
+}
+
+pub struct ClipTextModel {
+    pub config: ClipConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    projection: Option<Linear>,
+}
+
+impl ClipTextModel {
+    pub fn new(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
+        let d = cfg.hidden_size;
+        if d % cfg.num_attention_heads != 0 {
+            crate::bail!("text encoder: hidden size {d} does not split into {} heads", cfg.num_attention_heads);
+        }
+        // transformers 4 saves under `text_model.`, transformers 5 without it.
+        let tm = if w.contains("embeddings.token_embedding.weight") { w.clone() } else { w.pp("text_model") };
+        let emb = tm.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let lw = tm.pp(format!("encoder.layers.{i}"));
+                let aw = lw.pp("self_attn");
+                Ok(Layer {
+                    norm1: LayerNorm::new(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+                    attn: Attention {
+                        to_q: Linear::new(&aw.pp("q_proj"), d, d, true)?,
+                        to_k: Linear::new(&aw.pp("k_proj"), d, d, true)?,
+                        to_v: Linear::new(&aw.pp("v_proj"), d, d, true)?,
+                        to_out: Linear::new(&aw.pp("out_proj"), d, d, true)?,
+                        heads: cfg.num_attention_heads,
+                        head_dim: d / cfg.num_attention_heads,
+                        upcast: false,
+                    },
+                    norm2: LayerNorm::new(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+                    fc1: Linear::new(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+                    fc2: Linear::new(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let with_projection = cfg.architectures.iter().any(|a| a.contains("WithProjection"));
+        let projection = match (with_projection, cfg.projection_dim) {
+            (true, Some(p)) => Some(Linear::new(&w.pp("text_projection"), d, p, false)?),
+            _ => None,
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            token_embedding: emb.get((cfg.vocab_size, d), "token_embedding.weight")?,
+            position_embedding: emb.get((cfg.max_position_embeddings, d), "position_embedding.weight")?,
+            layers,
+            final_norm: LayerNorm::new(&tm.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
+            projection,
+        })
+    }
+
+    /// Loads a text encoder folder (e.g. `text_encoder/`), checking its tensors.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Vec<(String, Tensor)>)> {
+        let cfg_path = dir.join("config.json");
+        let cfg: ClipConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
+        let tensors = super::folder::load_tensors(dir, None, dtype, device)?;
+        let w = Weights::from_tensors(tensors, dtype, device);
+        let model = Self::new(&cfg, &w).map_err(|e| Error::file(dir, None, e))?;
+        let named = w.finish("text encoder").map_err(|e| Error::file(dir, None, e))?;
+        Ok((model, named))
+    }
+
+    /// Encodes token ids (B × L, integer tensor).
+    pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
+        let (b, l) = ids.dims2()?;
+        if l > self.config.max_position_embeddings {
+            crate::bail!("text encoder: {l} tokens, at most {}", self.config.max_position_embeddings);
+        }
+        let ids_u32 = ids.to_dtype(DType::U32)?;
+        let tok = self.token_embedding.index_select(&ids_u32.flatten_all()?, 0)?.reshape((b, l, ()))?;
+        let mut x = tok.broadcast_add(&self.position_embedding.narrow(0, 0, l)?)?;
+        let mask: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, (l, l), ids.device())?;
+        let mut penultimate = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = x.clone();
+            }
+            let h = layer.attn.forward(&layer.norm1.forward(&x)?, None, Some(&mask))?;
+            x = (x + h)?;
+            let h = layer.fc2.forward(&activation(&self.config.hidden_act, &layer.fc1.forward(&layer.norm2.forward(&x)?)?)?)?;
+            x = (x + h)?;
+        }
+        let last = self.final_norm.forward(&x)?;
+        // The end-of-text position: the largest id in old configs (eos_token_id 2),
+        // else the first occurrence of eos_token_id, as transformers does.
+        let ids_i64 = ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let eos = self.config.eos_token_id.unwrap_or(2);
+        let rows: Vec<Tensor> = ids_i64
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let pos = if eos == 2 {
+                    row.iter().enumerate().max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i))).map(|(i, _)| i).unwrap_or(0)
+                } else {
+                    row.iter().position(|&v| v == eos).unwrap_or(0)
+                };
+                Ok(last.i((r, pos))?)
+            })
+            .collect::<Result<_>>()?;
+        let pooled = Tensor::stack(&rows, 0)?;
+        let text_embeds = self.projection.as_ref().map(|p| p.forward(&pooled)).transpose()?;
+        Ok(ClipOutput { last_hidden_state: last, penultimate, pooled, text_embeds })
+    }
+}
