@@ -9,4 +9,5 @@ pub mod layers;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 pub mod weights;

@@ -1,0 +1,263 @@
+//! diffusers' `AutoencoderKL`: images ↔ latents. Frozen, forward only. Accepts
+//! both attention namings (`to_q/to_k/to_v/to_out.0` and the older
+//! `query/key/value/proj_attn`).
+
+use super::layers::{silu, Attention, Conv2d, GroupNorm, Linear};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+fn d_groups() -> usize {
+    32
+}
+fn d_layers() -> usize {
+    2
+}
+fn d_latent() -> usize {
+    4
+}
+fn d_scale() -> f64 {
+    0.18215
+}
+fn d_true() -> bool {
+    true
+}
+fn d_three() -> usize {
+    3
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "d_three")]
+    pub in_channels: usize,
+    #[serde(default = "d_three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: usize,
+    #[serde(default = "d_latent")]
+    pub latent_channels: usize,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "d_scale")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "d_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "d_true")]
+    pub mid_block_add_attention: bool,
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn new(w: &Weights, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::new(&w.pp("norm1"), groups, cin, 1e-6)?,
+            conv1: Conv2d::new(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
+            norm2: GroupNorm::new(&w.pp("norm2"), groups, cout, 1e-6)?,
+            conv2: Conv2d::new(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
+            shortcut: if cin != cout { Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((skip + h)?)
+    }
+}
+
+struct SpatialAttention {
+    norm: GroupNorm,
+    attn: Attention,
+}
+
+impl SpatialAttention {
+    fn new(w: &Weights, ch: usize, groups: usize) -> Result<Self> {
+        // Older checkpoints name the projections query/key/value/proj_attn.
+        let old = w.contains("query.weight");
+        let name = |new: &'static str, old_name: &'static str| if old { old_name } else { new };
+        Ok(Self {
+            norm: GroupNorm::new(&w.pp("group_norm"), groups, ch, 1e-6)?,
+            attn: Attention {
+                to_q: Linear::new(&w.pp(name("to_q", "query")), ch, ch, true)?,
+                to_k: Linear::new(&w.pp(name("to_k", "key")), ch, ch, true)?,
+                to_v: Linear::new(&w.pp(name("to_v", "value")), ch, ch, true)?,
+                to_out: Linear::new(&w.pp(name("to_out.0", "proj_attn")), ch, ch, true)?,
+                heads: 1,
+                head_dim: ch,
+                upcast: false,
+            },
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let t = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
+        let t = self.attn.forward(&t, None, None)?;
+        Ok((t.transpose(1, 2)?.reshape((b, c, h, w))? + x)?)
+    }
+}
+
+struct Mid {
+    r0: Resnet,
+    attn: Option<SpatialAttention>,
+    r1: Resnet,
+}
+
+impl Mid {
+    fn new(w: &Weights, ch: usize, groups: usize, attention: bool) -> Result<Self> {
+        Ok(Self {
+            r0: Resnet::new(&w.pp("resnets.0"), ch, ch, groups)?,
+            attn: if attention { Some(SpatialAttention::new(&w.pp("attentions.0"), ch, groups)?) } else { None },
+            r1: Resnet::new(&w.pp("resnets.1"), ch, ch, groups)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.r0.forward(x)?;
+        if let Some(a) = &self.attn {
+            h = a.forward(&h)?;
+        }
+        self.r1.forward(&h)
+    }
+}
+
+struct Level {
+    resnets: Vec<Resnet>,
+    resample: Option<Conv2d>,
+}
+
+pub struct Vae {
+    pub config: VaeConfig,
+    enc_in: Conv2d,
+    enc_levels: Vec<Level>,
+    enc_mid: Mid,
+    enc_norm: GroupNorm,
+    enc_out: Conv2d,
+    quant: Option<Conv2d>,
+    post_quant: Option<Conv2d>,
+    dec_in: Conv2d,
+    dec_mid: Mid,
+    dec_levels: Vec<Level>,
+    dec_norm: GroupNorm,
+    dec_out: Conv2d,
+}
+
+impl Vae {
+    pub fn new(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let (n, g, l) = (ch.len(), cfg.norm_num_groups, cfg.latent_channels);
+        let e = w.pp("encoder");
+        let mut enc_levels = vec![];
+        let mut cout = ch[0];
+        for i in 0..n {
+            let cin = cout;
+            cout = ch[i];
+            let bw = e.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block).map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g)).collect::<Result<_>>()?;
+            let resample = if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 2, 0)?) } else { None };
+            enc_levels.push(Level { resnets, resample });
+        }
+        let top = ch[n - 1];
+        let d = w.pp("decoder");
+        let mut dec_levels = vec![];
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut cout = rev[0];
+        for i in 0..n {
+            let cin = cout;
+            cout = rev[i];
+            let bw = d.pp(format!("up_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block + 1).map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g)).collect::<Result<_>>()?;
+            let resample = if i + 1 < n { Some(Conv2d::new(&bw.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?) } else { None };
+            dec_levels.push(Level { resnets, resample });
+        }
+        Ok(Self {
+            config: cfg.clone(),
+            enc_in: Conv2d::new(&e.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
+            enc_levels,
+            enc_mid: Mid::new(&e.pp("mid_block"), top, g, cfg.mid_block_add_attention)?,
+            enc_norm: GroupNorm::new(&e.pp("conv_norm_out"), g, top, 1e-6)?,
+            enc_out: Conv2d::new(&e.pp("conv_out"), top, 2 * l, 3, 1, 1)?,
+            quant: if cfg.use_quant_conv { Some(Conv2d::new(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None },
+            post_quant: if cfg.use_post_quant_conv { Some(Conv2d::new(&w.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None },
+            dec_in: Conv2d::new(&d.pp("conv_in"), l, top, 3, 1, 1)?,
+            dec_mid: Mid::new(&d.pp("mid_block"), top, g, cfg.mid_block_add_attention)?,
+            dec_levels,
+            dec_norm: GroupNorm::new(&d.pp("conv_norm_out"), g, ch[0], 1e-6)?,
+            dec_out: Conv2d::new(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// Loads `vae/` of a diffusers folder (or a vae folder itself).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let vdir = super::folder::component_dir(dir, "vae")?;
+        let cfg_path = vdir.join("config.json");
+        let cfg: VaeConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
+        let w = Weights::from_tensors(super::folder::load_tensors(&vdir, None, dtype, device)?, dtype, device);
+        let vae = Self::new(&cfg, &w).map_err(|e| Error::file(&vdir, None, e))?;
+        w.finish("vae").map_err(|e| Error::file(&vdir, None, e))?;
+        Ok(vae)
+    }
+
+    /// How many times the VAE halves the image size.
+    pub fn downscale(&self) -> usize {
+        1 << (self.config.block_out_channels.len() - 1)
+    }
+
+    /// Images in [−1, 1] (B×3×H×W) to scaled latents: the posterior mean × scaling factor.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let mut h = self.enc_in.forward(images)?;
+        for lvl in &self.enc_levels {
+            for r in &lvl.resnets {
+                h = r.forward(&h)?;
+            }
+            if let Some(d) = &lvl.resample {
+                // diffusers pads right and bottom by one before the stride-2 conv.
+                h = d.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        h = self.enc_mid.forward(&h)?;
+        h = self.enc_out.forward(&silu(&self.enc_norm.forward(&h)?)?)?;
+        if let Some(q) = &self.quant {
+            h = q.forward(&h)?;
+        }
+        let mean = h.narrow(1, 0, self.config.latent_channels)?;
+        let shift = self.config.shift_factor.unwrap_or(0.0);
+        Ok(((mean - shift)? * self.config.scaling_factor)?)
+    }
+
+    /// Scaled latents to images in about [−1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = ((latents / self.config.scaling_factor)? + self.config.shift_factor.unwrap_or(0.0))?;
+        let mut h = match &self.post_quant {
+            Some(p) => p.forward(&z)?,
+            None => z,
+        };
+        h = self.dec_in.forward(&h)?;
+        h = self.dec_mid.forward(&h)?;
+        for lvl in &self.dec_levels {
+            for r in &lvl.resnets {
+                h = r.forward(&h)?;
+            }
+            if let Some(u) = &lvl.resample {
+                let (_, _, hh, ww) = h.dims4()?;
+                h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+            }
+        }
+        self.dec_out.forward(&silu(&self.dec_norm.forward(&h)?)?)
+    }
+}

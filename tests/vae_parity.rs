@@ -1,0 +1,39 @@
+//! The VAE against diffusers on the tiny fixtures, with both attention namings.
+
+use candle_core::{DType, Device, Tensor};
+use sidscript::diffusion::vae::Vae;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn expected(name: &str) -> HashMap<String, Tensor> {
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None).unwrap().into_iter().collect()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn vae_decode_and_encode_match_diffusers() {
+    for fx in ["tiny-sd15", "tiny-sdxl"] {
+        let e = expected(fx);
+        let vae = Vae::load(&fixture(fx), DType::F32, &Device::Cpu).unwrap();
+        let err = max_abs(&vae.decode(&e["vae.latent"]).unwrap(), &e["vae.decoded"]);
+        assert!(err < 1e-3, "{fx} decode: max abs error {err}");
+        let err = max_abs(&vae.encode(&e["vae.image"]).unwrap(), &e["vae.encoded_mean"]);
+        assert!(err < 1e-3, "{fx} encode: max abs error {err}");
+    }
+}
+
+#[test]
+fn old_attention_names_load_to_the_same_model() {
+    let e = expected("tiny-sd15");
+    let vae = Vae::load(&fixture("vae-old-names"), DType::F32, &Device::Cpu).unwrap();
+    let err = max_abs(&vae.decode(&e["vae.latent"]).unwrap(), &e["vae.decoded"]);
+    assert!(err < 1e-3, "decode with query/key/value/proj_attn names: {err}");
+}
