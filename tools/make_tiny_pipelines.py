@@ -198,7 +198,9 @@ def vae_common(v, exp):
 
 def sampler_common(pipe, exp, latents, **kw):
     for name, cls in [("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)]:
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        # Latents are never clipped (diffusers' DDIM clips when the config lacks clip_sample).
+        extra = {"clip_sample": False} if cls is DDIMScheduler else {}
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
         out = pipe(PROMPTS[0], num_inference_steps=10, guidance_scale=3.0, latents=latents.clone(),
                    output_type="latent", **kw).images
         exp[f"sample.{name}.latents_in"] = latents

@@ -5,7 +5,10 @@
 pub mod clip;
 pub mod condition;
 pub mod folder;
+pub mod guidance;
 pub mod layers;
+pub mod sampler;
+pub mod schedule;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
