@@ -124,6 +124,19 @@ fn check_scalar(loss: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Trainable copies of named weights: a parameter per tensor (named as the weight)
+/// and a name → live-tensor map to rebuild the model over them.
+pub fn params_from(named: &[(String, Tensor)]) -> Result<(HashMap<String, Tensor>, Vec<Arc<Param>>)> {
+    let mut map = HashMap::with_capacity(named.len());
+    let mut params = Vec::with_capacity(named.len());
+    for (name, t) in named {
+        let p = Param::new(t, name.as_str())?;
+        map.insert(name.clone(), p.tensor().clone());
+        params.push(p);
+    }
+    Ok((map, params))
+}
+
 /// Backpropagates a scalar `loss` and adds the gradients to every live parameter it
 /// depends on. Returns how many parameters received a gradient.
 pub fn backward(loss: &Tensor) -> Result<usize> {
