@@ -14,7 +14,10 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None).unwrap().into_iter().collect()
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -33,7 +36,18 @@ fn samplers_match_diffusers_pipelines() {
         let cond = text.encode(&["a red circle on the left".to_string()]).unwrap();
         let null = text.null(text.default_null).unwrap();
         for (name, kind) in [("ddim", SamplerKind::Ddim), ("euler", SamplerKind::Euler)] {
-            let out = sample(&unet, &sch, kind, &e[&format!("sample.{name}.latents_in")], &cond, &null, 10, 3.0, &mut |_, _| {}).unwrap();
+            let out = sample(
+                &unet,
+                &sch,
+                kind,
+                &e[&format!("sample.{name}.latents_in")],
+                &cond,
+                &null,
+                10,
+                3.0,
+                &mut |_, _| {},
+            )
+            .unwrap();
             let err = max_abs(&out, &e[&format!("sample.{name}.latents_out")]);
             assert!(err < 1e-3, "{fx} {name}: max abs error {err} after 10 steps");
         }

@@ -15,7 +15,10 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None).unwrap().into_iter().collect()
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -34,7 +37,11 @@ fn ids_of(t: &Tensor) -> Vec<Vec<i64>> {
 #[test]
 fn tokenizers_match_transformers() {
     // vocab.json + merges.txt (SD1.5 folder, and SDXL's tokenizer_2 with "!" padding) and tokenizer.json (SDXL's first).
-    for (fx, dir, key) in [("tiny-sd15", "tokenizer", "input_ids"), ("tiny-sdxl", "tokenizer", "input_ids"), ("tiny-sdxl", "tokenizer_2", "input_ids_2")] {
+    for (fx, dir, key) in [
+        ("tiny-sd15", "tokenizer", "input_ids"),
+        ("tiny-sdxl", "tokenizer", "input_ids"),
+        ("tiny-sdxl", "tokenizer_2", "input_ids_2"),
+    ] {
         let tok = PromptTokenizer::load(&fixture(fx).join(dir)).unwrap();
         let got = tok.encode(&prompts(), &Device::Cpu).unwrap();
         assert_eq!(ids_of(&got), ids_of(&expected(fx)[key]), "{fx}/{dir}");
@@ -46,7 +53,11 @@ fn sd15_text_encoder_matches_transformers() {
     let e = expected("tiny-sd15");
     let (model, _) = ClipTextModel::load(&fixture("tiny-sd15").join("text_encoder"), DType::F32, &Device::Cpu).unwrap();
     let out = model.forward(&e["input_ids"]).unwrap();
-    for (got, key) in [(&out.last_hidden_state, "text.last_hidden_state"), (&out.penultimate, "text.penultimate"), (&out.pooled, "text.pooled")] {
+    for (got, key) in [
+        (&out.last_hidden_state, "text.last_hidden_state"),
+        (&out.penultimate, "text.penultimate"),
+        (&out.pooled, "text.pooled"),
+    ] {
         let err = max_abs(got, &e[key]);
         assert!(err < 1e-4, "{key}: max abs error {err}");
     }

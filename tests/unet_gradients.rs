@@ -14,7 +14,10 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, Some(DType::F64)).unwrap().into_iter().collect()
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, Some(DType::F64))
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 struct Setup {
@@ -44,7 +47,10 @@ impl Setup {
     }
 
     fn loss(&self) -> Tensor {
-        let added = AddedCond { text_embeds: self.pooled.as_ref().map(|p| p.tensor().clone()), time_ids: self.time_ids.clone() };
+        let added = AddedCond {
+            text_embeds: self.pooled.as_ref().map(|p| p.tensor().clone()),
+            time_ids: self.time_ids.clone(),
+        };
         let out = self.unet.forward(self.x.tensor(), &self.t, self.ctx.tensor(), &added).unwrap();
         (out.sample * &self.weight).unwrap().sum_all().unwrap()
     }

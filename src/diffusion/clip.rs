@@ -113,7 +113,8 @@ impl ClipTextModel {
     /// Loads a text encoder folder (e.g. `text_encoder/`), checking its tensors.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Vec<(String, Tensor)>)> {
         let cfg_path = dir.join("config.json");
-        let cfg: ClipConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
+        let cfg: ClipConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?)
+            .map_err(|e| Error::file(&cfg_path, None, e))?;
         let tensors = super::folder::load_tensors(dir, None, dtype, device)?;
         let w = Weights::from_tensors(tensors, dtype, device);
         let model = Self::new(&cfg, &w).map_err(|e| Error::file(dir, None, e))?;
@@ -139,7 +140,9 @@ impl ClipTextModel {
             }
             let h = layer.attn.forward(&layer.norm1.forward(&x)?, None, Some(&mask))?;
             x = (x + h)?;
-            let h = layer.fc2.forward(&activation(&self.config.hidden_act, &layer.fc1.forward(&layer.norm2.forward(&x)?)?)?)?;
+            let h = layer
+                .fc2
+                .forward(&activation(&self.config.hidden_act, &layer.fc1.forward(&layer.norm2.forward(&x)?)?)?)?;
             x = (x + h)?;
         }
         let last = self.final_norm.forward(&x)?;
@@ -152,7 +155,11 @@ impl ClipTextModel {
             .enumerate()
             .map(|(r, row)| {
                 let pos = if eos == 2 {
-                    row.iter().enumerate().max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i))).map(|(i, _)| i).unwrap_or(0)
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|(i, v)| (**v, std::cmp::Reverse(*i)))
+                        .map(|(i, _)| i)
+                        .unwrap_or(0)
                 } else {
                     row.iter().position(|&v| v == eos).unwrap_or(0)
                 };

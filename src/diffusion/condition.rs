@@ -25,7 +25,11 @@ impl Condition {
     }
 
     fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
-        Ok(Self { context: f(&self.context)?, pooled: self.pooled.as_ref().map(&f).transpose()?, time_ids: self.time_ids.as_ref().map(&f).transpose()? })
+        Ok(Self {
+            context: f(&self.context)?,
+            pooled: self.pooled.as_ref().map(&f).transpose()?,
+            time_ids: self.time_ids.as_ref().map(&f).transpose()?,
+        })
     }
 
     /// Rows stacked: `self` first, then `other`.
@@ -66,11 +70,19 @@ impl Condition {
 
     /// All tensors cut from the autograd graph.
     pub fn detach(&self) -> Self {
-        Self { context: self.context.detach(), pooled: self.pooled.as_ref().map(Tensor::detach), time_ids: self.time_ids.as_ref().map(Tensor::detach) }
+        Self {
+            context: self.context.detach(),
+            pooled: self.pooled.as_ref().map(Tensor::detach),
+            time_ids: self.time_ids.as_ref().map(Tensor::detach),
+        }
     }
 
     pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Self> {
         // Size ids stay as they are: they feed a sinusoidal embedding in f32.
-        Ok(Self { context: self.context.to_dtype(dtype)?, pooled: self.pooled.as_ref().map(|p| p.to_dtype(dtype)).transpose()?, time_ids: self.time_ids.clone() })
+        Ok(Self {
+            context: self.context.to_dtype(dtype)?,
+            pooled: self.pooled.as_ref().map(|p| p.to_dtype(dtype)).transpose()?,
+            time_ids: self.time_ids.clone(),
+        })
     }
 }

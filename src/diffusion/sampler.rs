@@ -110,7 +110,11 @@ pub fn sample(
             let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma_vp(sch, t)).collect();
             sigmas.push(0.0);
             let max = sigmas.iter().copied().fold(0.0, f64::max);
-            let init = if matches!(sch.timestep_spacing.as_str(), "linspace" | "trailing") { max } else { (max * max + 1.0).sqrt() };
+            let init = if matches!(sch.timestep_spacing.as_str(), "linspace" | "trailing") {
+                max
+            } else {
+                (max * max + 1.0).sqrt()
+            };
             let mut x = (noise * init)?;
             for (i, &t) in ts.iter().enumerate() {
                 let s = sigmas[i];

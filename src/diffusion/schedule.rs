@@ -89,7 +89,9 @@ impl VpSchedule {
                 let (s, e) = (cfg.beta_start.sqrt(), cfg.beta_end.sqrt());
                 (0..n).map(|i| (s + (e - s) * i as f64 / (n - 1) as f64).powi(2)).collect()
             }
-            "linear" => (0..n).map(|i| cfg.beta_start + (cfg.beta_end - cfg.beta_start) * i as f64 / (n - 1) as f64).collect(),
+            "linear" => {
+                (0..n).map(|i| cfg.beta_start + (cfg.beta_end - cfg.beta_start) * i as f64 / (n - 1) as f64).collect()
+            }
             other => crate::bail!("schedule: beta_schedule '{other}' is not supported (scaled_linear, linear)"),
         };
         let mut acc = 1.0;
@@ -112,7 +114,8 @@ impl VpSchedule {
     /// Reads `scheduler/scheduler_config.json` of a pipeline folder.
     pub fn from_folder(dir: &std::path::Path) -> Result<Self> {
         let path = dir.join("scheduler").join("scheduler_config.json");
-        let cfg: ScheduleConfig = serde_json::from_value(super::folder::read_json(&path)?).map_err(|e| Error::file(&path, None, e))?;
+        let cfg: ScheduleConfig =
+            serde_json::from_value(super::folder::read_json(&path)?).map_err(|e| Error::file(&path, None, e))?;
         Self::new(&cfg)
     }
 
@@ -153,7 +156,9 @@ impl VpSchedule {
         }
         let mut shape = vec![1usize; like.rank()];
         shape[0] = ts.len();
-        let mk = |v: Vec<f64>| -> Result<Tensor> { Ok(Tensor::from_vec(v, shape.as_slice(), like.device())?.to_dtype(like.dtype())?) };
+        let mk = |v: Vec<f64>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, shape.as_slice(), like.device())?.to_dtype(like.dtype())?)
+        };
         Ok((mk(a)?, mk(s)?))
     }
 

@@ -91,9 +91,18 @@ impl TextConditioner {
                         pooled = Some(t);
                     }
                 }
-                let pooled = pooled.ok_or_else(|| crate::error::Error::msg("SDXL: the second text encoder has no text_projection"))?;
-                let ids = Tensor::new(&self.time_ids, &self.device)?.to_dtype(DType::F32)?.unsqueeze(0)?.broadcast_as((b, 6))?.contiguous()?;
-                Ok(Condition { context: Tensor::cat(&contexts, 2)?.to_dtype(self.dtype)?, pooled: Some(pooled), time_ids: Some(ids) })
+                let pooled = pooled
+                    .ok_or_else(|| crate::error::Error::msg("SDXL: the second text encoder has no text_projection"))?;
+                let ids = Tensor::new(&self.time_ids, &self.device)?
+                    .to_dtype(DType::F32)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, 6))?
+                    .contiguous()?;
+                Ok(Condition {
+                    context: Tensor::cat(&contexts, 2)?.to_dtype(self.dtype)?,
+                    pooled: Some(pooled),
+                    time_ids: Some(ids),
+                })
             }
         }
     }
@@ -103,7 +112,11 @@ impl TextConditioner {
         let c = self.encode(&[String::new()])?;
         Ok(match kind {
             NullKind::EmptyPrompt => c,
-            NullKind::Zeros => Condition { context: c.context.zeros_like()?, pooled: c.pooled.map(|p| p.zeros_like()).transpose()?, time_ids: c.time_ids },
+            NullKind::Zeros => Condition {
+                context: c.context.zeros_like()?,
+                pooled: c.pooled.map(|p| p.zeros_like()).transpose()?,
+                time_ids: c.time_ids,
+            },
         })
     }
 }

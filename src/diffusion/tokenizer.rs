@@ -12,9 +12,12 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
-use tokenizers::{AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer, TruncationParams};
+use tokenizers::{
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer, TruncationParams,
+};
 
-const CLIP_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A tokenizer producing fixed-length rows of ids.
 pub struct PromptTokenizer {
@@ -56,7 +59,8 @@ impl PromptTokenizer {
             .map(|t| AddedToken::from(t, true))
             .collect();
         tok.add_special_tokens(specials).map_err(|e| tk_err(dir, e))?;
-        let pad_id = tok.token_to_id(&pad).ok_or_else(|| tk_err(dir, format!("pad token '{pad}' is not in the vocabulary")))?;
+        let pad_id =
+            tok.token_to_id(&pad).ok_or_else(|| tk_err(dir, format!("pad token '{pad}' is not in the vocabulary")))?;
         tok.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_length),
             direction: PaddingDirection::Right,
@@ -86,14 +90,21 @@ impl PromptTokenizer {
             .build()
             .map_err(|e| tk_err(dir, e))?;
         let mut tok = Tokenizer::new(bpe);
-        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tk_err(dir, e))?;
-        tok.with_normalizer(Some(NormSeq::new(vec![NFC.into(), ws.into(), Lowercase.into()]))).map_err(|e| tk_err(dir, e))?;
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true).map_err(|e| tk_err(dir, e))?;
+        let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(|e| tk_err(dir, e))?;
+        tok.with_normalizer(Some(NormSeq::new(vec![NFC.into(), ws.into(), Lowercase.into()])))
+            .map_err(|e| tk_err(dir, e))?;
+        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+            .map_err(|e| tk_err(dir, e))?;
         tok.with_pre_tokenizer(Some(PreSeq::new(vec![split.into(), ByteLevel::new(false, true, true).into()])));
         tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        let id = |t: &str| tok.token_to_id(t).ok_or_else(|| tk_err(dir, format!("special token '{t}' is not in the vocabulary")));
+        let id = |t: &str| {
+            tok.token_to_id(t).ok_or_else(|| tk_err(dir, format!("special token '{t}' is not in the vocabulary")))
+        };
         let (bos_id, eos_id) = (id(&bos)?, id(&eos)?);
-        tok.with_post_processor(Some(RobertaProcessing::new((eos, eos_id), (bos, bos_id)).trim_offsets(false).add_prefix_space(false)));
+        tok.with_post_processor(Some(
+            RobertaProcessing::new((eos, eos_id), (bos, bos_id)).trim_offsets(false).add_prefix_space(false),
+        ));
         Ok(tok)
     }
 

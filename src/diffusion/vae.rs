@@ -168,8 +168,11 @@ impl Vae {
             let cin = cout;
             cout = ch[i];
             let bw = e.pp(format!("down_blocks.{i}"));
-            let resnets = (0..cfg.layers_per_block).map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g)).collect::<Result<_>>()?;
-            let resample = if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 2, 0)?) } else { None };
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g))
+                .collect::<Result<_>>()?;
+            let resample =
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 2, 0)?) } else { None };
             enc_levels.push(Level { resnets, resample });
         }
         let top = ch[n - 1];
@@ -181,8 +184,11 @@ impl Vae {
             let cin = cout;
             cout = rev[i];
             let bw = d.pp(format!("up_blocks.{i}"));
-            let resnets = (0..cfg.layers_per_block + 1).map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g)).collect::<Result<_>>()?;
-            let resample = if i + 1 < n { Some(Conv2d::new(&bw.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?) } else { None };
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g))
+                .collect::<Result<_>>()?;
+            let resample =
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?) } else { None };
             dec_levels.push(Level { resnets, resample });
         }
         Ok(Self {
@@ -192,8 +198,16 @@ impl Vae {
             enc_mid: Mid::new(&e.pp("mid_block"), top, g, cfg.mid_block_add_attention)?,
             enc_norm: GroupNorm::new(&e.pp("conv_norm_out"), g, top, 1e-6)?,
             enc_out: Conv2d::new(&e.pp("conv_out"), top, 2 * l, 3, 1, 1)?,
-            quant: if cfg.use_quant_conv { Some(Conv2d::new(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?) } else { None },
-            post_quant: if cfg.use_post_quant_conv { Some(Conv2d::new(&w.pp("post_quant_conv"), l, l, 1, 1, 0)?) } else { None },
+            quant: if cfg.use_quant_conv {
+                Some(Conv2d::new(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
+            } else {
+                None
+            },
+            post_quant: if cfg.use_post_quant_conv {
+                Some(Conv2d::new(&w.pp("post_quant_conv"), l, l, 1, 1, 0)?)
+            } else {
+                None
+            },
             dec_in: Conv2d::new(&d.pp("conv_in"), l, top, 3, 1, 1)?,
             dec_mid: Mid::new(&d.pp("mid_block"), top, g, cfg.mid_block_add_attention)?,
             dec_levels,
@@ -206,7 +220,8 @@ impl Vae {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let vdir = super::folder::component_dir(dir, "vae")?;
         let cfg_path = vdir.join("config.json");
-        let cfg: VaeConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
+        let cfg: VaeConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?)
+            .map_err(|e| Error::file(&cfg_path, None, e))?;
         let w = Weights::from_tensors(super::folder::load_tensors(&vdir, None, dtype, device)?, dtype, device);
         let vae = Self::new(&cfg, &w).map_err(|e| Error::file(&vdir, None, e))?;
         w.finish("vae").map_err(|e| Error::file(&vdir, None, e))?;

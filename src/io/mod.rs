@@ -1,4 +1,5 @@
 //! Files: atomic writes and safetensors.
 
 pub mod atomic;
+pub mod image;
 pub mod safetensors;

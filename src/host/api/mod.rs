@@ -5,8 +5,10 @@ pub mod convert;
 pub mod create;
 pub mod io;
 pub mod math;
+pub mod models;
 pub mod optim;
 pub mod run;
+pub mod sampling;
 pub mod shape;
 
 use super::docs::Api;
@@ -23,5 +25,7 @@ pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
     autograd::register(api);
     optim::register(api);
     io::register(api, rt);
+    models::register(api, rt);
+    sampling::register(api);
     run::register(api, rt);
 }

@@ -1,0 +1,154 @@
+//! Noise schedules, guidance, teacher sampling and image grids in scripts.
+//!
+//! ```text
+//! let sch = load_schedule(dir);                    // or vp_schedule(#{ kind: "scaled_linear" })
+//! let x_t = sch.add_noise(x0, randn_like(x0), t);
+//! let eps = guided(teacher, x_t, t, c, uncond, 1.5);  // CFG: one doubled batch (`null` is reserved in Rhai)
+//! let z = sample(teacher, sch, randn([4, 4, 64, 64]), c, uncond, #{ sampler: "ddim", steps: 25, guidance: 7.5 });
+//! save_image_grid(vae.decode(z), "out/grid.png");
+//! ```
+
+use super::models::{cond_from, timesteps_arg, UnetHandle};
+use crate::diffusion::guidance::guided;
+use crate::diffusion::sampler::{sample, SamplerKind};
+use crate::diffusion::schedule::{Prediction, ScheduleConfig, VpSchedule};
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::tensor::{number, TensorHandle as T};
+use rhai::{Dynamic, Map};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A noise schedule as Rhai sees it (`Schedule`).
+#[derive(Clone)]
+pub struct ScheduleHandle(pub Arc<VpSchedule>);
+
+fn vp_schedule(o: &Map) -> ScriptResult<ScheduleHandle> {
+    let mut cfg = ScheduleConfig::default();
+    for (k, v) in o {
+        match k.as_str() {
+            "kind" | "beta_schedule" => cfg.beta_schedule = v.to_string(),
+            "beta_start" => cfg.beta_start = number(v, "beta_start")?,
+            "beta_end" => cfg.beta_end = number(v, "beta_end")?,
+            "steps" | "num_train_timesteps" => {
+                cfg.num_train_timesteps = usize::try_from(crate::host::tensor::int(v, "steps")?).script()?
+            }
+            "prediction" => {
+                cfg.prediction_type = match v.to_string().as_str() {
+                    "epsilon" => Prediction::Epsilon,
+                    "v_prediction" | "v" => Prediction::V,
+                    "sample" => Prediction::Sample,
+                    other => return Err(script_err(format!("prediction '{other}': epsilon, v_prediction or sample"))),
+                }
+            }
+            "timestep_spacing" => cfg.timestep_spacing = v.to_string(),
+            "steps_offset" => {
+                cfg.steps_offset = usize::try_from(crate::host::tensor::int(v, "steps_offset")?).script()?
+            }
+            other => return Err(script_err(format!("vp_schedule: unknown option '{other}'"))),
+        }
+    }
+    Ok(ScheduleHandle(Arc::new(VpSchedule::new(&cfg).script()?)))
+}
+
+pub fn register(api: &mut Api) {
+    api.engine.register_type_with_name::<ScheduleHandle>("Schedule");
+    api.group("schedule");
+    api.func("vp_schedule", ["opts"], "A VP schedule. Options: kind (scaled_linear | linear), beta_start (0.00085), beta_end (0.012), steps (1000), prediction (epsilon), timestep_spacing (leading), steps_offset (0).", |o: Map| vp_schedule(&o));
+    api.func(
+        "load_schedule",
+        ["dir"],
+        "The schedule of a diffusers folder's scheduler/scheduler_config.json.",
+        |d: &str| -> ScriptResult<ScheduleHandle> {
+            Ok(ScheduleHandle(Arc::new(VpSchedule::from_folder(Path::new(d)).script()?)))
+        },
+    );
+    api.method("a", ["sch", "t"], "a_t = sqrt(ᾱ_t) at an integer timestep.", |s: &mut ScheduleHandle, t: i64| {
+        s.0.a(usize::try_from(t).script()?).script()
+    });
+    api.method(
+        "sigma",
+        ["sch", "t"],
+        "σ_t = sqrt(1 − ᾱ_t) at an integer timestep.",
+        |s: &mut ScheduleHandle, t: i64| s.0.sigma(usize::try_from(t).script()?).script(),
+    );
+    api.method("alpha_bar", ["sch", "t"], "ᾱ_t at an integer timestep.", |s: &mut ScheduleHandle, t: i64| {
+        s.0.alpha_bar(usize::try_from(t).script()?).script()
+    });
+    api.getter("num_train_timesteps", "T, the number of training timesteps.", |s: &mut ScheduleHandle| {
+        s.0.num_train_timesteps() as i64
+    });
+    api.method(
+        "add_noise",
+        ["sch", "x0", "noise", "t"],
+        "a_t·x0 + σ_t·noise with one integer t per sample.",
+        |s: &mut ScheduleHandle, x0: T, n: T, t: Dynamic| -> ScriptResult<T> {
+            let t = timesteps_arg(&t, x0.tensor().device())?;
+            Ok(T::new(s.0.add_noise(x0.tensor(), n.tensor(), &t).script()?))
+        },
+    );
+    api.method(
+        "to_x0",
+        ["sch", "x_t", "pred", "t"],
+        "x̂0 from the network's prediction (ε: (x_t − σ_t ε̂)/a_t, never clipped).",
+        |s: &mut ScheduleHandle, x: T, p: T, t: Dynamic| -> ScriptResult<T> {
+            let t = timesteps_arg(&t, x.tensor().device())?;
+            Ok(T::new(s.0.to_x0(x.tensor(), p.tensor(), &t).script()?))
+        },
+    );
+    api.method(
+        "to_eps",
+        ["sch", "x_t", "pred", "t"],
+        "ε̂ from the network's prediction.",
+        |s: &mut ScheduleHandle, x: T, p: T, t: Dynamic| -> ScriptResult<T> {
+            let t = timesteps_arg(&t, x.tensor().device())?;
+            Ok(T::new(s.0.to_eps(x.tensor(), p.tensor(), &t).script()?))
+        },
+    );
+    api.method(
+        "eps_from_x0",
+        ["sch", "x_t", "x0", "t"],
+        "The noise implied by x_t and x̂0: (x_t − a_t x̂0)/σ_t.",
+        |s: &mut ScheduleHandle, x: T, x0: T, t: Dynamic| -> ScriptResult<T> {
+            let t = timesteps_arg(&t, x.tensor().device())?;
+            Ok(T::new(s.0.eps_from_x0(x.tensor(), x0.tensor(), &t).script()?))
+        },
+    );
+
+    api.group("sampling");
+    api.func("guided", ["unet", "x", "t", "cond", "null", "scale"], "Classifier-free-guided prediction: κ = 1 one conditional pass, κ = 0 the null branch alone, otherwise null and text rows in one doubled batch.", |u: UnetHandle, x: T, t: Dynamic, c: Dynamic, n: Dynamic, k: f64| -> ScriptResult<T> {
+        let t = timesteps_arg(&t, x.tensor().device())?;
+        Ok(T::new(guided(&u.net, x.tensor(), &t, &cond_from(&c)?, &cond_from(&n)?, k).script()?.pred))
+    });
+    api.func("sample", ["unet", "sch", "noise", "cond", "null", "opts"], "Samples latents from unit noise with a teacher. Options: sampler (ddim | euler), steps (25), guidance (7.5), progress (true: a progress bar).", |u: UnetHandle, s: ScheduleHandle, z: T, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<T> {
+        let kind: SamplerKind = o.get("sampler").map(|v| v.to_string()).unwrap_or_else(|| "ddim".into()).parse().script()?;
+        let steps = o.get("steps").map(|v| crate::host::tensor::int(v, "steps")).transpose()?.unwrap_or(25);
+        let guidance = o.get("guidance").map(|v| number(v, "guidance")).transpose()?.unwrap_or(7.5);
+        let show = o.get("progress").map(|v| v.as_bool().unwrap_or(true)).unwrap_or(false);
+        let steps = usize::try_from(steps).script()?;
+        let bar = if show { indicatif::ProgressBar::new(steps as u64) } else { indicatif::ProgressBar::hidden() };
+        let out = sample(&u.net, &s.0, kind, z.tensor(), &cond_from(&c)?, &cond_from(&n)?, steps, guidance, &mut |i, _| bar.set_position(i as u64)).script()?;
+        bar.finish_and_clear();
+        Ok(T::new(out))
+    });
+
+    api.group("images");
+    api.func(
+        "save_image_grid",
+        ["images", "path"],
+        "Writes B×3×H×W images in [-1, 1] as a PNG grid (about square), atomically.",
+        |x: T, p: &str| -> ScriptResult<()> {
+            let b = x.tensor().dim(0).script()?;
+            let cols = (b as f64).sqrt().ceil() as usize;
+            crate::io::image::save_grid(Path::new(p), x.tensor(), cols).script()
+        },
+    );
+    api.func(
+        "save_image_grid",
+        ["images", "path", "cols"],
+        "Writes images as a PNG grid with `cols` columns, atomically.",
+        |x: T, p: &str, cols: i64| -> ScriptResult<()> {
+            crate::io::image::save_grid(Path::new(p), x.tensor(), usize::try_from(cols).script()?).script()
+        },
+    );
+}

@@ -1,0 +1,167 @@
+//! The model surface in scripts on the tiny fixtures: loading, conditions,
+//! trainable copies and frozen views, guidance, schedules and sample.rhai.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn fx(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).display().to_string()
+}
+
+#[test]
+fn conditions_guidance_and_views() {
+    let host = host();
+    let dir = fx("tiny-sdxl");
+    let r = eval(
+        &host,
+        &format!(
+            r#"let u = load_unet("{dir}");
+               let text = load_text_conditioner("{dir}");
+               let c = text.encode(["a red circle", "two blue squares"]);
+               let n = text.null_cond();
+               let x = randn([2, 4, 8, 8]);
+               let t = tensor([10.0, 600.0]);
+               let plain = u.forward(x, t, c);
+               let k1 = guided(u, x, t, c, n, 1.0);
+               let k0 = guided(u, x, t, c, n, 0.0);
+               let uncond = u.forward(x, t, repeat_condition(n, 2));
+               let k2 = guided(u, x, t, c, n, 2.0);
+               let manual = uncond + (plain - uncond) * 2.0;
+               [c.context.shape, c.pooled.shape, c.time_ids.shape, (k1 - plain).abs().max().item(),
+                (k0 - uncond).abs().max().item(), (k2 - manual).abs().max().item(), u.is_sdxl, text.is_sdxl]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    assert_eq!(r[0].to_string(), "[2, 77, 64]");
+    assert_eq!(r[1].to_string(), "[2, 32]");
+    assert_eq!(r[2].to_string(), "[2, 6]");
+    assert_eq!(r[3].as_float().unwrap(), 0.0, "kappa = 1 is the plain conditional pass");
+    assert_eq!(r[4].as_float().unwrap(), 0.0, "kappa = 0 is the null branch alone");
+    assert!(r[5].as_float().unwrap() < 1e-4, "kappa = 2 combines both branches");
+    assert!(r[6].as_bool().unwrap() && r[7].as_bool().unwrap());
+}
+
+#[test]
+fn trainable_copies_train_and_frozen_views_pass_gradients_to_inputs_only() {
+    let host = host();
+    let dir = fx("tiny-sd15");
+    let r = eval(
+        &host,
+        &format!(
+            r#"let teacher = load_unet("{dir}");
+               let gen = teacher.trainable_copy();
+               let text = load_text_conditioner("{dir}");
+               let c = text.encode(["a red circle"]);
+               let x = param(randn([1, 4, 8, 8]));
+               let frozen = gen.frozen_view();
+               let l = frozen.forward(x, 500, c).square().mean();
+               let reached = l.backward();
+               let input_grad = x.grad != ();
+               let ps = gen.params;
+               let weight_grads = 0;
+               for p in ps.values() {{ if p.grad != () {{ weight_grads += 1; }} }}
+               let opt = adam(ps, #{{ lr: 1e-3, betas: [0.0, 0.999] }});
+               let before = (gen.forward(x.detach(), 500, c) - teacher.forward(x.detach(), 500, c)).abs().max().item();
+               let l2 = gen.forward(x.detach(), 500, c).square().mean();
+               l2.backward();
+               opt.step();
+               let after = (gen.forward(x.detach(), 500, c) - teacher.forward(x.detach(), 500, c)).abs().max().item();
+               // The frozen view shares the generator's storage: it sees the update.
+               let view_after = (frozen.forward(x.detach(), 500, c) - gen.forward(x.detach(), 500, c)).abs().max().item();
+               [reached, input_grad, weight_grads, ps.len(), teacher.weights().len(), before, after, view_after]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    assert_eq!(r[0].as_int().unwrap(), 1, "only the input is a parameter reached through a frozen view");
+    assert!(r[1].as_bool().unwrap());
+    assert_eq!(r[2].as_int().unwrap(), 0, "no weight gradient through the frozen view");
+    assert_eq!(r[3].as_int().unwrap(), r[4].as_int().unwrap(), "one parameter per weight");
+    assert_eq!(r[5].as_float().unwrap(), 0.0, "a fresh copy equals the teacher");
+    assert!(r[6].as_float().unwrap() > 0.0, "one Adam step moved the copy");
+    assert_eq!(r[7].as_float().unwrap(), 0.0);
+}
+
+#[test]
+fn schedules_in_scripts_match_the_spec() {
+    let host = host();
+    let v = eval(
+        &host,
+        r#"let s = vp_schedule(#{ kind: "scaled_linear" }); [s.a(625), s.sigma(625), s.sigma(625) / s.a(625)]"#,
+    )
+    .into_array()
+    .unwrap();
+    assert!((v[0].as_float().unwrap() - 0.37117).abs() < 5e-6);
+    assert!((v[1].as_float().unwrap() - 0.92856).abs() < 5e-6);
+    assert!((v[2].as_float().unwrap() - 2.5017).abs() < 5e-5);
+    let err = host.eval(r#"vp_schedule(#{ kind: "cosine" })"#).unwrap_err();
+    assert!(err.message.contains("cosine"), "{err}");
+    let roundtrip = eval_f64(
+        &host,
+        r#"let s = vp_schedule(#{}); let x0 = randn([2, 4, 2, 2]); let e = randn([2, 4, 2, 2]); let t = tensor([20, 979]);
+           (s.to_x0(s.add_noise(x0, e, t), e, t) - x0).abs().max().item()"#,
+    );
+    assert!(roundtrip < 1e-5);
+}
+
+#[test]
+fn sample_script_writes_a_png_grid_for_the_tiny_sdxl_fixture() {
+    let out = std::env::temp_dir().join(format!("sidscript-sample-{}", std::process::id())).join("grid.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "scripts/sample.rhai", "--set", &format!("model={}", fx("tiny-sdxl")), "--set", "steps=4"])
+        .args([
+            "--set",
+            "prompts=a red circle|a blue star|a green square",
+            "--set",
+            "per_prompt=2",
+            "--set",
+            &format!("out={}", out.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let img = image::open(&out).unwrap();
+    // 3 rows × 2 columns of 16×16 images with 2-pixel gaps.
+    assert_eq!((img.width(), img.height()), (2 * 16 + 3 * 2, 3 * 16 + 4 * 2));
+    std::fs::remove_dir_all(out.parent().unwrap()).ok();
+}
+
+#[test]
+fn a_broken_folder_gets_one_report() {
+    let dir = std::env::temp_dir().join(format!("sidscript-broken-{}", std::process::id()));
+    let unet = dir.join("unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    let src = Path::new(&fx("tiny-sd15")).join("unet");
+    std::fs::copy(src.join("config.json"), unet.join("config.json")).unwrap();
+    // Drop two tensors, add a stray one, change a shape.
+    let tensors = sidscript::io::safetensors::load(
+        &src.join("diffusion_pytorch_model.safetensors"),
+        &candle_core::Device::Cpu,
+        None,
+    )
+    .unwrap();
+    let mut kept: Vec<(String, candle_core::Tensor)> =
+        tensors.into_iter().filter(|(n, _)| n != "conv_in.bias" && n != "conv_out.weight").collect();
+    kept.push((
+        "stray.weight".into(),
+        candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    ));
+    let i = kept.iter().position(|(n, _)| n == "time_embedding.linear_1.bias").unwrap();
+    kept[i].1 = candle_core::Tensor::zeros(7, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    sidscript::io::safetensors::save(&unet.join("diffusion_pytorch_model.safetensors"), &kept).unwrap();
+    let host = host();
+    let err = host.eval(&format!("load_unet(\"{}\")", dir.display())).unwrap_err().to_string();
+    for needle in [
+        "4 tensor problem(s)",
+        "missing conv_in.bias",
+        "missing conv_out.weight",
+        "unexpected stray.weight",
+        "wrong shape time_embedding.linear_1.bias",
+    ] {
+        assert!(err.contains(needle), "'{needle}' not in: {err}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
