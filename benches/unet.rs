@@ -31,7 +31,11 @@ fn random_unet(cfg: &UnetConfig) -> Unet {
         .named_weights()
         .iter()
         .map(|(n, t)| {
-            let v = if n.contains("norm") && n.ends_with("weight") { Tensor::ones(t.shape(), DType::F32, &Device::Cpu) } else { Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu) };
+            let v = if n.contains("norm") && n.ends_with("weight") {
+                Tensor::ones(t.shape(), DType::F32, &Device::Cpu)
+            } else {
+                Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu)
+            };
             (n.clone(), v.unwrap())
         })
         .collect();
@@ -69,7 +73,8 @@ fn bench_unet(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize
     println!("{name}: {} params, batch {batch}, {size}×{size} latents", unet.num_params());
     println!("  sidscript  forward {:8.1} ms   forward+backward {:8.1} ms", fwd * 1e3, fwd_bwd * 1e3);
     if let Some(v) = torch(&["unet".into(), cfg_json.into(), batch.to_string(), size.to_string(), reps.to_string()]) {
-        let (tf, tfb) = (v["forward_s"].as_f64().unwrap_or(f64::NAN), v["forward_backward_s"].as_f64().unwrap_or(f64::NAN));
+        let (tf, tfb) =
+            (v["forward_s"].as_f64().unwrap_or(f64::NAN), v["forward_backward_s"].as_f64().unwrap_or(f64::NAN));
         println!("  pytorch    forward {:8.1} ms   forward+backward {:8.1} ms", tf * 1e3, tfb * 1e3);
         println!("  ratio sidscript/pytorch: forward {:.2}×, forward+backward {:.2}×", fwd / tf, fwd_bwd / tfb);
     }
@@ -77,7 +82,9 @@ fn bench_unet(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize
 
 fn bench_adamw(n: usize) {
     let chunk = 1 << 22;
-    let named: Vec<(String, Tensor)> = (0..n.div_ceil(chunk)).map(|i| (format!("p{i}"), Tensor::randn(0f32, 0.02, chunk.min(n - i * chunk), &Device::Cpu).unwrap())).collect();
+    let named: Vec<(String, Tensor)> = (0..n.div_ceil(chunk))
+        .map(|i| (format!("p{i}"), Tensor::randn(0f32, 0.02, chunk.min(n - i * chunk), &Device::Cpu).unwrap()))
+        .collect();
     let (_, params) = params_from(&named).unwrap();
     drop(named);
     for p in &params {
@@ -107,6 +114,7 @@ const SD15_QUARTER: &str = r#"{"sample_size": 32, "in_channels": 4, "out_channel
  "norm_num_groups": 16}"#;
 
 fn main() {
+    sidscript::tune_runtime();
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
     if want("tiny") {

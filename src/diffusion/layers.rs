@@ -2,6 +2,7 @@
 //! only (candle's fused softmax/layer-norm kernels have no backward; see
 //! ../shared/notes/CANDLE.md). Norms compute in at least f32.
 
+use super::kernels::{normalize_last_dim, softmax_last_dim};
 use super::weights::Weights;
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
@@ -107,18 +108,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = upcast(x)?;
-        let mean = xf.mean_keepdim(D::Minus1)?;
-        let centred = xf.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(x.dtype())?;
+        let normed = normalize_last_dim(&upcast(x)?, self.eps)?.to_dtype(x.dtype())?;
         Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
 
-/// Softmax over the last dim, built from differentiable ops.
+/// Softmax over the last dim, with a backward (fused on the CPU).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    softmax_last_dim(x)
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {

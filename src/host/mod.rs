@@ -51,6 +51,7 @@ pub struct Host {
 
 impl Host {
     pub fn new(opts: HostOptions) -> crate::Result<Self> {
+        crate::tune_runtime();
         let runtime = Arc::new(Runtime::new(opts.seed, opts.device));
         runtime.set_config(opts.config);
         let mut engine = Engine::new();

@@ -1,0 +1,282 @@
+//! Fused CPU kernels, each with its backward, for the ops the diffusion models
+//! call most: normalising the last dim (layer norm, and group norm after a
+//! reshape) and softmax over the last dim. Composed from candle ops these cost
+//! 5–9 kernels and as many buffers forward, more backward; fused they cost one
+//! pass each way. On other devices and dtypes the composed forms are used.
+//!
+//! Backward is first-order: the gradient ops themselves have no backward.
+
+use crate::error::Result;
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Rows of at least this many elements in total are processed in parallel.
+const PAR_MIN: usize = 1 << 14;
+
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+fn rows_of<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<(&'a [T], usize)> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused kernel: input must be contiguous") };
+    Ok((&s[a..b], l.dims().last().copied().unwrap_or(1).max(1)))
+}
+
+fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(n).enumerate().for_each(|(r, o)| f(r, o));
+    } else {
+        out.chunks_mut(n).enumerate().for_each(|(r, o)| f(r, o));
+    }
+}
+
+macro_rules! dispatch1 {
+    ($s:expr, $l:expr, $f:ident $(, $arg:expr)*) => {
+        match $s {
+            CpuStorage::F32(v) => { let (x, n) = rows_of(v, $l)?; Ok((CpuStorage::F32($f(x, n $(, $arg as f32)*)), $l.shape().clone())) }
+            CpuStorage::F64(v) => { let (x, n) = rows_of(v, $l)?; Ok((CpuStorage::F64($f(x, n $(, $arg)*)), $l.shape().clone())) }
+            other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
+        }
+    };
+}
+
+macro_rules! dispatch2 {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:ident $(, $arg:expr)*) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (a, n) = rows_of(a, $l1)?; let (b, _) = rows_of(b, $l2)?;
+                Ok((CpuStorage::F32($f(a, b, n $(, $arg as f32)*)), $l1.shape().clone()))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (a, n) = rows_of(a, $l1)?; let (b, _) = rows_of(b, $l2)?;
+                Ok((CpuStorage::F64($f(a, b, n $(, $arg)*)), $l1.shape().clone()))
+            }
+            _ => candle_core::bail!("fused kernel: unsupported dtypes"),
+        }
+    };
+}
+
+/// Generic over f32/f64 through this small trait.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + PartialOrd
+{
+    const ZERO: Self;
+    fn from_usize(n: usize) -> Self;
+    fn sqrt(self) -> Self;
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    fn from_usize(n: usize) -> Self {
+        n as f32
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    fn from_usize(n: usize) -> Self {
+        n as f64
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
+    let n = T::from_usize(row.len());
+    let mean = row.iter().fold(T::ZERO, |a, &b| a + b) / n;
+    let var = row.iter().fold(T::ZERO, |a, &b| a + (b - mean) * (b - mean)) / n;
+    (mean, T::from_usize(1) / (var + eps).sqrt())
+}
+
+fn normalize_fwd<T: Real>(x: &[T], n: usize, eps: T) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    for_rows(&mut out, n, |r, o| {
+        let row = &x[r * n..(r + 1) * n];
+        let (mean, inv) = mean_inv_std(row, eps);
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = (v - mean) * inv;
+        }
+    });
+    out
+}
+
+/// dx = inv·(g − mean(g) − y·mean(g·y)), y recomputed from x.
+fn normalize_bwd<T: Real>(x: &[T], g: &[T], n: usize, eps: T) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    let nt = T::from_usize(n);
+    for_rows(&mut out, n, |r, o| {
+        let (row, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+        let (mean, inv) = mean_inv_std(row, eps);
+        let (mut sg, mut sgy) = (T::ZERO, T::ZERO);
+        for (&v, &gv) in row.iter().zip(gr) {
+            sg = sg + gv;
+            sgy = sgy + gv * (v - mean) * inv;
+        }
+        let (mg, mgy) = (sg / nt, sgy / nt);
+        for ((o, &v), &gv) in o.iter_mut().zip(row).zip(gr) {
+            *o = inv * (gv - mg - (v - mean) * inv * mgy);
+        }
+    });
+    out
+}
+
+fn softmax_fwd<T: Real>(x: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; x.len()];
+    for_rows(&mut out, n, |r, o| {
+        let row = &x[r * n..(r + 1) * n];
+        let max = row.iter().copied().fold(row[0], |a, b| if b > a { b } else { a });
+        let mut sum = T::ZERO;
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = (v - max).exp();
+            sum = sum + *o;
+        }
+        for o in o.iter_mut() {
+            *o = *o / sum;
+        }
+    });
+    out
+}
+
+/// dx = y·(g − Σ g·y).
+fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; y.len()];
+    for_rows(&mut out, n, |r, o| {
+        let (yr, gr) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+        let dot = yr.iter().zip(gr).fold(T::ZERO, |a, (&yv, &gv)| a + yv * gv);
+        for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+            *o = yv * (gv - dot);
+        }
+    });
+    out
+}
+
+struct Normalize(f64);
+struct NormalizeGrad(f64);
+struct Softmax;
+struct SoftmaxGrad;
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "normalize-last-dim"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch1!(s, l, normalize_fwd, self.0)
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &NormalizeGrad(self.0))?))
+    }
+}
+
+impl CustomOp2 for NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "normalize-last-dim-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(s1, l1, s2, l2, normalize_bwd, self.0)
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch1!(s, l, softmax_fwd)
+    }
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "softmax-last-dim-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(s1, l1, s2, l2, softmax_bwd)
+    }
+}
+
+/// (x − mean)/sqrt(var + eps) over the last dim (biased variance).
+pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
+    if fusable(x) {
+        return Ok(x.contiguous()?.apply_op1(Normalize(eps))?);
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?)
+}
+
+/// Softmax over the last dim.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fusable(x) {
+        return Ok(x.contiguous()?.apply_op1(Softmax)?);
+    }
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused kernels agree with the composed forms, values and gradients.
+    #[test]
+    fn fused_equals_composed() -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (3, 5, 7), &Device::Cpu)?;
+        let w = Tensor::randn(0f64, 1.0, (3, 5, 7), &Device::Cpu)?;
+        for which in ["norm", "softmax"] {
+            let v1 = candle_core::Var::from_tensor(&x)?;
+            let v2 = candle_core::Var::from_tensor(&x)?;
+            let (fused, composed) = if which == "norm" {
+                let c = {
+                    let m = v2.mean_keepdim(D::Minus1)?;
+                    let c = v2.broadcast_sub(&m)?;
+                    c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?)?
+                };
+                (normalize_last_dim(v1.as_tensor(), 1e-5)?, c)
+            } else {
+                (softmax_last_dim(v1.as_tensor())?, candle_nn::ops::softmax(v2.as_tensor(), D::Minus1)?)
+            };
+            let diff = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "{which}: values differ by {diff}");
+            let g1 = (fused * &w)?.sum_all()?.backward()?;
+            let g2 = (composed * &w)?.sum_all()?.backward()?;
+            let (a, b) = (g1.get(v1.as_tensor()).unwrap(), g2.get(v2.as_tensor()).unwrap());
+            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "{which}: gradients differ by {diff}");
+        }
+        Ok(())
+    }
+}
