@@ -10,6 +10,7 @@ pub mod error;
 pub mod host;
 pub mod io;
 pub mod rng;
+pub mod sid;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -50,6 +50,9 @@ pub struct RunArgs {
     /// cpu, or cuda:N with a build that has the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// A checkpoint folder to continue from; the script sees it as `cfg.resume`.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// `value` as the most specific Rhai value: int, float, bool, JSON array/object, else string.
@@ -84,6 +87,16 @@ impl RunArgs {
                 anyhow::bail!("--set expects key=value, got '{kv}'");
             }
             config.insert(k.into(), parse_value(v));
+        }
+        if let Some(r) = &self.resume {
+            if !r.join(crate::train::checkpoint::STATE_FILE).is_file() {
+                anyhow::bail!(
+                    "--resume {}: not a checkpoint folder (no {})",
+                    r.display(),
+                    crate::train::checkpoint::STATE_FILE
+                );
+            }
+            config.insert("resume".into(), r.display().to_string().into());
         }
         let device = tensor::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
         Ok(HostOptions { seed: self.seed, device, config })

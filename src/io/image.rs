@@ -37,3 +37,46 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
             .map_err(|e| Error::file(path, None, format!("cannot write PNG: {e}")))
     })
 }
+
+/// Images of a folder (png/jpg/jpeg), centre-cropped and resized to `size`×`size`,
+/// as an N×3×size×size tensor in [−1, 1], with each image's caption from the
+/// `.txt` file of the same name ("" when there is none). Sorted by file name.
+pub fn load_folder(dir: &Path, size: usize) -> Result<(Tensor, Vec<String>)> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::file(dir, None, "no png/jpg images in this folder"));
+    }
+    let mut pixels = Vec::with_capacity(files.len() * 3 * size * size);
+    let mut captions = Vec::with_capacity(files.len());
+    for f in &files {
+        let img = image::open(f).map_err(|e| Error::file(f, None, format!("cannot read image: {e}")))?.to_rgb8();
+        let (w, h) = img.dimensions();
+        let side = w.min(h);
+        let cropped = image::imageops::crop_imm(&img, (w - side) / 2, (h - side) / 2, side, side).to_image();
+        let resized =
+            image::imageops::resize(&cropped, size as u32, size as u32, image::imageops::FilterType::Lanczos3);
+        for c in 0..3 {
+            for y in 0..size {
+                for x in 0..size {
+                    pixels.push(resized.get_pixel(x as u32, y as u32)[c] as f32 / 127.5 - 1.0);
+                }
+            }
+        }
+        let txt = f.with_extension("txt");
+        captions.push(if txt.is_file() {
+            std::fs::read_to_string(&txt).map_err(|e| Error::io(&txt, e))?.trim().to_string()
+        } else {
+            String::new()
+        });
+    }
+    Ok((Tensor::from_vec(pixels, (files.len(), 3, size, size), &candle_core::Device::Cpu)?, captions))
+}

@@ -162,6 +162,48 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Per-parameter step counts, in group order.
+    pub fn step_counts(&self) -> Vec<u64> {
+        self.states.iter().flatten().map(|s| s.step).collect()
+    }
+
+    /// Restores moments (as written by [`Optimizer::state_tensors`]) and step counts.
+    pub fn load_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>, steps: &[u64]) -> Result<()> {
+        let total: usize = self.states.iter().map(Vec::len).sum();
+        if steps.len() != total {
+            return Err(Error::msg(format!(
+                "optimizer state holds {} parameters, this optimizer has {total}",
+                steps.len()
+            )));
+        }
+        let mut k = 0;
+        for (gi, (group, states)) in self.groups.iter().zip(self.states.iter_mut()).enumerate() {
+            for (pi, (p, st)) in group.params.iter().zip(states.iter_mut()).enumerate() {
+                st.step = steps[k];
+                k += 1;
+                let restore = |key: String| -> Result<Option<Buf>> {
+                    let Some(t) = tensors.get(&key) else { return Ok(None) };
+                    if t.dims() != p.tensor().dims() {
+                        return Err(Error::msg(format!(
+                            "optimizer state {key}: shape {:?}, parameter {:?}",
+                            t.dims(),
+                            p.tensor().dims()
+                        )));
+                    }
+                    let buf = zeros_like_buf(p.tensor())?;
+                    Ok(Some(match buf {
+                        Buf::F32(_) => Buf::F32(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+                        Buf::F64(_) => Buf::F64(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?),
+                        Buf::Tensor(z) => Buf::Tensor(t.to_dtype(z.dtype())?.to_device(z.device())?),
+                    }))
+                };
+                st.m = restore(format!("{gi}.{pi}.m"))?;
+                st.v = restore(format!("{gi}.{pi}.v"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The optimiser's moment buffers as named tensors (`<group>.<index>.m|v`) and the
     /// per-parameter step counts, for checkpoints.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {

@@ -51,3 +51,47 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         },
     );
 }
+
+/// Text and record files, image folders.
+pub fn register_files(api: &mut Api, rt: &Arc<Runtime>) {
+    api.group("io: files");
+    api.func(
+        "read_lines",
+        ["path"],
+        "The non-empty lines of a text file (e.g. a prompt file, one prompt per line).",
+        |p: &str| -> ScriptResult<rhai::Array> {
+            let text = std::fs::read_to_string(p).map_err(|e| script_err(format!("{p}: {e}")))?;
+            Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| Dynamic::from(l.to_string())).collect())
+        },
+    );
+    api.func(
+        "append_jsonl",
+        ["path", "record"],
+        "Appends a map as one JSON line (metrics logs); creates the folder and file.",
+        |p: &str, m: Map| -> ScriptResult<()> {
+            use std::io::Write;
+            let v: serde_json::Value =
+                rhai::serde::from_dynamic(&Dynamic::from(m)).map_err(|e| script_err(format!("append_jsonl: {e}")))?;
+            if let Some(dir) = Path::new(p).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| script_err(format!("{}: {e}", dir.display())))?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| script_err(format!("{p}: {e}")))?;
+            writeln!(f, "{v}").map_err(|e| script_err(format!("{p}: {e}")))
+        },
+    );
+    api.func("write_text", ["path", "text"], "Writes a text file atomically.", |p: &str, t: &str| {
+        crate::io::atomic::write_bytes(Path::new(p), t.as_bytes()).script()
+    });
+    let r = rt.clone();
+    api.func("load_image_folder", ["dir", "size"], "Images of a folder (png/jpg), centre-cropped to size×size, as #{ images: N×3×size×size in [-1, 1], captions: [...] } (captions from same-named .txt files).", move |d: &str, s: i64| -> ScriptResult<Map> {
+        let (images, captions) = crate::io::image::load_folder(Path::new(d), usize::try_from(s).script()?).script()?;
+        let mut m = Map::new();
+        m.insert("images".into(), Dynamic::from(T::new(images.to_device(&r.device).script()?)));
+        m.insert("captions".into(), Dynamic::from_array(captions.into_iter().map(Dynamic::from).collect()));
+        Ok(m)
+    });
+}

@@ -1,6 +1,7 @@
 //! Native functions registered into the engine, one file per concern.
 
 pub mod autograd;
+pub mod checkpoint;
 pub mod convert;
 pub mod create;
 pub mod io;
@@ -10,6 +11,7 @@ pub mod optim;
 pub mod run;
 pub mod sampling;
 pub mod shape;
+pub mod sid;
 
 use super::docs::Api;
 use super::runtime::Runtime;
@@ -25,7 +27,10 @@ pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
     autograd::register(api);
     optim::register(api);
     io::register(api, rt);
+    io::register_files(api, rt);
     models::register(api, rt);
     sampling::register(api);
+    sid::register(api, rt);
+    checkpoint::register(api, rt);
     run::register(api, rt);
 }

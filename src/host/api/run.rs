@@ -7,7 +7,12 @@ use rhai::Map;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A progress bar (`Progress`) for long loops.
+#[derive(Clone)]
+pub struct ProgressHandle(indicatif::ProgressBar);
+
 pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.engine.register_type_with_name::<ProgressHandle>("Progress");
     api.group("run");
     let r = rt.clone();
     api.func(
@@ -20,6 +25,36 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     api.func("default_device", [], "The run's device (--device): cpu or cuda:N.", move || {
         tensor::device_name(&r.device)
     });
+    api.func(
+        "progress_bar",
+        ["total", "label"],
+        "A progress bar on stderr with `total` steps (hidden when stderr is not a terminal).",
+        |n: i64, label: &str| {
+            let bar = indicatif::ProgressBar::new(n.max(0) as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            ProgressHandle(bar)
+        },
+    );
+    api.method(
+        "tick",
+        ["bar", "message"],
+        "Advances the bar by one and shows a message.",
+        |b: &mut ProgressHandle, m: &str| {
+            b.0.set_message(m.to_string());
+            b.0.inc(1);
+        },
+    );
+    api.method("set_position", ["bar", "pos"], "Moves the bar to a position.", |b: &mut ProgressHandle, p: i64| {
+        b.0.set_position(p.max(0) as u64)
+    });
+    api.method("finish", ["bar"], "Ends the bar, leaving it on screen.", |b: &mut ProgressHandle| b.0.finish());
     let start = Instant::now();
     api.func("elapsed", [], "Seconds since the engine was made.", move || start.elapsed().as_secs_f64());
 }

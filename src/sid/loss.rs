@@ -1,0 +1,160 @@
+//! The two SiD losses (spec §2.2, §2.3, §3).
+
+use crate::diffusion::condition::Condition;
+use crate::diffusion::guidance::guided;
+use crate::diffusion::schedule::VpSchedule;
+use crate::diffusion::unet::Unet;
+use crate::error::Result;
+use candle_core::{DType, Tensor, D};
+
+/// How the generator loss weights each sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weighting {
+    /// 1/w with w = mean_CHW |x_g − y_r| clipped at 1e-5, detached (SiD-LSG; the default).
+    SidLegacy,
+    /// ml-sid-dit's σ-based alternatives, with σ = σ_t of the VP schedule.
+    OneMinusSigma,
+    OneMinusSigmaSquared,
+    OneOverSigma,
+    OneOverSigma2,
+    Snr,
+    SnrSqrt,
+}
+
+impl std::str::FromStr for Weighting {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "sid_legacy" => Self::SidLegacy,
+            "1_minus_sigma" => Self::OneMinusSigma,
+            "1_minus_sigma_squared" => Self::OneMinusSigmaSquared,
+            "1_over_sigma" => Self::OneOverSigma,
+            "1_over_sigma2" => Self::OneOverSigma2,
+            "snr" => Self::Snr,
+            "snr_sqrt" => Self::SnrSqrt,
+            other => crate::bail!("weighting '{other}': sid_legacy, 1_minus_sigma, 1_minus_sigma_squared, 1_over_sigma, 1_over_sigma2, snr, snr_sqrt"),
+        })
+    }
+}
+
+/// The discriminator logits of a UNet pass: the channel mean of the mid-block output.
+pub fn logits_from_mid(mid: &Tensor) -> Result<Tensor> {
+    Ok(mid.mean_keepdim(1)?)
+}
+
+/// What the fake-score loss computed.
+pub struct FakeScoreOut {
+    /// (scale / divisor)·Σ_i Σ_pixels (ε̂^{κ1} − ε)².
+    pub loss: Tensor,
+    /// x_t = a_t x_g + σ_t ε.
+    pub x_t: Tensor,
+    /// Discriminator logits of x_t from the same forward (B×1×h×w).
+    pub logits: Tensor,
+}
+
+/// The fake-score (ψ) loss: denoising score matching on generator samples `x_g`
+/// (detached here), at timesteps `t` with noise `noise`, guidance κ1 on ψ.
+#[allow(clippy::too_many_arguments)]
+pub fn fake_score_loss(
+    fake: &Unet,
+    sch: &VpSchedule,
+    x_g: &Tensor,
+    t: &Tensor,
+    noise: &Tensor,
+    cond: &Condition,
+    null: &Condition,
+    k1: f64,
+    divisor: f64,
+) -> Result<FakeScoreOut> {
+    let x_g = x_g.detach();
+    let x_t = sch.add_noise(&x_g, noise, t)?;
+    let g = guided(fake, &x_t, t, cond, null, k1)?;
+    let eps = sch.to_eps(&x_t, &g.pred, t)?;
+    let loss = ((eps - noise)?.sqr()?.sum_all()? / divisor)?;
+    Ok(FakeScoreOut { loss, x_t, logits: logits_from_mid(&g.mid)? })
+}
+
+/// What the generator loss computed.
+pub struct GeneratorOut {
+    /// (scale / divisor)·Σ over kept samples and pixels of the SiD loss ℓ.
+    pub loss: Tensor,
+    /// The per-sample weight applied (1/w for sid_legacy), detached, B values.
+    pub weight: Tensor,
+    /// Discriminator logits of x_t from the fake-net pass that gave y_f.
+    pub logits: Tensor,
+    /// Which samples were kept (those with finite x_g, y_r and y_f).
+    pub kept: Vec<bool>,
+    pub y_real: Tensor,
+    pub y_fake: Tensor,
+}
+
+/// The SiD generator loss. x_t = a_t x_g + σ_t ε is fed to the teacher (κ4) and to
+/// the fake net (κ2); gradients flow through both networks into x_g; only the
+/// normaliser w is detached. `fake` should be a detached view of ψ so that ψ's
+/// weights get no gradient.
+///
+/// ℓ = (y_r − y_f) ⊙ [(y_r − x_g) − α (y_r − y_f)] · weight
+#[allow(clippy::too_many_arguments)]
+pub fn generator_loss(
+    teacher: &Unet,
+    fake: &Unet,
+    sch: &VpSchedule,
+    x_g: &Tensor,
+    t: &Tensor,
+    noise: &Tensor,
+    cond: &Condition,
+    null: &Condition,
+    k2: f64,
+    k4: f64,
+    alpha: f64,
+    weighting: Weighting,
+    divisor: f64,
+) -> Result<GeneratorOut> {
+    let x_t = sch.add_noise(x_g, noise, t)?;
+    let real = guided(teacher, &x_t, t, cond, null, k4)?;
+    let y_r = sch.to_x0(&x_t, &real.pred, t)?;
+    let fake_out = guided(fake, &x_t, t, cond, null, k2)?;
+    let y_f = sch.to_x0(&x_t, &fake_out.pred, t)?;
+    let b = x_g.dim(0)?;
+    let weight = match weighting {
+        Weighting::SidLegacy => {
+            let w = (x_g - &y_r)?.abs()?.reshape((b, ()))?.mean(D::Minus1)?.detach();
+            w.clamp(1e-5, f64::INFINITY)?.recip()?
+        }
+        other => {
+            let (a, s) = sch.coefficients(t, &t.to_dtype(DType::F64)?.unsqueeze(1)?)?;
+            let (a, s) = (a.flatten_all()?, s.flatten_all()?);
+            let w = match other {
+                Weighting::OneMinusSigma => s.affine(-1.0, 1.0)?,
+                Weighting::OneMinusSigmaSquared => s.sqr()?.affine(-1.0, 1.0)?,
+                Weighting::OneOverSigma => s.recip()?,
+                Weighting::OneOverSigma2 => s.sqr()?.recip()?,
+                Weighting::Snr => (a.sqr()? / s.sqr()?)?,
+                Weighting::SnrSqrt => (a / s)?,
+                Weighting::SidLegacy => a.ones_like()?,
+            };
+            w.to_dtype(x_g.dtype())?
+        }
+    };
+    let diff = (&y_r - &y_f)?;
+    let inner = ((&y_r - x_g)? - (&diff * alpha)?)?;
+    let per_sample = (diff * inner)?.reshape((b, ()))?.sum(D::Minus1)?;
+    // Samples with a NaN anywhere are dropped.
+    let kept = {
+        let (fx, fr, ff) = (super::finite_rows(x_g)?, super::finite_rows(&y_r)?, super::finite_rows(&y_f)?);
+        (0..b).map(|i| fx[i] && fr[i] && ff[i]).collect::<Vec<_>>()
+    };
+    let weighted = (per_sample * &weight)?;
+    let loss = if kept.iter().all(|&k| k) {
+        (weighted.sum_all()? / divisor)?
+    } else {
+        let idx: Vec<u32> = (0..b as u32).filter(|&i| kept[i as usize]).collect();
+        if idx.is_empty() {
+            (weighted.sum_all()? * 0.0)?.detach()
+        } else {
+            let n = idx.len();
+            (weighted.index_select(&Tensor::from_vec(idx, n, x_g.device())?, 0)?.sum_all()? / divisor)?
+        }
+    };
+    Ok(GeneratorOut { loss, weight, logits: logits_from_mid(&fake_out.mid)?, kept, y_real: y_r, y_fake: y_f })
+}
