@@ -42,13 +42,18 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn losses_chain_and_gradients_match_the_pytorch_reference() {
-    let r: HashMap<String, Tensor> = sidscript::io::safetensors::load(&fixtures().join("sid-reference.safetensors"), &Device::Cpu, None).unwrap().into_iter().collect();
+    let r: HashMap<String, Tensor> =
+        sidscript::io::safetensors::load(&fixtures().join("sid-reference.safetensors"), &Device::Cpu, None)
+            .unwrap()
+            .into_iter()
+            .collect();
     let teacher = Unet::load(&fixtures().join("tiny-sd15"), DType::F64, &Device::Cpu, None).unwrap();
     let fake = teacher.with_weights(perturbed(&teacher, 0.0)).unwrap();
     let gen_base = teacher.with_weights(perturbed(&teacher, 1.0)).unwrap();
     let (map, params) = params_from(gen_base.named_weights()).unwrap();
     let gen = gen_base.with_weights(map).unwrap();
-    let frozen_gen = gen.with_weights(gen.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect()).unwrap();
+    let frozen_gen =
+        gen.with_weights(gen.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect()).unwrap();
     let by_name: HashMap<String, _> = params.iter().map(|p| (p.name(), p.clone())).collect();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
     let cond = Condition { context: r["c"].clone(), pooled: None, time_ids: None };
@@ -62,10 +67,27 @@ fn losses_chain_and_gradients_match_the_pytorch_reference() {
             let x_g = generate(&gen, &frozen_gen, &sch, &r["z"], &cond, &ts, 3, NoiseType::Fresh, &noises).unwrap().x;
             assert!(max_rel(&x_g, &r[&format!("{tag}.x_g")]) < 1e-5, "{tag}: x_g");
             let f = fake_score_loss(&fake, &sch, &x_g, &r["t_f"], &r["n_f"], &cond, &null, kappa, 2.0).unwrap();
-            let (got, want) = (f.loss.to_scalar::<f64>().unwrap(), r[&format!("{tag}.loss_fake")].to_vec1::<f64>().unwrap()[0]);
+            let (got, want) =
+                (f.loss.to_scalar::<f64>().unwrap(), r[&format!("{tag}.loss_fake")].to_vec1::<f64>().unwrap()[0]);
             assert!(rel(got, want) < 1e-5, "{tag}: fake-score loss {got} vs {want}");
-            let g = generator_loss(&teacher, &fake, &sch, &x_g, &r["t_g"], &r["n_g"], &cond, &null, kappa, kappa, alpha, Weighting::SidLegacy, 2.0).unwrap();
-            let (got, want) = (g.loss.to_scalar::<f64>().unwrap(), r[&format!("{tag}.loss_gen")].to_vec1::<f64>().unwrap()[0]);
+            let g = generator_loss(
+                &teacher,
+                &fake,
+                &sch,
+                &x_g,
+                &r["t_g"],
+                &r["n_g"],
+                &cond,
+                &null,
+                kappa,
+                kappa,
+                alpha,
+                Weighting::SidLegacy,
+                2.0,
+            )
+            .unwrap();
+            let (got, want) =
+                (g.loss.to_scalar::<f64>().unwrap(), r[&format!("{tag}.loss_gen")].to_vec1::<f64>().unwrap()[0]);
             assert!(rel(got, want) < 1e-5, "{tag}: generator loss {got} vs {want}");
             backward(&g.loss).unwrap();
             for key in r.keys().filter(|k| k.starts_with(&format!("{tag}.grad."))) {
@@ -74,7 +96,12 @@ fn losses_chain_and_gradients_match_the_pytorch_reference() {
                 let err = max_rel(&got, &r[key]);
                 assert!(err < 1e-5, "{tag}: gradient of {name} off by {err} (relative to its largest entry)");
             }
-            let norm: f64 = params.iter().filter_map(|p| p.grad()).map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum::<f64>().sqrt();
+            let norm: f64 = params
+                .iter()
+                .filter_map(|p| p.grad())
+                .map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap())
+                .sum::<f64>()
+                .sqrt();
             let want = r[&format!("{tag}.grad_norm")].to_vec1::<f64>().unwrap()[0];
             assert!(rel(norm, want) < 1e-5, "{tag}: gradient norm {norm} vs {want}");
         }

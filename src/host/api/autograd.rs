@@ -9,7 +9,7 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::TensorHandle as T;
+use crate::host::tensor::{number, TensorHandle as T};
 use crate::train::{clip, Param};
 use rhai::{Array, Dynamic, Map};
 use std::sync::Arc;
@@ -131,13 +131,13 @@ pub fn register(api: &mut Api) {
         "clip_grad_value",
         ["params", "limit"],
         "Clamps every gradient element into [-limit, limit].",
-        |v: Dynamic, l: f64| clip::clip_grad_value(&params_of(&v)?, l).script(),
+        |v: Dynamic, l: Dynamic| clip::clip_grad_value(&params_of(&v)?, number(&l, "limit")?).script(),
     );
     api.func(
         "clip_grad_norm",
         ["params", "max_norm"],
         "Rescales gradients so their global L2 norm is at most max_norm; returns the norm before.",
-        |v: Dynamic, m: f64| clip::clip_grad_norm(&params_of(&v)?, m).script(),
+        |v: Dynamic, m: Dynamic| clip::clip_grad_norm(&params_of(&v)?, number(&m, "max_norm")?).script(),
     );
     api.func("grad_norm", ["params"], "Global L2 norm of the gradients.", |v: Dynamic| {
         clip::grad_norm(&params_of(&v)?).script()

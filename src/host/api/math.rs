@@ -128,14 +128,14 @@ pub fn register(api: &mut Api) {
     api.method("maximum", ["x", "y"], "Elementwise maximum with broadcasting.", |x: &mut T, y: T| {
         ok(x.tensor().broadcast_maximum(y.tensor()))
     });
-    api.method("maximum", ["x", "y"], "Elementwise maximum with a number.", |x: &mut T, y: f64| {
-        ok(x.tensor().maximum(y))
+    api.method("maximum", ["x", "y"], "Elementwise maximum with a number.", |x: &mut T, y: Dynamic| {
+        ok(x.tensor().maximum(tensor::number(&y, "y")?))
     });
     api.method("minimum", ["x", "y"], "Elementwise minimum with broadcasting.", |x: &mut T, y: T| {
         ok(x.tensor().broadcast_minimum(y.tensor()))
     });
-    api.method("minimum", ["x", "y"], "Elementwise minimum with a number.", |x: &mut T, y: f64| {
-        ok(x.tensor().minimum(y))
+    api.method("minimum", ["x", "y"], "Elementwise minimum with a number.", |x: &mut T, y: Dynamic| {
+        ok(x.tensor().minimum(tensor::number(&y, "y")?))
     });
     api.method("softmax", ["x", "dim"], "Softmax over `dim` (differentiable form).", |x: &mut T, d: i64| -> R {
         let d = tensor::dim(d, x.tensor().rank())?;

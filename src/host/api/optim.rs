@@ -133,7 +133,8 @@ pub fn register(api: &mut Api) {
     api.getter("lr", "The first group's learning rate.", |o: &mut OptimizerHandle| {
         o.lock().groups().first().map(|g| g.lr).unwrap_or(0.0)
     });
-    api.setter("lr", "Sets every group's learning rate.", |o: &mut OptimizerHandle, lr: f64| -> ScriptResult<()> {
+    api.setter("lr", "Sets every group's learning rate.", |o: &mut OptimizerHandle, lr: Dynamic| -> ScriptResult<()> {
+        let lr = number(&lr, "lr")?;
         let mut opt = o.lock();
         (0..opt.groups().len()).try_for_each(|i| opt.set_lr(i, lr)).script()
     });
@@ -141,8 +142,8 @@ pub fn register(api: &mut Api) {
         "set_lr",
         ["opt", "group", "lr"],
         "Sets one group's learning rate.",
-        |o: &mut OptimizerHandle, g: i64, lr: f64| -> ScriptResult<()> {
-            o.lock().set_lr(usize::try_from(g).script()?, lr).script()
+        |o: &mut OptimizerHandle, g: i64, lr: Dynamic| -> ScriptResult<()> {
+            o.lock().set_lr(usize::try_from(g).script()?, number(&lr, "lr")?).script()
         },
     );
     api.method("group_lrs", ["opt"], "Every group's learning rate, in order.", |o: &mut OptimizerHandle| -> Array {

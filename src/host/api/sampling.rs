@@ -116,7 +116,8 @@ pub fn register(api: &mut Api) {
     );
 
     api.group("sampling");
-    api.func("guided", ["unet", "x", "t", "cond", "null", "scale"], "Classifier-free-guided prediction: κ = 1 one conditional pass, κ = 0 the null branch alone, otherwise null and text rows in one doubled batch.", |u: UnetHandle, x: T, t: Dynamic, c: Dynamic, n: Dynamic, k: f64| -> ScriptResult<T> {
+    api.func("guided", ["unet", "x", "t", "cond", "null", "scale"], "Classifier-free-guided prediction: κ = 1 one conditional pass, κ = 0 the null branch alone, otherwise null and text rows in one doubled batch.", |u: UnetHandle, x: T, t: Dynamic, c: Dynamic, n: Dynamic, k: Dynamic| -> ScriptResult<T> {
+        let k = number(&k, "scale")?;
         let t = timesteps_arg(&t, x.tensor().device())?;
         Ok(T::new(guided(&u.net, x.tensor(), &t, &cond_from(&c)?, &cond_from(&n)?, k).script()?.pred))
     });

@@ -176,8 +176,8 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ]))
     });
     let r = rt.clone();
-    api.func("sid_dropout", ["cond", "uncond", "p"], "The condition with each row replaced by the null row with probability p (the run's generator); 10% in the fake-score step when a guidance scale ≠ 1.", move |c: Dynamic, n: Dynamic, p: f64| -> ScriptResult<Map> {
-        let (c, _) = dropout(&r, &cond_from(&c)?, &cond_from(&n)?, p).script()?;
+    api.func("sid_dropout", ["cond", "uncond", "p"], "The condition with each row replaced by the null row with probability p (the run's generator); 10% in the fake-score step when a guidance scale ≠ 1.", move |c: Dynamic, n: Dynamic, p: Dynamic| -> ScriptResult<Map> {
+        let (c, _) = dropout(&r, &cond_from(&c)?, &cond_from(&n)?, number(&p, "p")?).script()?;
         Ok(cond_to(&c))
     });
     api.func("sid_gan_d_loss", ["fake", "sch", "real", "t", "noise", "cond", "logits_fake", "opts"], "Diffusion-GAN discriminator loss for the fake-score step: real latents noised with the same t and noise, logits from ψ's encoder; (scale·CHW/divisor)·Σ[BCE(real,1) + BCE(fake,0)]. Returns #{ loss, logits_real }. Options: scale (1), divisor (batch).", |f: UnetHandle, s: ScheduleHandle, real: T, t: T, noise: T, c: Dynamic, lf: T, o: Map| -> ScriptResult<Map> {
