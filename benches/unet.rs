@@ -25,7 +25,7 @@ fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn random_unet(cfg: &UnetConfig) -> Unet {
+pub fn random_unet(cfg: &UnetConfig) -> Unet {
     let shapes = Unet::build(cfg, Weights::shapes_only(DType::F32)).unwrap();
     let map: HashMap<String, Tensor> = shapes
         .named_weights()
@@ -42,7 +42,7 @@ fn random_unet(cfg: &UnetConfig) -> Unet {
     Unet::build(cfg, Weights::from_tensors(map, DType::F32, &Device::Cpu)).unwrap()
 }
 
-fn torch(args: &[String]) -> Option<serde_json::Value> {
+pub fn torch(args: &[String]) -> Option<serde_json::Value> {
     let py = std::env::var("SIDSCRIPT_TORCH_PYTHON").ok()?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/bench_torch.py");
     let out = std::process::Command::new(py).arg(script).args(args).output().ok()?;
@@ -101,13 +101,13 @@ fn bench_adamw(n: usize) {
     }
 }
 
-const TINY: &str = r#"{"sample_size": 16, "in_channels": 4, "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+pub const TINY: &str = r#"{"sample_size": 16, "in_channels": 4, "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [64, 128], "layers_per_block": 1,
  "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 32}"#;
 
 /// SD1.5's topology (4 levels, 2 layers, cross-attention at the top 3, 8 heads,
 /// 768-d text) at a quarter of its width.
-const SD15_QUARTER: &str = r#"{"sample_size": 32, "in_channels": 4, "out_channels": 4,
+pub const SD15_QUARTER: &str = r#"{"sample_size": 32, "in_channels": 4, "out_channels": 4,
  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
  "block_out_channels": [80, 160, 320, 320], "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,

@@ -62,3 +62,79 @@ if __name__ == "__main__":
         print(json.dumps(unet(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
     elif what == "adamw":
         print(json.dumps(adamw(int(sys.argv[2]), int(sys.argv[3]))))
+
+
+def sid_iteration(cfg, batch, size, reps, k=2, K=4, kappa=1.5):
+    """One SiD iteration (fake-score step + generator step, κ = 1.5 on both nets) with
+    three diffusers UNets and Adam(β1 = 0), as benches/sid_iteration.rs runs it."""
+    import copy
+    from diffusers import UNet2DConditionModel
+    cfg = {k_: v for k_, v in cfg.items() if not k_.startswith("_")}
+    teacher = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
+    gen, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-6, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-6, betas=(0.0, 0.999))
+    b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    ab = torch.cumprod(1 - b, 0)
+    ch = cfg.get("in_channels", 4)
+    c = torch.randn(batch, 77, cfg["cross_attention_dim"])
+    null = torch.randn(1, 77, cfg["cross_attention_dim"]).expand(batch, -1, -1)
+    ts = [int(625 * (1 - i / K)) for i in range(K)]
+
+    def coef(t):
+        a = ab[t].reshape(-1, 1, 1, 1)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def x0(net, x, t, ctx):
+        a, s = coef(t)
+        return (x - s * net(x, t.float(), encoder_hidden_states=ctx).sample) / a
+
+    def guided_eps(net, x, t, scale):
+        out = net(torch.cat([x, x]), torch.cat([t, t]).float(), encoder_hidden_states=torch.cat([null, c])).sample
+        eu, ec = out.chunk(2)
+        return eu + scale * (ec - eu)
+
+    def generate(grad):
+        z = torch.randn(batch, ch, size, size)
+        x = coef(torch.full((batch,), ts[0]))[1] * z
+        for i in range(k):
+            t = torch.full((batch,), ts[i])
+            if i + 1 < k or not grad:
+                with torch.no_grad():
+                    xh = x0(gen, x, t, c)
+                if i + 1 == k:
+                    return xh
+                a, s = coef(torch.full((batch,), ts[i + 1]))
+                x = a * xh + s * torch.randn_like(xh)
+            else:
+                return x0(gen, x, t, c)
+
+    def iteration():
+        x_g = generate(False)
+        t = torch.randint(20, 980, (batch,))
+        n = torch.randn_like(x_g)
+        a, s = coef(t)
+        loss_f = ((guided_eps(fake, a * x_g + s * n, t, kappa) - n) ** 2).sum() / batch
+        opt_f.zero_grad(set_to_none=True)
+        loss_f.backward()
+        opt_f.step()
+        fake.requires_grad_(False)
+        x_g = generate(True)
+        t = torch.randint(20, 980, (batch,))
+        a, s = coef(t)
+        x_t = a * x_g + s * torch.randn_like(x_g)
+        y_r = (x_t - s * guided_eps(teacher, x_t, t, kappa)) / a
+        y_f = (x_t - s * guided_eps(fake, x_t, t, kappa)) / a
+        with torch.no_grad():
+            w = (x_g - y_r).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
+        loss_g = ((y_r - y_f) * (y_f - x_g) / w).sum() / batch
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        fake.requires_grad_(True)
+
+    return {"iteration_s": best(iteration, reps)}
+
+
+if __name__ == "__main__" and sys.argv[1] == "sid":
+    print(json.dumps(sid_iteration(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))

@@ -1,0 +1,92 @@
+//! One full SiD iteration — fake-score step then generator step, κ = 1.5 on both
+//! networks, k = 2 of K = 4 generator steps, Adam(β1 = 0) — on a tiny config and on
+//! SD1.5's topology at a quarter width, side by side with the same iteration in
+//! PyTorch + diffusers (tools/bench_torch.py) in the same run.
+//!
+//!     SIDSCRIPT_TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench sid_iteration
+
+use candle_core::{DType, Device};
+use sidscript::diffusion::condition::Condition;
+use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
+use sidscript::diffusion::unet::{Unet, UnetConfig};
+use sidscript::rng::Generator;
+use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
+use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
+use sidscript::train::param::{backward, params_from};
+use sidscript::train::{Method, Optimizer, ParamGroup};
+use std::time::Instant;
+
+#[path = "unet.rs"]
+#[allow(dead_code)]
+mod unet_bench;
+
+fn detached(u: &Unet) -> Unet {
+    u.with_weights(u.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect()).unwrap()
+}
+
+fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
+    let cfg = UnetConfig::from_json(cfg_json).unwrap();
+    let teacher = unet_bench::random_unet(&cfg);
+    let (gmap, gparams) = params_from(teacher.named_weights()).unwrap();
+    let (fmap, fparams) = params_from(teacher.named_weights()).unwrap();
+    let (gen, fake) = (teacher.with_weights(gmap).unwrap(), teacher.with_weights(fmap).unwrap());
+    let (gen_frozen, fake_frozen) = (detached(&gen), detached(&fake));
+    let adam = Method::Adam { beta1: 0.0, beta2: 0.999, eps: 1e-8, decoupled: false };
+    let mut opt_g = Optimizer::new(adam, vec![ParamGroup { params: gparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
+    let mut opt_f = Optimizer::new(adam, vec![ParamGroup { params: fparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
+    let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
+    let mut rng = Generator::new(0);
+    let dev = Device::Cpu;
+    let d = cfg.cross_attention_dim;
+    let cond = Condition { context: rng.randn((batch, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
+    let null = Condition { context: rng.randn((1, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
+    let ts = step_timesteps(625, 4).unwrap();
+    let shape = (batch, cfg.in_channels, size, size);
+    let mut iteration = || {
+        let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
+        let t_of = |rng: &mut Generator| sidscript::sid::t_tensor(&rng.randint(batch, 20, 980).unwrap().iter().map(|&t| t as usize).collect::<Vec<_>>(), &dev).unwrap();
+        // Fake-score step.
+        let (z, n1) = (draw(&mut rng), draw(&mut rng));
+        let x_g = generate(&gen_frozen, &gen_frozen, &sch, &z, &cond, &ts, 2, NoiseType::Fresh, &[n1]).unwrap().x;
+        let (t, n) = (t_of(&mut rng), draw(&mut rng));
+        let f = fake_score_loss(&fake, &sch, &x_g, &t, &n, &cond, &null, 1.5, batch as f64).unwrap();
+        fparams.iter().for_each(|p| p.zero_grad());
+        backward(&f.loss).unwrap();
+        opt_f.step().unwrap();
+        // Generator step.
+        let (z, n1) = (draw(&mut rng), draw(&mut rng));
+        let x_g = generate(&gen, &gen_frozen, &sch, &z, &cond, &ts, 2, NoiseType::Fresh, &[n1]).unwrap().x;
+        let (t, n) = (t_of(&mut rng), draw(&mut rng));
+        let g = generator_loss(&teacher, &fake_frozen, &sch, &x_g, &t, &n, &cond, &null, 1.5, 1.5, 1.0, Weighting::SidLegacy, batch as f64).unwrap();
+        gparams.iter().for_each(|p| p.zero_grad());
+        backward(&g.loss).unwrap();
+        opt_g.step().unwrap();
+    };
+    iteration();
+    let best = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            iteration();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    println!("{name}: {} params per UNet, batch {batch}, {size}×{size} latents", teacher.num_params());
+    println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
+    if let Some(v) = unet_bench::torch(&["sid".into(), cfg_json.into(), batch.to_string(), size.to_string(), reps.to_string()]) {
+        let ts = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
+        println!("  pytorch    one iteration {:8.1} ms", ts * 1e3);
+        println!("  ratio sidscript/pytorch: {:.2}×", best / ts);
+    }
+}
+
+fn main() {
+    sidscript::tune_runtime();
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
+    if want("tiny") {
+        bench("tiny", unet_bench::TINY, 4, 16, 3);
+    }
+    if want("sd15") {
+        bench("SD1.5 topology at 1/4 width", unet_bench::SD15_QUARTER, 1, 32, 2);
+    }
+}
