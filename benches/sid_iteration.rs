@@ -32,19 +32,28 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
     let (gen, fake) = (teacher.with_weights(gmap).unwrap(), teacher.with_weights(fmap).unwrap());
     let (gen_frozen, fake_frozen) = (detached(&gen), detached(&fake));
     let adam = Method::Adam { beta1: 0.0, beta2: 0.999, eps: 1e-8, decoupled: false };
-    let mut opt_g = Optimizer::new(adam, vec![ParamGroup { params: gparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
-    let mut opt_f = Optimizer::new(adam, vec![ParamGroup { params: fparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
+    let mut opt_g =
+        Optimizer::new(adam, vec![ParamGroup { params: gparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
+    let mut opt_f =
+        Optimizer::new(adam, vec![ParamGroup { params: fparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
     let mut rng = Generator::new(0);
     let dev = Device::Cpu;
     let d = cfg.cross_attention_dim;
-    let cond = Condition { context: rng.randn((batch, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
+    let cond =
+        Condition { context: rng.randn((batch, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
     let null = Condition { context: rng.randn((1, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
     let ts = step_timesteps(625, 4).unwrap();
     let shape = (batch, cfg.in_channels, size, size);
     let mut iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
-        let t_of = |rng: &mut Generator| sidscript::sid::t_tensor(&rng.randint(batch, 20, 980).unwrap().iter().map(|&t| t as usize).collect::<Vec<_>>(), &dev).unwrap();
+        let t_of = |rng: &mut Generator| {
+            sidscript::sid::t_tensor(
+                &rng.randint(batch, 20, 980).unwrap().iter().map(|&t| t as usize).collect::<Vec<_>>(),
+                &dev,
+            )
+            .unwrap()
+        };
         // Fake-score step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
         let x_g = generate(&gen_frozen, &gen_frozen, &sch, &z, &cond, &ts, 2, NoiseType::Fresh, &[n1]).unwrap().x;
@@ -57,7 +66,22 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
         let x_g = generate(&gen, &gen_frozen, &sch, &z, &cond, &ts, 2, NoiseType::Fresh, &[n1]).unwrap().x;
         let (t, n) = (t_of(&mut rng), draw(&mut rng));
-        let g = generator_loss(&teacher, &fake_frozen, &sch, &x_g, &t, &n, &cond, &null, 1.5, 1.5, 1.0, Weighting::SidLegacy, batch as f64).unwrap();
+        let g = generator_loss(
+            &teacher,
+            &fake_frozen,
+            &sch,
+            &x_g,
+            &t,
+            &n,
+            &cond,
+            &null,
+            1.5,
+            1.5,
+            1.0,
+            Weighting::SidLegacy,
+            batch as f64,
+        )
+        .unwrap();
         gparams.iter().for_each(|p| p.zero_grad());
         backward(&g.loss).unwrap();
         opt_g.step().unwrap();
@@ -72,7 +96,9 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
         .fold(f64::INFINITY, f64::min);
     println!("{name}: {} params per UNet, batch {batch}, {size}×{size} latents", teacher.num_params());
     println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
-    if let Some(v) = unet_bench::torch(&["sid".into(), cfg_json.into(), batch.to_string(), size.to_string(), reps.to_string()]) {
+    if let Some(v) =
+        unet_bench::torch(&["sid".into(), cfg_json.into(), batch.to_string(), size.to_string(), reps.to_string()])
+    {
         let ts = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
         println!("  pytorch    one iteration {:8.1} ms", ts * 1e3);
         println!("  ratio sidscript/pytorch: {:.2}×", best / ts);

@@ -1,8 +1,10 @@
 //! sidscript: Score identity Distillation of text-to-image diffusion models, with
 //! the experiment written in Rhai and everything heavy done natively with candle.
 //!
-//! Layers, each using only those before it: [`rng`], [`io`] and [`train`] (native),
-//! then [`host`] (the Rhai engine and its bindings), then the CLI in `main.rs`/[`cli`].
+//! Layers, each using only those before it: [`error`], [`rng`], [`io`]; [`diffusion`]
+//! (models, schedules, samplers); [`sid`] (the distillation math); [`train`]
+//! (parameters, optimisers, EMA, checkpoints); [`host`] (the Rhai engine and its
+//! bindings); the CLI in [`cli`] and `main.rs`.
 
 pub mod cli;
 pub mod diffusion;

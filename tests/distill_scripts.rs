@@ -85,6 +85,14 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     }
     sidscript::diffusion::unet::Unet::load(&gen, candle_core::DType::F32, &candle_core::Device::Cpu, None).unwrap();
     assert!(a.join("grid-4.png").is_file());
+    // scripts/sample.rhai runs the distilled generator at 1, 2 and 4 steps.
+    run(
+        "scripts/sample.rhai",
+        &[set("generator", gen.display()), set("out", a.join("gen.png").display()), set("per_prompt", 1)].concat(),
+    );
+    for n in [1, 2, 4] {
+        assert!(a.join(format!("gen-{n}step.png")).is_file(), "no grid for {n} step(s)");
+    }
     std::fs::remove_dir_all(a).ok();
     std::fs::remove_dir_all(b).ok();
 }
