@@ -280,3 +280,210 @@ mod tests {
         Ok(())
     }
 }
+
+/// A linear map or convolution computed off the graph and attached to it with a
+/// backward that computes only the gradients that are needed. candle's own
+/// backward for matmul and conv2d always computes the weight gradient, also for
+/// frozen networks (SiD's teacher and fake-net views), and the bias gradient of
+/// every broadcast add; for the generator step that is most of the backward work.
+struct Attached {
+    /// The forward result, computed from detached inputs.
+    y: Tensor,
+    kind: AttachedKind,
+}
+
+#[derive(Clone, Copy)]
+enum AttachedKind {
+    /// y = x·wᵀ + b for 2-D x.
+    Linear,
+    /// y = conv2d(x, w) + b.
+    Conv { padding: usize, stride: usize },
+}
+
+fn copy_of(y: &Tensor) -> candle_core::Result<(candle_core::Storage, Shape)> {
+    let (s, l) = y.storage_and_layout();
+    let shape = l.shape().clone();
+    let s = match &*s {
+        candle_core::Storage::Cpu(c) => candle_core::Storage::Cpu(c.try_clone(l)?),
+        candle_core::Storage::Cuda(c) => candle_core::Storage::Cuda(c.try_clone(l)?),
+        candle_core::Storage::Metal(c) => candle_core::Storage::Metal(c.try_clone(l)?),
+    };
+    Ok((s, shape))
+}
+
+impl Attached {
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        match self.kind {
+            AttachedKind::Linear => {
+                let gx = if x.track_op() { Some(g.matmul(&w.detach())?) } else { None };
+                let gw = if w.track_op() { Some(g.t()?.matmul(&x.detach())?) } else { None };
+                let gb = match b {
+                    Some(b) if b.track_op() => Some(g.sum(0)?),
+                    _ => None,
+                };
+                Ok((gx, gw, gb))
+            }
+            AttachedKind::Conv { padding, stride } => {
+                let gx = if x.track_op() {
+                    let k = w.dim(2)?;
+                    let out_size = (g.dim(2)? - 1) * stride + (k - 1) + 1 - 2 * padding;
+                    Some(g.conv_transpose2d(&w.detach(), padding, x.dim(2)? - out_size, stride, 1)?)
+                } else {
+                    None
+                };
+                let gw = if w.track_op() {
+                    let gk = x
+                        .detach()
+                        .transpose(0, 1)?
+                        .conv2d(&g.transpose(0, 1)?, padding, 1, stride, 1)?
+                        .transpose(0, 1)?;
+                    let (k0, k1) = (w.dim(2)?, w.dim(3)?);
+                    Some(if gk.dim(2)? != k0 || gk.dim(3)? != k1 { gk.narrow(2, 0, k0)?.narrow(3, 0, k1)? } else { gk })
+                } else {
+                    None
+                };
+                let gb = match b {
+                    Some(b) if b.track_op() => {
+                        let (n, c, h, wd) = g.dims4()?;
+                        Some(g.reshape((n, c, h * wd))?.sum(2)?.sum(0)?)
+                    }
+                    _ => None,
+                };
+                Ok((gx, gw, gb))
+            }
+        }
+    }
+}
+
+macro_rules! attached_fwd {
+    () => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            match copy_of(&self.y)? {
+                (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
+                _ => candle_core::bail!("attached op: result on another device"),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            match copy_of(&self.y)? {
+                (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
+                _ => candle_core::bail!("attached op: result on another device"),
+            }
+        }
+    };
+}
+
+impl candle_core::CustomOp3 for Attached {
+    fn name(&self) -> &'static str {
+        "attached-linear-or-conv"
+    }
+    attached_fwd!();
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, Some(b), g)
+    }
+}
+
+/// Without a bias the attached op takes the weight twice (the second use gets no gradient).
+struct AttachedNoBias(Attached);
+
+impl candle_core::CustomOp2 for AttachedNoBias {
+    fn name(&self) -> &'static str {
+        "attached-linear-or-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match copy_of(&self.0.y)? {
+            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("attached op: result on another device"),
+        }
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        match copy_of(&self.0.y)? {
+            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => candle_core::bail!("attached op: result on another device"),
+        }
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = self.0.grads(x, w, None, g)?;
+        Ok((gx, gw))
+    }
+}
+
+fn attach(y: Tensor, kind: AttachedKind, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
+    if !tracked {
+        return Ok(y);
+    }
+    let op = Attached { y: y.contiguous()?, kind };
+    Ok(match b {
+        Some(b) => x.apply_op3(w, b, op)?,
+        None => x.apply_op2(w, AttachedNoBias(op))?,
+    })
+}
+
+/// y = x·wᵀ (+ b) for 2-D x, with a backward that skips gradients nobody needs.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.detach().t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.detach())?,
+        None => y,
+    };
+    attach(y, AttachedKind::Linear, x, w, b)
+}
+
+/// y = conv2d(x, w) (+ b per channel), with a backward that skips gradients nobody needs.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.detach().reshape((1, b.dim(0)?, 1, 1))?)?,
+        None => y,
+    };
+    attach(y, AttachedKind::Conv { padding, stride }, x, w, b)
+}

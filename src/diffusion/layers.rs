@@ -2,7 +2,7 @@
 //! only (candle's fused softmax/layer-norm kernels have no backward; see
 //! ../shared/notes/CANDLE.md). Norms compute in at least f32.
 
-use super::kernels::{normalize_last_dim, softmax_last_dim};
+use super::kernels::{self, normalize_last_dim, softmax_last_dim};
 use super::weights::Weights;
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
@@ -22,11 +22,15 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        // Leading dims are folded into one: a single 2-D matmul each way.
+        let dims = x.dims();
+        let k = dims[dims.len() - 1];
+        let rows = x.elem_count() / k.max(1);
+        let y = kernels::linear(&x.reshape((rows, k))?, &self.weight, self.bias.as_ref())?;
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
     }
 }
 
@@ -45,11 +49,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-            None => y,
-        })
+        kernels::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
     }
 }
 
