@@ -13,6 +13,7 @@ pub mod host;
 pub mod io;
 pub mod rng;
 pub mod sid;
+pub mod toy;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@ pub mod run;
 pub mod sampling;
 pub mod shape;
 pub mod sid;
+pub mod toy;
 
 use super::docs::Api;
 use super::runtime::Runtime;
@@ -32,5 +33,6 @@ pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
     sampling::register(api);
     sid::register(api, rt);
     checkpoint::register(api, rt);
+    toy::register(api, rt);
     run::register(api, rt);
 }

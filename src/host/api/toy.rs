@@ -1,0 +1,91 @@
+//! The toy text-to-image world in scripts (see `crate::toy`).
+//!
+//! ```text
+//! let b = toy_batch(64);                 // #{ images: 64×3×32×32, captions, labels: 64×4 }
+//! save_image_grid(b.images, "out/world.png");
+//! ```
+
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::runtime::Runtime;
+use crate::host::tensor::TensorHandle as T;
+use crate::toy::{self, Attributes};
+use candle_core::Tensor;
+use rhai::{Array, Dynamic, Map};
+use std::path::Path;
+use std::sync::Arc;
+
+fn split(which: &str) -> ScriptResult<Vec<Attributes>> {
+    let all = Attributes::all();
+    Ok(match which {
+        "all" => all,
+        "train" => all.into_iter().filter(|a| !a.is_held_out()).collect(),
+        "heldout" | "held_out" => all.into_iter().filter(|a| a.is_held_out()).collect(),
+        other => return Err(script_err(format!("toy split '{other}': all, train or heldout"))),
+    })
+}
+
+fn parse_all(captions: &Array) -> ScriptResult<Vec<Attributes>> {
+    captions.iter().map(|c| Attributes::parse(&c.to_string()).script()).collect()
+}
+
+fn labels(attrs: &[Attributes], device: &candle_core::Device) -> ScriptResult<Tensor> {
+    let v: Vec<u32> =
+        attrs.iter().flat_map(|a| [a.size as u32, a.colour as u32, a.shape as u32, a.position as u32]).collect();
+    Tensor::from_vec(v, (attrs.len(), 4), device).script()
+}
+
+fn batch(rt: &Runtime, attrs: Vec<Attributes>) -> ScriptResult<Map> {
+    let images = toy::draw_batch(&attrs, &mut rt.rng(), &rt.device).script()?;
+    let mut m = Map::new();
+    m.insert("images".into(), Dynamic::from(T::new(images)));
+    m.insert("captions".into(), Dynamic::from_array(attrs.iter().map(|a| Dynamic::from(a.caption())).collect()));
+    m.insert("labels".into(), Dynamic::from(T::new(labels(&attrs, &rt.device)?)));
+    Ok(m)
+}
+
+pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.group("toy world");
+    api.func(
+        "toy_captions",
+        ["split"],
+        "The toy world's captions: \"all\" (240), \"train\" or \"heldout\" (one in ten, never trained on).",
+        |s: &str| -> ScriptResult<Array> { Ok(split(s)?.iter().map(|a| Dynamic::from(a.caption())).collect()) },
+    );
+    let r = rt.clone();
+    api.func("toy_batch", ["n"], "n training-split images with random captions: #{ images (n×3×32×32 in [-1, 1]), captions, labels (n×4: size, colour, shape, position) }.", move |n: i64| -> ScriptResult<Map> {
+        let train = split("train")?;
+        let idx = r.rng().randint(usize::try_from(n).script()?, 0, train.len() as i64).script()?;
+        batch(&r, idx.into_iter().map(|i| train[i as usize]).collect())
+    });
+    let r = rt.clone();
+    api.func(
+        "toy_draw",
+        ["captions"],
+        "Fresh drawings of the given captions: #{ images, captions, labels }.",
+        move |c: Array| batch(&r, parse_all(&c)?),
+    );
+    let r = rt.clone();
+    api.func(
+        "toy_labels",
+        ["captions"],
+        "The n×4 attribute labels (size, colour, shape, position) of captions.",
+        move |c: Array| -> ScriptResult<T> { Ok(T::new(labels(&parse_all(&c)?, &r.device)?)) },
+    );
+    api.func(
+        "write_toy_tokenizer",
+        ["dir"],
+        "Writes the toy world's word-level tokenizer.json and tokenizer_config.json into a folder.",
+        |d: &str| -> ScriptResult<()> {
+            let dir = Path::new(d);
+            let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v).unwrap_or_default();
+            crate::io::atomic::write_bytes(&dir.join("tokenizer.json"), pretty(toy::word_tokenizer_json()).as_bytes())
+                .script()?;
+            crate::io::atomic::write_bytes(
+                &dir.join("tokenizer_config.json"),
+                pretty(toy::word_tokenizer_config()).as_bytes(),
+            )
+            .script()
+        },
+    );
+}

@@ -1,0 +1,45 @@
+//! The toy world in scripts: captions, batches, labels, and its word-level
+//! tokenizer read back through the same tokenizer path as SD folders.
+
+mod common;
+use common::*;
+use sidscript::diffusion::tokenizer::PromptTokenizer;
+
+#[test]
+fn batches_captions_and_labels() {
+    let host = host();
+    let r = eval(
+        &host,
+        r#"let b = toy_batch(6);
+           let d = toy_draw(["a small red circle on the left", "a large green diamond at the bottom"]);
+           [b.images.shape, b.captions.len(), b.labels.shape, d.labels.to_array(), toy_captions("heldout").len(),
+            b.images.min().item() >= -1.0, b.images.max().item() <= 1.0]"#,
+    )
+    .into_array()
+    .unwrap();
+    assert_eq!(r[0].to_string(), "[6, 3, 32, 32]");
+    assert_eq!(r[1].as_int().unwrap(), 6);
+    assert_eq!(r[2].to_string(), "[6, 4]");
+    assert_eq!(r[3].to_string(), "[[0, 0, 0, 0], [1, 1, 3, 3]]");
+    assert_eq!(r[4].as_int().unwrap(), 24);
+    assert!(r[5].as_bool().unwrap() && r[6].as_bool().unwrap());
+    let err = host.eval(r#"toy_draw(["a tiny red circle"])"#).unwrap_err();
+    assert!(err.message.contains("not a caption of the toy grammar"), "{err}");
+}
+
+#[test]
+fn word_tokenizer_round_trips_through_prompt_tokenizer() {
+    let dir = std::env::temp_dir().join(format!("sidscript-toytok-{}", std::process::id()));
+    let host = host();
+    let _ = eval(&host, &format!("write_toy_tokenizer(\"{}\")", dir.display()));
+    let tok = PromptTokenizer::load(&dir).unwrap();
+    let ids = tok.ids(&["A small red circle on the left".to_string(), String::new()]).unwrap();
+    assert_eq!(tok.max_length, 16);
+    assert_eq!(ids[0].len(), 16);
+    assert_eq!(ids[0][0], 2, "starts with <start>");
+    assert_eq!(ids[0][8], 3, "7 words then <end>");
+    assert!(ids[0][9..].iter().all(|&i| i == 0), "padded with <pad>");
+    assert!(ids[0][1..8].iter().all(|&i| i > 3), "every word is in the vocabulary: {:?}", ids[0]);
+    assert_eq!(&ids[1][..3], &[2, 3, 0], "the empty prompt");
+    std::fs::remove_dir_all(dir).ok();
+}
