@@ -23,7 +23,7 @@ fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
 fn main() {
     let host = Host::new(HostOptions::default()).expect("host");
     let run = |src: &str| {
-        host.eval(src).unwrap_or_else(|e| panic!("{e}"));
+        let _ = host.eval(src).unwrap_or_else(|e| panic!("{e}"));
     };
     let empty = best_of(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ }}")));
     let getter = best_of(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x.numel; }}")));

@@ -5,6 +5,7 @@
 //!
 //!     SIDSCRIPT_TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench sid_iteration
 
+use sidscript::diffusion::model::Component;
 use candle_core::{DType, Device};
 use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};

@@ -2,6 +2,7 @@
 //! path, every component must have exactly the tensor names, shapes and parameter
 //! totals of ../shared/fixtures/diffusers_manifests.json.
 
+use sidscript::diffusion::model::Component;
 use candle_core::DType;
 use sidscript::diffusion::clip::{ClipConfig, ClipTextModel};
 use sidscript::diffusion::unet::{Unet, UnetConfig};

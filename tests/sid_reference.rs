@@ -2,6 +2,7 @@
 //! independent PyTorch reference of tools/sid_reference.py (float64, 1e-5 relative),
 //! for κ ∈ {1, 0, 1.5, −1} and α ∈ {1, 1.2}.
 
+use sidscript::diffusion::model::Component;
 use candle_core::{DType, Device, Tensor};
 use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};

@@ -5,7 +5,8 @@ use super::layers::{activation, Attention, LayerNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+pub use super::model::Component;
 use std::path::Path;
 
 fn d_eps() -> f64 {
@@ -16,7 +17,7 @@ fn d_act() -> String {
 }
 
 /// The fields of a text encoder's `config.json` that shape it.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClipConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -63,6 +64,25 @@ pub struct ClipTextModel {
     layers: Vec<Layer>,
     final_norm: LayerNorm,
     projection: Option<Linear>,
+    named: Vec<(String, Tensor)>,
+}
+
+impl Component for ClipTextModel {
+    type Config = ClipConfig;
+    const WHAT: &'static str = "text encoder";
+    const WEIGHTS_FILE: &'static str = "model.safetensors";
+    fn construct(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
+        Self::new(cfg, w)
+    }
+    fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+    fn named_weights(&self) -> &[(String, Tensor)] {
+        &self.named
+    }
+    fn set_named_weights(&mut self, named: Vec<(String, Tensor)>) {
+        self.named = named;
+    }
 }
 
 impl ClipTextModel {
@@ -107,6 +127,7 @@ impl ClipTextModel {
             layers,
             final_norm: LayerNorm::new(&tm.pp("final_layer_norm"), d, cfg.layer_norm_eps)?,
             projection,
+            named: vec![],
         })
     }
 
@@ -117,8 +138,8 @@ impl ClipTextModel {
             .map_err(|e| Error::file(&cfg_path, None, e))?;
         let tensors = super::folder::load_tensors(dir, None, dtype, device)?;
         let w = Weights::from_tensors(tensors, dtype, device);
-        let model = Self::new(&cfg, &w).map_err(|e| Error::file(dir, None, e))?;
-        let named = w.finish("text encoder").map_err(|e| Error::file(dir, None, e))?;
+        let model = <Self as Component>::build(&cfg, w).map_err(|e| Error::file(dir, None, e))?;
+        let named = model.named_weights().to_vec();
         Ok((model, named))
     }
 

@@ -8,6 +8,7 @@ pub mod folder;
 pub mod guidance;
 pub mod kernels;
 pub mod layers;
+pub mod model;
 pub mod sampler;
 pub mod schedule;
 pub mod text;

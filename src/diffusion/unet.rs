@@ -3,11 +3,11 @@
 //! through everything (parameters, latents, text condition).
 
 use super::layers::{silu, Attention, Conv2d, GroupNorm, LayerNorm, Linear};
+pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// An int, or one value per block (diffusers accepts both).
@@ -437,14 +437,25 @@ pub struct Unet {
     named: Vec<(String, Tensor)>,
 }
 
-impl Unet {
-    /// Builds the network and checks the source held exactly its tensors.
-    pub fn build(cfg: &UnetConfig, w: Weights) -> Result<Self> {
-        let mut net = Self::new(cfg, &w)?;
-        net.named = w.finish("unet")?;
-        Ok(net)
+impl Component for Unet {
+    type Config = UnetConfig;
+    const WHAT: &'static str = "unet";
+    const WEIGHTS_FILE: &'static str = "diffusion_pytorch_model.safetensors";
+    fn construct(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
+        Self::new(cfg, w)
     }
+    fn config(&self) -> &UnetConfig {
+        &self.config
+    }
+    fn named_weights(&self) -> &[(String, Tensor)] {
+        &self.named
+    }
+    fn set_named_weights(&mut self, named: Vec<(String, Tensor)>) {
+        self.named = named;
+    }
+}
 
+impl Unet {
     /// Loads `unet/` of a diffusers folder (or a unet folder itself) in `dtype`.
     pub fn load(dir: &Path, dtype: DType, device: &Device, variant: Option<&str>) -> Result<Self> {
         let udir = super::folder::component_dir(dir, "unet")?;
@@ -452,19 +463,7 @@ impl Unet {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let cfg = UnetConfig::from_json(&text).map_err(|e| Error::file(&cfg_path, None, e))?;
         let tensors = super::folder::load_tensors(&udir, variant, dtype, device)?;
-        Self::build(&cfg, Weights::from_tensors(tensors, dtype, device)).map_err(|e| Error::file(&udir, None, e))
-    }
-
-    /// Every weight by its diffusers name.
-    pub fn named_weights(&self) -> &[(String, Tensor)] {
-        &self.named
-    }
-
-    /// The same network over other tensors with the same names (a trainable copy,
-    /// a detached view, another dtype).
-    pub fn with_weights(&self, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        let w = Weights::from_tensors(tensors, self.dtype(), self.device());
-        Self::build(&self.config, w)
+        <Self as Component>::build(&cfg, Weights::from_tensors(tensors, dtype, device)).map_err(|e| Error::file(&udir, None, e))
     }
 
     /// Parameter count.
@@ -473,7 +472,7 @@ impl Unet {
     }
 
     /// Builds the network from a weight source without checking for leftovers.
-    fn new(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
+    pub fn new(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
         cfg.validate()?;
         let ch = &cfg.block_out_channels;
         let n = ch.len();

@@ -6,7 +6,8 @@ use super::layers::{silu, Attention, Conv2d, GroupNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+pub use super::model::Component;
 use std::path::Path;
 
 fn d_groups() -> usize {
@@ -28,7 +29,7 @@ fn d_three() -> usize {
     3
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VaeConfig {
     #[serde(default = "d_three")]
     pub in_channels: usize,
@@ -155,6 +156,25 @@ pub struct Vae {
     dec_levels: Vec<Level>,
     dec_norm: GroupNorm,
     dec_out: Conv2d,
+    named: Vec<(String, Tensor)>,
+}
+
+impl Component for Vae {
+    type Config = VaeConfig;
+    const WHAT: &'static str = "vae";
+    const WEIGHTS_FILE: &'static str = "diffusion_pytorch_model.safetensors";
+    fn construct(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
+        Self::new(cfg, w)
+    }
+    fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+    fn named_weights(&self) -> &[(String, Tensor)] {
+        &self.named
+    }
+    fn set_named_weights(&mut self, named: Vec<(String, Tensor)>) {
+        self.named = named;
+    }
 }
 
 impl Vae {
@@ -213,6 +233,7 @@ impl Vae {
             dec_levels,
             dec_norm: GroupNorm::new(&d.pp("conv_norm_out"), g, ch[0], 1e-6)?,
             dec_out: Conv2d::new(&d.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
+            named: vec![],
         })
     }
 
@@ -223,9 +244,7 @@ impl Vae {
         let cfg: VaeConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?)
             .map_err(|e| Error::file(&cfg_path, None, e))?;
         let w = Weights::from_tensors(super::folder::load_tensors(&vdir, None, dtype, device)?, dtype, device);
-        let vae = Self::new(&cfg, &w).map_err(|e| Error::file(&vdir, None, e))?;
-        w.finish("vae").map_err(|e| Error::file(&vdir, None, e))?;
-        Ok(vae)
+        <Self as Component>::build(&cfg, w).map_err(|e| Error::file(&vdir, None, e))
     }
 
     /// How many times the VAE halves the image size.
@@ -235,6 +254,11 @@ impl Vae {
 
     /// Images in [−1, 1] (B×3×H×W) to scaled latents: the posterior mean × scaling factor.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.encode_dist(images)?.0)
+    }
+
+    /// The posterior: (mean × scaling factor, log-variance of the unscaled latent).
+    pub fn encode_dist(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut h = self.enc_in.forward(images)?;
         for lvl in &self.enc_levels {
             for r in &lvl.resnets {
@@ -250,9 +274,11 @@ impl Vae {
         if let Some(q) = &self.quant {
             h = q.forward(&h)?;
         }
-        let mean = h.narrow(1, 0, self.config.latent_channels)?;
+        let l = self.config.latent_channels;
+        let mean = h.narrow(1, 0, l)?;
+        let logvar = h.narrow(1, l, l)?.clamp(-30.0, 20.0)?;
         let shift = self.config.shift_factor.unwrap_or(0.0);
-        Ok(((mean - shift)? * self.config.scaling_factor)?)
+        Ok((((mean - shift)? * self.config.scaling_factor)?, logvar))
     }
 
     /// Scaled latents to images in about [−1, 1].

@@ -7,6 +7,7 @@
 //! export_diffusers(ema.unet, teacher_dir, "out/generator");   // diffusers can load it
 //! ```
 
+use crate::diffusion::model::Component;
 use super::models::UnetHandle;
 use super::optim::OptimizerHandle;
 use super::sid::EmaHandle;

@@ -1,6 +1,7 @@
 //! Native functions registered into the engine, one file per concern.
 
 pub mod autograd;
+pub mod building;
 pub mod checkpoint;
 pub mod convert;
 pub mod create;
@@ -30,6 +31,7 @@ pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
     io::register(api, rt);
     io::register_files(api, rt);
     models::register(api, rt);
+    building::register(api, rt);
     sampling::register(api);
     sid::register(api, rt);
     checkpoint::register(api, rt);

@@ -9,6 +9,7 @@
 //! let eps = gen.forward(x_t, tensor([625.0]), c);
 //! ```
 
+use crate::diffusion::model::Component;
 use crate::diffusion::condition::Condition;
 use crate::diffusion::text::{NullKind, TextConditioner};
 use crate::diffusion::unet::Unet;
@@ -35,7 +36,10 @@ pub struct UnetHandle {
 pub struct TextHandle(pub Arc<TextConditioner>);
 
 #[derive(Clone)]
-pub struct VaeHandle(pub Arc<Vae>);
+pub struct VaeHandle {
+    pub net: Arc<Vae>,
+    pub params: Option<Arc<Vec<Arc<Param>>>>,
+}
 
 fn placement(opts: &Map, rt: &Runtime) -> ScriptResult<(DType, Device)> {
     tensor::placement(opts, rt.dtype, &rt.device)
@@ -295,25 +299,25 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["dir"],
         "The VAE of a diffusers folder (or a vae/ folder).",
         move |d: &str| -> ScriptResult<VaeHandle> {
-            Ok(VaeHandle(Arc::new(Vae::load(Path::new(d), r.dtype, &r.device).script()?)))
+            Ok(VaeHandle { net: Arc::new(Vae::load(Path::new(d), r.dtype, &r.device).script()?), params: None })
         },
     );
     api.method(
         "decode",
         ["vae", "latents"],
         "Scaled latents (as the UNet sees them) to images in about [-1, 1].",
-        |v: &mut VaeHandle, z: T| -> ScriptResult<T> { Ok(T::new(v.0.decode(z.tensor()).script()?)) },
+        |v: &mut VaeHandle, z: T| -> ScriptResult<T> { Ok(T::new(v.net.decode(z.tensor()).script()?)) },
     );
     api.method(
         "encode",
         ["vae", "images"],
         "Images in [-1, 1] to scaled latents (posterior mean × scaling factor).",
-        |v: &mut VaeHandle, x: T| -> ScriptResult<T> { Ok(T::new(v.0.encode(x.tensor()).script()?)) },
+        |v: &mut VaeHandle, x: T| -> ScriptResult<T> { Ok(T::new(v.net.encode(x.tensor()).script()?)) },
     );
     api.getter("scaling_factor", "The latent scaling factor of the VAE's config.", |v: &mut VaeHandle| {
-        v.0.config.scaling_factor
+        v.net.config.scaling_factor
     });
     api.getter("downscale", "How many pixels one latent cell covers per side.", |v: &mut VaeHandle| {
-        v.0.downscale() as i64
+        v.net.downscale() as i64
     });
 }
