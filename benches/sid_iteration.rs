@@ -5,9 +5,9 @@
 //!
 //!     SIDSCRIPT_TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench sid_iteration
 
-use sidscript::diffusion::model::Component;
 use candle_core::{DType, Device};
 use sidscript::diffusion::condition::Condition;
+use sidscript::diffusion::model::Component;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
 use sidscript::diffusion::unet::{Unet, UnetConfig};
 use sidscript::rng::Generator;

@@ -6,8 +6,8 @@
 //! Without SIDSCRIPT_TORCH_PYTHON only sidscript's timings are printed. Set
 //! BENCH_ADAMW_PARAMS (default SD1.5's 859,520,964) to size the optimiser run.
 
-use sidscript::diffusion::model::Component;
 use candle_core::{DType, Device, Tensor};
+use sidscript::diffusion::model::Component;
 use sidscript::diffusion::unet::{AddedCond, Unet, UnetConfig};
 use sidscript::diffusion::weights::Weights;
 use sidscript::train::param::{backward, params_from};

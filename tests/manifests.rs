@@ -2,9 +2,9 @@
 //! path, every component must have exactly the tensor names, shapes and parameter
 //! totals of ../shared/fixtures/diffusers_manifests.json.
 
-use sidscript::diffusion::model::Component;
 use candle_core::DType;
 use sidscript::diffusion::clip::{ClipConfig, ClipTextModel};
+use sidscript::diffusion::model::Component;
 use sidscript::diffusion::unet::{Unet, UnetConfig};
 use sidscript::diffusion::vae::{Vae, VaeConfig};
 use sidscript::diffusion::weights::Weights;

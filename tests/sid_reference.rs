@@ -2,9 +2,9 @@
 //! independent PyTorch reference of tools/sid_reference.py (float64, 1e-5 relative),
 //! for κ ∈ {1, 0, 1.5, −1} and α ∈ {1, 1.2}.
 
-use sidscript::diffusion::model::Component;
 use candle_core::{DType, Device, Tensor};
 use sidscript::diffusion::condition::Condition;
+use sidscript::diffusion::model::Component;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
 use sidscript::diffusion::unet::Unet;
 use sidscript::sid::generate::{generate, step_timesteps, NoiseType};

@@ -2,8 +2,8 @@
 //! conv_in to conv_out (attention q/k, transformer and group norms included), for
 //! the latent input and the text condition; and every weight gets a gradient.
 
-use sidscript::diffusion::model::Component;
 use candle_core::{DType, Device, IndexOp, Tensor};
+use sidscript::diffusion::model::Component;
 use sidscript::diffusion::unet::{AddedCond, Unet};
 use sidscript::train::param::{backward, params_from, Param};
 use std::collections::HashMap;

@@ -2,11 +2,11 @@
 //! `CLIPTextModelWithProjection`), frozen, forward only.
 
 use super::layers::{activation, Attention, LayerNorm, Linear};
+pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
-pub use super::model::Component;
 use std::path::Path;
 
 fn d_eps() -> f64 {

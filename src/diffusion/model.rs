@@ -53,13 +53,15 @@ pub trait Component: Sized {
 
     /// Writes `config.json` and the weights as a diffusers component folder.
     fn save(&self, dir: &Path, class_name: &str) -> Result<()> {
-        let mut cfg = serde_json::to_value(self.config()).map_err(|e| Error::msg(format!("{}: config: {e}", Self::WHAT)))?;
+        let mut cfg =
+            serde_json::to_value(self.config()).map_err(|e| Error::msg(format!("{}: config: {e}", Self::WHAT)))?;
         if let Some(o) = cfg.as_object_mut() {
             o.insert("_class_name".into(), class_name.into());
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::msg(e.to_string()))?;
         crate::io::atomic::write_bytes(&dir.join("config.json"), text.as_bytes())?;
-        let weights: Vec<(String, Tensor)> = self.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        let weights: Vec<(String, Tensor)> =
+            self.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
         crate::io::safetensors::save(&dir.join(Self::WEIGHTS_FILE), &weights)
     }
 }

@@ -108,6 +108,11 @@ impl PromptTokenizer {
         Ok(tok)
     }
 
+    /// Number of token ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
     /// Token ids, one row of `max_length` per prompt.
     pub fn ids(&self, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
         let enc = self.tok.encode_batch(prompts.to_vec(), true).map_err(|e| Error::msg(format!("tokenizer: {e}")))?;

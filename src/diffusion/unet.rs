@@ -463,7 +463,8 @@ impl Unet {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let cfg = UnetConfig::from_json(&text).map_err(|e| Error::file(&cfg_path, None, e))?;
         let tensors = super::folder::load_tensors(&udir, variant, dtype, device)?;
-        <Self as Component>::build(&cfg, Weights::from_tensors(tensors, dtype, device)).map_err(|e| Error::file(&udir, None, e))
+        <Self as Component>::build(&cfg, Weights::from_tensors(tensors, dtype, device))
+            .map_err(|e| Error::file(&udir, None, e))
     }
 
     /// Parameter count.

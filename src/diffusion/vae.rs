@@ -3,11 +3,11 @@
 //! `query/key/value/proj_attn`).
 
 use super::layers::{silu, Attention, Conv2d, GroupNorm, Linear};
+pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-pub use super::model::Component;
 use std::path::Path;
 
 fn d_groups() -> usize {

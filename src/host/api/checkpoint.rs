@@ -7,10 +7,10 @@
 //! export_diffusers(ema.unet, teacher_dir, "out/generator");   // diffusers can load it
 //! ```
 
-use crate::diffusion::model::Component;
 use super::models::UnetHandle;
 use super::optim::OptimizerHandle;
 use super::sid::EmaHandle;
+use crate::diffusion::model::Component;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::runtime::Runtime;

@@ -9,8 +9,8 @@
 //! let eps = gen.forward(x_t, tensor([625.0]), c);
 //! ```
 
-use crate::diffusion::model::Component;
 use crate::diffusion::condition::Condition;
+use crate::diffusion::model::Component;
 use crate::diffusion::text::{NullKind, TextConditioner};
 use crate::diffusion::unet::Unet;
 use crate::diffusion::vae::Vae;

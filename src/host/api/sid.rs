@@ -8,11 +8,11 @@
 //! let g = sid_generator_loss(teacher, fake, sch, x_g, c, uncond, #{ k_fake: 1.5, k_real: 1.5, alpha: 1.0 });
 //! ```
 
-use crate::diffusion::model::Component;
 use super::autograd::params_of;
 use super::models::{cond_from, cond_to, UnetHandle};
 use super::sampling::ScheduleHandle;
 use crate::diffusion::condition::Condition;
+use crate::diffusion::model::Component;
 use crate::diffusion::unet::Unet;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
