@@ -2,29 +2,12 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
+use common::{expected, fixture, max_abs};
 use sidscript::diffusion::clip::ClipTextModel;
 use sidscript::diffusion::text::{NullKind, TextConditioner};
 use sidscript::diffusion::tokenizer::PromptTokenizer;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 const PROMPTS: [&str; 4] = ["a red circle on the left", "two small blue squares", "A Green Triangle, top-right!", ""];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-}
 
 fn prompts() -> Vec<String> {
     PROMPTS.iter().map(|s| s.to_string()).collect()

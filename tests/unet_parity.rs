@@ -4,24 +4,6 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sidscript::diffusion::unet::{AddedCond, Unet};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-pub fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-}
 
 #[test]
 fn sd15_unet_matches_diffusers_with_per_sample_timesteps() {

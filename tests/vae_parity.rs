@@ -1,25 +1,9 @@
 //! The VAE against diffusers on the tiny fixtures, with both attention namings.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+use candle_core::{DType, Device};
+use common::{expected, fixture, max_abs};
 use sidscript::diffusion::vae::Vae;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
-}
 
 #[test]
 fn vae_decode_and_encode_match_diffusers() {

@@ -311,6 +311,21 @@ fn copy_of(y: &Tensor) -> candle_core::Result<(candle_core::Storage, Shape)> {
     Ok((s, shape))
 }
 
+fn cpu_copy(y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    match copy_of(y)? {
+        (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
+        _ => candle_core::bail!("attached op: result on another device"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_copy(y: &Tensor) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    match copy_of(y)? {
+        (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
+        _ => candle_core::bail!("attached op: result on another device"),
+    }
+}
+
 impl Attached {
     fn grads(
         &self,
@@ -372,10 +387,7 @@ macro_rules! attached_fwd {
             _: &CpuStorage,
             _: &Layout,
         ) -> candle_core::Result<(CpuStorage, Shape)> {
-            match copy_of(&self.y)? {
-                (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-                _ => candle_core::bail!("attached op: result on another device"),
-            }
+            cpu_copy(&self.y)
         }
         #[cfg(feature = "cuda")]
         fn cuda_fwd(
@@ -387,10 +399,7 @@ macro_rules! attached_fwd {
             _: &candle_core::CudaStorage,
             _: &Layout,
         ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            match copy_of(&self.y)? {
-                (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-                _ => candle_core::bail!("attached op: result on another device"),
-            }
+            cuda_copy(&self.y)
         }
     };
 }
@@ -426,10 +435,7 @@ impl candle_core::CustomOp2 for AttachedNoBias {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match copy_of(&self.0.y)? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("attached op: result on another device"),
-        }
+        cpu_copy(&self.0.y)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -439,10 +445,7 @@ impl candle_core::CustomOp2 for AttachedNoBias {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        match copy_of(&self.0.y)? {
-            (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("attached op: result on another device"),
-        }
+        cuda_copy(&self.0.y)
     }
     fn bwd(
         &self,

@@ -68,3 +68,22 @@ pub fn param_f64(values: &[f64], shape: &[usize], device: &Device) -> TensorHand
     let t = Tensor::from_slice(values, shape, &Device::Cpu).unwrap().to_device(device).unwrap();
     TensorHandle::from_param(Param::new(&t, "x").unwrap())
 }
+
+/// A folder under tests/fixtures.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// The diffusers reference values of a fixture (tools/make_tiny_pipelines.py).
+pub fn expected(name: &str) -> std::collections::HashMap<String, Tensor> {
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Largest absolute difference, in f64.
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
