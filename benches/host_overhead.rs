@@ -6,31 +6,24 @@
 
 use candle_core::{Device, Tensor};
 use sidscript::host::{Host, HostOptions};
-use std::time::Instant;
 
 const N: usize = 100_000;
 
-fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+#[path = "common.rs"]
+mod common;
+use common::best;
 
 fn main() {
     let host = Host::new(HostOptions::default()).expect("host");
     let run = |src: &str| {
         let _ = host.eval(src).unwrap_or_else(|e| panic!("{e}"));
     };
-    let empty = best_of(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ }}")));
-    let getter = best_of(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x.numel; }}")));
-    let op = best_of(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x.neg(); }}")));
-    let binop = best_of(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x + x; }}")));
+    let empty = best(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ }}")));
+    let getter = best(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x.numel; }}")));
+    let op = best(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x.neg(); }}")));
+    let binop = best(5, || run(&format!("let x = zeros([1]); for i in 0..{N} {{ x + x; }}")));
     let x = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let native = best_of(5, || {
+    let native = best(5, || {
         for _ in 0..N {
             std::hint::black_box(x.neg().unwrap());
         }

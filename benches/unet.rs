@@ -13,18 +13,6 @@ use sidscript::diffusion::weights::Weights;
 use sidscript::train::param::{backward, params_from};
 use sidscript::train::{Method, Optimizer, ParamGroup};
 use std::collections::HashMap;
-use std::time::Instant;
-
-fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 pub fn random_unet(cfg: &UnetConfig) -> Unet {
     let shapes = Unet::build(cfg, Weights::shapes_only(DType::F32)).unwrap();
@@ -113,6 +101,10 @@ pub const SD15_QUARTER: &str = r#"{"sample_size": 32, "in_channels": 4, "out_cha
  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
  "block_out_channels": [80, 160, 320, 320], "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
  "norm_num_groups": 16}"#;
+
+#[path = "common.rs"]
+mod common;
+use common::best;
 
 fn main() {
     sidscript::tune_runtime();

@@ -67,23 +67,7 @@ pub struct ClipTextModel {
     named: Vec<(String, Tensor)>,
 }
 
-impl Component for ClipTextModel {
-    type Config = ClipConfig;
-    const WHAT: &'static str = "text encoder";
-    const WEIGHTS_FILE: &'static str = "model.safetensors";
-    fn construct(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
-        Self::new(cfg, w)
-    }
-    fn config(&self) -> &ClipConfig {
-        &self.config
-    }
-    fn named_weights(&self) -> &[(String, Tensor)] {
-        &self.named
-    }
-    fn set_named_weights(&mut self, named: Vec<(String, Tensor)>) {
-        self.named = named;
-    }
-}
+crate::impl_component!(ClipTextModel, ClipConfig, "text encoder", "model.safetensors");
 
 impl ClipTextModel {
     pub fn new(cfg: &ClipConfig, w: &Weights) -> Result<Self> {

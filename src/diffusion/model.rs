@@ -82,3 +82,28 @@ pub fn init_tensor(name: &str, dims: &[usize], rng: &mut Generator, dtype: DType
         rng.rand(dims, -bound, bound, dtype, device)?
     })
 }
+
+/// Implements [`Component`] for a type with `config` and `named` fields and a
+/// `new(cfg, weights)` constructor.
+#[macro_export]
+macro_rules! impl_component {
+    ($ty:ty, $cfg:ty, $what:literal, $file:literal) => {
+        impl $crate::diffusion::model::Component for $ty {
+            type Config = $cfg;
+            const WHAT: &'static str = $what;
+            const WEIGHTS_FILE: &'static str = $file;
+            fn construct(cfg: &$cfg, w: &$crate::diffusion::weights::Weights) -> $crate::error::Result<Self> {
+                Self::new(cfg, w)
+            }
+            fn config(&self) -> &$cfg {
+                &self.config
+            }
+            fn named_weights(&self) -> &[(String, candle_core::Tensor)] {
+                &self.named
+            }
+            fn set_named_weights(&mut self, named: Vec<(String, candle_core::Tensor)>) {
+                self.named = named;
+            }
+        }
+    };
+}

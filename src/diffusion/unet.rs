@@ -402,6 +402,31 @@ struct Block {
     resample: Option<Conv2d>,
 }
 
+/// The `count` cross-attention transformers of one block.
+fn block_transformers(
+    cfg: &UnetConfig,
+    bw: &Weights,
+    count: usize,
+    ch: usize,
+    heads: usize,
+    depth: usize,
+) -> Result<Vec<Transformer2d>> {
+    (0..count)
+        .map(|j| {
+            Transformer2d::new(
+                &bw.pp(format!("attentions.{j}")),
+                ch,
+                heads,
+                depth,
+                cfg.cross_attention_dim,
+                cfg.norm_num_groups,
+                cfg.use_linear_projection,
+                cfg.upcast_attention,
+            )
+        })
+        .collect()
+}
+
 /// Which SDXL extras a forward call carries.
 #[derive(Clone, Debug, Default)]
 pub struct AddedCond {
@@ -437,23 +462,7 @@ pub struct Unet {
     named: Vec<(String, Tensor)>,
 }
 
-impl Component for Unet {
-    type Config = UnetConfig;
-    const WHAT: &'static str = "unet";
-    const WEIGHTS_FILE: &'static str = "diffusion_pytorch_model.safetensors";
-    fn construct(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
-        Self::new(cfg, w)
-    }
-    fn config(&self) -> &UnetConfig {
-        &self.config
-    }
-    fn named_weights(&self) -> &[(String, Tensor)] {
-        &self.named
-    }
-    fn set_named_weights(&mut self, named: Vec<(String, Tensor)>) {
-        self.named = named;
-    }
-}
+crate::impl_component!(Unet, UnetConfig, "unet", "diffusion_pytorch_model.safetensors");
 
 impl Unet {
     /// Loads `unet/` of a diffusers folder (or a unet folder itself) in `dtype`.
@@ -508,20 +517,14 @@ impl Unet {
                 })
                 .collect::<Result<_>>()?;
             let attentions = if xattn(&cfg.down_block_types[i]) {
-                (0..cfg.layers_per_block)
-                    .map(|j| {
-                        Transformer2d::new(
-                            &bw.pp(format!("attentions.{j}")),
-                            cout,
-                            cfg.heads(i),
-                            cfg.transformer_layers_per_block.get(i),
-                            cfg.cross_attention_dim,
-                            groups,
-                            cfg.use_linear_projection,
-                            cfg.upcast_attention,
-                        )
-                    })
-                    .collect::<Result<_>>()?
+                block_transformers(
+                    cfg,
+                    &bw,
+                    cfg.layers_per_block,
+                    cout,
+                    cfg.heads(i),
+                    cfg.transformer_layers_per_block.get(i),
+                )?
             } else {
                 vec![]
             };
@@ -565,20 +568,7 @@ impl Unet {
                 })
                 .collect::<Result<_>>()?;
             let attentions = if xattn(&cfg.up_block_types[i]) {
-                (0..layers)
-                    .map(|j| {
-                        Transformer2d::new(
-                            &bw.pp(format!("attentions.{j}")),
-                            cout,
-                            cfg.heads(n - 1 - i),
-                            rev_depth[i],
-                            cfg.cross_attention_dim,
-                            groups,
-                            cfg.use_linear_projection,
-                            cfg.upcast_attention,
-                        )
-                    })
-                    .collect::<Result<_>>()?
+                block_transformers(cfg, &bw, layers, cout, cfg.heads(n - 1 - i), rev_depth[i])?
             } else {
                 vec![]
             };

@@ -159,23 +159,7 @@ pub struct Vae {
     named: Vec<(String, Tensor)>,
 }
 
-impl Component for Vae {
-    type Config = VaeConfig;
-    const WHAT: &'static str = "vae";
-    const WEIGHTS_FILE: &'static str = "diffusion_pytorch_model.safetensors";
-    fn construct(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
-        Self::new(cfg, w)
-    }
-    fn config(&self) -> &VaeConfig {
-        &self.config
-    }
-    fn named_weights(&self) -> &[(String, Tensor)] {
-        &self.named
-    }
-    fn set_named_weights(&mut self, named: Vec<(String, Tensor)>) {
-        self.named = named;
-    }
-}
+crate::impl_component!(Vae, VaeConfig, "vae", "diffusion_pytorch_model.safetensors");
 
 impl Vae {
     pub fn new(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
