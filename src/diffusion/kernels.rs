@@ -345,14 +345,41 @@ impl Attached {
                 Ok((gx, gw, gb))
             }
             AttachedKind::Conv { padding, stride } => {
-                let gx = if x.track_op() {
+                let gx = if !x.track_op() {
+                    None
+                } else if stride == 1 && w.dim(2)? == w.dim(3)? && padding < w.dim(2)? {
+                    // For stride 1 the input gradient is a plain convolution of the output
+                    // gradient with the flipped, transposed kernel; candle's conv2d (im2col
+                    // + gemm) is several times faster than its conv_transpose2d.
+                    let k = w.dim(2)?;
+                    let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
+                    let wf = w.detach().index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
+                    Some(g.conv2d(&wf, k - 1 - padding, 1, 1, 1)?)
+                } else {
                     let k = w.dim(2)?;
                     let out_size = (g.dim(2)? - 1) * stride + (k - 1) + 1 - 2 * padding;
                     Some(g.conv_transpose2d(&w.detach(), padding, x.dim(2)? - out_size, stride, 1)?)
-                } else {
-                    None
                 };
-                let gw = if w.track_op() {
+                let (k, same) = (w.dim(2)?, stride == 1 && 2 * padding + 1 == w.dim(2)? && w.dim(2)? == w.dim(3)?);
+                let gw = if w.track_op() && same {
+                    // "Same" stride-1 convolutions: im2col of the input, then one matmul.
+                    let (b, cin, h, wd) = x.dims4()?;
+                    let cout = g.dim(1)?;
+                    let xp = x.detach().pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)?;
+                    let mut taps = Vec::with_capacity(k * k);
+                    for i in 0..k {
+                        for j in 0..k {
+                            taps.push(xp.narrow(2, i, h)?.narrow(3, j, wd)?);
+                        }
+                    }
+                    let cols = Tensor::stack(&taps, 2)?
+                        .reshape((b, cin * k * k, h * wd))?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .reshape((cin * k * k, b * h * wd))?;
+                    let gm = g.transpose(0, 1)?.contiguous()?.reshape((cout, b * h * wd))?;
+                    Some(gm.matmul(&cols.t()?)?.reshape((cout, cin, k, k))?)
+                } else if w.track_op() {
                     let gk = x
                         .detach()
                         .transpose(0, 1)?
