@@ -134,6 +134,11 @@ const DIFFERENTIABLE: &[&str] = &[
     "z.broadcast_as([2, 3])",
     "x.flatten()",
     "x.unsqueeze(0).squeeze(0)",
+    "x.reshape([1, 1, 2, 3]).conv2d(m.reshape([1, 1, 3, 2]), z.narrow(0, 0, 1), #{ padding: 1 })",
+    "x.reshape([1, 1, 2, 3]).conv2d(y.reshape([6, 1, 1, 1]).narrow(0, 0, 2), (), #{})",
+    "stack([x, y], 0).reshape([1, 2, 2, 3]).conv2d(m.reshape([1, 2, 3, 1]), (), #{ padding: 1, stride: 2 })",
+    "cat([x, y], 0).reshape([1, 1, 4, 3]).narrow(3, 0, 2).avg_pool2d(2)",
+    "x.cross_entropy([2, 0])",
 ];
 
 fn every_op_matches_finite_differences(device: &Device) -> TestResult {

@@ -358,7 +358,17 @@ impl Attached {
                 } else {
                     let k = w.dim(2)?;
                     let out_size = (g.dim(2)? - 1) * stride + (k - 1) + 1 - 2 * padding;
-                    Some(g.conv_transpose2d(&w.detach(), padding, x.dim(2)? - out_size, stride, 1)?)
+                    let gx = g.conv_transpose2d(&w.detach(), padding, x.dim(2)? - out_size, stride, 1)?;
+                    // conv_transpose2d takes one output padding, fitted to the height;
+                    // fit the width (non-square kernels or inputs) by trimming or padding.
+                    let (want, got) = (x.dim(3)?, gx.dim(3)?);
+                    Some(if got > want {
+                        gx.narrow(3, 0, want)?
+                    } else if got < want {
+                        gx.pad_with_zeros(3, 0, want - got)?
+                    } else {
+                        gx
+                    })
                 };
                 let (k, same) = (w.dim(2)?, stride == 1 && 2 * padding + 1 == w.dim(2)? && w.dim(2)? == w.dim(3)?);
                 let gw = if w.track_op() && same {

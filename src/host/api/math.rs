@@ -159,6 +159,54 @@ pub fn register(api: &mut Api) {
         ok(a.tensor().broadcast_sub(b.tensor()).and_then(|d| d.sqr()).and_then(|d| d.mean_all()))
     });
 
+    api.group("tensor: layers");
+    api.method("conv2d", ["x", "w", "b", "opts"], "2-D convolution of NCHW x with kernel w (out, in, k, k) and bias b (a tensor or ()). Options: padding (0), stride (1).", |x: &mut T, w: T, b: Dynamic, o: rhai::Map| -> R {
+        let padding = o.get("padding").map(|v| tensor::int(v, "padding")).transpose()?.unwrap_or(0);
+        let stride = o.get("stride").map(|v| tensor::int(v, "stride")).transpose()?.unwrap_or(1);
+        let bias = if b.is_unit() { None } else { Some(b.try_cast::<T>().ok_or_else(|| script_err("conv2d: bias must be a tensor or ()"))?.into_tensor()) };
+        crate::diffusion::kernels::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(T::new)
+    });
+    api.method(
+        "avg_pool2d",
+        ["x", "k"],
+        "Average pooling of NCHW x over k×k windows with stride k.",
+        |x: &mut T, k: i64| -> R {
+            let k = usize::try_from(k)
+                .ok()
+                .filter(|&k| k > 0)
+                .ok_or_else(|| script_err(format!("avg_pool2d: k must be positive, got {k}")))?;
+            ok(x.tensor().avg_pool2d(k))
+        },
+    );
+    api.method(
+        "cross_entropy",
+        ["logits", "labels"],
+        "Mean cross-entropy of B×C logits against B integer labels (a tensor or an array).",
+        |x: &mut T, labels: Dynamic| -> R {
+            let t = x.tensor();
+            let (b, c) = t.dims2().script()?;
+            let idx = match labels.clone().try_cast::<T>() {
+                Some(l) => l.tensor().to_dtype(candle_core::DType::U32).script()?,
+                None => {
+                    let arr = labels
+                        .try_cast::<rhai::Array>()
+                        .ok_or_else(|| script_err("cross_entropy: labels must be a tensor or an array of ints"))?;
+                    let v: Vec<u32> = arr
+                        .iter()
+                        .map(|l| tensor::int(l, "label").and_then(|l| tensor::index(l, c, "label")).map(|l| l as u32))
+                        .collect::<ScriptResult<_>>()?;
+                    Tensor::from_vec(v, b, t.device()).script()?
+                }
+            };
+            let max = t.max_keepdim(1).script()?.detach();
+            let shifted = t.broadcast_sub(&max).script()?;
+            let lse = shifted.exp().and_then(|e| e.sum_keepdim(1)).and_then(|s| s.log()).script()?;
+            let logp = shifted.broadcast_sub(&lse).script()?;
+            let picked = logp.gather(&idx.reshape((b, 1)).script()?, 1).script()?;
+            ok(picked.mean_all().and_then(|m| m.neg()))
+        },
+    );
+
     api.group("tensor: reductions");
     for op in ["sum", "mean", "max", "min"] {
         let doc_all: &'static str = match op {
