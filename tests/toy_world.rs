@@ -43,3 +43,20 @@ fn word_tokenizer_round_trips_through_prompt_tokenizer() {
     assert_eq!(&ids[1][..3], &[2, 3, 0], "the empty prompt");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn shipped_toy_vae_reconstructs_held_out_drawings() {
+    let host = host();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/toy/vae");
+    let mse = eval_f64(
+        &host,
+        &format!(
+            r#"let vae = load_vae("{dir}");
+               let b = toy_draw(toy_captions("heldout"));
+               let z = vae.encode(b.images);
+               if z.shape != [24, 4, 8, 8] {{ throw `latent shape ${{z.shape}}`; }}
+               (vae.decode(z) - b.images).square().mean().item()"#
+        ),
+    );
+    assert!(mse < 0.02, "held-out reconstruction MSE {mse}");
+}
