@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::model::Component;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
-use sidscript::diffusion::unet::{Unet, UnetConfig};
+use sidscript::diffusion::unet::UnetConfig;
 use sidscript::rng::Generator;
 use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
 use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
@@ -21,17 +21,13 @@ use std::time::Instant;
 #[allow(dead_code)]
 mod unet_bench;
 
-fn detached(u: &Unet) -> Unet {
-    u.with_weights(u.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect()).unwrap()
-}
-
 fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
     let teacher = unet_bench::random_unet(&cfg);
     let (gmap, gparams) = params_from(teacher.named_weights()).unwrap();
     let (fmap, fparams) = params_from(teacher.named_weights()).unwrap();
     let (gen, fake) = (teacher.with_weights(gmap).unwrap(), teacher.with_weights(fmap).unwrap());
-    let (gen_frozen, fake_frozen) = (detached(&gen), detached(&fake));
+    let (gen_frozen, fake_frozen) = (gen.detached().unwrap(), fake.detached().unwrap());
     let adam = Method::Adam { beta1: 0.0, beta2: 0.999, eps: 1e-8, decoupled: false };
     let mut opt_g =
         Optimizer::new(adam, vec![ParamGroup { params: gparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();

@@ -53,8 +53,7 @@ fn losses_chain_and_gradients_match_the_pytorch_reference() {
     let gen_base = teacher.with_weights(perturbed(&teacher, 1.0)).unwrap();
     let (map, params) = params_from(gen_base.named_weights()).unwrap();
     let gen = gen_base.with_weights(map).unwrap();
-    let frozen_gen =
-        gen.with_weights(gen.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect()).unwrap();
+    let frozen_gen = gen.detached().unwrap();
     let by_name: HashMap<String, _> = params.iter().map(|p| (p.name(), p.clone())).collect();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
     let cond = Condition { context: r["c"].clone(), pooled: None, time_ids: None };

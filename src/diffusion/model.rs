@@ -40,6 +40,12 @@ pub trait Component: Sized {
         Self::build(self.config(), Weights::from_tensors(tensors, dtype, &device))
     }
 
+    /// The same weights cut from the graph: shares their storage (so it sees every
+    /// optimiser update) but gives no weight gradients; input gradients still flow.
+    fn detached(&self) -> Result<Self> {
+        self.with_weights(self.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect())
+    }
+
     /// A freshly initialised network (see [`init_tensor`]).
     fn random(cfg: &Self::Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let shapes = Self::build(cfg, Weights::shapes_only(dtype))?;

@@ -38,7 +38,7 @@ pub struct TokenizerHandle(pub Arc<PromptTokenizer>);
 type Params = Option<Arc<Vec<Arc<Param>>>>;
 
 /// A copy of `m` over fresh parameters.
-fn trainable<M: Component>(m: &M) -> ScriptResult<(M, Params)> {
+pub fn trainable<M: Component>(m: &M) -> ScriptResult<(M, Params)> {
     let named: Vec<_> = m.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
     let (map, params) = params_from(&named).script()?;
     Ok((m.with_weights(map).script()?, Some(Arc::new(params))))

@@ -18,7 +18,6 @@ use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::runtime::Runtime;
 use crate::host::tensor::{self, TensorHandle as T};
-use crate::train::param::params_from;
 use crate::train::Param;
 use candle_core::{DType, Device, Tensor};
 use rhai::{Array, Dynamic, Map};
@@ -102,17 +101,15 @@ fn load_unet(dir: &str, opts: &Map, rt: &Runtime) -> ScriptResult<UnetHandle> {
 }
 
 fn trainable_copy(u: &UnetHandle) -> ScriptResult<UnetHandle> {
-    let named: Vec<(String, Tensor)> = u.net.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-    let (map, params) = params_from(&named).script()?;
-    Ok(UnetHandle { net: Arc::new(u.net.with_weights(map).script()?), params: Some(Arc::new(params)) })
+    let (net, params) = super::building::trainable(&*u.net)?;
+    Ok(UnetHandle { net: Arc::new(net), params })
 }
 
 /// The same weights cut from the graph: gradients still flow to inputs, never to
 /// the weights (a frozen fake-score net in SiD's generator step). Shares storage,
 /// so optimiser updates of the original are seen.
 fn frozen_view(u: &UnetHandle) -> ScriptResult<UnetHandle> {
-    let map = u.net.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-    Ok(UnetHandle { net: Arc::new(u.net.with_weights(map).script()?), params: None })
+    Ok(UnetHandle { net: Arc::new(u.net.detached().script()?), params: None })
 }
 
 fn forward(u: &UnetHandle, x: &T, t: &Dynamic, cond: &Dynamic) -> ScriptResult<crate::diffusion::unet::UnetOutput> {

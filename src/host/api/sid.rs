@@ -53,8 +53,7 @@ pub fn frozen(u: &UnetHandle) -> ScriptResult<Arc<Unet>> {
     if u.params.is_none() {
         return Ok(u.net.clone());
     }
-    let map = u.net.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-    Ok(Arc::new(u.net.with_weights(map).script()?))
+    Ok(Arc::new(u.net.detached().script()?))
 }
 
 /// `t` and `noise` from opts, or drawn: t ~ U{t_min..t_max−1} per sample, noise ~ N(0, I).
