@@ -11,6 +11,7 @@ pub mod diffusion;
 pub mod error;
 pub mod host;
 pub mod io;
+pub mod metrics;
 pub mod rng;
 pub mod sid;
 pub mod toy;

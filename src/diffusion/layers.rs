@@ -192,3 +192,15 @@ impl Attention {
         self.to_out.forward(&out)
     }
 }
+
+/// Mean cross-entropy of B×C logits against B class indices (u32): the
+/// log-softmax is taken after subtracting the (detached) row maximum.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, _) = logits.dims2()?;
+    let max = logits.max_keepdim(1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let picked = logp.gather(&labels.to_dtype(DType::U32)?.reshape((b, 1))?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}

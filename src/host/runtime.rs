@@ -8,6 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub struct Runtime {
     rng: Mutex<Generator>,
+    seed: std::sync::atomic::AtomicU64,
     pub device: Device,
     pub dtype: DType,
     config: Mutex<Map>,
@@ -15,7 +16,10 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(seed: u64, device: Device) -> Self {
-        Self { rng: Mutex::new(Generator::new(seed)), device, dtype: DType::F32, config: Mutex::new(Map::new()) }
+        Self {
+            rng: Mutex::new(Generator::new(seed)),
+            seed: seed.into(),
+            device, dtype: DType::F32, config: Mutex::new(Map::new()) }
     }
 
     /// The run's generator. A panic elsewhere cannot leave it half-updated, so a
@@ -26,6 +30,12 @@ impl Runtime {
 
     pub fn reseed(&self, seed: u64) {
         *self.rng() = Generator::new(seed);
+        self.seed.store(seed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The seed the run's generator was last seeded with (`--seed` or `seed(n)`).
+    pub fn seed(&self) -> u64 {
+        self.seed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn config(&self) -> Map {

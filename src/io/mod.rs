@@ -2,4 +2,5 @@
 
 pub mod atomic;
 pub mod image;
+pub mod plot;
 pub mod safetensors;

@@ -4,6 +4,8 @@
 //! each caption (exact place, size, hue, background) so that every prompt has a
 //! distribution, not one image.
 
+pub mod judge;
+
 use crate::error::{Error, Result};
 use crate::rng::Generator;
 use candle_core::{Device, Tensor};

@@ -51,7 +51,7 @@ fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> ScriptResult<C
     serde_json::from_value(json).map_err(|e| script_err(format!("{what} config: {e}")))
 }
 
-fn params_map(p: &Params) -> Map {
+pub(crate) fn params_map(p: &Params) -> Map {
     p.iter().flat_map(|ps| ps.iter()).map(|p| (p.name().into(), Dynamic::from(T::from_param(p.clone())))).collect()
 }
 

@@ -198,12 +198,7 @@ pub fn register(api: &mut Api) {
                     Tensor::from_vec(v, b, t.device()).script()?
                 }
             };
-            let max = t.max_keepdim(1).script()?.detach();
-            let shifted = t.broadcast_sub(&max).script()?;
-            let lse = shifted.exp().and_then(|e| e.sum_keepdim(1)).and_then(|s| s.log()).script()?;
-            let logp = shifted.broadcast_sub(&lse).script()?;
-            let picked = logp.gather(&idx.reshape((b, 1)).script()?, 1).script()?;
-            ok(picked.mean_all().and_then(|m| m.neg()))
+            crate::diffusion::layers::cross_entropy(t, &idx).script().map(T::new)
         },
     );
 

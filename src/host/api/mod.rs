@@ -7,6 +7,7 @@ pub mod convert;
 pub mod create;
 pub mod io;
 pub mod math;
+pub mod metrics;
 pub mod models;
 pub mod optim;
 pub mod run;
@@ -36,5 +37,6 @@ pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
     sid::register(api, rt);
     checkpoint::register(api, rt);
     toy::register(api, rt);
+    metrics::register(api, rt);
     run::register(api, rt);
 }

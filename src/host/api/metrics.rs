@@ -1,0 +1,154 @@
+//! Judging samples and plotting curves: the toy world's judge classifier, the
+//! alignment / Fréchet distance / diversity metrics (see `crate::metrics`), and
+//! PNG plots of a metrics log.
+//!
+//! ```text
+//! let judge = load_judge("models/toy/judge");
+//! let real = judge.predict(toy_draw(captions).images);
+//! let fake = judge.predict(images);
+//! print(alignment(fake.labels, toy_labels(captions)));
+//! print(frechet_distance(fake.features, real.features));
+//! print(diversity(fake.features, captions));
+//! plot_jsonl("out/metrics.jsonl", "out/curves.png", #{ x: "iteration", panels: [["fake_loss"], ["alignment"]] });
+//! ```
+
+use super::building::{params_map, trainable};
+use crate::diffusion::model::Component;
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::runtime::Runtime;
+use crate::host::tensor::TensorHandle as T;
+use crate::io::plot::{self, Panel, Series};
+use crate::toy::judge::{Judge, JudgeConfig};
+use crate::train::Param;
+use rhai::{Array, Dynamic, Map};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The toy world's attribute classifier (`Judge`).
+#[derive(Clone)]
+pub struct JudgeHandle {
+    pub net: Arc<Judge>,
+    pub params: Option<Arc<Vec<Arc<Param>>>>,
+}
+
+fn strings(a: &Array, what: &str) -> ScriptResult<Vec<String>> {
+    a.iter()
+        .map(|v| v.clone().into_string().map_err(|t| script_err(format!("{what}: expected strings, got {t}"))))
+        .collect()
+}
+
+fn panels_from_jsonl(path: &str, x: &str, panels: &Array) -> ScriptResult<Vec<Panel>> {
+    let text = std::fs::read_to_string(path).map_err(|e| script_err(format!("{path}: {e}")))?;
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| script_err(format!("{path}:{}: {e}", i + 1))))
+        .collect::<ScriptResult<_>>()?;
+    let mut out = vec![];
+    for p in panels {
+        let keys: Vec<String> = match p.clone().try_cast::<Array>() {
+            Some(a) => strings(&a, "plot_jsonl panel")?,
+            None => vec![p.clone().into_string().map_err(|t| script_err(format!("plot_jsonl: a panel is a key or an array of keys, got {t}")))?],
+        };
+        let series = keys
+            .iter()
+            .map(|k| Series {
+                name: k.clone(),
+                points: records
+                    .iter()
+                    .filter_map(|r| Some((r.get(x)?.as_f64()?, r.get(k)?.as_f64()?)))
+                    .collect(),
+            })
+            .collect();
+        out.push(Panel { title: keys.join(", "), series });
+    }
+    Ok(out)
+}
+
+pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.engine.register_type_with_name::<JudgeHandle>("Judge");
+    api.group("metrics: judge");
+    let r = rt.clone();
+    api.func(
+        "new_judge",
+        ["config", "seed"],
+        "A freshly initialised, trainable judge. Config: channels ([32, 64, 64]), features (64), image_size (32).",
+        move |c: Map, seed: i64| -> ScriptResult<JudgeHandle> {
+            let json: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from(c))
+                .map_err(|e| script_err(format!("judge config: {e}")))?;
+            let cfg: JudgeConfig =
+                serde_json::from_value(json).map_err(|e| script_err(format!("judge config: {e}")))?;
+            let net = Judge::random(&cfg, seed as u64, r.dtype, &r.device).script()?;
+            let (net, params) = trainable(&net)?;
+            Ok(JudgeHandle { net: Arc::new(net), params })
+        },
+    );
+    let r = rt.clone();
+    api.func("load_judge", ["dir"], "A judge saved by save_component (frozen).", move |d: &str| -> ScriptResult<JudgeHandle> {
+        Ok(JudgeHandle { net: Arc::new(Judge::load(Path::new(d), r.dtype, &r.device).script()?), params: None })
+    });
+    api.func(
+        "save_component",
+        ["judge", "dir"],
+        "Writes a judge as config.json + model.safetensors.",
+        |j: JudgeHandle, d: &str| j.net.save(Path::new(d), "ToyJudge").script(),
+    );
+    api.getter("params", "A trainable judge's parameters by name.", |j: &mut JudgeHandle| params_map(&j.params));
+    api.method(
+        "loss",
+        ["judge", "images", "labels"],
+        "Sum over the four attributes of the mean cross-entropy against n×4 labels (as toy_batch gives).",
+        |j: &mut JudgeHandle, x: T, l: T| -> ScriptResult<T> { Ok(T::new(j.net.loss(x.tensor(), l.tensor()).script()?)) },
+    );
+    api.method(
+        "predict",
+        ["judge", "images"],
+        "What the judge sees in images in [-1, 1]: #{ labels (n×4: size, colour, shape, position), features (n×64), logits }.",
+        |j: &mut JudgeHandle, x: T| -> ScriptResult<Map> {
+            let out = j.net.forward(x.tensor()).script()?;
+            let mut m = Map::new();
+            m.insert("labels".into(), Dynamic::from(T::new(out.labels().script()?)));
+            m.insert("features".into(), Dynamic::from(T::new(out.features)));
+            m.insert("logits".into(), Dynamic::from(T::new(out.logits)));
+            Ok(m)
+        },
+    );
+
+    api.group("metrics");
+    api.func(
+        "alignment",
+        ["predicted", "target"],
+        "Share of rows of two n×A label tensors that agree in every column (all attributes right).",
+        |p: T, t: T| -> ScriptResult<f64> { crate::metrics::alignment(p.tensor(), t.tensor()).script() },
+    );
+    api.func(
+        "frechet_distance",
+        ["features_a", "features_b"],
+        "Fréchet distance between Gaussians fitted to two N×D feature sets (FID's formula).",
+        |a: T, b: T| -> ScriptResult<f64> { crate::metrics::frechet_distance(a.tensor(), b.tensor()).script() },
+    );
+    api.func(
+        "diversity",
+        ["features", "prompts"],
+        "Mean pairwise distance between feature rows that share a prompt, averaged over prompts.",
+        |f: T, g: Array| -> ScriptResult<f64> { crate::metrics::diversity(f.tensor(), &strings(&g, "diversity")?).script() },
+    );
+
+    api.group("metrics: plots");
+    api.func(
+        "plot_jsonl",
+        ["jsonl", "png", "opts"],
+        "Plots a JSONL metrics log as PNG line charts. Options: x (the x key, \"iteration\"), panels (array; each a key or an array of keys drawn together), columns (2).",
+        |src: &str, png: &str, o: Map| -> ScriptResult<()> {
+            let x = o.get("x").map(|v| v.to_string()).unwrap_or_else(|| "iteration".into());
+            let panels = o
+                .get("panels")
+                .and_then(|v| v.clone().try_cast::<Array>())
+                .ok_or_else(|| script_err("plot_jsonl: opts.panels must be an array of keys"))?;
+            let columns = o.get("columns").and_then(|v| v.as_int().ok()).unwrap_or(2).max(1) as usize;
+            plot::write_png(Path::new(png), &x, &panels_from_jsonl(src, &x, &panels)?, columns).script()
+        },
+    );
+}

@@ -1,0 +1,118 @@
+//! Line plots of training curves as PNG (plotters, bitmap backend). The font is
+//! embedded (DejaVu Sans, assets/fonts) so a plot renders the same on a machine
+//! without fonts installed.
+
+use crate::error::{Error, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+use std::path::Path;
+use std::sync::Once;
+
+static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// One named curve: (x, y) points in x order.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of the figure: a title and the curves drawn on shared axes.
+pub struct Panel {
+    pub title: String,
+    pub series: Vec<Series>,
+}
+
+fn register_font() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut failed = false;
+    ONCE.call_once(|| failed = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err());
+    if failed {
+        return Err(Error::msg("plot: the embedded font could not be read"));
+    }
+    Ok(())
+}
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::file(path, None, format!("plot: {e}"))
+}
+
+/// Draws the panels side by side in rows of up to `columns` into a PNG at `path`
+/// (written to a temporary file and renamed, like every other output).
+pub fn write_png(path: &Path, x_label: &str, panels: &[Panel], columns: usize) -> Result<()> {
+    register_font()?;
+    if panels.is_empty() {
+        return Err(plot_err(path, "nothing to plot"));
+    }
+    let columns = columns.clamp(1, panels.len());
+    let rows = panels.len().div_ceil(columns);
+    let (w, h) = (420 * columns as u32, 300 * rows as u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        for (area, panel) in root.split_evenly((rows, columns)).iter().zip(panels) {
+            draw_panel(area, panel, x_label).map_err(|e| plot_err(path, e))?;
+        }
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| plot_err(path, "bad buffer"))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| plot_err(path, e))?;
+    crate::io::atomic::write_bytes(path, png.get_ref())
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    panel: &Panel,
+    x_label: &str,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let pts: Vec<&(f64, f64)> = panel.series.iter().flat_map(|s| s.points.iter()).filter(finite).collect();
+    let span = |v: Vec<f64>| -> (f64, f64) {
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        if !lo.is_finite() {
+            (0.0, 1.0)
+        } else if hi - lo < 1e-12 {
+            (lo - 0.5, hi + 0.5)
+        } else {
+            let pad = 0.05 * (hi - lo);
+            (lo - pad, hi + pad)
+        }
+    };
+    let (x0, x1) = span(pts.iter().map(|p| p.0).collect());
+    let (y0, y1) = span(pts.iter().map(|p| p.1).collect());
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, ("sans-serif", 18))
+        .margin(8)
+        .x_label_area_size(32)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
+    chart.configure_mesh().x_desc(x_label).label_style(("sans-serif", 12)).x_labels(6).y_labels(6).draw()?;
+    for (i, s) in panel.series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let points: Vec<(f64, f64)> = s.points.iter().filter(finite).cloned().collect();
+        let line = chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?;
+        line.label(s.name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+        if points.len() <= 12 {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+        }
+    }
+    if panel.series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    Ok(())
+}
