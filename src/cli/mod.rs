@@ -1,7 +1,10 @@
 //! The `sidscript` command line: run, check, doc, repl.
 
 mod doc;
+mod interrupt;
 mod repl;
+mod run;
+mod watch;
 
 use crate::host::{tensor, Host, HostOptions};
 use clap::{Parser, Subcommand};
@@ -21,6 +24,10 @@ pub enum Command {
     Run {
         /// The .rhai script.
         file: PathBuf,
+        /// Reload the script (and the modules it imports) when saved; needs the
+        /// host-driven shape, fn setup(cfg) and fn step(state, it).
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -112,11 +119,7 @@ fn error_text(e: &rhai::EvalAltResult) -> String {
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { file, run } => {
-            let host = Host::new(run.host_options()?)?;
-            let _value = host.run_file(&file)?;
-            Ok(())
-        }
+        Command::Run { file, watch, run } => run::run(&Host::new(run.host_options()?)?, &file, watch),
         Command::Check { file } => {
             let host = Host::new(HostOptions::default())?;
             host.compile_file(&file)?;

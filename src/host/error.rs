@@ -128,6 +128,7 @@ impl ScriptError {
         trace.reverse();
         let message = match err {
             EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+            EvalAltResult::ErrorTerminated(..) => "interrupted (Ctrl-C)".to_string(),
             other => {
                 // Rhai appends " (line L, position C)"; the location is printed separately.
                 let text = other.to_string();

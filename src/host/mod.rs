@@ -11,6 +11,7 @@
 pub mod api;
 pub mod docs;
 pub mod error;
+pub mod live;
 pub mod modules;
 pub mod runtime;
 pub mod tensor;
@@ -22,6 +23,7 @@ use modules::Modules;
 use rhai::{Dynamic, Engine, Map, Scope, AST};
 pub use runtime::Runtime;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 pub use tensor::TensorHandle;
 
@@ -47,6 +49,7 @@ pub struct Host {
     runtime: Arc<Runtime>,
     docs: Vec<FnDoc>,
     modules: Modules,
+    cancel: Arc<AtomicBool>,
 }
 
 impl Host {
@@ -63,11 +66,16 @@ impl Host {
             (Some(src), Some(l)) => eprintln!("[{src}:{l}] {s}"),
             _ => eprintln!("{s}"),
         });
+        // A raised cancel flag stops the running script at its next operation
+        // (Ctrl-C in the REPL); the flag is lowered as it fires.
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = cancel.clone();
+        engine.on_progress(move |_| flag.swap(false, Ordering::Relaxed).then(|| Dynamic::from("interrupted")));
         let modules = Modules::default();
         engine.set_module_resolver(modules.clone());
         let mut docs = vec![];
         api::register_all(&mut docs::Api::new(&mut engine, &mut docs), &runtime);
-        Ok(Self { engine, runtime, docs, modules })
+        Ok(Self { engine, runtime, docs, modules, cancel })
     }
 
     pub fn engine(&self) -> &Engine {
@@ -80,6 +88,12 @@ impl Host {
 
     pub fn modules(&self) -> &Modules {
         &self.modules
+    }
+
+    /// Raising this flag stops the running script at its next operation, with the
+    /// error "interrupted"; variables of a [`Session`] stay as they were.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// Every registered native function, documented.
@@ -104,10 +118,7 @@ impl Host {
             message: format!("cannot read script: {e}"),
             trace: vec![],
         })?;
-        let scope = self.new_scope();
-        let mut ast = self.engine.compile_with_scope(&scope, &src).map_err(|e| ScriptError::from_parse(&e, &name))?;
-        ast.set_source(name.as_str());
-        Ok(ast)
+        self.compile_str(&src, &name)
     }
 
     /// Runs a compiled script in `scope`, returning its final value.
@@ -115,6 +126,14 @@ impl Host {
         let file = ast.source().unwrap_or("<script>").to_string();
         self.modules.set_main_dir(Path::new(&file).parent().map(Path::to_path_buf));
         self.engine.eval_ast_with_scope::<Dynamic>(scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))
+    }
+
+    /// Compiles source text named `name` (a file name, for errors and imports).
+    pub fn compile_str(&self, src: &str, name: &str) -> Result<AST, ScriptError> {
+        let mut ast =
+            self.engine.compile_with_scope(&self.new_scope(), src).map_err(|e| ScriptError::from_parse(&e, name))?;
+        ast.set_source(name);
+        Ok(ast)
     }
 
     /// Compiles and runs a script file.
@@ -183,6 +202,44 @@ impl<'h> Session<'h> {
         // Definitions stay even when the statements failed, as in any REPL.
         self.functions = self.functions.merge(&ast.clone_functions_only());
         result.map_err(|e| ScriptError::from_eval(&e, name))
+    }
+
+    /// Loads a script file into the session: its top level runs once (its `let`s
+    /// become session variables) and its functions, which keep the file's own
+    /// imports, become callable. Returns a one-line summary.
+    pub fn load_file(&mut self, path: &Path) -> Result<String, ScriptError> {
+        let mut ast = self.host.compile_file(path)?;
+        let file = path.display().to_string();
+        // A module keeps only exported variables: export every top-level `let`.
+        let exports: String = ast
+            .statements()
+            .iter()
+            .filter_map(|s| match s {
+                rhai::Stmt::Var(x, ..) => Some(format!("export {};\n", x.0.name)),
+                _ => None,
+            })
+            .collect();
+        if !exports.is_empty() {
+            let extra = self.host.engine.compile(&exports).map_err(|e| ScriptError::from_parse(&e, &file))?;
+            ast = ast.merge(&extra);
+            ast.set_source(file.as_str());
+        }
+        self.host.modules.set_main_dir(path.parent().map(Path::to_path_buf));
+        let module = rhai::Module::eval_ast_as_new(self.scope.clone(), &ast, &self.host.engine)
+            .map_err(|e| ScriptError::from_eval(&e, &file))?;
+        let mut vars = vec![];
+        for (name, value) in module.iter_var() {
+            self.scope.set_or_push(name.to_string(), value.clone());
+            vars.push(name.to_string());
+        }
+        let lib = AST::new_from_module(module);
+        let fns: Vec<String> = lib.iter_functions().map(|f| format!("{}/{}", f.name, f.params.len())).collect();
+        self.functions = self.functions.merge(&lib);
+        let mut summary = format!("loaded {file}: functions {}; variables {}", fns.join(", "), vars.join(", "));
+        if live::is_live(&ast) {
+            summary.push_str("\na training script: `let s = setup(cfg);` then `for it in 0..10 { step(s, it) }`");
+        }
+        Ok(summary)
     }
 
     /// Names of the functions the session has defined.

@@ -1,0 +1,40 @@
+//! Ctrl-C. The first press asks the running job to stop at a safe point (a training
+//! loop finishes its iteration and writes a checkpoint; the REPL cancels the running
+//! statement); a second press during a run stops the process at once.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+static PRESSES: AtomicUsize = AtomicUsize::new(0);
+static TARGET: OnceLock<std::sync::Mutex<Option<(Arc<AtomicBool>, bool)>>> = OnceLock::new();
+
+fn target() -> &'static std::sync::Mutex<Option<(Arc<AtomicBool>, bool)>> {
+    TARGET.get_or_init(|| std::sync::Mutex::new(None))
+}
+
+/// Routes Ctrl-C to `flag`. With `second_exits`, a second press before the flag is
+/// handled (reset with [`reset`]) exits with status 130.
+pub fn route_to(flag: Arc<AtomicBool>, second_exits: bool) {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    *target().lock().unwrap_or_else(|e| e.into_inner()) = Some((flag, second_exits));
+    INSTALLED.get_or_init(|| {
+        let _ = ctrlc::set_handler(|| {
+            let n = PRESSES.fetch_add(1, Ordering::SeqCst);
+            if let Some((flag, second_exits)) = &*target().lock().unwrap_or_else(|e| e.into_inner()) {
+                if n >= 1 && *second_exits {
+                    eprintln!("\nstopped");
+                    std::process::exit(130);
+                }
+                if *second_exits {
+                    eprintln!("\nstopping after this iteration (Ctrl-C again to stop now)");
+                }
+                flag.store(true, Ordering::SeqCst);
+            }
+        });
+    });
+}
+
+/// Forgets earlier presses (after the flag was handled).
+pub fn reset() {
+    PRESSES.store(0, Ordering::SeqCst);
+}

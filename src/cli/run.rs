@@ -1,0 +1,80 @@
+//! `sidscript run`: a plain script runs top to bottom; a script with `setup(cfg)`
+//! and `step(state, it)` is driven by the host (see `host::live`), which gives
+//! `--watch` hot reload and a clean stop on Ctrl-C.
+
+use super::interrupt;
+use super::watch::Watch;
+use crate::host::live::{is_live, LiveScript};
+use crate::host::Host;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn watched_files(host: &Host, file: &Path) -> Vec<PathBuf> {
+    let mut files = vec![file.to_path_buf()];
+    files.extend(host.modules().cached_files());
+    files
+}
+
+pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
+    let ast = host.compile_file(file)?;
+    if !is_live(&ast) {
+        if watch {
+            anyhow::bail!(
+                "{}: --watch needs the host-driven shape: fn setup(cfg) returning the state and fn step(state, it)",
+                file.display()
+            );
+        }
+        // Ctrl-C stops the script at its next operation, with an error naming the line.
+        interrupt::route_to(host.cancel_flag(), true);
+        let _ = host.run_ast(&mut host.new_scope(), &ast)?;
+        return Ok(());
+    }
+
+    let mut live = LiveScript::instantiate(host, &ast)?;
+    let state = live.setup(host)?;
+    let mut it = live.int_field(&state, "start")?.unwrap_or(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    interrupt::route_to(stop.clone(), true);
+    let mut watcher = if watch { Some(Watch::new(&watched_files(host, file))?) } else { None };
+    loop {
+        // Read every time: a step (or a reloaded one) may change the run's length.
+        let iterations = live
+            .int_field(&state, "iterations")?
+            .ok_or_else(|| live.error("setup(cfg) must return a map with `iterations` (an int)".into()))?;
+        if it >= iterations {
+            break;
+        }
+        if let Some(w) = watcher.as_mut() {
+            if w.changed() {
+                host.modules().clear_cache();
+                match host.compile_file(file).and_then(|ast| {
+                    if is_live(&ast) {
+                        LiveScript::instantiate(host, &ast)
+                    } else {
+                        Err(live.error("the new version has no setup(cfg) / step(state, it)".into()))
+                    }
+                }) {
+                    Ok(new) => {
+                        live = new;
+                        eprintln!("[watch] {} reloaded at iteration {it}", file.display());
+                        w.set_files(&watched_files(host, file))?;
+                    }
+                    Err(e) => eprintln!("[watch] {} not reloaded; the running version goes on: {e}", file.display()),
+                }
+            }
+        }
+        let _ = live.step(host, &state, it)?;
+        if stop.load(Ordering::SeqCst) {
+            if live.checkpoint(host, &state, it)? {
+                eprintln!("stopped after iteration {it}; checkpoint written");
+            } else {
+                eprintln!("stopped after iteration {it} (the script has no checkpoint(state, it))");
+            }
+            return Ok(());
+        }
+        it += 1;
+    }
+    let _ = live.finish(host, &state)?;
+    Ok(())
+}
