@@ -136,3 +136,56 @@ fn sdxl_with_zero_cfg_and_the_diffusion_gan_runs() {
     std::fs::remove_dir_all(out).ok();
     std::fs::remove_dir_all(real).ok();
 }
+
+fn report(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
+    // The README's main job, shortened: 3 iterations of batch 2, the teacher at 2 DDIM
+    // steps, every 8th caption; run twice with the same seed.
+    let dirs = [scratch("toy-a"), scratch("toy-b")];
+    for d in &dirs {
+        let mut args = vec![];
+        for (k, v) in [("iterations", "3"), ("batch", "2"), ("teacher_steps", "2"), ("eval_stride", "8"), ("eval_every", "2")] {
+            args.extend(set(k, v));
+        }
+        args.extend(set("out", d.display()));
+        args.extend(["--seed".to_string(), "5".to_string()]);
+        run("scripts/distill_toy.rhai", &args);
+    }
+    let r = report(&dirs[0]);
+    let rows = r["rows"].as_array().unwrap();
+    let kinds: Vec<(String, i64)> =
+        rows.iter().map(|x| (x["model"].as_str().unwrap().to_string(), x["steps"].as_i64().unwrap())).collect();
+    let want: Vec<(String, i64)> =
+        [("teacher", 2), ("teacher", 1), ("generator", 1), ("generator", 2), ("generator", 4)]
+            .iter()
+            .map(|(m, n)| (m.to_string(), *n))
+            .collect();
+    assert_eq!(kinds, want);
+    for x in rows {
+        let a = x["alignment"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{x}");
+        assert!(x["fd"].as_f64().unwrap() >= 0.0 && x["diversity"].as_f64().unwrap() > 0.0, "{x}");
+        assert!(x["guidance"].as_str().unwrap().contains("1.5"), "{x}");
+    }
+    assert!(r["seconds"].as_f64().unwrap() > 0.0);
+    for f in ["grid.png", "grid-generator-4step.png", "curves.png", "report.md", "checkpoint/state.json", "generator/unet/config.json"] {
+        assert!(dirs[0].join(f).is_file(), "{f} missing");
+    }
+    let m = metrics(&dirs[0]);
+    assert_eq!(m.len(), 4, "iteration 0 (before training) and 3 iterations");
+    assert!(m[2]["alignment"].is_number() && m[1]["alignment"].is_null());
+    // Same seed, same numbers: losses, metrics and the final table.
+    assert_eq!(m, metrics(&dirs[1]));
+    let strip = |mut v: serde_json::Value| {
+        v.as_object_mut().unwrap().remove("seconds");
+        v
+    };
+    assert_eq!(strip(r), strip(report(&dirs[1])));
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

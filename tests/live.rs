@@ -128,3 +128,27 @@ fn ctrl_c_finishes_the_iteration_writes_a_checkpoint_and_exits_0() {
     assert!(state.to_string().contains(&format!("\"it\":{last}")), "{state}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn host_driven_functions_keep_the_scripts_imports() {
+    let dir = temp_dir("imports");
+    std::fs::write(dir.join("helper.rhai"), "fn k() { 7 }").unwrap();
+    std::fs::write(
+        dir.join("train.rhai"),
+        r#"import "helper" as h;
+           fn setup(cfg) { #{ iterations: 2, log: cfg.log, from_setup: h::k() } }
+           fn step(s, it) { append_jsonl(s.log, #{ it: it, k: h::k() + s.from_setup }); }"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .arg("run")
+        .arg(dir.join("train.rhai"))
+        .args(["--set", &format!("log={}", dir.join("log.jsonl").display())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = log_rows(&dir.join("log.jsonl"));
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r["k"].as_i64() == Some(14)), "{rows:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

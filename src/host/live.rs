@@ -21,7 +21,7 @@
 
 use super::error::ScriptError;
 use super::Host;
-use rhai::{CallFnOptions, Dynamic, Map, Module, AST};
+use rhai::{Dynamic, Map, Module, AST};
 
 /// Whether a compiled script has the host-driven shape (`setup/1` and `step/2`).
 pub fn is_live(ast: &AST) -> bool {
@@ -33,6 +33,10 @@ pub fn is_live(ast: &AST) -> bool {
 pub struct LiveScript {
     lib: AST,
     file: String,
+    /// `name(__a0, …)` over the script's functions, by name. Calls go through
+    /// evaluation rather than `Engine::call_fn`, which drops the imports that module
+    /// functions carry with them.
+    calls: std::collections::HashMap<&'static str, AST>,
 }
 
 impl LiveScript {
@@ -44,7 +48,18 @@ impl LiveScript {
             .map_err(|e| ScriptError::from_eval(&e, &file))?;
         let mut lib = AST::new_from_module(module);
         lib.set_source(file.as_str());
-        Ok(Self { lib, file })
+        let mut calls = std::collections::HashMap::new();
+        for (name, arity) in [("setup", 1), ("step", 2), ("checkpoint", 2), ("finish", 1)] {
+            let args: Vec<String> = (0..arity).map(|i| format!("__a{i}")).collect();
+            let call = host
+                .engine
+                .compile(format!("{name}({})", args.join(", ")))
+                .map_err(|e| ScriptError::from_parse(&e, &file))?;
+            let mut merged = lib.merge(&call);
+            merged.set_source(file.as_str());
+            calls.insert(name, merged);
+        }
+        Ok(Self { lib, file, calls })
     }
 
     pub fn has(&self, name: &str, arity: usize) -> bool {
@@ -52,10 +67,12 @@ impl LiveScript {
     }
 
     fn call(&self, host: &Host, name: &str, args: Vec<Dynamic>) -> Result<Dynamic, ScriptError> {
+        let ast = self.calls.get(name).ok_or_else(|| self.error(format!("no call prepared for {name}")))?;
         let mut scope = host.new_scope();
-        host.engine
-            .call_fn_with_options::<Dynamic>(CallFnOptions::new().eval_ast(false), &mut scope, &self.lib, name, args)
-            .map_err(|e| ScriptError::from_eval(&e, &self.file))
+        for (i, a) in args.into_iter().enumerate() {
+            scope.push(format!("__a{i}"), a);
+        }
+        host.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast).map_err(|e| ScriptError::from_eval(&e, &self.file))
     }
 
     /// `setup(cfg)`: the state, shared so that what `step` writes into it stays.

@@ -44,6 +44,12 @@ fn batch(rt: &Runtime, attrs: Vec<Attributes>) -> ScriptResult<Map> {
     Ok(m)
 }
 
+fn random_batch(rt: &Runtime, n: i64, which: &str) -> ScriptResult<Map> {
+    let pool = split(which)?;
+    let idx = rt.rng().randint(usize::try_from(n).script()?, 0, pool.len() as i64).script()?;
+    batch(rt, idx.into_iter().map(|i| pool[i as usize]).collect())
+}
+
 pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     api.group("toy world");
     api.func(
@@ -54,9 +60,11 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     );
     let r = rt.clone();
     api.func("toy_batch", ["n"], "n training-split images with random captions: #{ images (n×3×32×32 in [-1, 1]), captions, labels (n×4: size, colour, shape, position) }.", move |n: i64| -> ScriptResult<Map> {
-        let train = split("train")?;
-        let idx = r.rng().randint(usize::try_from(n).script()?, 0, train.len() as i64).script()?;
-        batch(&r, idx.into_iter().map(|i| train[i as usize]).collect())
+        random_batch(&r, n, "train")
+    });
+    let r = rt.clone();
+    api.func("toy_batch", ["n", "split"], "n images with random captions of a split: \"train\", \"heldout\" or \"all\" (the judge learns from all).", move |n: i64, s: &str| -> ScriptResult<Map> {
+        random_batch(&r, n, s)
     });
     let r = rt.clone();
     api.func(
