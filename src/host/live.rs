@@ -5,8 +5,9 @@
 //! code can be swapped between iterations (hot reload) while weights, optimiser
 //! moments, EMA, RNG and iteration count live on.
 //!
-//! A script is instantiated as a module (its top level runs once), so its
-//! functions keep the script's own `import`s when the host calls them.
+//! The top level of such a script should only import modules and define things:
+//! it runs before every call, so that the functions see the imports (modules are
+//! cached, so this costs a lookup).
 //!
 //! ```
 //! use sidscript::host::{Host, HostOptions, live::LiveScript};
@@ -21,7 +22,7 @@
 
 use super::error::ScriptError;
 use super::Host;
-use rhai::{Dynamic, Map, Module, AST};
+use rhai::{CallFnOptions, Dynamic, Map, AST};
 
 /// Whether a compiled script has the host-driven shape (`setup/1` and `step/2`).
 pub fn is_live(ast: &AST) -> bool {
@@ -29,50 +30,35 @@ pub fn is_live(ast: &AST) -> bool {
     has("setup", 1) && has("step", 2)
 }
 
-/// One instantiated version of a host-driven script.
+/// One compiled version of a host-driven script.
 pub struct LiveScript {
-    lib: AST,
+    ast: AST,
     file: String,
-    /// `name(__a0, …)` over the script's functions, by name. Calls go through
-    /// evaluation rather than `Engine::call_fn`, which drops the imports that module
-    /// functions carry with them.
-    calls: std::collections::HashMap<&'static str, AST>,
 }
 
 impl LiveScript {
-    /// Runs the script's top level once and keeps its functions with their imports.
+    /// Checks that the script's top level (its imports and definitions) runs.
     pub fn instantiate(host: &Host, ast: &AST) -> Result<Self, ScriptError> {
         let file = ast.source().unwrap_or("<script>").to_string();
         host.modules.set_main_dir(std::path::Path::new(&file).parent().map(|p| p.to_path_buf()));
-        let module = Module::eval_ast_as_new(host.new_scope(), ast, &host.engine)
-            .map_err(|e| ScriptError::from_eval(&e, &file))?;
-        let mut lib = AST::new_from_module(module);
-        lib.set_source(file.as_str());
-        let mut calls = std::collections::HashMap::new();
-        for (name, arity) in [("setup", 1), ("step", 2), ("checkpoint", 2), ("finish", 1)] {
-            let args: Vec<String> = (0..arity).map(|i| format!("__a{i}")).collect();
-            let call = host
-                .engine
-                .compile(format!("{name}({})", args.join(", ")))
-                .map_err(|e| ScriptError::from_parse(&e, &file))?;
-            let mut merged = lib.merge(&call);
-            merged.set_source(file.as_str());
-            calls.insert(name, merged);
-        }
-        Ok(Self { lib, file, calls })
+        let mut scope = host.new_scope();
+        host.engine.run_ast_with_scope(&mut scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))?;
+        Ok(Self { ast: ast.clone(), file })
     }
 
     pub fn has(&self, name: &str, arity: usize) -> bool {
-        self.lib.iter_functions().any(|f| f.name == name && f.params.len() == arity)
+        self.ast.iter_functions().any(|f| f.name == name && f.params.len() == arity)
     }
 
+    /// Calls a script function. The top level runs first (as `Engine::call_fn`
+    /// does), so that the functions see the script's imports (modules are cached, so
+    /// this is cheap); arguments are handed over as they are, so a shared state map
+    /// stays shared and what the function writes into it stays.
     fn call(&self, host: &Host, name: &str, args: Vec<Dynamic>) -> Result<Dynamic, ScriptError> {
-        let ast = self.calls.get(name).ok_or_else(|| self.error(format!("no call prepared for {name}")))?;
         let mut scope = host.new_scope();
-        for (i, a) in args.into_iter().enumerate() {
-            scope.push(format!("__a{i}"), a);
-        }
-        host.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast).map_err(|e| ScriptError::from_eval(&e, &self.file))
+        host.engine
+            .call_fn_with_options::<Dynamic>(CallFnOptions::new().eval_ast(true), &mut scope, &self.ast, name, args)
+            .map_err(|e| ScriptError::from_eval(&e, &self.file))
     }
 
     /// `setup(cfg)`: the state, shared so that what `step` writes into it stays.
