@@ -76,10 +76,8 @@ fn draw_panel<DB: DrawingBackend>(
 ) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
     let pts: Vec<&(f64, f64)> = panel.series.iter().flat_map(|s| s.points.iter()).filter(finite).collect();
-    let span = |v: Vec<f64>| -> (f64, f64) {
-        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        if !lo.is_finite() {
+    let pad = |lo: f64, hi: f64| -> (f64, f64) {
+        if !lo.is_finite() || !hi.is_finite() {
             (0.0, 1.0)
         } else if hi - lo < 1e-12 {
             (lo - 0.5, hi + 0.5)
@@ -88,8 +86,21 @@ fn draw_panel<DB: DrawingBackend>(
             (lo - pad, hi + pad)
         }
     };
-    let (x0, x1) = span(pts.iter().map(|p| p.0).collect());
-    let (y0, y1) = span(pts.iter().map(|p| p.1).collect());
+    let (x0, x1) = pad(
+        pts.iter().map(|p| p.0).fold(f64::INFINITY, f64::min),
+        pts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max),
+    );
+    // Noisy losses: the y range covers the 1st to 99th percentile and points beyond
+    // are drawn at its edge, so one spike does not flatten the curve.
+    let mut ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    ys.sort_by(|a, b| a.total_cmp(b));
+    let q = |f: f64| ys.get(((ys.len().saturating_sub(1)) as f64 * f).round() as usize).copied();
+    let (y0, y1) = if ys.len() >= 100 {
+        pad(q(0.01).unwrap_or(0.0), q(0.99).unwrap_or(1.0))
+    } else {
+        pad(ys.first().copied().unwrap_or(0.0), ys.last().copied().unwrap_or(1.0))
+    };
+    let clamp = |p: &(f64, f64)| (p.0, p.1.clamp(y0, y1));
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, ("sans-serif", 18))
         .margin(8)
@@ -99,11 +110,29 @@ fn draw_panel<DB: DrawingBackend>(
     chart.configure_mesh().x_desc(x_label).label_style(("sans-serif", 12)).x_labels(6).y_labels(6).draw()?;
     for (i, s) in panel.series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let points: Vec<(f64, f64)> = s.points.iter().filter(finite).cloned().collect();
-        let line = chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?;
-        line.label(s.name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
-        if points.len() <= 12 {
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+        let points: Vec<(f64, f64)> = s.points.iter().filter(finite).map(clamp).collect();
+        if points.len() > 100 {
+            // The raw values faintly, a centred moving average on top.
+            chart.draw_series(LineSeries::new(points.clone(), colour.mix(0.25).stroke_width(1)))?;
+            let w = points.len() / 40;
+            let smooth: Vec<(f64, f64)> = (0..points.len())
+                .map(|j| {
+                    let (a, b) = (j.saturating_sub(w), (j + w + 1).min(points.len()));
+                    (points[j].0, points[a..b].iter().map(|p| p.1).sum::<f64>() / (b - a) as f64)
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(smooth, colour.stroke_width(2)))?
+                .label(format!("{} (moving average)", s.name))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+        } else {
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+            if points.len() <= 30 {
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+            }
         }
     }
     if panel.series.len() > 1 {

@@ -44,7 +44,7 @@ pub fn trainable<M: Component>(m: &M) -> ScriptResult<(M, Params)> {
     Ok((m.with_weights(map).script()?, Some(Arc::new(params))))
 }
 
-fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> ScriptResult<C> {
+pub(crate) fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> ScriptResult<C> {
     // Through JSON, so that an int is accepted where the config has a float, as in config.json.
     let json: serde_json::Value =
         rhai::serde::from_dynamic(&Dynamic::from(m.clone())).map_err(|e| script_err(format!("{what} config: {e}")))?;

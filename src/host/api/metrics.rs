@@ -12,7 +12,7 @@
 //! plot_jsonl("out/metrics.jsonl", "out/curves.png", #{ x: "iteration", panels: [["fake_loss"], ["alignment"]] });
 //! ```
 
-use super::building::{params_map, trainable};
+use super::building::{config, params_map, trainable};
 use crate::diffusion::model::Component;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
@@ -76,10 +76,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["config", "seed"],
         "A freshly initialised, trainable judge. Config: channels ([32, 64, 64]), features (64), image_size (32).",
         move |c: Map, seed: i64| -> ScriptResult<JudgeHandle> {
-            let json: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from(c))
-                .map_err(|e| script_err(format!("judge config: {e}")))?;
-            let cfg: JudgeConfig =
-                serde_json::from_value(json).map_err(|e| script_err(format!("judge config: {e}")))?;
+            let cfg: JudgeConfig = config(&c, "judge")?;
             let net = Judge::random(&cfg, seed as u64, r.dtype, &r.device).script()?;
             let (net, params) = trainable(&net)?;
             Ok(JudgeHandle { net: Arc::new(net), params })
