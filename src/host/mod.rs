@@ -233,9 +233,14 @@ impl<'h> Session<'h> {
             vars.push(name.to_string());
         }
         let lib = AST::new_from_module(module);
-        let fns: Vec<String> = lib.iter_functions().map(|f| format!("{}/{}", f.name, f.params.len())).collect();
+        let fns: Vec<String> = lib
+            .iter_functions()
+            .filter(|f| !f.name.starts_with("anon$")) // closures
+            .map(|f| format!("{}/{}", f.name, f.params.len()))
+            .collect();
         self.functions = self.functions.merge(&lib);
-        let mut summary = format!("loaded {file}: functions {}; variables {}", fns.join(", "), vars.join(", "));
+        let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        let mut summary = format!("loaded {file}: functions {}; variables {}", list(&fns), list(&vars));
         if live::is_live(&ast) {
             summary.push_str("\na training script: `let s = setup(cfg);` then `for it in 0..10 { step(s, it) }`");
         }
