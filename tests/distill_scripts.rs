@@ -148,7 +148,9 @@ fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
     let dirs = [scratch("toy-a"), scratch("toy-b")];
     for d in &dirs {
         let mut args = vec![];
-        for (k, v) in [("iterations", "3"), ("batch", "2"), ("teacher_steps", "2"), ("eval_stride", "8"), ("eval_every", "2")] {
+        for (k, v) in
+            [("iterations", "3"), ("batch", "2"), ("teacher_steps", "2"), ("eval_stride", "8"), ("eval_every", "2")]
+        {
             args.extend(set(k, v));
         }
         args.extend(set("out", d.display()));
@@ -172,7 +174,14 @@ fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
         assert!(x["guidance"].as_str().unwrap().contains("1.5"), "{x}");
     }
     assert!(r["seconds"].as_f64().unwrap() > 0.0);
-    for f in ["grid.png", "grid-generator-4step.png", "curves.png", "report.md", "checkpoint/state.json", "generator/unet/config.json"] {
+    for f in [
+        "grid.png",
+        "grid-generator-4step.png",
+        "curves.png",
+        "report.md",
+        "checkpoint/state.json",
+        "generator/unet/config.json",
+    ] {
         assert!(dirs[0].join(f).is_file(), "{f} missing");
     }
     let m = metrics(&dirs[0]);

@@ -32,11 +32,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn log_rows(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 fn wait_for_rows(path: &Path, n: usize) {

@@ -66,7 +66,8 @@ mod terminal {
 
     fn spawn() -> rexpect::session::PtySession {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sidscript"));
-        cmd.arg("repl").env("SIDSCRIPT_HISTORY", std::env::temp_dir().join(format!("sidscript-hist-{}", std::process::id())));
+        cmd.arg("repl")
+            .env("SIDSCRIPT_HISTORY", std::env::temp_dir().join(format!("sidscript-hist-{}", std::process::id())));
         let mut p = spawn_command(cmd, Some(30_000)).expect("spawn repl in a pty");
         p.exp_string(">> ").unwrap();
         p

@@ -68,9 +68,8 @@ impl Watch {
     fn drain_relevant(&self) -> bool {
         let mut any = false;
         while let Ok(p) = self.events.try_recv() {
-            any |= self.files.contains(&absolute(&p)) || p.file_name().is_some_and(|n| {
-                self.files.iter().any(|f| f.file_name() == Some(n))
-            });
+            any |= self.files.contains(&absolute(&p))
+                || p.file_name().is_some_and(|n| self.files.iter().any(|f| f.file_name() == Some(n)));
         }
         any
     }

@@ -100,10 +100,9 @@ impl LiveScript {
         match self.field(state, key) {
             None => Ok(None),
             Some(v) if v.is_unit() => Ok(None),
-            Some(v) => v
-                .as_int()
-                .map(Some)
-                .map_err(|t| self.error(format!("the state's `{key}` must be an int, got {t}"))),
+            Some(v) => {
+                v.as_int().map(Some).map_err(|t| self.error(format!("the state's `{key}` must be an int, got {t}")))
+            }
         }
     }
 

@@ -19,7 +19,10 @@ impl Runtime {
         Self {
             rng: Mutex::new(Generator::new(seed)),
             seed: seed.into(),
-            device, dtype: DType::F32, config: Mutex::new(Map::new()) }
+            device,
+            dtype: DType::F32,
+            config: Mutex::new(Map::new()),
+        }
     }
 
     /// The run's generator. A panic elsewhere cannot leave it half-updated, so a

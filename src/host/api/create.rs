@@ -138,7 +138,9 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     let r = rt.clone();
     api.func("seed", ["seed"], "Re-seeds the run's generator.", move |s: i64| r.reseed(s as u64));
     let r = rt.clone();
-    api.func("run_seed", [], "The seed the run's generator was last seeded with (--seed, or seed(n)).", move || r.seed() as i64);
+    api.func("run_seed", [], "The seed the run's generator was last seeded with (--seed, or seed(n)).", move || {
+        r.seed() as i64
+    });
 
     let d = dev.clone();
     let arange = move |start: f64, end: f64, step: f64| -> R {

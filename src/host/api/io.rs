@@ -83,12 +83,17 @@ pub fn register_files(api: &mut Api, rt: &Arc<Runtime>) {
             writeln!(f, "{v}").map_err(|e| script_err(format!("{p}: {e}")))
         },
     );
-    api.func("remove_file", ["path"], "Removes a file if it exists (a log from an earlier run, say).", |p: &str| -> ScriptResult<()> {
-        match std::fs::remove_file(p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(script_err(format!("{p}: {e}"))),
-            _ => Ok(()),
-        }
-    });
+    api.func(
+        "remove_file",
+        ["path"],
+        "Removes a file if it exists (a log from an earlier run, say).",
+        |p: &str| -> ScriptResult<()> {
+            match std::fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(script_err(format!("{p}: {e}"))),
+                _ => Ok(()),
+            }
+        },
+    );
     api.func("write_text", ["path", "text"], "Writes a text file atomically.", |p: &str, t: &str| {
         crate::io::atomic::write_bytes(Path::new(p), t.as_bytes()).script()
     });

@@ -50,16 +50,16 @@ fn panels_from_jsonl(path: &str, x: &str, panels: &Array) -> ScriptResult<Vec<Pa
     for p in panels {
         let keys: Vec<String> = match p.clone().try_cast::<Array>() {
             Some(a) => strings(&a, "plot_jsonl panel")?,
-            None => vec![p.clone().into_string().map_err(|t| script_err(format!("plot_jsonl: a panel is a key or an array of keys, got {t}")))?],
+            None => vec![p
+                .clone()
+                .into_string()
+                .map_err(|t| script_err(format!("plot_jsonl: a panel is a key or an array of keys, got {t}")))?],
         };
         let series = keys
             .iter()
             .map(|k| Series {
                 name: k.clone(),
-                points: records
-                    .iter()
-                    .filter_map(|r| Some((r.get(x)?.as_f64()?, r.get(k)?.as_f64()?)))
-                    .collect(),
+                points: records.iter().filter_map(|r| Some((r.get(x)?.as_f64()?, r.get(k)?.as_f64()?))).collect(),
             })
             .collect();
         out.push(Panel { title: keys.join(", "), series });
@@ -83,9 +83,14 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         },
     );
     let r = rt.clone();
-    api.func("load_judge", ["dir"], "A judge saved by save_component (frozen).", move |d: &str| -> ScriptResult<JudgeHandle> {
-        Ok(JudgeHandle { net: Arc::new(Judge::load(Path::new(d), r.dtype, &r.device).script()?), params: None })
-    });
+    api.func(
+        "load_judge",
+        ["dir"],
+        "A judge saved by save_component (frozen).",
+        move |d: &str| -> ScriptResult<JudgeHandle> {
+            Ok(JudgeHandle { net: Arc::new(Judge::load(Path::new(d), r.dtype, &r.device).script()?), params: None })
+        },
+    );
     api.func(
         "save_component",
         ["judge", "dir"],
@@ -97,7 +102,9 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "loss",
         ["judge", "images", "labels"],
         "Sum over the four attributes of the mean cross-entropy against n×4 labels (as toy_batch gives).",
-        |j: &mut JudgeHandle, x: T, l: T| -> ScriptResult<T> { Ok(T::new(j.net.loss(x.tensor(), l.tensor()).script()?)) },
+        |j: &mut JudgeHandle, x: T, l: T| -> ScriptResult<T> {
+            Ok(T::new(j.net.loss(x.tensor(), l.tensor()).script()?))
+        },
     );
     api.method(
         "predict",
@@ -130,7 +137,9 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "diversity",
         ["features", "prompts"],
         "Mean pairwise distance between feature rows that share a prompt, averaged over prompts.",
-        |f: T, g: Array| -> ScriptResult<f64> { crate::metrics::diversity(f.tensor(), &strings(&g, "diversity")?).script() },
+        |f: T, g: Array| -> ScriptResult<f64> {
+            crate::metrics::diversity(f.tensor(), &strings(&g, "diversity")?).script()
+        },
     );
 
     api.group("metrics: plots");

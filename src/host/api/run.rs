@@ -1,9 +1,9 @@
 //! The run itself: its configuration (from `--set`), device and timing.
 
 use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult};
 use crate::host::runtime::Runtime;
 use crate::host::tensor;
-use crate::host::error::{script_err, ScriptResult};
 use rhai::{Dynamic, Map};
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,12 +58,17 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     api.method("finish", ["bar"], "Ends the bar, leaving it on screen.", |b: &mut ProgressHandle| b.0.finish());
     let start = Instant::now();
     api.func("elapsed", [], "Seconds since the engine was made.", move || start.elapsed().as_secs_f64());
-    api.func("sleep", ["seconds"], "Pauses the script (a demo or a test pacing a loop).", |s: Dynamic| -> ScriptResult<()> {
-        let secs = tensor::number(&s, "seconds")?;
-        if !(0.0..=3600.0).contains(&secs) {
-            return Err(script_err(format!("sleep: seconds must be in [0, 3600], got {secs}")));
-        }
-        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
-        Ok(())
-    });
+    api.func(
+        "sleep",
+        ["seconds"],
+        "Pauses the script (a demo or a test pacing a loop).",
+        |s: Dynamic| -> ScriptResult<()> {
+            let secs = tensor::number(&s, "seconds")?;
+            if !(0.0..=3600.0).contains(&secs) {
+                return Err(script_err(format!("sleep: seconds must be in [0, 3600], got {secs}")));
+            }
+            std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+            Ok(())
+        },
+    );
 }

@@ -63,9 +63,12 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         random_batch(&r, n, "train")
     });
     let r = rt.clone();
-    api.func("toy_batch", ["n", "split"], "n images with random captions of a split: \"train\", \"heldout\" or \"all\" (the judge learns from all).", move |n: i64, s: &str| -> ScriptResult<Map> {
-        random_batch(&r, n, s)
-    });
+    api.func(
+        "toy_batch",
+        ["n", "split"],
+        "n images with random captions of a split: \"train\", \"heldout\" or \"all\" (the judge learns from all).",
+        move |n: i64, s: &str| -> ScriptResult<Map> { random_batch(&r, n, s) },
+    );
     let r = rt.clone();
     api.func(
         "toy_draw",
