@@ -6,27 +6,29 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 static PRESSES: AtomicUsize = AtomicUsize::new(0);
-static TARGET: OnceLock<std::sync::Mutex<Option<(Arc<AtomicBool>, bool)>>> = OnceLock::new();
+type Target = Option<(Arc<AtomicBool>, bool, &'static str)>;
+static TARGET: OnceLock<std::sync::Mutex<Target>> = OnceLock::new();
 
-fn target() -> &'static std::sync::Mutex<Option<(Arc<AtomicBool>, bool)>> {
+fn target() -> &'static std::sync::Mutex<Target> {
     TARGET.get_or_init(|| std::sync::Mutex::new(None))
 }
 
-/// Routes Ctrl-C to `flag`. With `second_exits`, a second press before the flag is
-/// handled (reset with [`reset`]) exits with status 130.
-pub fn route_to(flag: Arc<AtomicBool>, second_exits: bool) {
+/// Routes Ctrl-C to `flag`, printing `message` (if not empty) at the first press.
+/// With `second_exits`, a second press before the flag is handled (reset with
+/// [`reset`]) exits with status 130.
+pub fn route_to(flag: Arc<AtomicBool>, second_exits: bool, message: &'static str) {
     static INSTALLED: OnceLock<()> = OnceLock::new();
-    *target().lock().unwrap_or_else(|e| e.into_inner()) = Some((flag, second_exits));
+    *target().lock().unwrap_or_else(|e| e.into_inner()) = Some((flag, second_exits, message));
     INSTALLED.get_or_init(|| {
         let _ = ctrlc::set_handler(|| {
             let n = PRESSES.fetch_add(1, Ordering::SeqCst);
-            if let Some((flag, second_exits)) = &*target().lock().unwrap_or_else(|e| e.into_inner()) {
+            if let Some((flag, second_exits, message)) = &*target().lock().unwrap_or_else(|e| e.into_inner()) {
                 if n >= 1 && *second_exits {
                     eprintln!("\nstopped");
                     std::process::exit(130);
                 }
-                if *second_exits {
-                    eprintln!("\nstopping after this iteration (Ctrl-C again to stop now)");
+                if !message.is_empty() {
+                    eprintln!("\n{message}");
                 }
                 flag.store(true, Ordering::SeqCst);
             }

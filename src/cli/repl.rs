@@ -116,7 +116,7 @@ pub fn run(opts: HostOptions) -> anyhow::Result<()> {
     }
     // Ctrl-C while a statement runs cancels it (at the prompt, rustyline sees it).
     let cancel = host.cancel_flag();
-    interrupt::route_to(cancel.clone(), false);
+    interrupt::route_to(cancel.clone(), false, "");
     println!("sidscript repl: Rhai with tensors. :help [NAME], :load FILE, :time EXPR, :quit. Tab completes.");
     let mut buf = String::new();
     loop {

@@ -26,7 +26,7 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
             );
         }
         // Ctrl-C stops the script at its next operation, with an error naming the line.
-        interrupt::route_to(host.cancel_flag(), true);
+        interrupt::route_to(host.cancel_flag(), true, "stopping the script (Ctrl-C again to stop now)");
         let _ = host.run_ast(&mut host.new_scope(), &ast)?;
         return Ok(());
     }
@@ -35,7 +35,7 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
     let state = live.setup(host)?;
     let mut it = live.int_field(&state, "start")?.unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
-    interrupt::route_to(stop.clone(), true);
+    interrupt::route_to(stop.clone(), true, "stopping after this iteration (Ctrl-C again to stop now)");
     let mut watcher = if watch { Some(Watch::new(&watched_files(host, file))?) } else { None };
     loop {
         // Read every time: a step (or a reloaded one) may change the run's length.
