@@ -35,13 +35,19 @@ pub struct TextEncoderHandle {
 #[derive(Clone)]
 pub struct TokenizerHandle(pub Arc<PromptTokenizer>);
 
-type Params = Option<Arc<Vec<Arc<Param>>>>;
+/// A trainable component's parameters (None for a frozen one).
+pub(crate) type Params = Option<Arc<Vec<Arc<Param>>>>;
 
 /// A copy of `m` over fresh parameters.
 pub fn trainable<M: Component>(m: &M) -> ScriptResult<(M, Params)> {
     let named: Vec<_> = m.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
     let (map, params) = params_from(&named).script()?;
     Ok((m.with_weights(map).script()?, Some(Arc::new(params))))
+}
+
+/// A freshly initialised, trainable component from a script config map.
+pub(crate) fn fresh<M: Component>(c: &Map, what: &str, seed: i64, rt: &Runtime) -> ScriptResult<(M, Params)> {
+    trainable(&M::random(&config(c, what)?, seed as u64, rt.dtype, &rt.device).script()?)
 }
 
 pub(crate) fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> ScriptResult<C> {
@@ -65,8 +71,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["config", "seed"],
         "A freshly initialised, trainable UNet2DConditionModel from a diffusers config map.",
         move |c: Map, seed: i64| -> ScriptResult<UnetHandle> {
-            let net = Unet::random(&config(&c, "unet")?, seed as u64, r.dtype, &r.device).script()?;
-            let (net, params) = trainable(&net)?;
+            let (net, params) = fresh::<Unet>(&c, "unet", seed, &r)?;
             Ok(UnetHandle { net: Arc::new(net), params })
         },
     );
@@ -76,8 +81,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["config", "seed"],
         "A freshly initialised, trainable AutoencoderKL from a diffusers config map.",
         move |c: Map, seed: i64| -> ScriptResult<VaeHandle> {
-            let net = Vae::random(&config(&c, "vae")?, seed as u64, r.dtype, &r.device).script()?;
-            let (net, params) = trainable(&net)?;
+            let (net, params) = fresh::<Vae>(&c, "vae", seed, &r)?;
             Ok(VaeHandle { net: Arc::new(net), params })
         },
     );
@@ -87,8 +91,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["config", "seed"],
         "A freshly initialised, trainable CLIP-style text encoder from a transformers CLIPTextConfig map.",
         move |c: Map, seed: i64| -> ScriptResult<TextEncoderHandle> {
-            let net = ClipTextModel::random(&config(&c, "text encoder")?, seed as u64, r.dtype, &r.device).script()?;
-            let (net, params) = trainable(&net)?;
+            let (net, params) = fresh::<ClipTextModel>(&c, "text encoder", seed, &r)?;
             Ok(TextEncoderHandle { net: Arc::new(net), params })
         },
     );

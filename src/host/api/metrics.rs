@@ -12,15 +12,14 @@
 //! plot_jsonl("out/metrics.jsonl", "out/curves.png", #{ x: "iteration", panels: [["fake_loss"], ["alignment"]] });
 //! ```
 
-use super::building::{config, params_map, trainable};
+use super::building::{fresh, params_map, Params};
 use crate::diffusion::model::Component;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::runtime::Runtime;
 use crate::host::tensor::TensorHandle as T;
 use crate::io::plot::{self, Panel, Series};
-use crate::toy::judge::{Judge, JudgeConfig};
-use crate::train::Param;
+use crate::toy::judge::Judge;
 use rhai::{Array, Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
@@ -29,7 +28,7 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct JudgeHandle {
     pub net: Arc<Judge>,
-    pub params: Option<Arc<Vec<Arc<Param>>>>,
+    pub params: Params,
 }
 
 fn strings(a: &Array, what: &str) -> ScriptResult<Vec<String>> {
@@ -76,9 +75,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         ["config", "seed"],
         "A freshly initialised, trainable judge. Config: channels ([32, 64, 64]), features (64), image_size (32).",
         move |c: Map, seed: i64| -> ScriptResult<JudgeHandle> {
-            let cfg: JudgeConfig = config(&c, "judge")?;
-            let net = Judge::random(&cfg, seed as u64, r.dtype, &r.device).script()?;
-            let (net, params) = trainable(&net)?;
+            let (net, params) = fresh::<Judge>(&c, "judge", seed, &r)?;
             Ok(JudgeHandle { net: Arc::new(net), params })
         },
     );
