@@ -21,7 +21,7 @@ use std::time::Instant;
 #[allow(dead_code)]
 mod unet_bench;
 
-fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
+fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, reps: usize) {
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
     let teacher = unet_bench::random_unet(&cfg);
     let (gmap, gparams) = params_from(teacher.named_weights()).unwrap();
@@ -38,8 +38,9 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
     let dev = Device::Cpu;
     let d = cfg.cross_attention_dim;
     let cond =
-        Condition { context: rng.randn((batch, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
-    let null = Condition { context: rng.randn((1, 77, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
+        Condition { context: rng.randn((batch, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
+    let null =
+        Condition { context: rng.randn((1, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
     let ts = step_timesteps(625, 4).unwrap();
     let shape = (batch, cfg.in_channels, size, size);
     let mut iteration = || {
@@ -91,25 +92,39 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min);
-    println!("{name}: {} params per UNet, batch {batch}, {size}×{size} latents", teacher.num_params());
+    println!("{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens", teacher.num_params());
     println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
-    if let Some(v) =
-        unet_bench::torch(&["sid".into(), cfg_json.into(), batch.to_string(), size.to_string(), reps.to_string()])
-    {
+    if let Some(v) = unet_bench::torch(&[
+        "sid".into(),
+        cfg_json.into(),
+        batch.to_string(),
+        size.to_string(),
+        reps.to_string(),
+        tokens.to_string(),
+    ]) {
         let ts = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
         println!("  pytorch    one iteration {:8.1} ms", ts * 1e3);
         println!("  ratio sidscript/pytorch: {:.2}×", best / ts);
     }
 }
 
+/// models/toy/unet/config.json's architecture.
+const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+ "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [48, 96], "layers_per_block": 1,
+ "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
+
 fn main() {
     sidscript::tune_runtime();
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
+    if want("toy") {
+        // The shipped toy teacher's configuration at the main job's batch (models/toy).
+        bench("toy (models/toy)", TOY, 8, 8, 16, 5);
+    }
     if want("tiny") {
-        bench("tiny", unet_bench::TINY, 4, 16, 3);
+        bench("tiny", unet_bench::TINY, 4, 16, 77, 3);
     }
     if want("sd15") {
-        bench("SD1.5 topology at 1/4 width", unet_bench::SD15_QUARTER, 1, 32, 2);
+        bench("SD1.5 topology at 1/4 width", unet_bench::SD15_QUARTER, 1, 32, 77, 2);
     }
 }

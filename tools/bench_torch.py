@@ -64,7 +64,7 @@ if __name__ == "__main__":
         print(json.dumps(adamw(int(sys.argv[2]), int(sys.argv[3]))))
 
 
-def sid_iteration(cfg, batch, size, reps, k=2, K=4, kappa=1.5):
+def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
     """One SiD iteration (fake-score step + generator step, κ = 1.5 on both nets) with
     three diffusers UNets and Adam(β1 = 0), as benches/sid_iteration.rs runs it."""
     import copy
@@ -77,8 +77,8 @@ def sid_iteration(cfg, batch, size, reps, k=2, K=4, kappa=1.5):
     b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     ab = torch.cumprod(1 - b, 0)
     ch = cfg.get("in_channels", 4)
-    c = torch.randn(batch, 77, cfg["cross_attention_dim"])
-    null = torch.randn(1, 77, cfg["cross_attention_dim"]).expand(batch, -1, -1)
+    c = torch.randn(batch, tokens, cfg["cross_attention_dim"])
+    null = torch.randn(1, tokens, cfg["cross_attention_dim"]).expand(batch, -1, -1)
     ts = [int(625 * (1 - i / K)) for i in range(K)]
 
     def coef(t):
@@ -137,4 +137,5 @@ def sid_iteration(cfg, batch, size, reps, k=2, K=4, kappa=1.5):
 
 
 if __name__ == "__main__" and sys.argv[1] == "sid":
-    print(json.dumps(sid_iteration(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
+    tokens = int(sys.argv[6]) if len(sys.argv) > 6 else 77
+    print(json.dumps(sid_iteration(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), tokens)))

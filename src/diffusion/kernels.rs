@@ -1,11 +1,12 @@
 //! Fused CPU kernels, each with its backward, for the ops the diffusion models
-//! call most: normalising the last dim (layer norm, and group norm after a
-//! reshape) and softmax over the last dim. Composed from candle ops these cost
+//! call most: group and layer normalisation with their per-channel affine, and
+//! softmax over the last dim. Composed from candle ops these cost
 //! 5–9 kernels and as many buffers forward, more backward; fused they cost one
 //! pass each way. On other devices and dtypes the composed forms are used.
 //!
 //! Backward is first-order: the gradient ops themselves have no backward.
 
+use super::im2col::{self, ConvGeom};
 use crate::error::Result;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -71,6 +72,7 @@ pub trait Real:
     fn from_usize(n: usize) -> Self;
     fn sqrt(self) -> Self;
     fn exp(self) -> Self;
+    fn from_f64(v: f64) -> Self;
 }
 
 impl Real for f32 {
@@ -83,6 +85,9 @@ impl Real for f32 {
     }
     fn exp(self) -> Self {
         f32::exp(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
     }
 }
 
@@ -97,6 +102,9 @@ impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
 }
 
 fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
@@ -106,35 +114,94 @@ fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
     (mean, T::from_usize(1) / (var + eps).sqrt())
 }
 
-fn normalize_fwd<T: Real>(x: &[T], n: usize, eps: T) -> Vec<T> {
+/// How a `[B, C, S]` tensor is normalised: `groups` groups of C/G channels per
+/// image, each group one row of (C/G)·S values; the affine is per channel.
+/// Group norm is `[B, C, H·W]` with G groups, layer norm `[rows, D, 1]` with one.
+#[derive(Clone, Copy, Debug)]
+struct NormGeom {
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f64,
+}
+
+impl NormGeom {
+    fn per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+    fn row(&self) -> usize {
+        self.per_group() * self.spatial
+    }
+}
+
+/// y = x̂·w[c] + b[c], x̂ the row normalised to zero mean and unit variance.
+fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T> {
+    let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
     let mut out = vec![T::ZERO; x.len()];
     for_rows(&mut out, n, |r, o| {
         let row = &x[r * n..(r + 1) * n];
         let (mean, inv) = mean_inv_std(row, eps);
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - mean) * inv;
+        let c0 = (r % g.groups) * cpg;
+        for (c, (o, xc)) in (c0..).zip(o.chunks_mut(s).zip(row.chunks(s))) {
+            let (scale, shift) = (inv * w[c], bias[c] - mean * inv * w[c]);
+            for (o, &v) in o.iter_mut().zip(xc) {
+                *o = v * scale + shift;
+            }
         }
     });
     out
 }
 
-/// dx = inv·(g − mean(g) − y·mean(g·y)), y recomputed from x.
-fn normalize_bwd<T: Real>(x: &[T], g: &[T], n: usize, eps: T) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
+/// The gradients of `norm_affine_fwd` packed in one vector: dx (as x), then dw and
+/// db (C each). With ĝ = g·w[c]: dx = inv·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) per row,
+/// dw[c] = Σ g·x̂ and db[c] = Σ g over images and positions.
+fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> {
+    let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
     let nt = T::from_usize(n);
-    for_rows(&mut out, n, |r, o| {
-        let (row, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+    let mut out = Vec::with_capacity(x.len() + 2 * g.channels);
+    out.resize(x.len(), T::ZERO);
+    // Per row: Σ g·x̂ and Σ g for each of its channels, summed over images below.
+    let mut partial = vec![T::ZERO; x.len() / n * 2 * cpg];
+    let body = |r: usize, o: &mut [T], p: &mut [T]| {
+        let (row, gr) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
         let (mean, inv) = mean_inv_std(row, eps);
-        let (mut sg, mut sgy) = (T::ZERO, T::ZERO);
-        for (&v, &gv) in row.iter().zip(gr) {
-            sg = sg + gv;
-            sgy = sgy + gv * (v - mean) * inv;
+        let c0 = (r % g.groups) * cpg;
+        let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
+        for ci in 0..cpg {
+            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
+            let (mut sg, mut sgx) = (T::ZERO, T::ZERO);
+            for (&v, &gv) in xc.iter().zip(gc) {
+                sg = sg + gv;
+                sgx = sgx + gv * (v - mean) * inv;
+            }
+            p[ci] = sgx;
+            p[cpg + ci] = sg;
+            sum_g = sum_g + w[c0 + ci] * sg;
+            sum_gx = sum_gx + w[c0 + ci] * sgx;
         }
-        let (mg, mgy) = (sg / nt, sgy / nt);
-        for ((o, &v), &gv) in o.iter_mut().zip(row).zip(gr) {
-            *o = inv * (gv - mg - (v - mean) * inv * mgy);
+        let (m1, m2) = (sum_g / nt, sum_gx / nt);
+        for ci in 0..cpg {
+            let wc = w[c0 + ci];
+            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
+            for ((o, &v), &gv) in o[ci * s..(ci + 1) * s].iter_mut().zip(xc).zip(gc) {
+                *o = inv * (gv * wc - m1 - (v - mean) * inv * m2);
+            }
         }
-    });
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(n).zip(partial.par_chunks_mut(2 * cpg)).enumerate().for_each(|(r, (o, p))| body(r, o, p));
+    } else {
+        out.chunks_mut(n).zip(partial.chunks_mut(2 * cpg)).enumerate().for_each(|(r, (o, p))| body(r, o, p));
+    }
+    let mut dw_db = vec![T::ZERO; 2 * g.channels];
+    for (r, p) in partial.chunks(2 * cpg).enumerate() {
+        let c0 = (r % g.groups) * cpg;
+        for ci in 0..cpg {
+            dw_db[c0 + ci] = dw_db[c0 + ci] + p[ci];
+            dw_db[g.channels + c0 + ci] = dw_db[g.channels + c0 + ci] + p[cpg + ci];
+        }
+    }
+    out.extend_from_slice(&dw_db);
     out
 }
 
@@ -168,26 +235,38 @@ fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
     out
 }
 
-struct Normalize(f64);
-struct NormalizeGrad(f64);
+struct NormAffine(NormGeom);
+struct NormAffineGrad(NormGeom);
 struct Softmax;
 struct SoftmaxGrad;
 
-impl CustomOp1 for Normalize {
-    fn name(&self) -> &'static str {
-        "normalize-last-dim"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch1!(s, l, normalize_fwd, self.0)
-    }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &NormalizeGrad(self.0))?))
-    }
+fn slices3<'a, T>(
+    (a, la): (&'a [T], &Layout),
+    (b, lb): (&'a [T], &Layout),
+    (c, lc): (&'a [T], &Layout),
+) -> candle_core::Result<(&'a [T], &'a [T], &'a [T])> {
+    Ok((rows_of(a, la)?.0, rows_of(b, lb)?.0, rows_of(c, lc)?.0))
 }
 
-impl CustomOp2 for NormalizeGrad {
+macro_rules! dispatch3 {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $s3:expr, $l3:expr, $f:ident, $g:expr, $shape:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => {
+                let (a, b, c) = slices3((a, $l1), (b, $l2), (c, $l3))?;
+                Ok((CpuStorage::F32($f(a, b, c, $g)), $shape))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => {
+                let (a, b, c) = slices3((a, $l1), (b, $l2), (c, $l3))?;
+                Ok((CpuStorage::F64($f(a, b, c, $g)), $shape))
+            }
+            _ => candle_core::bail!("fused kernel: unsupported dtypes"),
+        }
+    };
+}
+
+impl candle_core::CustomOp3 for NormAffine {
     fn name(&self) -> &'static str {
-        "normalize-last-dim-grad"
+        "norm-affine"
     }
     fn cpu_fwd(
         &self,
@@ -195,8 +274,41 @@ impl CustomOp2 for NormalizeGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(s1, l1, s2, l2, normalize_bwd, self.0)
+        dispatch3!(s1, l1, s2, l2, s3, l3, norm_affine_fwd, &self.0, l1.shape().clone())
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormAffineGrad(self.0))?;
+        let (len, c) = (x.elem_count(), self.0.channels);
+        let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
+        Ok((Some(gx), Some(packed.narrow(0, len, c)?), Some(packed.narrow(0, len + c, c)?)))
+    }
+}
+
+impl candle_core::CustomOp3 for NormAffineGrad {
+    fn name(&self) -> &'static str {
+        "norm-affine-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = Shape::from(l1.shape().elem_count() + 2 * self.0.channels);
+        dispatch3!(s1, l1, s2, l2, s3, l3, norm_affine_bwd, &self.0, shape)
     }
 }
 
@@ -227,15 +339,37 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
-/// (x − mean)/sqrt(var + eps) over the last dim (biased variance).
-pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
-    if fusable(x) {
-        return Ok(x.contiguous()?.apply_op1(Normalize(eps))?);
+/// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C
+/// channels split into `groups` groups whose (C/G)·S values are normalised
+/// together (biased variance), then y = x̂·w[c] + b[c]. Group norm is
+/// `[B, C, H·W]` with G groups; layer norm over the last dim is `[rows, D, 1]`
+/// with one group. One pass each way on the CPU; computed in at least f32.
+pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (_, channels, spatial) = x.dims3()?;
+    if groups == 0 || channels % groups != 0 {
+        crate::bail!("norm: {channels} channels do not split into {groups} groups");
     }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?)
+    let dtype = x.dtype();
+    let up = |t: &Tensor| -> Result<Tensor> {
+        Ok(match t.dtype() {
+            DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
+            _ => t.clone(),
+        })
+    };
+    let x = up(x)?;
+    let (w, b) = (up(w)?.to_dtype(x.dtype())?, up(b)?.to_dtype(x.dtype())?);
+    let y = if fusable(&x) {
+        let geom = NormGeom { channels, spatial, groups, eps };
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))?
+    } else {
+        let xg = x.reshape((x.dim(0)?, groups, ()))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let centred = xg.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.shape())?;
+        normed.broadcast_mul(&w.reshape((1, channels, 1))?)?.broadcast_add(&b.reshape((1, channels, 1))?)?
+    };
+    Ok(y.to_dtype(dtype)?)
 }
 
 /// Softmax over the last dim.
@@ -251,32 +385,55 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The fused kernels agree with the composed forms, values and gradients.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()?)
+    }
+
+    /// The fused norm-affine kernel agrees with the composed form, values and the
+    /// gradients of x, w and b, for group-norm and layer-norm shapes.
     #[test]
-    fn fused_equals_composed() -> Result<()> {
+    fn norm_affine_equals_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, c, s, groups) in &[(3, 6, 5, 3), (2, 8, 1, 1), (1, 4, 7, 4), (2, 6, 9, 1)] {
+            let x = candle_core::Var::randn(0f64, 1.0, (b, c, s), &dev)?;
+            let w = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
+            let bias = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
+            let probe = Tensor::randn(0f64, 1.0, (b, c, s), &dev)?;
+            let fused = norm_affine(&x, groups, &w, &bias, 1e-5)?;
+            let composed = {
+                let xg = x.reshape((b, groups, ()))?;
+                let centred = xg.broadcast_sub(&xg.mean_keepdim(D::Minus1)?)?;
+                let normed = centred.broadcast_div(&(centred.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?)?;
+                normed
+                    .reshape((b, c, s))?
+                    .broadcast_mul(&w.reshape((1, c, 1))?)?
+                    .broadcast_add(&bias.reshape((1, c, 1))?)?
+            };
+            assert!(max_diff(&fused, &composed)? < 1e-12, "values, shape {b}×{c}×{s} in {groups} groups");
+            let g1 = (fused * &probe)?.sum_all()?.backward()?;
+            let g2 = (composed * &probe)?.sum_all()?.backward()?;
+            for (name, v) in [("x", x.as_tensor()), ("w", w.as_tensor()), ("b", bias.as_tensor())] {
+                let (Some(a), Some(e)) = (g1.get(v), g2.get(v)) else { panic!("no gradient for {name}") };
+                assert!(max_diff(a, e)? < 1e-10, "gradient of {name}, shape {b}×{c}×{s} in {groups} groups");
+            }
+        }
+        Ok(())
+    }
+
+    /// The fused softmax agrees with candle's composed one, values and gradients.
+    #[test]
+    fn softmax_equals_composed() -> Result<()> {
         let x = Tensor::randn(0f64, 1.0, (3, 5, 7), &Device::Cpu)?;
         let w = Tensor::randn(0f64, 1.0, (3, 5, 7), &Device::Cpu)?;
-        for which in ["norm", "softmax"] {
-            let v1 = candle_core::Var::from_tensor(&x)?;
-            let v2 = candle_core::Var::from_tensor(&x)?;
-            let (fused, composed) = if which == "norm" {
-                let c = {
-                    let m = v2.mean_keepdim(D::Minus1)?;
-                    let c = v2.broadcast_sub(&m)?;
-                    c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?.sqrt()?)?
-                };
-                (normalize_last_dim(v1.as_tensor(), 1e-5)?, c)
-            } else {
-                (softmax_last_dim(v1.as_tensor())?, candle_nn::ops::softmax(v2.as_tensor(), D::Minus1)?)
-            };
-            let diff = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "{which}: values differ by {diff}");
-            let g1 = (fused * &w)?.sum_all()?.backward()?;
-            let g2 = (composed * &w)?.sum_all()?.backward()?;
-            let (a, b) = (g1.get(v1.as_tensor()).unwrap(), g2.get(v2.as_tensor()).unwrap());
-            let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-10, "{which}: gradients differ by {diff}");
-        }
+        let v1 = candle_core::Var::from_tensor(&x)?;
+        let v2 = candle_core::Var::from_tensor(&x)?;
+        let (fused, composed) =
+            (softmax_last_dim(v1.as_tensor())?, candle_nn::ops::softmax(v2.as_tensor(), D::Minus1)?);
+        assert!(max_diff(&fused, &composed)? < 1e-12, "values");
+        let g1 = (fused * &w)?.sum_all()?.backward()?;
+        let g2 = (composed * &w)?.sum_all()?.backward()?;
+        let (Some(a), Some(b)) = (g1.get(v1.as_tensor()), g2.get(v2.as_tensor())) else { panic!("no gradient") };
+        assert!(max_diff(a, b)? < 1e-10, "gradients");
         Ok(())
     }
 }
@@ -345,19 +502,25 @@ impl Attached {
                 Ok((gx, gw, gb))
             }
             AttachedKind::Conv { padding, stride } => {
-                let gx = if !x.track_op() {
-                    None
-                } else if stride == 1 && w.dim(2)? == w.dim(3)? && padding < w.dim(2)? {
-                    // For stride 1 the input gradient is a plain convolution of the output
-                    // gradient with the flipped, transposed kernel; candle's conv2d (im2col
-                    // + gemm) is several times faster than its conv_transpose2d.
-                    let k = w.dim(2)?;
-                    let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
-                    let wf = w.detach().index_select(&rev, 2)?.index_select(&rev, 3)?.transpose(0, 1)?.contiguous()?;
-                    Some(g.conv2d(&wf, k - 1 - padding, 1, 1, 1)?)
-                } else {
-                    let k = w.dim(2)?;
-                    let out_size = (g.dim(2)? - 1) * stride + (k - 1) + 1 - 2 * padding;
+                let gb = match b {
+                    Some(b) if b.track_op() => {
+                        let (n, c, h, wd) = g.dims4()?;
+                        Some(g.reshape((n, c, h * wd))?.sum(2)?.sum(0)?)
+                    }
+                    _ => None,
+                };
+                if im2col::supported(g) {
+                    let geom = ConvGeom::of(x, w, padding, stride)?;
+                    let gm = im2col::grad_matrix(g)?;
+                    let gx = if x.track_op() { Some(im2col::input_grad(&gm, &w.detach(), &geom)?) } else { None };
+                    let gw = if w.track_op() { Some(im2col::weight_grad(&gm, &x.detach(), w, &geom)?) } else { None };
+                    return Ok((gx, gw, gb));
+                }
+                // Other devices: candle's transposed convolution and a convolution of
+                // the input by the output gradient (the stride becomes a dilation).
+                let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+                let gx = if x.track_op() {
+                    let out_size = (g.dim(2)? - 1) * stride + kh - 2 * padding;
                     let gx = g.conv_transpose2d(&w.detach(), padding, x.dim(2)? - out_size, stride, 1)?;
                     // conv_transpose2d takes one output padding, fitted to the height;
                     // fit the width (non-square kernels or inputs) by trimming or padding.
@@ -369,43 +532,18 @@ impl Attached {
                     } else {
                         gx
                     })
+                } else {
+                    None
                 };
-                let (k, same) = (w.dim(2)?, stride == 1 && 2 * padding + 1 == w.dim(2)? && w.dim(2)? == w.dim(3)?);
-                let gw = if w.track_op() && same {
-                    // "Same" stride-1 convolutions: im2col of the input, then one matmul.
-                    let (b, cin, h, wd) = x.dims4()?;
-                    let cout = g.dim(1)?;
-                    let xp = x.detach().pad_with_zeros(2, padding, padding)?.pad_with_zeros(3, padding, padding)?;
-                    let mut taps = Vec::with_capacity(k * k);
-                    for i in 0..k {
-                        for j in 0..k {
-                            taps.push(xp.narrow(2, i, h)?.narrow(3, j, wd)?);
-                        }
-                    }
-                    let cols = Tensor::stack(&taps, 2)?
-                        .reshape((b, cin * k * k, h * wd))?
-                        .transpose(0, 1)?
-                        .contiguous()?
-                        .reshape((cin * k * k, b * h * wd))?;
-                    let gm = g.transpose(0, 1)?.contiguous()?.reshape((cout, b * h * wd))?;
-                    Some(gm.matmul(&cols.t()?)?.reshape((cout, cin, k, k))?)
-                } else if w.track_op() {
+                let gw = if w.track_op() {
                     let gk = x
                         .detach()
                         .transpose(0, 1)?
                         .conv2d(&g.transpose(0, 1)?, padding, 1, stride, 1)?
                         .transpose(0, 1)?;
-                    let (k0, k1) = (w.dim(2)?, w.dim(3)?);
-                    Some(if gk.dim(2)? != k0 || gk.dim(3)? != k1 { gk.narrow(2, 0, k0)?.narrow(3, 0, k1)? } else { gk })
+                    Some(if gk.dim(2)? != kh || gk.dim(3)? != kw { gk.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { gk })
                 } else {
                     None
-                };
-                let gb = match b {
-                    Some(b) if b.track_op() => {
-                        let (n, c, h, wd) = g.dims4()?;
-                        Some(g.reshape((n, c, h * wd))?.sum(2)?.sum(0)?)
-                    }
-                    _ => None,
                 };
                 Ok((gx, gw, gb))
             }
@@ -520,7 +658,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// y = conv2d(x, w) (+ b per channel), with a backward that skips gradients nobody needs.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let y = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let (xd, wd) = (x.detach(), w.detach());
+    let y = if im2col::supported(&xd) {
+        im2col::conv2d(&xd, &wd, &ConvGeom::of(&xd, &wd, padding, stride)?)?
+    } else {
+        xd.conv2d(&wd, padding, stride, 1, 1)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(&b.detach().reshape((1, b.dim(0)?, 1, 1))?)?,
         None => y,

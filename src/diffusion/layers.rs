@@ -2,7 +2,7 @@
 //! only (candle's fused softmax/layer-norm kernels have no backward; see
 //! ../shared/notes/CANDLE.md). Norms compute in at least f32.
 
-use super::kernels::{self, normalize_last_dim, softmax_last_dim};
+use super::kernels::{self, norm_affine, softmax_last_dim};
 use super::weights::Weights;
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
@@ -78,19 +78,8 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let xg = upcast(x)?.reshape((b, self.groups, ()))?;
-        let mean = xg.mean_keepdim(2)?;
-        let centred = xg.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(2)?;
-        let normed =
-            centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?.to_dtype(x.dtype())?;
-        let mut affine_shape = vec![1usize; dims.len()];
-        affine_shape[1] = c;
-        Ok(normed
-            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)?)
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        Ok(norm_affine(&x.reshape((b, c, ()))?, self.groups, &self.weight, &self.bias, self.eps)?.reshape(x.shape())?)
     }
 }
 
@@ -108,8 +97,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let normed = normalize_last_dim(&upcast(x)?, self.eps)?.to_dtype(x.dtype())?;
-        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        Ok(norm_affine(&x.reshape((rows, d, 1))?, 1, &self.weight, &self.bias, self.eps)?.reshape(x.shape())?)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod condition;
 pub mod folder;
 pub mod guidance;
+pub mod im2col;
 pub mod kernels;
 pub mod layers;
 pub mod model;
