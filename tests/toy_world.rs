@@ -62,12 +62,11 @@ fn shipped_toy_vae_reconstructs_held_out_drawings() {
 }
 
 const TOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/toy");
-// Floors for the shipped teacher on held-out captions (its own figures are in the
-// closing note of issue 5 and in models/toy/README.md).
-// A floor for the shipped teacher on held-out captions, all four attributes right
-// (chance: 1/240). It measured 0.229 (seed 11): size, colour and shape are right,
-// position on small shapes is not yet learned (models/toy/README.md).
-const ALL_FLOOR: f64 = 0.15;
+// Floors for the shipped teacher on held-out captions, all four attributes right
+// (chance: 1/240) and position alone (chance 1/5). It measured 0.958 and 1.0 (seed 11;
+// models/toy/README.md): the floors leave room for another machine's rounding.
+const ALL_FLOOR: f64 = 0.8;
+const POSITION_FLOOR: f64 = 0.85;
 
 #[test]
 fn shipped_judge_reads_held_out_drawings() {
@@ -114,5 +113,6 @@ fn shipped_teacher_draws_held_out_captions() {
     let (size, colour, shape, position, all) = (v[0], v[1], v[2], v[3], v[4]);
     assert!(size >= 0.85 && colour >= 0.9 && shape >= 0.75, "size {size}, colour {colour}, shape {shape}");
     eprintln!("held-out: size {size}, colour {colour}, shape {shape}, position {position}, all four {all}");
-    assert!(all >= ALL_FLOOR, "all four {all} (position {position})");
+    assert!(position >= POSITION_FLOOR, "position {position}");
+    assert!(all >= ALL_FLOOR, "all four {all}");
 }

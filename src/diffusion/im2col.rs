@@ -121,9 +121,16 @@ fn col2im<T: Real>(cols: &[T], g: &ConvGeom) -> Vec<T> {
                 for oy in 0..oh {
                     let Some(iy) = g.input_y(oy, i) else { continue };
                     let (src, dst) = (&row[(b * oh + oy) * ow..][..ow], &mut plane[iy * g.w..][..g.w]);
-                    for (ox, &v) in src.iter().enumerate().take(hi).skip(lo) {
-                        let d = &mut dst[ox * g.stride + j - g.padding];
-                        *d = *d + v;
+                    if g.stride == 1 {
+                        let shift = lo + j - g.padding;
+                        for (d, &v) in dst[shift..shift + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                            *d = *d + v;
+                        }
+                    } else {
+                        for (ox, &v) in src.iter().enumerate().take(hi).skip(lo) {
+                            let d = &mut dst[ox * g.stride + j - g.padding];
+                            *d = *d + v;
+                        }
                     }
                 }
             }
