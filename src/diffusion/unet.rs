@@ -2,6 +2,7 @@
 //! one timestep per sample, SDXL's `text_time` added conditioning, and gradients
 //! through everything (parameters, latents, text condition).
 
+use super::kernels;
 use super::layers::{silu, Attention, Conv2d, GroupNorm, LayerNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
@@ -324,9 +325,7 @@ impl TransformerBlock {
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx), None)? + &x)?;
         // GEGLU: half the projection gates the other half through exact GELU.
         let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(2)? / 2;
-        let (a, gate) = (h.narrow(2, 0, half)?, h.narrow(2, half, half)?);
-        let h = self.ff_out.forward(&(a * gate.gelu_erf()?)?)?;
+        let h = self.ff_out.forward(&kernels::geglu(&h)?)?;
         Ok((h + x)?)
     }
 }
