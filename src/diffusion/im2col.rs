@@ -195,16 +195,62 @@ pub fn patches(x: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Im2Col(*g))
 }
 
-/// conv2d(x, w) without bias: `W · cols`, then batch and channel axes swapped back.
-pub fn conv2d(x: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
-    let cout = w.dim(0)?;
-    let y = w.reshape((cout, g.rows()))?.matmul(&patches(x, g)?)?;
-    y.reshape((cout, g.batch, g.out_h() * g.out_w()))?.transpose(0, 1)?.contiguous()?.reshape((
-        g.batch,
-        cout,
-        g.out_h(),
-        g.out_w(),
-    ))
+/// conv2d(x, w) (+ b) on the CPU: `W · cols`, then one pass that swaps the batch
+/// and channel axes back and adds the bias.
+pub fn conv2d_cpu(
+    (x, xl): (&CpuStorage, &Layout),
+    (w, wl): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (batch, channels, h, wd) = xl.shape().dims4()?;
+    let (cout, cin, kh, kw) = wl.shape().dims4()?;
+    if cin != channels {
+        candle_core::bail!("conv2d: input has {channels} channels, the kernel expects {cin}");
+    }
+    if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
+        candle_core::bail!("conv2d: kernel {kh}×{kw} does not fit a {h}×{wd} input with padding {padding}");
+    }
+    let g = ConvGeom { batch, channels, h, w: wd, kh, kw, stride, padding };
+    let cols = match x {
+        CpuStorage::F32(v) => CpuStorage::F32(im2col(contiguous(v, xl)?, &g)),
+        CpuStorage::F64(v) => CpuStorage::F64(im2col(contiguous(v, xl)?, &g)),
+        other => candle_core::bail!("conv2d: unsupported dtype {:?}", other.dtype()),
+    };
+    if !wl.is_contiguous() {
+        candle_core::bail!("conv2d: the kernel must be contiguous");
+    }
+    let wm = Layout::contiguous_with_offset((cout, g.rows()), wl.start_offset());
+    let y = w.matmul(&cols, (1, cout, g.cols(), g.rows()), &wm, &Layout::contiguous((g.rows(), g.cols())))?;
+    let pixels = g.out_h() * g.out_w();
+    let out = match (&y, bias) {
+        (CpuStorage::F32(y), None) => CpuStorage::F32(unpermute(y, None, batch, cout, pixels)),
+        (CpuStorage::F64(y), None) => CpuStorage::F64(unpermute(y, None, batch, cout, pixels)),
+        (CpuStorage::F32(y), Some((CpuStorage::F32(b), bl))) => {
+            CpuStorage::F32(unpermute(y, Some(contiguous(b, bl)?), batch, cout, pixels))
+        }
+        (CpuStorage::F64(y), Some((CpuStorage::F64(b), bl))) => {
+            CpuStorage::F64(unpermute(y, Some(contiguous(b, bl)?), batch, cout, pixels))
+        }
+        _ => candle_core::bail!("conv2d: bias dtype differs from the input's"),
+    };
+    Ok((out, Shape::from((batch, cout, g.out_h(), g.out_w()))))
+}
+
+/// `[cout, batch·pixels]` → `[batch, cout, pixels]`, plus the channel's bias.
+fn unpermute<T: Real>(y: &[T], bias: Option<&[T]>, batch: usize, cout: usize, pixels: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(y.len());
+    for b in 0..batch {
+        for c in 0..cout {
+            let src = &y[(c * batch + b) * pixels..][..pixels];
+            match bias {
+                Some(bias) => out.extend(src.iter().map(|&v| v + bias[c])),
+                None => out.extend_from_slice(src),
+            }
+        }
+    }
+    out
 }
 
 /// The output gradient as `cout × cols`, the layout both gradients multiply by.
@@ -246,7 +292,7 @@ mod tests {
             let x = Tensor::randn(0f64, 1., (b, c, h, w), &dev)?;
             let k = Tensor::randn(0f64, 1., (cout, c, kh, kw), &dev)?;
             let g = ConvGeom::of(&x, &k, p, s)?;
-            let ours = conv2d(&x, &k, &g)?;
+            let ours = crate::diffusion::kernels::conv2d(&x, &k, None, p, s).map_err(candle_core::Error::wrap)?;
             let theirs = x.conv2d(&k, p, s, 1, 1)?;
             assert_eq!(ours.dims(), theirs.dims());
             let err = (ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
@@ -260,8 +306,11 @@ mod tests {
         }
         let x32 = Tensor::randn(0f32, 1., (2, 3, 6, 6), &dev)?;
         let k32 = Tensor::randn(0f32, 1., (5, 3, 3, 3), &dev)?;
-        let g = ConvGeom::of(&x32, &k32, 1, 1)?;
-        assert_eq!(conv2d(&x32, &k32, &g)?.dtype(), DType::F32);
+        let b32 = Tensor::randn(0f32, 1., 5, &dev)?;
+        let ours = crate::diffusion::kernels::conv2d(&x32, &k32, Some(&b32), 1, 1).map_err(candle_core::Error::wrap)?;
+        let theirs = x32.conv2d(&k32, 1, 1, 1, 1)?.broadcast_add(&b32.reshape((1, 5, 1, 1))?)?;
+        assert_eq!(ours.dtype(), DType::F32);
+        assert!((ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-4, "f32 with bias");
         Ok(())
     }
 }

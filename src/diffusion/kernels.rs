@@ -577,14 +577,17 @@ mod tests {
     }
 }
 
-/// A linear map or convolution computed off the graph and attached to it with a
-/// backward that computes only the gradients that are needed. candle's own
-/// backward for matmul and conv2d always computes the weight gradient, also for
-/// frozen networks (SiD's teacher and fake-net views), and the bias gradient of
-/// every broadcast add; for the generator step that is most of the backward work.
+/// A linear map or convolution as one custom op whose backward computes only the
+/// gradients that are needed. candle's own backward for matmul and conv2d always
+/// computes the weight gradient, also for frozen networks (SiD's teacher and
+/// fake-net views), and the bias gradient of every broadcast add; for the generator
+/// step that is most of the backward work. On the CPU the forward runs inside the
+/// op (matmul, bias added in the same pass as the layout change); on other devices
+/// it is computed beforehand with candle's ops and handed over.
 struct Attached {
-    /// The forward result, computed from detached inputs.
-    y: Tensor,
+    /// The forward result precomputed on CUDA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    y: Option<Tensor>,
     kind: AttachedKind,
 }
 
@@ -596,30 +599,53 @@ enum AttachedKind {
     Conv { padding: usize, stride: usize },
 }
 
-fn copy_of(y: &Tensor) -> candle_core::Result<(candle_core::Storage, Shape)> {
-    let (s, l) = y.storage_and_layout();
-    let shape = l.shape().clone();
-    let s = match &*s {
-        candle_core::Storage::Cpu(c) => candle_core::Storage::Cpu(c.try_clone(l)?),
-        candle_core::Storage::Cuda(c) => candle_core::Storage::Cuda(c.try_clone(l)?),
-        candle_core::Storage::Metal(c) => candle_core::Storage::Metal(c.try_clone(l)?),
-    };
-    Ok((s, shape))
-}
-
-fn cpu_copy(y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    match copy_of(y)? {
-        (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-        _ => candle_core::bail!("attached op: result on another device"),
-    }
-}
-
 #[cfg(feature = "cuda")]
-fn cuda_copy(y: &Tensor) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-    match copy_of(y)? {
-        (candle_core::Storage::Cuda(s), shape) => Ok((s, shape)),
+fn cuda_copy(y: &Option<Tensor>) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    let Some(y) = y else { candle_core::bail!("attached op: no precomputed result for this device") };
+    let (s, l) = y.storage_and_layout();
+    match &*s {
+        candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
         _ => candle_core::bail!("attached op: result on another device"),
     }
+}
+
+type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The forward on the CPU: y = x·wᵀ + b (2-D x) or conv2d(x, w) + b.
+fn cpu_forward(
+    kind: AttachedKind,
+    x: Operand,
+    w: Operand,
+    b: Option<Operand>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match kind {
+        AttachedKind::Linear => {
+            let ((rows, k), (out, _)) = (x.1.shape().dims2()?, w.1.shape().dims2()?);
+            let mut y = x.0.matmul(w.0, (1, rows, out, k), x.1, &w.1.transpose(0, 1)?)?;
+            if let Some(b) = b {
+                add_row_bias(&mut y, b)?;
+            }
+            Ok((y, Shape::from((rows, out))))
+        }
+        AttachedKind::Conv { padding, stride } => im2col::conv2d_cpu(x, w, b, padding, stride),
+    }
+}
+
+/// y[r, j] += b[j] in place.
+fn add_row_bias(y: &mut CpuStorage, (b, l): Operand) -> candle_core::Result<()> {
+    fn add<T: Real>(y: &mut [T], b: &[T]) {
+        for row in y.chunks_mut(b.len()) {
+            for (v, &c) in row.iter_mut().zip(b) {
+                *v = *v + c;
+            }
+        }
+    }
+    match (y, b) {
+        (CpuStorage::F32(y), CpuStorage::F32(b)) => add(y, rows_of(b, l)?.0),
+        (CpuStorage::F64(y), CpuStorage::F64(b)) => add(y, rows_of(b, l)?.0),
+        _ => candle_core::bail!("linear: bias dtype differs from the input's"),
+    }
+    Ok(())
 }
 
 impl Attached {
@@ -690,39 +716,33 @@ impl Attached {
     }
 }
 
-macro_rules! attached_fwd {
-    () => {
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            cpu_copy(&self.y)
-        }
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            cuda_copy(&self.y)
-        }
-    };
-}
-
 impl candle_core::CustomOp3 for Attached {
     fn name(&self) -> &'static str {
         "attached-linear-or-conv"
     }
-    attached_fwd!();
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_forward(self.kind, (x, xl), (w, wl), Some((b, bl)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&self.y)
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -744,12 +764,12 @@ impl candle_core::CustomOp2 for AttachedNoBias {
     }
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_copy(&self.0.y)
+        cpu_forward(self.0.kind, (x, xl), (w, wl), None)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -773,39 +793,50 @@ impl candle_core::CustomOp2 for AttachedNoBias {
     }
 }
 
-fn attach(y: Tensor, kind: AttachedKind, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+/// Applies the attached op; `other_device` computes the forward where the op has no
+/// kernel of its own (not the CPU, or not f32/f64): on CUDA off the graph, handed to
+/// the op; elsewhere with candle's own graph.
+fn attach(
+    kind: AttachedKind,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    other_device: impl FnOnce(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<Tensor> {
     let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
-    if !tracked {
-        return Ok(y);
-    }
-    let op = Attached { y: y.contiguous()?, kind };
+    let y = if fusable(x) && w.dtype() == x.dtype() {
+        None
+    } else if tracked && x.device().is_cuda() {
+        Some(other_device(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?.contiguous()?)
+    } else {
+        // candle's ops and candle's backward.
+        return other_device(x, w, b);
+    };
+    let op = Attached { y, kind };
     Ok(match b {
-        Some(b) => x.apply_op3(w, b, op)?,
-        None => x.apply_op2(w, AttachedNoBias(op))?,
+        Some(b) => x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?,
+        None => x.contiguous()?.apply_op2(&w.contiguous()?, AttachedNoBias(op))?,
     })
 }
 
 /// y = x·wᵀ (+ b) for 2-D x, with a backward that skips gradients nobody needs.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.detach().t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(&b.detach())?,
-        None => y,
-    };
-    attach(y, AttachedKind::Linear, x, w, b)
+    attach(AttachedKind::Linear, x, w, b, |x, w, b| {
+        let y = x.matmul(&w.t()?)?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    })
 }
 
 /// y = conv2d(x, w) (+ b per channel), with a backward that skips gradients nobody needs.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let (xd, wd) = (x.detach(), w.detach());
-    let y = if im2col::supported(&xd) {
-        im2col::conv2d(&xd, &wd, &ConvGeom::of(&xd, &wd, padding, stride)?)?
-    } else {
-        xd.conv2d(&wd, padding, stride, 1, 1)?
-    };
-    let y = match b {
-        Some(b) => y.broadcast_add(&b.detach().reshape((1, b.dim(0)?, 1, 1))?)?,
-        None => y,
-    };
-    attach(y, AttachedKind::Conv { padding, stride }, x, w, b)
+    attach(AttachedKind::Conv { padding, stride }, x, w, b, |x, w, b| {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
+    })
 }
