@@ -8,7 +8,7 @@
 //! the forward is one large matmul `W · cols`, the weight gradient `G · colsᵀ` and
 //! the input gradient `col2im(Wᵀ · G)` for every stride.
 
-use super::kernels::Real;
+use super::kernels::{contiguous, Real};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -31,8 +31,16 @@ pub struct ConvGeom {
 
 impl ConvGeom {
     pub fn of(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> candle_core::Result<Self> {
-        let (batch, channels, h, w) = x.dims4()?;
-        let (_, cin, kh, kw) = kernel.dims4()?;
+        Self::new(x.dims4()?, kernel.dims4()?, padding, stride)
+    }
+
+    /// From the input's NCHW and the kernel's (out, in, kh, kw) dims.
+    fn new(
+        (batch, channels, h, w): (usize, usize, usize, usize),
+        (_, cin, kh, kw): (usize, usize, usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> candle_core::Result<Self> {
         if cin != channels {
             candle_core::bail!("conv2d: input has {channels} channels, the kernel expects {cin}");
         }
@@ -148,13 +156,6 @@ fn col2im<T: Real>(cols: &[T], g: &ConvGeom) -> Vec<T> {
 struct Im2Col(ConvGeom);
 struct Col2Im(ConvGeom);
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("im2col: input must be contiguous"),
-    }
-}
-
 macro_rules! dispatch {
     ($s:expr, $l:expr, $f:ident, $g:expr, $shape:expr) => {
         match $s {
@@ -204,15 +205,8 @@ pub fn conv2d_cpu(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (batch, channels, h, wd) = xl.shape().dims4()?;
-    let (cout, cin, kh, kw) = wl.shape().dims4()?;
-    if cin != channels {
-        candle_core::bail!("conv2d: input has {channels} channels, the kernel expects {cin}");
-    }
-    if h + 2 * padding < kh || wd + 2 * padding < kw || stride == 0 {
-        candle_core::bail!("conv2d: kernel {kh}×{kw} does not fit a {h}×{wd} input with padding {padding}");
-    }
-    let g = ConvGeom { batch, channels, h, w: wd, kh, kw, stride, padding };
+    let g = ConvGeom::new(xl.shape().dims4()?, wl.shape().dims4()?, padding, stride)?;
+    let (batch, cout) = (g.batch, wl.dims()[0]);
     let cols = match x {
         CpuStorage::F32(v) => CpuStorage::F32(im2col(contiguous(v, xl)?, &g)),
         CpuStorage::F64(v) => CpuStorage::F64(im2col(contiguous(v, xl)?, &g)),

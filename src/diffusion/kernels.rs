@@ -18,9 +18,15 @@ fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-fn rows_of<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<(&'a [T], usize)> {
+/// The elements of a contiguous layout.
+pub(super) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused kernel: input must be contiguous") };
-    Ok((&s[a..b], l.dims().last().copied().unwrap_or(1).max(1)))
+    Ok(&s[a..b])
+}
+
+/// The elements of a contiguous layout and the length of its rows (the last dim).
+fn rows_of<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<(&'a [T], usize)> {
+    Ok((contiguous(s, l)?, l.dims().last().copied().unwrap_or(1).max(1)))
 }
 
 fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
