@@ -8,12 +8,8 @@
 //! the forward is one large matmul `W · cols`, the weight gradient `G · colsᵀ` and
 //! the input gradient `col2im(Wᵀ · G)` for every stride.
 
-use super::kernels::{contiguous, Real};
+use super::kernels::{contiguous, for_rows, Real};
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
-
-/// Rows of the patch matrix are filled in parallel above this many elements.
-const PAR_MIN: usize = 1 << 15;
 
 /// The shape of one convolution: NCHW input, kernel kh × kw, one stride and padding
 /// for both axes, dilation 1, one group.
@@ -107,11 +103,7 @@ fn im2col<T: Real>(x: &[T], g: &ConvGeom) -> Vec<T> {
             }
         }
     };
-    if out.len() >= PAR_MIN {
-        out.par_chunks_mut(n).enumerate().for_each(|(r, row)| fill(r, row));
-    } else {
-        out.chunks_mut(n).enumerate().for_each(|(r, row)| fill(r, row));
-    }
+    for_rows(&mut out, n, fill);
     out
 }
 
@@ -144,12 +136,7 @@ fn col2im<T: Real>(cols: &[T], g: &ConvGeom) -> Vec<T> {
             }
         }
     };
-    let plane = g.h * g.w;
-    if cols.len() >= PAR_MIN {
-        out.par_chunks_mut(plane).enumerate().for_each(|(p, o)| gather(p, o));
-    } else {
-        out.chunks_mut(plane).enumerate().for_each(|(p, o)| gather(p, o));
-    }
+    for_rows(&mut out, g.h * g.w, gather);
     out
 }
 

@@ -29,7 +29,8 @@ fn rows_of<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<(&'a [T], usize
     Ok((contiguous(s, l)?, l.dims().last().copied().unwrap_or(1).max(1)))
 }
 
-fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
+/// Calls `f(r, row)` for each row of `n` elements of `out`, in parallel when large.
+pub(super) fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T]) + Send + Sync) {
     if out.len() >= PAR_MIN {
         out.par_chunks_mut(n).enumerate().for_each(|(r, o)| f(r, o));
     } else {
@@ -38,25 +39,33 @@ fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T])
 }
 
 macro_rules! dispatch1 {
-    ($s:expr, $l:expr, $f:ident $(, $arg:expr)*) => {
+    ($s:expr, $l:expr, $f:ident) => {
         match $s {
-            CpuStorage::F32(v) => { let (x, n) = rows_of(v, $l)?; Ok((CpuStorage::F32($f(x, n $(, $arg as f32)*)), $l.shape().clone())) }
-            CpuStorage::F64(v) => { let (x, n) = rows_of(v, $l)?; Ok((CpuStorage::F64($f(x, n $(, $arg)*)), $l.shape().clone())) }
+            CpuStorage::F32(v) => {
+                let (x, n) = rows_of(v, $l)?;
+                Ok((CpuStorage::F32($f(x, n)), $l.shape().clone()))
+            }
+            CpuStorage::F64(v) => {
+                let (x, n) = rows_of(v, $l)?;
+                Ok((CpuStorage::F64($f(x, n)), $l.shape().clone()))
+            }
             other => candle_core::bail!("fused kernel: unsupported dtype {:?}", other.dtype()),
         }
     };
 }
 
 macro_rules! dispatch2 {
-    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:ident $(, $arg:expr)*) => {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $f:ident) => {
         match ($s1, $s2) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                let (a, n) = rows_of(a, $l1)?; let (b, _) = rows_of(b, $l2)?;
-                Ok((CpuStorage::F32($f(a, b, n $(, $arg as f32)*)), $l1.shape().clone()))
+                let (a, n) = rows_of(a, $l1)?;
+                let (b, _) = rows_of(b, $l2)?;
+                Ok((CpuStorage::F32($f(a, b, n)), $l1.shape().clone()))
             }
             (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                let (a, n) = rows_of(a, $l1)?; let (b, _) = rows_of(b, $l2)?;
-                Ok((CpuStorage::F64($f(a, b, n $(, $arg)*)), $l1.shape().clone()))
+                let (a, n) = rows_of(a, $l1)?;
+                let (b, _) = rows_of(b, $l2)?;
+                Ok((CpuStorage::F64($f(a, b, n)), $l1.shape().clone()))
             }
             _ => candle_core::bail!("fused kernel: unsupported dtypes"),
         }
