@@ -162,11 +162,13 @@ fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
     let kinds: Vec<(String, i64)> =
         rows.iter().map(|x| (x["model"].as_str().unwrap().to_string(), x["steps"].as_i64().unwrap())).collect();
     let want: Vec<(String, i64)> =
-        [("teacher", 2), ("teacher", 1), ("generator", 1), ("generator", 2), ("generator", 4)]
+        [("teacher", 2), ("teacher", 1), ("generator", 1), ("generator", 2), ("generator", 4), ("generator", 2), ("generator", 4)]
             .iter()
             .map(|(m, n)| (m.to_string(), *n))
             .collect();
     assert_eq!(kinds, want);
+    let renoise: Vec<&str> = rows[2..].iter().map(|x| x["renoise"].as_str().unwrap()).collect();
+    assert_eq!(renoise, ["fresh", "fresh", "fresh", "ddim", "ddim"]);
     for x in rows {
         let a = x["alignment"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&a), "{x}");
