@@ -161,11 +161,18 @@ fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
     let rows = r["rows"].as_array().unwrap();
     let kinds: Vec<(String, i64)> =
         rows.iter().map(|x| (x["model"].as_str().unwrap().to_string(), x["steps"].as_i64().unwrap())).collect();
-    let want: Vec<(String, i64)> =
-        [("teacher", 2), ("teacher", 1), ("generator", 1), ("generator", 2), ("generator", 4), ("generator", 2), ("generator", 4)]
-            .iter()
-            .map(|(m, n)| (m.to_string(), *n))
-            .collect();
+    let want: Vec<(String, i64)> = [
+        ("teacher", 2),
+        ("teacher", 1),
+        ("generator", 1),
+        ("generator", 2),
+        ("generator", 4),
+        ("generator", 2),
+        ("generator", 4),
+    ]
+    .iter()
+    .map(|(m, n)| (m.to_string(), *n))
+    .collect();
     assert_eq!(kinds, want);
     let renoise: Vec<&str> = rows[2..].iter().map(|x| x["renoise"].as_str().unwrap()).collect();
     assert_eq!(renoise, ["fresh", "fresh", "fresh", "ddim", "ddim"]);
