@@ -173,11 +173,6 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// Whether `x` can take this path (CPU, f32 or f64).
-pub fn supported(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-}
-
 /// The patch matrix of `x` (rows × cols); no gradient.
 pub fn patches(x: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Im2Col(*g))

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 /// Rows of at least this many elements in total are processed in parallel.
 const PAR_MIN: usize = 1 << 14;
 
+/// Whether `x` takes the fused CPU kernels (CPU, f32 or f64).
 fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
@@ -454,6 +455,14 @@ impl CustomOp2 for SoftmaxGrad {
     }
 }
 
+/// Half-precision tensors as f32 (norms and attention scores compute in at least f32).
+pub fn upcast(x: &Tensor) -> Result<Tensor> {
+    Ok(match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
+        _ => x.clone(),
+    })
+}
+
 /// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C
 /// channels split into `groups` groups whose (C/G)·S values are normalised
 /// together (biased variance), then y = x̂·w[c] + b[c]. Group norm is
@@ -465,14 +474,8 @@ pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) 
         crate::bail!("norm: {channels} channels do not split into {groups} groups");
     }
     let dtype = x.dtype();
-    let up = |t: &Tensor| -> Result<Tensor> {
-        Ok(match t.dtype() {
-            DType::F16 | DType::BF16 => t.to_dtype(DType::F32)?,
-            _ => t.clone(),
-        })
-    };
-    let x = up(x)?;
-    let (w, b) = (up(w)?.to_dtype(x.dtype())?, up(b)?.to_dtype(x.dtype())?);
+    let x = upcast(x)?;
+    let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
     let y = if fusable(&x) {
         let geom = NormGeom { channels, spatial, groups, eps };
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))?
@@ -689,7 +692,7 @@ impl Attached {
                     }
                     _ => None,
                 };
-                if im2col::supported(g) {
+                if fusable(g) {
                     let geom = ConvGeom::of(x, w, padding, stride)?;
                     let gm = im2col::grad_matrix(g)?;
                     let gx = if x.track_op() { Some(im2col::input_grad(&gm, &w.detach(), &geom)?) } else { None };

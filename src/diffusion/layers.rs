@@ -2,7 +2,7 @@
 //! only (candle's fused softmax/layer-norm kernels have no backward; see
 //! ../shared/notes/CANDLE.md). Norms compute in at least f32.
 
-use super::kernels::{self, norm_affine, softmax_last_dim};
+use super::kernels::{self, norm_affine, softmax_last_dim, upcast};
 use super::weights::Weights;
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
@@ -51,13 +51,6 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         kernels::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
     }
-}
-
-fn upcast(x: &Tensor) -> Result<Tensor> {
-    Ok(match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    })
 }
 
 /// Group normalisation over NC… with per-channel affine.
