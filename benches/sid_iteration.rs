@@ -15,7 +15,6 @@ use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
 use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
 use sidscript::train::param::{backward, params_from};
 use sidscript::train::{Method, Optimizer, ParamGroup};
-use std::time::Instant;
 
 #[path = "unet.rs"]
 #[allow(dead_code)]
@@ -43,7 +42,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         Condition { context: rng.randn((1, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
     let ts = step_timesteps(625, 4).unwrap();
     let shape = (batch, cfg.in_channels, size, size);
-    let mut iteration = || {
+    let iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
         let t_of = |rng: &mut Generator| {
             sidscript::sid::t_tensor(
@@ -84,14 +83,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         backward(&g.loss).unwrap();
         opt_g.step().unwrap();
     };
-    iteration();
-    let best = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            iteration();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min);
+    let best = unet_bench::best(reps, iteration);
     println!("{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens", teacher.num_params());
     println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
     if let Some(v) = unet_bench::torch(&[
@@ -114,7 +106,10 @@ const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "do
  "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
 
 fn main() {
-    sidscript::tune_runtime();
+    sidscript::on_compute_pool(benches);
+}
+
+fn benches() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
     if want("toy") {

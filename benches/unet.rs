@@ -104,10 +104,13 @@ pub const SD15_QUARTER: &str = r#"{"sample_size": 32, "in_channels": 4, "out_cha
 
 #[path = "common.rs"]
 mod common;
-use common::best;
+pub use common::best;
 
 fn main() {
-    sidscript::tune_runtime();
+    sidscript::on_compute_pool(benches);
+}
+
+fn benches() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
     if want("tiny") {

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = sidscript::cli::Cli::parse();
-    match sidscript::cli::main(cli) {
+    match sidscript::on_compute_pool(|| sidscript::cli::main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
