@@ -243,7 +243,7 @@ pub fn input_grad(gm: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<
 
 /// d conv2d / d w for the output gradient `gm`: G · colsᵀ, in the kernel's shape.
 pub fn weight_grad(gm: &Tensor, x: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
-    gm.matmul(&patches(x, g)?.t()?)?.reshape(w.shape())
+    super::reduce::weight_product(gm, &patches(x, g)?.t()?)?.reshape(w.shape())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! Backward is first-order: the gradient ops themselves have no backward.
 
 use super::im2col::{self, ConvGeom};
+use super::reduce;
 use crate::error::Result;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -15,7 +16,7 @@ use rayon::prelude::*;
 const PAR_MIN: usize = 1 << 14;
 
 /// Whether `x` takes the fused CPU kernels (CPU, f32 or f64).
-fn fusable(x: &Tensor) -> bool {
+pub(super) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
@@ -75,7 +76,8 @@ macro_rules! dispatch2 {
 
 /// Generic over f32/f64 through this small trait.
 pub trait Real:
-    Copy
+    'static
+    + Copy
     + Send
     + Sync
     + std::ops::Add<Output = Self>
@@ -677,19 +679,16 @@ impl Attached {
         match self.kind {
             AttachedKind::Linear => {
                 let gx = if x.track_op() { Some(g.matmul(&w.detach())?) } else { None };
-                let gw = if w.track_op() { Some(g.t()?.matmul(&x.detach())?) } else { None };
+                let gw = if w.track_op() { Some(reduce::weight_product(&g.t()?, &x.detach())?) } else { None };
                 let gb = match b {
-                    Some(b) if b.track_op() => Some(g.sum(0)?),
+                    Some(b) if b.track_op() => Some(reduce::bias_sums(g)?),
                     _ => None,
                 };
                 Ok((gx, gw, gb))
             }
             AttachedKind::Conv { padding, stride } => {
                 let gb = match b {
-                    Some(b) if b.track_op() => {
-                        let (n, c, h, wd) = g.dims4()?;
-                        Some(g.reshape((n, c, h * wd))?.sum(2)?.sum(0)?)
-                    }
+                    Some(b) if b.track_op() => Some(reduce::bias_sums(g)?),
                     _ => None,
                 };
                 if fusable(g) {

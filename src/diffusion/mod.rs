@@ -10,6 +10,7 @@ pub mod im2col;
 pub mod kernels;
 pub mod layers;
 pub mod model;
+pub mod reduce;
 pub mod sampler;
 pub mod schedule;
 pub mod text;
