@@ -102,7 +102,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.silu()?)
+    kernels::silu(x)
 }
 
 /// x·σ(1.702x), CLIP's "quick_gelu".
