@@ -316,20 +316,24 @@ fn silu_bwd<T: Real>(x: &[T], g: &[T], _: usize) -> Vec<T> {
     out
 }
 
+/// Softmax of one row, in place.
+pub(super) fn softmax_row<T: Real>(row: &mut [T]) {
+    let Some(&first) = row.first() else { return };
+    let max = row.iter().copied().fold(first, |a, b| if b > a { b } else { a });
+    let mut sum = T::ZERO;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum = sum + *v;
+    }
+    let inv = T::from_usize(1) / sum;
+    for v in row.iter_mut() {
+        *v = *v * inv;
+    }
+}
+
 fn softmax_fwd<T: Real>(x: &[T], n: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
-    for_rows(&mut out, n, |r, o| {
-        let row = &x[r * n..(r + 1) * n];
-        let max = row.iter().copied().fold(row[0], |a, b| if b > a { b } else { a });
-        let mut sum = T::ZERO;
-        for (o, &v) in o.iter_mut().zip(row) {
-            *o = (v - max).exp();
-            sum = sum + *o;
-        }
-        for o in o.iter_mut() {
-            *o = *o / sum;
-        }
-    });
+    let mut out = x.to_vec();
+    for_rows(&mut out, n, |_, o| softmax_row(o));
     out
 }
 

@@ -3,6 +3,7 @@
 //! ../shared/notes/CANDLE.md). Norms compute in at least f32.
 
 use super::kernels::{self, norm_affine, softmax_last_dim, upcast};
+use super::sdpa;
 use super::weights::Weights;
 use crate::error::Result;
 use candle_core::{DType, Tensor, D};
@@ -144,6 +145,11 @@ impl Attention {
     /// added to the scores (e.g. a causal mask of −∞ above the diagonal).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if mask.is_none() && kernels::fusable(x) {
+            let (q, k, v) = (self.to_q.forward(x)?, self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
+            return self.to_out.forward(&sdpa::attention(&q, &k, &v, self.heads, scale)?);
+        }
         let (b, n, _) = x.dims3()?;
         let m = ctx.dim(1)?;
         let split = |t: Tensor, len: usize| -> Result<Tensor> {
@@ -152,7 +158,6 @@ impl Attention {
         let q = split(self.to_q.forward(x)?, n)?;
         let k = split(self.to_k.forward(ctx)?, m)?;
         let v = split(self.to_v.forward(ctx)?, m)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let kt = k.t()?;
         let rows = (ATTENTION_CHUNK_ELEMENTS / (b * self.heads * m).max(1)).clamp(1, n);
         let mut outs = Vec::with_capacity(n.div_ceil(rows));

@@ -13,6 +13,7 @@ pub mod model;
 pub mod reduce;
 pub mod sampler;
 pub mod schedule;
+pub mod sdpa;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;

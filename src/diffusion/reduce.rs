@@ -1,4 +1,5 @@
-//! Parameter-gradient reductions on the CPU: a weight gradient is a matrix product
+//! Matrix products on slices (`Mat`, `product_into`, for the fused kernels) and
+//! parameter-gradient reductions on the CPU: a weight gradient is a matrix product
 //! whose inner dim runs over every batch row and pixel (G·Xᵀ), a bias gradient a sum
 //! over the same rows. Both have few outputs and a long reduction, the shape that
 //! candle's matmul and strided sums run on one core (gemm splits the outputs
@@ -29,6 +30,11 @@ pub struct Mat<'a, T> {
 }
 
 impl<'a, T> Mat<'a, T> {
+    /// A contiguous row-major matrix.
+    pub fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, rs: cols, cs: 1 }
+    }
+
     /// The 2-D strided layout `l` over `s`.
     pub fn of(s: &'a [T], l: &Layout) -> candle_core::Result<Self> {
         let (rows, cols) = l.shape().dims2()?;
@@ -57,8 +63,16 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// dst = a·b (+ dst when `accumulate`), dst row-major with row stride `dst_rs`.
-pub fn product_into<T: Real>(dst: &mut [T], dst_rs: usize, a: Mat<T>, b: Mat<T>, accumulate: bool, par: Parallelism) {
+/// dst = scale·a·b (+ dst when `accumulate`), dst row-major with row stride `dst_rs`.
+pub fn product_into<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    scale: T,
+    accumulate: bool,
+    par: Parallelism,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k, "product: inner dims {k} and {} differ", b.rows);
     assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(), "product: destination too small");
@@ -89,7 +103,7 @@ pub fn product_into<T: Real>(dst: &mut [T], dst_rs: usize, a: Mat<T>, b: Mat<T>,
             b.cs as isize,
             b.rs as isize,
             T::from_usize(1),
-            T::from_usize(1),
+            scale,
             false,
             false,
             false,
@@ -107,7 +121,7 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     let parts = threads.min(k / MIN_SPLIT).min(MAX_PARTIALS / (m * n).max(1)).max(1);
     if parts == 1 || m * n * k < SERIAL_WORK {
         let par = if m * n * k < SERIAL_WORK { Parallelism::None } else { Parallelism::Rayon(threads) };
-        product_into(&mut out, n, a, b, false, par);
+        product_into(&mut out, n, a, b, T::from_usize(1), false, par);
         return out;
     }
     let step = k.div_ceil(parts);
@@ -117,7 +131,7 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
         .map(|p| {
             let (k0, len) = (p * step, step.min(k - (p * step).min(k)));
             let mut part = vec![T::ZERO; m * n];
-            product_into(&mut part, n, a.cols(k0, len), b.rows(k0, len), false, inner);
+            product_into(&mut part, n, a.cols(k0, len), b.rows(k0, len), T::from_usize(1), false, inner);
             part
         })
         .collect();

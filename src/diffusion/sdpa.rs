@@ -1,0 +1,308 @@
+//! Scaled dot-product attention, softmax(s·Q Kᵀ)·V per head, as one op each way
+//! on the CPU. Composed from candle ops it costs head splits and copies, two
+//! batched matmuls that candle runs one (batch, head) pair after another on one
+//! core, a scale, a softmax, and twice as many ops backward. Here every (batch,
+//! head) pair is one parallel task that reads its head straight out of the
+//! [B, N, heads·d] projections; the backward recomputes the probabilities (as
+//! flash attention does) instead of keeping them, and query rows go in blocks so
+//! that no task holds more than `BLOCK_SCORES` scores at once.
+
+use super::kernels::{contiguous, softmax_row, Real};
+use super::reduce::{product_into, Mat};
+use crate::error::Result;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
+use gemm::Parallelism::None as Serial;
+use rayon::prelude::*;
+
+/// Most attention scores (query rows × keys) one task holds at a time.
+const BLOCK_SCORES: usize = 1 << 17;
+
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    batch: usize,
+    /// Queries and keys per batch row.
+    n: usize,
+    m: usize,
+    heads: usize,
+    /// Channels per head.
+    d: usize,
+    scale: f64,
+    /// Query rows per block.
+    block: usize,
+}
+
+impl Geom {
+    fn width(&self) -> usize {
+        self.heads * self.d
+    }
+
+    /// Head `h` of batch row `b` of a [batch, len, heads·d] tensor, as len × d.
+    fn head<'a, T>(&self, x: &'a [T], len: usize, task: usize) -> Mat<'a, T> {
+        let (b, h) = (task / self.heads, task % self.heads);
+        Mat { data: &x[b * len * self.width() + h * self.d..], rows: len, cols: self.d, rs: self.width(), cs: 1 }
+    }
+
+    fn tasks(&self) -> usize {
+        self.batch * self.heads
+    }
+
+    /// Query-row blocks: (first row, rows).
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.n).step_by(self.block.max(1)).map(|r| (r, self.block.min(self.n - r)))
+    }
+
+    /// P = softmax(s·Q Kᵀ) for query rows r0..r0 + rows, into `p` (rows × m).
+    fn probs<T: Real>(&self, p: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
+        product_into(p, self.m, q.rows(r0, rows), k.t(), T::from_f64(self.scale), false, Serial);
+        p[..rows * self.m].chunks_mut(self.m).for_each(softmax_row);
+    }
+}
+
+/// Writes per-task blocks `src[task·stride + offset ..][.. len·d]` (one head's
+/// len × d rows) into `dst` as [batch, len, heads·d].
+fn merge_heads<T: Real>(src: &[T], stride: usize, offset: usize, len: usize, g: &Geom, dst: &mut [T]) {
+    let (w, d) = (g.width(), g.d);
+    dst.par_chunks_mut(w).enumerate().for_each(|(row, out)| {
+        let (b, i) = (row / len, row % len);
+        for h in 0..g.heads {
+            let at = (b * g.heads + h) * stride + offset + i * d;
+            out[h * d..(h + 1) * d].copy_from_slice(&src[at..at + d]);
+        }
+    });
+}
+
+fn forward<T: Real>(q: &[T], k: &[T], v: &[T], g: &Geom) -> Vec<T> {
+    let (n, m, d) = (g.n, g.m, g.d);
+    let mut heads = vec![T::ZERO; g.tasks() * n * d];
+    heads.par_chunks_mut((n * d).max(1)).enumerate().for_each(|(task, o)| {
+        let (qh, kh, vh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task));
+        let mut p = vec![T::ZERO; g.block.min(n) * m];
+        for (r0, rows) in g.blocks() {
+            g.probs(&mut p, qh, kh, (r0, rows));
+            product_into(&mut o[r0 * d..], d, Mat::dense(&p, rows, m), vh, T::from_usize(1), false, Serial);
+        }
+    });
+    let mut out = vec![T::ZERO; g.batch * n * g.width()];
+    merge_heads(&heads, n * d, 0, n, g, &mut out);
+    out
+}
+
+/// dQ, dK and dV for the output gradient `go`, packed as [dq | dk | dv], each in
+/// its input's [batch, len, heads·d] layout.
+fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
+    let (n, m, d) = (g.n, g.m, g.d);
+    let (one, scale) = (T::from_usize(1), T::from_f64(g.scale));
+    let stride = (n + 2 * m) * d;
+    let mut parts = vec![T::ZERO; g.tasks() * stride];
+    parts.par_chunks_mut(stride.max(1)).enumerate().for_each(|(task, part)| {
+        let (dq, rest) = part.split_at_mut(n * d);
+        let (dk, dv) = rest.split_at_mut(m * d);
+        let (qh, kh, vh, gh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task), g.head(go, n, task));
+        let mut p = vec![T::ZERO; g.block.min(n) * m];
+        let mut ds = vec![T::ZERO; g.block.min(n) * m];
+        for (r0, rows) in g.blocks() {
+            let first = r0 == 0;
+            g.probs(&mut p, qh, kh, (r0, rows));
+            let pm = Mat::dense(&p, rows, m);
+            // dV += Pᵀ·dO; dP = dO·Vᵀ.
+            product_into(dv, d, pm.t(), gh.rows(r0, rows), one, !first, Serial);
+            product_into(&mut ds, m, gh.rows(r0, rows), vh.t(), one, false, Serial);
+            // dS = P ∘ (dP − Σⱼ P·dP), row by row.
+            for (dsr, pr) in ds.chunks_mut(m).zip(p.chunks(m)).take(rows) {
+                let dot = dsr.iter().zip(pr).fold(T::ZERO, |a, (&x, &y)| a + x * y);
+                for (x, &y) in dsr.iter_mut().zip(pr) {
+                    *x = y * (*x - dot);
+                }
+            }
+            // dQ = s·dS·K; dK += s·dSᵀ·Q.
+            let dsm = Mat::dense(&ds, rows, m);
+            product_into(&mut dq[r0 * d..], d, dsm, kh, scale, false, Serial);
+            product_into(dk, d, dsm.t(), qh.rows(r0, rows), scale, !first, Serial);
+        }
+    });
+    let (lq, lk) = (g.batch * n * g.width(), g.batch * m * g.width());
+    let mut out = vec![T::ZERO; lq + 2 * lk];
+    let (oq, rest) = out.split_at_mut(lq);
+    let (ok, ov) = rest.split_at_mut(lk);
+    merge_heads(&parts, stride, 0, n, g, oq);
+    merge_heads(&parts, stride, n * d, m, g, ok);
+    merge_heads(&parts, stride, (n + m) * d, m, g, ov);
+    out
+}
+
+struct Sdpa(Geom);
+
+/// The backward op: q, k and v ride along (a custom op takes at most three
+/// arguments) and are read in `cpu_fwd` under their own read locks.
+struct SdpaGrad {
+    geom: Geom,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+impl CustomOp3 for Sdpa {
+    fn name(&self) -> &'static str {
+        "scaled-dot-product-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = ql.shape().clone();
+        let g = &self.0;
+        let out = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, g))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                CpuStorage::F64(forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, g))
+            }
+            _ => candle_core::bail!("attention: q, k and v must all be f32 or all f64"),
+        };
+        Ok((out, shape))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = SdpaGrad { geom: self.0, q: q.clone(), k: k.clone(), v: v.clone() };
+        let packed = grad.contiguous()?.apply_op1_no_bwd(&op)?;
+        let (lq, lk) = (q.elem_count(), k.elem_count());
+        let part = |at: usize, len: usize, like: &Tensor| packed.narrow(0, at, len)?.reshape(like.shape());
+        Ok((Some(part(0, lq, q)?), Some(part(lq, lk, k)?), Some(part(lq + lk, lk, v)?)))
+    }
+}
+
+impl CustomOp1 for SdpaGrad {
+    fn name(&self) -> &'static str {
+        "scaled-dot-product-attention-grad"
+    }
+    fn cpu_fwd(&self, go: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (qs, ql) = self.q.storage_and_layout();
+        let (ks, kl) = self.k.storage_and_layout();
+        let (vs, vl) = self.v.storage_and_layout();
+        let g = &self.geom;
+        let out = match (&*qs, &*ks, &*vs, go) {
+            (
+                Storage::Cpu(CpuStorage::F32(q)),
+                Storage::Cpu(CpuStorage::F32(k)),
+                Storage::Cpu(CpuStorage::F32(v)),
+                CpuStorage::F32(go),
+            ) => CpuStorage::F32(backward(
+                contiguous(q, ql)?,
+                contiguous(k, kl)?,
+                contiguous(v, vl)?,
+                contiguous(go, gl)?,
+                g,
+            )),
+            (
+                Storage::Cpu(CpuStorage::F64(q)),
+                Storage::Cpu(CpuStorage::F64(k)),
+                Storage::Cpu(CpuStorage::F64(v)),
+                CpuStorage::F64(go),
+            ) => CpuStorage::F64(backward(
+                contiguous(q, ql)?,
+                contiguous(k, kl)?,
+                contiguous(v, vl)?,
+                contiguous(go, gl)?,
+                g,
+            )),
+            _ => candle_core::bail!("attention backward: q, k, v and the gradient must share one CPU dtype"),
+        };
+        let len = self.q.elem_count() + 2 * self.k.elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
+/// as [B, N, heads·d]; CPU f32/f64 tensors only (`kernels::fusable`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    attention_in_blocks(q, k, v, heads, scale, None)
+}
+
+/// `attention` with `block` query rows per block (default: from `BLOCK_SCORES`).
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    block: Option<usize>,
+) -> Result<Tensor> {
+    let (batch, n, width) = q.dims3()?;
+    let (kb, m, kw) = k.dims3()?;
+    if kb != batch || kw != width || v.dims() != k.dims() || heads == 0 || width % heads != 0 {
+        crate::bail!("attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.dims(), k.dims(), v.dims());
+    }
+    let block = block.unwrap_or(BLOCK_SCORES / m.max(1)).clamp(1, n.max(1));
+    let geom = Geom { batch, n, m, heads, d: width / heads, scale, block };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Sdpa(geom))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// softmax(s·Q Kᵀ)·V from candle ops, heads split as the UNet's attention did.
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+        let split = |t: &Tensor| -> Result<Tensor> {
+            let (b, len, w) = t.dims3()?;
+            Ok(t.reshape((b, len, heads, w / heads))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+        let p = candle_nn::ops::softmax(&(qh.matmul(&kh.t()?)? * scale)?, D::Minus1)?;
+        let (b, n, w) = q.dims3()?;
+        Ok(p.matmul(&vh)?.transpose(1, 2)?.reshape((b, n, w))?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    }
+
+    /// Values and the gradients of q, k and v equal the composed form's, for
+    /// self- and cross-attention, one and several heads, and query blocks that do
+    /// and do not divide the rows.
+    #[test]
+    fn equals_composed_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, n, m, heads, d, block) in
+            &[(2, 6, 6, 2, 3, None), (3, 5, 4, 1, 4, Some(2)), (1, 9, 7, 3, 2, Some(4)), (2, 7, 7, 2, 4, Some(7))]
+        {
+            let vars = [(b, n), (b, m), (b, m)]
+                .map(|s| Var::from_tensor(&Tensor::randn(0f64, 1.0, (s.0, s.1, heads * d), &dev).unwrap()).unwrap());
+            let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+            let scale = 1.0 / (d as f64).sqrt();
+            let probe = Tensor::randn(0f64, 1.0, (b, n, heads * d), &dev)?;
+            let fused = attention_in_blocks(q, k, v, heads, scale, block)?;
+            let reference = composed(q, k, v, heads, scale)?;
+            assert!(max_diff(&fused, &reference)? < 1e-12, "values, case {:?}", (b, n, m, heads, d, block));
+            let g1 = (fused * &probe)?.sum_all()?.backward()?;
+            let g2 = (reference * &probe)?.sum_all()?.backward()?;
+            for (name, t) in [("q", q), ("k", k), ("v", v)] {
+                let (Some(a), Some(r)) = (g1.get(t), g2.get(t)) else { panic!("no gradient for {name}") };
+                let err = max_diff(a, r)?;
+                assert!(err < 1e-11, "d{name} differs by {err}, case {:?}", (b, n, m, heads, d, block));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_heads_are_an_error() -> Result<()> {
+        let x = Tensor::zeros((1, 4, 6), candle_core::DType::F32, &Device::Cpu)?;
+        let err = attention(&x, &x, &x, 4, 1.0).unwrap_err().to_string();
+        assert!(err.contains("do not fit 4 heads"), "{err}");
+        Ok(())
+    }
+}
