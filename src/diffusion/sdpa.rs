@@ -7,7 +7,7 @@
 //! flash attention does) instead of keeping them, and query rows go in blocks so
 //! that no task holds more than `BLOCK_SCORES` scores at once.
 
-use super::kernels::{contiguous, softmax_row, Real};
+use super::kernels::{contiguous, softmax_row, vectorized, Real};
 use super::reduce::{product_into, Mat};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
@@ -54,7 +54,10 @@ impl Geom {
     /// P = softmax(s·Q Kᵀ) for query rows r0..r0 + rows, into `p` (rows × m).
     fn probs<T: Real>(&self, p: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
         product_into(p, self.m, q.rows(r0, rows), k.t(), T::from_f64(self.scale), false, Serial);
-        p[..rows * self.m].chunks_mut(self.m).for_each(softmax_row);
+        vectorized(
+            #[inline(always)]
+            || p[..rows * self.m].chunks_mut(self.m).for_each(softmax_row),
+        );
     }
 }
 
