@@ -54,9 +54,14 @@ impl Geom {
     /// P = softmax(s·Q Kᵀ) for query rows r0..r0 + rows, into `p` (rows × m).
     fn probs<T: Real>(&self, p: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
         product_into(p, self.m, q.rows(r0, rows), k.t(), T::from_f64(self.scale), false, Serial);
+        // A `for` loop, not `for_each`: an outlined fold would lose the vector features.
         vectorized(
             #[inline(always)]
-            || p[..rows * self.m].chunks_mut(self.m).for_each(softmax_row),
+            || {
+                for row in p[..rows * self.m].chunks_mut(self.m) {
+                    softmax_row(row)
+                }
+            },
         );
     }
 }
