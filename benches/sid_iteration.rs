@@ -4,6 +4,8 @@
 //! PyTorch + diffusers (tools/bench_torch.py) in the same run.
 //!
 //!     SIDSCRIPT_TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench sid_iteration
+//!
+//! SIDSCRIPT_BENCH_DEVICE=cuda:0 (a build with the cuda feature) times both on the GPU.
 
 use candle_core::{DType, Device};
 use sidscript::diffusion::condition::Condition;
@@ -22,7 +24,8 @@ mod unet_bench;
 
 fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, reps: usize) {
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
-    let teacher = unet_bench::random_unet(&cfg);
+    let dev = bench_device();
+    let teacher = unet_bench::random_unet(&cfg, &dev);
     let (gmap, gparams) = params_from(teacher.named_weights()).unwrap();
     let (fmap, fparams) = params_from(teacher.named_weights()).unwrap();
     let (gen, fake) = (teacher.with_weights(gmap).unwrap(), teacher.with_weights(fmap).unwrap());
@@ -34,7 +37,6 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         Optimizer::new(adam, vec![ParamGroup { params: fparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
     let mut rng = Generator::new(0);
-    let dev = Device::Cpu;
     let d = cfg.cross_attention_dim;
     let cond =
         Condition { context: rng.randn((batch, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
@@ -82,9 +84,14 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         gparams.iter().for_each(|p| p.zero_grad());
         backward(&g.loss).unwrap();
         opt_g.step().unwrap();
+        dev.synchronize().unwrap();
     };
     let best = unet_bench::best(reps, iteration);
-    println!("{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens", teacher.num_params());
+    println!(
+        "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}",
+        teacher.num_params(),
+        sidscript::host::tensor::device_name(&dev)
+    );
     println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
     if let Some(v) = unet_bench::torch(&[
         "sid".into(),
@@ -98,6 +105,12 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         println!("  pytorch    one iteration {:8.1} ms", ts * 1e3);
         println!("  ratio sidscript/pytorch: {:.2}×", best / ts);
     }
+}
+
+/// SIDSCRIPT_BENCH_DEVICE (cpu or cuda:N), the CPU when unset.
+fn bench_device() -> Device {
+    let name = std::env::var("SIDSCRIPT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    sidscript::host::tensor::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
 }
 
 /// models/toy/unet/config.json's architecture.

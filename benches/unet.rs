@@ -14,7 +14,8 @@ use sidscript::train::param::{backward, params_from};
 use sidscript::train::{Method, Optimizer, ParamGroup};
 use std::collections::HashMap;
 
-pub fn random_unet(cfg: &UnetConfig) -> Unet {
+/// A UNet of `cfg` with random weights (seeded by candle's global CPU generator) on `device`.
+pub fn random_unet(cfg: &UnetConfig, device: &Device) -> Unet {
     let shapes = Unet::build(cfg, Weights::shapes_only(DType::F32)).unwrap();
     let map: HashMap<String, Tensor> = shapes
         .named_weights()
@@ -28,7 +29,7 @@ pub fn random_unet(cfg: &UnetConfig) -> Unet {
             (n.clone(), v.unwrap())
         })
         .collect();
-    Unet::build(cfg, Weights::from_tensors(map, DType::F32, &Device::Cpu)).unwrap()
+    Unet::build(cfg, Weights::from_tensors(map, DType::F32, device)).unwrap()
 }
 
 pub fn torch(args: &[String]) -> Option<serde_json::Value> {
@@ -44,7 +45,7 @@ pub fn torch(args: &[String]) -> Option<serde_json::Value> {
 
 fn bench_unet(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize) {
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
-    let unet = random_unet(&cfg);
+    let unet = random_unet(&cfg, &Device::Cpu);
     let x = Tensor::randn(0f32, 1.0, (batch, cfg.in_channels, size, size), &Device::Cpu).unwrap();
     let t = Tensor::new(vec![500f32; batch], &Device::Cpu).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (batch, 77, cfg.cross_attention_dim), &Device::Cpu).unwrap();

@@ -1,6 +1,9 @@
 //! sidscript's SiD losses, few-step chain and generator gradients against the
 //! independent PyTorch reference of tools/sid_reference.py (float64, 1e-5 relative),
-//! for κ ∈ {1, 0, 1.5, −1} and α ∈ {1, 1.2}.
+//! for κ ∈ {1, 0, 1.5, −1} and α ∈ {1, 1.2}; on the CPU, and on CUDA in builds with
+//! the cuda feature.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use sidscript::diffusion::condition::Condition;
@@ -25,7 +28,7 @@ fn perturbed(base: &Unet, phase: f64) -> HashMap<String, Tensor> {
         .iter()
         .enumerate()
         .map(|(j, (n, w))| {
-            let i = Tensor::arange(0f64, w.elem_count() as f64, &Device::Cpu).unwrap().reshape(w.shape()).unwrap();
+            let i = Tensor::arange(0f64, w.elem_count() as f64, w.device()).unwrap().reshape(w.shape()).unwrap();
             let f = ((i * 0.37).unwrap() + (phase + j as f64)).unwrap().cos().unwrap().affine(0.05, 1.0).unwrap();
             (n.clone(), (w * f).unwrap())
         })
@@ -41,14 +44,18 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap() / scale
 }
 
-#[test]
-fn losses_chain_and_gradients_match_the_pytorch_reference() {
+test_device!(
+    losses_chain_and_gradients_match_the_pytorch_reference,
+    losses_chain_and_gradients_match_the_pytorch_reference_cpu,
+    losses_chain_and_gradients_match_the_pytorch_reference_cuda
+);
+
+fn losses_chain_and_gradients_match_the_pytorch_reference(dev: &Device) -> common::TestResult {
     let r: HashMap<String, Tensor> =
-        sidscript::io::safetensors::load(&fixtures().join("sid-reference.safetensors"), &Device::Cpu, None)
-            .unwrap()
+        sidscript::io::safetensors::load(&fixtures().join("sid-reference.safetensors"), dev, None)?
             .into_iter()
             .collect();
-    let teacher = Unet::load(&fixtures().join("tiny-sd15"), DType::F64, &Device::Cpu, None).unwrap();
+    let teacher = Unet::load(&fixtures().join("tiny-sd15"), DType::F64, dev, None)?;
     let fake = teacher.with_weights(perturbed(&teacher, 0.0)).unwrap();
     let gen_base = teacher.with_weights(perturbed(&teacher, 1.0)).unwrap();
     let (map, params) = params_from(gen_base.named_weights()).unwrap();
@@ -106,4 +113,5 @@ fn losses_chain_and_gradients_match_the_pytorch_reference() {
             assert!(rel(norm, want) < 1e-5, "{tag}: gradient norm {norm} vs {want}");
         }
     }
+    Ok(())
 }

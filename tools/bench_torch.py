@@ -3,24 +3,31 @@
 
     python tools/bench_torch.py unet '<config json>' BATCH SIZE REPS
     python tools/bench_torch.py adamw N_PARAMS REPS
+    python tools/bench_torch.py sid '<config json>' BATCH SIZE REPS [TOKENS]
+
+SIDSCRIPT_BENCH_DEVICE=cuda:0 runs the sid iteration on the GPU.
 """
 import json
+import os
 import sys
 import time
 
 import torch
 
-torch.set_num_threads(int(__import__("os").environ.get("BENCH_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+DEVICE = torch.device(os.environ.get("SIDSCRIPT_BENCH_DEVICE", "cpu"))
 
 
 def best(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
+    def timed():
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed()  # warm-up
+    return min(timed() for _ in range(reps))
 
 
 def unet(cfg, batch, size, reps):
@@ -70,15 +77,15 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
     import copy
     from diffusers import UNet2DConditionModel
     cfg = {k_: v for k_, v in cfg.items() if not k_.startswith("_")}
-    teacher = UNet2DConditionModel(**cfg).eval().requires_grad_(False)
+    teacher = UNet2DConditionModel(**cfg).to(DEVICE).eval().requires_grad_(False)
     gen, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-6, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-6, betas=(0.0, 0.999))
-    b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device=DEVICE) ** 2
     ab = torch.cumprod(1 - b, 0)
     ch = cfg.get("in_channels", 4)
-    c = torch.randn(batch, tokens, cfg["cross_attention_dim"])
-    null = torch.randn(1, tokens, cfg["cross_attention_dim"]).expand(batch, -1, -1)
+    c = torch.randn(batch, tokens, cfg["cross_attention_dim"], device=DEVICE)
+    null = torch.randn(1, tokens, cfg["cross_attention_dim"], device=DEVICE).expand(batch, -1, -1)
     ts = [int(625 * (1 - i / K)) for i in range(K)]
 
     def coef(t):
@@ -95,23 +102,23 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         return eu + scale * (ec - eu)
 
     def generate(grad):
-        z = torch.randn(batch, ch, size, size)
-        x = coef(torch.full((batch,), ts[0]))[1] * z
+        z = torch.randn(batch, ch, size, size, device=DEVICE)
+        x = coef(torch.full((batch,), ts[0], device=DEVICE))[1] * z
         for i in range(k):
-            t = torch.full((batch,), ts[i])
+            t = torch.full((batch,), ts[i], device=DEVICE)
             if i + 1 < k or not grad:
                 with torch.no_grad():
                     xh = x0(gen, x, t, c)
                 if i + 1 == k:
                     return xh
-                a, s = coef(torch.full((batch,), ts[i + 1]))
+                a, s = coef(torch.full((batch,), ts[i + 1], device=DEVICE))
                 x = a * xh + s * torch.randn_like(xh)
             else:
                 return x0(gen, x, t, c)
 
     def iteration():
         x_g = generate(False)
-        t = torch.randint(20, 980, (batch,))
+        t = torch.randint(20, 980, (batch,), device=DEVICE)
         n = torch.randn_like(x_g)
         a, s = coef(t)
         loss_f = ((guided_eps(fake, a * x_g + s * n, t, kappa) - n) ** 2).sum() / batch
@@ -120,7 +127,7 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         opt_f.step()
         fake.requires_grad_(False)
         x_g = generate(True)
-        t = torch.randint(20, 980, (batch,))
+        t = torch.randint(20, 980, (batch,), device=DEVICE)
         a, s = coef(t)
         x_t = a * x_g + s * torch.randn_like(x_g)
         y_r = (x_t - s * guided_eps(teacher, x_t, t, kappa)) / a
