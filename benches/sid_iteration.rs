@@ -5,7 +5,8 @@
 //!
 //!     SIDSCRIPT_TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench sid_iteration
 //!
-//! SIDSCRIPT_BENCH_DEVICE=cuda:0 (a build with the cuda feature) times both on the GPU.
+//! SIDSCRIPT_BENCH_DEVICE=cuda:0 (a build with the cuda feature) times both on the GPU;
+//! `sd15-full` (named alone) runs SD1.5's full UNet at 64×64 latents there.
 
 use candle_core::{DType, Device};
 use sidscript::diffusion::condition::Condition;
@@ -134,5 +135,9 @@ fn benches() {
     }
     if want("sd15") {
         bench("SD1.5 topology at 1/4 width", unet_bench::SD15_QUARTER, 1, 32, 77, 2);
+    }
+    // Full SD1.5 at 64×64 latents: only when named (a GPU's worth of memory).
+    if only.as_deref() == Some("sd15-full") {
+        bench("SD1.5", unet_bench::SD15, 1, 64, 77, 3);
     }
 }

@@ -103,6 +103,14 @@ pub const SD15_QUARTER: &str = r#"{"sample_size": 32, "in_channels": 4, "out_cha
  "block_out_channels": [80, 160, 320, 320], "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
  "norm_num_groups": 16}"#;
 
+/// SD1.5's UNet (859.5 M parameters), for GPU runs: three of them with Adam states
+/// do not fit a 24 GiB CPU machine in f32.
+pub const SD15: &str = r#"{"sample_size": 64, "in_channels": 4, "out_channels": 4,
+ "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+ "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+ "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
+ "norm_num_groups": 32}"#;
+
 #[path = "common.rs"]
 mod common;
 pub use common::best;
