@@ -592,11 +592,11 @@ impl CustomOp2 for SoftmaxGrad {
 }
 
 /// Half-precision tensors as f32 (norms and attention scores compute in at least f32).
-pub fn upcast(x: &Tensor) -> Result<Tensor> {
-    Ok(match x.dtype() {
-        DType::F16 | DType::BF16 => x.to_dtype(DType::F32)?,
-        _ => x.clone(),
-    })
+pub fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
 }
 
 /// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C
@@ -792,8 +792,9 @@ enum AttachedKind {
     Conv { padding: usize, stride: usize },
 }
 
+/// A copy of the precomputed CUDA result `y`, as a custom op's output storage.
 #[cfg(feature = "cuda")]
-fn cuda_copy(y: &Option<Tensor>) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+pub(super) fn cuda_copy(y: &Option<Tensor>) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
     let Some(y) = y else { candle_core::bail!("attached op: no precomputed result for this device") };
     let (s, l) = y.storage_and_layout();
     match &*s {

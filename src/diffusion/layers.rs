@@ -123,10 +123,6 @@ pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Most attention-score elements computed at once; larger problems are split by
-/// query rows so a 64×64 latent never needs its full B×heads×4096×4096 matrix.
-pub const ATTENTION_CHUNK_ELEMENTS: usize = 1 << 24;
-
 /// Multi-head attention (diffusers `Attention` / CLIP self-attention share it).
 #[derive(Clone, Debug)]
 pub struct Attention {
@@ -146,7 +142,7 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if mask.is_none() && kernels::fusable(x) {
+        if mask.is_none() && sdpa::supported(x) {
             let (q, k, v) = (self.to_q.forward(x)?, self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
             return self.to_out.forward(&sdpa::attention(&q, &k, &v, self.heads, scale)?);
         }
@@ -159,7 +155,7 @@ impl Attention {
         let k = split(self.to_k.forward(ctx)?, m)?;
         let v = split(self.to_v.forward(ctx)?, m)?;
         let kt = k.t()?;
-        let rows = (ATTENTION_CHUNK_ELEMENTS / (b * self.heads * m).max(1)).clamp(1, n);
+        let rows = (sdpa::BATCH_BLOCK_SCORES / (b * self.heads * m).max(1)).clamp(1, n);
         let mut outs = Vec::with_capacity(n.div_ceil(rows));
         let mut start = 0;
         while start < n {

@@ -6,16 +6,27 @@
 //! [B, N, heads·d] projections; the backward recomputes the probabilities (as
 //! flash attention does) instead of keeping them, and query rows go in blocks so
 //! that no task holds more than `BLOCK_SCORES` scores at once.
+//!
+//! On CUDA the same op shape is built from candle ops (`Blockwise`): the forward
+//! runs off the graph in blocks of query rows and is handed to the op, and the
+//! backward recomputes each block's probabilities. Composed attention keeps every
+//! score matrix of the forward for the backward — for SD1.5 at 64×64 latents that
+//! is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU — where
+//! this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
-use super::kernels::{contiguous, softmax_row, vectorized, Real};
+use super::kernels::{contiguous, fusable, softmax_row, upcast, vectorized, Real};
 use super::reduce::{product_into, Mat};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
 use rayon::prelude::*;
 
-/// Most attention scores (query rows × keys) one task holds at a time.
+/// Most attention scores (query rows × keys) one CPU task holds at a time.
 const BLOCK_SCORES: usize = 1 << 17;
+/// Most attention scores (over the whole batch and all heads) that the candle-op
+/// forms compute at once: this module's blockwise op and `layers::Attention`'s
+/// composed form, so a 64×64 latent never needs its full B×heads×4096² matrix.
+pub const BATCH_BLOCK_SCORES: usize = 1 << 24;
 
 #[derive(Clone, Copy, Debug)]
 struct Geom {
@@ -232,10 +243,144 @@ impl CustomOp1 for SdpaGrad {
     }
 }
 
+/// The attention of candle ops for devices without a kernel: q, k, v and the
+/// output as [B, heads, len, d], scores computed in at least f32.
+struct Blockwise {
+    heads: usize,
+    scale: f64,
+    /// Query rows per block.
+    block: usize,
+}
+
+impl Blockwise {
+    fn split(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, len, w) = t.dims3()?;
+        t.reshape((b, len, self.heads, w / self.heads))?.transpose(1, 2)?.contiguous()
+    }
+
+    fn merge(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, h, len, d) = t.dims4()?;
+        t.transpose(1, 2)?.reshape((b, len, h * d))
+    }
+
+    /// Query-row blocks of `n` rows.
+    fn blocks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..n).step_by(self.block.max(1)).map(move |r| (r, self.block.min(n - r)))
+    }
+
+    /// P = softmax(s·Q Kᵀ) of one block of query rows (in f32 or wider), and its
+    /// rows in `v`'s dtype.
+    fn probs(&self, qb: &Tensor, kt: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let scores = (upcast(&qb.matmul(kt)?)? * self.scale)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let pv = p.to_dtype(dtype)?;
+        Ok((p, pv))
+    }
+
+    /// The output, off the graph, for [B, N, heads·d] inputs.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let (q, k, v) = (self.split(&q.detach())?, self.split(&k.detach())?, self.split(&v.detach())?);
+        let (kt, n) = (k.t()?, q.dim(2)?);
+        let outs = self
+            .blocks(n)
+            .map(|(r0, rows)| self.probs(&q.narrow(2, r0, rows)?, &kt, v.dtype())?.1.matmul(&v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.merge(&Tensor::cat(&outs, 2)?)?.contiguous()
+    }
+
+    /// dQ, dK, dV in the inputs' [B, len, heads·d] layout, block by block; with
+    /// D = Σ dO∘O per row, dS = P∘(dP − D).
+    fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        let [q, k, v, o, go] = [q, k, v, o, go].map(|t| self.split(&t.detach()));
+        let (q, k, v, o, go) = (q?, k?, v?, o?, go?);
+        let (kt, vt, n) = (k.t()?, v.t()?, q.dim(2)?);
+        let rowdot = (upcast(&go)? * upcast(&o)?)?.sum_keepdim(D::Minus1)?;
+        let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
+        let add = |acc: Option<Tensor>, t: Tensor| -> candle_core::Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + t)?,
+                None => t,
+            }))
+        };
+        for (r0, rows) in self.blocks(n) {
+            let (qb, gb) = (q.narrow(2, r0, rows)?, go.narrow(2, r0, rows)?);
+            let (p, pv) = self.probs(&qb, &kt, v.dtype())?;
+            dv = add(dv, pv.t()?.matmul(&gb)?)?;
+            let dp = upcast(&gb.matmul(&vt)?)?;
+            let ds = (p * dp.broadcast_sub(&rowdot.narrow(2, r0, rows)?)?)?.to_dtype(q.dtype())?;
+            dq.push((ds.matmul(&k)? * self.scale)?);
+            dk = add(dk, (ds.t()?.matmul(&qb)? * self.scale)?)?;
+        }
+        let (Some(dk), Some(dv)) = (dk, dv) else { candle_core::bail!("attention: no query rows") };
+        Ok([self.merge(&Tensor::cat(&dq, 2)?)?, self.merge(&dk)?, self.merge(&dv)?])
+    }
+}
+
+/// `Blockwise` as an op: the forward precomputed (off the graph) and handed over.
+struct BlockwiseOp {
+    form: Blockwise,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    out: Tensor,
+}
+
+impl CustomOp3 for BlockwiseOp {
+    fn name(&self) -> &'static str {
+        "scaled-dot-product-attention-blockwise"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("blockwise attention is for devices without a kernel (CPU tensors take the fused one)")
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::kernels::cuda_copy(&Some(self.out.clone()))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dq, dk, dv] = self.form.grads(q, k, v, res, grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Whether `attention` takes tensors like `x`: CPU f32/f64 (the fused kernel) and
+/// CUDA (candle ops in blocks); elsewhere callers compose attention themselves.
+pub fn supported(x: &Tensor) -> bool {
+    fusable(x) || x.device().is_cuda()
+}
+
 /// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
-/// as [B, N, heads·d]; CPU f32/f64 tensors only (`kernels::fusable`).
+/// as [B, N, heads·d], on the devices `supported` names.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, heads, scale, None)
+    if fusable(q) {
+        return attention_in_blocks(q, k, v, heads, scale, None);
+    }
+    let (b, n, _) = q.dims3()?;
+    let m = k.dim(1)?;
+    let block = (BATCH_BLOCK_SCORES / (b * heads * m).max(1)).clamp(1, n.max(1));
+    let form = Blockwise { heads, scale, block };
+    let out = form.forward(q, k, v)?;
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, BlockwiseOp { form, out })?)
 }
 
 /// `attention` with `block` query rows per block (default: from `BLOCK_SCORES`).
@@ -300,6 +445,30 @@ mod tests {
             for (name, t) in [("q", q), ("k", k), ("v", v)] {
                 let (Some(a), Some(r)) = (g1.get(t), g2.get(t)) else { panic!("no gradient for {name}") };
                 let err = max_diff(a, r)?;
+                assert!(err < 1e-11, "d{name} differs by {err}, case {:?}", (b, n, m, heads, d, block));
+            }
+        }
+        Ok(())
+    }
+
+    /// The candle-op form (the one CUDA takes) agrees with the composed attention,
+    /// values and gradients, in blocks that do and do not divide the rows.
+    #[test]
+    fn blockwise_form_equals_composed_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, n, m, heads, d, block) in &[(2, 6, 6, 2, 3, 6), (3, 7, 4, 1, 4, 3), (1, 9, 5, 3, 2, 4)] {
+            let [q, k, v, probe] = [(b, n), (b, m), (b, m), (b, n)]
+                .map(|s| Tensor::randn(0f64, 1.0, (s.0, s.1, heads * d), &dev).unwrap());
+            let scale = 0.7;
+            let form = Blockwise { heads, scale, block };
+            let out = form.forward(&q, &k, &v)?;
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let reference = composed(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), heads, scale)?;
+            assert!(max_diff(&out, &reference)? < 1e-12, "values, case {:?}", (b, n, m, heads, d, block));
+            let want = (reference * &probe)?.sum_all()?.backward()?;
+            let got = form.grads(&q, &k, &v, &out, &probe)?;
+            for ((name, var), g) in ["q", "k", "v"].iter().zip(&vars).zip(&got) {
+                let err = max_diff(g, want.get(var.as_tensor()).expect("gradient"))?;
                 assert!(err < 1e-11, "d{name} differs by {err}, case {:?}", (b, n, m, heads, d, block));
             }
         }
