@@ -424,8 +424,6 @@ fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
 
 struct NormAffine(NormGeom);
 struct NormAffineGrad(NormGeom);
-struct Softmax;
-struct SoftmaxGrad;
 
 fn slices3<'a, T>(
     (a, la): (&'a [T], &Layout),
@@ -499,97 +497,60 @@ impl candle_core::CustomOp3 for NormAffineGrad {
     }
 }
 
-struct Geglu;
-struct GegluGrad;
-struct Silu;
-struct SiluGrad;
+/// A fused one-input op and its gradient op: `$op` runs `$fwd` over the input's
+/// rows (the output's last dim scaled by `$num/$den`); its backward runs
+/// `$grad` (`$bwd` of the saved tensor — the op's `input` or its `result` — and
+/// the output gradient).
+macro_rules! fused_unary {
+    (@pick input, $input:ident, $result:ident) => {
+        $input
+    };
+    (@pick result, $input:ident, $result:ident) => {
+        $result
+    };
+    ($op:ident, $grad:ident, $name:literal, $fwd:ident, $bwd:ident, saves $saved:ident, last dim * $num:literal / $den:literal) => {
+        struct $op;
+        struct $grad;
 
-impl CustomOp1 for Silu {
-    fn name(&self) -> &'static str {
-        "silu"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch1!(s, l, silu_fwd)
-    }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &SiluGrad)?))
-    }
-}
-
-impl CustomOp2 for SiluGrad {
-    fn name(&self) -> &'static str {
-        "silu-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(s1, l1, s2, l2, silu_bwd)
-    }
-}
-
-impl CustomOp1 for Geglu {
-    fn name(&self) -> &'static str {
-        "geglu"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut dims = l.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last /= 2;
+        impl CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+                let mut dims = l.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = *last * $num / $den;
+                }
+                let done: candle_core::Result<(CpuStorage, Shape)> = dispatch1!(s, l, $fwd);
+                Ok((done?.0, Shape::from(dims)))
+            }
+            #[allow(unused_variables)]
+            fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+                let saved = fused_unary!(@pick $saved, input, result);
+                Ok(Some(saved.apply_op2_no_bwd(&grad.contiguous()?, &$grad)?))
+            }
         }
-        let done: candle_core::Result<(CpuStorage, Shape)> = dispatch1!(s, l, geglu_fwd);
-        let (storage, _) = done?;
-        Ok((storage, Shape::from(dims)))
-    }
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &GegluGrad)?))
-    }
+
+        impl CustomOp2 for $grad {
+            fn name(&self) -> &'static str {
+                concat!($name, "-grad")
+            }
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                dispatch2!(s1, l1, s2, l2, $bwd)
+            }
+        }
+    };
 }
 
-impl CustomOp2 for GegluGrad {
-    fn name(&self) -> &'static str {
-        "geglu-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(s1, l1, s2, l2, geglu_bwd)
-    }
-}
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch1!(s, l, softmax_fwd)
-    }
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
-    }
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(s1, l1, s2, l2, softmax_bwd)
-    }
-}
+fused_unary!(Silu, SiluGrad, "silu", silu_fwd, silu_bwd, saves input, last dim * 1 / 1);
+fused_unary!(Geglu, GegluGrad, "geglu", geglu_fwd, geglu_bwd, saves input, last dim * 1 / 2);
+fused_unary!(Softmax, SoftmaxGrad, "softmax-last-dim", softmax_fwd, softmax_bwd, saves result, last dim * 1 / 1);
 
 /// Half-precision tensors as f32 (norms and attention scores compute in at least f32).
 pub fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -794,7 +755,7 @@ enum AttachedKind {
 
 /// A copy of the precomputed CUDA result `y`, as a custom op's output storage.
 #[cfg(feature = "cuda")]
-pub(super) fn cuda_copy(y: &Option<Tensor>) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+pub(super) fn cuda_copy(y: Option<&Tensor>) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
     let Some(y) = y else { candle_core::bail!("attached op: no precomputed result for this device") };
     let (s, l) = y.storage_and_layout();
     match &*s {
@@ -932,7 +893,7 @@ impl candle_core::CustomOp3 for Attached {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_copy(&self.y)
+        cuda_copy(self.y.as_ref())
     }
     fn bwd(
         &self,
@@ -970,7 +931,7 @@ impl candle_core::CustomOp2 for AttachedNoBias {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda_copy(&self.0.y)
+        cuda_copy(self.0.y.as_ref())
     }
     fn bwd(
         &self,

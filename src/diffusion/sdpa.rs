@@ -17,7 +17,9 @@
 use super::kernels::{contiguous, fusable, softmax_row, upcast, vectorized, Real};
 use super::reduce::{product_into, Mat};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType, D,
+};
 use gemm::Parallelism::None as Serial;
 use rayon::prelude::*;
 
@@ -202,41 +204,31 @@ impl CustomOp3 for Sdpa {
     }
 }
 
+impl SdpaGrad {
+    /// `backward` over q, k, v (read under their own locks) and the gradient `go`.
+    fn grads<T: Real + WithDType>(&self, go: &CpuStorage, gl: &Layout) -> candle_core::Result<Vec<T>> {
+        fn slice<'a, T: WithDType>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [T]> {
+            match s {
+                Storage::Cpu(c) => contiguous(c.as_slice::<T>()?, l),
+                _ => candle_core::bail!("attention backward: q, k and v must be on the CPU"),
+            }
+        }
+        let ((qs, ql), (ks, kl), (vs, vl)) =
+            (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
+        let (q, k, v) = (slice(&qs, &ql)?, slice(&ks, &kl)?, slice(&vs, &vl)?);
+        Ok(backward(q, k, v, contiguous(go.as_slice::<T>()?, gl)?, &self.geom))
+    }
+}
+
 impl CustomOp1 for SdpaGrad {
     fn name(&self) -> &'static str {
         "scaled-dot-product-attention-grad"
     }
     fn cpu_fwd(&self, go: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (qs, ql) = self.q.storage_and_layout();
-        let (ks, kl) = self.k.storage_and_layout();
-        let (vs, vl) = self.v.storage_and_layout();
-        let g = &self.geom;
-        let out = match (&*qs, &*ks, &*vs, go) {
-            (
-                Storage::Cpu(CpuStorage::F32(q)),
-                Storage::Cpu(CpuStorage::F32(k)),
-                Storage::Cpu(CpuStorage::F32(v)),
-                CpuStorage::F32(go),
-            ) => CpuStorage::F32(backward(
-                contiguous(q, ql)?,
-                contiguous(k, kl)?,
-                contiguous(v, vl)?,
-                contiguous(go, gl)?,
-                g,
-            )),
-            (
-                Storage::Cpu(CpuStorage::F64(q)),
-                Storage::Cpu(CpuStorage::F64(k)),
-                Storage::Cpu(CpuStorage::F64(v)),
-                CpuStorage::F64(go),
-            ) => CpuStorage::F64(backward(
-                contiguous(q, ql)?,
-                contiguous(k, kl)?,
-                contiguous(v, vl)?,
-                contiguous(go, gl)?,
-                g,
-            )),
-            _ => candle_core::bail!("attention backward: q, k, v and the gradient must share one CPU dtype"),
+        let out = match go.dtype() {
+            DType::F32 => CpuStorage::F32(self.grads::<f32>(go, gl)?),
+            DType::F64 => CpuStorage::F64(self.grads::<f64>(go, gl)?),
+            other => candle_core::bail!("attention backward: unsupported dtype {other:?}"),
         };
         let len = self.q.elem_count() + 2 * self.k.elem_count();
         Ok((out, Shape::from(len)))
@@ -348,7 +340,7 @@ impl CustomOp3 for BlockwiseOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::kernels::cuda_copy(&Some(self.out.clone()))
+        super::kernels::cuda_copy(Some(&self.out))
     }
     fn bwd(
         &self,
