@@ -215,7 +215,7 @@ impl SdpaGrad {
         }
         let ((qs, ql), (ks, kl), (vs, vl)) =
             (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
-        let (q, k, v) = (slice(&qs, &ql)?, slice(&ks, &kl)?, slice(&vs, &vl)?);
+        let (q, k, v) = (slice(&qs, ql)?, slice(&ks, kl)?, slice(&vs, vl)?);
         Ok(backward(q, k, v, contiguous(go.as_slice::<T>()?, gl)?, &self.geom))
     }
 }
