@@ -699,6 +699,26 @@ mod tests {
         Ok(())
     }
 
+    /// The input gradient from candle's ops (what CUDA runs) equals the patch-matrix
+    /// one, for stride 1 (the flipped-kernel convolution) and the fallbacks.
+    #[test]
+    fn conv_input_grad_by_candle_ops_equals_col2im() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, c, h, w, cout, k, s, p) in
+            &[(2, 3, 7, 5, 4, 3, 1, 1), (1, 2, 6, 6, 3, 1, 1, 0), (2, 2, 5, 7, 3, 3, 1, 0), (1, 3, 8, 8, 2, 3, 2, 1)]
+        {
+            let x = Tensor::randn(0f64, 1., (b, c, h, w), &dev)?;
+            let kernel = Tensor::randn(0f64, 1., (cout, c, k, k), &dev)?;
+            let geom = ConvGeom::of(&x, &kernel, p, s)?;
+            let g = Tensor::randn(0f64, 1., (b, cout, geom.out_h(), geom.out_w()), &dev)?;
+            let want = im2col::input_grad(&im2col::grad_matrix(&g)?, &kernel, &geom)?;
+            let got = conv_input_grad(&g, &kernel, (h, w), p, s)?;
+            assert_eq!(got.dims(), want.dims(), "case {:?}", (b, c, h, w, cout, k, s, p));
+            assert!(max_diff(&got, &want)? < 1e-10, "case {:?}", (b, c, h, w, cout, k, s, p));
+        }
+        Ok(())
+    }
+
     /// The f32 polynomial exp stays within 2 ulp of libm's over the range it
     /// serves, keeps NaN, and saturates to normal numbers outside it.
     #[test]
@@ -803,6 +823,38 @@ fn add_row_bias(y: &mut CpuStorage, (b, l): Operand) -> candle_core::Result<()> 
     Ok(())
 }
 
+/// d conv2d / d x for the output gradient `g` with candle's ops, for devices without
+/// the patch-matrix kernels; `x_hw` is the input's height and width. Stride 1 with a
+/// square kernel is a convolution of `g` by the kernel transposed and flipped
+/// (candle's CUDA conv2d is a matrix product; its conv_transpose2d a direct loop per
+/// output element); otherwise candle's transposed convolution, fitted to the input.
+fn conv_input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    x_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    if stride == 1 && kh == kw && padding < kh {
+        let reversed = Tensor::new((0..kh as u32).rev().collect::<Vec<_>>(), w.device())?;
+        let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&reversed, 2)?.index_select(&reversed, 3)?;
+        return g.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
+    }
+    let out_size = (g.dim(2)? - 1) * stride + kh - 2 * padding;
+    let gx = g.conv_transpose2d(w, padding, x_hw.0 - out_size, stride, 1)?;
+    // conv_transpose2d takes one output padding, fitted to the height; fit the
+    // width (non-square kernels or inputs) by trimming or padding.
+    let (want, got) = (x_hw.1, gx.dim(3)?);
+    Ok(if got > want {
+        gx.narrow(3, 0, want)?
+    } else if got < want {
+        gx.pad_with_zeros(3, 0, want - got)?
+    } else {
+        gx
+    })
+}
+
 impl Attached {
     fn grads(
         &self,
@@ -833,22 +885,11 @@ impl Attached {
                     let gw = if w.track_op() { Some(im2col::weight_grad(&gm, &x.detach(), w, &geom)?) } else { None };
                     return Ok((gx, gw, gb));
                 }
-                // Other devices: candle's transposed convolution and a convolution of
+                // Other devices: candle's ops (see conv_input_grad), and a convolution of
                 // the input by the output gradient (the stride becomes a dilation).
                 let (kh, kw) = (w.dim(2)?, w.dim(3)?);
                 let gx = if x.track_op() {
-                    let out_size = (g.dim(2)? - 1) * stride + kh - 2 * padding;
-                    let gx = g.conv_transpose2d(&w.detach(), padding, x.dim(2)? - out_size, stride, 1)?;
-                    // conv_transpose2d takes one output padding, fitted to the height;
-                    // fit the width (non-square kernels or inputs) by trimming or padding.
-                    let (want, got) = (x.dim(3)?, gx.dim(3)?);
-                    Some(if got > want {
-                        gx.narrow(3, 0, want)?
-                    } else if got < want {
-                        gx.pad_with_zeros(3, 0, want - got)?
-                    } else {
-                        gx
-                    })
+                    Some(conv_input_grad(g, &w.detach(), (x.dim(2)?, x.dim(3)?), padding, stride)?)
                 } else {
                     None
                 };
