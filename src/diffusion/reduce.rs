@@ -147,7 +147,10 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
 
 /// Σ over the rows of a row-major matrix with `cols` columns: the column sums.
 fn column_sums<T: Real>(x: &[T], cols: usize) -> Vec<T> {
-    let rows = x.len() / cols.max(1);
+    if x.is_empty() || cols == 0 {
+        return vec![T::ZERO; cols];
+    }
+    let rows = x.len() / cols;
     let parts = rayon::current_num_threads().min(rows * cols / (1 << 14)).max(1);
     let step = rows.div_ceil(parts).max(1);
     let partials: Vec<Vec<T>> = x
@@ -174,6 +177,9 @@ fn column_sums<T: Real>(x: &[T], cols: usize) -> Vec<T> {
 /// Σ over axes 0 and 2 of a contiguous [B, C, S]: per-channel sums (the bias
 /// gradient of a convolution, or with S = 1 of a linear layer).
 fn channel_sums<T: Real>(x: &[T], c: usize, s: usize) -> Vec<T> {
+    if x.is_empty() || s == 0 {
+        return vec![T::ZERO; c];
+    }
     if s == 1 {
         return column_sums(x, c);
     }
@@ -258,7 +264,7 @@ pub fn weight_product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 /// bias gradient of a linear layer or a convolution.
 pub fn bias_sums(x: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c) = (x.dim(0)?, x.dim(1)?);
-    let x3 = x.reshape((b, c, ()))?;
+    let x3 = x.reshape((b, c, x.dims()[2..].iter().product::<usize>()))?;
     if fusable(x) {
         return x3.contiguous()?.apply_op1_no_bwd(&ChannelSums);
     }
@@ -305,6 +311,11 @@ mod tests {
             let got = bias_sums(&x)?;
             let err = (got - &want)?.abs()?.max(0)?.to_scalar::<f64>()?;
             assert!(err < 1e-9, "{dims:?}: error {err}");
+        }
+        // Empty batches and empty images sum to zeros, not a panic.
+        for dims in [vec![0, 3], vec![2, 3, 0]] {
+            let x = Tensor::zeros(dims.as_slice(), DType::F64, &dev)?;
+            assert_eq!(bias_sums(&x)?.to_vec1::<f64>()?, vec![0.0; 3], "{dims:?}");
         }
         // A view with an offset (a row slice of a larger matrix).
         let x = Tensor::randn(0f64, 1., (6, 4), &dev)?;
