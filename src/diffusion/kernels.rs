@@ -411,15 +411,18 @@ fn softmax_fwd<T: Real>(x: &[T], n: usize) -> Vec<T> {
 
 /// dx = y·(g − Σ g·y).
 fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; y.len()];
-    for_rows(&mut out, n, |r, o| {
-        let (yr, gr) = (&y[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-        let dot = yr.iter().zip(gr).fold(T::ZERO, |a, (&yv, &gv)| a + yv * gv);
-        for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
-            *o = yv * (gv - dot);
-        }
-    });
+    let mut out = g.to_vec();
+    for_rows(&mut out, n, |r, o| softmax_grad_row(&y[r * n..(r + 1) * n], o));
     out
+}
+
+/// The softmax gradient of one row in place: g ← y·(g − Σ y·g), for the softmax
+/// output `y` and the output gradient `g`.
+pub(super) fn softmax_grad_row<T: Real>(y: &[T], g: &mut [T]) {
+    let dot = y.iter().zip(g.iter()).fold(T::ZERO, |a, (&yv, &gv)| a + yv * gv);
+    for (gv, &yv) in g.iter_mut().zip(y) {
+        *gv = yv * (*gv - dot);
+    }
 }
 
 struct NormAffine(NormGeom);

@@ -148,18 +148,13 @@ impl Attention {
         }
         let (b, n, _) = x.dims3()?;
         let m = ctx.dim(1)?;
-        let split = |t: Tensor, len: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, len, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split(self.to_q.forward(x)?, n)?;
-        let k = split(self.to_k.forward(ctx)?, m)?;
-        let v = split(self.to_v.forward(ctx)?, m)?;
+        let q = sdpa::split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = sdpa::split_heads(&self.to_k.forward(ctx)?, self.heads)?;
+        let v = sdpa::split_heads(&self.to_v.forward(ctx)?, self.heads)?;
         let kt = k.t()?;
         let rows = (sdpa::BATCH_BLOCK_SCORES / (b * self.heads * m).max(1)).clamp(1, n);
         let mut outs = Vec::with_capacity(n.div_ceil(rows));
-        let mut start = 0;
-        while start < n {
-            let len = rows.min(n - start);
+        for (start, len) in sdpa::row_blocks(n, rows) {
             let qc = if len == n { q.clone() } else { q.narrow(2, start, len)? };
             let (qc, kc) = if self.upcast { (upcast(&qc)?, upcast(&kt)?) } else { (qc, kt.clone()) };
             let mut scores = (qc.matmul(&kc)? * scale)?;
@@ -169,11 +164,9 @@ impl Attention {
             }
             let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
             outs.push(probs.matmul(&v)?);
-            start += len;
         }
         let out = if outs.len() == 1 { outs.pop().unwrap_or_else(|| q.clone()) } else { Tensor::cat(&outs, 2)? };
-        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+        self.to_out.forward(&sdpa::merge_heads(&out)?)
     }
 }
 

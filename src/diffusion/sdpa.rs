@@ -14,7 +14,7 @@
 //! is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU — where
 //! this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
-use super::kernels::{contiguous, fusable, softmax_row, upcast, vectorized, Real};
+use super::kernels::{contiguous, fusable, softmax_grad_row, softmax_row, upcast, vectorized, Real};
 use super::reduce::{product_into, Mat};
 use crate::error::Result;
 use candle_core::{
@@ -59,11 +59,6 @@ impl Geom {
         self.batch * self.heads
     }
 
-    /// Query-row blocks: (first row, rows).
-    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..self.n).step_by(self.block.max(1)).map(|r| (r, self.block.min(self.n - r)))
-    }
-
     /// P = softmax(s·Q Kᵀ) for query rows r0..r0 + rows, into `p` (rows × m).
     fn probs<T: Real>(&self, p: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
         product_into(p, self.m, q.rows(r0, rows), k.t(), T::from_f64(self.scale), false, Serial);
@@ -79,9 +74,26 @@ impl Geom {
     }
 }
 
+/// Blocks of `block` rows out of `n`: (first row, rows).
+pub fn row_blocks(n: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(block.max(1)).map(move |r| (r, block.min(n - r)))
+}
+
+/// [B, len, heads·d] → [B, heads, len, d], contiguous.
+pub fn split_heads(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (b, len, w) = t.dims3()?;
+    t.reshape((b, len, heads, w / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// [B, heads, len, d] → [B, len, heads·d].
+pub fn merge_heads(t: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, len, d) = t.dims4()?;
+    t.transpose(1, 2)?.reshape((b, len, h * d))
+}
+
 /// Writes per-task blocks `src[task·stride + offset ..][.. len·d]` (one head's
 /// len × d rows) into `dst` as [batch, len, heads·d].
-fn merge_heads<T: Real>(src: &[T], stride: usize, offset: usize, len: usize, g: &Geom, dst: &mut [T]) {
+fn merge_head_blocks<T: Real>(src: &[T], stride: usize, offset: usize, len: usize, g: &Geom, dst: &mut [T]) {
     let (w, d) = (g.width(), g.d);
     dst.par_chunks_mut(w).enumerate().for_each(|(row, out)| {
         let (b, i) = (row / len, row % len);
@@ -98,13 +110,13 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], g: &Geom) -> Vec<T> {
     heads.par_chunks_mut((n * d).max(1)).enumerate().for_each(|(task, o)| {
         let (qh, kh, vh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task));
         let mut p = vec![T::ZERO; g.block.min(n) * m];
-        for (r0, rows) in g.blocks() {
+        for (r0, rows) in row_blocks(g.n, g.block) {
             g.probs(&mut p, qh, kh, (r0, rows));
             product_into(&mut o[r0 * d..], d, Mat::dense(&p, rows, m), vh, T::from_usize(1), false, Serial);
         }
     });
     let mut out = vec![T::ZERO; g.batch * n * g.width()];
-    merge_heads(&heads, n * d, 0, n, g, &mut out);
+    merge_head_blocks(&heads, n * d, 0, n, g, &mut out);
     out
 }
 
@@ -121,7 +133,7 @@ fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
         let (qh, kh, vh, gh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task), g.head(go, n, task));
         let mut p = vec![T::ZERO; g.block.min(n) * m];
         let mut ds = vec![T::ZERO; g.block.min(n) * m];
-        for (r0, rows) in g.blocks() {
+        for (r0, rows) in row_blocks(g.n, g.block) {
             let first = r0 == 0;
             g.probs(&mut p, qh, kh, (r0, rows));
             let pm = Mat::dense(&p, rows, m);
@@ -130,10 +142,7 @@ fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
             product_into(&mut ds, m, gh.rows(r0, rows), vh.t(), one, false, Serial);
             // dS = P ∘ (dP − Σⱼ P·dP), row by row.
             for (dsr, pr) in ds.chunks_mut(m).zip(p.chunks(m)).take(rows) {
-                let dot = dsr.iter().zip(pr).fold(T::ZERO, |a, (&x, &y)| a + x * y);
-                for (x, &y) in dsr.iter_mut().zip(pr) {
-                    *x = y * (*x - dot);
-                }
+                softmax_grad_row(pr, dsr);
             }
             // dQ = s·dS·K; dK += s·dSᵀ·Q.
             let dsm = Mat::dense(&ds, rows, m);
@@ -145,9 +154,9 @@ fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
     let mut out = vec![T::ZERO; lq + 2 * lk];
     let (oq, rest) = out.split_at_mut(lq);
     let (ok, ov) = rest.split_at_mut(lk);
-    merge_heads(&parts, stride, 0, n, g, oq);
-    merge_heads(&parts, stride, n * d, m, g, ok);
-    merge_heads(&parts, stride, (n + m) * d, m, g, ov);
+    merge_head_blocks(&parts, stride, 0, n, g, oq);
+    merge_head_blocks(&parts, stride, n * d, m, g, ok);
+    merge_head_blocks(&parts, stride, (n + m) * d, m, g, ov);
     out
 }
 
@@ -245,21 +254,6 @@ struct Blockwise {
 }
 
 impl Blockwise {
-    fn split(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, len, w) = t.dims3()?;
-        t.reshape((b, len, self.heads, w / self.heads))?.transpose(1, 2)?.contiguous()
-    }
-
-    fn merge(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, h, len, d) = t.dims4()?;
-        t.transpose(1, 2)?.reshape((b, len, h * d))
-    }
-
-    /// Query-row blocks of `n` rows.
-    fn blocks(&self, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-        (0..n).step_by(self.block.max(1)).map(move |r| (r, self.block.min(n - r)))
-    }
-
     /// P = softmax(s·Q Kᵀ) of one block of query rows (in f32 or wider), and its
     /// rows in `v`'s dtype.
     fn probs(&self, qb: &Tensor, kt: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
@@ -271,19 +265,22 @@ impl Blockwise {
 
     /// The output, off the graph, for [B, N, heads·d] inputs.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-        let (q, k, v) = (self.split(&q.detach())?, self.split(&k.detach())?, self.split(&v.detach())?);
+        let (q, k, v) = (
+            split_heads(&q.detach(), self.heads)?,
+            split_heads(&k.detach(), self.heads)?,
+            split_heads(&v.detach(), self.heads)?,
+        );
         let (kt, n) = (k.t()?, q.dim(2)?);
-        let outs = self
-            .blocks(n)
+        let outs = row_blocks(n, self.block)
             .map(|(r0, rows)| self.probs(&q.narrow(2, r0, rows)?, &kt, v.dtype())?.1.matmul(&v))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        self.merge(&Tensor::cat(&outs, 2)?)?.contiguous()
+        merge_heads(&Tensor::cat(&outs, 2)?)?.contiguous()
     }
 
     /// dQ, dK, dV in the inputs' [B, len, heads·d] layout, block by block; with
     /// D = Σ dO∘O per row, dS = P∘(dP − D).
     fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, go: &Tensor) -> candle_core::Result<[Tensor; 3]> {
-        let [q, k, v, o, go] = [q, k, v, o, go].map(|t| self.split(&t.detach()));
+        let [q, k, v, o, go] = [q, k, v, o, go].map(|t| split_heads(&t.detach(), self.heads));
         let (q, k, v, o, go) = (q?, k?, v?, o?, go?);
         let (kt, vt, n) = (k.t()?, v.t()?, q.dim(2)?);
         let rowdot = (upcast(&go)? * upcast(&o)?)?.sum_keepdim(D::Minus1)?;
@@ -294,7 +291,7 @@ impl Blockwise {
                 None => t,
             }))
         };
-        for (r0, rows) in self.blocks(n) {
+        for (r0, rows) in row_blocks(n, self.block) {
             let (qb, gb) = (q.narrow(2, r0, rows)?, go.narrow(2, r0, rows)?);
             let (p, pv) = self.probs(&qb, &kt, v.dtype())?;
             dv = add(dv, pv.t()?.matmul(&gb)?)?;
@@ -304,7 +301,7 @@ impl Blockwise {
             dk = add(dk, (ds.t()?.matmul(&qb)? * self.scale)?)?;
         }
         let (Some(dk), Some(dv)) = (dk, dv) else { candle_core::bail!("attention: no query rows") };
-        Ok([self.merge(&Tensor::cat(&dq, 2)?)?, self.merge(&dk)?, self.merge(&dv)?])
+        Ok([merge_heads(&Tensor::cat(&dq, 2)?)?, merge_heads(&dk)?, merge_heads(&dv)?])
     }
 }
 
@@ -401,14 +398,9 @@ mod tests {
 
     /// softmax(s·Q Kᵀ)·V from candle ops, heads split as the UNet's attention did.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-        let split = |t: &Tensor| -> Result<Tensor> {
-            let (b, len, w) = t.dims3()?;
-            Ok(t.reshape((b, len, heads, w / heads))?.transpose(1, 2)?.contiguous()?)
-        };
-        let (qh, kh, vh) = (split(q)?, split(k)?, split(v)?);
+        let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
         let p = candle_nn::ops::softmax(&(qh.matmul(&kh.t()?)? * scale)?, D::Minus1)?;
-        let (b, n, w) = q.dims3()?;
-        Ok(p.matmul(&vh)?.transpose(1, 2)?.reshape((b, n, w))?)
+        Ok(merge_heads(&p.matmul(&vh)?)?)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
