@@ -12,6 +12,7 @@ pub mod error;
 pub mod host;
 pub mod io;
 pub mod metrics;
+pub mod ops;
 pub mod rng;
 pub mod sid;
 pub mod toy;

@@ -1,11 +1,11 @@
-//! Building blocks of the diffusion models, written with differentiable candle ops
-//! only (candle's fused softmax/layer-norm kernels have no backward; see
+//! Building blocks of the diffusion models over differentiable ops: `crate::ops`'
+//! fused kernels where they exist (each with its own backward), candle's ops
+//! elsewhere (never candle's fused softmax/layer-norm, which have no backward; see
 //! ../shared/notes/CANDLE.md). Norms compute in at least f32.
 
-use super::kernels::{self, norm_affine, softmax_last_dim, upcast};
-use super::sdpa;
 use super::weights::Weights;
 use crate::error::Result;
+use crate::ops::{self, attention as attn, norm_affine, silu, softmax_last_dim, upcast};
 use candle_core::{DType, Tensor, D};
 
 /// y = x Wᵀ + b over the last dim.
@@ -27,7 +27,7 @@ impl Linear {
         let dims = x.dims();
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k.max(1);
-        let y = kernels::linear(&x.reshape((rows, k))?, &self.weight, self.bias.as_ref())?;
+        let y = ops::linear(&x.reshape((rows, k))?, &self.weight, self.bias.as_ref())?;
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = self.weight.dim(0)?;
@@ -50,7 +50,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        kernels::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
+        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
     }
 }
 
@@ -97,15 +97,6 @@ impl LayerNorm {
     }
 }
 
-/// Softmax over the last dim, with a backward (fused on the CPU).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    softmax_last_dim(x)
-}
-
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    kernels::silu(x)
-}
-
 /// x·σ(1.702x), CLIP's "quick_gelu".
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
@@ -142,19 +133,19 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if mask.is_none() && sdpa::supported(x) {
+        if mask.is_none() && attn::supported(x) {
             let (q, k, v) = (self.to_q.forward(x)?, self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
-            return self.to_out.forward(&sdpa::attention(&q, &k, &v, self.heads, scale)?);
+            return self.to_out.forward(&attn::attention(&q, &k, &v, self.heads, scale)?);
         }
         let (b, n, _) = x.dims3()?;
         let m = ctx.dim(1)?;
-        let q = sdpa::split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = sdpa::split_heads(&self.to_k.forward(ctx)?, self.heads)?;
-        let v = sdpa::split_heads(&self.to_v.forward(ctx)?, self.heads)?;
+        let q = attn::split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = attn::split_heads(&self.to_k.forward(ctx)?, self.heads)?;
+        let v = attn::split_heads(&self.to_v.forward(ctx)?, self.heads)?;
         let kt = k.t()?;
-        let rows = (sdpa::BATCH_BLOCK_SCORES / (b * self.heads * m).max(1)).clamp(1, n);
+        let rows = (attn::BATCH_BLOCK_SCORES / (b * self.heads * m).max(1)).clamp(1, n);
         let mut outs = Vec::with_capacity(n.div_ceil(rows));
-        for (start, len) in sdpa::row_blocks(n, rows) {
+        for (start, len) in attn::row_blocks(n, rows) {
             let qc = if len == n { q.clone() } else { q.narrow(2, start, len)? };
             let (qc, kc) = if self.upcast { (upcast(&qc)?, upcast(&kt)?) } else { (qc, kt.clone()) };
             let mut scores = (qc.matmul(&kc)? * scale)?;
@@ -162,11 +153,14 @@ impl Attention {
                 let mk = if len == n { mask.clone() } else { mask.narrow(D::Minus2, start, len)? };
                 scores = scores.broadcast_add(&mk.to_dtype(scores.dtype())?)?;
             }
-            let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+            let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
             outs.push(probs.matmul(&v)?);
         }
-        let out = if outs.len() == 1 { outs.pop().unwrap_or_else(|| q.clone()) } else { Tensor::cat(&outs, 2)? };
-        self.to_out.forward(&sdpa::merge_heads(&out)?)
+        let out = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 2)?,
+        };
+        self.to_out.forward(&attn::merge_heads(&out)?)
     }
 }
 

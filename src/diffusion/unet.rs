@@ -2,11 +2,11 @@
 //! one timestep per sample, SDXL's `text_time` added conditioning, and gradients
 //! through everything (parameters, latents, text condition).
 
-use super::kernels;
-use super::layers::{silu, Attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::layers::{Attention, Conv2d, GroupNorm, LayerNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
+use crate::ops::{geglu, silu};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -325,7 +325,7 @@ impl TransformerBlock {
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx), None)? + &x)?;
         // GEGLU: half the projection gates the other half through exact GELU.
         let h = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let h = self.ff_out.forward(&kernels::geglu(&h)?)?;
+        let h = self.ff_out.forward(&geglu(&h)?)?;
         Ok((h + x)?)
     }
 }

@@ -2,10 +2,11 @@
 //! both attention namings (`to_q/to_k/to_v/to_out.0` and the older
 //! `query/key/value/proj_attn`).
 
-use super::layers::{silu, Attention, Conv2d, GroupNorm, Linear};
+use super::layers::{Attention, Conv2d, GroupNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
+use crate::ops::silu;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

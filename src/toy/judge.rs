@@ -7,10 +7,11 @@
 //! trains and saves through the same [`Component`] machinery as the UNet.
 
 use super::{COLOURS, POSITIONS, SHAPES, SIZE, SIZES};
-use crate::diffusion::layers::{cross_entropy, silu, Conv2d, Linear};
+use crate::diffusion::layers::{cross_entropy, Conv2d, Linear};
 pub use crate::diffusion::model::Component;
 use crate::diffusion::weights::Weights;
 use crate::error::{Error, Result};
+use crate::ops::silu;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

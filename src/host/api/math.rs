@@ -164,7 +164,7 @@ pub fn register(api: &mut Api) {
         let padding = o.get("padding").map(|v| tensor::int(v, "padding")).transpose()?.unwrap_or(0);
         let stride = o.get("stride").map(|v| tensor::int(v, "stride")).transpose()?.unwrap_or(1);
         let bias = if b.is_unit() { None } else { Some(b.try_cast::<T>().ok_or_else(|| script_err("conv2d: bias must be a tensor or ()"))?.into_tensor()) };
-        crate::diffusion::kernels::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(T::new)
+        crate::ops::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(T::new)
     });
     api.method(
         "avg_pool2d",

@@ -1,4 +1,6 @@
-//! 2-D convolution on the CPU as one matrix product over the whole batch.
+//! 2-D convolution: on the CPU one matrix product over the whole batch, with the
+//! input and weight gradients beside it; on other devices candle's ops, shaped for
+//! them.
 //!
 //! candle's CPU conv2d builds its patch matrix one batch element and one tile at a
 //! time with a scalar loop and then runs one small matmul per tile; its
@@ -6,26 +8,41 @@
 //! Here the patches of all images form one matrix `cols` (rows: input channel ×
 //! kernel tap, columns: batch × output pixel), filled with contiguous row copies, so
 //! the forward is one large matmul `W · cols`, the weight gradient `G · colsᵀ` and
-//! the input gradient `col2im(Wᵀ · G)` for every stride.
+//! the input gradient `col2im(Wᵀ · G)` for every stride. The bias gradient is
+//! `reduce::bias_sums`.
 
-use super::kernels::{contiguous, for_rows, Real};
+use super::dispatch::{self, Kernel};
+use super::gemm::weight_product;
+use super::selective::{self, Kind, Operand};
+use super::simd::Real;
+use super::{contiguous, for_rows, has_cpu_kernel};
+use crate::error::Result;
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// The shape of one convolution: NCHW input, kernel kh × kw, one stride and padding
 /// for both axes, dilation 1, one group.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvGeom {
+    /// Images.
     pub batch: usize,
+    /// Input channels.
     pub channels: usize,
+    /// Input height.
     pub h: usize,
+    /// Input width.
     pub w: usize,
+    /// Kernel height.
     pub kh: usize,
+    /// Kernel width.
     pub kw: usize,
+    /// Stride of both axes.
     pub stride: usize,
+    /// Zero padding of both axes.
     pub padding: usize,
 }
 
 impl ConvGeom {
+    /// The geometry of convolving `x` (NCHW) by `kernel` (out, in, kh, kw).
     pub fn of(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> candle_core::Result<Self> {
         Self::new(x.dims4()?, kernel.dims4()?, padding, stride)
     }
@@ -46,10 +63,12 @@ impl ConvGeom {
         Ok(Self { batch, channels, h, w, kh, kw, stride, padding })
     }
 
+    /// Output height.
     pub fn out_h(&self) -> usize {
         (self.h + 2 * self.padding - self.kh) / self.stride + 1
     }
 
+    /// Output width.
     pub fn out_w(&self) -> usize {
         (self.w + 2 * self.padding - self.kw) / self.stride + 1
     }
@@ -140,36 +159,44 @@ fn col2im<T: Real>(cols: &[T], g: &ConvGeom) -> Vec<T> {
     out
 }
 
+/// The patch matrix of a contiguous NCHW input.
 struct Im2Col(ConvGeom);
+/// Its adjoint: a patch matrix summed back into NCHW.
 struct Col2Im(ConvGeom);
 
-macro_rules! dispatch {
-    ($s:expr, $l:expr, $f:ident, $g:expr, $shape:expr) => {
-        match $s {
-            CpuStorage::F32(v) => Ok((CpuStorage::F32($f(contiguous(v, $l)?, $g)), $shape)),
-            CpuStorage::F64(v) => Ok((CpuStorage::F64($f(contiguous(v, $l)?, $g)), $shape)),
-            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
-        }
-    };
+impl Kernel for Im2Col {
+    const NAME: &'static str = "im2col";
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let &[(x, l)] = ops else { candle_core::bail!("im2col: one operand") };
+        let g = &self.0;
+        Ok((im2col(contiguous(x, l)?, g), Shape::from((g.rows(), g.cols()))))
+    }
+}
+
+impl Kernel for Col2Im {
+    const NAME: &'static str = "col2im";
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let &[(c, l)] = ops else { candle_core::bail!("col2im: one operand") };
+        let g = &self.0;
+        Ok((col2im(contiguous(c, l)?, g), Shape::from((g.batch, g.channels, g.h, g.w))))
+    }
 }
 
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
-        "im2col"
+        Self::NAME
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        dispatch!(s, l, im2col, g, Shape::from((g.rows(), g.cols())))
+        dispatch::cpu(self, &[(s, l)])
     }
 }
 
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
-        "col2im"
+        Self::NAME
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        dispatch!(s, l, col2im, g, Shape::from((g.batch, g.channels, g.h, g.w)))
+        dispatch::cpu(self, &[(s, l)])
     }
 }
 
@@ -178,55 +205,62 @@ pub fn patches(x: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Im2Col(*g))
 }
 
+/// `[cout, batch·pixels]` → `[batch, cout, pixels]`, plus the channel's bias when
+/// a second operand is given.
+struct Unpermute {
+    batch: usize,
+    cout: usize,
+    pixels: usize,
+}
+
+impl Kernel for Unpermute {
+    const NAME: &'static str = "conv2d";
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let Some(&(y, yl)) = ops.first() else { candle_core::bail!("conv2d: no result to lay out") };
+        let bias = match ops.get(1) {
+            Some(&(b, bl)) => Some(contiguous(b, bl)?),
+            None => None,
+        };
+        let (batch, cout, pixels) = (self.batch, self.cout, self.pixels);
+        let y = contiguous(y, yl)?;
+        let mut out = Vec::with_capacity(y.len());
+        for b in 0..batch {
+            for c in 0..cout {
+                let src = &y[(c * batch + b) * pixels..][..pixels];
+                match bias {
+                    Some(bias) => out.extend(src.iter().map(|&v| v + bias[c])),
+                    None => out.extend_from_slice(src),
+                }
+            }
+        }
+        Ok((out, Shape::from((batch, cout, pixels))))
+    }
+}
+
 /// conv2d(x, w) (+ b) on the CPU: `W · cols`, then one pass that swaps the batch
 /// and channel axes back and adds the bias.
-pub fn conv2d_cpu(
-    (x, xl): (&CpuStorage, &Layout),
-    (w, wl): (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
+pub(super) fn cpu_forward(
+    x: Operand,
+    w: Operand,
+    bias: Option<Operand>,
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (wl, xl) = (w.1, x.1);
     let g = ConvGeom::new(xl.shape().dims4()?, wl.shape().dims4()?, padding, stride)?;
     let (batch, cout) = (g.batch, wl.dims()[0]);
-    let cols = match x {
-        CpuStorage::F32(v) => CpuStorage::F32(im2col(contiguous(v, xl)?, &g)),
-        CpuStorage::F64(v) => CpuStorage::F64(im2col(contiguous(v, xl)?, &g)),
-        other => candle_core::bail!("conv2d: unsupported dtype {:?}", other.dtype()),
-    };
+    let (cols, _) = dispatch::cpu(&Im2Col(g), &[x])?;
     if !wl.is_contiguous() {
         candle_core::bail!("conv2d: the kernel must be contiguous");
     }
     let wm = Layout::contiguous_with_offset((cout, g.rows()), wl.start_offset());
-    let y = w.matmul(&cols, (1, cout, g.cols(), g.rows()), &wm, &Layout::contiguous((g.rows(), g.cols())))?;
+    let y = w.0.matmul(&cols, (1, cout, g.cols(), g.rows()), &wm, &Layout::contiguous((g.rows(), g.cols())))?;
+    let yl = Layout::contiguous((cout, g.cols()));
     let pixels = g.out_h() * g.out_w();
-    let out = match (&y, bias) {
-        (CpuStorage::F32(y), None) => CpuStorage::F32(unpermute(y, None, batch, cout, pixels)),
-        (CpuStorage::F64(y), None) => CpuStorage::F64(unpermute(y, None, batch, cout, pixels)),
-        (CpuStorage::F32(y), Some((CpuStorage::F32(b), bl))) => {
-            CpuStorage::F32(unpermute(y, Some(contiguous(b, bl)?), batch, cout, pixels))
-        }
-        (CpuStorage::F64(y), Some((CpuStorage::F64(b), bl))) => {
-            CpuStorage::F64(unpermute(y, Some(contiguous(b, bl)?), batch, cout, pixels))
-        }
-        _ => candle_core::bail!("conv2d: bias dtype differs from the input's"),
-    };
+    let mut operands = vec![(&y, &yl)];
+    operands.extend(bias);
+    let (out, _) = dispatch::cpu(&Unpermute { batch, cout, pixels }, &operands)?;
     Ok((out, Shape::from((batch, cout, g.out_h(), g.out_w()))))
-}
-
-/// `[cout, batch·pixels]` → `[batch, cout, pixels]`, plus the channel's bias.
-fn unpermute<T: Real>(y: &[T], bias: Option<&[T]>, batch: usize, cout: usize, pixels: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(y.len());
-    for b in 0..batch {
-        for c in 0..cout {
-            let src = &y[(c * batch + b) * pixels..][..pixels];
-            match bias {
-                Some(bias) => out.extend(src.iter().map(|&v| v + bias[c])),
-                None => out.extend_from_slice(src),
-            }
-        }
-    }
-    out
 }
 
 /// The output gradient as `cout × cols`, the layout both gradients multiply by.
@@ -243,19 +277,105 @@ pub fn input_grad(gm: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<
 
 /// d conv2d / d w for the output gradient `gm`: G · colsᵀ, in the kernel's shape.
 pub fn weight_grad(gm: &Tensor, x: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
-    super::reduce::weight_product(gm, &patches(x, g)?.t()?)?.reshape(w.shape())
+    weight_product(gm, &patches(x, g)?.t()?)?.reshape(w.shape())
+}
+
+/// d conv2d / d x for the output gradient `g` with candle's ops, for devices without
+/// the patch-matrix kernels; `x_hw` is the input's height and width. Stride 1 with a
+/// square kernel is a convolution of `g` by the kernel transposed and flipped
+/// (candle's CUDA conv2d is a matrix product; its conv_transpose2d a direct loop per
+/// output element); otherwise candle's transposed convolution, fitted to the input.
+pub fn input_grad_composed(
+    g: &Tensor,
+    w: &Tensor,
+    x_hw: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    if stride == 1 && kh == kw && padding < kh {
+        let reversed = Tensor::new((0..kh as u32).rev().collect::<Vec<_>>(), w.device())?;
+        let flipped = w.transpose(0, 1)?.contiguous()?.index_select(&reversed, 2)?.index_select(&reversed, 3)?;
+        return g.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
+    }
+    let out_size = (g.dim(2)? - 1) * stride + kh - 2 * padding;
+    let gx = g.conv_transpose2d(w, padding, x_hw.0 - out_size, stride, 1)?;
+    // conv_transpose2d takes one output padding, fitted to the height; fit the
+    // width (non-square kernels or inputs) by trimming or padding.
+    let (want, got) = (x_hw.1, gx.dim(3)?);
+    Ok(if got > want {
+        gx.narrow(3, 0, want)?
+    } else if got < want {
+        gx.pad_with_zeros(3, 0, want - got)?
+    } else {
+        gx
+    })
+}
+
+/// The input and weight gradients of conv2d(x, w) for the output gradient `g`,
+/// each only when its tensor is tracked.
+pub(super) fn grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    if has_cpu_kernel(g) {
+        let geom = ConvGeom::of(x, w, padding, stride)?;
+        let gm = grad_matrix(g)?;
+        let gx = if x.track_op() { Some(input_grad(&gm, &w.detach(), &geom)?) } else { None };
+        let gw = if w.track_op() { Some(weight_grad(&gm, &x.detach(), w, &geom)?) } else { None };
+        return Ok((gx, gw));
+    }
+    // Other devices: candle's ops (see input_grad_composed), and a convolution of
+    // the input by the output gradient (the stride becomes a dilation).
+    let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+    let gx = if x.track_op() {
+        Some(input_grad_composed(g, &w.detach(), (x.dim(2)?, x.dim(3)?), padding, stride)?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() {
+        let gk = x.detach().transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, padding, 1, stride, 1)?.transpose(0, 1)?;
+        Some(if gk.dim(2)? != kh || gk.dim(3)? != kw { gk.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { gk })
+    } else {
+        None
+    };
+    Ok((gx, gw))
+}
+
+/// y = conv2d(x, w) (+ b per channel), with a backward that skips gradients nobody
+/// needs (see `selective`).
+///
+/// # Shapes
+/// - x: `[B, C_in, H, W]`, w: `[C_out, C_in, kh, kw]`, b: `[C_out]`;
+///   the output is `[B, C_out, H_out, W_out]`.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    selective::apply(Kind::Conv { padding, stride }, x, w, b, |x, w, b| conv2d_composed(x, w, b, padding, stride))
+}
+
+/// `conv2d` from candle's ops and candle's backward: the form devices without a
+/// kernel run, and the test oracle.
+pub fn conv2d_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    Ok(match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        None => y,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::max_diff;
     use candle_core::{DType, Device};
 
     /// The patch-matrix convolution equals candle's conv2d, and col2im is the
     /// adjoint of im2col (⟨im2col(x), c⟩ = ⟨x, col2im(c)⟩), for odd shapes,
     /// strides and paddings.
     #[test]
-    fn matches_candle_conv2d() -> candle_core::Result<()> {
+    fn matches_candle_conv2d() -> Result<()> {
         let dev = Device::Cpu;
         for &(b, c, h, w, cout, kh, kw, s, p) in &[
             (2, 3, 7, 5, 4, 3, 3, 1, 1),
@@ -268,10 +388,10 @@ mod tests {
             let x = Tensor::randn(0f64, 1., (b, c, h, w), &dev)?;
             let k = Tensor::randn(0f64, 1., (cout, c, kh, kw), &dev)?;
             let g = ConvGeom::of(&x, &k, p, s)?;
-            let ours = crate::diffusion::kernels::conv2d(&x, &k, None, p, s).map_err(candle_core::Error::wrap)?;
-            let theirs = x.conv2d(&k, p, s, 1, 1)?;
+            let ours = conv2d(&x, &k, None, p, s)?;
+            let theirs = conv2d_composed(&x, &k, None, p, s)?;
             assert_eq!(ours.dims(), theirs.dims());
-            let err = (ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let err = max_diff(&ours, &theirs)?;
             assert!(err < 1e-10, "conv {b}x{c}x{h}x{w} k{kh}x{kw} s{s} p{p}: {err}");
 
             let cols = patches(&x, &g)?;
@@ -283,10 +403,30 @@ mod tests {
         let x32 = Tensor::randn(0f32, 1., (2, 3, 6, 6), &dev)?;
         let k32 = Tensor::randn(0f32, 1., (5, 3, 3, 3), &dev)?;
         let b32 = Tensor::randn(0f32, 1., 5, &dev)?;
-        let ours = crate::diffusion::kernels::conv2d(&x32, &k32, Some(&b32), 1, 1).map_err(candle_core::Error::wrap)?;
-        let theirs = x32.conv2d(&k32, 1, 1, 1, 1)?.broadcast_add(&b32.reshape((1, 5, 1, 1))?)?;
+        let ours = conv2d(&x32, &k32, Some(&b32), 1, 1)?;
+        let theirs = conv2d_composed(&x32, &k32, Some(&b32), 1, 1)?;
         assert_eq!(ours.dtype(), DType::F32);
-        assert!((ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-4, "f32 with bias");
+        assert!(max_diff(&ours, &theirs)? < 1e-4, "f32 with bias");
+        Ok(())
+    }
+
+    /// The input gradient from candle's ops (what CUDA runs) equals the patch-matrix
+    /// one, for stride 1 (the flipped-kernel convolution) and the fallbacks.
+    #[test]
+    fn input_grad_by_candle_ops_equals_col2im() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, c, h, w, cout, k, s, p) in
+            &[(2, 3, 7, 5, 4, 3, 1, 1), (1, 2, 6, 6, 3, 1, 1, 0), (2, 2, 5, 7, 3, 3, 1, 0), (1, 3, 8, 8, 2, 3, 2, 1)]
+        {
+            let x = Tensor::randn(0f64, 1., (b, c, h, w), &dev)?;
+            let kernel = Tensor::randn(0f64, 1., (cout, c, k, k), &dev)?;
+            let geom = ConvGeom::of(&x, &kernel, p, s)?;
+            let g = Tensor::randn(0f64, 1., (b, cout, geom.out_h(), geom.out_w()), &dev)?;
+            let want = input_grad(&grad_matrix(&g)?, &kernel, &geom)?;
+            let got = input_grad_composed(&g, &kernel, (h, w), p, s)?;
+            assert_eq!(got.dims(), want.dims(), "case {:?}", (b, c, h, w, cout, k, s, p));
+            assert!(max_diff(&got, &want)? < 1e-10, "case {:?}", (b, c, h, w, cout, k, s, p));
+        }
         Ok(())
     }
 }

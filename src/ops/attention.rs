@@ -14,12 +14,13 @@
 //! is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU — where
 //! this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
-use super::kernels::{contiguous, fusable, softmax_grad_row, softmax_row, upcast, vectorized, Real};
-use super::reduce::{product_into, Mat};
+use super::activation::{softmax_grad_row, softmax_row};
+use super::dispatch::{self, Kernel};
+use super::gemm::{product_into, Mat};
+use super::simd::{vectorized, Real};
+use super::{contiguous, has_cpu_kernel, upcast};
 use crate::error::Result;
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, WithDType, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
 use rayon::prelude::*;
 
@@ -52,7 +53,7 @@ impl Geom {
     /// Head `h` of batch row `b` of a [batch, len, heads·d] tensor, as len × d.
     fn head<'a, T>(&self, x: &'a [T], len: usize, task: usize) -> Mat<'a, T> {
         let (b, h) = (task / self.heads, task % self.heads);
-        Mat { data: &x[b * len * self.width() + h * self.d..], rows: len, cols: self.d, rs: self.width(), cs: 1 }
+        Mat::new(&x[b * len * self.width() + h * self.d..], len, self.d, self.width(), 1)
     }
 
     fn tasks(&self) -> usize {
@@ -173,7 +174,7 @@ struct SdpaGrad {
 
 impl CustomOp3 for Sdpa {
     fn name(&self) -> &'static str {
-        "scaled-dot-product-attention"
+        Self::NAME
     }
     fn cpu_fwd(
         &self,
@@ -184,18 +185,7 @@ impl CustomOp3 for Sdpa {
         v: &CpuStorage,
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let shape = ql.shape().clone();
-        let g = &self.0;
-        let out = match (q, k, v) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, g))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, g))
-            }
-            _ => candle_core::bail!("attention: q, k and v must all be f32 or all f64"),
-        };
-        Ok((out, shape))
+        dispatch::cpu(self, &[(q, ql), (k, kl), (v, vl)])
     }
     fn bwd(
         &self,
@@ -213,34 +203,40 @@ impl CustomOp3 for Sdpa {
     }
 }
 
-impl SdpaGrad {
-    /// `backward` over q, k, v (read under their own locks) and the gradient `go`.
-    fn grads<T: Real + WithDType>(&self, go: &CpuStorage, gl: &Layout) -> candle_core::Result<Vec<T>> {
-        fn slice<'a, T: WithDType>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [T]> {
-            match s {
-                Storage::Cpu(c) => contiguous(c.as_slice::<T>()?, l),
-                _ => candle_core::bail!("attention backward: q, k and v must be on the CPU"),
-            }
-        }
-        let ((qs, ql), (ks, kl), (vs, vl)) =
-            (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
-        let (q, k, v) = (slice(&qs, ql)?, slice(&ks, kl)?, slice(&vs, vl)?);
-        Ok(backward(q, k, v, contiguous(go.as_slice::<T>()?, gl)?, &self.geom))
+impl Kernel for Sdpa {
+    const NAME: &'static str = "scaled-dot-product-attention";
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let &[(q, ql), (k, kl), (v, vl)] = ops else { candle_core::bail!("attention: three operands") };
+        Ok((forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, &self.0), ql.shape().clone()))
+    }
+}
+
+impl Kernel for SdpaGrad {
+    const NAME: &'static str = "scaled-dot-product-attention-grad";
+    /// `backward` over q, k, v and the output gradient, in that order.
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let &[(q, ql), (k, kl), (v, vl), (go, gl)] = ops else {
+            candle_core::bail!("attention backward: four operands")
+        };
+        let (q, k, v, go) = (contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, contiguous(go, gl)?);
+        Ok((backward(q, k, v, go, &self.geom), Shape::from(q.len() + k.len() + v.len())))
     }
 }
 
 impl CustomOp1 for SdpaGrad {
     fn name(&self) -> &'static str {
-        "scaled-dot-product-attention-grad"
+        Self::NAME
     }
     fn cpu_fwd(&self, go: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = match go.dtype() {
-            DType::F32 => CpuStorage::F32(self.grads::<f32>(go, gl)?),
-            DType::F64 => CpuStorage::F64(self.grads::<f64>(go, gl)?),
-            other => candle_core::bail!("attention backward: unsupported dtype {other:?}"),
-        };
-        let len = self.q.elem_count() + 2 * self.k.elem_count();
-        Ok((out, Shape::from(len)))
+        fn cpu(s: &Storage) -> candle_core::Result<&CpuStorage> {
+            match s {
+                Storage::Cpu(c) => Ok(c),
+                _ => candle_core::bail!("attention backward: q, k and v must be on the CPU"),
+            }
+        }
+        let ((qs, ql), (ks, kl), (vs, vl)) =
+            (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
+        dispatch::cpu(self, &[(cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl), (go, gl)])
     }
 }
 
@@ -337,7 +333,7 @@ impl CustomOp3 for BlockwiseOp {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::kernels::cuda_copy(Some(&self.out))
+        super::cuda_copy(Some(&self.out))
     }
     fn bwd(
         &self,
@@ -355,13 +351,13 @@ impl CustomOp3 for BlockwiseOp {
 /// Whether `attention` takes tensors like `x`: CPU f32/f64 (the fused kernel) and
 /// CUDA (candle ops in blocks); elsewhere callers compose attention themselves.
 pub fn supported(x: &Tensor) -> bool {
-    fusable(x) || x.device().is_cuda()
+    has_cpu_kernel(x) || x.device().is_cuda()
 }
 
 /// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
 /// as [B, N, heads·d], on the devices `supported` names.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    if fusable(q) {
+    if has_cpu_kernel(q) {
         return attention_in_blocks(q, k, v, heads, scale, None);
     }
     let (b, n, _) = q.dims3()?;
@@ -391,21 +387,19 @@ fn attention_in_blocks(
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Sdpa(geom))?)
 }
 
+/// softmax(scale·Q Kᵀ)·V per head from candle ops, every score at once: the
+/// test oracle of `attention`.
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+    let p = candle_nn::ops::softmax(&(qh.matmul(&kh.t()?)? * scale)?, D::Minus1)?;
+    Ok(merge_heads(&p.matmul(&vh)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
-
-    /// softmax(s·Q Kᵀ)·V from candle ops, heads split as the UNet's attention did.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-        let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
-        let p = candle_nn::ops::softmax(&(qh.matmul(&kh.t()?)? * scale)?, D::Minus1)?;
-        Ok(merge_heads(&p.matmul(&vh)?)?)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
-    }
+    use crate::ops::max_diff;
+    use candle_core::{Device, Var};
 
     /// Values and the gradients of q, k and v equal the composed form's, for
     /// self- and cross-attention, one and several heads, and query blocks that do
@@ -422,7 +416,7 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let probe = Tensor::randn(0f64, 1.0, (b, n, heads * d), &dev)?;
             let fused = attention_in_blocks(q, k, v, heads, scale, block)?;
-            let reference = composed(q, k, v, heads, scale)?;
+            let reference = attention_composed(q, k, v, heads, scale)?;
             assert!(max_diff(&fused, &reference)? < 1e-12, "values, case {:?}", (b, n, m, heads, d, block));
             let g1 = (fused * &probe)?.sum_all()?.backward()?;
             let g2 = (reference * &probe)?.sum_all()?.backward()?;
@@ -447,7 +441,8 @@ mod tests {
             let form = Blockwise { heads, scale, block };
             let out = form.forward(&q, &k, &v)?;
             let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
-            let reference = composed(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), heads, scale)?;
+            let reference =
+                attention_composed(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), heads, scale)?;
             assert!(max_diff(&out, &reference)? < 1e-12, "values, case {:?}", (b, n, m, heads, d, block));
             let want = (reference * &probe)?.sum_all()?.backward()?;
             let got = form.grads(&q, &k, &v, &out, &probe)?;

@@ -1,0 +1,242 @@
+//! Group and layer normalisation with their per-channel affine, one pass each way
+//! on the CPU (composed from candle ops they cost 5–9 kernels and as many buffers
+//! forward, more backward; the affine's gradients are summed in the same pass).
+
+use super::dispatch::{self, Kernel};
+use super::simd::Real;
+use super::{for_rows, has_cpu_kernel, rows_of, upcast, PAR_MIN};
+use crate::error::Result;
+use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
+    let n = T::from_usize(row.len());
+    let mean = row.iter().fold(T::ZERO, |a, &b| a + b) / n;
+    let var = row.iter().fold(T::ZERO, |a, &b| a + (b - mean) * (b - mean)) / n;
+    (mean, T::from_usize(1) / (var + eps).sqrt())
+}
+
+/// How a `[B, C, S]` tensor is normalised: `groups` groups of C/G channels per
+/// image, each group one row of (C/G)·S values; the affine is per channel.
+/// Group norm is `[B, C, H·W]` with G groups, layer norm `[rows, D, 1]` with one.
+#[derive(Clone, Copy, Debug)]
+struct NormGeom {
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f64,
+}
+
+impl NormGeom {
+    fn per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+    fn row(&self) -> usize {
+        self.per_group() * self.spatial
+    }
+}
+
+/// y = x̂·w[c] + b[c], x̂ the row normalised to zero mean and unit variance.
+fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T> {
+    let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
+    let mut out = vec![T::ZERO; x.len()];
+    for_rows(&mut out, n, |r, o| {
+        let row = &x[r * n..(r + 1) * n];
+        let (mean, inv) = mean_inv_std(row, eps);
+        let c0 = (r % g.groups) * cpg;
+        for (c, (o, xc)) in (c0..).zip(o.chunks_mut(s).zip(row.chunks(s))) {
+            let (scale, shift) = (inv * w[c], bias[c] - mean * inv * w[c]);
+            for (o, &v) in o.iter_mut().zip(xc) {
+                *o = v * scale + shift;
+            }
+        }
+    });
+    out
+}
+
+/// The gradients of `norm_affine_fwd` packed in one vector: dx (as x), then dw and
+/// db (C each). With ĝ = g·w[c]: dx = inv·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) per row,
+/// dw[c] = Σ g·x̂ and db[c] = Σ g over images and positions.
+fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> {
+    let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
+    let nt = T::from_usize(n);
+    let mut out = Vec::with_capacity(x.len() + 2 * g.channels);
+    out.resize(x.len(), T::ZERO);
+    // Per row: Σ g·x̂ and Σ g for each of its channels, summed over images below.
+    let mut partial = vec![T::ZERO; x.len() / n * 2 * cpg];
+    let body = |r: usize, o: &mut [T], p: &mut [T]| {
+        let (row, gr) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
+        let (mean, inv) = mean_inv_std(row, eps);
+        let c0 = (r % g.groups) * cpg;
+        let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
+        for ci in 0..cpg {
+            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
+            let (mut sg, mut sgx) = (T::ZERO, T::ZERO);
+            for (&v, &gv) in xc.iter().zip(gc) {
+                sg = sg + gv;
+                sgx = sgx + gv * (v - mean) * inv;
+            }
+            p[ci] = sgx;
+            p[cpg + ci] = sg;
+            sum_g = sum_g + w[c0 + ci] * sg;
+            sum_gx = sum_gx + w[c0 + ci] * sgx;
+        }
+        let (m1, m2) = (sum_g / nt, sum_gx / nt);
+        for ci in 0..cpg {
+            let wc = w[c0 + ci];
+            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
+            for ((o, &v), &gv) in o[ci * s..(ci + 1) * s].iter_mut().zip(xc).zip(gc) {
+                *o = inv * (gv * wc - m1 - (v - mean) * inv * m2);
+            }
+        }
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(n).zip(partial.par_chunks_mut(2 * cpg)).enumerate().for_each(|(r, (o, p))| body(r, o, p));
+    } else {
+        out.chunks_mut(n).zip(partial.chunks_mut(2 * cpg)).enumerate().for_each(|(r, (o, p))| body(r, o, p));
+    }
+    let mut dw_db = vec![T::ZERO; 2 * g.channels];
+    for (r, p) in partial.chunks(2 * cpg).enumerate() {
+        let c0 = (r % g.groups) * cpg;
+        for ci in 0..cpg {
+            dw_db[c0 + ci] = dw_db[c0 + ci] + p[ci];
+            dw_db[g.channels + c0 + ci] = dw_db[g.channels + c0 + ci] + p[cpg + ci];
+        }
+    }
+    out.extend_from_slice(&dw_db);
+    out
+}
+
+struct NormAffine(NormGeom);
+struct NormAffineGrad(NormGeom);
+
+impl Kernel for NormAffine {
+    const NAME: &'static str = "norm-affine";
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let &[(x, xl), (w, wl), (b, bl)] = ops else { candle_core::bail!("norm-affine: three operands") };
+        Ok((norm_affine_fwd(rows_of(x, xl)?.0, rows_of(w, wl)?.0, rows_of(b, bl)?.0, &self.0), xl.shape().clone()))
+    }
+}
+
+impl Kernel for NormAffineGrad {
+    const NAME: &'static str = "norm-affine-grad";
+    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let &[(x, xl), (w, wl), (g, gl)] = ops else { candle_core::bail!("norm-affine-grad: three operands") };
+        let shape = Shape::from(xl.shape().elem_count() + 2 * self.0.channels);
+        Ok((norm_affine_bwd(rows_of(x, xl)?.0, rows_of(w, wl)?.0, rows_of(g, gl)?.0, &self.0), shape))
+    }
+}
+
+impl candle_core::CustomOp3 for NormAffine {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch::cpu(self, &[(s1, l1), (s2, l2), (s3, l3)])
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormAffineGrad(self.0))?;
+        let (len, c) = (x.elem_count(), self.0.channels);
+        let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
+        Ok((Some(gx), Some(packed.narrow(0, len, c)?), Some(packed.narrow(0, len + c, c)?)))
+    }
+}
+
+impl candle_core::CustomOp3 for NormAffineGrad {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch::cpu(self, &[(s1, l1), (s2, l2), (s3, l3)])
+    }
+}
+
+/// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C
+/// channels split into `groups` groups whose (C/G)·S values are normalised
+/// together (biased variance), then y = x̂·w[c] + b[c]. Group norm is
+/// `[B, C, H·W]` with G groups; layer norm over the last dim is `[rows, D, 1]`
+/// with one group. One pass each way on the CPU; computed in at least f32.
+///
+/// # Shapes
+/// - x: `[B, C, S]`, w and b: `[C]`; the output is x's shape and dtype.
+pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let (_, channels, spatial) = x.dims3()?;
+    if groups == 0 || channels % groups != 0 {
+        crate::bail!("norm: {channels} channels do not split into {groups} groups");
+    }
+    let dtype = x.dtype();
+    let x = upcast(x)?;
+    let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
+    let y = if has_cpu_kernel(&x) {
+        let geom = NormGeom { channels, spatial, groups, eps };
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))?
+    } else {
+        norm_affine_composed(&x, groups, &w, &b, eps)?
+    };
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// `norm_affine` from candle's ops, in x's dtype: the form other devices run, and
+/// the kernel's test oracle.
+pub fn norm_affine_composed(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let channels = x.dim(1)?;
+    let xg = x.reshape((x.dim(0)?, groups, ()))?;
+    let mean = xg.mean_keepdim(D::Minus1)?;
+    let centred = xg.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.shape())?;
+    Ok(normed.broadcast_mul(&w.reshape((1, channels, 1))?)?.broadcast_add(&b.reshape((1, channels, 1))?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::max_diff;
+    use candle_core::Device;
+
+    /// The fused norm-affine kernel agrees with the composed form, values and the
+    /// gradients of x, w and b, for group-norm and layer-norm shapes.
+    #[test]
+    fn norm_affine_equals_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, c, s, groups) in &[(3, 6, 5, 3), (2, 8, 1, 1), (1, 4, 7, 4), (2, 6, 9, 1)] {
+            let x = candle_core::Var::randn(0f64, 1.0, (b, c, s), &dev)?;
+            let w = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
+            let bias = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
+            let probe = Tensor::randn(0f64, 1.0, (b, c, s), &dev)?;
+            let fused = norm_affine(&x, groups, &w, &bias, 1e-5)?;
+            let composed = norm_affine_composed(&x, groups, &w, &bias, 1e-5)?;
+            assert!(max_diff(&fused, &composed)? < 1e-12, "values, shape {b}×{c}×{s} in {groups} groups");
+            let g1 = (fused * &probe)?.sum_all()?.backward()?;
+            let g2 = (composed * &probe)?.sum_all()?.backward()?;
+            for (name, v) in [("x", x.as_tensor()), ("w", w.as_tensor()), ("b", bias.as_tensor())] {
+                let (Some(a), Some(e)) = (g1.get(v), g2.get(v)) else { panic!("no gradient for {name}") };
+                assert!(max_diff(a, e)? < 1e-10, "gradient of {name}, shape {b}×{c}×{s} in {groups} groups");
+            }
+        }
+        Ok(())
+    }
+}

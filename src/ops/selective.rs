@@ -1,0 +1,162 @@
+//! A linear map or convolution as one custom op whose backward computes only the
+//! gradients that are needed. candle's own backward for matmul and conv2d always
+//! computes the weight gradient, also for frozen networks (SiD's teacher and
+//! fake-net views), and the bias gradient of every broadcast add; for the generator
+//! step that is most of the backward work. On the CPU the forward runs inside the
+//! op (`linear::cpu_forward`, `conv::cpu_forward`); on CUDA it is computed
+//! beforehand with candle's ops and handed over; elsewhere candle's ops and graph
+//! are used as they are.
+
+use super::reduce::bias_sums;
+use super::{conv, has_cpu_kernel, linear};
+use crate::error::Result;
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+
+/// One operand of a CPU forward: its storage and layout.
+pub(super) type Operand<'a> = (&'a CpuStorage, &'a Layout);
+
+/// Which map the op computes.
+#[derive(Clone, Copy)]
+pub(super) enum Kind {
+    /// y = x·wᵀ + b for 2-D x.
+    Linear,
+    /// y = conv2d(x, w) + b.
+    Conv { padding: usize, stride: usize },
+}
+
+struct SelectiveBackward {
+    /// The forward result precomputed on CUDA.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    y: Option<Tensor>,
+    kind: Kind,
+}
+
+impl SelectiveBackward {
+    fn cpu_forward(&self, x: Operand, w: Operand, b: Option<Operand>) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.kind {
+            Kind::Linear => linear::cpu_forward(x, w, b),
+            Kind::Conv { padding, stride } => conv::cpu_forward(x, w, b, padding, stride),
+        }
+    }
+
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gb = match b {
+            Some(b) if b.track_op() => Some(bias_sums(g)?),
+            _ => None,
+        };
+        let (gx, gw) = match self.kind {
+            Kind::Linear => linear::grads(x, w, g)?,
+            Kind::Conv { padding, stride } => conv::grads(x, w, g, padding, stride)?,
+        };
+        Ok((gx, gw, gb))
+    }
+}
+
+impl candle_core::CustomOp3 for SelectiveBackward {
+    fn name(&self) -> &'static str {
+        "selective-backward-linear-or-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_forward((x, xl), (w, wl), Some((b, bl)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_copy(self.y.as_ref())
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, Some(b), g)
+    }
+}
+
+/// Without a bias the op takes two operands.
+struct SelectiveBackwardNoBias(SelectiveBackward);
+
+impl candle_core::CustomOp2 for SelectiveBackwardNoBias {
+    fn name(&self) -> &'static str {
+        "selective-backward-linear-or-conv"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.0.cpu_forward((x, xl), (w, wl), None)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_copy(self.0.y.as_ref())
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw, _) = self.0.grads(x, w, None, g)?;
+        Ok((gx, gw))
+    }
+}
+
+/// Applies the op; `composed` computes the forward with candle's ops where the op
+/// has no kernel of its own (not the CPU, or not f32/f64): on CUDA off the graph,
+/// handed to the op; elsewhere with candle's own graph.
+pub(super) fn apply(
+    kind: Kind,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    composed: impl FnOnce(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
+    let y = if has_cpu_kernel(x) && w.dtype() == x.dtype() {
+        None
+    } else if tracked && x.device().is_cuda() {
+        Some(composed(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?.contiguous()?)
+    } else {
+        // candle's ops and candle's backward.
+        return composed(x, w, b);
+    };
+    let op = SelectiveBackward { y, kind };
+    Ok(match b {
+        Some(b) => x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?,
+        None => x.contiguous()?.apply_op2(&w.contiguous()?, SelectiveBackwardNoBias(op))?,
+    })
+}
