@@ -16,7 +16,7 @@ use sidscript::diffusion::unet::UnetConfig;
 use sidscript::rng::Generator;
 use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
 use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
-use sidscript::train::param::{backward, params_from};
+use sidscript::train::param::{backward, trainable_copy};
 use sidscript::train::{Method, Optimizer, ParamGroup};
 
 #[path = "unet.rs"]
@@ -27,9 +27,8 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
     let dev = bench_device();
     let teacher = unet_bench::random_unet(&cfg, &dev);
-    let (gmap, gparams) = params_from(teacher.named_weights()).unwrap();
-    let (fmap, fparams) = params_from(teacher.named_weights()).unwrap();
-    let (gen, fake) = (teacher.with_weights(gmap).unwrap(), teacher.with_weights(fmap).unwrap());
+    let (gen, gparams) = trainable_copy(&teacher).unwrap();
+    let (fake, fparams) = trainable_copy(&teacher).unwrap();
     let (gen_frozen, fake_frozen) = (gen.detached().unwrap(), fake.detached().unwrap());
     let adam = Method::Adam { beta1: 0.0, beta2: 0.999, eps: 1e-8, decoupled: false };
     let mut opt_g =
@@ -48,7 +47,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
         let t_of = |rng: &mut Generator| {
-            sidscript::sid::t_tensor(
+            sidscript::diffusion::schedule::timesteps_tensor(
                 &rng.randint(batch, 20, 980).unwrap().iter().map(|&t| t as usize).collect::<Vec<_>>(),
                 &dev,
             )
@@ -120,6 +119,7 @@ const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "do
  "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
 
 fn main() {
+    sidscript::cli::tune_runtime();
     sidscript::on_compute_pool(benches);
 }
 

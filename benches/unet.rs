@@ -116,6 +116,7 @@ mod common;
 pub use common::best;
 
 fn main() {
+    sidscript::cli::tune_runtime();
     sidscript::on_compute_pool(benches);
 }
 

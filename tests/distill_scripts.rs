@@ -2,6 +2,7 @@
 //! uninterrupted one bit for bit; SDXL with Zero-CFG and the Diffusion-GAN runs;
 //! the exported generator loads as a diffusers folder.
 
+use sidscript::diffusion::model::Component;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -83,7 +84,11 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     ] {
         assert!(gen.join(f).is_file(), "export lacks {f}");
     }
-    sidscript::diffusion::unet::Unet::load(&gen, candle_core::DType::F32, &candle_core::Device::Cpu, None).unwrap();
+    sidscript::diffusion::unet::Unet::load(
+        &gen,
+        &sidscript::diffusion::model::LoadOptions::new(candle_core::DType::F32, &candle_core::Device::Cpu),
+    )
+    .unwrap();
     assert!(a.join("grid-4.png").is_file());
     // scripts/sample.rhai runs the distilled generator at 1, 2 and 4 steps.
     run(

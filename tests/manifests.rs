@@ -1,6 +1,6 @@
 //! Real SD1.5 and SDXL layouts: built from the published configs on the shape-only
 //! path, every component must have exactly the tensor names, shapes and parameter
-//! totals of ../shared/fixtures/diffusers_manifests.json.
+//! totals of ../shared/fixtures/diffusers_manifests.json (a copy in tests/fixtures/).
 
 use candle_core::DType;
 use sidscript::diffusion::clip::{ClipConfig, ClipTextModel};
@@ -11,11 +11,13 @@ use sidscript::diffusion::weights::Weights;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-fn manifests() -> Option<serde_json::Value> {
-    // shared/ sits beside the checkout (and beside CI's clone).
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/diffusers_manifests.json");
-    let text = std::fs::read_to_string(&path).ok()?;
-    Some(serde_json::from_str(&text).expect("manifest JSON"))
+/// The manifests, a copy of ../shared/fixtures/diffusers_manifests.json kept with
+/// the tests (a clone need not have shared/ beside it); a missing file fails.
+fn manifests() -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/diffusers_manifests.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (the manifests of real checkpoints are needed)", path.display()));
+    serde_json::from_str(&text).expect("manifest JSON")
 }
 
 fn compare(built: Vec<(String, candle_core::Tensor)>, manifest: &serde_json::Value, what: &str) {
@@ -38,10 +40,7 @@ fn compare(built: Vec<(String, candle_core::Tensor)>, manifest: &serde_json::Val
 
 #[test]
 fn real_checkpoint_layouts_are_reproduced_exactly() {
-    let Some(m) = manifests() else {
-        eprintln!("../shared/fixtures/diffusers_manifests.json not found; skipping");
-        return;
-    };
+    let m = manifests();
     let cfgs = &m["configs"];
     for (cfg_key, man_key) in [("sd15/unet", "sd15/unet"), ("sdxl/unet", "sdxl/unet")] {
         let cfg: UnetConfig = serde_json::from_value(cfgs[cfg_key].clone()).unwrap();

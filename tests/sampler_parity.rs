@@ -4,6 +4,7 @@
 mod common;
 use candle_core::{DType, Device};
 use common::{expected, fixture, max_abs};
+use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::sampler::{sample, SamplerKind};
 use sidscript::diffusion::schedule::VpSchedule;
 use sidscript::diffusion::text::TextConditioner;
@@ -14,7 +15,7 @@ fn samplers_match_diffusers_pipelines() {
     for fx in ["tiny-sd15", "tiny-sdxl"] {
         let e = expected(fx);
         let dir = fixture(fx);
-        let unet = Unet::load(&dir, DType::F32, &Device::Cpu, None).unwrap();
+        let unet = Unet::load(&dir, &LoadOptions::new(DType::F32, &Device::Cpu)).unwrap();
         let sch = VpSchedule::from_folder(&dir).unwrap();
         let text = TextConditioner::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let cond = text.encode(&["a red circle on the left".to_string()]).unwrap();

@@ -7,18 +7,13 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use sidscript::diffusion::condition::Condition;
-use sidscript::diffusion::model::Component;
+use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
 use sidscript::diffusion::unet::Unet;
 use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
 use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
-use sidscript::train::param::{backward, params_from};
+use sidscript::train::param::{backward, trainable_copy};
 use std::collections::HashMap;
-use std::path::Path;
-
-fn fixtures() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
-}
 
 /// The reference's deterministic perturbation: w·(1 + 0.05·cos(0.37·i + phase + j)).
 fn perturbed(base: &Unet, phase: f64) -> HashMap<String, Tensor> {
@@ -52,14 +47,13 @@ test_device!(
 
 fn losses_chain_and_gradients_match_the_pytorch_reference(dev: &Device) -> common::TestResult {
     let r: HashMap<String, Tensor> =
-        sidscript::io::safetensors::load(&fixtures().join("sid-reference.safetensors"), dev, None)?
+        sidscript::io::safetensors::load(&common::fixture("sid-reference.safetensors"), dev, None)?
             .into_iter()
             .collect();
-    let teacher = Unet::load(&fixtures().join("tiny-sd15"), DType::F64, dev, None)?;
+    let teacher = Unet::load(&common::fixture("tiny-sd15"), &LoadOptions::new(DType::F64, dev))?;
     let fake = teacher.with_weights(perturbed(&teacher, 0.0)).unwrap();
     let gen_base = teacher.with_weights(perturbed(&teacher, 1.0)).unwrap();
-    let (map, params) = params_from(gen_base.named_weights()).unwrap();
-    let gen = gen_base.with_weights(map).unwrap();
+    let (gen, params) = trainable_copy(&gen_base).unwrap();
     let frozen_gen = gen.detached().unwrap();
     let by_name: HashMap<String, _> = params.iter().map(|p| (p.name(), p.clone())).collect();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();

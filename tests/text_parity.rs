@@ -4,6 +4,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{expected, fixture, max_abs};
 use sidscript::diffusion::clip::ClipTextModel;
+use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::text::{NullKind, TextConditioner};
 use sidscript::diffusion::tokenizer::PromptTokenizer;
 
@@ -34,7 +35,9 @@ fn tokenizers_match_transformers() {
 #[test]
 fn sd15_text_encoder_matches_transformers() {
     let e = expected("tiny-sd15");
-    let (model, _) = ClipTextModel::load(&fixture("tiny-sd15").join("text_encoder"), DType::F32, &Device::Cpu).unwrap();
+    let model =
+        ClipTextModel::load(&fixture("tiny-sd15").join("text_encoder"), &LoadOptions::new(DType::F32, &Device::Cpu))
+            .unwrap();
     let out = model.forward(&e["input_ids"]).unwrap();
     for (got, key) in [
         (&out.last_hidden_state, "text.last_hidden_state"),
@@ -65,7 +68,9 @@ fn sdxl_conditioning_matches_the_pipeline() {
     let z = cond.null(NullKind::Zeros).unwrap();
     assert_eq!(z.context.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     // The second encoder stored as an fp16 variant only, read back in f32.
-    let (te2, _) = ClipTextModel::load(&fixture("tiny-sdxl").join("text_encoder_2"), DType::F32, &Device::Cpu).unwrap();
+    let te2 =
+        ClipTextModel::load(&fixture("tiny-sdxl").join("text_encoder_2"), &LoadOptions::new(DType::F32, &Device::Cpu))
+            .unwrap();
     let out = te2.forward(&e["input_ids_2"]).unwrap();
     assert!(max_abs(&out.penultimate, &e["text2.penultimate"]) < 1e-4);
     assert!(max_abs(out.text_embeds.as_ref().unwrap(), &e["text2.text_embeds"]) < 1e-4);

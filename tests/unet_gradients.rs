@@ -2,24 +2,15 @@
 //! conv_in to conv_out (attention q/k, transformer and group norms included), for
 //! the latent input and the text condition; and every weight gets a gradient.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
-use sidscript::diffusion::model::Component;
+use common::{expected_as, fixture};
+use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::unet::{AddedCond, Unet};
 use sidscript::train::param::{backward, params_from, Param};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn expected(name: &str) -> HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, Some(DType::F64))
-        .unwrap()
-        .into_iter()
-        .collect()
-}
 
 struct Setup {
     unet: Unet,
@@ -34,8 +25,8 @@ struct Setup {
 
 impl Setup {
     fn new(fx: &str) -> Self {
-        let e = expected(fx);
-        let base = Unet::load(&fixture(fx), DType::F64, &Device::Cpu, None).unwrap();
+        let e = expected_as(fx, Some(DType::F64));
+        let base = Unet::load(&fixture(fx), &LoadOptions::new(DType::F64, &Device::Cpu)).unwrap();
         let (map, params) = params_from(base.named_weights()).unwrap();
         let unet = base.with_weights(map).unwrap();
         let params = params.into_iter().map(|p| (p.name(), p)).collect();

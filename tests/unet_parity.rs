@@ -3,12 +3,13 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::unet::{AddedCond, Unet};
 
 #[test]
 fn sd15_unet_matches_diffusers_with_per_sample_timesteps() {
     let e = expected("tiny-sd15");
-    let unet = Unet::load(&fixture("tiny-sd15"), DType::F32, &Device::Cpu, None).unwrap();
+    let unet = Unet::load(&fixture("tiny-sd15"), &LoadOptions::new(DType::F32, &Device::Cpu)).unwrap();
     let out = unet.forward(&e["unet.x"], &e["unet.t"], &e["unet.context"], &AddedCond::default()).unwrap();
     let err = max_abs(&out.sample, &e["unet.out"]);
     assert!(err < 1e-4, "max abs error {err}");
@@ -21,11 +22,10 @@ fn sd15_unet_matches_diffusers_with_per_sample_timesteps() {
 #[test]
 fn sdxl_unet_matches_diffusers_with_text_time_and_sharded_weights() {
     let e = expected("tiny-sdxl");
-    let unet = Unet::load(&fixture("tiny-sdxl"), DType::F32, &Device::Cpu, None).unwrap();
+    let unet = Unet::load(&fixture("tiny-sdxl"), &LoadOptions::new(DType::F32, &Device::Cpu)).unwrap();
     let added =
         AddedCond { text_embeds: Some(e["unet.text_embeds"].clone()), time_ids: Some(e["unet.time_ids"].clone()) };
     let out = unet.forward(&e["unet.x"], &e["unet.t"], &e["unet.context"], &added).unwrap();
     let err = max_abs(&out.sample, &e["unet.out"]);
     assert!(err < 1e-4, "max abs error {err}");
-    let _ = to_vec;
 }

@@ -130,3 +130,43 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Repl { run } => repl::run(run.host_options()?),
     }
 }
+
+/// Process-wide settings that make candle's CPU backend fast here; idempotent. The
+/// `sidscript` binary calls it first thing, and benchmarks do; a program that
+/// embeds the library decides for itself (it re-tunes malloc and sets environment
+/// variables, which races with other threads reading the environment).
+///
+/// - glibc's malloc is kept from handing large blocks back to the OS: candle
+///   allocates a fresh buffer for every op, and with the default thresholds every
+///   page of each large buffer faults again (the tiny-UNet forward+backward bench
+///   ran about 1.4× faster).
+/// - RAYON_NUM_THREADS is set to the core count when unset: candle otherwise asks
+///   for the physical core count on every op, re-reading /proc/cpuinfo each time
+///   (about 7% of a UNet step in a profile).
+/// - CANDLE_BARRIER_POOL_SPIN_LIMIT is lowered to 1,000 when unset: after every
+///   elementwise op candle's barrier-pool threads spin 25,000 rounds before
+///   parking, and on a 2-core machine that spinning took a core from the rayon
+///   workers running the next matrix product (18% of all CPU samples; the toy SiD
+///   iteration ran about 8% faster with 1,000).
+/// - RUST_MIN_STACK is set to 8 MiB when unset, so that scripts run by
+///   [`crate::on_compute_pool`] on a pool thread have the main thread's usual stack.
+pub fn tune_runtime() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // Safety: mallopt only changes allocator parameters.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+        let default = |name: &str, value: String| {
+            if std::env::var_os(name).is_none() {
+                std::env::set_var(name, value);
+            }
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        default("RAYON_NUM_THREADS", cores.to_string());
+        default("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000".into());
+        default("RUST_MIN_STACK", (8 << 20).to_string());
+    });
+}

@@ -4,10 +4,9 @@
 use super::layers::{activation, Attention, LayerNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
-use crate::error::{Error, Result};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use crate::error::Result;
+use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 fn d_eps() -> f64 {
     1e-5
@@ -67,10 +66,15 @@ pub struct ClipTextModel {
     named: Vec<(String, Tensor)>,
 }
 
-crate::impl_component!(ClipTextModel, ClipConfig, "text encoder", "model.safetensors");
+impl Component for ClipTextModel {
+    type Config = ClipConfig;
+    const WHAT: &'static str = "text encoder";
+    const CLASS_NAME: &'static str = "CLIPTextModel";
+    const WEIGHTS_FILE: &'static str = "model.safetensors";
+    const SUBFOLDER: Option<&'static str> = None;
+    crate::component_fields!();
 
-impl ClipTextModel {
-    pub fn new(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
+    fn new(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
         let d = cfg.hidden_size;
         if d % cfg.num_attention_heads != 0 {
             crate::bail!("text encoder: hidden size {d} does not split into {} heads", cfg.num_attention_heads);
@@ -114,19 +118,9 @@ impl ClipTextModel {
             named: vec![],
         })
     }
+}
 
-    /// Loads a text encoder folder (e.g. `text_encoder/`), checking its tensors.
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(Self, Vec<(String, Tensor)>)> {
-        let cfg_path = dir.join("config.json");
-        let cfg: ClipConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?)
-            .map_err(|e| Error::file(&cfg_path, None, e))?;
-        let tensors = super::folder::load_tensors(dir, None, dtype, device)?;
-        let w = Weights::from_tensors(tensors, dtype, device);
-        let model = <Self as Component>::build(&cfg, w).map_err(|e| Error::file(dir, None, e))?;
-        let named = model.named_weights().to_vec();
-        Ok((model, named))
-    }
-
+impl ClipTextModel {
     /// Encodes token ids (B × L, integer tensor).
     pub fn forward(&self, ids: &Tensor) -> Result<ClipOutput> {
         let (b, l) = ids.dims2()?;

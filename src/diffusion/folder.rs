@@ -2,6 +2,8 @@
 //! component with `config.json` and safetensors weights — a single file, shards
 //! listed by an index json, or an `fp16` variant of either.
 
+use super::model::Component;
+use super::unet::Unet;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeSet, HashMap};
@@ -130,4 +132,37 @@ pub fn load_tensors(
         }
     }
     Ok(out)
+}
+
+/// Writes `unet` as a diffusers folder `out`: unet/ with the teacher folder's UNet
+/// config and these weights, and every other component copied from `teacher`.
+pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path) -> Result<()> {
+    let cfg = teacher.join("unet").join("config.json");
+    let cfg_text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
+    let udir = out.join("unet");
+    crate::io::atomic::write_bytes(&udir.join("config.json"), cfg_text.as_bytes())?;
+    let weights: Vec<(String, Tensor)> = unet.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+    crate::io::safetensors::save(&udir.join("diffusion_pytorch_model.safetensors"), &weights)?;
+    copy_tree(teacher, out, &["unet", "expected.safetensors"])
+}
+
+/// Copies the files under `from` to `to` (each written atomically), leaving out
+/// the top-level entries named in `skip`.
+pub fn copy_tree(from: &Path, to: &Path, skip: &[&str]) -> Result<()> {
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let name = entry.file_name();
+        if skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        if src.is_dir() {
+            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+            copy_tree(&src, &dst, &[])?;
+        } else {
+            let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+            crate::io::atomic::write_bytes(&dst, &bytes)?;
+        }
+    }
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! config and named weights, rebuilt over other tensors (trainable copies, frozen
 //! views), freshly initialised, and saved as a diffusers component folder.
 
+use super::folder::{component_dir, load_tensors, read_json};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 use crate::rng::Generator;
@@ -10,25 +11,95 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// How to load a component folder.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// The weights' dtype once loaded.
+    pub dtype: DType,
+    /// Where the weights go.
+    pub device: Device,
+    /// A weights variant: `Some("fp16")` prefers `*.fp16.safetensors`.
+    pub variant: Option<String>,
+}
+
+impl LoadOptions {
+    /// `dtype` on `device`, the default weights.
+    pub fn new(dtype: DType, device: &Device) -> Self {
+        Self { dtype, device: device.clone(), variant: None }
+    }
+
+    /// The same with a weights variant.
+    pub fn with_variant(self, variant: Option<&str>) -> Self {
+        Self { variant: variant.map(str::to_string), ..self }
+    }
+}
+
+/// A diffusers/transformers component: the one extension point for models. To add
+/// one, give it a serde config, `config` and `named` fields (for
+/// [`component_fields!`](crate::component_fields)) and a [`Component::new`]; every
+/// other way to make, load and save it is provided, in this order of use:
+///
+/// - [`load`](Component::load) a folder, or [`random`](Component::random) from a config;
+/// - [`with_weights`](Component::with_weights) over other tensors (trainable copies,
+///   see `train::param::trainable_copy`) or [`detached`](Component::detached) (frozen views);
+/// - [`save`](Component::save) as a component folder.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use sidscript::diffusion::model::{Component, LoadOptions};
+/// use sidscript::toy::judge::{Judge, JudgeConfig};
+/// let dir = std::env::temp_dir().join(format!("sidscript-doc-judge-{}", std::process::id()));
+/// let judge = Judge::random(&JudgeConfig::default(), 0, DType::F32, &Device::Cpu)?;
+/// judge.save(&dir)?;
+/// let back = Judge::load(&dir, &LoadOptions::new(DType::F32, &Device::Cpu))?;
+/// assert_eq!(back.num_params(), judge.num_params());
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), sidscript::Error>(())
+/// ```
 pub trait Component: Sized {
+    /// The config.json contents.
     type Config: Clone + Serialize + DeserializeOwned;
     /// The component's name in reports ("unet", "vae", "text encoder").
     const WHAT: &'static str;
+    /// The `_class_name` written to config.json.
+    const CLASS_NAME: &'static str;
     /// The weights file name in a component folder.
     const WEIGHTS_FILE: &'static str;
+    /// The subfolder of a pipeline folder that holds this component ("unet"), when
+    /// it has one fixed name; `load` then takes either folder.
+    const SUBFOLDER: Option<&'static str>;
 
-    /// Builds the network, taking every tensor from `w`.
-    fn construct(cfg: &Self::Config, w: &Weights) -> Result<Self>;
+    /// Builds the network, taking every tensor from `w` (without checking for
+    /// leftovers: [`build`](Component::build) does).
+    fn new(cfg: &Self::Config, w: &Weights) -> Result<Self>;
+    /// The config it was built from.
     fn config(&self) -> &Self::Config;
     /// Every weight by its diffusers name, in construction order.
     fn named_weights(&self) -> &[(String, Tensor)];
+    /// Records the weights `build` took (its one report of what was used).
     fn set_named_weights(&mut self, named: Vec<(String, Tensor)>);
 
     /// Builds the network and checks the source held exactly its tensors.
     fn build(cfg: &Self::Config, w: Weights) -> Result<Self> {
-        let mut m = Self::construct(cfg, &w)?;
+        let mut m = Self::new(cfg, &w)?;
         m.set_named_weights(w.finish(Self::WHAT)?);
         Ok(m)
+    }
+
+    /// Loads a component folder (config.json and single, sharded or variant
+    /// weights), or a pipeline folder holding it as [`SUBFOLDER`](Component::SUBFOLDER);
+    /// errors name the folder or file.
+    fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let dir = match Self::SUBFOLDER {
+            Some(sub) => component_dir(dir, sub)?,
+            None => dir.to_path_buf(),
+        };
+        let cfg_path = dir.join("config.json");
+        let cfg: Self::Config =
+            serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
+        let tensors = load_tensors(&dir, opts.variant.as_deref(), opts.dtype, &opts.device)?;
+        Self::build(&cfg, Weights::from_tensors(tensors, opts.dtype, &opts.device))
+            .map_err(|e| Error::file(&dir, None, e))
     }
 
     /// The same network over other tensors with the same names.
@@ -57,12 +128,17 @@ pub trait Component: Sized {
         Self::build(cfg, Weights::from_tensors(map, dtype, device))
     }
 
-    /// Writes `config.json` and the weights as a diffusers component folder.
-    fn save(&self, dir: &Path, class_name: &str) -> Result<()> {
+    /// Number of weights.
+    fn num_params(&self) -> usize {
+        self.named_weights().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    /// Writes `config.json` (with `_class_name`) and the weights as a component folder.
+    fn save(&self, dir: &Path) -> Result<()> {
         let mut cfg =
             serde_json::to_value(self.config()).map_err(|e| Error::msg(format!("{}: config: {e}", Self::WHAT)))?;
         if let Some(o) = cfg.as_object_mut() {
-            o.insert("_class_name".into(), class_name.into());
+            o.insert("_class_name".into(), Self::CLASS_NAME.into());
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::msg(e.to_string()))?;
         crate::io::atomic::write_bytes(&dir.join("config.json"), text.as_bytes())?;
@@ -89,27 +165,19 @@ pub fn init_tensor(name: &str, dims: &[usize], rng: &mut Generator, dtype: DType
     })
 }
 
-/// Implements [`Component`] for a type with `config` and `named` fields and a
-/// `new(cfg, weights)` constructor.
+/// The accessors of a [`Component`] whose struct has a `config` field and a
+/// `named` field (the weights by name); used inside the `impl Component` block.
 #[macro_export]
-macro_rules! impl_component {
-    ($ty:ty, $cfg:ty, $what:literal, $file:literal) => {
-        impl $crate::diffusion::model::Component for $ty {
-            type Config = $cfg;
-            const WHAT: &'static str = $what;
-            const WEIGHTS_FILE: &'static str = $file;
-            fn construct(cfg: &$cfg, w: &$crate::diffusion::weights::Weights) -> $crate::error::Result<Self> {
-                Self::new(cfg, w)
-            }
-            fn config(&self) -> &$cfg {
-                &self.config
-            }
-            fn named_weights(&self) -> &[(String, candle_core::Tensor)] {
-                &self.named
-            }
-            fn set_named_weights(&mut self, named: Vec<(String, candle_core::Tensor)>) {
-                self.named = named;
-            }
+macro_rules! component_fields {
+    () => {
+        fn config(&self) -> &Self::Config {
+            &self.config
+        }
+        fn named_weights(&self) -> &[(String, candle_core::Tensor)] {
+            &self.named
+        }
+        fn set_named_weights(&mut self, named: Vec<(String, candle_core::Tensor)>) {
+            self.named = named;
         }
     };
 }

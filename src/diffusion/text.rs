@@ -6,6 +6,7 @@
 use super::clip::ClipTextModel;
 use super::condition::Condition;
 use super::folder::{component_dir, Family, ModelIndex};
+use super::model::{Component, LoadOptions};
 use super::tokenizer::PromptTokenizer;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
@@ -49,7 +50,7 @@ impl TextConditioner {
             .iter()
             .map(|(t, e)| {
                 let tokenizer = PromptTokenizer::load(&dir.join(t))?;
-                let (model, _) = ClipTextModel::load(&component_dir(dir, e)?, dtype, device)?;
+                let model = ClipTextModel::load(&component_dir(dir, e)?, &LoadOptions::new(dtype, device))?;
                 Ok(Encoder { tokenizer, model })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -9,7 +9,6 @@ use crate::error::{Error, Result};
 use crate::ops::{geglu, silu};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// An int, or one value per block (diffusers accepts both).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -461,27 +460,15 @@ pub struct Unet {
     named: Vec<(String, Tensor)>,
 }
 
-crate::impl_component!(Unet, UnetConfig, "unet", "diffusion_pytorch_model.safetensors");
+impl Component for Unet {
+    type Config = UnetConfig;
+    const WHAT: &'static str = "unet";
+    const CLASS_NAME: &'static str = "UNet2DConditionModel";
+    const WEIGHTS_FILE: &'static str = "diffusion_pytorch_model.safetensors";
+    const SUBFOLDER: Option<&'static str> = Some("unet");
+    crate::component_fields!();
 
-impl Unet {
-    /// Loads `unet/` of a diffusers folder (or a unet folder itself) in `dtype`.
-    pub fn load(dir: &Path, dtype: DType, device: &Device, variant: Option<&str>) -> Result<Self> {
-        let udir = super::folder::component_dir(dir, "unet")?;
-        let cfg_path = udir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let cfg = UnetConfig::from_json(&text).map_err(|e| Error::file(&cfg_path, None, e))?;
-        let tensors = super::folder::load_tensors(&udir, variant, dtype, device)?;
-        <Self as Component>::build(&cfg, Weights::from_tensors(tensors, dtype, device))
-            .map_err(|e| Error::file(&udir, None, e))
-    }
-
-    /// Parameter count.
-    pub fn num_params(&self) -> usize {
-        self.named.iter().map(|(_, t)| t.elem_count()).sum()
-    }
-
-    /// Builds the network from a weight source without checking for leftovers.
-    pub fn new(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
+    fn new(cfg: &UnetConfig, w: &Weights) -> Result<Self> {
         cfg.validate()?;
         let ch = &cfg.block_out_channels;
         let n = ch.len();
@@ -590,7 +577,9 @@ impl Unet {
             named: vec![],
         })
     }
+}
 
+impl Unet {
     pub fn dtype(&self) -> DType {
         self.conv_in.weight.dtype()
     }

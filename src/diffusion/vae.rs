@@ -5,11 +5,10 @@
 use super::layers::{Attention, Conv2d, GroupNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::silu;
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 fn d_groups() -> usize {
     32
@@ -160,10 +159,15 @@ pub struct Vae {
     named: Vec<(String, Tensor)>,
 }
 
-crate::impl_component!(Vae, VaeConfig, "vae", "diffusion_pytorch_model.safetensors");
+impl Component for Vae {
+    type Config = VaeConfig;
+    const WHAT: &'static str = "vae";
+    const CLASS_NAME: &'static str = "AutoencoderKL";
+    const WEIGHTS_FILE: &'static str = "diffusion_pytorch_model.safetensors";
+    const SUBFOLDER: Option<&'static str> = Some("vae");
+    crate::component_fields!();
 
-impl Vae {
-    pub fn new(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
+    fn new(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let (n, g, l) = (ch.len(), cfg.norm_num_groups, cfg.latent_channels);
         let e = w.pp("encoder");
@@ -221,17 +225,9 @@ impl Vae {
             named: vec![],
         })
     }
+}
 
-    /// Loads `vae/` of a diffusers folder (or a vae folder itself).
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let vdir = super::folder::component_dir(dir, "vae")?;
-        let cfg_path = vdir.join("config.json");
-        let cfg: VaeConfig = serde_json::from_value(super::folder::read_json(&cfg_path)?)
-            .map_err(|e| Error::file(&cfg_path, None, e))?;
-        let w = Weights::from_tensors(super::folder::load_tensors(&vdir, None, dtype, device)?, dtype, device);
-        <Self as Component>::build(&cfg, w).map_err(|e| Error::file(&vdir, None, e))
-    }
-
+impl Vae {
     /// How many times the VAE halves the image size.
     pub fn downscale(&self) -> usize {
         1 << (self.config.block_out_channels.len() - 1)

@@ -34,8 +34,9 @@ pub struct Api<'a> {
     group: &'static str,
 }
 
-/// A readable Rhai type name for a Rust type name.
-pub fn pretty_type(rust: &str) -> String {
+/// A readable Rhai type name for a Rust type name: the name `registered` gives a
+/// registered custom type (Rhai's `Engine::map_type_name`), else a short form.
+pub fn pretty_type(rust: &str, registered: &dyn Fn(&str) -> Option<String>) -> String {
     let t = rust.trim();
     let t = t.strip_prefix("&mut ").unwrap_or(t);
     if let Some(inner) = t.strip_prefix("core::result::Result<") {
@@ -45,13 +46,13 @@ pub fn pretty_type(rust: &str) -> String {
             match c {
                 '<' => depth += 1,
                 '>' => depth -= 1,
-                ',' if depth == 0 => return pretty_type(&inner[..i]),
+                ',' if depth == 0 => return pretty_type(&inner[..i], registered),
                 _ => {}
             }
         }
     }
-    if t.contains("TensorHandle") {
-        return "Tensor".into();
+    if let Some(name) = registered(t) {
+        return name;
     }
     if t.starts_with("alloc::vec::Vec<rhai::types::dynamic::Dynamic") {
         return "Array".into();
@@ -96,6 +97,12 @@ impl<'a> Api<'a> {
         FUNC: RhaiNativeFunc<A, N, X, R, F> + Send + Sync + 'static,
     {
         let types = FUNC::param_names();
+        let engine: &Engine = self.engine;
+        // Only this crate's types: Rhai's own names for its built-ins are lower case.
+        let registered = |t: &str| {
+            Some(engine.map_type_name(t)).filter(|n| t.starts_with("sidscript::") && *n != t).map(str::to_string)
+        };
+        let pretty_type = |t: &str| pretty_type(t, &registered);
         let params: Vec<Param> =
             params.iter().zip(types.iter()).map(|(n, t)| Param { name: n.to_string(), ty: pretty_type(t) }).collect();
         let returns = pretty_type(FUNC::return_type_name());

@@ -8,11 +8,12 @@
 //! assert_eq!(v, 6.0);
 //! ```
 
-pub mod api;
 pub mod docs;
 pub mod error;
 pub mod live;
 pub mod modules;
+pub mod options;
+pub mod packages;
 pub mod runtime;
 pub mod tensor;
 
@@ -54,7 +55,6 @@ pub struct Host {
 
 impl Host {
     pub fn new(opts: HostOptions) -> crate::Result<Self> {
-        crate::tune_runtime();
         let runtime = Arc::new(Runtime::new(opts.seed, opts.device));
         runtime.set_config(opts.config);
         let mut engine = Engine::new();
@@ -74,7 +74,7 @@ impl Host {
         let modules = Modules::default();
         engine.set_module_resolver(modules.clone());
         let mut docs = vec![];
-        api::register_all(&mut docs::Api::new(&mut engine, &mut docs), &runtime);
+        packages::register_all(&mut docs::Api::new(&mut engine, &mut docs), &runtime);
         Ok(Self { engine, runtime, docs, modules, cancel })
     }
 
@@ -154,7 +154,7 @@ impl Host {
         if let Some(t) = v.read_lock::<TensorHandle>() {
             return tensor::summary(t.tensor());
         }
-        if let Some(o) = v.read_lock::<api::optim::OptimizerHandle>() {
+        if let Some(o) = v.read_lock::<packages::optimizer::OptimizerHandle>() {
             return o.describe();
         }
         if let Some(arr) = v.read_lock::<rhai::Array>() {

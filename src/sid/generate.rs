@@ -4,7 +4,7 @@
 //! the last without gradient, and the gradient flows through the last step only.
 
 use crate::diffusion::condition::Condition;
-use crate::diffusion::schedule::VpSchedule;
+use crate::diffusion::schedule::{timesteps_tensor, VpSchedule};
 use crate::diffusion::unet::Unet;
 use crate::error::Result;
 use candle_core::Tensor;
@@ -74,7 +74,7 @@ pub fn generate(
     }
     let dev = z.device();
     let b = z.dim(0)?;
-    let t_of = |t: usize| -> Result<Tensor> { super::t_tensor(&vec![t; b], dev) };
+    let t_of = |t: usize| -> Result<Tensor> { timesteps_tensor(&vec![t; b], dev) };
     let added = cond.added();
     let mut x_in = (z * sch.sigma(timesteps[0])?)?; // a·0 + σ·z
     for i in 0..k - 1 {

@@ -8,12 +8,26 @@ pub mod gan;
 pub mod generate;
 pub mod loss;
 
+use crate::diffusion::condition::Condition;
 use crate::error::Result;
+use crate::rng::Generator;
 use candle_core::{DType, Tensor};
 
-/// Per-sample integer timesteps as the f32 tensor the UNet and schedule take.
-pub fn t_tensor(t: &[usize], device: &candle_core::Device) -> Result<Tensor> {
-    crate::diffusion::schedule::timesteps_tensor(t, device)
+/// `cond` with each row replaced by `null`'s (one-row) condition with probability
+/// `p`, one uniform draw per row from `rng`: SiD's prompt dropout (10% in the
+/// fake-score step when a guidance scale ≠ 1). Returns the rows that were dropped.
+pub fn condition_dropout(
+    cond: &Condition,
+    null: &Condition,
+    p: f64,
+    rng: &mut Generator,
+) -> Result<(Condition, Vec<bool>)> {
+    let b = cond.batch()?;
+    let both = cond.cat(&null.repeat(1)?)?;
+    let dropped: Vec<bool> = (0..b).map(|_| rng.uniform() < p).collect();
+    let idx: Vec<u32> = dropped.iter().enumerate().map(|(i, &d)| if d { b as u32 } else { i as u32 }).collect();
+    let idx = Tensor::from_vec(idx, b, cond.context.device())?;
+    Ok((both.select(&idx)?, dropped))
 }
 
 /// Rows of `x` whose values are all finite, as a mask (one bool per sample).

@@ -12,9 +12,8 @@ pub use crate::diffusion::model::Component;
 use crate::diffusion::weights::Weights;
 use crate::error::{Error, Result};
 use crate::ops::silu;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 fn d_channels() -> Vec<usize> {
     vec![32, 64, 64]
@@ -64,38 +63,6 @@ pub struct Judgement {
 }
 
 impl Judge {
-    pub fn new(cfg: &JudgeConfig, w: &Weights) -> Result<Self> {
-        let mut convs = vec![];
-        let mut cin = 3;
-        for (i, &c) in cfg.channels.iter().enumerate() {
-            convs.push(Conv2d::new(&w.pp(format!("convs.{i}")), cin, c, 3, 1, 1)?);
-            cin = c;
-        }
-        let side = cfg.image_size >> cfg.channels.len();
-        if side == 0 {
-            return Err(Error::msg(format!(
-                "judge: {} poolings leave nothing of a {}-pixel image",
-                cfg.channels.len(),
-                cfg.image_size
-            )));
-        }
-        Ok(Self {
-            features: Linear::new(&w.pp("features"), cin * side * side, cfg.features, true)?,
-            heads: Linear::new(&w.pp("heads"), cfg.features, HEADS.iter().sum(), true)?,
-            convs,
-            config: cfg.clone(),
-            named: vec![],
-        })
-    }
-
-    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let cfg: JudgeConfig = serde_json::from_value(crate::diffusion::folder::read_json(&cfg_path)?)
-            .map_err(|e| Error::file(&cfg_path, None, e))?;
-        let w = Weights::from_tensors(crate::diffusion::folder::load_tensors(dir, None, dtype, device)?, dtype, device);
-        <Self as Component>::build(&cfg, w).map_err(|e| Error::file(dir, None, e))
-    }
-
     /// Images in [−1, 1], B×3×S×S.
     pub fn forward(&self, images: &Tensor) -> Result<Judgement> {
         let s = self.config.image_size;
@@ -143,4 +110,35 @@ impl Judgement {
     }
 }
 
-crate::impl_component!(Judge, JudgeConfig, "judge", "model.safetensors");
+impl Component for Judge {
+    type Config = JudgeConfig;
+    const WHAT: &'static str = "judge";
+    const CLASS_NAME: &'static str = "ToyJudge";
+    const WEIGHTS_FILE: &'static str = "model.safetensors";
+    const SUBFOLDER: Option<&'static str> = None;
+    crate::component_fields!();
+
+    fn new(cfg: &JudgeConfig, w: &Weights) -> Result<Self> {
+        let mut convs = vec![];
+        let mut cin = 3;
+        for (i, &c) in cfg.channels.iter().enumerate() {
+            convs.push(Conv2d::new(&w.pp(format!("convs.{i}")), cin, c, 3, 1, 1)?);
+            cin = c;
+        }
+        let side = cfg.image_size >> cfg.channels.len();
+        if side == 0 {
+            return Err(Error::msg(format!(
+                "judge: {} poolings leave nothing of a {}-pixel image",
+                cfg.channels.len(),
+                cfg.image_size
+            )));
+        }
+        Ok(Self {
+            features: Linear::new(&w.pp("features"), cin * side * side, cfg.features, true)?,
+            heads: Linear::new(&w.pp("heads"), cfg.features, HEADS.iter().sum(), true)?,
+            convs,
+            config: cfg.clone(),
+            named: vec![],
+        })
+    }
+}

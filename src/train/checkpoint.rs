@@ -4,15 +4,24 @@
 //! temporary folder, synced, and renamed into place, so a crash leaves the old
 //! checkpoint or the new one, never a mixture. No pickle anywhere.
 
+use super::ema::EmaModel;
+use super::model::Model;
+use super::optim::Optimizer;
+use super::param::Param;
+use crate::diffusion::model::Component;
 use crate::error::{Error, Result};
+use crate::rng::GeneratorState;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+/// The tensors' file in a checkpoint folder.
 pub const TENSORS_FILE: &str = "tensors.safetensors";
+/// The JSON state's file in a checkpoint folder.
 pub const STATE_FILE: &str = "state.json";
 
-/// Writes a checkpoint folder atomically.
+/// Writes a checkpoint folder atomically: `tensors` by name, and `state`.
 pub fn save(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
     let name = dir
         .file_name()
@@ -50,11 +59,218 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value)
     Ok(())
 }
 
-/// Reads a checkpoint folder.
+/// Reads a checkpoint folder: its tensors by name, and its state.
 pub fn load(dir: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
     let state = crate::diffusion::folder::read_json(&dir.join(STATE_FILE))?;
     let tensors = crate::io::safetensors::load(&dir.join(TENSORS_FILE), device, None)?.into_iter().collect();
     Ok((tensors, state))
+}
+
+/// The `format` of a training checkpoint's state.json.
+pub const FORMAT: &str = "sidscript-checkpoint";
+
+/// One piece of training state a checkpoint holds: its tensors, and a record
+/// beside them, restored in place. Trainable models, EMAs, optimisers and
+/// parameters are; [`save_training`] and [`load_training`] write and read a
+/// folder of them by key.
+pub trait Checkpointable {
+    /// The kind recorded in state.json ("unet", "ema", "optimizer", "tensor").
+    fn kind(&self) -> &'static str;
+    /// The tensors to save, named within this entry ("" names the entry itself).
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>>;
+    /// A record saved beside them (an optimiser's step counts and learning rates).
+    fn state_record(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Restores the saved tensors (named as [`state_tensors`](Checkpointable::state_tensors)
+    /// named them) and the record.
+    fn load_state(&self, tensors: &HashMap<String, Tensor>, record: Option<&serde_json::Value>) -> Result<()>;
+}
+
+impl<T: Checkpointable + ?Sized> Checkpointable for Arc<T> {
+    fn kind(&self) -> &'static str {
+        (**self).kind()
+    }
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        (**self).state_tensors()
+    }
+    fn state_record(&self) -> Option<serde_json::Value> {
+        (**self).state_record()
+    }
+    fn load_state(&self, tensors: &HashMap<String, Tensor>, record: Option<&serde_json::Value>) -> Result<()> {
+        (**self).load_state(tensors, record)
+    }
+}
+
+/// A model saves its weights; only a trainable copy can be restored (into its parameters).
+impl<M: Component> Checkpointable for Model<M> {
+    fn kind(&self) -> &'static str {
+        M::WHAT
+    }
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.net.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect())
+    }
+    fn load_state(&self, tensors: &HashMap<String, Tensor>, _: Option<&serde_json::Value>) -> Result<()> {
+        let Some(params) = &self.params else {
+            crate::bail!("a frozen {} cannot be restored; restore into a trainable copy", M::WHAT)
+        };
+        for p in params.iter() {
+            let name = p.name();
+            let t = tensors.get(&name).ok_or_else(|| Error::msg(format!("lacks weight {name}")))?;
+            p.assign(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// An EMA saves its averaged weights by the model's weight names.
+impl<M: Component> Checkpointable for EmaModel<M> {
+    fn kind(&self) -> &'static str {
+        "ema"
+    }
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.model.net.named_weights().to_vec())
+    }
+    fn load_state(&self, tensors: &HashMap<String, Tensor>, _: Option<&serde_json::Value>) -> Result<()> {
+        let values: Vec<Tensor> = self
+            .model
+            .net
+            .named_weights()
+            .iter()
+            .map(|(n, _)| tensors.get(n).cloned().ok_or_else(|| Error::msg(format!("lacks averaged weight {n}"))))
+            .collect::<Result<_>>()?;
+        self.ema.assign(&values)
+    }
+}
+
+/// An optimiser saves its moments, and records its step counts and learning rates.
+impl Checkpointable for Mutex<Optimizer> {
+    fn kind(&self) -> &'static str {
+        "optimizer"
+    }
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).state_tensors()
+    }
+    fn state_record(&self) -> Option<serde_json::Value> {
+        let opt = self.lock().unwrap_or_else(|e| e.into_inner());
+        let lrs: Vec<f64> = opt.groups().iter().map(|g| g.lr).collect();
+        Some(serde_json::json!({ "steps": opt.step_counts(), "lrs": lrs }))
+    }
+    fn load_state(&self, tensors: &HashMap<String, Tensor>, record: Option<&serde_json::Value>) -> Result<()> {
+        let record = record.ok_or_else(|| Error::msg("no optimizer record (steps, lrs)"))?;
+        let steps: Vec<u64> =
+            serde_json::from_value(record["steps"].clone()).map_err(|e| Error::msg(format!("optimizer steps: {e}")))?;
+        // Learning rates are restored when recorded (every checkpoint since they were added).
+        let lrs: Vec<f64> = match record.get("lrs") {
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::msg(format!("optimizer lrs: {e}")))?,
+            None => vec![],
+        };
+        let mut opt = self.lock().unwrap_or_else(|e| e.into_inner());
+        opt.load_state(tensors, &steps)?;
+        for (i, lr) in lrs.into_iter().enumerate() {
+            opt.set_lr(i, lr)?;
+        }
+        Ok(())
+    }
+}
+
+/// A tensor in a checkpoint: saved as it is, restored into its parameter.
+pub struct TensorEntry {
+    /// The value to save.
+    pub tensor: Tensor,
+    /// The parameter to restore into (a plain tensor cannot be restored).
+    pub param: Option<Arc<Param>>,
+}
+
+impl Checkpointable for TensorEntry {
+    fn kind(&self) -> &'static str {
+        "tensor"
+    }
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![(String::new(), self.tensor.detach())])
+    }
+    fn load_state(&self, tensors: &HashMap<String, Tensor>, _: Option<&serde_json::Value>) -> Result<()> {
+        let param = self
+            .param
+            .as_ref()
+            .ok_or_else(|| Error::msg("restoring a tensor needs a trainable parameter (make one with param(t))"))?;
+        param.assign(tensors.get("").ok_or_else(|| Error::msg("no saved tensor"))?)
+    }
+}
+
+/// The name of entry `key`'s tensor `name` in the tensors file.
+fn stored_name(key: &str, name: &str) -> String {
+    if name.is_empty() {
+        key.to_string()
+    } else {
+        format!("{key}.{name}")
+    }
+}
+
+/// Saves `entries` by key, the run's generator state and the script's own plain
+/// values (`extra`) as a checkpoint folder, atomically.
+pub fn save_training(
+    dir: &Path,
+    entries: &[(String, &dyn Checkpointable)],
+    rng: &GeneratorState,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vec![];
+    let mut kinds = serde_json::Map::new();
+    // Records live under "optimizers", the name version 1 gave them.
+    let mut records = serde_json::Map::new();
+    for (key, entry) in entries {
+        tensors.extend(entry.state_tensors()?.into_iter().map(|(n, t)| (stored_name(key, &n), t)));
+        kinds.insert(key.clone(), entry.kind().into());
+        if let Some(r) = entry.state_record() {
+            records.insert(key.clone(), r);
+        }
+    }
+    let state = serde_json::json!({
+        "format": FORMAT,
+        "version": 1,
+        "rng": rng,
+        "kinds": kinds,
+        "optimizers": records,
+        "extra": extra,
+    });
+    save(dir, &tensors, &state)
+}
+
+/// Restores a checkpoint folder into `entries` (the keys they were saved under);
+/// returns the run's generator state and the script's plain values. Errors name
+/// the folder and the key.
+pub fn load_training(
+    dir: &Path,
+    device: &Device,
+    entries: &[(String, &dyn Checkpointable)],
+) -> Result<(GeneratorState, serde_json::Map<String, serde_json::Value>)> {
+    let (tensors, json) = load(dir, device)?;
+    let at = dir.display();
+    if json["format"] != FORMAT {
+        crate::bail!("{at}: not a sidscript checkpoint");
+    }
+    for (key, entry) in entries {
+        let kind = entry.kind();
+        match json["kinds"].get(key.as_str()).and_then(|k| k.as_str()) {
+            None => crate::bail!("{at}: the checkpoint has no {kind} '{key}'"),
+            Some(saved) if saved != kind => crate::bail!("{at}: '{key}' was saved as a {saved}, not a {kind}"),
+            Some(_) => {}
+        }
+        let prefix = format!("{key}.");
+        let mut own: HashMap<String, Tensor> =
+            tensors.iter().filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t.clone()))).collect();
+        if let Some(t) = tensors.get(key.as_str()) {
+            own.insert(String::new(), t.clone());
+        }
+        entry
+            .load_state(&own, json["optimizers"].get(key.as_str()))
+            .map_err(|e| Error::msg(format!("{at}: '{key}': {e}")))?;
+    }
+    let rng: GeneratorState =
+        serde_json::from_value(json["rng"].clone()).map_err(|e| Error::msg(format!("{at}: rng state: {e}")))?;
+    let extra = json["extra"].as_object().cloned().unwrap_or_default();
+    Ok((rng, extra))
 }
 
 #[cfg(test)]

@@ -2,9 +2,13 @@
 //! images, ramped up with the images seen, θ_ema ← β·θ_ema + (1 − β)·θ with
 //! β = 0.5^(batch / max(h, 1e-8)), h = min(half_life, nimg·rampup).
 
+use super::model::Model;
+use crate::diffusion::model::Component;
 use crate::error::Result;
 use candle_core::{Tensor, Var};
+use std::sync::Arc;
 
+/// The averaged weights of a list of tensors.
 pub struct Ema {
     /// The averaged weights, in the order of the tracked tensors.
     vars: Vec<Var>,
@@ -51,6 +55,37 @@ impl Ema {
             v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
         }
         Ok(())
+    }
+}
+
+/// An EMA of a model's weights, and a frozen model over the averaged weights (it
+/// follows every update; sample and export from it). Clones share both.
+pub struct EmaModel<M> {
+    /// The average.
+    pub ema: Arc<Ema>,
+    /// A frozen model over the averaged weights.
+    pub model: Model<M>,
+}
+
+impl<M> Clone for EmaModel<M> {
+    fn clone(&self) -> Self {
+        Self { ema: self.ema.clone(), model: self.model.clone() }
+    }
+}
+
+impl<M: Component> EmaModel<M> {
+    /// Starts the average at `net`'s current weights.
+    pub fn start(net: &M) -> Result<Self> {
+        let tensors: Vec<Tensor> = net.named_weights().iter().map(|(_, t)| t.clone()).collect();
+        let ema = Ema::new(&tensors)?;
+        let map = net.named_weights().iter().map(|(n, _)| n.clone()).zip(ema.tensors()).collect();
+        Ok(Self { ema: Arc::new(ema), model: Model::frozen(net.with_weights(map)?) })
+    }
+
+    /// θ_ema ← β·θ_ema + (1 − β)·θ for `net`'s current weights θ.
+    pub fn update(&self, net: &M, beta: f64) -> Result<()> {
+        let current: Vec<Tensor> = net.named_weights().iter().map(|(_, t)| t.clone()).collect();
+        self.ema.update(&current, beta)
     }
 }
 

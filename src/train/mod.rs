@@ -1,10 +1,13 @@
-//! Training pieces: parameters with gradient slots, optimisers, clipping.
+//! Training pieces: parameters with gradient slots and trainable copies of models,
+//! optimisers, gradient clipping, EMA, checkpoint folders.
 
 pub mod checkpoint;
-pub mod clip;
 pub mod ema;
+pub mod grad_clip;
+pub mod model;
 pub mod optim;
 pub mod param;
 
+pub use model::Model;
 pub use optim::{Method, Optimizer, ParamGroup};
 pub use param::Param;

@@ -7,6 +7,7 @@
 //! the tensor id, holding weak references only: dropping the last handle of a
 //! parameter frees it and removes its entry.
 
+use crate::diffusion::model::Component;
 use crate::error::{Error, Result};
 use candle_core::{Tensor, TensorId, Var};
 use std::collections::HashMap;
@@ -122,6 +123,15 @@ fn check_scalar(loss: &Tensor) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A copy of `m` over fresh parameters (its weights' values, detached), and
+/// those parameters, in `m`'s weight order: a trainable generator or fake net
+/// made from a teacher.
+pub fn trainable_copy<M: Component>(m: &M) -> Result<(M, Vec<Arc<Param>>)> {
+    let named: Vec<_> = m.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+    let (map, params) = params_from(&named)?;
+    Ok((m.with_weights(map)?, params))
 }
 
 /// Trainable copies of named weights: a parameter per tensor (named as the weight)

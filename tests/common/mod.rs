@@ -76,7 +76,12 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
 
 /// The diffusers reference values of a fixture (tools/make_tiny_pipelines.py).
 pub fn expected(name: &str) -> std::collections::HashMap<String, Tensor> {
-    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, None)
+    expected_as(name, None)
+}
+
+/// The reference values of a fixture, converted to `dtype` when given.
+pub fn expected_as(name: &str, dtype: Option<DType>) -> std::collections::HashMap<String, Tensor> {
+    sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, dtype)
         .unwrap()
         .into_iter()
         .collect()

@@ -1,20 +1,16 @@
-//! Noise schedules, guidance, teacher sampling and image grids in scripts.
+//! The `Schedule` type in scripts: VP noise schedules, loaded or made, and their
+//! quantities (a_t, σ_t, ᾱ_t, adding noise, predictions).
 //!
 //! ```text
 //! let sch = load_schedule(dir);                    // or vp_schedule(#{ kind: "scaled_linear" })
 //! let x_t = sch.add_noise(x0, randn_like(x0), t);
-//! let eps = guided(teacher, x_t, t, c, uncond, 1.5);  // CFG: one doubled batch (`null` is reserved in Rhai)
-//! let z = sample(teacher, sch, randn([4, 4, 64, 64]), c, uncond, #{ sampler: "ddim", steps: 25, guidance: 7.5 });
-//! save_image_grid(vae.decode(z), "out/grid.png");
 //! ```
 
-use super::models::{cond_from, timesteps_arg, UnetHandle};
-use crate::diffusion::guidance::guided;
-use crate::diffusion::sampler::{sample, SamplerKind};
+use super::unet::timesteps_arg;
 use crate::diffusion::schedule::{Prediction, ScheduleConfig, VpSchedule};
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{number, TensorHandle as T};
+use crate::host::tensor::{number, TensorHandle};
 use rhai::{Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
@@ -51,6 +47,7 @@ fn vp_schedule(o: &Map) -> ScriptResult<ScheduleHandle> {
     Ok(ScheduleHandle(Arc::new(VpSchedule::new(&cfg).script()?)))
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api) {
     api.engine.register_type_with_name::<ScheduleHandle>("Schedule");
     api.group("schedule");
@@ -82,74 +79,36 @@ pub fn register(api: &mut Api) {
         "add_noise",
         ["sch", "x0", "noise", "t"],
         "a_t·x0 + σ_t·noise with one integer t per sample.",
-        |s: &mut ScheduleHandle, x0: T, n: T, t: Dynamic| -> ScriptResult<T> {
+        |s: &mut ScheduleHandle, x0: TensorHandle, n: TensorHandle, t: Dynamic| -> ScriptResult<TensorHandle> {
             let t = timesteps_arg(&t, x0.tensor().device())?;
-            Ok(T::new(s.0.add_noise(x0.tensor(), n.tensor(), &t).script()?))
+            Ok(TensorHandle::new(s.0.add_noise(x0.tensor(), n.tensor(), &t).script()?))
         },
     );
     api.method(
         "to_x0",
         ["sch", "x_t", "pred", "t"],
         "x̂0 from the network's prediction (ε: (x_t − σ_t ε̂)/a_t, never clipped).",
-        |s: &mut ScheduleHandle, x: T, p: T, t: Dynamic| -> ScriptResult<T> {
+        |s: &mut ScheduleHandle, x: TensorHandle, p: TensorHandle, t: Dynamic| -> ScriptResult<TensorHandle> {
             let t = timesteps_arg(&t, x.tensor().device())?;
-            Ok(T::new(s.0.to_x0(x.tensor(), p.tensor(), &t).script()?))
+            Ok(TensorHandle::new(s.0.to_x0(x.tensor(), p.tensor(), &t).script()?))
         },
     );
     api.method(
         "to_eps",
         ["sch", "x_t", "pred", "t"],
         "ε̂ from the network's prediction.",
-        |s: &mut ScheduleHandle, x: T, p: T, t: Dynamic| -> ScriptResult<T> {
+        |s: &mut ScheduleHandle, x: TensorHandle, p: TensorHandle, t: Dynamic| -> ScriptResult<TensorHandle> {
             let t = timesteps_arg(&t, x.tensor().device())?;
-            Ok(T::new(s.0.to_eps(x.tensor(), p.tensor(), &t).script()?))
+            Ok(TensorHandle::new(s.0.to_eps(x.tensor(), p.tensor(), &t).script()?))
         },
     );
     api.method(
         "eps_from_x0",
         ["sch", "x_t", "x0", "t"],
         "The noise implied by x_t and x̂0: (x_t − a_t x̂0)/σ_t.",
-        |s: &mut ScheduleHandle, x: T, x0: T, t: Dynamic| -> ScriptResult<T> {
+        |s: &mut ScheduleHandle, x: TensorHandle, x0: TensorHandle, t: Dynamic| -> ScriptResult<TensorHandle> {
             let t = timesteps_arg(&t, x.tensor().device())?;
-            Ok(T::new(s.0.eps_from_x0(x.tensor(), x0.tensor(), &t).script()?))
-        },
-    );
-
-    api.group("sampling");
-    api.func("guided", ["unet", "x", "t", "cond", "null", "scale"], "Classifier-free-guided prediction: κ = 1 one conditional pass, κ = 0 the null branch alone, otherwise null and text rows in one doubled batch.", |u: UnetHandle, x: T, t: Dynamic, c: Dynamic, n: Dynamic, k: Dynamic| -> ScriptResult<T> {
-        let k = number(&k, "scale")?;
-        let t = timesteps_arg(&t, x.tensor().device())?;
-        Ok(T::new(guided(&u.net, x.tensor(), &t, &cond_from(&c)?, &cond_from(&n)?, k).script()?.pred))
-    });
-    api.func("sample", ["unet", "sch", "noise", "cond", "null", "opts"], "Samples latents from unit noise with a teacher. Options: sampler (ddim | euler), steps (25), guidance (7.5), progress (true: a progress bar).", |u: UnetHandle, s: ScheduleHandle, z: T, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<T> {
-        let kind: SamplerKind = o.get("sampler").map(|v| v.to_string()).unwrap_or_else(|| "ddim".into()).parse().script()?;
-        let steps = o.get("steps").map(|v| crate::host::tensor::int(v, "steps")).transpose()?.unwrap_or(25);
-        let guidance = o.get("guidance").map(|v| number(v, "guidance")).transpose()?.unwrap_or(7.5);
-        let show = o.get("progress").map(|v| v.as_bool().unwrap_or(true)).unwrap_or(false);
-        let steps = usize::try_from(steps).script()?;
-        let bar = if show { indicatif::ProgressBar::new(steps as u64) } else { indicatif::ProgressBar::hidden() };
-        let out = sample(&u.net, &s.0, kind, z.tensor(), &cond_from(&c)?, &cond_from(&n)?, steps, guidance, &mut |i, _| bar.set_position(i as u64)).script()?;
-        bar.finish_and_clear();
-        Ok(T::new(out))
-    });
-
-    api.group("images");
-    api.func(
-        "save_image_grid",
-        ["images", "path"],
-        "Writes B×3×H×W images in [-1, 1] as a PNG grid (about square), atomically.",
-        |x: T, p: &str| -> ScriptResult<()> {
-            let b = x.tensor().dim(0).script()?;
-            let cols = (b as f64).sqrt().ceil() as usize;
-            crate::io::image::save_grid(Path::new(p), x.tensor(), cols).script()
-        },
-    );
-    api.func(
-        "save_image_grid",
-        ["images", "path", "cols"],
-        "Writes images as a PNG grid with `cols` columns, atomically.",
-        |x: T, p: &str, cols: i64| -> ScriptResult<()> {
-            crate::io::image::save_grid(Path::new(p), x.tensor(), usize::try_from(cols).script()?).script()
+            Ok(TensorHandle::new(s.0.eps_from_x0(x.tensor(), x0.tensor(), &t).script()?))
         },
     );
 }

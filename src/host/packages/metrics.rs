@@ -1,35 +1,19 @@
-//! Judging samples and plotting curves: the toy world's judge classifier, the
-//! alignment / Fréchet distance / diversity metrics (see `crate::metrics`), and
-//! PNG plots of a metrics log.
+//! Sample-quality metrics and plots in scripts: alignment / Fréchet distance /
+//! diversity (see `crate::metrics`), and PNG plots of a metrics log.
 //!
 //! ```text
-//! let judge = load_judge("models/toy/judge");
-//! let real = judge.predict(toy_draw(captions).images);
-//! let fake = judge.predict(images);
 //! print(alignment(fake.labels, toy_labels(captions)));
 //! print(frechet_distance(fake.features, real.features));
 //! print(diversity(fake.features, captions));
 //! plot_jsonl("out/metrics.jsonl", "out/curves.png", #{ x: "iteration", panels: [["fake_loss"], ["alignment"]] });
 //! ```
 
-use super::building::{fresh, params_map, Params};
-use crate::diffusion::model::Component;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
-use crate::host::tensor::TensorHandle as T;
+use crate::host::tensor::TensorHandle;
 use crate::io::plot::{self, Panel, Series};
-use crate::toy::judge::Judge;
-use rhai::{Array, Dynamic, Map};
+use rhai::{Array, Map};
 use std::path::Path;
-use std::sync::Arc;
-
-/// The toy world's attribute classifier (`Judge`).
-#[derive(Clone)]
-pub struct JudgeHandle {
-    pub net: Arc<Judge>,
-    pub params: Params,
-}
 
 fn strings(a: &Array, what: &str) -> ScriptResult<Vec<String>> {
     a.iter()
@@ -66,75 +50,30 @@ fn panels_from_jsonl(path: &str, x: &str, panels: &Array) -> ScriptResult<Vec<Pa
     Ok(out)
 }
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
-    api.engine.register_type_with_name::<JudgeHandle>("Judge");
-    api.group("metrics: judge");
-    let r = rt.clone();
-    api.func(
-        "new_judge",
-        ["config", "seed"],
-        "A freshly initialised, trainable judge. Config: channels ([32, 64, 64]), features (64), image_size (32).",
-        move |c: Map, seed: i64| -> ScriptResult<JudgeHandle> {
-            let (net, params) = fresh::<Judge>(&c, "judge", seed, &r)?;
-            Ok(JudgeHandle { net: Arc::new(net), params })
-        },
-    );
-    let r = rt.clone();
-    api.func(
-        "load_judge",
-        ["dir"],
-        "A judge saved by save_component (frozen).",
-        move |d: &str| -> ScriptResult<JudgeHandle> {
-            Ok(JudgeHandle { net: Arc::new(Judge::load(Path::new(d), r.dtype, &r.device).script()?), params: None })
-        },
-    );
-    api.func(
-        "save_component",
-        ["judge", "dir"],
-        "Writes a judge as config.json + model.safetensors.",
-        |j: JudgeHandle, d: &str| j.net.save(Path::new(d), "ToyJudge").script(),
-    );
-    api.getter("params", "A trainable judge's parameters by name.", |j: &mut JudgeHandle| params_map(&j.params));
-    api.method(
-        "loss",
-        ["judge", "images", "labels"],
-        "Sum over the four attributes of the mean cross-entropy against n×4 labels (as toy_batch gives).",
-        |j: &mut JudgeHandle, x: T, l: T| -> ScriptResult<T> {
-            Ok(T::new(j.net.loss(x.tensor(), l.tensor()).script()?))
-        },
-    );
-    api.method(
-        "predict",
-        ["judge", "images"],
-        "What the judge sees in images in [-1, 1]: #{ labels (n×4: size, colour, shape, position), features (n×64), logits }.",
-        |j: &mut JudgeHandle, x: T| -> ScriptResult<Map> {
-            let out = j.net.forward(x.tensor()).script()?;
-            let mut m = Map::new();
-            m.insert("labels".into(), Dynamic::from(T::new(out.labels().script()?)));
-            m.insert("features".into(), Dynamic::from(T::new(out.features)));
-            m.insert("logits".into(), Dynamic::from(T::new(out.logits)));
-            Ok(m)
-        },
-    );
-
+/// Registers the functions of this file.
+pub fn register(api: &mut Api) {
     api.group("metrics");
     api.func(
         "alignment",
         ["predicted", "target"],
         "Share of rows of two n×A label tensors that agree in every column (all attributes right).",
-        |p: T, t: T| -> ScriptResult<f64> { crate::metrics::alignment(p.tensor(), t.tensor()).script() },
+        |p: TensorHandle, t: TensorHandle| -> ScriptResult<f64> {
+            crate::metrics::alignment(p.tensor(), t.tensor()).script()
+        },
     );
     api.func(
         "frechet_distance",
         ["features_a", "features_b"],
         "Fréchet distance between Gaussians fitted to two N×D feature sets (FID's formula).",
-        |a: T, b: T| -> ScriptResult<f64> { crate::metrics::frechet_distance(a.tensor(), b.tensor()).script() },
+        |a: TensorHandle, b: TensorHandle| -> ScriptResult<f64> {
+            crate::metrics::frechet_distance(a.tensor(), b.tensor()).script()
+        },
     );
     api.func(
         "diversity",
         ["features", "prompts"],
         "Mean pairwise distance between feature rows that share a prompt, averaged over prompts.",
-        |f: T, g: Array| -> ScriptResult<f64> {
+        |f: TensorHandle, g: Array| -> ScriptResult<f64> {
             crate::metrics::diversity(f.tensor(), &strings(&g, "diversity")?).script()
         },
     );

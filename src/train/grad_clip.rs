@@ -1,8 +1,9 @@
-//! Gradient clipping over a set of parameters.
+//! Gradient clipping over a set of parameters, and the guard that makes non-finite
+//! gradients finite.
 
 use super::param::Param;
 use crate::error::Result;
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 /// Clamps every gradient element to `[-limit, limit]`.
@@ -39,6 +40,37 @@ pub fn clip_grad_norm(params: &[Arc<Param>], max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
+}
+
+/// Replaces NaN gradient entries by 0 and ±inf by ±1e5 (in place); returns how
+/// many entries were replaced.
+pub fn nan_to_num_grads(params: &[Arc<Param>]) -> Result<usize> {
+    let mut replaced = 0;
+    for p in params {
+        let Some(g) = p.grad() else { continue };
+        let g64 = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if g64.iter().all(|x| x.is_finite()) {
+            continue;
+        }
+        let fixed: Vec<f64> = g64
+            .iter()
+            .map(|&x| {
+                if x.is_finite() {
+                    x
+                } else {
+                    replaced += 1;
+                    if x.is_nan() {
+                        0.0
+                    } else {
+                        x.signum() * 1e5
+                    }
+                }
+            })
+            .collect();
+        let t = Tensor::from_vec(fixed, g.shape(), &Device::Cpu)?.to_dtype(g.dtype())?.to_device(g.device())?;
+        p.set_grad(Some(t))?;
+    }
+    Ok(replaced)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::runtime::Runtime;
-use crate::host::tensor::TensorHandle as T;
+use crate::host::tensor::TensorHandle;
 use crate::toy::{self, Attributes};
 use candle_core::Tensor;
 use rhai::{Array, Dynamic, Map};
@@ -38,9 +38,9 @@ fn labels(attrs: &[Attributes], device: &candle_core::Device) -> ScriptResult<Te
 fn batch(rt: &Runtime, attrs: Vec<Attributes>) -> ScriptResult<Map> {
     let images = toy::draw_batch(&attrs, &mut rt.rng(), &rt.device).script()?;
     let mut m = Map::new();
-    m.insert("images".into(), Dynamic::from(T::new(images)));
+    m.insert("images".into(), Dynamic::from(TensorHandle::new(images)));
     m.insert("captions".into(), Dynamic::from_array(attrs.iter().map(|a| Dynamic::from(a.caption())).collect()));
-    m.insert("labels".into(), Dynamic::from(T::new(labels(&attrs, &rt.device)?)));
+    m.insert("labels".into(), Dynamic::from(TensorHandle::new(labels(&attrs, &rt.device)?)));
     Ok(m)
 }
 
@@ -81,7 +81,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "toy_labels",
         ["captions"],
         "The n×4 attribute labels (size, colour, shape, position) of captions.",
-        move |c: Array| -> ScriptResult<T> { Ok(T::new(labels(&parse_all(&c)?, &r.device)?)) },
+        move |c: Array| -> ScriptResult<TensorHandle> { Ok(TensorHandle::new(labels(&parse_all(&c)?, &r.device)?)) },
     );
     api.func(
         "write_toy_tokenizer",

@@ -6,9 +6,10 @@
 //! loss.backward(); opt.step(); opt.zero_grad();
 //! ```
 
-use super::autograd::params_of;
+use super::tensor::autograd::params_of;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::options::{check_opts, opt_num};
 use crate::host::tensor::number;
 use crate::train::{Method, Optimizer, ParamGroup};
 use rhai::{Array, Dynamic, Map};
@@ -16,9 +17,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An optimiser as Rhai sees it (`Optimizer`); clones share one state.
 #[derive(Clone)]
-pub struct OptimizerHandle(Arc<Mutex<Optimizer>>);
+pub struct OptimizerHandle(pub Arc<Mutex<Optimizer>>);
 
 impl OptimizerHandle {
+    /// The optimiser (a poisoned lock is taken over: the state is plain numbers).
     pub fn lock(&self) -> MutexGuard<'_, Optimizer> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -36,10 +38,6 @@ impl OptimizerHandle {
     }
 }
 
-fn opt_f64(m: &Map, key: &str, default: f64) -> ScriptResult<f64> {
-    m.get(key).map(|v| number(v, key)).transpose().map(|v| v.unwrap_or(default))
-}
-
 const KNOWN_OPTS: &[&str] = &["lr", "betas", "eps", "weight_decay", "momentum"];
 
 /// Groups from an array/map of parameters, or an array of `#{params, lr?, weight_decay?}` maps.
@@ -53,8 +51,8 @@ fn groups(params: &Dynamic, lr: f64, wd: f64) -> ScriptResult<Vec<ParamGroup>> {
                     let g = g.clone().cast::<Map>();
                     Ok(ParamGroup {
                         params: params_of(&g["params"])?,
-                        lr: opt_f64(&g, "lr", lr)?,
-                        weight_decay: opt_f64(&g, "weight_decay", wd)?,
+                        lr: opt_num(&g, "lr", lr)?,
+                        weight_decay: opt_num(&g, "weight_decay", wd)?,
                     })
                 })
                 .collect();
@@ -67,16 +65,9 @@ fn groups(params: &Dynamic, lr: f64, wd: f64) -> ScriptResult<Vec<ParamGroup>> {
     Ok(vec![ParamGroup { params, lr, weight_decay: wd }])
 }
 
-fn check_opts(opts: &Map, who: &str) -> ScriptResult<()> {
-    match opts.keys().find(|k| !KNOWN_OPTS.contains(&k.as_str())) {
-        Some(k) => Err(script_err(format!("{who}: unknown option '{k}' (known: {})", KNOWN_OPTS.join(", ")))),
-        None => Ok(()),
-    }
-}
-
 fn adam(params: &Dynamic, opts: &Map, decoupled: bool) -> ScriptResult<OptimizerHandle> {
     let who = if decoupled { "adamw" } else { "adam" };
-    check_opts(opts, who)?;
+    check_opts(opts, KNOWN_OPTS, who)?;
     let (beta1, beta2) = match opts.get("betas") {
         None => (0.9, 0.999),
         Some(b) => {
@@ -88,9 +79,9 @@ fn adam(params: &Dynamic, opts: &Map, decoupled: bool) -> ScriptResult<Optimizer
             (number(&b[0], "beta1")?, number(&b[1], "beta2")?)
         }
     };
-    let method = Method::Adam { beta1, beta2, eps: opt_f64(opts, "eps", 1e-8)?, decoupled };
-    let wd = opt_f64(opts, "weight_decay", if decoupled { 0.01 } else { 0.0 })?;
-    let groups = groups(params, opt_f64(opts, "lr", 1e-3)?, wd)?;
+    let method = Method::Adam { beta1, beta2, eps: opt_num(opts, "eps", 1e-8)?, decoupled };
+    let wd = opt_num(opts, "weight_decay", if decoupled { 0.01 } else { 0.0 })?;
+    let groups = groups(params, opt_num(opts, "lr", 1e-3)?, wd)?;
     Ok(OptimizerHandle(Arc::new(Mutex::new(Optimizer::new(method, groups).script()?))))
 }
 
@@ -111,10 +102,10 @@ pub fn register(api: &mut Api) {
         ["params", "opts"],
         "SGD. Options: lr (required), momentum (0), weight_decay (0).",
         |p: Dynamic, o: Map| -> ScriptResult<OptimizerHandle> {
-            check_opts(&o, "sgd")?;
+            check_opts(&o, KNOWN_OPTS, "sgd")?;
             let lr = o.get("lr").ok_or_else(|| script_err("sgd: lr is required"))?;
-            let method = Method::Sgd { momentum: opt_f64(&o, "momentum", 0.0)? };
-            let groups = groups(&p, number(lr, "lr")?, opt_f64(&o, "weight_decay", 0.0)?)?;
+            let method = Method::Sgd { momentum: opt_num(&o, "momentum", 0.0)? };
+            let groups = groups(&p, number(lr, "lr")?, opt_num(&o, "weight_decay", 0.0)?)?;
             Ok(OptimizerHandle(Arc::new(Mutex::new(Optimizer::new(method, groups).script()?))))
         },
     );

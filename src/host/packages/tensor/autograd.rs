@@ -10,7 +10,7 @@
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::tensor::{number, TensorHandle as T};
-use crate::train::{clip, Param};
+use crate::train::{grad_clip, Param};
 use rhai::{Array, Dynamic, Map};
 use std::sync::Arc;
 
@@ -131,15 +131,15 @@ pub fn register(api: &mut Api) {
         "clip_grad_value",
         ["params", "limit"],
         "Clamps every gradient element into [-limit, limit].",
-        |v: Dynamic, l: Dynamic| clip::clip_grad_value(&params_of(&v)?, number(&l, "limit")?).script(),
+        |v: Dynamic, l: Dynamic| grad_clip::clip_grad_value(&params_of(&v)?, number(&l, "limit")?).script(),
     );
     api.func(
         "clip_grad_norm",
         ["params", "max_norm"],
         "Rescales gradients so their global L2 norm is at most max_norm; returns the norm before.",
-        |v: Dynamic, m: Dynamic| clip::clip_grad_norm(&params_of(&v)?, number(&m, "max_norm")?).script(),
+        |v: Dynamic, m: Dynamic| grad_clip::clip_grad_norm(&params_of(&v)?, number(&m, "max_norm")?).script(),
     );
     api.func("grad_norm", ["params"], "Global L2 norm of the gradients.", |v: Dynamic| {
-        clip::grad_norm(&params_of(&v)?).script()
+        grad_clip::grad_norm(&params_of(&v)?).script()
     });
 }

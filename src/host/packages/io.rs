@@ -3,7 +3,7 @@
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::runtime::Runtime;
-use crate::host::tensor::{self, TensorHandle as T};
+use crate::host::tensor::{self, TensorHandle};
 use rhai::{Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ fn load(path: &str, opts: &Map, rt: &Runtime) -> ScriptResult<Map> {
     };
     let dtype = opts.get("dtype").map(|d| tensor::parse_dtype(&d.to_string())).transpose()?;
     let tensors = crate::io::safetensors::load(Path::new(path), &device, dtype).script()?;
-    Ok(tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(T::new(t)))).collect())
+    Ok(tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(TensorHandle::new(t)))).collect())
 }
 
 pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
@@ -42,7 +42,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
             let tensors = m
                 .into_iter()
                 .map(|(k, v)| {
-                    v.try_cast::<T>()
+                    v.try_cast::<TensorHandle>()
                         .map(|t| (k.to_string(), t.into_tensor()))
                         .ok_or_else(|| script_err(format!("save_safetensors: '{k}' is not a tensor")))
                 })
@@ -101,8 +101,19 @@ pub fn register_files(api: &mut Api, rt: &Arc<Runtime>) {
     api.func("load_image_folder", ["dir", "size"], "Images of a folder (png/jpg), centre-cropped to size×size, as #{ images: N×3×size×size in [-1, 1], captions: [...] } (captions from same-named .txt files).", move |d: &str, s: i64| -> ScriptResult<Map> {
         let (images, captions) = crate::io::image::load_folder(Path::new(d), usize::try_from(s).script()?).script()?;
         let mut m = Map::new();
-        m.insert("images".into(), Dynamic::from(T::new(images.to_device(&r.device).script()?)));
+        m.insert("images".into(), Dynamic::from(TensorHandle::new(images.to_device(&r.device).script()?)));
         m.insert("captions".into(), Dynamic::from_array(captions.into_iter().map(Dynamic::from).collect()));
         Ok(m)
     });
+    api.func(
+        "write_json",
+        ["path", "value"],
+        "Writes a map or array as pretty JSON, atomically (model_index.json, scheduler configs, reports).",
+        |p: &str, v: Dynamic| -> ScriptResult<()> {
+            let j: serde_json::Value =
+                rhai::serde::from_dynamic(&v).map_err(|e| script_err(format!("write_json: {e}")))?;
+            let text = serde_json::to_string_pretty(&j).map_err(|e| script_err(e.to_string()))?;
+            crate::io::atomic::write_bytes(Path::new(p), text.as_bytes()).script()
+        },
+    );
 }

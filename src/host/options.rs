@@ -1,0 +1,24 @@
+//! Options maps of native functions (`#{ lr: 1e-4, betas: [0.0, 0.999] }`): unknown
+//! keys are rejected by name, and values read with their defaults.
+
+use super::error::{script_err, ScriptResult};
+use super::tensor::{int, number};
+use rhai::Map;
+
+/// An error naming the first key of `opts` that is not in `known`.
+pub fn check_opts(opts: &Map, known: &[&str], who: &str) -> ScriptResult<()> {
+    match opts.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(script_err(format!("{who}: unknown option '{k}' (known: {})", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
+/// The number at `key`, or `default` when absent.
+pub fn opt_num(opts: &Map, key: &str, default: f64) -> ScriptResult<f64> {
+    opts.get(key).map(|v| number(v, key)).transpose().map(|v| v.unwrap_or(default))
+}
+
+/// The integer at `key`, or `default` when absent.
+pub fn opt_int(opts: &Map, key: &str, default: i64) -> ScriptResult<i64> {
+    opts.get(key).map(|v| int(v, key)).transpose().map(|v| v.unwrap_or(default))
+}

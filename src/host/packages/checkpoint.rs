@@ -1,0 +1,78 @@
+//! Checkpoints and export in scripts.
+//!
+//! ```text
+//! let state = #{ gen: gen, fake: fake, ema: ema, opt_g: opt_g, opt_f: opt_f, it: it };
+//! save_checkpoint("out/ckpt", state);                  // atomic; includes the run's RNG state
+//! let saved = load_checkpoint(cfg.resume, state);      // restores in place; returns plain values
+//! export_diffusers(ema.unet, teacher_dir, "out/generator");   // diffusers can load it
+//! ```
+
+use super::ema::EmaHandle;
+use super::optimizer::OptimizerHandle;
+use super::unet::UnetHandle;
+use crate::diffusion::folder::export_unet;
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::runtime::Runtime;
+use crate::host::tensor::TensorHandle;
+use crate::rng::Generator;
+use crate::train::checkpoint::{self, Checkpointable, TensorEntry};
+use rhai::Map;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The entries of a script's state map that a checkpoint holds natively (UNets,
+/// EMAs, optimisers, tensors), and its plain values as JSON.
+type Entries = (Vec<(String, Box<dyn Checkpointable>)>, serde_json::Map<String, serde_json::Value>);
+
+fn entries(state: &Map) -> ScriptResult<Entries> {
+    let (mut native, mut plain): Entries = (vec![], serde_json::Map::new());
+    for (key, v) in state {
+        let key = key.to_string();
+        let entry: Box<dyn Checkpointable> = if let Some(u) = v.clone().try_cast::<UnetHandle>() {
+            Box::new(u)
+        } else if let Some(e) = v.clone().try_cast::<EmaHandle>() {
+            Box::new(e)
+        } else if let Some(o) = v.clone().try_cast::<OptimizerHandle>() {
+            Box::new(o.0)
+        } else if let Some(t) = v.clone().try_cast::<TensorHandle>() {
+            Box::new(TensorEntry { tensor: t.tensor().clone(), param: t.param().cloned() })
+        } else {
+            let j: serde_json::Value = rhai::serde::from_dynamic(v)
+                .map_err(|e| script_err(format!("save_checkpoint: '{key}' cannot be saved: {e}")))?;
+            plain.insert(key, j);
+            continue;
+        };
+        native.push((key, entry));
+    }
+    Ok((native, plain))
+}
+
+fn borrowed(native: &[(String, Box<dyn Checkpointable>)]) -> Vec<(String, &dyn Checkpointable)> {
+    native.iter().map(|(k, e)| (k.clone(), e.as_ref())).collect()
+}
+
+fn save(rt: &Runtime, dir: &str, state: &Map) -> ScriptResult<()> {
+    let (native, plain) = entries(state)?;
+    let rng = rt.rng().state();
+    checkpoint::save_training(Path::new(dir), &borrowed(&native), &rng, plain).script()
+}
+
+fn load(rt: &Runtime, dir: &str, state: &Map) -> ScriptResult<Map> {
+    let (native, _) = entries(state)?;
+    let (rng, plain) = checkpoint::load_training(Path::new(dir), &rt.device, &borrowed(&native)).script()?;
+    *rt.rng() = Generator::from_state(rng);
+    plain
+        .into_iter()
+        .map(|(k, v)| Ok((k.into(), rhai::serde::to_dynamic(&v).map_err(|e| script_err(e.to_string()))?)))
+        .collect()
+}
+
+pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.group("checkpoints");
+    let r = rt.clone();
+    api.func("save_checkpoint", ["dir", "state"], "Saves a map of UNets, EMAs, optimisers, tensors and plain values (plus the run's RNG state) as a checkpoint folder (safetensors + JSON), atomically.", move |d: &str, s: Map| save(&r, d, &s));
+    let r = rt.clone();
+    api.func("load_checkpoint", ["dir", "state"], "Restores a checkpoint into the UNets, EMAs, optimisers and parameters of `state` (same keys as when saved) and the run's RNG; returns the saved plain values.", move |d: &str, s: Map| load(&r, d, &s));
+    api.func("export_diffusers", ["unet", "teacher_dir", "out_dir"], "Writes a UNet (a generator or an EMA's .unet) as a diffusers folder: unet/ with the teacher's config and these weights, the other components copied from the teacher.", |u: UnetHandle, t: &str, o: &str| export_unet(&u.net, Path::new(t), Path::new(o)).script());
+}

@@ -1,0 +1,68 @@
+//! The `Judge` type in scripts: the toy world's attribute classifier.
+//!
+//! ```text
+//! let judge = load_judge("models/toy/judge");
+//! let fake = judge.predict(images);             // #{ labels, features, ... }
+//! ```
+
+use super::model::{fresh, register_model, ModelDocs};
+use crate::diffusion::model::{Component, LoadOptions};
+use crate::host::docs::Api;
+use crate::host::error::{ScriptResult, ToScript};
+use crate::host::runtime::Runtime;
+use crate::host::tensor::TensorHandle;
+use crate::toy::judge::Judge;
+use crate::train::Model;
+use rhai::{Dynamic, Map};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The toy world's attribute classifier as scripts see it (`Judge`).
+pub type JudgeHandle = Model<Judge>;
+
+/// Registers the functions of this file.
+pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.engine.register_type_with_name::<JudgeHandle>("Judge");
+    api.group("metrics: judge");
+    let r = rt.clone();
+    api.func(
+        "new_judge",
+        ["config", "seed"],
+        "A freshly initialised, trainable judge. Config: channels ([32, 64, 64]), features (64), image_size (32).",
+        move |c: Map, seed: i64| -> ScriptResult<JudgeHandle> { fresh::<Judge>(&c, seed, &r) },
+    );
+    let r = rt.clone();
+    api.func(
+        "load_judge",
+        ["dir"],
+        "A judge saved by save_component (frozen).",
+        move |d: &str| -> ScriptResult<JudgeHandle> {
+            Ok(JudgeHandle {
+                net: Arc::new(Judge::load(Path::new(d), &LoadOptions::new(r.dtype, &r.device)).script()?),
+                params: None,
+            })
+        },
+    );
+    api.method(
+        "loss",
+        ["judge", "images", "labels"],
+        "Sum over the four attributes of the mean cross-entropy against n×4 labels (as toy_batch gives).",
+        |j: &mut JudgeHandle, x: TensorHandle, l: TensorHandle| -> ScriptResult<TensorHandle> {
+            Ok(TensorHandle::new(j.net.loss(x.tensor(), l.tensor()).script()?))
+        },
+    );
+    api.method(
+        "predict",
+        ["judge", "images"],
+        "What the judge sees in images in [-1, 1]: #{ labels (n×4: size, colour, shape, position), features (n×64), logits }.",
+        |j: &mut JudgeHandle, x: TensorHandle| -> ScriptResult<Map> {
+            let out = j.net.forward(x.tensor()).script()?;
+            let mut m = Map::new();
+            m.insert("labels".into(), Dynamic::from(TensorHandle::new(out.labels().script()?)));
+            m.insert("features".into(), Dynamic::from(TensorHandle::new(out.features)));
+            m.insert("logits".into(), Dynamic::from(TensorHandle::new(out.logits)));
+            Ok(m)
+        },
+    );
+    register_model::<Judge>(api, ModelDocs { what: "judge", arg: "judge", trainable_copy: false });
+}

@@ -1,0 +1,176 @@
+//! SiD in scripts: the few-step generator, the two losses, Diffusion-GAN terms,
+//! EMA, NaN guards. Randomness not passed in through `opts` is drawn from the run's
+//! seeded generator.
+//!
+//! ```text
+//! let x_g = sid_generate(gen, sch, randn([B, 4, 64, 64]), c, #{ steps: 4, k: k, t_init: 625, grad: false });
+//! let f = sid_fake_score_loss(fake, sch, x_g, c, uncond, #{ scale: 1.5 });
+//! let g = sid_generator_loss(teacher, fake, sch, x_g, c, uncond, #{ k_fake: 1.5, k_real: 1.5, alpha: 1.0 });
+//! ```
+
+use super::condition::{cond_from, cond_to};
+use super::schedule::ScheduleHandle;
+use super::tensor::autograd::params_of;
+use super::unet::UnetHandle;
+use crate::diffusion::schedule::timesteps_tensor;
+use crate::diffusion::unet::Unet;
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::options::{check_opts, opt_int, opt_num};
+use crate::host::runtime::Runtime;
+use crate::host::tensor::{number, TensorHandle};
+use crate::sid::generate::{generate, step_timesteps, NoiseType};
+use crate::sid::{condition_dropout, gan, loss};
+use crate::train::grad_clip::nan_to_num_grads;
+use candle_core::Tensor;
+use rhai::{Array, Dynamic, Map};
+use std::sync::Arc;
+
+/// `t` and `noise` from opts, or drawn: t ~ U{t_min..t_max−1} per sample, noise ~ N(0, I).
+fn t_and_noise(rt: &Runtime, o: &Map, like: &Tensor) -> ScriptResult<(Tensor, Tensor)> {
+    let b = like.dim(0).script()?;
+    let t = match o.get("t") {
+        Some(t) => super::unet::timesteps_arg(t, like.device())?,
+        None => {
+            let (lo, hi) = (opt_int(o, "t_min", 20)?, opt_int(o, "t_max", 980)?);
+            let ts: Vec<usize> = rt.rng().randint(b, lo, hi).script()?.into_iter().map(|t| t as usize).collect();
+            timesteps_tensor(&ts, like.device()).script()?
+        }
+    };
+    let noise = match o.get("noise") {
+        Some(n) => {
+            n.clone().try_cast::<TensorHandle>().ok_or_else(|| script_err("noise must be a tensor"))?.into_tensor()
+        }
+        None => rt.rng().randn(like.shape().clone(), like.dtype(), like.device()).script()?,
+    };
+    Ok((t, noise))
+}
+
+fn divisor(o: &Map, b: usize) -> ScriptResult<f64> {
+    opt_num(o, "divisor", b as f64)
+}
+
+fn chw(x: &Tensor) -> usize {
+    x.dims().iter().skip(1).product()
+}
+
+fn sid_generate(
+    rt: &Runtime,
+    gen: &UnetHandle,
+    sch: &ScheduleHandle,
+    z: &TensorHandle,
+    c: &Dynamic,
+    o: &Map,
+) -> ScriptResult<TensorHandle> {
+    check_opts(o, &["steps", "k", "t_init", "noise", "grad", "noises"], "sid_generate")?;
+    let k_total = usize::try_from(opt_int(o, "steps", 4)?).script()?;
+    let k = usize::try_from(opt_int(o, "k", k_total as i64)?).script()?;
+    let t_init = usize::try_from(opt_int(o, "t_init", 625)?).script()?;
+    let noise: NoiseType = o.get("noise").map(|v| v.to_string()).unwrap_or_else(|| "fresh".into()).parse().script()?;
+    let grad = o
+        .get("grad")
+        .map(|v| v.as_bool().map_err(|_| script_err("grad must be true or false")))
+        .transpose()?
+        .unwrap_or(true);
+    let cond = cond_from(c)?;
+    let z = z.tensor();
+    let noises: Vec<Tensor> = match o.get("noises") {
+        Some(arr) => arr
+            .clone()
+            .try_cast::<Array>()
+            .ok_or_else(|| script_err("noises must be an array of tensors"))?
+            .into_iter()
+            .map(|n| {
+                n.try_cast::<TensorHandle>()
+                    .map(TensorHandle::into_tensor)
+                    .ok_or_else(|| script_err("noises must be tensors"))
+            })
+            .collect::<ScriptResult<_>>()?,
+        None if noise == NoiseType::Fresh => (1..k)
+            .map(|_| rt.rng().randn(z.shape().clone(), z.dtype(), z.device()))
+            .collect::<crate::Result<_>>()
+            .script()?,
+        None => vec![],
+    };
+    let fz = gen.without_weight_grads().script()?;
+    let last: &Unet = if grad { &gen.net } else { &fz };
+    let ts = step_timesteps(t_init, k_total).script()?;
+    let out = generate(last, &fz, &sch.0, z, &cond, &ts, k, noise, &noises).script()?;
+    Ok(TensorHandle::new(if grad { out.x } else { out.x.detach() }))
+}
+
+fn t_map(pairs: Vec<(&str, Dynamic)>) -> Map {
+    pairs.into_iter().map(|(k, v)| (k.into(), v)).collect()
+}
+
+pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.group("sid");
+    api.func(
+        "sid_timesteps",
+        ["t_init", "steps"],
+        "The K-step chain's timesteps ⌊t_init·(1 − i/K)⌋.",
+        |t: i64, k: i64| -> ScriptResult<Array> {
+            Ok(step_timesteps(usize::try_from(t).script()?, usize::try_from(k).script()?)
+                .script()?
+                .into_iter()
+                .map(|t| Dynamic::from_int(t as i64))
+                .collect())
+        },
+    );
+    let r = rt.clone();
+    api.func("sid_generate", ["gen", "sch", "z", "cond", "opts"], "Runs the generator chain from unit noise z: x_{t0} = σ_{t0}·z, k of K steps, re-noising between steps; gradient through the last step only. Options: steps (K, 4), k (K), t_init (625), noise (fresh | fixed | ddim), grad (true), noises (fresh noise tensors, else drawn).", move |g: UnetHandle, s: ScheduleHandle, z: TensorHandle, c: Dynamic, o: Map| sid_generate(&r, &g, &s, &z, &c, &o));
+    let r = rt.clone();
+    api.func("sid_fake_score_loss", ["fake", "sch", "x_g", "cond", "uncond", "opts"], "The fake-score loss on detached generator samples: (1/divisor)·Σ (ε̂_ψ^κ1 − ε)². Returns #{ loss, logits, x_t, t, noise }. Options: scale (κ1, 1), t, noise, t_min (20), t_max (980, exclusive), divisor (batch).", move |f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
+        check_opts(&o, &["scale", "t", "noise", "t_min", "t_max", "divisor"], "sid_fake_score_loss")?;
+        let x = x.tensor();
+        let (t, noise) = t_and_noise(&r, &o, x)?;
+        let out = loss::fake_score_loss(&f.net, &s.0, x, &t, &noise, &cond_from(&c)?, &cond_from(&n)?, opt_num(&o, "scale", 1.0)?, divisor(&o, x.dim(0).script()?)?).script()?;
+        Ok(t_map(vec![("loss", Dynamic::from(TensorHandle::new(out.loss))), ("logits", Dynamic::from(TensorHandle::new(out.logits))), ("x_t", Dynamic::from(TensorHandle::new(out.x_t))), ("t", Dynamic::from(TensorHandle::new(t))), ("noise", Dynamic::from(TensorHandle::new(noise)))]))
+    });
+    let r = rt.clone();
+    api.func("sid_generator_loss", ["teacher", "fake", "sch", "x_g", "cond", "uncond", "opts"], "The SiD generator loss; the same x_t feeds teacher (κ4) and fake net (κ2), gradients flow through both into x_g, only the normaliser is detached. Returns #{ loss, weight, logits, kept, y_real, y_fake, t, noise }. Options: k_fake (κ2, 1), k_real (κ4, 1), alpha (1), weighting (sid_legacy), t, noise, t_min, t_max, divisor.", move |tu: UnetHandle, f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
+        check_opts(&o, &["k_fake", "k_real", "alpha", "weighting", "t", "noise", "t_min", "t_max", "divisor"], "sid_generator_loss")?;
+        let x = x.tensor();
+        let (t, noise) = t_and_noise(&r, &o, x)?;
+        let weighting: loss::Weighting = o.get("weighting").map(|v| v.to_string()).unwrap_or_else(|| "sid_legacy".into()).parse().script()?;
+        let (teacher, fake) = (tu.without_weight_grads().script()?, f.without_weight_grads().script()?);
+        let out = loss::generator_loss(&teacher, &fake, &s.0, x, &t, &noise, &cond_from(&c)?, &cond_from(&n)?, opt_num(&o, "k_fake", 1.0)?, opt_num(&o, "k_real", 1.0)?, opt_num(&o, "alpha", 1.0)?, weighting, divisor(&o, x.dim(0).script()?)?).script()?;
+        let kept = out.kept.iter().filter(|&&k| k).count() as i64;
+        Ok(t_map(vec![
+            ("loss", Dynamic::from(TensorHandle::new(out.loss))),
+            ("weight", Dynamic::from(TensorHandle::new(out.weight))),
+            ("logits", Dynamic::from(TensorHandle::new(out.logits))),
+            ("kept", Dynamic::from_int(kept)),
+            ("y_real", Dynamic::from(TensorHandle::new(out.y_real))),
+            ("y_fake", Dynamic::from(TensorHandle::new(out.y_fake))),
+            ("t", Dynamic::from(TensorHandle::new(t))),
+            ("noise", Dynamic::from(TensorHandle::new(noise))),
+        ]))
+    });
+    let r = rt.clone();
+    api.func("sid_dropout", ["cond", "uncond", "p"], "The condition with each row replaced by the null row with probability p (the run's generator); 10% in the fake-score step when a guidance scale ≠ 1.", move |c: Dynamic, n: Dynamic, p: Dynamic| -> ScriptResult<Map> {
+        let (c, _) = condition_dropout(&cond_from(&c)?, &cond_from(&n)?, number(&p, "p")?, &mut r.rng()).script()?;
+        Ok(cond_to(&c))
+    });
+    api.func("sid_gan_d_loss", ["fake", "sch", "real", "t", "noise", "cond", "logits_fake", "opts"], "Diffusion-GAN discriminator loss for the fake-score step: real latents noised with the same t and noise, logits from ψ's encoder; (scale·CHW/divisor)·Σ[BCE(real,1) + BCE(fake,0)]. Returns #{ loss, logits_real }. Options: scale (1), divisor (batch).", |f: UnetHandle, s: ScheduleHandle, real: TensorHandle, t: TensorHandle, noise: TensorHandle, c: Dynamic, lf: TensorHandle, o: Map| -> ScriptResult<Map> {
+        check_opts(&o, &["scale", "divisor"], "sid_gan_d_loss")?;
+        let x_t = s.0.add_noise(real.tensor(), noise.tensor(), t.tensor()).script()?;
+        let c = cond_from(&c)?;
+        let out = f.net.forward(&x_t, t.tensor(), &c.context, &c.added()).script()?;
+        let logits_real = loss::logits_from_mid(&out.mid).script()?;
+        let b = real.tensor().dim(0).script()?;
+        let l = gan::discriminator_loss(&logits_real, lf.tensor(), chw(real.tensor()), opt_num(&o, "scale", 1.0)?, divisor(&o, b)?).script()?;
+        Ok(t_map(vec![("loss", Dynamic::from(TensorHandle::new(l))), ("logits_real", Dynamic::from(TensorHandle::new(logits_real)))]))
+    });
+    api.func("sid_gan_g_loss", ["logits_fake", "weight", "x_g", "opts"], "Diffusion-GAN generator loss: (scale·CHW/divisor)·Σ_i weight_i·BCE(fake_i, 1), with the SiD loss's per-sample weight. Options: scale (1), divisor (batch).", |lf: TensorHandle, w: TensorHandle, x: TensorHandle, o: Map| -> ScriptResult<TensorHandle> {
+        check_opts(&o, &["scale", "divisor"], "sid_gan_g_loss")?;
+        let b = x.tensor().dim(0).script()?;
+        Ok(TensorHandle::new(gan::generator_adv_loss(lf.tensor(), w.tensor(), chw(x.tensor()), opt_num(&o, "scale", 1.0)?, divisor(&o, b)?).script()?))
+    });
+    api.func(
+        "nan_to_num_grads",
+        ["params"],
+        "Replaces NaN gradients by 0 and ±inf by ±1e5 (returns how many entries were replaced).",
+        |v: Dynamic| -> ScriptResult<i64> { Ok(nan_to_num_grads(&params_of(&v)?).script()? as i64) },
+    );
+}

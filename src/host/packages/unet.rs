@@ -1,0 +1,128 @@
+//! The `Unet` type in scripts: loading, fresh UNets, the forward pass, trainable
+//! copies and frozen views.
+//!
+//! ```text
+//! let teacher = load_unet("models/sd15", #{ dtype: "f32" });
+//! let gen = teacher.trainable_copy();            // gen.params feeds an optimiser
+//! let eps = gen.forward(x_t, tensor([625.0]), c);
+//! ```
+
+use super::condition::cond_from;
+use super::model::{fresh, register_model, ModelDocs};
+use crate::diffusion::model::{Component, LoadOptions};
+use crate::diffusion::unet::Unet;
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::runtime::Runtime;
+use crate::host::tensor::{self, TensorHandle};
+use crate::train::Model;
+use candle_core::{DType, Device, Tensor};
+use rhai::{Dynamic, Map};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A UNet as scripts see it (`Unet`); a trainable copy also carries its parameters.
+pub type UnetHandle = Model<Unet>;
+
+/// Timesteps from a tensor, a number, or an array of numbers.
+pub fn timesteps_arg(v: &Dynamic, device: &Device) -> ScriptResult<Tensor> {
+    if let Some(t) = v.clone().try_cast::<TensorHandle>() {
+        return Ok(t.into_tensor());
+    }
+    tensor::from_nested(v, DType::F32, device)
+}
+
+fn load_unet(dir: &str, opts: &Map, rt: &Runtime) -> ScriptResult<UnetHandle> {
+    let (dtype, device) = tensor::placement(opts, rt.dtype, &rt.device)?;
+    let variant = opts.get("variant").map(|v| v.to_string());
+    let net =
+        Unet::load(Path::new(dir), &LoadOptions::new(dtype, &device).with_variant(variant.as_deref())).script()?;
+    Ok(UnetHandle { net: Arc::new(net), params: None })
+}
+
+fn forward(
+    u: &UnetHandle,
+    x: &TensorHandle,
+    t: &Dynamic,
+    cond: &Dynamic,
+) -> ScriptResult<crate::diffusion::unet::UnetOutput> {
+    let t = timesteps_arg(t, x.tensor().device())?;
+    let c = cond_from(cond)?;
+    u.net.forward(x.tensor(), &t, &c.context, &c.added()).script()
+}
+
+/// Registers the functions of this file.
+pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+    api.engine.register_type_with_name::<UnetHandle>("Unet");
+    api.group("models: unet");
+    let r = rt.clone();
+    api.func(
+        "load_unet",
+        ["dir"],
+        "Loads the UNet of a diffusers folder (or a unet/ folder) in the run's dtype on the run's device; frozen.",
+        move |d: &str| load_unet(d, &Map::new(), &r),
+    );
+    let r = rt.clone();
+    api.func(
+        "load_unet",
+        ["dir", "opts"],
+        "Loads a UNet. Options: dtype (f32), device, variant (\"fp16\" prefers *.fp16.safetensors).",
+        move |d: &str, o: Map| load_unet(d, &o, &r),
+    );
+    let r = rt.clone();
+    api.func(
+        "new_unet",
+        ["config", "seed"],
+        "A freshly initialised, trainable UNet2DConditionModel from a diffusers config map.",
+        move |c: Map, seed: i64| -> ScriptResult<UnetHandle> { fresh::<Unet>(&c, seed, &r) },
+    );
+    api.method("forward", ["unet", "x", "t", "cond"], "The network's prediction (ε for SD) for latents x, timesteps t (one per sample, or one for all) and a condition map.", |u: &mut UnetHandle, x: TensorHandle, t: Dynamic, c: Dynamic| -> ScriptResult<TensorHandle> {
+        Ok(TensorHandle::new(forward(u, &x, &t, &c)?.sample))
+    });
+    api.method(
+        "forward_with_mid",
+        ["unet", "x", "t", "cond"],
+        "#{ pred, mid }: the prediction and the mid-block output of the same pass.",
+        |u: &mut UnetHandle, x: TensorHandle, t: Dynamic, c: Dynamic| -> ScriptResult<Map> {
+            let out = forward(u, &x, &t, &c)?;
+            let mut m = Map::new();
+            m.insert("pred".into(), Dynamic::from(TensorHandle::new(out.sample)));
+            m.insert("mid".into(), Dynamic::from(TensorHandle::new(out.mid)));
+            Ok(m)
+        },
+    );
+    api.method(
+        "frozen_view",
+        ["unet"],
+        "The same weights detached: no weight gradients, input gradients still flow; sees updates of the original.",
+        |u: &mut UnetHandle| u.frozen_view().script(),
+    );
+    api.getter("num_params", "Number of weights.", |u: &mut UnetHandle| u.net.num_params() as i64);
+    api.getter("config", "The UNet's config as a map.", |u: &mut UnetHandle| -> ScriptResult<Dynamic> {
+        rhai::serde::to_dynamic(&u.net.config).map_err(|e| script_err(e.to_string()))
+    });
+    api.getter("is_sdxl", "True when the UNet takes SDXL's pooled text and size ids.", |u: &mut UnetHandle| {
+        u.net.config.has_text_time()
+    });
+    api.method(
+        "weights",
+        ["unet"],
+        "Every weight by its diffusers name (a map of tensors, for save_safetensors).",
+        |u: &mut UnetHandle| -> Map {
+            u.net.named_weights().iter().map(|(n, t)| (n.into(), Dynamic::from(TensorHandle::new(t.clone())))).collect()
+        },
+    );
+    api.method("to_string", ["unet"], "A one-line description.", |u: &mut UnetHandle| {
+        let c = &u.net.config;
+        format!(
+            "Unet {} ch {:?}, {} params, {} {}{}",
+            if c.has_text_time() { "SDXL-type" } else { "SD-type" },
+            c.block_out_channels,
+            u.net.num_params(),
+            tensor::dtype_name(u.net.dtype()),
+            tensor::device_name(u.net.device()),
+            if u.params.is_some() { ", trainable" } else { "" }
+        )
+    });
+    register_model::<Unet>(api, ModelDocs { what: "UNet", arg: "unet", trainable_copy: true });
+}
