@@ -14,8 +14,10 @@ use sidscript::diffusion::model::Component;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
 use sidscript::diffusion::unet::UnetConfig;
 use sidscript::rng::Generator;
-use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
-use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
+use sidscript::sid::generate::{generate, step_timesteps, Chain, Renoise};
+use sidscript::sid::loss::{
+    fake_score_loss, generator_loss, Conditions, Draw, FakeScoreLossOptions, GeneratorLossOptions, Guidance, Weighting,
+};
 use sidscript::train::param::{backward, trainable_copy};
 use sidscript::train::{Method, Optimizer, ParamGroup};
 
@@ -43,6 +45,12 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let null =
         Condition { context: rng.randn((1, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
     let ts = step_timesteps(625, 4).unwrap();
+    let chain = Chain { timesteps: &ts, k: 2, renoise: Renoise::Fresh };
+    let conds = Conditions { cond: &cond, null: &null };
+    let guidance = Guidance::lsg(1.5);
+    let fake_opts = FakeScoreLossOptions { guidance, divisor: batch as f64 };
+    let gen_opts =
+        GeneratorLossOptions { guidance, alpha: 1.0, weighting: Weighting::SidLegacy, divisor: batch as f64 };
     let shape = (batch, cfg.in_channels, size, size);
     let iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
@@ -55,32 +63,18 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         };
         // Fake-score step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
-        let x_g = generate(&gen_frozen, &gen_frozen, &sch, &z, &cond, &ts, 2, NoiseType::Fresh, &[n1]).unwrap().x;
+        let x_g = generate(&gen_frozen, &gen_frozen, &sch, &z, &cond, &chain, &[n1]).unwrap().x;
         let (t, n) = (t_of(&mut rng), draw(&mut rng));
-        let f = fake_score_loss(&fake, &sch, &x_g, &t, &n, &cond, &null, 1.5, batch as f64).unwrap();
+        let f = fake_score_loss(&fake, &sch, &x_g, Draw { t: &t, noise: &n }, conds, &fake_opts).unwrap();
         fparams.iter().for_each(|p| p.zero_grad());
         backward(&f.loss).unwrap();
         opt_f.step().unwrap();
         // Generator step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
-        let x_g = generate(&gen, &gen_frozen, &sch, &z, &cond, &ts, 2, NoiseType::Fresh, &[n1]).unwrap().x;
+        let x_g = generate(&gen, &gen_frozen, &sch, &z, &cond, &chain, &[n1]).unwrap().x;
         let (t, n) = (t_of(&mut rng), draw(&mut rng));
-        let g = generator_loss(
-            &teacher,
-            &fake_frozen,
-            &sch,
-            &x_g,
-            &t,
-            &n,
-            &cond,
-            &null,
-            1.5,
-            1.5,
-            1.0,
-            Weighting::SidLegacy,
-            batch as f64,
-        )
-        .unwrap();
+        let g =
+            generator_loss(&teacher, &fake_frozen, &sch, &x_g, Draw { t: &t, noise: &n }, conds, &gen_opts).unwrap();
         gparams.iter().for_each(|p| p.zero_grad());
         backward(&g.loss).unwrap();
         opt_g.step().unwrap();

@@ -10,8 +10,10 @@ use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
 use sidscript::diffusion::unet::Unet;
-use sidscript::sid::generate::{generate, step_timesteps, NoiseType};
-use sidscript::sid::loss::{fake_score_loss, generator_loss, Weighting};
+use sidscript::sid::generate::{generate, step_timesteps, Chain, Renoise};
+use sidscript::sid::loss::{
+    fake_score_loss, generator_loss, Conditions, Draw, FakeScoreLossOptions, GeneratorLossOptions, Guidance, Weighting,
+};
 use sidscript::train::param::{backward, trainable_copy};
 use std::collections::HashMap;
 
@@ -65,28 +67,20 @@ fn losses_chain_and_gradients_match_the_pytorch_reference(dev: &Device) -> commo
         for alpha in [1.0, 1.2] {
             let tag = format!("k{kappa:?}_a{alpha:?}");
             params.iter().for_each(|p| p.zero_grad());
-            let x_g = generate(&gen, &frozen_gen, &sch, &r["z"], &cond, &ts, 3, NoiseType::Fresh, &noises).unwrap().x;
+            let chain = Chain { timesteps: &ts, k: 3, renoise: Renoise::Fresh };
+            let x_g = generate(&gen, &frozen_gen, &sch, &r["z"], &cond, &chain, &noises).unwrap().x;
             assert!(max_rel(&x_g, &r[&format!("{tag}.x_g")]) < 1e-5, "{tag}: x_g");
-            let f = fake_score_loss(&fake, &sch, &x_g, &r["t_f"], &r["n_f"], &cond, &null, kappa, 2.0).unwrap();
+            let conds = Conditions { cond: &cond, null: &null };
+            let guidance = Guidance::lsg(kappa);
+            let draw = Draw { t: &r["t_f"], noise: &r["n_f"] };
+            let f = fake_score_loss(&fake, &sch, &x_g, draw, conds, &FakeScoreLossOptions { guidance, divisor: 2.0 })
+                .unwrap();
             let (got, want) =
                 (f.loss.to_scalar::<f64>().unwrap(), r[&format!("{tag}.loss_fake")].to_vec1::<f64>().unwrap()[0]);
             assert!(rel(got, want) < 1e-5, "{tag}: fake-score loss {got} vs {want}");
-            let g = generator_loss(
-                &teacher,
-                &fake,
-                &sch,
-                &x_g,
-                &r["t_g"],
-                &r["n_g"],
-                &cond,
-                &null,
-                kappa,
-                kappa,
-                alpha,
-                Weighting::SidLegacy,
-                2.0,
-            )
-            .unwrap();
+            let draw = Draw { t: &r["t_g"], noise: &r["n_g"] };
+            let opts = GeneratorLossOptions { guidance, alpha, weighting: Weighting::SidLegacy, divisor: 2.0 };
+            let g = generator_loss(&teacher, &fake, &sch, &x_g, draw, conds, &opts).unwrap();
             let (got, want) =
                 (g.loss.to_scalar::<f64>().unwrap(), r[&format!("{tag}.loss_gen")].to_vec1::<f64>().unwrap()[0]);
             assert!(rel(got, want) < 1e-5, "{tag}: generator loss {got} vs {want}");

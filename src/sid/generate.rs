@@ -9,9 +9,10 @@ use crate::diffusion::unet::Unet;
 use crate::error::Result;
 use candle_core::Tensor;
 
-/// How the chain re-noises x̂ between steps.
+/// How the chain re-noises x̂ between steps (spec §4.2's noise type; `renoise`
+/// in Rhai's options).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NoiseType {
+pub enum Renoise {
     /// Fresh Gaussian noise at every step (the default).
     Fresh,
     /// The initial z at every step.
@@ -20,14 +21,14 @@ pub enum NoiseType {
     Ddim,
 }
 
-impl std::str::FromStr for NoiseType {
+impl std::str::FromStr for Renoise {
     type Err = crate::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "fresh" => Ok(Self::Fresh),
             "fixed" => Ok(Self::Fixed),
             "ddim" => Ok(Self::Ddim),
-            other => Err(crate::Error::msg(format!("noise type '{other}': fresh, fixed or ddim"))),
+            other => Err(crate::Error::msg(format!("renoise '{other}': fresh, fixed or ddim"))),
         }
     }
 }
@@ -50,26 +51,38 @@ pub struct Generated {
     pub t: usize,
 }
 
-/// Runs the first `k` steps of the `timesteps` chain. `net` computes the last step
-/// (a trainable generator when gradients are wanted), `frozen` the steps before it
-/// (the same weights detached). `noises[i]` re-noises before step i+1 (fresh noise;
-/// ignored for Fixed and Ddim).
-#[allow(clippy::too_many_arguments)]
+/// Which steps of the few-step chain to run, and how to re-noise between them.
+#[derive(Clone, Copy, Debug)]
+pub struct Chain<'a> {
+    /// The K steps' timesteps (see [`step_timesteps`]).
+    pub timesteps: &'a [usize],
+    /// How many of them to run, 1..=K.
+    pub k: usize,
+    /// How x̂ is re-noised between steps.
+    pub renoise: Renoise,
+}
+
+/// Runs the first `chain.k` steps of the chain from unit noise `z`. `net` computes
+/// the last step (a trainable generator when gradients are wanted), `frozen` the
+/// steps before it (the same weights detached). `noises[i]` re-noises before step
+/// i+1 (fresh noise; ignored for Fixed and Ddim).
+///
+/// # Shapes
+/// - z: `[B, C, H, W]`; each of `noises`: like z; the output's `x`: like z.
 pub fn generate(
     net: &Unet,
     frozen: &Unet,
     sch: &VpSchedule,
     z: &Tensor,
     cond: &Condition,
-    timesteps: &[usize],
-    k: usize,
-    noise: NoiseType,
+    chain: &Chain,
     noises: &[Tensor],
 ) -> Result<Generated> {
+    let Chain { timesteps, k, renoise: noise } = *chain;
     if k == 0 || k > timesteps.len() {
         crate::bail!("generator: k must be in 1..={}, got {k}", timesteps.len());
     }
-    if noise == NoiseType::Fresh && noises.len() + 1 < k {
+    if noise == Renoise::Fresh && noises.len() + 1 < k {
         crate::bail!("generator: {k} steps need {} fresh noise tensors, got {}", k - 1, noises.len());
     }
     let dev = z.device();
@@ -82,9 +95,9 @@ pub fn generate(
         let pred = frozen.forward(&x_in, &t_t, &cond.context, &added)?.sample;
         let x0 = sch.to_x0(&x_in, &pred, &t_t)?.detach();
         let eps = match noise {
-            NoiseType::Fresh => noises[i].clone(),
-            NoiseType::Fixed => z.clone(),
-            NoiseType::Ddim => sch.eps_from_x0(&x_in, &x0, &t_t)?,
+            Renoise::Fresh => noises[i].clone(),
+            Renoise::Fixed => z.clone(),
+            Renoise::Ddim => sch.eps_from_x0(&x_in, &x0, &t_t)?,
         };
         let next = timesteps[i + 1];
         x_in = ((x0 * sch.a(next)?)? + (eps * sch.sigma(next)?)?)?.detach();

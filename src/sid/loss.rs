@@ -12,12 +12,17 @@ use candle_core::{DType, Tensor, D};
 pub enum Weighting {
     /// 1/w with w = mean_CHW |x_g − y_r| clipped at 1e-5, detached (SiD-LSG; the default).
     SidLegacy,
-    /// ml-sid-dit's σ-based alternatives, with σ = σ_t of the VP schedule.
+    /// 1 − σ_t (ml-sid-dit's σ-based alternatives, σ = σ_t of the VP schedule).
     OneMinusSigma,
+    /// 1 − σ_t².
     OneMinusSigmaSquared,
+    /// 1/σ_t.
     OneOverSigma,
+    /// 1/σ_t².
     OneOverSigma2,
+    /// a_t²/σ_t².
     Snr,
+    /// a_t/σ_t.
     SnrSqrt,
 }
 
@@ -37,6 +42,74 @@ impl std::str::FromStr for Weighting {
     }
 }
 
+/// SiD's three guidance scales (spec §3), under one name each in Rust, in the
+/// `guidance` map of Rhai's options and in `sidscript doc`. 1 everywhere is no
+/// guidance (the default); SiD-LSG sets all three to κ.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Guidance {
+    /// κ1: on the fake net in its own (fake-score) loss.
+    pub train_fake: f64,
+    /// κ2 (= κ3): on the fake net inside the generator loss.
+    pub fake: f64,
+    /// κ4: on the teacher inside the generator loss.
+    pub real: f64,
+}
+
+impl Default for Guidance {
+    fn default() -> Self {
+        Self { train_fake: 1.0, fake: 1.0, real: 1.0 }
+    }
+}
+
+impl Guidance {
+    /// Long-and-short guidance: the same κ everywhere.
+    pub fn lsg(kappa: f64) -> Self {
+        Self { train_fake: kappa, fake: kappa, real: kappa }
+    }
+}
+
+/// The randomness of one loss evaluation, drawn by the caller: a timestep per
+/// sample and noise shaped like x_g.
+#[derive(Clone, Copy)]
+pub struct Draw<'a> {
+    /// Timesteps, one per sample (f32, as the UNet takes them).
+    pub t: &'a Tensor,
+    /// ε ~ N(0, I), shaped like x_g.
+    pub noise: &'a Tensor,
+}
+
+/// A batch's condition and the one-row null condition that guidance mixes in.
+#[derive(Clone, Copy)]
+pub struct Conditions<'a> {
+    /// One row per sample.
+    pub cond: &'a Condition,
+    /// The null (unconditional) condition, one row.
+    pub null: &'a Condition,
+}
+
+/// Options of [`fake_score_loss`].
+#[derive(Clone, Copy, Debug)]
+pub struct FakeScoreLossOptions {
+    /// Its `train_fake` (κ1) guides the fake net.
+    pub guidance: Guidance,
+    /// The loss is the sum over samples and pixels divided by this (the batch, or
+    /// the batch times accumulation rounds).
+    pub divisor: f64,
+}
+
+/// Options of [`generator_loss`].
+#[derive(Clone, Copy, Debug)]
+pub struct GeneratorLossOptions {
+    /// Its `fake` (κ2) guides the fake net, its `real` (κ4) the teacher.
+    pub guidance: Guidance,
+    /// α of the SiD loss (1 or 1.2 in the paper).
+    pub alpha: f64,
+    /// The per-sample weight.
+    pub weighting: Weighting,
+    /// As in [`FakeScoreLossOptions::divisor`].
+    pub divisor: f64,
+}
+
 /// The discriminator logits of a UNet pass: the channel mean of the mid-block output.
 pub fn logits_from_mid(mid: &Tensor) -> Result<Tensor> {
     Ok(mid.mean_keepdim(1)?)
@@ -53,24 +126,24 @@ pub struct FakeScoreOut {
 }
 
 /// The fake-score (ψ) loss: denoising score matching on generator samples `x_g`
-/// (detached here), at timesteps `t` with noise `noise`, guidance κ1 on ψ.
-#[allow(clippy::too_many_arguments)]
+/// (detached here) at the drawn timesteps and noise, guidance κ1 on ψ.
+///
+/// # Shapes
+/// - x_g: `[B, C, H, W]` latents; draw.t: `[B]`; draw.noise: like x_g.
 pub fn fake_score_loss(
     fake: &Unet,
     sch: &VpSchedule,
     x_g: &Tensor,
-    t: &Tensor,
-    noise: &Tensor,
-    cond: &Condition,
-    null: &Condition,
-    k1: f64,
-    divisor: f64,
+    draw: Draw,
+    conds: Conditions,
+    opts: &FakeScoreLossOptions,
 ) -> Result<FakeScoreOut> {
+    let Draw { t, noise } = draw;
     let x_g = x_g.detach();
     let x_t = sch.add_noise(&x_g, noise, t)?;
-    let g = guided(fake, &x_t, t, cond, null, k1)?;
+    let g = guided(fake, &x_t, t, conds.cond, conds.null, opts.guidance.train_fake)?;
     let eps = sch.to_eps(&x_t, &g.pred, t)?;
-    let loss = ((eps - noise)?.sqr()?.sum_all()? / divisor)?;
+    let loss = ((eps - noise)?.sqr()?.sum_all()? / opts.divisor)?;
     Ok(FakeScoreOut { loss, x_t, logits: logits_from_mid(&g.mid)? })
 }
 
@@ -84,7 +157,9 @@ pub struct GeneratorOut {
     pub logits: Tensor,
     /// Which samples were kept (those with finite x_g, y_r and y_f).
     pub kept: Vec<bool>,
+    /// The teacher's x̂₀ prediction y_r.
     pub y_real: Tensor,
+    /// The fake net's x̂₀ prediction y_f.
     pub y_fake: Tensor,
 }
 
@@ -94,26 +169,24 @@ pub struct GeneratorOut {
 /// weights get no gradient.
 ///
 /// ℓ = (y_r − y_f) ⊙ [(y_r − x_g) − α (y_r − y_f)] · weight
-#[allow(clippy::too_many_arguments)]
+///
+/// # Shapes
+/// - x_g: `[B, C, H, W]` latents; draw.t: `[B]`; draw.noise: like x_g.
 pub fn generator_loss(
     teacher: &Unet,
     fake: &Unet,
     sch: &VpSchedule,
     x_g: &Tensor,
-    t: &Tensor,
-    noise: &Tensor,
-    cond: &Condition,
-    null: &Condition,
-    k2: f64,
-    k4: f64,
-    alpha: f64,
-    weighting: Weighting,
-    divisor: f64,
+    draw: Draw,
+    conds: Conditions,
+    opts: &GeneratorLossOptions,
 ) -> Result<GeneratorOut> {
+    let (Draw { t, noise }, Conditions { cond, null }) = (draw, conds);
+    let GeneratorLossOptions { guidance, alpha, weighting, divisor } = *opts;
     let x_t = sch.add_noise(x_g, noise, t)?;
-    let real = guided(teacher, &x_t, t, cond, null, k4)?;
+    let real = guided(teacher, &x_t, t, cond, null, guidance.real)?;
     let y_r = sch.to_x0(&x_t, &real.pred, t)?;
-    let fake_out = guided(fake, &x_t, t, cond, null, k2)?;
+    let fake_out = guided(fake, &x_t, t, cond, null, guidance.fake)?;
     let y_f = sch.to_x0(&x_t, &fake_out.pred, t)?;
     let b = x_g.dim(0)?;
     let weight = match weighting {

@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! let x_g = sid_generate(gen, sch, randn([B, 4, 64, 64]), c, #{ steps: 4, k: k, t_init: 625, grad: false });
-//! let f = sid_fake_score_loss(fake, sch, x_g, c, uncond, #{ scale: 1.5 });
-//! let g = sid_generator_loss(teacher, fake, sch, x_g, c, uncond, #{ k_fake: 1.5, k_real: 1.5, alpha: 1.0 });
+//! let guidance = #{ train_fake: 1.5, fake: 1.5, real: 1.5 };   // κ1, κ2, κ4 (sid::lsg(1.5))
+//! let f = sid_fake_score_loss(fake, sch, x_g, c, uncond, #{ guidance: guidance });
+//! let g = sid_generator_loss(teacher, fake, sch, x_g, c, uncond, #{ guidance: guidance, alpha: 1.0 });
 //! ```
 
 use super::condition::{cond_from, cond_to};
@@ -19,7 +20,8 @@ use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_int, opt_num};
 use crate::host::runtime::Runtime;
 use crate::host::tensor::{number, TensorHandle};
-use crate::sid::generate::{generate, step_timesteps, NoiseType};
+use crate::sid::generate::{generate, step_timesteps, Chain, Renoise};
+use crate::sid::loss::{Conditions, Draw, FakeScoreLossOptions, GeneratorLossOptions, Guidance};
 use crate::sid::{condition_dropout, gan, loss};
 use crate::train::grad_clip::nan_to_num_grads;
 use candle_core::Tensor;
@@ -46,6 +48,37 @@ fn t_and_noise(rt: &Runtime, o: &Map, like: &Tensor) -> ScriptResult<(Tensor, Te
     Ok((t, noise))
 }
 
+/// The `guidance` option: a map `#{ train_fake, fake, real }` (κ1, κ2, κ4; each
+/// 1 when absent; a guidance strategy's `name` is ignored). The names used before
+/// (`k_train_fake`, `k_fake`, `k_real` in strategy maps; the options `scale`,
+/// `k_fake`, `k_real`) are still read, for one release.
+fn guidance(o: &Map, who: &str) -> ScriptResult<Guidance> {
+    let mut g = Guidance::default();
+    if let Some(v) = o.get("guidance") {
+        let m = v
+            .clone()
+            .try_cast::<Map>()
+            .ok_or_else(|| script_err(format!("{who}: guidance is a map #{{ train_fake, fake, real }}")))?;
+        for (k, v) in &m {
+            match k.as_str() {
+                "name" => {}
+                "train_fake" | "k_train_fake" => g.train_fake = number(v, k)?,
+                "fake" | "k_fake" => g.fake = number(v, k)?,
+                "real" | "k_real" => g.real = number(v, k)?,
+                other => {
+                    return Err(script_err(format!("{who}: unknown guidance scale '{other}' (train_fake, fake, real)")))
+                }
+            }
+        }
+    }
+    for (old, scale) in [("scale", &mut g.train_fake), ("k_fake", &mut g.fake), ("k_real", &mut g.real)] {
+        if let Some(v) = o.get(old) {
+            *scale = number(v, old)?;
+        }
+    }
+    Ok(g)
+}
+
 fn divisor(o: &Map, b: usize) -> ScriptResult<f64> {
     opt_num(o, "divisor", b as f64)
 }
@@ -62,11 +95,15 @@ fn sid_generate(
     c: &Dynamic,
     o: &Map,
 ) -> ScriptResult<TensorHandle> {
-    check_opts(o, &["steps", "k", "t_init", "noise", "grad", "noises"], "sid_generate")?;
+    check_opts(o, &["steps", "k", "t_init", "renoise", "noise", "grad", "noises"], "sid_generate")?;
     let k_total = usize::try_from(opt_int(o, "steps", 4)?).script()?;
     let k = usize::try_from(opt_int(o, "k", k_total as i64)?).script()?;
     let t_init = usize::try_from(opt_int(o, "t_init", 625)?).script()?;
-    let noise: NoiseType = o.get("noise").map(|v| v.to_string()).unwrap_or_else(|| "fresh".into()).parse().script()?;
+    // `noise` is `renoise`'s name before it, read for one release.
+    let renoise: Renoise = match o.get("renoise").or_else(|| o.get("noise")) {
+        Some(v) => v.to_string().parse().script()?,
+        None => Renoise::Fresh,
+    };
     let grad = o
         .get("grad")
         .map(|v| v.as_bool().map_err(|_| script_err("grad must be true or false")))
@@ -86,7 +123,7 @@ fn sid_generate(
                     .ok_or_else(|| script_err("noises must be tensors"))
             })
             .collect::<ScriptResult<_>>()?,
-        None if noise == NoiseType::Fresh => (1..k)
+        None if renoise == Renoise::Fresh => (1..k)
             .map(|_| rt.rng().randn(z.shape().clone(), z.dtype(), z.device()))
             .collect::<crate::Result<_>>()
             .script()?,
@@ -95,7 +132,7 @@ fn sid_generate(
     let fz = gen.without_weight_grads().script()?;
     let last: &Unet = if grad { &gen.net } else { &fz };
     let ts = step_timesteps(t_init, k_total).script()?;
-    let out = generate(last, &fz, &sch.0, z, &cond, &ts, k, noise, &noises).script()?;
+    let out = generate(last, &fz, &sch.0, z, &cond, &Chain { timesteps: &ts, k, renoise }, &noises).script()?;
     Ok(TensorHandle::new(if grad { out.x } else { out.x.detach() }))
 }
 
@@ -118,23 +155,27 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         },
     );
     let r = rt.clone();
-    api.func("sid_generate", ["gen", "sch", "z", "cond", "opts"], "Runs the generator chain from unit noise z: x_{t0} = σ_{t0}·z, k of K steps, re-noising between steps; gradient through the last step only. Options: steps (K, 4), k (K), t_init (625), noise (fresh | fixed | ddim), grad (true), noises (fresh noise tensors, else drawn).", move |g: UnetHandle, s: ScheduleHandle, z: TensorHandle, c: Dynamic, o: Map| sid_generate(&r, &g, &s, &z, &c, &o));
+    api.func("sid_generate", ["gen", "sch", "z", "cond", "opts"], "Runs the generator chain from unit noise z: x_{t0} = σ_{t0}·z, k of K steps, re-noising between steps; gradient through the last step only. Options: steps (K, 4), k (K), t_init (625), renoise (fresh | fixed | ddim; was noise), grad (true), noises (fresh noise tensors, else drawn).", move |g: UnetHandle, s: ScheduleHandle, z: TensorHandle, c: Dynamic, o: Map| sid_generate(&r, &g, &s, &z, &c, &o));
     let r = rt.clone();
-    api.func("sid_fake_score_loss", ["fake", "sch", "x_g", "cond", "uncond", "opts"], "The fake-score loss on detached generator samples: (1/divisor)·Σ (ε̂_ψ^κ1 − ε)². Returns #{ loss, logits, x_t, t, noise }. Options: scale (κ1, 1), t, noise, t_min (20), t_max (980, exclusive), divisor (batch).", move |f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
-        check_opts(&o, &["scale", "t", "noise", "t_min", "t_max", "divisor"], "sid_fake_score_loss")?;
+    api.func("sid_fake_score_loss", ["fake", "sch", "x_g", "cond", "uncond", "opts"], "The fake-score loss on detached generator samples: (1/divisor)·Σ (ε̂_ψ^κ1 − ε)². Returns #{ loss, logits, x_t, t, noise }. Options: guidance (#{ train_fake: κ1 }, 1; was scale), t, noise, t_min (20), t_max (980, exclusive), divisor (batch).", move |f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
+        check_opts(&o, &["guidance", "scale", "t", "noise", "t_min", "t_max", "divisor"], "sid_fake_score_loss")?;
         let x = x.tensor();
         let (t, noise) = t_and_noise(&r, &o, x)?;
-        let out = loss::fake_score_loss(&f.net, &s.0, x, &t, &noise, &cond_from(&c)?, &cond_from(&n)?, opt_num(&o, "scale", 1.0)?, divisor(&o, x.dim(0).script()?)?).script()?;
+        let (c, n) = (cond_from(&c)?, cond_from(&n)?);
+        let opts = FakeScoreLossOptions { guidance: guidance(&o, "sid_fake_score_loss")?, divisor: divisor(&o, x.dim(0).script()?)? };
+        let out = loss::fake_score_loss(&f.net, &s.0, x, Draw { t: &t, noise: &noise }, Conditions { cond: &c, null: &n }, &opts).script()?;
         Ok(t_map(vec![("loss", Dynamic::from(TensorHandle::new(out.loss))), ("logits", Dynamic::from(TensorHandle::new(out.logits))), ("x_t", Dynamic::from(TensorHandle::new(out.x_t))), ("t", Dynamic::from(TensorHandle::new(t))), ("noise", Dynamic::from(TensorHandle::new(noise)))]))
     });
     let r = rt.clone();
-    api.func("sid_generator_loss", ["teacher", "fake", "sch", "x_g", "cond", "uncond", "opts"], "The SiD generator loss; the same x_t feeds teacher (κ4) and fake net (κ2), gradients flow through both into x_g, only the normaliser is detached. Returns #{ loss, weight, logits, kept, y_real, y_fake, t, noise }. Options: k_fake (κ2, 1), k_real (κ4, 1), alpha (1), weighting (sid_legacy), t, noise, t_min, t_max, divisor.", move |tu: UnetHandle, f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
-        check_opts(&o, &["k_fake", "k_real", "alpha", "weighting", "t", "noise", "t_min", "t_max", "divisor"], "sid_generator_loss")?;
+    api.func("sid_generator_loss", ["teacher", "fake", "sch", "x_g", "cond", "uncond", "opts"], "The SiD generator loss; the same x_t feeds teacher (κ4) and fake net (κ2), gradients flow through both into x_g, only the normaliser is detached. Returns #{ loss, weight, logits, kept, y_real, y_fake, t, noise }. Options: guidance (#{ fake: κ2, real: κ4 }, 1 each; were k_fake, k_real), alpha (1), weighting (sid_legacy), t, noise, t_min, t_max, divisor.", move |tu: UnetHandle, f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
+        check_opts(&o, &["guidance", "k_fake", "k_real", "alpha", "weighting", "t", "noise", "t_min", "t_max", "divisor"], "sid_generator_loss")?;
         let x = x.tensor();
         let (t, noise) = t_and_noise(&r, &o, x)?;
         let weighting: loss::Weighting = o.get("weighting").map(|v| v.to_string()).unwrap_or_else(|| "sid_legacy".into()).parse().script()?;
         let (teacher, fake) = (tu.without_weight_grads().script()?, f.without_weight_grads().script()?);
-        let out = loss::generator_loss(&teacher, &fake, &s.0, x, &t, &noise, &cond_from(&c)?, &cond_from(&n)?, opt_num(&o, "k_fake", 1.0)?, opt_num(&o, "k_real", 1.0)?, opt_num(&o, "alpha", 1.0)?, weighting, divisor(&o, x.dim(0).script()?)?).script()?;
+        let (c, n) = (cond_from(&c)?, cond_from(&n)?);
+        let opts = GeneratorLossOptions { guidance: guidance(&o, "sid_generator_loss")?, alpha: opt_num(&o, "alpha", 1.0)?, weighting, divisor: divisor(&o, x.dim(0).script()?)? };
+        let out = loss::generator_loss(&teacher, &fake, &s.0, x, Draw { t: &t, noise: &noise }, Conditions { cond: &c, null: &n }, &opts).script()?;
         let kept = out.kept.iter().filter(|&&k| k).count() as i64;
         Ok(t_map(vec![
             ("loss", Dynamic::from(TensorHandle::new(out.loss))),
