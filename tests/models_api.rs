@@ -165,3 +165,51 @@ fn a_broken_folder_gets_one_report() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The SiD losses read κ from a guidance map #{ train_fake, fake, real }, and the
+/// option names before it (scale, k_fake, k_real, noise) give the same values; κ2
+/// and κ4 are not interchangeable; an unknown scale is an error.
+#[test]
+fn sid_guidance_maps_and_their_old_names_agree() {
+    let host = host();
+    let dir = fx("tiny-sd15");
+    let r = eval(
+        &host,
+        &format!(
+            r#"let u = load_unet("{dir}");
+               let teacher = load_unet("{dir}");
+               let sch = vp_schedule(#{{}});
+               let text = load_text_conditioner("{dir}");
+               let c = text.encode(["a red circle", "two blue squares"]);
+               let n = text.null_cond();
+               let x = randn([2, 4, 8, 8]);
+               let t = tensor([100.0, 700.0]);
+               let noise = randn([2, 4, 8, 8]);
+               let f_new = sid_fake_score_loss(u, sch, x, c, n, #{{ guidance: #{{ name: "lsg", train_fake: 1.5 }}, t: t, noise: noise }});
+               let f_old = sid_fake_score_loss(u, sch, x, c, n, #{{ scale: 1.5, t: t, noise: noise }});
+               let g = |o| sid_generator_loss(teacher, u, sch, x, c, n, o).loss.item();
+               let g_new = g.call(#{{ guidance: #{{ fake: 1.5, real: 0.5 }}, t: t, noise: noise }});
+               let g_old = g.call(#{{ k_fake: 1.5, k_real: 0.5, t: t, noise: noise }});
+               let g_swapped = g.call(#{{ guidance: #{{ fake: 0.5, real: 1.5 }}, t: t, noise: noise }});
+               let z = randn([2, 4, 8, 8]);
+               let a = sid_generate(u, sch, z, c, #{{ steps: 2, renoise: "ddim", grad: false }});
+               let b = sid_generate(u, sch, z, c, #{{ steps: 2, noise: "ddim", grad: false }});
+               [f_new.loss.item(), f_old.loss.item(), g_new, g_old, g_swapped, (a - b).abs().max().item()]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    let v: Vec<f64> = r.iter().map(|x| x.as_float().unwrap()).collect();
+    assert_eq!(v[0], v[1], "fake-score loss: guidance.train_fake vs scale");
+    assert_eq!(v[2], v[3], "generator loss: guidance.fake/real vs k_fake/k_real");
+    assert!((v[2] - v[4]).abs() > 1e-9 * v[2].abs().max(1.0), "κ2 and κ4 swapped give another loss");
+    assert_eq!(v[5], 0.0, "renoise vs noise");
+    let err = host
+        .eval(&format!(
+            r#"let u = load_unet("{dir}"); let c = load_text_conditioner("{dir}");
+               sid_fake_score_loss(u, vp_schedule(#{{}}), randn([1, 4, 8, 8]), c.encode(["a"]), c.null_cond(), #{{ guidance: #{{ kappa: 2.0 }} }})"#
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown guidance scale 'kappa'"), "{err}");
+}

@@ -254,7 +254,7 @@ pub fn load_training(
         let kind = entry.kind();
         match json["kinds"].get(key.as_str()).and_then(|k| k.as_str()) {
             None => crate::bail!("{at}: the checkpoint has no {kind} '{key}'"),
-            Some(saved) if saved != kind => crate::bail!("{at}: '{key}' was saved as a {saved}, not a {kind}"),
+            Some(saved) if saved != kind => crate::bail!("{at}: '{key}' was saved as kind {saved}, not {kind}"),
             Some(_) => {}
         }
         let prefix = format!("{key}.");
@@ -294,6 +294,33 @@ mod tests {
             .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
         std::fs::remove_dir_all(&root).ok();
+        Ok(())
+    }
+
+    /// A parameter saved by key comes back by key, with the generator state and the
+    /// plain values; a key saved as another kind, or not saved, is an error naming it.
+    #[test]
+    fn training_state_round_trips_and_wrong_kinds_are_refused() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("sidscript-ckpt-kinds-{}", std::process::id()));
+        let p = Param::new(&Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?, "w")?;
+        let entry = TensorEntry { tensor: p.tensor().clone(), param: Some(p.clone()) };
+        let rng = crate::rng::Generator::new(7).state();
+        let mut extra = serde_json::Map::new();
+        extra.insert("it".into(), 3.into());
+        save_training(&dir, &[("w".into(), &entry as &dyn Checkpointable)], &rng, extra)?;
+        p.assign(&Tensor::new(&[0.0f32, 0.0], &Device::Cpu)?)?;
+        let (back, extra) = load_training(&dir, &Device::Cpu, &[("w".into(), &entry as &dyn Checkpointable)])?;
+        assert_eq!((back, extra["it"].clone()), (rng, serde_json::json!(3)));
+        assert_eq!(p.tensor().to_vec1::<f32>()?, vec![1.0, 2.0]);
+        let opt = Mutex::new(Optimizer::new(
+            super::super::Method::Sgd { momentum: 0.0 },
+            vec![super::super::ParamGroup { params: vec![p.clone()], lr: 0.1, weight_decay: 0.0 }],
+        )?);
+        let err = load_training(&dir, &Device::Cpu, &[("w".into(), &opt as &dyn Checkpointable)]).unwrap_err();
+        assert!(err.to_string().contains("'w' was saved as kind tensor, not optimizer"), "{err}");
+        let err = load_training(&dir, &Device::Cpu, &[("v".into(), &entry as &dyn Checkpointable)]).unwrap_err();
+        assert!(err.to_string().contains("has no tensor 'v'"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
         Ok(())
     }
 }
