@@ -31,7 +31,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let teacher = unet_bench::random_unet(&cfg, &dev);
     let (gen, gparams) = trainable_copy(&teacher).unwrap();
     let (fake, fparams) = trainable_copy(&teacher).unwrap();
-    let (gen_frozen, fake_frozen) = (gen.detached().unwrap(), fake.detached().unwrap());
+    let (gen_frozen, fake_frozen) = (gen.frozen_view().unwrap(), fake.frozen_view().unwrap());
     let adam = Method::Adam { beta1: 0.0, beta2: 0.999, eps: 1e-8, decoupled: false };
     let mut opt_g =
         Optimizer::new(adam, vec![ParamGroup { params: gparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();

@@ -7,8 +7,9 @@
 //! BENCH_ADAMW_PARAMS (default SD1.5's 859,520,964) to size the optimiser run.
 
 use candle_core::{DType, Device, Tensor};
+use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::model::Component;
-use sidscript::diffusion::unet::{AddedCond, Unet, UnetConfig};
+use sidscript::diffusion::unet::{Unet, UnetConfig};
 use sidscript::diffusion::weights::Weights;
 use sidscript::train::param::{backward, params_from};
 use sidscript::train::{Method, Optimizer, ParamGroup};
@@ -49,15 +50,15 @@ fn bench_unet(name: &str, cfg_json: &str, batch: usize, size: usize, reps: usize
     let x = Tensor::randn(0f32, 1.0, (batch, cfg.in_channels, size, size), &Device::Cpu).unwrap();
     let t = Tensor::new(vec![500f32; batch], &Device::Cpu).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (batch, 77, cfg.cross_attention_dim), &Device::Cpu).unwrap();
-    let added = AddedCond::default();
+    let cond = Condition::new(ctx.clone());
     let fwd = best(reps, || {
-        unet.forward(&x, &t, &ctx, &added).unwrap();
+        unet.forward(&x, &t, &cond).unwrap();
     });
     let (map, params) = params_from(unet.named_weights()).unwrap();
     let trainable = unet.with_weights(map).unwrap();
     let fwd_bwd = best(reps, || {
         params.iter().for_each(|p| p.zero_grad());
-        let out = trainable.forward(&x, &t, &ctx, &added).unwrap().sample;
+        let out = trainable.forward(&x, &t, &cond).unwrap().sample;
         backward(&out.sqr().unwrap().mean_all().unwrap()).unwrap();
     });
     println!("{name}: {} params, batch {batch}, {size}×{size} latents", unet.num_params());

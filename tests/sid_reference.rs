@@ -56,7 +56,7 @@ fn losses_chain_and_gradients_match_the_pytorch_reference(dev: &Device) -> commo
     let fake = teacher.with_weights(perturbed(&teacher, 0.0)).unwrap();
     let gen_base = teacher.with_weights(perturbed(&teacher, 1.0)).unwrap();
     let (gen, params) = trainable_copy(&gen_base).unwrap();
-    let frozen_gen = gen.detached().unwrap();
+    let frozen_gen = gen.frozen_view().unwrap();
     let by_name: HashMap<String, _> = params.iter().map(|p| (p.name(), p.clone())).collect();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
     let cond = Condition { context: r["c"].clone(), pooled: None, time_ids: None };

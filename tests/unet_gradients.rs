@@ -6,8 +6,9 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{expected_as, fixture};
+use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::model::{Component, LoadOptions};
-use sidscript::diffusion::unet::{AddedCond, Unet};
+use sidscript::diffusion::unet::Unet;
 use sidscript::train::param::{backward, params_from, Param};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,11 +40,12 @@ impl Setup {
     }
 
     fn loss(&self) -> Tensor {
-        let added = AddedCond {
-            text_embeds: self.pooled.as_ref().map(|p| p.tensor().clone()),
+        let cond = Condition {
+            context: self.ctx.tensor().clone(),
+            pooled: self.pooled.as_ref().map(|p| p.tensor().clone()),
             time_ids: self.time_ids.clone(),
         };
-        let out = self.unet.forward(self.x.tensor(), &self.t, self.ctx.tensor(), &added).unwrap();
+        let out = self.unet.forward(self.x.tensor(), &self.t, &cond).unwrap();
         (out.sample * &self.weight).unwrap().sum_all().unwrap()
     }
 

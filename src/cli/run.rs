@@ -1,10 +1,10 @@
 //! `sidscript run`: a plain script runs top to bottom; a script with `setup(cfg)`
-//! and `step(state, it)` is driven by the host (see `host::live`), which gives
+//! and `step(state, it)` is driven by the host (see `host::driven`), which gives
 //! `--watch` hot reload and a clean stop on Ctrl-C.
 
 use super::interrupt;
 use super::watch::Watch;
-use crate::host::live::{is_live, LiveScript};
+use crate::host::driven::{is_host_driven, DrivenScript};
 use crate::host::Host;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +18,7 @@ fn watched_files(host: &Host, file: &Path) -> Vec<PathBuf> {
 
 pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
     let ast = host.compile_file(file)?;
-    if !is_live(&ast) {
+    if !is_host_driven(&ast) {
         if watch {
             anyhow::bail!(
                 "{}: --watch needs the host-driven shape: fn setup(cfg) returning the state and fn step(state, it)",
@@ -31,17 +31,17 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let mut live = LiveScript::instantiate(host, &ast)?;
-    let state = live.setup(host)?;
-    let mut it = live.int_field(&state, "start")?.unwrap_or(0);
+    let mut script = DrivenScript::instantiate(host, &ast)?;
+    let state = script.setup(host)?;
+    let mut it = script.int_field(&state, "start")?.unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
     interrupt::route_to(stop.clone(), true, "stopping after this iteration (Ctrl-C again to stop now)");
     let mut watcher = if watch { Some(Watch::new(&watched_files(host, file))?) } else { None };
     loop {
         // Read every time: a step (or a reloaded one) may change the run's length.
-        let iterations = live
+        let iterations = script
             .int_field(&state, "iterations")?
-            .ok_or_else(|| live.error("setup(cfg) must return a map with `iterations` (an int)".into()))?;
+            .ok_or_else(|| script.error("setup(cfg) must return a map with `iterations` (an int)".into()))?;
         if it >= iterations {
             break;
         }
@@ -49,14 +49,14 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
             if w.changed() {
                 host.modules().clear_cache();
                 match host.compile_file(file).and_then(|ast| {
-                    if is_live(&ast) {
-                        LiveScript::instantiate(host, &ast)
+                    if is_host_driven(&ast) {
+                        DrivenScript::instantiate(host, &ast)
                     } else {
-                        Err(live.error("the new version has no setup(cfg) / step(state, it)".into()))
+                        Err(script.error("the new version has no setup(cfg) / step(state, it)".into()))
                     }
                 }) {
                     Ok(new) => {
-                        live = new;
+                        script = new;
                         eprintln!("[watch] {} reloaded at iteration {it}", file.display());
                         w.set_files(&watched_files(host, file))?;
                     }
@@ -64,9 +64,9 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
                 }
             }
         }
-        let _ = live.step(host, &state, it)?;
+        let _ = script.step(host, &state, it)?;
         if stop.load(Ordering::SeqCst) {
-            if live.checkpoint(host, &state, it)? {
+            if script.checkpoint(host, &state, it)? {
                 eprintln!("stopped after iteration {it}; checkpoint written");
             } else {
                 eprintln!("stopped after iteration {it} (the script has no checkpoint(state, it))");
@@ -75,6 +75,6 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
         }
         it += 1;
     }
-    let _ = live.finish(host, &state)?;
+    let _ = script.finish(host, &state)?;
     Ok(())
 }

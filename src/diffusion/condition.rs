@@ -1,10 +1,10 @@
 //! What a UNet is conditioned on: the token sequence, and for SDXL the pooled text
 //! embedding and the size/crop ids. Rows line up with the batch.
 
-use super::unet::AddedCond;
 use crate::error::Result;
 use candle_core::Tensor;
 
+/// A batch's conditioning, one row per sample.
 #[derive(Clone, Debug)]
 pub struct Condition {
     /// B × tokens × cross_attention_dim.
@@ -16,12 +16,14 @@ pub struct Condition {
 }
 
 impl Condition {
-    pub fn batch(&self) -> Result<usize> {
-        Ok(self.context.dim(0)?)
+    /// Token context alone (SD-type UNets).
+    pub fn new(context: Tensor) -> Self {
+        Self { context, pooled: None, time_ids: None }
     }
 
-    pub fn added(&self) -> AddedCond {
-        AddedCond { text_embeds: self.pooled.clone(), time_ids: self.time_ids.clone() }
+    /// Rows.
+    pub fn batch(&self) -> Result<usize> {
+        Ok(self.context.dim(0)?)
     }
 
     fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {

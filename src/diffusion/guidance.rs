@@ -17,17 +17,17 @@ pub struct Guided {
 pub fn guided(unet: &Unet, x: &Tensor, t: &Tensor, cond: &Condition, null: &Condition, scale: f64) -> Result<Guided> {
     let b = x.dim(0)?;
     if scale == 1.0 {
-        let out = unet.forward(x, t, &cond.context, &cond.added())?;
+        let out = unet.forward(x, t, cond)?;
         return Ok(Guided { pred: out.sample, mid: out.mid });
     }
     let null = null.repeat(b)?;
     if scale == 0.0 {
-        let out = unet.forward(x, t, &null.context, &null.added())?;
+        let out = unet.forward(x, t, &null)?;
         return Ok(Guided { pred: out.sample, mid: out.mid });
     }
     let t2 = if t.rank() == 0 { t.clone() } else { Tensor::cat(&[t, t], 0)? };
     let both = null.cat(cond)?;
-    let out = unet.forward(&Tensor::cat(&[x, x], 0)?, &t2, &both.context, &both.added())?;
+    let out = unet.forward(&Tensor::cat(&[x, x], 0)?, &t2, &both)?;
     let (p_null, p_cond) = (out.sample.narrow(0, 0, b)?, out.sample.narrow(0, b, b)?);
     let pred = (&p_null + ((p_cond - &p_null)? * scale)?)?;
     Ok(Guided { pred, mid: out.mid.narrow(0, b, b)? })

@@ -38,16 +38,24 @@ impl Linear {
 /// 2-D convolution, NCHW.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
+    /// `[cout, cin, k, k]`.
     pub weight: Tensor,
+    /// `[cout]`.
     pub bias: Option<Tensor>,
-    pub stride: usize,
+    /// Zero padding of both axes.
     pub padding: usize,
+    /// Stride of both axes.
+    pub stride: usize,
 }
 
 impl Conv2d {
-    pub fn new(w: &Weights, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        Ok(Self { weight: w.get((cout, cin, k, k), "weight")?, bias: Some(w.get(cout, "bias")?), stride, padding })
+    /// A k × k convolution with a bias from `w`; padding before stride, as in
+    /// `ops::conv2d` and candle's `conv2d`.
+    pub fn new(w: &Weights, cin: usize, cout: usize, k: usize, padding: usize, stride: usize) -> Result<Self> {
+        Ok(Self { weight: w.get((cout, cin, k, k), "weight")?, bias: Some(w.get(cout, "bias")?), padding, stride })
     }
+
+    /// conv2d(x) + bias.
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)

@@ -41,7 +41,7 @@ impl LoadOptions {
 ///
 /// - [`load`](Component::load) a folder, or [`random`](Component::random) from a config;
 /// - [`with_weights`](Component::with_weights) over other tensors (trainable copies,
-///   see `train::param::trainable_copy`) or [`detached`](Component::detached) (frozen views);
+///   see `train::param::trainable_copy`) or [`frozen_view`](Component::frozen_view) (frozen views);
 /// - [`save`](Component::save) as a component folder.
 ///
 /// ```
@@ -113,7 +113,7 @@ pub trait Component: Sized {
 
     /// The same weights cut from the graph: shares their storage (so it sees every
     /// optimiser update) but gives no weight gradients; input gradients still flow.
-    fn detached(&self) -> Result<Self> {
+    fn frozen_view(&self) -> Result<Self> {
         self.with_weights(self.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect())
     }
 

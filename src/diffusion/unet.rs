@@ -2,6 +2,7 @@
 //! one timestep per sample, SDXL's `text_time` added conditioning, and gradients
 //! through everything (parameters, latents, text condition).
 
+use super::condition::Condition;
 use super::layers::{Attention, Conv2d, GroupNorm, LayerNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
@@ -262,7 +263,7 @@ impl ResnetBlock {
             time_emb_proj: Linear::new(&w.pp("time_emb_proj"), temb, cout, true)?,
             norm2: GroupNorm::new(&w.pp("norm2"), groups, cout, eps)?,
             conv2: Conv2d::new(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
-            shortcut: if cin != cout { Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+            shortcut: if cin != cout { Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 0, 1)?) } else { None },
             output_scale,
         })
     }
@@ -359,7 +360,7 @@ impl Transformer2d {
             Ok(if linear {
                 Proj::Linear(Linear::new(&w.pp(name), ch, ch, true)?)
             } else {
-                Proj::Conv(Conv2d::new(&w.pp(name), ch, ch, 1, 1, 0)?)
+                Proj::Conv(Conv2d::new(&w.pp(name), ch, ch, 1, 0, 1)?)
             })
         };
         Ok(Self {
@@ -423,15 +424,6 @@ fn block_transformers(
             )
         })
         .collect()
-}
-
-/// Which SDXL extras a forward call carries.
-#[derive(Clone, Debug, Default)]
-pub struct AddedCond {
-    /// Pooled text embedding (B × pooled dim).
-    pub text_embeds: Option<Tensor>,
-    /// Micro-conditioning ids (B × 6): original h, w, crop top, left, target h, w.
-    pub time_ids: Option<Tensor>,
 }
 
 /// Outputs of a UNet call.
@@ -515,7 +507,7 @@ impl Component for Unet {
                 vec![]
             };
             let resample =
-                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 2, 1)?) } else { None };
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 1, 2)?) } else { None };
             down.push(Block { resnets, attentions, resample });
         }
         let mw = w.pp("mid_block");
@@ -588,9 +580,15 @@ impl Unet {
         self.conv_in.weight.device()
     }
 
-    /// ε̂(x, t, context): `t` holds one timestep per sample (or one for all),
-    /// integer or fractional; `context` is B × tokens × cross_attention_dim.
-    pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor, added: &AddedCond) -> Result<UnetOutput> {
+    /// ε̂(x, t, cond): `t` holds one timestep per sample (or one for all), integer
+    /// or fractional; SDXL-type UNets also read the condition's pooled text
+    /// embedding (diffusers' `text_embeds`) and `time_ids`.
+    ///
+    /// # Shapes
+    /// - x: `[B, C, H, W]`; t: `[B]`, `[1]` or a scalar; cond.context:
+    ///   `[B, tokens, cross_attention_dim]`; the output's `sample`: like x.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, cond: &Condition) -> Result<UnetOutput> {
+        let context = &cond.context;
         let (b, _, h, w) = x.dims4()?;
         let levels = 1usize << (self.down.len() - 1);
         if h % levels != 0 || w % levels != 0 {
@@ -615,7 +613,7 @@ impl Unet {
             timestep_embedding(&t, ch0, self.config.flip_sin_to_cos, self.config.freq_shift)?.to_dtype(dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let Some(add) = &self.add_embedding {
-            let (Some(text), Some(ids)) = (&added.text_embeds, &added.time_ids) else {
+            let (Some(text), Some(ids)) = (&cond.pooled, &cond.time_ids) else {
                 crate::bail!("unet: this SDXL-type model needs text_embeds (pooled) and time_ids");
             };
             let dim = self.config.addition_time_embed_dim.unwrap_or(0);

@@ -69,7 +69,7 @@ impl Resnet {
             conv1: Conv2d::new(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
             norm2: GroupNorm::new(&w.pp("norm2"), groups, cout, 1e-6)?,
             conv2: Conv2d::new(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
-            shortcut: if cin != cout { Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
+            shortcut: if cin != cout { Some(Conv2d::new(&w.pp("conv_shortcut"), cin, cout, 1, 0, 1)?) } else { None },
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -181,7 +181,7 @@ impl Component for Vae {
                 .map(|j| Resnet::new(&bw.pp(format!("resnets.{j}")), if j == 0 { cin } else { cout }, cout, g))
                 .collect::<Result<_>>()?;
             let resample =
-                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 2, 0)?) } else { None };
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 0, 2)?) } else { None };
             enc_levels.push(Level { resnets, resample });
         }
         let top = ch[n - 1];
@@ -208,12 +208,12 @@ impl Component for Vae {
             enc_norm: GroupNorm::new(&e.pp("conv_norm_out"), g, top, 1e-6)?,
             enc_out: Conv2d::new(&e.pp("conv_out"), top, 2 * l, 3, 1, 1)?,
             quant: if cfg.use_quant_conv {
-                Some(Conv2d::new(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 1, 0)?)
+                Some(Conv2d::new(&w.pp("quant_conv"), 2 * l, 2 * l, 1, 0, 1)?)
             } else {
                 None
             },
             post_quant: if cfg.use_post_quant_conv {
-                Some(Conv2d::new(&w.pp("post_quant_conv"), l, l, 1, 1, 0)?)
+                Some(Conv2d::new(&w.pp("post_quant_conv"), l, l, 1, 0, 1)?)
             } else {
                 None
             },

@@ -55,7 +55,7 @@ impl Weights {
         &self.device
     }
 
-    /// The same source under `prefix.name`.
+    /// The same source under `prefix.name` ("push prefix", candle's short name for it).
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
         Self { prefix, ..self.clone() }

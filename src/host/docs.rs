@@ -12,7 +12,7 @@ pub struct FnDoc {
     pub name: String,
     /// `method`, `function`, `getter`, `setter`, `indexer` or `operator`.
     pub kind: &'static str,
-    pub params: Vec<Param>,
+    pub params: Vec<ParamDoc>,
     pub returns: String,
     pub signature: String,
     pub description: String,
@@ -21,7 +21,7 @@ pub struct FnDoc {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct Param {
+pub struct ParamDoc {
     pub name: String,
     #[serde(rename = "type")]
     pub ty: String,
@@ -103,10 +103,13 @@ impl<'a> Api<'a> {
             Some(engine.map_type_name(t)).filter(|n| t.starts_with("sidscript::") && *n != t).map(str::to_string)
         };
         let pretty_type = |t: &str| pretty_type(t, &registered);
-        let params: Vec<Param> =
-            params.iter().zip(types.iter()).map(|(n, t)| Param { name: n.to_string(), ty: pretty_type(t) }).collect();
+        let params: Vec<ParamDoc> = params
+            .iter()
+            .zip(types.iter())
+            .map(|(n, t)| ParamDoc { name: n.to_string(), ty: pretty_type(t) })
+            .collect();
         let returns = pretty_type(FUNC::return_type_name());
-        let args = |ps: &[Param]| ps.iter().map(|p| format!("{}: {}", p.name, p.ty)).collect::<Vec<_>>().join(", ");
+        let args = |ps: &[ParamDoc]| ps.iter().map(|p| format!("{}: {}", p.name, p.ty)).collect::<Vec<_>>().join(", ");
         let signature = match kind {
             "getter" => format!("{}.{name} -> {returns}", params[0].name),
             "setter" => format!("{}.{name} = {}", params[0].name, params[1].ty),

@@ -9,12 +9,12 @@
 //! ```
 
 pub mod docs;
+pub mod driven;
 pub mod error;
-pub mod live;
 pub mod modules;
 pub mod options;
 pub mod packages;
-pub mod runtime;
+pub mod run_state;
 pub mod tensor;
 
 use candle_core::Device;
@@ -22,7 +22,7 @@ pub use docs::FnDoc;
 pub use error::ScriptError;
 use modules::Modules;
 use rhai::{Dynamic, Engine, Map, Scope, AST};
-pub use runtime::Runtime;
+pub use run_state::RunState;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,7 +47,7 @@ impl Default for HostOptions {
 /// An engine with sidscript's functions, and the run state they share.
 pub struct Host {
     engine: Engine,
-    runtime: Arc<Runtime>,
+    run_state: Arc<RunState>,
     docs: Vec<FnDoc>,
     modules: Modules,
     cancel: Arc<AtomicBool>,
@@ -55,8 +55,8 @@ pub struct Host {
 
 impl Host {
     pub fn new(opts: HostOptions) -> crate::Result<Self> {
-        let runtime = Arc::new(Runtime::new(opts.seed, opts.device));
-        runtime.set_config(opts.config);
+        let run_state = Arc::new(RunState::new(opts.seed, opts.device));
+        run_state.set_config(opts.config);
         let mut engine = Engine::new();
         // Deep models nest calls; the defaults are made for untrusted snippets.
         engine.set_max_call_levels(256);
@@ -74,16 +74,16 @@ impl Host {
         let modules = Modules::default();
         engine.set_module_resolver(modules.clone());
         let mut docs = vec![];
-        packages::register_all(&mut docs::Api::new(&mut engine, &mut docs), &runtime);
-        Ok(Self { engine, runtime, docs, modules, cancel })
+        packages::register_all(&mut docs::Api::new(&mut engine, &mut docs), &run_state);
+        Ok(Self { engine, run_state, docs, modules, cancel })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    pub fn runtime(&self) -> &Arc<Runtime> {
-        &self.runtime
+    pub fn run_state(&self) -> &Arc<RunState> {
+        &self.run_state
     }
 
     pub fn modules(&self) -> &Modules {
@@ -104,7 +104,7 @@ impl Host {
     /// A scope holding the run's configuration as the constant `cfg`.
     pub fn new_scope(&self) -> Scope<'static> {
         let mut scope = Scope::new();
-        scope.push_constant("cfg", self.runtime.config());
+        scope.push_constant("cfg", self.run_state.config());
         scope
     }
 
@@ -241,7 +241,7 @@ impl<'h> Session<'h> {
         self.functions = self.functions.merge(&lib);
         let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
         let mut summary = format!("loaded {file}: functions {}; variables {}", list(&fns), list(&vars));
-        if live::is_live(&ast) {
+        if driven::is_host_driven(&ast) {
             summary.push_str("\na training script: `let s = setup(cfg);` then `for it in 0..10 { step(s, it) }`");
         }
         Ok(summary)

@@ -88,11 +88,10 @@ pub fn generate(
     let dev = z.device();
     let b = z.dim(0)?;
     let t_of = |t: usize| -> Result<Tensor> { timesteps_tensor(&vec![t; b], dev) };
-    let added = cond.added();
     let mut x_in = (z * sch.sigma(timesteps[0])?)?; // a·0 + σ·z
     for i in 0..k - 1 {
         let t_t = t_of(timesteps[i])?;
-        let pred = frozen.forward(&x_in, &t_t, &cond.context, &added)?.sample;
+        let pred = frozen.forward(&x_in, &t_t, cond)?.sample;
         let x0 = sch.to_x0(&x_in, &pred, &t_t)?.detach();
         let eps = match noise {
             Renoise::Fresh => noises[i].clone(),
@@ -104,7 +103,7 @@ pub fn generate(
     }
     let t = timesteps[k - 1];
     let t_t = t_of(t)?;
-    let pred = net.forward(&x_in, &t_t, &cond.context, &added)?.sample;
+    let pred = net.forward(&x_in, &t_t, cond)?.sample;
     Ok(Generated { x: sch.to_x0(&x_in, &pred, &t_t)?, x_in, t })
 }
 

@@ -48,7 +48,7 @@ impl<M: Component> Model<M> {
     /// The same weights detached, as a frozen model: no weight gradients, input
     /// gradients still flow, and it sees every update of the original.
     pub fn frozen_view(&self) -> Result<Self> {
-        Ok(Self::frozen(self.net.detached()?))
+        Ok(Self::frozen(self.net.frozen_view()?))
     }
 
     /// The network without weight gradients: itself when frozen, else a frozen view
@@ -56,7 +56,7 @@ impl<M: Component> Model<M> {
     pub fn without_weight_grads(&self) -> Result<Arc<M>> {
         match self.params {
             None => Ok(self.net.clone()),
-            Some(_) => Ok(Arc::new(self.net.detached()?)),
+            Some(_) => Ok(Arc::new(self.net.frozen_view()?)),
         }
     }
 

@@ -13,7 +13,7 @@ use super::unet::UnetHandle;
 use crate::diffusion::folder::export_unet;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::rng::Generator;
 use crate::train::checkpoint::{self, Checkpointable, TensorEntry};
@@ -52,13 +52,13 @@ fn borrowed(native: &[(String, Box<dyn Checkpointable>)]) -> Vec<(String, &dyn C
     native.iter().map(|(k, e)| (k.clone(), e.as_ref())).collect()
 }
 
-fn save(rt: &Runtime, dir: &str, state: &Map) -> ScriptResult<()> {
+fn save(rt: &RunState, dir: &str, state: &Map) -> ScriptResult<()> {
     let (native, plain) = entries(state)?;
     let rng = rt.rng().state();
     checkpoint::save_training(Path::new(dir), &borrowed(&native), &rng, plain).script()
 }
 
-fn load(rt: &Runtime, dir: &str, state: &Map) -> ScriptResult<Map> {
+fn load(rt: &RunState, dir: &str, state: &Map) -> ScriptResult<Map> {
     let (native, _) = entries(state)?;
     let (rng, plain) = checkpoint::load_training(Path::new(dir), &rt.device, &borrowed(&native)).script()?;
     *rt.rng() = Generator::from_state(rng);
@@ -68,7 +68,7 @@ fn load(rt: &Runtime, dir: &str, state: &Map) -> ScriptResult<Map> {
         .collect()
 }
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("checkpoints");
     let r = rt.clone();
     api.func("save_checkpoint", ["dir", "state"], "Saves a map of UNets, EMAs, optimisers, tensors and plain values (plus the run's RNG state) as a checkpoint folder (safetensors + JSON), atomically.", move |d: &str, s: Map| save(&r, d, &s));

@@ -2,13 +2,13 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::{self, TensorHandle};
 use rhai::{Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
 
-fn load(path: &str, opts: &Map, rt: &Runtime) -> ScriptResult<Map> {
+fn load(path: &str, opts: &Map, rt: &RunState) -> ScriptResult<Map> {
     let device = match opts.get("device") {
         Some(d) => tensor::parse_device(&d.to_string())?,
         None => rt.device.clone(),
@@ -18,7 +18,7 @@ fn load(path: &str, opts: &Map, rt: &Runtime) -> ScriptResult<Map> {
     Ok(tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(TensorHandle::new(t)))).collect())
 }
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("io");
     let r = rt.clone();
     api.func(
@@ -53,7 +53,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
 }
 
 /// Text and record files, image folders.
-pub fn register_files(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register_files(api: &mut Api, rt: &Arc<RunState>) {
     api.group("io: files");
     api.func(
         "read_lines",

@@ -9,7 +9,7 @@ use super::model::{fresh, register_model, ModelDocs};
 use crate::diffusion::model::{Component, LoadOptions};
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::toy::judge::Judge;
 use crate::train::Model;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub type JudgeHandle = Model<Judge>;
 
 /// Registers the functions of this file.
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<JudgeHandle>("Judge");
     api.group("metrics: judge");
     let r = rt.clone();

@@ -25,11 +25,11 @@ pub mod unet;
 pub mod vae;
 
 use super::docs::Api;
-use super::runtime::Runtime;
+use super::run_state::RunState;
 use std::sync::Arc;
 
 /// Registers every script-visible type and function.
-pub fn register_all(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register_all(api: &mut Api, rt: &Arc<RunState>) {
     tensor::register(api, rt);
     optimizer::register(api);
     io::register(api, rt);

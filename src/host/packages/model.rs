@@ -6,7 +6,7 @@
 use crate::diffusion::model::Component;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::train::Model;
 use rhai::{Dynamic, Map};
@@ -22,7 +22,7 @@ pub(crate) fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> Scr
 
 /// A freshly initialised, trainable model from a script config map, in the run's
 /// dtype on the run's device.
-pub(crate) fn fresh<M: Component>(c: &Map, seed: i64, rt: &Runtime) -> ScriptResult<Model<M>> {
+pub(crate) fn fresh<M: Component>(c: &Map, seed: i64, rt: &RunState) -> ScriptResult<Model<M>> {
     Model::random(&config(c, M::WHAT)?, seed as u64, rt.dtype, &rt.device).script()
 }
 

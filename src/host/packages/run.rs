@@ -2,7 +2,7 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor;
 use rhai::{Dynamic, Map};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct ProgressHandle(indicatif::ProgressBar);
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<ProgressHandle>("Progress");
     api.group("run");
     let r = rt.clone();

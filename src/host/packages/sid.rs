@@ -18,7 +18,7 @@ use crate::diffusion::unet::Unet;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_int, opt_num};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::{number, TensorHandle};
 use crate::sid::generate::{generate, step_timesteps, Chain, Renoise};
 use crate::sid::loss::{Conditions, Draw, FakeScoreLossOptions, GeneratorLossOptions, Guidance};
@@ -29,7 +29,7 @@ use rhai::{Array, Dynamic, Map};
 use std::sync::Arc;
 
 /// `t` and `noise` from opts, or drawn: t ~ U{t_min..t_max−1} per sample, noise ~ N(0, I).
-fn t_and_noise(rt: &Runtime, o: &Map, like: &Tensor) -> ScriptResult<(Tensor, Tensor)> {
+fn t_and_noise(rt: &RunState, o: &Map, like: &Tensor) -> ScriptResult<(Tensor, Tensor)> {
     let b = like.dim(0).script()?;
     let t = match o.get("t") {
         Some(t) => super::unet::timesteps_arg(t, like.device())?,
@@ -88,7 +88,7 @@ fn chw(x: &Tensor) -> usize {
 }
 
 fn sid_generate(
-    rt: &Runtime,
+    rt: &RunState,
     gen: &UnetHandle,
     sch: &ScheduleHandle,
     z: &TensorHandle,
@@ -140,7 +140,7 @@ fn t_map(pairs: Vec<(&str, Dynamic)>) -> Map {
     pairs.into_iter().map(|(k, v)| (k.into(), v)).collect()
 }
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("sid");
     api.func(
         "sid_timesteps",
@@ -197,7 +197,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         check_opts(&o, &["scale", "divisor"], "sid_gan_d_loss")?;
         let x_t = s.0.add_noise(real.tensor(), noise.tensor(), t.tensor()).script()?;
         let c = cond_from(&c)?;
-        let out = f.net.forward(&x_t, t.tensor(), &c.context, &c.added()).script()?;
+        let out = f.net.forward(&x_t, t.tensor(), &c).script()?;
         let logits_real = loss::logits_from_mid(&out.mid).script()?;
         let b = real.tensor().dim(0).script()?;
         let l = gan::discriminator_loss(&logits_real, lf.tensor(), chw(real.tensor()), opt_num(&o, "scale", 1.0)?, divisor(&o, b)?).script()?;

@@ -11,7 +11,7 @@ use super::condition::cond_to;
 use crate::diffusion::text::{NullKind, TextConditioner};
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::{self, TensorHandle};
 use rhai::{Array, Dynamic, Map};
 use std::path::Path;
@@ -31,7 +31,7 @@ fn prompts_arg(v: &Dynamic) -> ScriptResult<Vec<String>> {
 }
 
 /// Registers the functions of this file.
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<TextHandle>("TextConditioner");
 
     api.group("models: text");

@@ -10,7 +10,7 @@ use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::model::{Component, LoadOptions};
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::train::Model;
 use rhai::{Dynamic, Map};
@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub type TextEncoderHandle = Model<ClipTextModel>;
 
 /// Registers the functions of this file.
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<TextEncoderHandle>("TextEncoder");
     api.group("models: building");
     let r = rt.clone();

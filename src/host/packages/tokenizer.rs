@@ -3,7 +3,7 @@
 use crate::diffusion::tokenizer::PromptTokenizer;
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use rhai::Array;
 use std::path::Path;
@@ -14,7 +14,7 @@ use std::sync::Arc;
 pub struct TokenizerHandle(pub Arc<PromptTokenizer>);
 
 /// Registers the functions of this file.
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<TokenizerHandle>("Tokenizer");
     api.group("models: building");
     api.func(

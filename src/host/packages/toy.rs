@@ -7,7 +7,7 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::toy::{self, Attributes};
 use candle_core::Tensor;
@@ -35,7 +35,7 @@ fn labels(attrs: &[Attributes], device: &candle_core::Device) -> ScriptResult<Te
     Tensor::from_vec(v, (attrs.len(), 4), device).script()
 }
 
-fn batch(rt: &Runtime, attrs: Vec<Attributes>) -> ScriptResult<Map> {
+fn batch(rt: &RunState, attrs: Vec<Attributes>) -> ScriptResult<Map> {
     let images = toy::draw_batch(&attrs, &mut rt.rng(), &rt.device).script()?;
     let mut m = Map::new();
     m.insert("images".into(), Dynamic::from(TensorHandle::new(images)));
@@ -44,13 +44,13 @@ fn batch(rt: &Runtime, attrs: Vec<Attributes>) -> ScriptResult<Map> {
     Ok(m)
 }
 
-fn random_batch(rt: &Runtime, n: i64, which: &str) -> ScriptResult<Map> {
+fn random_batch(rt: &RunState, n: i64, which: &str) -> ScriptResult<Map> {
     let pool = split(which)?;
     let idx = rt.rng().randint(usize::try_from(n).script()?, 0, pool.len() as i64).script()?;
     batch(rt, idx.into_iter().map(|i| pool[i as usize]).collect())
 }
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("toy world");
     api.func(
         "toy_captions",

@@ -13,7 +13,7 @@ use crate::diffusion::model::{Component, LoadOptions};
 use crate::diffusion::unet::Unet;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::{self, TensorHandle};
 use crate::train::Model;
 use candle_core::{DType, Device, Tensor};
@@ -32,7 +32,7 @@ pub fn timesteps_arg(v: &Dynamic, device: &Device) -> ScriptResult<Tensor> {
     tensor::from_nested(v, DType::F32, device)
 }
 
-fn load_unet(dir: &str, opts: &Map, rt: &Runtime) -> ScriptResult<UnetHandle> {
+fn load_unet(dir: &str, opts: &Map, rt: &RunState) -> ScriptResult<UnetHandle> {
     let (dtype, device) = tensor::placement(opts, rt.dtype, &rt.device)?;
     let variant = opts.get("variant").map(|v| v.to_string());
     let net =
@@ -48,11 +48,11 @@ fn forward(
 ) -> ScriptResult<crate::diffusion::unet::UnetOutput> {
     let t = timesteps_arg(t, x.tensor().device())?;
     let c = cond_from(cond)?;
-    u.net.forward(x.tensor(), &t, &c.context, &c.added()).script()
+    u.net.forward(x.tensor(), &t, &c).script()
 }
 
 /// Registers the functions of this file.
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<UnetHandle>("Unet");
     api.group("models: unet");
     let r = rt.clone();

@@ -12,7 +12,7 @@ use crate::diffusion::model::{Component, LoadOptions};
 use crate::diffusion::vae::Vae;
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
+use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::train::Model;
 use rhai::{Dynamic, Map};
@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub type VaeHandle = Model<Vae>;
 
 /// Registers the functions of this file.
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<VaeHandle>("Vae");
 
     api.group("models: vae");

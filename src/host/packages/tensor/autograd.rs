@@ -9,17 +9,17 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{number, TensorHandle as T};
+use crate::host::tensor::{number, TensorHandle};
 use crate::train::{grad_clip, Param};
 use rhai::{Array, Dynamic, Map};
 use std::sync::Arc;
 
-type R = ScriptResult<T>;
+type Out = ScriptResult<TensorHandle>;
 
 /// Parameters from an array or map of tensors (and nested arrays/maps, and group
 /// maps with a `params` entry). Non-parameter tensors are an error.
 pub fn collect_params(v: &Dynamic, out: &mut Vec<Arc<Param>>) -> ScriptResult<()> {
-    if let Some(t) = v.clone().try_cast::<T>() {
+    if let Some(t) = v.clone().try_cast::<TensorHandle>() {
         out.push(t.require_param("this operation")?);
     } else if let Some(arr) = v.clone().try_cast::<Array>() {
         arr.iter().try_for_each(|x| collect_params(x, out))?;
@@ -39,8 +39,8 @@ pub fn params_of(v: &Dynamic) -> ScriptResult<Vec<Arc<Param>>> {
 
 /// Makes every tensor in an array or map (recursively) a parameter named by its key path.
 fn to_params(v: &Dynamic, name: &str) -> ScriptResult<Dynamic> {
-    if let Some(t) = v.clone().try_cast::<T>() {
-        return Ok(Dynamic::from(T::from_param(Param::new(t.tensor(), name).script()?)));
+    if let Some(t) = v.clone().try_cast::<TensorHandle>() {
+        return Ok(Dynamic::from(TensorHandle::from_param(Param::new(t.tensor(), name).script()?)));
     }
     if let Some(map) = v.clone().try_cast::<Map>() {
         let mut out = Map::new();
@@ -63,14 +63,17 @@ fn to_params(v: &Dynamic, name: &str) -> ScriptResult<Dynamic> {
 
 pub fn register(api: &mut Api) {
     api.group("autograd");
-    api.func("param", ["value"], "A trainable parameter initialised with a copy of `value`.", |x: T| -> R {
-        Ok(T::from_param(Param::new(x.tensor(), "").script()?))
-    });
+    api.func(
+        "param",
+        ["value"],
+        "A trainable parameter initialised with a copy of `value`.",
+        |x: TensorHandle| -> Out { Ok(TensorHandle::from_param(Param::new(x.tensor(), "").script()?)) },
+    );
     api.func(
         "param",
         ["value", "name"],
         "A named trainable parameter initialised with a copy of `value`.",
-        |x: T, n: &str| -> R { Ok(T::from_param(Param::new(x.tensor(), n).script()?)) },
+        |x: TensorHandle, n: &str| -> Out { Ok(TensorHandle::from_param(Param::new(x.tensor(), n).script()?)) },
     );
     api.func(
         "params",
@@ -78,29 +81,33 @@ pub fn register(api: &mut Api) {
         "Copies every tensor of a map or array (nested too) into trainable parameters named by their keys.",
         |v: Dynamic| to_params(&v, ""),
     );
-    api.getter("is_param", "True for a trainable parameter.", |x: &mut T| x.param().is_some());
-    api.getter("name", "A parameter's name (empty for other tensors).", |x: &mut T| {
+    api.getter("is_param", "True for a trainable parameter.", |x: &mut TensorHandle| x.param().is_some());
+    api.getter("name", "A parameter's name (empty for other tensors).", |x: &mut TensorHandle| {
         x.param().map(|p| p.name()).unwrap_or_default()
     });
-    api.method("backward", ["loss"], "Backpropagates a scalar loss, adding gradients to every parameter it depends on; returns how many were reached.", |l: &mut T| -> ScriptResult<i64> {
+    api.method("backward", ["loss"], "Backpropagates a scalar loss, adding gradients to every parameter it depends on; returns how many were reached.", |l: &mut TensorHandle| -> ScriptResult<i64> {
         crate::train::param::backward(l.tensor()).script().map(|n| n as i64)
     });
     api.getter(
         "grad",
         "The accumulated gradient of a parameter, or () when none.",
-        |x: &mut T| -> ScriptResult<Dynamic> {
-            Ok(x.param().and_then(|p| p.grad()).map(|g| Dynamic::from(T::new(g))).unwrap_or(Dynamic::UNIT))
+        |x: &mut TensorHandle| -> ScriptResult<Dynamic> {
+            Ok(x.param().and_then(|p| p.grad()).map(|g| Dynamic::from(TensorHandle::new(g))).unwrap_or(Dynamic::UNIT))
         },
     );
     api.setter(
         "grad",
         "Replaces a parameter's gradient (a tensor of its shape, or () to clear it).",
-        |x: &mut T, g: Dynamic| -> ScriptResult<()> {
+        |x: &mut TensorHandle, g: Dynamic| -> ScriptResult<()> {
             let p = x.require_param("setting grad")?;
             let g = if g.is_unit() {
                 None
             } else {
-                Some(g.try_cast::<T>().ok_or_else(|| script_err("grad must be a tensor or ()"))?.into_tensor())
+                Some(
+                    g.try_cast::<TensorHandle>()
+                        .ok_or_else(|| script_err("grad must be a tensor or ()"))?
+                        .into_tensor(),
+                )
             };
             p.set_grad(g).script()
         },
@@ -114,16 +121,18 @@ pub fn register(api: &mut Api) {
             Ok(())
         },
     );
-    api.func("grad", ["loss", "params"], "Gradients of a scalar loss with respect to an array of parameters (() where it does not depend on one); no slot is touched.", |l: T, ps: Array| -> ScriptResult<Array> {
+    api.func("grad", ["loss", "params"], "Gradients of a scalar loss with respect to an array of parameters (() where it does not depend on one); no slot is touched.", |l: TensorHandle, ps: Array| -> ScriptResult<Array> {
         let params = params_of(&Dynamic::from_array(ps))?;
         let gs = crate::train::param::grads_of(l.tensor(), &params).script()?;
-        Ok(gs.into_iter().map(|g| g.map(|g| Dynamic::from(T::new(g))).unwrap_or(Dynamic::UNIT)).collect())
+        Ok(gs.into_iter().map(|g| g.map(|g| Dynamic::from(TensorHandle::new(g))).unwrap_or(Dynamic::UNIT)).collect())
     });
     api.method(
         "assign",
         ["param", "value"],
         "Overwrites a parameter's values in place (optimisers and all views see it).",
-        |x: &mut T, v: T| -> ScriptResult<()> { x.require_param("assign")?.assign(v.tensor()).script() },
+        |x: &mut TensorHandle, v: TensorHandle| -> ScriptResult<()> {
+            x.require_param("assign")?.assign(v.tensor()).script()
+        },
     );
 
     api.group("optim: clipping");

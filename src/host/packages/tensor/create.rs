@@ -3,47 +3,47 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
-use crate::host::runtime::Runtime;
-use crate::host::tensor::{self, from_nested, number, placement, TensorHandle as T};
+use crate::host::run_state::RunState;
+use crate::host::tensor::{self, from_nested, number, placement, TensorHandle};
 use crate::rng::Generator;
 use candle_core::{Device, Tensor};
 use rhai::{Dynamic, Map};
 use std::sync::Arc;
 
-type R = ScriptResult<T>;
+type Out = ScriptResult<TensorHandle>;
 
 fn opts_seed(opts: &Map) -> ScriptResult<Option<u64>> {
     opts.get("seed").map(|s| tensor::int(s, "seed").map(|s| s as u64)).transpose()
 }
 
 /// Draws from the explicit seed when one is given, else from the run's generator.
-fn draw(rt: &Runtime, seed: Option<u64>, f: impl FnOnce(&mut Generator) -> crate::Result<Tensor>) -> R {
+fn draw(rt: &RunState, seed: Option<u64>, f: impl FnOnce(&mut Generator) -> crate::Result<Tensor>) -> Out {
     match seed {
         Some(s) => f(&mut Generator::new(s)),
         None => f(&mut rt.rng()),
     }
     .script()
-    .map(T::new)
+    .map(TensorHandle::new)
 }
 
-pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("tensor: creation");
     let (dt, dev) = (rt.dtype, rt.device.clone());
 
     macro_rules! constant {
         ($name:literal, $doc:literal, $make:expr) => {{
             let d = dev.clone();
-            api.func($name, ["shape"], $doc, move |s: Dynamic| -> R {
-                $make(&tensor::shape(&s)?, dt, &d).script().map(T::new)
+            api.func($name, ["shape"], $doc, move |s: Dynamic| -> Out {
+                $make(&tensor::shape(&s)?, dt, &d).script().map(TensorHandle::new)
             });
             let d = dev.clone();
             api.func(
                 $name,
                 ["shape", "opts"],
                 concat!($doc, " Options: dtype, device."),
-                move |s: Dynamic, o: Map| -> R {
+                move |s: Dynamic, o: Map| -> Out {
                     let (dt, d) = placement(&o, dt, &d)?;
-                    $make(&tensor::shape(&s)?, dt, &d).script().map(T::new)
+                    $make(&tensor::shape(&s)?, dt, &d).script().map(TensorHandle::new)
                 },
             );
         }};
@@ -52,33 +52,38 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     constant!("ones", "A tensor of ones.", |s: &[usize], dt, d: &Device| Tensor::ones(s, dt, d));
 
     let d = dev.clone();
-    api.func("full", ["shape", "value"], "A tensor filled with one value.", move |s: Dynamic, v: Dynamic| -> R {
+    api.func("full", ["shape", "value"], "A tensor filled with one value.", move |s: Dynamic, v: Dynamic| -> Out {
         let v = number(&v, "value")?;
-        Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(T::new)
+        Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(TensorHandle::new)
     });
     let d = dev.clone();
     api.func(
         "full",
         ["shape", "value", "opts"],
         "A tensor filled with one value. Options: dtype, device.",
-        move |s: Dynamic, v: Dynamic, o: Map| -> R {
+        move |s: Dynamic, v: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
             let v = number(&v, "value")?;
-            Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(T::new)
+            Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(TensorHandle::new)
         },
     );
 
     let (r, d) = (rt.clone(), dev.clone());
-    api.func("randn", ["shape"], "Standard normal samples from the run's seeded generator.", move |s: Dynamic| -> R {
-        let s = tensor::shape(&s)?;
-        draw(&r, None, |g| g.randn(s, dt, &d))
-    });
+    api.func(
+        "randn",
+        ["shape"],
+        "Standard normal samples from the run's seeded generator.",
+        move |s: Dynamic| -> Out {
+            let s = tensor::shape(&s)?;
+            draw(&r, None, |g| g.randn(s, dt, &d))
+        },
+    );
     let (r, d) = (rt.clone(), dev.clone());
     api.func(
         "randn",
         ["shape", "seed"],
         "Standard normal samples from a generator seeded with `seed` (the run's generator is untouched).",
-        move |s: Dynamic, seed: i64| -> R {
+        move |s: Dynamic, seed: i64| -> Out {
             let s = tensor::shape(&s)?;
             draw(&r, Some(seed as u64), |g| g.randn(s, dt, &d))
         },
@@ -88,7 +93,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "randn",
         ["shape", "opts"],
         "Normal samples. Options: mean, std, seed, dtype, device.",
-        move |s: Dynamic, o: Map| -> R {
+        move |s: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
             let mean = o.get("mean").map(|v| number(v, "mean")).transpose()?.unwrap_or(0.0);
             let std = o.get("std").map(|v| number(v, "std")).transpose()?.unwrap_or(1.0);
@@ -98,16 +103,21 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     );
 
     let (r, d) = (rt.clone(), dev.clone());
-    api.func("rand", ["shape"], "Uniform samples in [0, 1) from the run's seeded generator.", move |s: Dynamic| -> R {
-        let s = tensor::shape(&s)?;
-        draw(&r, None, |g| g.rand(s, 0.0, 1.0, dt, &d))
-    });
+    api.func(
+        "rand",
+        ["shape"],
+        "Uniform samples in [0, 1) from the run's seeded generator.",
+        move |s: Dynamic| -> Out {
+            let s = tensor::shape(&s)?;
+            draw(&r, None, |g| g.rand(s, 0.0, 1.0, dt, &d))
+        },
+    );
     let (r, d) = (rt.clone(), dev.clone());
     api.func(
         "rand",
         ["shape", "seed"],
         "Uniform samples in [0, 1) from a generator seeded with `seed`.",
-        move |s: Dynamic, seed: i64| -> R {
+        move |s: Dynamic, seed: i64| -> Out {
             let s = tensor::shape(&s)?;
             draw(&r, Some(seed as u64), |g| g.rand(s, 0.0, 1.0, dt, &d))
         },
@@ -117,7 +127,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "rand",
         ["shape", "opts"],
         "Uniform samples in [low, high). Options: low, high, seed, dtype, device.",
-        move |s: Dynamic, o: Map| -> R {
+        move |s: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
             let lo = o.get("low").map(|v| number(v, "low")).transpose()?.unwrap_or(0.0);
             let hi = o.get("high").map(|v| number(v, "high")).transpose()?.unwrap_or(1.0);
@@ -143,7 +153,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
     });
 
     let d = dev.clone();
-    let arange = move |start: f64, end: f64, step: f64| -> R {
+    let arange = move |start: f64, end: f64, step: f64| -> Out {
         if step == 0.0 || (end - start) / step < 0.0 {
             return Err(crate::host::error::script_err(format!("arange: no values from {start} to {end} by {step}")));
         }
@@ -151,7 +161,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
             .and_then(|t| t.to_dtype(dt))
             .and_then(|t| t.to_device(&d))
             .script()
-            .map(T::new)
+            .map(TensorHandle::new)
     };
     let a = arange.clone();
     api.func("arange", ["end"], "0, 1, ... up to but excluding `end`.", move |e: Dynamic| {
@@ -177,7 +187,7 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
         "linspace",
         ["start", "end", "n"],
         "`n` evenly spaced values from start to end inclusive.",
-        move |s: Dynamic, e: Dynamic, n: i64| -> R {
+        move |s: Dynamic, e: Dynamic, n: i64| -> Out {
             let (s, e) = (number(&s, "start")?, number(&e, "end")?);
             let n = usize::try_from(n).script()?;
             let step = if n > 1 { (e - s) / (n - 1) as f64 } else { 0.0 };
@@ -186,37 +196,37 @@ pub fn register(api: &mut Api, rt: &Arc<Runtime>) {
                 .and_then(|t| t.to_dtype(dt))
                 .and_then(|t| t.to_device(&d))
                 .script()
-                .map(T::new)
+                .map(TensorHandle::new)
         },
     );
 
     let d = dev.clone();
     api.func("tensor", ["values"], "A tensor from a number or a nested array of numbers (f32).", move |v: Dynamic| {
-        from_nested(&v, dt, &d).map(T::new)
+        from_nested(&v, dt, &d).map(TensorHandle::new)
     });
     let d = dev.clone();
     api.func(
         "tensor",
         ["values", "opts"],
         "A tensor from a nested array. Options: dtype, device.",
-        move |v: Dynamic, o: Map| -> R {
+        move |v: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
-            from_nested(&v, dt, &d).map(T::new)
+            from_nested(&v, dt, &d).map(TensorHandle::new)
         },
     );
 
-    api.method("zeros_like", ["x"], "Zeros of x's shape, dtype and device.", |x: &mut T| {
-        x.tensor().zeros_like().script().map(T::new)
+    api.method("zeros_like", ["x"], "Zeros of x's shape, dtype and device.", |x: &mut TensorHandle| {
+        x.tensor().zeros_like().script().map(TensorHandle::new)
     });
-    api.method("ones_like", ["x"], "Ones of x's shape, dtype and device.", |x: &mut T| {
-        x.tensor().ones_like().script().map(T::new)
+    api.method("ones_like", ["x"], "Ones of x's shape, dtype and device.", |x: &mut TensorHandle| {
+        x.tensor().ones_like().script().map(TensorHandle::new)
     });
     let r = rt.clone();
     api.method(
         "randn_like",
         ["x"],
         "Standard normal samples of x's shape, dtype and device, from the run's generator.",
-        move |x: &mut T| -> R {
+        move |x: &mut TensorHandle| -> Out {
             let t = x.tensor();
             draw(&r, None, |g| g.randn(t.shape().clone(), t.dtype(), t.device()))
         },

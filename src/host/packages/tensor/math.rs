@@ -3,18 +3,15 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{self, TensorHandle as T};
+use crate::host::tensor::{self, TensorHandle};
 use candle_core::Tensor;
 use rhai::Dynamic;
 
-type R = ScriptResult<T>;
-
-fn ok(t: candle_core::Result<Tensor>) -> R {
-    t.script().map(T::new)
-}
+type Out = ScriptResult<TensorHandle>;
+use super::ok;
 
 /// Reduces over `dims` (an int or an array), keeping them as size-1 dims or not.
-fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: &str) -> R {
+fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: &str) -> Out {
     let mut ds = tensor::dims(dims, x.rank())?;
     ds.sort_unstable();
     ds.dedup();
@@ -35,10 +32,10 @@ fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: &str) -> R {
             out = out.squeeze(d).script()?;
         }
     }
-    Ok(T::new(out))
+    Ok(TensorHandle::new(out))
 }
 
-fn reduce_all(x: &Tensor, op: &str) -> R {
+fn reduce_all(x: &Tensor, op: &str) -> Out {
     let flat = x.flatten_all().script()?;
     ok(match op {
         "sum" => flat.sum(0),
@@ -53,26 +50,35 @@ pub fn register(api: &mut Api) {
     api.group("tensor: arithmetic");
     macro_rules! binary {
         ($op:literal, $what:literal, $bcast:ident, $scalar_rhs:expr, $scalar_lhs:expr) => {
-            api.operator($op, ["a", "b"], concat!("Elementwise ", $what, " with broadcasting."), |a: T, b: T| {
-                ok(a.tensor().$bcast(b.tensor()))
-            });
-            api.operator($op, ["a", "b"], concat!("Elementwise ", $what, " with a number."), |a: T, b: f64| {
-                ok($scalar_rhs(a.tensor(), b))
-            });
-            api.operator($op, ["a", "b"], concat!("Elementwise ", $what, " with a number."), |a: T, b: i64| {
-                ok($scalar_rhs(a.tensor(), b as f64))
-            });
             api.operator(
                 $op,
                 ["a", "b"],
-                concat!("Elementwise ", $what, " of a number and a tensor."),
-                |a: f64, b: T| ok($scalar_lhs(a, b.tensor())),
+                concat!("Elementwise ", $what, " with broadcasting."),
+                |a: TensorHandle, b: TensorHandle| ok(a.tensor().$bcast(b.tensor())),
+            );
+            api.operator(
+                $op,
+                ["a", "b"],
+                concat!("Elementwise ", $what, " with a number."),
+                |a: TensorHandle, b: f64| ok($scalar_rhs(a.tensor(), b)),
+            );
+            api.operator(
+                $op,
+                ["a", "b"],
+                concat!("Elementwise ", $what, " with a number."),
+                |a: TensorHandle, b: i64| ok($scalar_rhs(a.tensor(), b as f64)),
             );
             api.operator(
                 $op,
                 ["a", "b"],
                 concat!("Elementwise ", $what, " of a number and a tensor."),
-                |a: i64, b: T| ok($scalar_lhs(a as f64, b.tensor())),
+                |a: f64, b: TensorHandle| ok($scalar_lhs(a, b.tensor())),
+            );
+            api.operator(
+                $op,
+                ["a", "b"],
+                concat!("Elementwise ", $what, " of a number and a tensor."),
+                |a: i64, b: TensorHandle| ok($scalar_lhs(a as f64, b.tensor())),
             );
         };
     }
@@ -80,16 +86,18 @@ pub fn register(api: &mut Api) {
     binary!("-", "difference", broadcast_sub, |a: &Tensor, b| a - b, |a, b: &Tensor| b.affine(-1.0, a));
     binary!("*", "product", broadcast_mul, |a: &Tensor, b| a * b, |a, b: &Tensor| b * a);
     binary!("/", "quotient", broadcast_div, |a: &Tensor, b| a / b, |a, b: &Tensor| b.recip().and_then(|r| r * a));
-    api.operator("-", ["x"], "Negation.", |x: T| ok(x.tensor().neg()));
-    api.operator("**", ["x", "p"], "Elementwise power with a number exponent.", |x: T, p: f64| ok(x.tensor().powf(p)));
-    api.operator("**", ["x", "p"], "Elementwise power with an integer exponent.", |x: T, p: i64| {
+    api.operator("-", ["x"], "Negation.", |x: TensorHandle| ok(x.tensor().neg()));
+    api.operator("**", ["x", "p"], "Elementwise power with a number exponent.", |x: TensorHandle, p: f64| {
+        ok(x.tensor().powf(p))
+    });
+    api.operator("**", ["x", "p"], "Elementwise power with an integer exponent.", |x: TensorHandle, p: i64| {
         ok(x.tensor().powf(p as f64))
     });
 
     api.group("tensor: math");
     macro_rules! unary {
         ($name:literal, $doc:literal, $f:expr) => {
-            api.method($name, ["x"], $doc, |x: &mut T| ok($f(x.tensor())));
+            api.method($name, ["x"], $doc, |x: &mut TensorHandle| ok($f(x.tensor())));
         };
     }
     unary!("exp", "Elementwise e^x.", |t: &Tensor| t.exp());
@@ -106,18 +114,23 @@ pub fn register(api: &mut Api) {
     unary!("silu", "Elementwise x·sigmoid(x).", |t: &Tensor| t.silu());
     unary!("relu", "Elementwise max(x, 0).", |t: &Tensor| t.relu());
     unary!("gelu", "Elementwise GELU (exact, erf form, as PyTorch's default).", |t: &Tensor| t.gelu_erf());
-    api.method("pow", ["x", "p"], "Elementwise x^p for a number p.", |x: &mut T, p: f64| ok(x.tensor().powf(p)));
-    api.method("pow", ["x", "p"], "Elementwise x^p for an integer p.", |x: &mut T, p: i64| {
+    api.method("pow", ["x", "p"], "Elementwise x^p for a number p.", |x: &mut TensorHandle, p: f64| {
+        ok(x.tensor().powf(p))
+    });
+    api.method("pow", ["x", "p"], "Elementwise x^p for an integer p.", |x: &mut TensorHandle, p: i64| {
         ok(x.tensor().powf(p as f64))
     });
-    api.method("pow", ["x", "p"], "Elementwise x^p for a tensor p (x > 0).", |x: &mut T, p: T| {
-        ok(x.tensor().broadcast_pow(p.tensor()))
-    });
+    api.method(
+        "pow",
+        ["x", "p"],
+        "Elementwise x^p for a tensor p (x > 0).",
+        |x: &mut TensorHandle, p: TensorHandle| ok(x.tensor().broadcast_pow(p.tensor())),
+    );
     api.method(
         "clamp",
         ["x", "min", "max"],
         "Elementwise clamp into [min, max].",
-        |x: &mut T, lo: Dynamic, hi: Dynamic| -> R {
+        |x: &mut TensorHandle, lo: Dynamic, hi: Dynamic| -> Out {
             let (lo, hi) = (tensor::number(&lo, "min")?, tensor::number(&hi, "max")?);
             if lo > hi {
                 return Err(script_err(format!("clamp: min {lo} > max {hi}")));
@@ -125,52 +138,68 @@ pub fn register(api: &mut Api) {
             ok(x.tensor().clamp(lo, hi))
         },
     );
-    api.method("maximum", ["x", "y"], "Elementwise maximum with broadcasting.", |x: &mut T, y: T| {
-        ok(x.tensor().broadcast_maximum(y.tensor()))
-    });
-    api.method("maximum", ["x", "y"], "Elementwise maximum with a number.", |x: &mut T, y: Dynamic| {
+    api.method(
+        "maximum",
+        ["x", "y"],
+        "Elementwise maximum with broadcasting.",
+        |x: &mut TensorHandle, y: TensorHandle| ok(x.tensor().broadcast_maximum(y.tensor())),
+    );
+    api.method("maximum", ["x", "y"], "Elementwise maximum with a number.", |x: &mut TensorHandle, y: Dynamic| {
         ok(x.tensor().maximum(tensor::number(&y, "y")?))
     });
-    api.method("minimum", ["x", "y"], "Elementwise minimum with broadcasting.", |x: &mut T, y: T| {
-        ok(x.tensor().broadcast_minimum(y.tensor()))
-    });
-    api.method("minimum", ["x", "y"], "Elementwise minimum with a number.", |x: &mut T, y: Dynamic| {
+    api.method(
+        "minimum",
+        ["x", "y"],
+        "Elementwise minimum with broadcasting.",
+        |x: &mut TensorHandle, y: TensorHandle| ok(x.tensor().broadcast_minimum(y.tensor())),
+    );
+    api.method("minimum", ["x", "y"], "Elementwise minimum with a number.", |x: &mut TensorHandle, y: Dynamic| {
         ok(x.tensor().minimum(tensor::number(&y, "y")?))
     });
-    api.method("softmax", ["x", "dim"], "Softmax over `dim` (differentiable form).", |x: &mut T, d: i64| -> R {
-        let d = tensor::dim(d, x.tensor().rank())?;
-        ok(candle_nn::ops::softmax(x.tensor(), d))
-    });
-    api.method("log_softmax", ["x", "dim"], "Log-softmax over `dim`, computed stably.", |x: &mut T, d: i64| -> R {
-        let d = tensor::dim(d, x.tensor().rank())?;
-        let t = x.tensor();
-        let max = t.max_keepdim(d).script()?.detach();
-        let shifted = t.broadcast_sub(&max).script()?;
-        let lse = shifted.exp().and_then(|e| e.sum_keepdim(d)).and_then(|s| s.log()).script()?;
-        ok(shifted.broadcast_sub(&lse))
-    });
+    api.method(
+        "softmax",
+        ["x", "dim"],
+        "Softmax over `dim` (differentiable form).",
+        |x: &mut TensorHandle, d: i64| -> Out {
+            let d = tensor::dim(d, x.tensor().rank())?;
+            ok(candle_nn::ops::softmax(x.tensor(), d))
+        },
+    );
+    api.method(
+        "log_softmax",
+        ["x", "dim"],
+        "Log-softmax over `dim`, computed stably.",
+        |x: &mut TensorHandle, d: i64| -> Out {
+            let d = tensor::dim(d, x.tensor().rank())?;
+            let t = x.tensor();
+            let max = t.max_keepdim(d).script()?.detach();
+            let shifted = t.broadcast_sub(&max).script()?;
+            let lse = shifted.exp().and_then(|e| e.sum_keepdim(d)).and_then(|s| s.log()).script()?;
+            ok(shifted.broadcast_sub(&lse))
+        },
+    );
     api.method(
         "matmul",
         ["a", "b"],
         "Matrix product of the last two dims, batch dims broadcast.",
-        |a: &mut T, b: T| ok(a.tensor().broadcast_matmul(b.tensor())),
+        |a: &mut TensorHandle, b: TensorHandle| ok(a.tensor().broadcast_matmul(b.tensor())),
     );
-    api.method("mse", ["a", "b"], "Mean of (a - b)² over all elements.", |a: &mut T, b: T| {
+    api.method("mse", ["a", "b"], "Mean of (a - b)² over all elements.", |a: &mut TensorHandle, b: TensorHandle| {
         ok(a.tensor().broadcast_sub(b.tensor()).and_then(|d| d.sqr()).and_then(|d| d.mean_all()))
     });
 
     api.group("tensor: layers");
-    api.method("conv2d", ["x", "w", "b", "opts"], "2-D convolution of NCHW x with kernel w (out, in, k, k) and bias b (a tensor or ()). Options: padding (0), stride (1).", |x: &mut T, w: T, b: Dynamic, o: rhai::Map| -> R {
+    api.method("conv2d", ["x", "w", "b", "opts"], "2-D convolution of NCHW x with kernel w (out, in, k, k) and bias b (a tensor or ()). Options: padding (0), stride (1).", |x: &mut TensorHandle, w: TensorHandle, b: Dynamic, o: rhai::Map| -> Out {
         let padding = o.get("padding").map(|v| tensor::int(v, "padding")).transpose()?.unwrap_or(0);
         let stride = o.get("stride").map(|v| tensor::int(v, "stride")).transpose()?.unwrap_or(1);
-        let bias = if b.is_unit() { None } else { Some(b.try_cast::<T>().ok_or_else(|| script_err("conv2d: bias must be a tensor or ()"))?.into_tensor()) };
-        crate::ops::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(T::new)
+        let bias = if b.is_unit() { None } else { Some(b.try_cast::<TensorHandle>().ok_or_else(|| script_err("conv2d: bias must be a tensor or ()"))?.into_tensor()) };
+        crate::ops::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(TensorHandle::new)
     });
     api.method(
         "avg_pool2d",
         ["x", "k"],
         "Average pooling of NCHW x over k×k windows with stride k.",
-        |x: &mut T, k: i64| -> R {
+        |x: &mut TensorHandle, k: i64| -> Out {
             let k = usize::try_from(k)
                 .ok()
                 .filter(|&k| k > 0)
@@ -182,10 +211,10 @@ pub fn register(api: &mut Api) {
         "cross_entropy",
         ["logits", "labels"],
         "Mean cross-entropy of B×C logits against B integer labels (a tensor or an array).",
-        |x: &mut T, labels: Dynamic| -> R {
+        |x: &mut TensorHandle, labels: Dynamic| -> Out {
             let t = x.tensor();
             let (b, c) = t.dims2().script()?;
-            let idx = match labels.clone().try_cast::<T>() {
+            let idx = match labels.clone().try_cast::<TensorHandle>() {
                 Some(l) => l.tensor().to_dtype(candle_core::DType::U32).script()?,
                 None => {
                     let arr = labels
@@ -198,7 +227,7 @@ pub fn register(api: &mut Api) {
                     Tensor::from_vec(v, b, t.device()).script()?
                 }
             };
-            crate::diffusion::layers::cross_entropy(t, &idx).script().map(T::new)
+            crate::diffusion::layers::cross_entropy(t, &idx).script().map(TensorHandle::new)
         },
     );
 
@@ -210,37 +239,37 @@ pub fn register(api: &mut Api) {
             "max" => "Largest element (a scalar tensor).",
             _ => "Smallest element (a scalar tensor).",
         };
-        api.method(op, ["x"], doc_all, move |x: &mut T| reduce_all(x.tensor(), op));
+        api.method(op, ["x"], doc_all, move |x: &mut TensorHandle| reduce_all(x.tensor(), op));
         api.method(
             op,
             ["x", "dims"],
             "Reduces over a dim or an array of dims, dropping them.",
-            move |x: &mut T, d: Dynamic| reduce(x.tensor(), &d, false, op),
+            move |x: &mut TensorHandle, d: Dynamic| reduce(x.tensor(), &d, false, op),
         );
         api.method(
             op,
             ["x", "dims", "keepdim"],
             "Reduces over dims; keepdim = true keeps them with size 1.",
-            move |x: &mut T, d: Dynamic, k: bool| reduce(x.tensor(), &d, k, op),
+            move |x: &mut TensorHandle, d: Dynamic, k: bool| reduce(x.tensor(), &d, k, op),
         );
     }
     api.method(
         "argmax",
         ["x", "dim"],
         "Index of the largest element along `dim` (u32, no gradient).",
-        |x: &mut T, d: i64| -> R {
+        |x: &mut TensorHandle, d: i64| -> Out {
             let d = tensor::dim(d, x.tensor().rank())?;
             ok(x.tensor().argmax(d))
         },
     );
-    api.method("norm", ["x"], "L2 norm of all elements (a scalar tensor).", |x: &mut T| {
+    api.method("norm", ["x"], "L2 norm of all elements (a scalar tensor).", |x: &mut TensorHandle| {
         ok(x.tensor().sqr().and_then(|s| s.sum_all()).and_then(|s| s.sqrt()))
     });
     api.method(
         "variance",
         ["x", "dim"],
         "Unbiased variance along `dim` (`var` is a reserved word in Rhai).",
-        |x: &mut T, d: i64| -> R {
+        |x: &mut TensorHandle, d: i64| -> Out {
             let d = tensor::dim(d, x.tensor().rank())?;
             ok(x.tensor().var(d))
         },

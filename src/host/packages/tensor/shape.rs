@@ -2,15 +2,12 @@
 
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{self, shape_to_array, TensorHandle as T};
+use crate::host::tensor::{self, shape_to_array, TensorHandle};
 use candle_core::{DType, Tensor};
 use rhai::{Array, Dynamic};
 
-type R = ScriptResult<T>;
-
-fn ok(t: candle_core::Result<Tensor>) -> R {
-    t.script().map(T::new)
-}
+type Out = ScriptResult<TensorHandle>;
+use super::ok;
 
 fn tensors(arr: &Array, what: &str) -> ScriptResult<Vec<Tensor>> {
     if arr.is_empty() {
@@ -19,8 +16,8 @@ fn tensors(arr: &Array, what: &str) -> ScriptResult<Vec<Tensor>> {
     arr.iter()
         .map(|v| {
             v.clone()
-                .try_cast::<T>()
-                .map(T::into_tensor)
+                .try_cast::<TensorHandle>()
+                .map(TensorHandle::into_tensor)
                 .ok_or_else(|| script_err(format!("{what} takes an array of tensors, found {}", v.type_name())))
         })
         .collect()
@@ -50,7 +47,7 @@ fn reshape_dims(x: &Tensor, target: &Dynamic) -> ScriptResult<Vec<usize>> {
 }
 
 fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptResult<Tensor> {
-    if let Some(t) = idx.clone().try_cast::<T>() {
+    if let Some(t) = idx.clone().try_cast::<TensorHandle>() {
         return t.tensor().to_dtype(DType::U32).script();
     }
     let arr = idx
@@ -67,14 +64,14 @@ fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptRe
 
 pub fn register(api: &mut Api) {
     api.group("tensor: shape");
-    api.getter("shape", "The dims as an array of ints.", |x: &mut T| shape_to_array(x.tensor().dims()));
-    api.getter("rank", "Number of dims.", |x: &mut T| x.tensor().rank() as i64);
-    api.getter("numel", "Number of elements.", |x: &mut T| x.tensor().elem_count() as i64);
+    api.getter("shape", "The dims as an array of ints.", |x: &mut TensorHandle| shape_to_array(x.tensor().dims()));
+    api.getter("rank", "Number of dims.", |x: &mut TensorHandle| x.tensor().rank() as i64);
+    api.getter("numel", "Number of elements.", |x: &mut TensorHandle| x.tensor().elem_count() as i64);
     api.method(
         "size",
         ["x", "dim"],
         "Size of one dim (negative counts from the end).",
-        |x: &mut T, d: i64| -> ScriptResult<i64> {
+        |x: &mut TensorHandle, d: i64| -> ScriptResult<i64> {
             let d = tensor::dim(d, x.tensor().rank())?;
             Ok(x.tensor().dims()[d] as i64)
         },
@@ -83,7 +80,7 @@ pub fn register(api: &mut Api) {
         "reshape",
         ["x", "shape"],
         "Same elements, new shape; one entry may be -1.",
-        |x: &mut T, s: Dynamic| -> R {
+        |x: &mut TensorHandle, s: Dynamic| -> Out {
             let dims = reshape_dims(x.tensor(), &s)?;
             ok(x.tensor().reshape(dims))
         },
@@ -92,7 +89,7 @@ pub fn register(api: &mut Api) {
         "permute",
         ["x", "dims"],
         "Reorders dims: result dim i is input dim dims[i].",
-        |x: &mut T, d: Array| -> R {
+        |x: &mut TensorHandle, d: Array| -> Out {
             let rank = x.tensor().rank();
             let dims: Vec<usize> = d
                 .iter()
@@ -101,17 +98,17 @@ pub fn register(api: &mut Api) {
             ok(x.tensor().permute(dims))
         },
     );
-    api.method("transpose", ["x", "dim0", "dim1"], "Swaps two dims.", |x: &mut T, a: i64, b: i64| -> R {
+    api.method("transpose", ["x", "dim0", "dim1"], "Swaps two dims.", |x: &mut TensorHandle, a: i64, b: i64| -> Out {
         let rank = x.tensor().rank();
         ok(x.tensor().transpose(tensor::dim(a, rank)?, tensor::dim(b, rank)?))
     });
-    api.method("t", ["x"], "Swaps the last two dims.", |x: &mut T| ok(x.tensor().t()));
-    api.func("cat", ["tensors", "dim"], "Concatenates tensors along an existing dim.", |ts: Array, d: i64| -> R {
+    api.method("t", ["x"], "Swaps the last two dims.", |x: &mut TensorHandle| ok(x.tensor().t()));
+    api.func("cat", ["tensors", "dim"], "Concatenates tensors along an existing dim.", |ts: Array, d: i64| -> Out {
         let ts = tensors(&ts, "cat")?;
         let d = tensor::dim(d, ts[0].rank())?;
         ok(Tensor::cat(&ts, d))
     });
-    api.func("stack", ["tensors", "dim"], "Stacks same-shaped tensors along a new dim.", |ts: Array, d: i64| -> R {
+    api.func("stack", ["tensors", "dim"], "Stacks same-shaped tensors along a new dim.", |ts: Array, d: i64| -> Out {
         let ts = tensors(&ts, "stack")?;
         let d = tensor::dim(d, ts[0].rank() + 1)?;
         ok(Tensor::stack(&ts, d))
@@ -120,20 +117,20 @@ pub fn register(api: &mut Api) {
         "chunk",
         ["x", "n", "dim"],
         "Splits into `n` nearly equal pieces along `dim` (an array).",
-        |x: &mut T, n: i64, d: i64| -> ScriptResult<Array> {
+        |x: &mut TensorHandle, n: i64, d: i64| -> ScriptResult<Array> {
             let d = tensor::dim(d, x.tensor().rank())?;
             let n = usize::try_from(n)
                 .ok()
                 .filter(|&n| n > 0)
                 .ok_or_else(|| script_err(format!("chunk: n must be positive, got {n}")))?;
-            Ok(x.tensor().chunk(n, d).script()?.into_iter().map(|t| Dynamic::from(T::new(t))).collect())
+            Ok(x.tensor().chunk(n, d).script()?.into_iter().map(|t| Dynamic::from(TensorHandle::new(t))).collect())
         },
     );
     api.method(
         "narrow",
         ["x", "dim", "start", "len"],
         "`len` entries of `dim` starting at `start`.",
-        |x: &mut T, d: i64, s: i64, l: i64| -> R {
+        |x: &mut TensorHandle, d: i64, s: i64, l: i64| -> Out {
             let d = tensor::dim(d, x.tensor().rank())?;
             let size = x.tensor().dims()[d];
             let s = tensor::index(s, size + 1, "start")?;
@@ -145,7 +142,7 @@ pub fn register(api: &mut Api) {
         "slice",
         ["x", "dim", "start", "end"],
         "Entries start..end (end excluded; negatives count from the end) of `dim`.",
-        |x: &mut T, d: i64, s: i64, e: i64| -> R {
+        |x: &mut TensorHandle, d: i64, s: i64, e: i64| -> Out {
             let d = tensor::dim(d, x.tensor().rank())?;
             let size = x.tensor().dims()[d] as i64;
             let fix = |i: i64| {
@@ -166,7 +163,7 @@ pub fn register(api: &mut Api) {
         "index_select",
         ["x", "indices", "dim"],
         "Picks entries of `dim` by index (array of ints or integer tensor).",
-        |x: &mut T, i: Dynamic, d: i64| -> R {
+        |x: &mut TensorHandle, i: Dynamic, d: i64| -> Out {
             let d = tensor::dim(d, x.tensor().rank())?;
             let idx = indices(&i, x.tensor().dims()[d], x.tensor().device())?;
             ok(x.tensor().index_select(&idx, d))
@@ -174,7 +171,7 @@ pub fn register(api: &mut Api) {
     );
     api.indexer(
         "x[i]: entry i of the first dim, dropping that dim (negative counts from the end).",
-        |x: &mut T, i: i64| -> R {
+        |x: &mut TensorHandle, i: i64| -> Out {
             let t = x.tensor();
             let size = *t.dims().first().ok_or_else(|| script_err("cannot index a scalar tensor"))?;
             let i = tensor::index(i, size, "index")?;
@@ -185,22 +182,30 @@ pub fn register(api: &mut Api) {
         "broadcast_as",
         ["x", "shape"],
         "Broadcasts to a larger shape (size-1 or missing leading dims expand).",
-        |x: &mut T, s: Dynamic| -> R { ok(x.tensor().broadcast_as(tensor::shape(&s)?)) },
+        |x: &mut TensorHandle, s: Dynamic| -> Out { ok(x.tensor().broadcast_as(tensor::shape(&s)?)) },
     );
-    api.method("flatten", ["x"], "All dims into one.", |x: &mut T| ok(x.tensor().flatten_all()));
-    api.method("flatten", ["x", "start", "end"], "Dims start..=end into one.", |x: &mut T, s: i64, e: i64| -> R {
-        let rank = x.tensor().rank();
-        ok(x.tensor().flatten(tensor::dim(s, rank)?, tensor::dim(e, rank)?))
-    });
-    api.method("squeeze", ["x", "dim"], "Removes a size-1 dim.", |x: &mut T, d: i64| -> R {
+    api.method("flatten", ["x"], "All dims into one.", |x: &mut TensorHandle| ok(x.tensor().flatten_all()));
+    api.method(
+        "flatten",
+        ["x", "start", "end"],
+        "Dims start..=end into one.",
+        |x: &mut TensorHandle, s: i64, e: i64| -> Out {
+            let rank = x.tensor().rank();
+            ok(x.tensor().flatten(tensor::dim(s, rank)?, tensor::dim(e, rank)?))
+        },
+    );
+    api.method("squeeze", ["x", "dim"], "Removes a size-1 dim.", |x: &mut TensorHandle, d: i64| -> Out {
         let d = tensor::dim(d, x.tensor().rank())?;
         ok(x.tensor().squeeze(d))
     });
-    api.method("unsqueeze", ["x", "dim"], "Inserts a size-1 dim.", |x: &mut T, d: i64| -> R {
+    api.method("unsqueeze", ["x", "dim"], "Inserts a size-1 dim.", |x: &mut TensorHandle, d: i64| -> Out {
         let d = tensor::dim(d, x.tensor().rank() + 1)?;
         ok(x.tensor().unsqueeze(d))
     });
-    api.method("contiguous", ["x"], "A contiguous copy (or x itself when already contiguous).", |x: &mut T| {
-        ok(x.tensor().contiguous())
-    });
+    api.method(
+        "contiguous",
+        ["x"],
+        "A contiguous copy (or x itself when already contiguous).",
+        |x: &mut TensorHandle| ok(x.tensor().contiguous()),
+    );
 }

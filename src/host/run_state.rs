@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use rhai::Map;
 use std::sync::{Mutex, MutexGuard};
 
-pub struct Runtime {
+pub struct RunState {
     rng: Mutex<Generator>,
     seed: std::sync::atomic::AtomicU64,
     pub device: Device,
@@ -14,7 +14,7 @@ pub struct Runtime {
     config: Mutex<Map>,
 }
 
-impl Runtime {
+impl RunState {
     pub fn new(seed: u64, device: Device) -> Self {
         Self {
             rng: Mutex::new(Generator::new(seed)),

@@ -10,11 +10,11 @@
 //! cached, so this costs a lookup).
 //!
 //! ```
-//! use sidscript::host::{Host, HostOptions, live::LiveScript};
+//! use sidscript::host::{Host, HostOptions, driven::DrivenScript};
 //! let host = Host::new(HostOptions::default()).unwrap();
 //! let ast = host.compile_str("fn setup(cfg) { #{ iterations: 3, sum: 0 } }
 //!                             fn step(s, it) { s.sum += it; }", "demo.rhai").unwrap();
-//! let live = LiveScript::instantiate(&host, &ast).unwrap();
+//! let live = DrivenScript::instantiate(&host, &ast).unwrap();
 //! let state = live.setup(&host).unwrap();
 //! for it in 0..3 { live.step(&host, &state, it).unwrap(); }
 //! assert_eq!(live.field(&state, "sum").unwrap().as_int().unwrap(), 3);
@@ -25,18 +25,18 @@ use super::Host;
 use rhai::{CallFnOptions, Dynamic, Map, AST};
 
 /// Whether a compiled script has the host-driven shape (`setup/1` and `step/2`).
-pub fn is_live(ast: &AST) -> bool {
+pub fn is_host_driven(ast: &AST) -> bool {
     let has = |name: &str, n: usize| ast.iter_functions().any(|f| f.name == name && f.params.len() == n);
     has("setup", 1) && has("step", 2)
 }
 
 /// One compiled version of a host-driven script.
-pub struct LiveScript {
+pub struct DrivenScript {
     ast: AST,
     file: String,
 }
 
-impl LiveScript {
+impl DrivenScript {
     /// Checks that the script's top level (its imports and definitions) runs.
     pub fn instantiate(host: &Host, ast: &AST) -> Result<Self, ScriptError> {
         let file = ast.source().unwrap_or("<script>").to_string();
@@ -63,7 +63,7 @@ impl LiveScript {
 
     /// `setup(cfg)`: the state, shared so that what `step` writes into it stays.
     pub fn setup(&self, host: &Host) -> Result<Dynamic, ScriptError> {
-        let state = self.call(host, "setup", vec![Dynamic::from(host.runtime.config())])?;
+        let state = self.call(host, "setup", vec![Dynamic::from(host.run_state.config())])?;
         if !state.is_map() {
             return Err(self.error(format!("setup(cfg) must return a map (the state), got {}", state.type_name())));
         }
