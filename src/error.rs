@@ -12,18 +12,28 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
     /// A file was read but its content is wrong; names the file and, where known, the tensor.
     #[error("{}{}: {msg}", path.display(), tensor.as_ref().map(|t| format!(" (tensor '{t}')")).unwrap_or_default())]
-    File { path: PathBuf, tensor: Option<String>, msg: String },
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The tensor, when one is at fault.
+        tensor: Option<String>,
+        /// What is wrong.
+        msg: String,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Msg(String),
 }
 
+/// The result of the native layers.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// A candle error's message without the backtrace candle attaches when
@@ -39,12 +49,15 @@ pub fn candle_message(e: &candle_core::Error) -> String {
 }
 
 impl Error {
+    /// An error with this message.
     pub fn msg(m: impl Into<String>) -> Self {
         Error::Msg(m.into())
     }
+    /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
+    /// Wrong content in `path` (and `tensor`, when known).
     pub fn file(path: impl Into<PathBuf>, tensor: Option<&str>, msg: impl std::fmt::Display) -> Self {
         Error::File { path: path.into(), tensor: tensor.map(str::to_string), msg: msg.to_string() }
     }

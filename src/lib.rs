@@ -6,6 +6,8 @@
 //! (parameters, optimisers, EMA, checkpoints); [`host`] (the Rhai engine and its
 //! bindings); the CLI in [`cli`] and `main.rs`.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod diffusion;
 pub mod error;

@@ -42,11 +42,14 @@ pub fn alignment(predicted: &Tensor, target: &Tensor) -> Result<f64> {
 /// Mean and covariance (N − 1 denominator, as numpy's `cov`) of N×D features.
 #[derive(Clone, Debug)]
 pub struct Gaussian {
+    /// The mean feature.
     pub mean: DVector<f64>,
+    /// The covariance.
     pub cov: DMatrix<f64>,
 }
 
 impl Gaussian {
+    /// The Gaussian of N×D features (N ≥ 2).
     pub fn fit(features: &Tensor) -> Result<Self> {
         let (n, d, v) = rows_f64(features, "fréchet distance")?;
         if n < 2 {

@@ -21,6 +21,7 @@ pub struct Generator {
 /// What it takes to put a [`Generator`] back exactly where it was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GeneratorState {
+    /// The seed.
     pub seed: u64,
     /// Position in the ChaCha stream, in 32-bit words (a u128 written as a string in JSON).
     #[serde(with = "u128_string")]
@@ -28,18 +29,22 @@ pub struct GeneratorState {
 }
 
 impl Generator {
+    /// A generator at the start of `seed`'s stream.
     pub fn new(seed: u64) -> Self {
         Self { seed, rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
+    /// The seed.
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
+    /// Where the generator is, for a checkpoint.
     pub fn state(&self) -> GeneratorState {
         GeneratorState { seed: self.seed, word_pos: self.rng.get_word_pos() }
     }
 
+    /// The generator at a saved position.
     pub fn from_state(state: GeneratorState) -> Self {
         let mut g = Self::new(state.seed);
         g.rng.set_word_pos(state.word_pos);

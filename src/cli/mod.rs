@@ -11,13 +11,16 @@ use clap::{Parser, Subcommand};
 use rhai::{Dynamic, Map};
 use std::path::PathBuf;
 
+/// The command line.
 #[derive(Parser, Debug)]
 #[command(name = "sidscript", version, about = "Score identity Distillation of diffusion models, scripted in Rhai")]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a script.
@@ -28,11 +31,15 @@ pub enum Command {
         /// host-driven shape, fn setup(cfg) and fn step(state, it).
         #[arg(long)]
         watch: bool,
+        /// Seed, device, configuration and resume folder.
         #[command(flatten)]
         run: RunArgs,
     },
     /// Compile a script without running it (syntax check).
-    Check { file: PathBuf },
+    Check {
+        /// The script.
+        file: PathBuf,
+    },
     /// List every native function with its signature and a one-line description.
     Doc {
         /// Print JSON instead of text.
@@ -41,11 +48,13 @@ pub enum Command {
     },
     /// An interactive session.
     Repl {
+        /// Seed, device, configuration and resume folder.
         #[command(flatten)]
         run: RunArgs,
     },
 }
 
+/// Options shared by `run` and `repl`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Configuration for the script, `key=value`; seen by the script as `cfg.key`.
@@ -86,6 +95,7 @@ pub fn parse_value(value: &str) -> Dynamic {
 }
 
 impl RunArgs {
+    /// The host these options describe: seed, device, and `cfg` from `--set` and `--resume`.
     pub fn host_options(&self) -> anyhow::Result<HostOptions> {
         let mut config = Map::new();
         for kv in &self.set {
@@ -117,6 +127,7 @@ fn error_text(e: &rhai::EvalAltResult) -> String {
     }
 }
 
+/// Runs a parsed command line (the binary calls this on a compute-pool thread).
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { file, watch, run } => run::run(&Host::new(run.host_options()?)?, &file, watch),

@@ -18,20 +18,31 @@ fn d_act() -> String {
 /// The fields of a text encoder's `config.json` that shape it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClipConfig {
+    /// Token ids.
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Width of the MLP.
     pub intermediate_size: usize,
+    /// Transformer layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Longest token row.
     pub max_position_embeddings: usize,
+    /// The MLP activation ("quick_gelu", "gelu").
     #[serde(default = "d_act")]
     pub hidden_act: String,
+    /// Layer-norm epsilon.
     #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
+    /// Width of the text projection (CLIPTextModelWithProjection, SDXL's second encoder).
     #[serde(default)]
     pub projection_dim: Option<usize>,
+    /// The end-of-text token whose hidden state is pooled (else the highest id in the row).
     #[serde(default)]
     pub eos_token_id: Option<i64>,
+    /// transformers' class names, which say whether there is a projection.
     #[serde(default)]
     pub architectures: Vec<String>,
 }
@@ -56,7 +67,9 @@ pub struct ClipOutput {
     pub text_embeds: Option<Tensor>,
 }
 
+/// A CLIP text encoder (transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`).
 pub struct ClipTextModel {
+    /// Its config.
     pub config: ClipConfig,
     token_embedding: Tensor,
     position_embedding: Tensor,

@@ -79,6 +79,7 @@ impl Condition {
         }
     }
 
+    /// Every tensor converted to `dtype`.
     pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Self> {
         // Size ids stay as they are: they feed a sinusoidal embedding in f32.
         Ok(Self {

@@ -21,17 +21,22 @@ pub enum Family {
 /// The parts of `model_index.json` that matter here.
 #[derive(Clone, Debug)]
 pub struct ModelIndex {
+    /// The pipeline class (`_class_name`).
     pub class_name: String,
+    /// SD or SDXL.
     pub family: Family,
+    /// Whether the null condition is zeros rather than the empty prompt's encoding (SDXL).
     pub force_zeros_for_empty_prompt: bool,
 }
 
+/// A JSON file; errors name the file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::file(path, None, format!("invalid JSON: {e}")))
 }
 
 impl ModelIndex {
+    /// `dir/model_index.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("model_index.json");
         let v = read_json(&path)?;

@@ -10,10 +10,13 @@ use candle_core::Tensor;
 /// The guided network output (ε or v, as the model predicts) and the mid-block
 /// features of the conditional branch (or of the null branch when κ = 0).
 pub struct Guided {
+    /// The guided prediction.
     pub pred: Tensor,
+    /// The mid-block output of the pass (the Diffusion-GAN read-out).
     pub mid: Tensor,
 }
 
+/// Classifier-free guidance, null + scale·(cond − null): scale 1 is one conditional pass, scale 0 one null pass, anything else one pass over the doubled batch.
 pub fn guided(unet: &Unet, x: &Tensor, t: &Tensor, cond: &Condition, null: &Condition, scale: f64) -> Result<Guided> {
     let b = x.dim(0)?;
     if scale == 1.0 {

@@ -11,17 +11,21 @@ use candle_core::{DType, Tensor, D};
 /// y = x Wᵀ + b over the last dim.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// The weight.
     pub weight: Tensor,
+    /// The bias, if any.
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// An `in_dim` → `out_dim` map from `w` (`weight`, and `bias` when asked).
     pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = w.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(w.get(out_dim, "bias")?) } else { None };
         Ok(Self { weight, bias })
     }
 
+    /// The layer applied to `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Leading dims are folded into one: a single 2-D matmul each way.
         let dims = x.dims();
@@ -65,13 +69,18 @@ impl Conv2d {
 /// Group normalisation over NC… with per-channel affine.
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
+    /// The weight.
     pub weight: Tensor,
+    /// The per-channel shift.
     pub bias: Tensor,
+    /// Groups the channels are split into.
     pub groups: usize,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl GroupNorm {
+    /// Group norm over `channels` in `groups` groups, from `w`.
     pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if channels % groups != 0 {
             crate::bail!("group norm: {channels} channels do not split into {groups} groups");
@@ -79,6 +88,7 @@ impl GroupNorm {
         Ok(Self { weight: w.get(channels, "weight")?, bias: w.get(channels, "bias")?, groups, eps })
     }
 
+    /// The layer applied to `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c) = (x.dim(0)?, x.dim(1)?);
         Ok(norm_affine(&x.reshape((b, c, ()))?, self.groups, &self.weight, &self.bias, self.eps)?.reshape(x.shape())?)
@@ -88,16 +98,21 @@ impl GroupNorm {
 /// Layer normalisation over the last dim.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// The weight.
     pub weight: Tensor,
+    /// The per-channel shift.
     pub bias: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Layer norm over the last dim of size `dim`, from `w`.
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: w.get(dim, "weight")?, bias: w.get(dim, "bias")?, eps })
     }
 
+    /// The layer applied to `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
@@ -125,11 +140,17 @@ pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
 /// Multi-head attention (diffusers `Attention` / CLIP self-attention share it).
 #[derive(Clone, Debug)]
 pub struct Attention {
+    /// Query projection.
     pub to_q: Linear,
+    /// Key projection.
     pub to_k: Linear,
+    /// Value projection.
     pub to_v: Linear,
+    /// Output projection.
     pub to_out: Linear,
+    /// Attention heads.
     pub heads: usize,
+    /// Channels per head.
     pub head_dim: usize,
     /// Compute scores and softmax in f32 whatever the model dtype.
     pub upcast: bool,

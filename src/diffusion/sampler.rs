@@ -9,9 +9,12 @@ use super::unet::Unet;
 use crate::error::Result;
 use candle_core::Tensor;
 
+/// A teacher sampler.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SamplerKind {
+    /// DDIM (η = 0).
     Ddim,
+    /// Euler (diffusers' EulerDiscreteScheduler).
     Euler,
 }
 

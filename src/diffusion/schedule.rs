@@ -10,19 +10,25 @@ use serde::Deserialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Prediction {
+    /// The noise ε.
     Epsilon,
+    /// v = a_t ε − σ_t x₀.
     #[serde(rename = "v_prediction")]
     V,
+    /// x₀ itself.
     Sample,
 }
 
+/// A variance-preserving noise schedule: x_t = a_t x₀ + σ_t ε with a_t = √ᾱ_t, σ_t = √(1 − ᾱ_t).
 #[derive(Clone, Debug)]
 pub struct VpSchedule {
     /// ᾱ_t for t = 0..T−1.
     pub alphas_cumprod: Vec<f64>,
+    /// What the network predicts.
     pub prediction: Prediction,
     /// Fields of a diffusers scheduler config kept for the samplers.
     pub steps_offset: usize,
+    /// How sampler timesteps are spaced ("leading", "trailing", "linspace").
     pub timestep_spacing: String,
     /// DDIM's ᾱ after the last step: 1, or ᾱ_0 (SD1.5's config says false).
     pub set_alpha_to_one: bool,
@@ -54,20 +60,28 @@ fn d_spacing() -> String {
 /// A diffusers `scheduler_config.json`, the fields that define the schedule.
 #[derive(Clone, Debug, Deserialize)]
 pub struct ScheduleConfig {
+    /// T.
     #[serde(default = "d_steps")]
     pub num_train_timesteps: usize,
+    /// β at t = 0.
     #[serde(default = "d_start")]
     pub beta_start: f64,
+    /// β at t = T − 1.
     #[serde(default = "d_end")]
     pub beta_end: f64,
+    /// "scaled_linear" (SD) or "linear".
     #[serde(default = "d_kind")]
     pub beta_schedule: String,
+    /// What the network predicts.
     #[serde(default = "d_pred")]
     pub prediction_type: Prediction,
+    /// Added to every sampler timestep.
     #[serde(default)]
     pub steps_offset: usize,
+    /// How sampler timesteps are spaced ("leading", "trailing", "linspace").
     #[serde(default = "d_spacing")]
     pub timestep_spacing: String,
+    /// DDIM's ᾱ after the last step: 1, or ᾱ_0.
     #[serde(default = "d_true")]
     pub set_alpha_to_one: bool,
 }
@@ -79,6 +93,7 @@ impl Default for ScheduleConfig {
 }
 
 impl VpSchedule {
+    /// The schedule a diffusers scheduler config describes.
     pub fn new(cfg: &ScheduleConfig) -> Result<Self> {
         let n = cfg.num_train_timesteps;
         if n < 2 {
@@ -119,6 +134,7 @@ impl VpSchedule {
         Self::new(&cfg)
     }
 
+    /// T.
     pub fn num_train_timesteps(&self) -> usize {
         self.alphas_cumprod.len()
     }
@@ -130,6 +146,7 @@ impl VpSchedule {
         Ok(())
     }
 
+    /// ᾱ_t at an integer timestep.
     pub fn alpha_bar(&self, t: usize) -> Result<f64> {
         self.check(t)?;
         Ok(self.alphas_cumprod[t])

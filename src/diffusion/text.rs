@@ -26,7 +26,9 @@ pub enum NullKind {
     Zeros,
 }
 
+/// The tokenizer(s) and text encoder(s) of a diffusers folder, turning prompts into [`Condition`]s.
 pub struct TextConditioner {
+    /// SD (one encoder) or SDXL (two, pooled text and size ids).
     pub family: Family,
     encoders: Vec<Encoder>,
     /// SDXL size/crop conditioning used for every prompt.

@@ -22,6 +22,7 @@ const CLIP_PATTERN: &str =
 /// A tokenizer producing fixed-length rows of ids.
 pub struct PromptTokenizer {
     tok: Tokenizer,
+    /// Tokens per row (padded or truncated).
     pub max_length: usize,
 }
 
@@ -39,6 +40,7 @@ fn token_text(cfg: &serde_json::Value, key: &str) -> Option<String> {
 }
 
 impl PromptTokenizer {
+    /// A tokenizer folder: tokenizer.json, or vocab.json + merges.txt.
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = if cfg_path.is_file() { super::folder::read_json(&cfg_path)? } else { serde_json::Value::Null };

@@ -15,11 +15,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
+    /// One value for every block.
     One(usize),
+    /// One value per block.
     Each(Vec<usize>),
 }
 
 impl PerBlock {
+    /// The value of block `i` (the last one for blocks past the list).
     pub fn get(&self, i: usize) -> usize {
         match self {
             PerBlock::One(v) => *v,
@@ -74,70 +77,103 @@ fn d_sample() -> usize {
 /// The fields of a diffusers `unet/config.json` that shape the network.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UnetConfig {
+    /// Latent side the model was trained at.
     #[serde(default = "d_sample")]
     pub sample_size: usize,
+    /// Latent channels in.
     #[serde(default = "d_in")]
     pub in_channels: usize,
+    /// Channels predicted.
     #[serde(default = "d_in")]
     pub out_channels: usize,
+    /// Cosine before sine in the timestep embedding.
     #[serde(default = "d_true")]
     pub flip_sin_to_cos: bool,
+    /// Shift of the timestep embedding's frequencies.
     #[serde(default)]
     pub freq_shift: f64,
+    /// Down blocks, in order ("CrossAttnDownBlock2D", "DownBlock2D").
     pub down_block_types: Vec<String>,
+    /// Up blocks, in order.
     pub up_block_types: Vec<String>,
+    /// The mid block ("UNetMidBlock2DCrossAttn").
     #[serde(default)]
     pub mid_block_type: Option<String>,
+    /// Channels of each level.
     pub block_out_channels: Vec<usize>,
+    /// ResNet layers per down block (one more per up block).
     #[serde(default = "d_layers")]
     pub layers_per_block: usize,
+    /// Output scale of the mid block.
     #[serde(default = "d_one_f")]
     pub mid_block_scale_factor: f64,
+    /// The activation ("silu").
     #[serde(default = "d_act")]
     pub act_fn: String,
+    /// Groups of the group norms.
     #[serde(default = "d_groups")]
     pub norm_num_groups: usize,
+    /// Epsilon of the group norms.
     #[serde(default = "d_eps")]
     pub norm_eps: f64,
+    /// Width of the text context.
     #[serde(default = "d_xattn")]
     pub cross_attention_dim: usize,
+    /// Transformer layers per attention block (SDXL: 1, 2, 10).
     #[serde(default = "d_tlayers")]
     pub transformer_layers_per_block: PerBlock,
+    /// Per up block, when it differs from the down blocks.
     #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<usize>>,
+    /// diffusers' `attention_head_dim` (for SD1.5 really the head count).
     #[serde(default = "d_heads")]
     pub attention_head_dim: PerBlock,
+    /// Heads per block, when given.
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
+    /// Linear (SDXL) rather than 1×1-conv (SD1.5) projections around transformers.
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Attention scores in f32 whatever the dtype.
     #[serde(default)]
     pub upcast_attention: bool,
+    /// "text_time" for SDXL's pooled text and size ids.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of each size id's embedding (SDXL).
     #[serde(default)]
     pub addition_time_embed_dim: Option<usize>,
+    /// Input width of the added embedding (SDXL).
     #[serde(default)]
     pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Class embeddings (not supported; must be absent).
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// Timestep-condition projection (not supported; must be absent).
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
+    /// Maps the input to [−1, 1] first (not supported; must be false).
     #[serde(default)]
     pub center_input_sample: bool,
+    /// ResNet time embedding mode (only "default").
     #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
+    /// Cross-attention only (not supported; must be false).
     #[serde(default)]
     pub only_cross_attention: Option<serde_json::Value>,
+    /// Two cross-attentions (not supported; must be false).
     #[serde(default)]
     pub dual_cross_attention: bool,
+    /// Timestep embedding (only "positional").
     #[serde(default)]
     pub time_embedding_type: Option<String>,
+    /// A projection of the text context (not supported; must be absent).
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
 }
 
 impl UnetConfig {
+    /// A config.json's contents.
     pub fn from_json(text: &str) -> Result<Self> {
         serde_json::from_str(text).map_err(|e| Error::msg(format!("unet config: {e}")))
     }
@@ -438,6 +474,7 @@ pub struct UnetOutput {
 /// The network. Weights are plain tensors: trainable copies hold `Var` tensors.
 #[derive(Clone, Debug)]
 pub struct Unet {
+    /// Its config.
     pub config: UnetConfig,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
@@ -572,10 +609,12 @@ impl Component for Unet {
 }
 
 impl Unet {
+    /// The weights' dtype.
     pub fn dtype(&self) -> DType {
         self.conv_in.weight.dtype()
     }
 
+    /// The weights' device.
     pub fn device(&self) -> &Device {
         self.conv_in.weight.device()
     }

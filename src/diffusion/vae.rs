@@ -29,27 +29,39 @@ fn d_three() -> usize {
     3
 }
 
+/// diffusers' `AutoencoderKL` config.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VaeConfig {
+    /// Image channels in.
     #[serde(default = "d_three")]
     pub in_channels: usize,
+    /// Image channels out.
     #[serde(default = "d_three")]
     pub out_channels: usize,
+    /// Channels of each level.
     pub block_out_channels: Vec<usize>,
+    /// ResNet layers per encoder block (one more per decoder block).
     #[serde(default = "d_layers")]
     pub layers_per_block: usize,
+    /// Latent channels.
     #[serde(default = "d_latent")]
     pub latent_channels: usize,
+    /// Groups of the group norms.
     #[serde(default = "d_groups")]
     pub norm_num_groups: usize,
+    /// Latents are scaled by this for the UNet.
     #[serde(default = "d_scale")]
     pub scaling_factor: f64,
+    /// Latents are shifted by this before scaling, when given.
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// A 1×1 conv after the encoder.
     #[serde(default = "d_true")]
     pub use_quant_conv: bool,
+    /// A 1×1 conv before the decoder.
     #[serde(default = "d_true")]
     pub use_post_quant_conv: bool,
+    /// Attention in the mid blocks.
     #[serde(default = "d_true")]
     pub mid_block_add_attention: bool,
 }
@@ -142,7 +154,9 @@ struct Level {
     resample: Option<Conv2d>,
 }
 
+/// diffusers' `AutoencoderKL`.
 pub struct Vae {
+    /// Its config.
     pub config: VaeConfig,
     enc_in: Conv2d,
     enc_levels: Vec<Level>,

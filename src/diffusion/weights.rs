@@ -47,10 +47,12 @@ impl Weights {
         Self { source: Arc::new(source), log: Default::default(), prefix: String::new(), dtype, device: device.clone() }
     }
 
+    /// The dtype tensors are given in.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The device tensors are given on.
     pub fn device(&self) -> &Device {
         &self.device
     }

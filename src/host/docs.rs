@@ -9,26 +9,35 @@ use serde::Serialize;
 /// One registered function.
 #[derive(Clone, Debug, Serialize)]
 pub struct FnDoc {
+    /// The name scripts call.
     pub name: String,
     /// `method`, `function`, `getter`, `setter`, `indexer` or `operator`.
     pub kind: &'static str,
+    /// Its parameters.
     pub params: Vec<ParamDoc>,
+    /// The return type (empty for none).
     pub returns: String,
+    /// How a script writes the call.
     pub signature: String,
+    /// One line on what it does.
     pub description: String,
     /// The concern it belongs to (`tensor`, `autograd`, `optim`, ...).
     pub group: &'static str,
 }
 
+/// One documented parameter.
 #[derive(Clone, Debug, Serialize)]
 pub struct ParamDoc {
+    /// The name scripts call.
     pub name: String,
+    /// Its script type.
     #[serde(rename = "type")]
     pub ty: String,
 }
 
 /// Registers functions into an engine and documents them.
 pub struct Api<'a> {
+    /// The engine registered into (for types and operators registered directly).
     pub engine: &'a mut Engine,
     docs: &'a mut Vec<FnDoc>,
     group: &'static str,
@@ -74,6 +83,7 @@ pub fn pretty_type(rust: &str, registered: &dyn Fn(&str) -> Option<String>) -> S
 }
 
 impl<'a> Api<'a> {
+    /// Registers into `engine`, documenting into `docs`.
     pub fn new(engine: &'a mut Engine, docs: &'a mut Vec<FnDoc>) -> Self {
         Self { engine, docs, group: "core" }
     }

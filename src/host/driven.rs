@@ -46,6 +46,7 @@ impl DrivenScript {
         Ok(Self { ast: ast.clone(), file })
     }
 
+    /// Whether the script defines `name` with `arity` parameters.
     pub fn has(&self, name: &str, arity: usize) -> bool {
         self.ast.iter_functions().any(|f| f.name == name && f.params.len() == arity)
     }
@@ -70,6 +71,7 @@ impl DrivenScript {
         Ok(state.into_shared())
     }
 
+    /// Calls `step(state, it)`.
     pub fn step(&self, host: &Host, state: &Dynamic, it: i64) -> Result<Dynamic, ScriptError> {
         self.call(host, "step", vec![state.clone(), Dynamic::from(it)])
     }
@@ -106,6 +108,7 @@ impl DrivenScript {
         }
     }
 
+    /// An error about this script as a whole (no line).
     pub fn error(&self, message: String) -> ScriptError {
         ScriptError { location: self.file.clone(), file: self.file.clone(), line: None, message, trace: vec![] }
     }

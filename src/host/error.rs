@@ -8,6 +8,7 @@
 use rhai::{EvalAltResult, ParseError, Position};
 use std::fmt;
 
+/// The result of a native function called by a script.
 pub type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// A runtime error for a script, positioned at the calling line by Rhai.
@@ -17,6 +18,7 @@ pub fn script_err(msg: impl fmt::Display) -> Box<EvalAltResult> {
 
 /// Errors that native functions may raise, as text for the user.
 pub trait ErrorText {
+    /// The message.
     fn text(&self) -> String;
 }
 
@@ -40,6 +42,7 @@ impl ErrorText for std::num::TryFromIntError {
 
 /// Converts a native error (candle, crate) into a script error.
 pub trait ToScript<T> {
+    /// The error as a script error at the calling line.
     fn script(self) -> ScriptResult<T>;
 }
 
@@ -56,6 +59,7 @@ pub struct ScriptError {
     pub location: String,
     /// The file name alone, and line, where known.
     pub file: String,
+    /// Its line, when known.
     pub line: Option<usize>,
     /// One-line reason.
     pub message: String,
@@ -84,6 +88,7 @@ fn locate(file: &str, pos: Position) -> String {
 }
 
 impl ScriptError {
+    /// A syntax error in `file`.
     pub fn from_parse(err: &ParseError, file: &str) -> Self {
         Self {
             location: locate(file, err.position()),

@@ -33,6 +33,7 @@ pub use tensor::TensorHandle;
 pub struct HostOptions {
     /// Seed of the run's generator.
     pub seed: u64,
+    /// The run's device.
     pub device: Device,
     /// The run's configuration, visible as `cfg` and `config()`.
     pub config: Map,
@@ -54,6 +55,7 @@ pub struct Host {
 }
 
 impl Host {
+    /// An engine with every native function registered.
     pub fn new(opts: HostOptions) -> crate::Result<Self> {
         let run_state = Arc::new(RunState::new(opts.seed, opts.device));
         run_state.set_config(opts.config);
@@ -78,14 +80,17 @@ impl Host {
         Ok(Self { engine, run_state, docs, modules, cancel })
     }
 
+    /// The Rhai engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
+    /// The state native functions share (generator, device, config).
     pub fn run_state(&self) -> &Arc<RunState> {
         &self.run_state
     }
 
+    /// The module resolver.
     pub fn modules(&self) -> &Modules {
         &self.modules
     }
@@ -183,11 +188,13 @@ impl Host {
 /// snippet to the next.
 pub struct Session<'h> {
     host: &'h Host,
+    /// The variables the session has defined.
     pub scope: Scope<'static>,
     functions: AST,
 }
 
 impl<'h> Session<'h> {
+    /// A session with an empty scope (plus `cfg`).
     pub fn new(host: &'h Host) -> Self {
         Self { host, scope: host.new_scope(), functions: AST::empty() }
     }

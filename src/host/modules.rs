@@ -34,6 +34,7 @@ impl Modules {
         self.inner().main_dir = dir;
     }
 
+    /// Forgets compiled modules, so the next import reads the files again (`--watch`).
     pub fn clear_cache(&self) {
         self.inner().cache.clear();
     }

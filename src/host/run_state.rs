@@ -6,15 +6,19 @@ use candle_core::{DType, Device};
 use rhai::Map;
 use std::sync::{Mutex, MutexGuard};
 
+/// What a run's native functions share: its seeded generator, device, dtype and configuration.
 pub struct RunState {
     rng: Mutex<Generator>,
     seed: std::sync::atomic::AtomicU64,
+    /// Where new tensors and loaded models go.
     pub device: Device,
+    /// The dtype models load in.
     pub dtype: DType,
     config: Mutex<Map>,
 }
 
 impl RunState {
+    /// A run seeded with `seed` on `device`, f32, with an empty configuration.
     pub fn new(seed: u64, device: Device) -> Self {
         Self {
             rng: Mutex::new(Generator::new(seed)),
@@ -31,6 +35,7 @@ impl RunState {
         self.rng.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Restarts the generator from `seed`.
     pub fn reseed(&self, seed: u64) {
         *self.rng() = Generator::new(seed);
         self.seed.store(seed, std::sync::atomic::Ordering::Relaxed);
@@ -41,10 +46,12 @@ impl RunState {
         self.seed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The configuration (`cfg`).
     pub fn config(&self) -> Map {
         self.config.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Replaces the configuration.
     pub fn set_config(&self, cfg: Map) {
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
     }

@@ -17,22 +17,27 @@ pub struct TensorHandle {
 }
 
 impl TensorHandle {
+    /// A plain tensor.
     pub fn new(tensor: Tensor) -> Self {
         Self { tensor, param: None }
     }
 
+    /// A parameter as a script tensor (its gradient slot comes along).
     pub fn from_param(param: Arc<Param>) -> Self {
         Self { tensor: param.tensor().clone(), param: Some(param) }
     }
 
+    /// The tensor.
     pub fn tensor(&self) -> &Tensor {
         &self.tensor
     }
 
+    /// The tensor, by value.
     pub fn into_tensor(self) -> Tensor {
         self.tensor
     }
 
+    /// The parameter, for a trainable tensor.
     pub fn param(&self) -> Option<&Arc<Param>> {
         self.param.as_ref()
     }
@@ -77,6 +82,7 @@ pub fn dims(v: &Dynamic, rank: usize) -> ScriptResult<Vec<usize>> {
     arr.iter().map(|x| int(x, "dim").and_then(|d| dim(d, rank))).collect()
 }
 
+/// An integer argument (a float with an integer value is accepted); errors name `what`.
 pub fn int(v: &Dynamic, what: &str) -> ScriptResult<i64> {
     v.as_int().map_err(|t| script_err(format!("{what} must be an integer, got {t}")))
 }
@@ -106,10 +112,12 @@ pub fn shape(v: &Dynamic) -> ScriptResult<Vec<usize>> {
         .collect()
 }
 
+/// Dims as a script array of ints.
 pub fn shape_to_array(dims: &[usize]) -> Array {
     dims.iter().map(|&d| Dynamic::from_int(d as i64)).collect()
 }
 
+/// A dtype by name: f32, f64, f16, bf16, u8, u32, i64.
 pub fn parse_dtype(s: &str) -> ScriptResult<DType> {
     Ok(match s {
         "f32" | "float32" => DType::F32,
@@ -123,6 +131,7 @@ pub fn parse_dtype(s: &str) -> ScriptResult<DType> {
     })
 }
 
+/// A dtype's script name.
 pub fn dtype_name(d: DType) -> &'static str {
     d.as_str()
 }
@@ -150,6 +159,7 @@ pub fn parse_device(s: &str) -> ScriptResult<Device> {
     }
 }
 
+/// A device's script name: cpu or cuda:N.
 pub fn device_name(d: &Device) -> String {
     match d.location() {
         candle_core::DeviceLocation::Cpu => "cpu".into(),

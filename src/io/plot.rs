@@ -20,13 +20,17 @@ const COLOURS: [RGBColor; 6] = [
 
 /// One named curve: (x, y) points in x order.
 pub struct Series {
+    /// The legend entry.
     pub name: String,
+    /// The (x, y) points, in order.
     pub points: Vec<(f64, f64)>,
 }
 
 /// One panel of the figure: a title and the curves drawn on shared axes.
 pub struct Panel {
+    /// The panel's title.
     pub title: String,
+    /// Its lines.
     pub series: Vec<Series>,
 }
 

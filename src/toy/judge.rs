@@ -25,6 +25,7 @@ fn d_image() -> usize {
     SIZE
 }
 
+/// The judge's architecture.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JudgeConfig {
     /// One 3×3 conv (then SiLU and 2×2 average pooling) per entry.
@@ -33,6 +34,7 @@ pub struct JudgeConfig {
     /// Width of the feature layer used for the Fréchet distance and diversity.
     #[serde(default = "d_features")]
     pub features: usize,
+    /// Image side in pixels.
     #[serde(default = "d_image")]
     pub image_size: usize,
 }
@@ -46,7 +48,9 @@ impl Default for JudgeConfig {
 /// Classes per attribute, in label order: size, colour, shape, position.
 pub const HEADS: [usize; 4] = [SIZES.len(), COLOURS.len(), SHAPES.len(), POSITIONS.len()];
 
+/// The toy world's attribute classifier: a small CNN with one head per attribute.
 pub struct Judge {
+    /// Its config.
     pub config: JudgeConfig,
     convs: Vec<Conv2d>,
     features: Linear,

@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::rng::Generator;
 use candle_core::{Device, Tensor};
 
+/// Size words and the shape's radius as a fraction of the image.
 pub const SIZES: [(&str, f64); 2] = [("small", 0.16), ("large", 0.27)];
+/// Colour words and their RGB values in [0, 1].
 pub const COLOURS: [(&str, [f64; 3]); 6] = [
     ("red", [0.85, 0.12, 0.12]),
     ("green", [0.15, 0.70, 0.20]),
@@ -19,7 +21,9 @@ pub const COLOURS: [(&str, [f64; 3]); 6] = [
     ("purple", [0.55, 0.20, 0.70]),
     ("orange", [0.95, 0.55, 0.10]),
 ];
+/// Shape words.
 pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "diamond"];
+/// Position words, their phrase in a caption, and the centre as a fraction of the image.
 pub const POSITIONS: [(&str, &str, (f64, f64)); 5] = [
     ("left", "on the left", (0.28, 0.5)),
     ("right", "on the right", (0.72, 0.5)),
@@ -33,13 +37,18 @@ pub const SIZE: usize = 32;
 /// One caption's attributes, as indices into the tables above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attributes {
+    /// Index into [`SIZES`].
     pub size: usize,
+    /// Index into [`COLOURS`].
     pub colour: usize,
+    /// Index into [`SHAPES`].
     pub shape: usize,
+    /// Index into [`POSITIONS`].
     pub position: usize,
 }
 
 impl Attributes {
+    /// The caption, e.g. "a small red circle on the left".
     pub fn caption(&self) -> String {
         format!(
             "a {} {} {} {}",

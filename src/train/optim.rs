@@ -20,16 +20,31 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Method {
     /// Adam; `decoupled` = true is AdamW (weight decay applied to the weights, not the gradient).
-    Adam { beta1: f64, beta2: f64, eps: f64, decoupled: bool },
+    Adam {
+        /// First-moment decay (0 keeps no first moment).
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Added to the second moment's square root.
+        eps: f64,
+        /// AdamW's decoupled weight decay.
+        decoupled: bool,
+    },
     /// Plain SGD with optional (heavy-ball) momentum.
-    Sgd { momentum: f64 },
+    Sgd {
+        /// Heavy-ball momentum (0 for none).
+        momentum: f64,
+    },
 }
 
 /// Parameters sharing a learning rate and weight decay.
 #[derive(Clone, Debug)]
 pub struct ParamGroup {
+    /// The parameters.
     pub params: Vec<Arc<Param>>,
+    /// Their learning rate.
     pub lr: f64,
+    /// Their weight decay.
     pub weight_decay: f64,
 }
 
@@ -82,6 +97,7 @@ struct AdamHp {
 }
 
 impl Optimizer {
+    /// An optimiser over parameter groups.
     pub fn new(method: Method, groups: Vec<ParamGroup>) -> Result<Self> {
         if let Method::Adam { beta1, beta2, eps, .. } = method {
             if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
@@ -103,18 +119,22 @@ impl Optimizer {
         Ok(Self { method, groups, states })
     }
 
+    /// The update rule.
     pub fn method(&self) -> Method {
         self.method
     }
 
+    /// The parameter groups.
     pub fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
 
+    /// Every parameter, in group order.
     pub fn params(&self) -> impl Iterator<Item = &Arc<Param>> {
         self.groups.iter().flat_map(|g| g.params.iter())
     }
 
+    /// Sets a group's learning rate.
     pub fn set_lr(&mut self, group: usize, lr: f64) -> Result<()> {
         let n = self.groups.len();
         let g = self

@@ -46,14 +46,17 @@ impl Param {
         self.var.as_tensor()
     }
 
+    /// The underlying candle variable.
     pub fn var(&self) -> &Var {
         &self.var
     }
 
+    /// Its name (a weight name in a model).
     pub fn name(&self) -> String {
         self.name.lock().map(|n| n.clone()).unwrap_or_default()
     }
 
+    /// Renames it.
     pub fn set_name(&self, name: &str) {
         if let Ok(mut n) = self.name.lock() {
             *n = name.to_string();
@@ -65,6 +68,7 @@ impl Param {
         self.grad.lock().ok().and_then(|g| g.clone())
     }
 
+    /// Replaces the accumulated gradient.
     pub fn set_grad(&self, grad: Option<Tensor>) -> Result<()> {
         if let Some(g) = &grad {
             check_same_shape(self.tensor(), g, "gradient")?;
@@ -73,6 +77,7 @@ impl Param {
         Ok(())
     }
 
+    /// Clears the accumulated gradient.
     pub fn zero_grad(&self) {
         if let Ok(mut g) = self.grad.lock() {
             *g = None;

@@ -68,6 +68,7 @@ fn load(rt: &RunState, dir: &str, state: &Map) -> ScriptResult<Map> {
         .collect()
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("checkpoints");
     let r = rt.clone();

@@ -18,6 +18,7 @@ fn load(path: &str, opts: &Map, rt: &RunState) -> ScriptResult<Map> {
     Ok(tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(TensorHandle::new(t)))).collect())
 }
 
+/// Registers the tensor file functions (safetensors).
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("io");
     let r = rt.clone();

@@ -85,6 +85,7 @@ fn adam(params: &Dynamic, opts: &Map, decoupled: bool) -> ScriptResult<Optimizer
     Ok(OptimizerHandle(Arc::new(Mutex::new(Optimizer::new(method, groups).script()?))))
 }
 
+/// Registers the `Optimizer` type and its functions.
 pub fn register(api: &mut Api) {
     api.engine.register_type_with_name::<OptimizerHandle>("Optimizer");
     api.group("optim");

@@ -12,6 +12,7 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct ProgressHandle(indicatif::ProgressBar);
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<ProgressHandle>("Progress");
     api.group("run");

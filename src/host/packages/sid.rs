@@ -140,6 +140,7 @@ fn t_map(pairs: Vec<(&str, Dynamic)>) -> Map {
     pairs.into_iter().map(|(k, v)| (k.into(), v)).collect()
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("sid");
     api.func(

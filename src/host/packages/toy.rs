@@ -50,6 +50,7 @@ fn random_batch(rt: &RunState, n: i64, which: &str) -> ScriptResult<Map> {
     batch(rt, idx.into_iter().map(|i| pool[i as usize]).collect())
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("toy world");
     api.func(

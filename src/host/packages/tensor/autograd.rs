@@ -31,6 +31,7 @@ pub fn collect_params(v: &Dynamic, out: &mut Vec<Arc<Param>>) -> ScriptResult<()
     Ok(())
 }
 
+/// The parameters in a tensor, an array or a map of them (nested), in order.
 pub fn params_of(v: &Dynamic) -> ScriptResult<Vec<Arc<Param>>> {
     let mut out = vec![];
     collect_params(v, &mut out)?;
@@ -61,6 +62,7 @@ fn to_params(v: &Dynamic, name: &str) -> ScriptResult<Dynamic> {
     Err(script_err(format!("params: expected tensors in an array or map, found {}", v.type_name())))
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api) {
     api.group("autograd");
     api.func(

@@ -8,6 +8,7 @@ use rhai::Dynamic;
 
 type Out = ScriptResult<TensorHandle>;
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api) {
     api.group("tensor: conversion");
     api.getter("dtype", "The dtype's name: f32, f64, f16, bf16, ...", |x: &mut TensorHandle| {

@@ -26,6 +26,7 @@ fn draw(rt: &RunState, seed: Option<u64>, f: impl FnOnce(&mut Generator) -> crat
     .map(TensorHandle::new)
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("tensor: creation");
     let (dt, dev) = (rt.dtype, rt.device.clone());

@@ -46,6 +46,7 @@ fn reduce_all(x: &Tensor, op: &str) -> Out {
     })
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api) {
     api.group("tensor: arithmetic");
     macro_rules! binary {

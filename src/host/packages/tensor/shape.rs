@@ -62,6 +62,7 @@ fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptRe
     Tensor::from_vec(v, n, device).script()
 }
 
+/// Registers the functions of this file.
 pub fn register(api: &mut Api) {
     api.group("tensor: shape");
     api.getter("shape", "The dims as an array of ints.", |x: &mut TensorHandle| shape_to_array(x.tensor().dims()));
