@@ -60,7 +60,6 @@ impl Conv2d {
     }
 
     /// conv2d(x) + bias.
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
     }

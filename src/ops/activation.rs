@@ -93,7 +93,7 @@ pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
     }
     let inv = T::from_usize(1) / lane_fold(row, T::ZERO, |a, b| a + b);
     for v in row.iter_mut() {
-        *v = *v * inv;
+        *v *= inv;
     }
 }
 

@@ -143,12 +143,12 @@ fn col2im<T: Real>(cols: &[T], g: &ConvGeom) -> Vec<T> {
                     if g.stride == 1 {
                         let shift = lo + j - g.padding;
                         for (d, &v) in dst[shift..shift + hi - lo].iter_mut().zip(&src[lo..hi]) {
-                            *d = *d + v;
+                            *d += v;
                         }
                     } else {
                         for (ox, &v) in src.iter().enumerate().take(hi).skip(lo) {
                             let d = &mut dst[ox * g.stride + j - g.padding];
-                            *d = *d + v;
+                            *d += v;
                         }
                     }
                 }

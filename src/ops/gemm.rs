@@ -198,7 +198,7 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     out.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
         for part in &partials {
             for (o, &v) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
-                *o = *o + v;
+                *o += v;
             }
         }
     });

@@ -22,7 +22,7 @@ impl KernelInPlace for AddRowBias {
         }
         for row in y.chunks_mut(b.len()) {
             for (v, &c) in row.iter_mut().zip(b) {
-                *v = *v + c;
+                *v += c;
             }
         }
         Ok(())

@@ -73,13 +73,13 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> 
             let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
             let (mut sg, mut sgx) = (T::ZERO, T::ZERO);
             for (&v, &gv) in xc.iter().zip(gc) {
-                sg = sg + gv;
-                sgx = sgx + gv * (v - mean) * inv;
+                sg += gv;
+                sgx += gv * (v - mean) * inv;
             }
             p[ci] = sgx;
             p[cpg + ci] = sg;
-            sum_g = sum_g + w[c0 + ci] * sg;
-            sum_gx = sum_gx + w[c0 + ci] * sgx;
+            sum_g += w[c0 + ci] * sg;
+            sum_gx += w[c0 + ci] * sgx;
         }
         let (m1, m2) = (sum_g / nt, sum_gx / nt);
         for ci in 0..cpg {
@@ -99,8 +99,8 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> 
     for (r, p) in partial.chunks(2 * cpg).enumerate() {
         let c0 = (r % g.groups) * cpg;
         for ci in 0..cpg {
-            dw_db[c0 + ci] = dw_db[c0 + ci] + p[ci];
-            dw_db[g.channels + c0 + ci] = dw_db[g.channels + c0 + ci] + p[cpg + ci];
+            dw_db[c0 + ci] += p[ci];
+            dw_db[g.channels + c0 + ci] += p[cpg + ci];
         }
     }
     out.extend_from_slice(&dw_db);

@@ -22,7 +22,7 @@ fn column_sums<T: Real>(x: &[T], cols: usize) -> Vec<T> {
             let mut acc = vec![T::ZERO; cols];
             for row in block.chunks(cols) {
                 for (a, &v) in acc.iter_mut().zip(row) {
-                    *a = *a + v;
+                    *a += v;
                 }
             }
             acc
@@ -31,7 +31,7 @@ fn column_sums<T: Real>(x: &[T], cols: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; cols];
     for p in &partials {
         for (o, &v) in out.iter_mut().zip(p) {
-            *o = *o + v;
+            *o += v;
         }
     }
     out
