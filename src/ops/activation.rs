@@ -3,11 +3,11 @@
 //! rounds 1/√(2π) to 0.398942) and softmax over the last dim (candle's fused
 //! softmax has no backward).
 
-use super::dispatch::{self, Kernel};
+use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, vectorized, Real};
 use super::{for_rows, has_cpu_kernel, rows_of};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
+use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
 /// GEGLU: each row of 2n values is [a | gate]; out = a·gelu(gate), exact (erf) GELU.
 fn geglu_fwd<T: Real>(h: &[T], n2: usize) -> Vec<T> {
@@ -165,9 +165,7 @@ macro_rules! fused_unary {
             fn name(&self) -> &'static str {
                 $name
             }
-            fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-                dispatch::cpu(self, &[(s, l)])
-            }
+            kernel_cpu_fwd!(1);
             #[allow(unused_variables)]
             fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
                 let saved = fused_unary!(@pick $saved, input, result);
@@ -179,15 +177,7 @@ macro_rules! fused_unary {
             fn name(&self) -> &'static str {
                 concat!($name, "-grad")
             }
-            fn cpu_fwd(
-                &self,
-                s1: &CpuStorage,
-                l1: &Layout,
-                s2: &CpuStorage,
-                l2: &Layout,
-            ) -> candle_core::Result<(CpuStorage, Shape)> {
-                dispatch::cpu(self, &[(s1, l1), (s2, l2)])
-            }
+            kernel_cpu_fwd!(2);
         }
     };
 }

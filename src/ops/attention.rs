@@ -15,7 +15,7 @@
 //! this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
 use super::activation::{softmax_grad_row, softmax_row};
-use super::dispatch::{self, Kernel};
+use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
 use super::{contiguous, has_cpu_kernel, upcast};
@@ -176,17 +176,7 @@ impl CustomOp3 for Sdpa {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(q, ql), (k, kl), (v, vl)])
-    }
+    kernel_cpu_fwd!(3);
     fn bwd(
         &self,
         q: &Tensor,

@@ -11,7 +11,7 @@
 //! the input gradient `col2im(Wᵀ · G)` for every stride. The bias gradient is
 //! `reduce::bias_sums`.
 
-use super::dispatch::{self, Kernel};
+use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::weight_product;
 use super::selective::{self, Kind, Operand};
 use super::simd::Real;
@@ -186,18 +186,14 @@ impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(s, l)])
-    }
+    kernel_cpu_fwd!(1);
 }
 
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(s, l)])
-    }
+    kernel_cpu_fwd!(1);
 }
 
 /// The patch matrix of `x` (rows × cols); no gradient.

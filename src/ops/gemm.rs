@@ -8,10 +8,10 @@
 //! weight gradient has too few). `weight_product` splits the reduction instead and
 //! adds the partial results.
 
-use super::dispatch::{self, Kernel};
+use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::has_cpu_kernel;
 use super::simd::Real;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -221,15 +221,7 @@ impl CustomOp2 for SplitProduct {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        al: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(a, al), (b, bl)])
-    }
+    kernel_cpu_fwd!(2);
 }
 
 /// a·b for 2-D `a` [m, k] and `b` [k, n] (transposed views welcome), without a

@@ -2,11 +2,11 @@
 //! on the CPU (composed from candle ops they cost 5–9 kernels and as many buffers
 //! forward, more backward; the affine's gradients are summed in the same pass).
 
-use super::dispatch::{self, Kernel};
+use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::Real;
 use super::{for_rows, has_cpu_kernel, rows_of, upcast, PAR_MIN};
 use crate::error::Result;
-use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
+use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
@@ -131,17 +131,7 @@ impl candle_core::CustomOp3 for NormAffine {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(s1, l1), (s2, l2), (s3, l3)])
-    }
+    kernel_cpu_fwd!(3);
     fn bwd(
         &self,
         x: &Tensor,
@@ -161,17 +151,7 @@ impl candle_core::CustomOp3 for NormAffineGrad {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(s1, l1), (s2, l2), (s3, l3)])
-    }
+    kernel_cpu_fwd!(3);
 }
 
 /// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C

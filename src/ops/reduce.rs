@@ -2,10 +2,10 @@
 //! and pixel into few outputs, the shape that candle's strided sums run on one
 //! core; here the reduction is split across threads and the partial sums added.
 
-use super::dispatch::{self, Kernel};
+use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::Real;
 use super::{contiguous, has_cpu_kernel};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Σ over the rows of a row-major matrix with `cols` columns: the column sums.
@@ -77,9 +77,7 @@ impl CustomOp1 for ChannelSums {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch::cpu(self, &[(x, l)])
-    }
+    kernel_cpu_fwd!(1);
 }
 
 /// Σ over every axis but 1 of `x` ([R, C], or [B, C, …]), without a backward: the

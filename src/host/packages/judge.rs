@@ -5,8 +5,7 @@
 //! let fake = judge.predict(images);             // #{ labels, features, ... }
 //! ```
 
-use super::model::{fresh, register_model, ModelDocs};
-use crate::diffusion::model::{Component, LoadOptions};
+use super::model::{register_model, ModelDocs};
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
 use crate::host::run_state::RunState;
@@ -14,7 +13,6 @@ use crate::host::tensor::TensorHandle;
 use crate::toy::judge::Judge;
 use crate::train::Model;
 use rhai::{Dynamic, Map};
-use std::path::Path;
 use std::sync::Arc;
 
 /// The toy world's attribute classifier as scripts see it (`Judge`).
@@ -24,25 +22,6 @@ pub type JudgeHandle = Model<Judge>;
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<JudgeHandle>("Judge");
     api.group("metrics: judge");
-    let r = rt.clone();
-    api.func(
-        "new_judge",
-        ["config", "seed"],
-        "A freshly initialised, trainable judge. Config: channels ([32, 64, 64]), features (64), image_size (32).",
-        move |c: Map, seed: i64| -> ScriptResult<JudgeHandle> { fresh::<Judge>(&c, seed, &r) },
-    );
-    let r = rt.clone();
-    api.func(
-        "load_judge",
-        ["dir"],
-        "A judge saved by save_component (frozen).",
-        move |d: &str| -> ScriptResult<JudgeHandle> {
-            Ok(JudgeHandle {
-                net: Arc::new(Judge::load(Path::new(d), &LoadOptions::new(r.dtype, &r.device)).script()?),
-                params: None,
-            })
-        },
-    );
     api.method(
         "loss",
         ["judge", "images", "labels"],
@@ -64,5 +43,15 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
             Ok(m)
         },
     );
-    register_model::<Judge>(api, ModelDocs { what: "judge", arg: "judge", trainable_copy: false });
+    register_model::<Judge>(
+        api,
+        rt,
+        ModelDocs {
+            name: "judge",
+            config: ". Config: channels ([32, 64, 64]), features (64), image_size (32)",
+            what: "judge",
+            arg: "judge",
+            trainable_copy: false,
+        },
+    );
 }

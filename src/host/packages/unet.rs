@@ -8,7 +8,7 @@
 //! ```
 
 use super::condition::cond_from;
-use super::model::{fresh, register_model, ModelDocs};
+use super::model::{register_model, ModelDocs};
 use crate::diffusion::model::{Component, LoadOptions};
 use crate::diffusion::unet::Unet;
 use crate::host::docs::Api;
@@ -58,23 +58,9 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     let r = rt.clone();
     api.func(
         "load_unet",
-        ["dir"],
-        "Loads the UNet of a diffusers folder (or a unet/ folder) in the run's dtype on the run's device; frozen.",
-        move |d: &str| load_unet(d, &Map::new(), &r),
-    );
-    let r = rt.clone();
-    api.func(
-        "load_unet",
         ["dir", "opts"],
         "Loads a UNet. Options: dtype (f32), device, variant (\"fp16\" prefers *.fp16.safetensors).",
         move |d: &str, o: Map| load_unet(d, &o, &r),
-    );
-    let r = rt.clone();
-    api.func(
-        "new_unet",
-        ["config", "seed"],
-        "A freshly initialised, trainable UNet2DConditionModel from a diffusers config map.",
-        move |c: Map, seed: i64| -> ScriptResult<UnetHandle> { fresh::<Unet>(&c, seed, &r) },
     );
     api.method("forward", ["unet", "x", "t", "cond"], "The network's prediction (ε for SD) for latents x, timesteps t (one per sample, or one for all) and a condition map.", |u: &mut UnetHandle, x: TensorHandle, t: Dynamic, c: Dynamic| -> ScriptResult<TensorHandle> {
         Ok(TensorHandle::new(forward(u, &x, &t, &c)?.sample))
@@ -124,5 +110,15 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
             if u.params.is_some() { ", trainable" } else { "" }
         )
     });
-    register_model::<Unet>(api, ModelDocs { what: "UNet", arg: "unet", trainable_copy: true });
+    register_model::<Unet>(
+        api,
+        rt,
+        ModelDocs {
+            name: "unet",
+            config: " (as a diffusers config.json holds it)",
+            what: "UNet",
+            arg: "unet",
+            trainable_copy: true,
+        },
+    );
 }

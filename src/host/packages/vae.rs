@@ -7,8 +7,7 @@
 //! save_component(vae, "models/toy/vae");
 //! ```
 
-use super::model::{fresh, register_model, ModelDocs};
-use crate::diffusion::model::{Component, LoadOptions};
+use super::model::{register_model, ModelDocs};
 use crate::diffusion::vae::Vae;
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
@@ -16,7 +15,6 @@ use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::train::Model;
 use rhai::{Dynamic, Map};
-use std::path::Path;
 use std::sync::Arc;
 
 /// A VAE as scripts see it (`Vae`).
@@ -27,25 +25,6 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<VaeHandle>("Vae");
 
     api.group("models: vae");
-    let r = rt.clone();
-    api.func(
-        "load_vae",
-        ["dir"],
-        "The VAE of a diffusers folder (or a vae/ folder).",
-        move |d: &str| -> ScriptResult<VaeHandle> {
-            Ok(VaeHandle {
-                net: Arc::new(Vae::load(Path::new(d), &LoadOptions::new(r.dtype, &r.device)).script()?),
-                params: None,
-            })
-        },
-    );
-    let r = rt.clone();
-    api.func(
-        "new_vae",
-        ["config", "seed"],
-        "A freshly initialised, trainable AutoencoderKL from a diffusers config map.",
-        move |c: Map, seed: i64| -> ScriptResult<VaeHandle> { fresh::<Vae>(&c, seed, &r) },
-    );
     api.method(
         "decode",
         ["vae", "latents"],
@@ -82,5 +61,15 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
             .collect())
         },
     );
-    register_model::<Vae>(api, ModelDocs { what: "VAE", arg: "vae", trainable_copy: true });
+    register_model::<Vae>(
+        api,
+        rt,
+        ModelDocs {
+            name: "vae",
+            config: " (as a diffusers config.json holds it)",
+            what: "VAE",
+            arg: "vae",
+            trainable_copy: true,
+        },
+    );
 }
