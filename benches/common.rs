@@ -12,3 +12,20 @@ pub fn best<F: FnMut()>(reps: usize, mut f: F) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+/// The bench named on the command line (`cargo bench --bench NAME -- toy`), if any.
+pub fn named() -> Option<String> {
+    std::env::args().skip(1).find(|a| !a.starts_with('-'))
+}
+
+/// Whether the bench called `name` runs: all do when none is named.
+pub fn wanted(name: &str) -> bool {
+    named().is_none_or(|o| name.contains(&o))
+}
+
+/// Runs `benches` as the CLI runs its commands: the process tuned, on candle's
+/// compute pool.
+pub fn run_benches(benches: impl FnOnce() + Send) {
+    sidscript::cli::tune_runtime();
+    sidscript::on_compute_pool(benches);
+}

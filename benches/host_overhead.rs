@@ -10,10 +10,15 @@ use sidscript::host::{Host, HostOptions};
 const N: usize = 100_000;
 
 #[path = "common.rs"]
+#[allow(dead_code)] // the named-bench helpers serve the other benches
 mod common;
 use common::best;
 
 fn main() {
+    common::run_benches(benches);
+}
+
+fn benches() {
     let host = Host::new(HostOptions::default()).expect("host");
     let run = |src: &str| {
         let _ = host.eval(src).unwrap_or_else(|e| panic!("{e}"));

@@ -113,13 +113,11 @@ const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "do
  "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
 
 fn main() {
-    sidscript::cli::tune_runtime();
-    sidscript::on_compute_pool(benches);
+    unet_bench::run_benches(benches);
 }
 
 fn benches() {
-    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
+    let want = unet_bench::wanted;
     if want("toy") {
         // The shipped toy teacher's configuration at the main job's batch (models/toy).
         bench("toy (models/toy)", TOY, 8, 8, 16, 5);
@@ -131,7 +129,7 @@ fn benches() {
         bench("SD1.5 topology at 1/4 width", unet_bench::SD15_QUARTER, 1, 32, 77, 2);
     }
     // Full SD1.5 at 64×64 latents: only when named (a GPU's worth of memory).
-    if only.as_deref() == Some("sd15-full") {
+    if unet_bench::named().as_deref() == Some("sd15-full") {
         bench("SD1.5", unet_bench::SD15, 1, 64, 77, 3);
     }
 }

@@ -114,16 +114,14 @@ pub const SD15: &str = r#"{"sample_size": 64, "in_channels": 4, "out_channels": 
 
 #[path = "common.rs"]
 mod common;
-pub use common::best;
+pub use common::{best, named, run_benches, wanted};
 
 fn main() {
-    sidscript::cli::tune_runtime();
-    sidscript::on_compute_pool(benches);
+    common::run_benches(benches);
 }
 
 fn benches() {
-    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let want = |n: &str| only.as_deref().is_none_or(|o| n.contains(o));
+    let want = common::wanted;
     if want("tiny") {
         bench_unet("tiny UNet", TINY, 4, 16, 5);
     }

@@ -165,7 +165,7 @@ macro_rules! fused_unary {
             fn name(&self) -> &'static str {
                 $name
             }
-            kernel_cpu_fwd!(1);
+            kernel_cpu_fwd!(s l);
             #[allow(unused_variables)]
             fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
                 let saved = fused_unary!(@pick $saved, input, result);
@@ -177,7 +177,7 @@ macro_rules! fused_unary {
             fn name(&self) -> &'static str {
                 concat!($name, "-grad")
             }
-            kernel_cpu_fwd!(2);
+            kernel_cpu_fwd!(s1 l1, s2 l2);
         }
     };
 }

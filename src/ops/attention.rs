@@ -176,7 +176,7 @@ impl CustomOp3 for Sdpa {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(3);
+    kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
     fn bwd(
         &self,
         q: &Tensor,

@@ -186,14 +186,14 @@ impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(1);
+    kernel_cpu_fwd!(s l);
 }
 
 impl CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(1);
+    kernel_cpu_fwd!(s l);
 }
 
 /// The patch matrix of `x` (rows × cols); no gradient.

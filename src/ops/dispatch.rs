@@ -69,40 +69,16 @@ pub fn cpu_in_place<K: KernelInPlace>(
     Err(candle_core::Error::Msg(format!("{}: output is {dtype:?}; {}", K::NAME, mixed(K::NAME, operands))))
 }
 
-/// The `cpu_fwd` of a custom op whose CPU forward is its own [`Kernel`] over its
-/// 1, 2 or 3 operands, written inside the op's `CustomOp1/2/3` impl.
+/// The `cpu_fwd` of a custom op whose CPU forward is its own [`Kernel`] over all
+/// its operands, written inside the op's `CustomOp1/2/3` impl with one storage and
+/// layout name per operand: `kernel_cpu_fwd!(s1 l1, s2 l2)`.
 macro_rules! kernel_cpu_fwd {
-    (1) => {
+    ($($s:ident $l:ident),+) => {
         fn cpu_fwd(
             &self,
-            s: &candle_core::CpuStorage,
-            l: &candle_core::Layout,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $crate::ops::dispatch::cpu(self, &[(s, l)])
-        }
-    };
-    (2) => {
-        fn cpu_fwd(
-            &self,
-            s1: &candle_core::CpuStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CpuStorage,
-            l2: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $crate::ops::dispatch::cpu(self, &[(s1, l1), (s2, l2)])
-        }
-    };
-    (3) => {
-        fn cpu_fwd(
-            &self,
-            s1: &candle_core::CpuStorage,
-            l1: &candle_core::Layout,
-            s2: &candle_core::CpuStorage,
-            l2: &candle_core::Layout,
-            s3: &candle_core::CpuStorage,
-            l3: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $crate::ops::dispatch::cpu(self, &[(s1, l1), (s2, l2), (s3, l3)])
+            $crate::ops::dispatch::cpu(self, &[$(($s, $l)),+])
         }
     };
 }

@@ -221,7 +221,7 @@ impl CustomOp2 for SplitProduct {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(2);
+    kernel_cpu_fwd!(s1 l1, s2 l2);
 }
 
 /// a·b for 2-D `a` [m, k] and `b` [k, n] (transposed views welcome), without a

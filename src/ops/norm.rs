@@ -131,7 +131,7 @@ impl candle_core::CustomOp3 for NormAffine {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(3);
+    kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
     fn bwd(
         &self,
         x: &Tensor,
@@ -151,7 +151,7 @@ impl candle_core::CustomOp3 for NormAffineGrad {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(3);
+    kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
 }
 
 /// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C

@@ -77,7 +77,7 @@ impl CustomOp1 for ChannelSums {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(1);
+    kernel_cpu_fwd!(s l);
 }
 
 /// Σ over every axis but 1 of `x` ([R, C], or [B, C, …]), without a backward: the
