@@ -169,6 +169,12 @@ fn bad_input_never_panics() {
         ("grad of non-param", Some("grad(ones([1]).sum(), [ones([1])]);"), "trainable parameter"),
         ("throw", Some("throw \"custom failure\";"), "custom failure"),
         ("unknown function", Some("frobnicate(1);"), "frobnicate"),
+        ("unet without levels", Some("new_unet(#{ block_out_channels: [], down_block_types: [], up_block_types: [] }, 0);"), "block_out_channels is empty"),
+        ("unet without groups", Some("new_unet(#{ block_out_channels: [8], down_block_types: [\"DownBlock2D\"], up_block_types: [\"UpBlock2D\"], norm_num_groups: 0 }, 0);"), "norm_num_groups"),
+        ("unet without heads", Some("new_unet(#{ block_out_channels: [8], down_block_types: [\"CrossAttnDownBlock2D\"], up_block_types: [\"CrossAttnUpBlock2D\"], norm_num_groups: 4, cross_attention_dim: 8, attention_head_dim: 0 }, 0);"), "attention heads"),
+        ("vae without levels", Some("new_vae(#{ block_out_channels: [] }, 0);"), "block_out_channels is empty"),
+        ("vae without groups", Some("new_vae(#{ block_out_channels: [8], norm_num_groups: 0 }, 0);"), "groups"),
+        ("text encoder without heads", Some("new_text_encoder(#{ vocab_size: 10, hidden_size: 8, intermediate_size: 8, num_hidden_layers: 1, num_attention_heads: 0, max_position_embeddings: 4 }, 0);"), "heads"),
         ("nan item", Some("let x = (zeros([1]) / 0.0).item(); if x == x { throw \"nan equal\"; }"), ""),
     ];
     for (what, src, needle) in cases {

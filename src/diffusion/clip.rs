@@ -89,7 +89,7 @@ impl Component for ClipTextModel {
 
     fn new(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
         let d = cfg.hidden_size;
-        if d % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || d % cfg.num_attention_heads != 0 {
             crate::bail!("text encoder: hidden size {d} does not split into {} heads", cfg.num_attention_heads);
         }
         // transformers 4 saves under `text_model.`, transformers 5 without it.

@@ -81,7 +81,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Group norm over `channels` in `groups` groups, from `w`.
     pub fn new(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if channels % groups != 0 {
+        if groups == 0 || channels % groups != 0 {
             crate::bail!("group norm: {channels} channels do not split into {groups} groups");
         }
         Ok(Self { weight: w.get(channels, "weight")?, bias: w.get(channels, "bias")?, groups, eps })

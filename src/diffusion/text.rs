@@ -129,5 +129,5 @@ pub fn image_size(dir: &Path) -> Option<usize> {
     let unet = super::folder::read_json(&dir.join("unet/config.json")).ok()?;
     let vae = super::folder::read_json(&dir.join("vae/config.json")).ok()?;
     let levels = vae["block_out_channels"].as_array()?.len();
-    Some(unet["sample_size"].as_u64()? as usize * (1 << (levels - 1)))
+    Some(unet["sample_size"].as_u64()? as usize * (1 << levels.checked_sub(1)?))
 }

@@ -181,6 +181,12 @@ impl UnetConfig {
     /// Rejects configurations this implementation does not cover, by name.
     pub fn validate(&self) -> Result<()> {
         let n = self.block_out_channels.len();
+        if n == 0 {
+            crate::bail!("unet config: block_out_channels is empty (at least one level)");
+        }
+        if self.norm_num_groups == 0 {
+            crate::bail!("unet config: norm_num_groups must be at least 1");
+        }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             crate::bail!(
                 "unet config: {n} block_out_channels but {} down / {} up blocks",
@@ -330,6 +336,9 @@ struct TransformerBlock {
 }
 
 fn attention(w: &Weights, dim: usize, ctx_dim: usize, heads: usize, upcast: bool) -> Result<Attention> {
+    if heads == 0 || dim % heads != 0 {
+        crate::bail!("unet: {dim} channels do not split into {heads} attention heads");
+    }
     let head_dim = dim / heads;
     Ok(Attention {
         to_q: Linear::new(&w.pp("to_q"), dim, dim, false)?,

@@ -183,6 +183,9 @@ impl Component for Vae {
 
     fn new(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
         let ch = &cfg.block_out_channels;
+        if ch.is_empty() {
+            crate::bail!("vae config: block_out_channels is empty (at least one level)");
+        }
         let (n, g, l) = (ch.len(), cfg.norm_num_groups, cfg.latent_channels);
         let e = w.pp("encoder");
         let mut enc_levels = vec![];
