@@ -40,8 +40,9 @@ pub struct TextConditioner {
 }
 
 impl TextConditioner {
-    /// Loads tokenizer(s) and text encoder(s) of a pipeline folder. `image_size` sets
-    /// SDXL's size ids (diffusers: the UNet's sample size times the VAE's scale).
+    /// Loads tokenizer(s) and text encoder(s) of a pipeline folder, SD or SDXL as
+    /// model_index.json says. SDXL's size ids default to the pipeline's image size
+    /// (diffusers: the UNet's sample size times the VAE's scale; see [`image_size`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let index = ModelIndex::read(dir)?;
         let names: &[(&str, &str)] = match index.family {

@@ -3,8 +3,8 @@
 //! silently drops gradients. Knows nothing of diffusion, SiD or Rhai.
 //!
 //! One file per op family: normalisation ([`norm`]), activations ([`activation`]:
-//! SiLU, GEGLU, softmax), attention ([`attention`]), convolution ([`conv`]: patch
-//! matrix, col2im, input/weight gradients), linear maps ([`linear`]), matrix
+//! SiLU, GEGLU, softmax), attention ([`mod@attention`]), convolution ([`conv`]: patch
+//! matrix, col2im, input/weight gradients), linear maps ([`mod@linear`]), matrix
 //! products on slices ([`gemm`]), gradient reductions ([`reduce`]) and vectorised
 //! math ([`simd`]: exp, erf, wide loops). [`dispatch`] is the one f32/f64 dispatch
 //! every CPU kernel goes through.

@@ -156,7 +156,7 @@ impl candle_core::CustomOp3 for NormAffineGrad {
 
 /// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C
 /// channels split into `groups` groups whose (C/G)·S values are normalised
-/// together (biased variance), then y = x̂·w[c] + b[c]. Group norm is
+/// together (biased variance), then y = x̂·w\[c\] + b\[c\]. Group norm is
 /// `[B, C, H·W]` with G groups; layer norm over the last dim is `[rows, D, 1]`
 /// with one group. One pass each way on the CPU; computed in at least f32.
 ///

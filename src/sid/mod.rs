@@ -1,8 +1,9 @@
 //! Score identity Distillation, as ../shared/spec/SID.md specifies it: the
 //! few-step generator chain, the fake-score and generator losses with their
-//! guidance scales, and the Diffusion-GAN read-out and losses. Randomness (t,
-//! noise, dropout) is drawn by the caller and passed in, so every function here is
-//! deterministic and testable against a reference.
+//! guidance scales, the Diffusion-GAN read-out and losses, and prompt dropout.
+//! Randomness (t, noise, the dropout draws) is drawn by the caller and passed in —
+//! tensors, or the caller's generator — so every function here is deterministic
+//! and testable against a reference.
 
 pub mod gan;
 pub mod generate;

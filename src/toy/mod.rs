@@ -1,4 +1,4 @@
-//! A small text-to-image world for proving distillation on a CPU (issue 5):
+//! A small text-to-image world for proving distillation on a CPU:
 //! 32×32 RGB images of one coloured shape, described by captions from a grammar
 //! of size × colour × shape × position (240 captions), with free variation inside
 //! each caption (exact place, size, hue, background) so that every prompt has a

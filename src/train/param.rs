@@ -1,4 +1,5 @@
-//! Trainable parameters with PyTorch-like gradient slots.
+//! Trainable parameters with PyTorch-like gradient slots, and trainable copies of
+//! models ([`trainable_copy`]).
 //!
 //! A [`Param`] owns a candle `Var` and a gradient slot. `backward(loss)` runs
 //! candle's backprop once and *adds* each parameter's gradient to its slot, so

@@ -2,7 +2,7 @@
 //! `Judge` are each a [`Model<M>`](crate::train::Model), one generic handle, and
 //! get `new_<name>` (fresh, from a config map), `load_<name>`, `params`,
 //! `save_component` and (all but the judge) `trainable_copy` from
-//! [`register_model`]. A new model type is one call to it, plus its own methods.
+//! `register_model`. A new model type is one call to it, plus its own methods.
 
 use crate::diffusion::model::{Component, LoadOptions};
 use crate::host::docs::Api;
