@@ -136,7 +136,8 @@ fn sid_generate(
     Ok(TensorHandle::new(if grad { out.x } else { out.x.detach() }))
 }
 
-fn t_map(pairs: Vec<(&str, Dynamic)>) -> Map {
+/// A script map from (key, value) pairs.
+fn map_of(pairs: Vec<(&str, Dynamic)>) -> Map {
     pairs.into_iter().map(|(k, v)| (k.into(), v)).collect()
 }
 
@@ -165,7 +166,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         let (c, n) = (cond_from(&c)?, cond_from(&n)?);
         let opts = FakeScoreLossOptions { guidance: guidance(&o, "sid_fake_score_loss")?, divisor: divisor(&o, x.dim(0).script()?)? };
         let out = loss::fake_score_loss(&f.net, &s.0, x, Draw { t: &t, noise: &noise }, Conditions { cond: &c, null: &n }, &opts).script()?;
-        Ok(t_map(vec![("loss", Dynamic::from(TensorHandle::new(out.loss))), ("logits", Dynamic::from(TensorHandle::new(out.logits))), ("x_t", Dynamic::from(TensorHandle::new(out.x_t))), ("t", Dynamic::from(TensorHandle::new(t))), ("noise", Dynamic::from(TensorHandle::new(noise)))]))
+        Ok(map_of(vec![("loss", Dynamic::from(TensorHandle::new(out.loss))), ("logits", Dynamic::from(TensorHandle::new(out.logits))), ("x_t", Dynamic::from(TensorHandle::new(out.x_t))), ("t", Dynamic::from(TensorHandle::new(t))), ("noise", Dynamic::from(TensorHandle::new(noise)))]))
     });
     let r = rt.clone();
     api.func("sid_generator_loss", ["teacher", "fake", "sch", "x_g", "cond", "uncond", "opts"], "The SiD generator loss; the same x_t feeds teacher (κ4) and fake net (κ2), gradients flow through both into x_g, only the normaliser is detached. Returns #{ loss, weight, logits, kept, y_real, y_fake, t, noise }. Options: guidance (#{ fake: κ2, real: κ4 }, 1 each; were k_fake, k_real), alpha (1), weighting (sid_legacy), t, noise, t_min, t_max, divisor.", move |tu: UnetHandle, f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
@@ -178,7 +179,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         let opts = GeneratorLossOptions { guidance: guidance(&o, "sid_generator_loss")?, alpha: opt_num(&o, "alpha", 1.0)?, weighting, divisor: divisor(&o, x.dim(0).script()?)? };
         let out = loss::generator_loss(&teacher, &fake, &s.0, x, Draw { t: &t, noise: &noise }, Conditions { cond: &c, null: &n }, &opts).script()?;
         let kept = out.kept.iter().filter(|&&k| k).count() as i64;
-        Ok(t_map(vec![
+        Ok(map_of(vec![
             ("loss", Dynamic::from(TensorHandle::new(out.loss))),
             ("weight", Dynamic::from(TensorHandle::new(out.weight))),
             ("logits", Dynamic::from(TensorHandle::new(out.logits))),
@@ -202,7 +203,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         let logits_real = loss::logits_from_mid(&out.mid).script()?;
         let b = real.tensor().dim(0).script()?;
         let l = gan::discriminator_loss(&logits_real, lf.tensor(), chw(real.tensor()), opt_num(&o, "scale", 1.0)?, divisor(&o, b)?).script()?;
-        Ok(t_map(vec![("loss", Dynamic::from(TensorHandle::new(l))), ("logits_real", Dynamic::from(TensorHandle::new(logits_real)))]))
+        Ok(map_of(vec![("loss", Dynamic::from(TensorHandle::new(l))), ("logits_real", Dynamic::from(TensorHandle::new(logits_real)))]))
     });
     api.func("sid_gan_g_loss", ["logits_fake", "weight", "x_g", "opts"], "Diffusion-GAN generator loss: (scale·CHW/divisor)·Σ_i weight_i·BCE(fake_i, 1), with the SiD loss's per-sample weight. Options: scale (1), divisor (batch).", |lf: TensorHandle, w: TensorHandle, x: TensorHandle, o: Map| -> ScriptResult<TensorHandle> {
         check_opts(&o, &["scale", "divisor"], "sid_gan_g_loss")?;
