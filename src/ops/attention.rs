@@ -18,7 +18,7 @@ use super::activation::{softmax_grad_row, softmax_row};
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
-use super::{contiguous, has_cpu_kernel, upcast};
+use super::{contiguous, has_cpu_kernel, precomputed_cuda_fwd, upcast};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
@@ -313,18 +313,7 @@ impl CustomOp3 for BlockwiseOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         candle_core::bail!("blockwise attention is for devices without a kernel (CPU tensors take the fused one)")
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_copy(Some(&self.out))
-    }
+    precomputed_cuda_fwd!(|op| Some(&op.out); q ql, k kl, v vl);
     fn bwd(
         &self,
         q: &Tensor,

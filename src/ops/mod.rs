@@ -77,14 +77,35 @@ fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T])
 /// ops whose CUDA form is built from candle's ops compute it off the graph and
 /// hand it over, so that their own backward applies.
 #[cfg(feature = "cuda")]
-fn cuda_copy(y: Option<&Tensor>) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+pub(crate) fn cuda_copy(y: Option<&Tensor>) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
     let Some(y) = y else { candle_core::bail!("fused op: no precomputed result for this device") };
     let (s, l) = y.storage_and_layout();
     match &*s {
-        candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+        candle_core::Storage::Cuda(c) => {
+            Ok((candle_core::backend::BackendStorage::try_clone(c, l)?, l.shape().clone()))
+        }
         _ => candle_core::bail!("fused op: result on another device"),
     }
 }
+
+/// The `cuda_fwd` of a custom op whose CUDA result was computed beforehand with
+/// candle's ops and handed over: `$get` (a closure from the op to its
+/// `Option<&Tensor>`) picks it out; one storage and layout name per operand, as
+/// in `dispatch::kernel_cpu_fwd!`.
+macro_rules! precomputed_cuda_fwd {
+    ($get:expr; $($s:ident $l:ident),+) => {
+        #[cfg(feature = "cuda")]
+        #[allow(unused_variables)]
+        fn cuda_fwd(
+            &self,
+            $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            let get: fn(&Self) -> Option<&candle_core::Tensor> = $get;
+            $crate::ops::cuda_copy(get(self))
+        }
+    };
+}
+use precomputed_cuda_fwd;
 
 #[cfg(test)]
 fn max_diff(a: &Tensor, b: &Tensor) -> crate::Result<f64> {

@@ -8,7 +8,7 @@
 //! are used as they are.
 
 use super::reduce::bias_sums;
-use super::{conv, has_cpu_kernel, linear};
+use super::{conv, has_cpu_kernel, linear, precomputed_cuda_fwd};
 use crate::error::Result;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
@@ -73,18 +73,7 @@ impl candle_core::CustomOp3 for SelectiveBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.cpu_forward((x, xl), (w, wl), Some((b, bl)))
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_copy(self.y.as_ref())
-    }
+    precomputed_cuda_fwd!(|op| op.y.as_ref(); x xl, w wl, b bl);
     fn bwd(
         &self,
         x: &Tensor,
@@ -113,16 +102,7 @@ impl candle_core::CustomOp2 for SelectiveBackwardNoBias {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.0.cpu_forward((x, xl), (w, wl), None)
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_copy(self.0.y.as_ref())
-    }
+    precomputed_cuda_fwd!(|op| op.0.y.as_ref(); x xl, w wl);
     fn bwd(
         &self,
         x: &Tensor,

@@ -17,16 +17,16 @@ use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::rng::Generator;
 use crate::train::checkpoint::{self, Checkpointable, TensorEntry};
-use rhai::Map;
+use rhai::{Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
 
 /// The entries of a script's state map that a checkpoint holds natively (UNets,
-/// EMAs, optimisers, tensors), and its plain values as JSON.
-type Entries = (Vec<(String, Box<dyn Checkpointable>)>, serde_json::Map<String, serde_json::Value>);
+/// EMAs, optimisers, tensors), and the others (plain values, saved as JSON).
+type Entries = (Vec<(String, Box<dyn Checkpointable>)>, Vec<(String, Dynamic)>);
 
-fn entries(state: &Map) -> ScriptResult<Entries> {
-    let (mut native, mut plain): Entries = (vec![], serde_json::Map::new());
+fn entries(state: &Map) -> Entries {
+    let (mut native, mut plain): Entries = (vec![], vec![]);
     for (key, v) in state {
         let key = key.to_string();
         let entry: Box<dyn Checkpointable> = if let Some(u) = v.clone().try_cast::<UnetHandle>() {
@@ -38,14 +38,12 @@ fn entries(state: &Map) -> ScriptResult<Entries> {
         } else if let Some(t) = v.clone().try_cast::<TensorHandle>() {
             Box::new(TensorEntry { tensor: t.tensor().clone(), param: t.param().cloned() })
         } else {
-            let j: serde_json::Value = rhai::serde::from_dynamic(v)
-                .map_err(|e| script_err(format!("save_checkpoint: '{key}' cannot be saved: {e}")))?;
-            plain.insert(key, j);
+            plain.push((key, v.clone()));
             continue;
         };
         native.push((key, entry));
     }
-    Ok((native, plain))
+    (native, plain)
 }
 
 fn borrowed(native: &[(String, Box<dyn Checkpointable>)]) -> Vec<(String, &dyn Checkpointable)> {
@@ -53,13 +51,20 @@ fn borrowed(native: &[(String, Box<dyn Checkpointable>)]) -> Vec<(String, &dyn C
 }
 
 fn save(rt: &RunState, dir: &str, state: &Map) -> ScriptResult<()> {
-    let (native, plain) = entries(state)?;
+    let (native, others) = entries(state);
+    let mut plain = serde_json::Map::new();
+    for (key, v) in others {
+        let j: serde_json::Value = rhai::serde::from_dynamic(&v)
+            .map_err(|e| script_err(format!("save_checkpoint: '{key}' cannot be saved: {e}")))?;
+        plain.insert(key, j);
+    }
     let rng = rt.rng().state();
     checkpoint::save_training(Path::new(dir), &borrowed(&native), &rng, plain).script()
 }
 
 fn load(rt: &RunState, dir: &str, state: &Map) -> ScriptResult<Map> {
-    let (native, _) = entries(state)?;
+    // Plain values come back in the returned map; `state`'s own are left alone.
+    let (native, _) = entries(state);
     let (rng, plain) = checkpoint::load_training(Path::new(dir), &rt.device, &borrowed(&native)).script()?;
     *rt.rng() = Generator::from_state(rng);
     plain
