@@ -112,3 +112,21 @@ fn bad_options_are_named() {
     let e = host.eval("sgd([param(zeros([1]))], #{})").unwrap_err();
     assert!(e.message.contains("lr is required"), "{e}");
 }
+
+/// make_params and opt.parameters(), and their names before (params, opt.params())
+/// still read for one release, give the same parameters.
+#[test]
+fn renamed_parameter_functions_and_their_old_names_agree() {
+    let host = host();
+    let r = eval(
+        &host,
+        r#"let a = make_params(#{ w: tensor([1.0, 2.0]), b: tensor([0.5]) });
+           let b = params(#{ w: tensor([1.0, 2.0]), b: tensor([0.5]) });
+           let opt = adam([a.w, a.b]);
+           [a.w.is_param, a.w.name, b.w.name, opt.parameters().len(), opt.params().len(), opt.parameters()[1].name]"#,
+    )
+    .into_array()
+    .unwrap();
+    let v: Vec<String> = r.iter().map(|x| x.to_string()).collect();
+    assert_eq!(v, ["true", "w", "w", "2", "2", "b"]);
+}

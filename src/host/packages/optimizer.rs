@@ -144,8 +144,10 @@ pub fn register(api: &mut Api) {
     api.getter("steps", "How many updates the optimiser has applied.", |o: &mut OptimizerHandle| {
         o.lock().step_count() as i64
     });
-    api.method("params", ["opt"], "The optimiser's parameters, in group order.", |o: &mut OptimizerHandle| -> Array {
+    let parameters = |o: &mut OptimizerHandle| -> Array {
         o.lock().params().map(|p| Dynamic::from(crate::host::tensor::TensorHandle::from_param(p.clone()))).collect()
-    });
+    };
+    api.method("parameters", ["opt"], "The optimiser's parameters, in group order.", parameters);
+    api.method("params", ["opt"], "parameters()'s name before it; read until the next release.", parameters);
     api.method("to_string", ["opt"], "A one-line description.", |o: &mut OptimizerHandle| o.describe());
 }

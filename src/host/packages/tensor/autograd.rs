@@ -78,9 +78,15 @@ pub fn register(api: &mut Api) {
         |x: TensorHandle, n: &str| -> Out { Ok(TensorHandle::from_param(Param::new(x.tensor(), n).script()?)) },
     );
     api.func(
-        "params",
+        "make_params",
         ["tensors"],
         "Copies every tensor of a map or array (nested too) into trainable parameters named by their keys.",
+        |v: Dynamic| to_params(&v, ""),
+    );
+    api.func(
+        "params",
+        ["tensors"],
+        "make_params's name before it (`params` also reads a model's or optimiser's parameters); read until the next release.",
         |v: Dynamic| to_params(&v, ""),
     );
     api.getter("is_param", "True for a trainable parameter.", |x: &mut TensorHandle| x.param().is_some());
