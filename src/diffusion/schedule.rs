@@ -34,61 +34,41 @@ pub struct VpSchedule {
     pub set_alpha_to_one: bool,
 }
 
-fn d_true() -> bool {
-    true
-}
-
-fn d_steps() -> usize {
-    1000
-}
-fn d_start() -> f64 {
-    0.00085
-}
-fn d_end() -> f64 {
-    0.012
-}
-fn d_kind() -> String {
-    "scaled_linear".into()
-}
-fn d_pred() -> Prediction {
-    Prediction::Epsilon
-}
-fn d_spacing() -> String {
-    "leading".into()
-}
-
-/// A diffusers `scheduler_config.json`, the fields that define the schedule.
+/// A diffusers `scheduler_config.json`, the fields that define the schedule; a
+/// missing field takes SD1.5's value ([`Default`]).
 #[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
 pub struct ScheduleConfig {
     /// T.
-    #[serde(default = "d_steps")]
     pub num_train_timesteps: usize,
     /// β at t = 0.
-    #[serde(default = "d_start")]
     pub beta_start: f64,
     /// β at t = T − 1.
-    #[serde(default = "d_end")]
     pub beta_end: f64,
     /// "scaled_linear" (SD) or "linear".
-    #[serde(default = "d_kind")]
     pub beta_schedule: String,
     /// What the network predicts.
-    #[serde(default = "d_pred")]
     pub prediction_type: Prediction,
     /// Added to every sampler timestep.
-    #[serde(default)]
     pub steps_offset: usize,
     /// How sampler timesteps are spaced ("leading", "trailing", "linspace").
-    #[serde(default = "d_spacing")]
     pub timestep_spacing: String,
     /// DDIM's ᾱ after the last step: 1, or ᾱ_0.
-    #[serde(default = "d_true")]
     pub set_alpha_to_one: bool,
 }
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("all fields have defaults"))
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            prediction_type: Prediction::Epsilon,
+            steps_offset: 0,
+            timestep_spacing: "leading".into(),
+            set_alpha_to_one: true,
+        }
     }
 }
 

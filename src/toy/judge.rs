@@ -15,33 +15,21 @@ use crate::ops::silu;
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-fn d_channels() -> Vec<usize> {
-    vec![32, 64, 64]
-}
-fn d_features() -> usize {
-    64
-}
-fn d_image() -> usize {
-    SIZE
-}
-
-/// The judge's architecture.
+/// The judge's architecture; a missing field takes its [`Default`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct JudgeConfig {
     /// One 3×3 conv (then SiLU and 2×2 average pooling) per entry.
-    #[serde(default = "d_channels")]
     pub channels: Vec<usize>,
     /// Width of the feature layer used for the Fréchet distance and diversity.
-    #[serde(default = "d_features")]
     pub features: usize,
     /// Image side in pixels.
-    #[serde(default = "d_image")]
     pub image_size: usize,
 }
 
 impl Default for JudgeConfig {
     fn default() -> Self {
-        Self { channels: d_channels(), features: d_features(), image_size: d_image() }
+        Self { channels: vec![32, 64, 64], features: 64, image_size: SIZE }
     }
 }
 
