@@ -20,7 +20,7 @@ pub fn route_to(flag: Arc<AtomicBool>, second_exits: bool, message: &'static str
     static INSTALLED: OnceLock<()> = OnceLock::new();
     *target().lock().unwrap_or_else(|e| e.into_inner()) = Some((flag, second_exits, message));
     INSTALLED.get_or_init(|| {
-        let _ = ctrlc::set_handler(|| {
+        let installed = ctrlc::set_handler(|| {
             let n = PRESSES.fetch_add(1, Ordering::SeqCst);
             if let Some((flag, second_exits, message)) = &*target().lock().unwrap_or_else(|e| e.into_inner()) {
                 if n >= 1 && *second_exits {
@@ -33,6 +33,10 @@ pub fn route_to(flag: Arc<AtomicBool>, second_exits: bool, message: &'static str
                 flag.store(true, Ordering::SeqCst);
             }
         });
+        // Without a handler Ctrl-C ends the process at once: no checkpoint, no kept session.
+        if let Err(e) = installed {
+            eprintln!("warning: Ctrl-C handling is off ({e}); Ctrl-C will end the process at once");
+        }
     });
 }
 

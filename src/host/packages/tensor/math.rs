@@ -10,22 +10,43 @@ use rhai::Dynamic;
 type Out = ScriptResult<TensorHandle>;
 use super::ok;
 
+/// A reduction scripts call by name.
+#[derive(Clone, Copy)]
+enum Reduction {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+impl Reduction {
+    const ALL: [(&'static str, Self, &'static str); 4] = [
+        ("sum", Self::Sum, "Sum of all elements (a scalar tensor)."),
+        ("mean", Self::Mean, "Mean of all elements (a scalar tensor)."),
+        ("max", Self::Max, "Largest element (a scalar tensor)."),
+        ("min", Self::Min, "Smallest element (a scalar tensor)."),
+    ];
+
+    /// Over dim `d`, kept with size 1.
+    fn keepdim(self, x: &Tensor, d: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Sum => x.sum_keepdim(d),
+            Self::Mean => x.mean_keepdim(d),
+            Self::Max => x.max_keepdim(d),
+            Self::Min => x.min_keepdim(d),
+        }
+    }
+}
+
 /// Reduces over `dims` (an int or an array), keeping them as size-1 dims or not.
-fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: &str) -> Out {
+fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: Reduction) -> Out {
     let mut ds = tensor::dims(dims, x.rank())?;
     ds.sort_unstable();
     ds.dedup();
     let mut out = x.clone();
     // Reduce from the last dim so the remaining indices stay valid.
     for &d in ds.iter().rev() {
-        out = match op {
-            "sum" => out.sum_keepdim(d),
-            "mean" => out.mean_keepdim(d),
-            "max" => out.max_keepdim(d),
-            "min" => out.min_keepdim(d),
-            _ => unreachable!("reduce op {op}"),
-        }
-        .script()?;
+        out = op.keepdim(&out, d).script()?;
     }
     if !keepdim {
         for &d in ds.iter().rev() {
@@ -35,15 +56,9 @@ fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: &str) -> Out {
     Ok(TensorHandle::new(out))
 }
 
-fn reduce_all(x: &Tensor, op: &str) -> Out {
+fn reduce_all(x: &Tensor, op: Reduction) -> Out {
     let flat = x.flatten_all().script()?;
-    ok(match op {
-        "sum" => flat.sum(0),
-        "mean" => flat.mean(0),
-        "max" => flat.max(0),
-        "min" => flat.min(0),
-        _ => unreachable!("reduce op {op}"),
-    })
+    ok(op.keepdim(&flat, 0).and_then(|t| t.squeeze(0)))
 }
 
 /// Registers the functions of this file.
@@ -233,22 +248,16 @@ pub fn register(api: &mut Api) {
     );
 
     api.group("tensor: reductions");
-    for op in ["sum", "mean", "max", "min"] {
-        let doc_all: &'static str = match op {
-            "sum" => "Sum of all elements (a scalar tensor).",
-            "mean" => "Mean of all elements (a scalar tensor).",
-            "max" => "Largest element (a scalar tensor).",
-            _ => "Smallest element (a scalar tensor).",
-        };
-        api.method(op, ["x"], doc_all, move |x: &mut TensorHandle| reduce_all(x.tensor(), op));
+    for (name, op, doc_all) in Reduction::ALL {
+        api.method(name, ["x"], doc_all, move |x: &mut TensorHandle| reduce_all(x.tensor(), op));
         api.method(
-            op,
+            name,
             ["x", "dims"],
             "Reduces over a dim or an array of dims, dropping them.",
             move |x: &mut TensorHandle, d: Dynamic| reduce(x.tensor(), &d, false, op),
         );
         api.method(
-            op,
+            name,
             ["x", "dims", "keepdim"],
             "Reduces over dims; keepdim = true keeps them with size 1.",
             move |x: &mut TensorHandle, d: Dynamic, k: bool| reduce(x.tensor(), &d, k, op),
