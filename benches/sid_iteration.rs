@@ -84,7 +84,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     println!(
         "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}",
         teacher.num_params(),
-        sidscript::host::tensor::device_name(&dev)
+        sidscript::host::args::device_name(&dev)
     );
     println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
     if let Some(v) = unet_bench::torch(&[
@@ -104,7 +104,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
 /// SIDSCRIPT_BENCH_DEVICE (cpu or cuda:N), the CPU when unset.
 fn bench_device() -> Device {
     let name = std::env::var("SIDSCRIPT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    sidscript::host::tensor::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
+    sidscript::host::args::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
 }
 
 /// models/toy/unet/config.json's architecture.

@@ -6,7 +6,7 @@ mod repl;
 mod run;
 mod watch;
 
-use crate::host::{tensor, Host, HostOptions};
+use crate::host::{args, Host, HostOptions};
 use clap::{Parser, Subcommand};
 use rhai::{Dynamic, Map};
 use std::path::PathBuf;
@@ -115,7 +115,7 @@ impl RunArgs {
             }
             config.insert("resume".into(), r.display().to_string().into());
         }
-        let device = tensor::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
+        let device = args::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
         Ok(HostOptions { seed: self.seed, device, config })
     }
 }

@@ -8,6 +8,7 @@
 //! assert_eq!(v, 6.0);
 //! ```
 
+pub mod args;
 pub mod docs;
 pub mod driven;
 pub mod error;

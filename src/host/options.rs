@@ -1,8 +1,8 @@
 //! Options maps of native functions (`#{ lr: 1e-4, betas: [0.0, 0.999] }`): unknown
 //! keys are rejected by name, and values read with their defaults.
 
+use super::args::{int, number};
 use super::error::{script_err, ScriptResult};
-use super::tensor::{int, number};
 use rhai::Map;
 
 /// An error naming the first key of `opts` that is not in `known`.

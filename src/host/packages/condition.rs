@@ -2,9 +2,10 @@
 //! to and from [`Condition`], and stacking, repeating and selecting rows.
 
 use crate::diffusion::condition::Condition;
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{self, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use candle_core::Tensor;
 use rhai::{Array, Dynamic, Map};
 
@@ -65,7 +66,7 @@ pub fn register(api: &mut Api) {
         |c: Dynamic, rows: Array| -> ScriptResult<Map> {
             let c = cond_from(&c)?;
             let idx: Vec<u32> =
-                rows.iter().map(|r| tensor::int(r, "row").map(|r| r as u32)).collect::<ScriptResult<_>>()?;
+                rows.iter().map(|r| args::int(r, "row").map(|r| r as u32)).collect::<ScriptResult<_>>()?;
             let n = idx.len();
             let idx = Tensor::from_vec(idx, n, c.context.device()).script()?;
             Ok(cond_to(&c.select(&idx).script()?))

@@ -9,10 +9,10 @@
 
 use super::unet::UnetHandle;
 use crate::diffusion::unet::Unet;
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_num};
-use crate::host::tensor::number;
 use crate::train::ema::{ema_beta, EmaModel};
 use rhai::Map;
 

@@ -1,19 +1,20 @@
 //! Files: safetensors maps of named tensors.
 
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::run_state::RunState;
-use crate::host::tensor::{self, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use rhai::{Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
 
 fn load(path: &str, opts: &Map, rt: &RunState) -> ScriptResult<Map> {
     let device = match opts.get("device") {
-        Some(d) => tensor::parse_device(&d.to_string())?,
+        Some(d) => args::parse_device(&d.to_string())?,
         None => rt.device.clone(),
     };
-    let dtype = opts.get("dtype").map(|d| tensor::parse_dtype(&d.to_string())).transpose()?;
+    let dtype = opts.get("dtype").map(|d| args::parse_dtype(&d.to_string())).transpose()?;
     let tensors = crate::io::safetensors::load(Path::new(path), &device, dtype).script()?;
     Ok(tensors.into_iter().map(|(k, t)| (k.into(), Dynamic::from(TensorHandle::new(t)))).collect())
 }

@@ -7,10 +7,10 @@
 //! ```
 
 use super::tensor::autograd::params_of;
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_num};
-use crate::host::tensor::number;
 use crate::train::{Method, Optimizer, ParamGroup};
 use rhai::{Array, Dynamic, Map};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,9 +1,9 @@
 //! The run itself: its configuration (from `--set`), device and timing.
 
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult};
 use crate::host::run_state::RunState;
-use crate::host::tensor;
 use rhai::{Dynamic, Map};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,9 +24,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         move || -> Map { r.config() },
     );
     let r = rt.clone();
-    api.func("default_device", [], "The run's device (--device): cpu or cuda:N.", move || {
-        tensor::device_name(&r.device)
-    });
+    api.func("default_device", [], "The run's device (--device): cpu or cuda:N.", move || args::device_name(&r.device));
     api.func(
         "progress_bar",
         ["total", "label"],
@@ -64,7 +62,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["seconds"],
         "Pauses the script (a demo or a test pacing a loop).",
         |s: Dynamic| -> ScriptResult<()> {
-            let secs = tensor::number(&s, "seconds")?;
+            let secs = args::number(&s, "seconds")?;
             if !(0.0..=3600.0).contains(&secs) {
                 return Err(script_err(format!("sleep: seconds must be in [0, 3600], got {secs}")));
             }

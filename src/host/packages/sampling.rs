@@ -10,9 +10,10 @@ use super::schedule::ScheduleHandle;
 use super::unet::{timesteps_arg, UnetHandle};
 use crate::diffusion::guidance::guided;
 use crate::diffusion::sampler::{sample, SamplerKind};
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
-use crate::host::tensor::{number, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use rhai::{Dynamic, Map};
 
 /// Registers the functions of this file.
@@ -25,7 +26,7 @@ pub fn register(api: &mut Api) {
     });
     api.func("sample", ["unet", "sch", "noise", "cond", "null", "opts"], "Samples latents from unit noise with a teacher. Options: sampler (ddim | euler), steps (25), guidance (7.5), progress (true: a progress bar).", |u: UnetHandle, s: ScheduleHandle, z: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<TensorHandle> {
         let kind: SamplerKind = o.get("sampler").map(|v| v.to_string()).unwrap_or_else(|| "ddim".into()).parse().script()?;
-        let steps = o.get("steps").map(|v| crate::host::tensor::int(v, "steps")).transpose()?.unwrap_or(25);
+        let steps = o.get("steps").map(|v| crate::host::args::int(v, "steps")).transpose()?.unwrap_or(25);
         let guidance = o.get("guidance").map(|v| number(v, "guidance")).transpose()?.unwrap_or(7.5);
         let show = o.get("progress").map(|v| v.as_bool().unwrap_or(true)).unwrap_or(false);
         let steps = usize::try_from(steps).script()?;

@@ -8,9 +8,10 @@
 
 use super::unet::timesteps_arg;
 use crate::diffusion::schedule::{Prediction, ScheduleConfig, VpSchedule};
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{number, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use rhai::{Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +28,7 @@ fn vp_schedule(o: &Map) -> ScriptResult<ScheduleHandle> {
             "beta_start" => cfg.beta_start = number(v, "beta_start")?,
             "beta_end" => cfg.beta_end = number(v, "beta_end")?,
             "steps" | "num_train_timesteps" => {
-                cfg.num_train_timesteps = usize::try_from(crate::host::tensor::int(v, "steps")?).script()?
+                cfg.num_train_timesteps = usize::try_from(crate::host::args::int(v, "steps")?).script()?
             }
             "prediction" => {
                 cfg.prediction_type = match v.to_string().as_str() {
@@ -39,7 +40,7 @@ fn vp_schedule(o: &Map) -> ScriptResult<ScheduleHandle> {
             }
             "timestep_spacing" => cfg.timestep_spacing = v.to_string(),
             "steps_offset" => {
-                cfg.steps_offset = usize::try_from(crate::host::tensor::int(v, "steps_offset")?).script()?
+                cfg.steps_offset = usize::try_from(crate::host::args::int(v, "steps_offset")?).script()?
             }
             other => return Err(script_err(format!("vp_schedule: unknown option '{other}'"))),
         }

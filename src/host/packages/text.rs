@@ -9,10 +9,11 @@
 
 use super::condition::cond_to;
 use crate::diffusion::text::{NullKind, TextConditioner};
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::run_state::RunState;
-use crate::host::tensor::{self, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use rhai::{Array, Dynamic, Map};
 use std::path::Path;
 use std::sync::Arc;
@@ -50,10 +51,10 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["dir", "opts"],
         "Loads text conditioning. Options: dtype, device, size (SDXL image size for the size ids).",
         move |d: &str, o: Map| -> ScriptResult<TextHandle> {
-            let (dtype, device) = tensor::placement(&o, r.dtype, &r.device)?;
+            let (dtype, device) = args::placement(&o, r.dtype, &r.device)?;
             let mut tc = TextConditioner::load(Path::new(d), dtype, &device).script()?;
             if let Some(s) = o.get("size") {
-                let s = tensor::number(s, "size")?;
+                let s = args::number(s, "size")?;
                 tc.time_ids = [s, s, 0.0, 0.0, s, s];
             }
             Ok(TextHandle(Arc::new(tc)))

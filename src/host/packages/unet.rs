@@ -11,10 +11,11 @@ use super::condition::cond_from;
 use super::model::{register_model, ModelDocs};
 use crate::diffusion::model::{Component, LoadOptions};
 use crate::diffusion::unet::Unet;
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::run_state::RunState;
-use crate::host::tensor::{self, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use crate::train::Model;
 use candle_core::{DType, Device, Tensor};
 use rhai::{Dynamic, Map};
@@ -29,11 +30,11 @@ pub fn timesteps_arg(v: &Dynamic, device: &Device) -> ScriptResult<Tensor> {
     if let Some(t) = v.clone().try_cast::<TensorHandle>() {
         return Ok(t.into_tensor());
     }
-    tensor::from_nested(v, DType::F32, device)
+    args::from_nested(v, DType::F32, device)
 }
 
 fn load_unet(dir: &str, opts: &Map, rt: &RunState) -> ScriptResult<UnetHandle> {
-    let (dtype, device) = tensor::placement(opts, rt.dtype, &rt.device)?;
+    let (dtype, device) = args::placement(opts, rt.dtype, &rt.device)?;
     let variant = opts.get("variant").map(|v| v.to_string());
     let net =
         Unet::load(Path::new(dir), &LoadOptions::new(dtype, &device).with_variant(variant.as_deref())).script()?;
@@ -105,8 +106,8 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
             if c.has_text_time() { "SDXL-type" } else { "SD-type" },
             c.block_out_channels,
             u.net.num_params(),
-            tensor::dtype_name(u.net.dtype()),
-            tensor::device_name(u.net.device()),
+            args::dtype_name(u.net.dtype()),
+            args::device_name(u.net.device()),
             if u.params.is_some() { ", trainable" } else { "" }
         )
     });

@@ -7,9 +7,10 @@
 //! print(w.grad);
 //! ```
 
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{number, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use crate::train::{grad_clip, Param};
 use rhai::{Array, Dynamic, Map};
 use std::sync::Arc;

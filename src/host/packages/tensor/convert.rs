@@ -1,5 +1,6 @@
 //! Dtype and device conversion, values out of tensors, printing.
 
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::tensor::{self, TensorHandle};
@@ -12,17 +13,17 @@ type Out = ScriptResult<TensorHandle>;
 pub fn register(api: &mut Api) {
     api.group("tensor: conversion");
     api.getter("dtype", "The dtype's name: f32, f64, f16, bf16, ...", |x: &mut TensorHandle| {
-        tensor::dtype_name(x.tensor().dtype()).to_string()
+        args::dtype_name(x.tensor().dtype()).to_string()
     });
     api.getter("device", "The device's name: cpu or cuda:N.", |x: &mut TensorHandle| {
-        tensor::device_name(x.tensor().device())
+        args::device_name(x.tensor().device())
     });
     api.method(
         "to_dtype",
         ["x", "dtype"],
         "Converts to f32, f64, f16, bf16, u8, u32 or i64.",
         |x: &mut TensorHandle, d: &str| -> Out {
-            x.tensor().to_dtype(tensor::parse_dtype(d)?).script().map(TensorHandle::new)
+            x.tensor().to_dtype(args::parse_dtype(d)?).script().map(TensorHandle::new)
         },
     );
     for (name, dt) in [("f32", DType::F32), ("f64", DType::F64), ("f16", DType::F16), ("bf16", DType::BF16)] {
@@ -41,7 +42,7 @@ pub fn register(api: &mut Api) {
         ["x", "device"],
         "Moves to cpu or cuda:N (cuda needs the cuda feature).",
         |x: &mut TensorHandle, d: &str| -> Out {
-            x.tensor().to_device(&tensor::parse_device(d)?).script().map(TensorHandle::new)
+            x.tensor().to_device(&args::parse_device(d)?).script().map(TensorHandle::new)
         },
     );
     api.method("cpu", ["x"], "Moves to the CPU.", |x: &mut TensorHandle| {
@@ -57,7 +58,7 @@ pub fn register(api: &mut Api) {
         "to_array",
         ["x"],
         "The values as a nested array (floats; ints for integer dtypes).",
-        |x: &mut TensorHandle| tensor::to_nested(x.tensor()),
+        |x: &mut TensorHandle| args::to_nested(x.tensor()),
     );
     api.method(
         "item",
@@ -100,6 +101,6 @@ pub fn register(api: &mut Api) {
         "values",
         ["x"],
         "Alias of to_array, for printing small tensors in full.",
-        |x: &mut TensorHandle| -> ScriptResult<Dynamic> { tensor::to_nested(x.tensor()) },
+        |x: &mut TensorHandle| -> ScriptResult<Dynamic> { args::to_nested(x.tensor()) },
     );
 }

@@ -1,10 +1,12 @@
 //! Creating tensors: constants, random draws from the run's seeded generator (or
 //! an explicit seed), ranges, nested arrays.
 
+use crate::host::args;
+use crate::host::args::{from_nested, number, placement};
 use crate::host::docs::Api;
 use crate::host::error::{ScriptResult, ToScript};
 use crate::host::run_state::RunState;
-use crate::host::tensor::{self, from_nested, number, placement, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use crate::rng::Generator;
 use candle_core::{Device, Tensor};
 use rhai::{Dynamic, Map};
@@ -13,7 +15,7 @@ use std::sync::Arc;
 type Out = ScriptResult<TensorHandle>;
 
 fn opts_seed(opts: &Map) -> ScriptResult<Option<u64>> {
-    opts.get("seed").map(|s| tensor::int(s, "seed").map(|s| s as u64)).transpose()
+    opts.get("seed").map(|s| args::int(s, "seed").map(|s| s as u64)).transpose()
 }
 
 /// Draws from the explicit seed when one is given, else from the run's generator.
@@ -35,7 +37,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ($name:literal, $doc:literal, $make:expr) => {{
             let d = dev.clone();
             api.func($name, ["shape"], $doc, move |s: Dynamic| -> Out {
-                $make(&tensor::shape(&s)?, dt, &d).script().map(TensorHandle::new)
+                $make(&args::shape(&s)?, dt, &d).script().map(TensorHandle::new)
             });
             let d = dev.clone();
             api.func(
@@ -44,7 +46,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
                 concat!($doc, " Options: dtype, device."),
                 move |s: Dynamic, o: Map| -> Out {
                     let (dt, d) = placement(&o, dt, &d)?;
-                    $make(&tensor::shape(&s)?, dt, &d).script().map(TensorHandle::new)
+                    $make(&args::shape(&s)?, dt, &d).script().map(TensorHandle::new)
                 },
             );
         }};
@@ -55,7 +57,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     let d = dev.clone();
     api.func("full", ["shape", "value"], "A tensor filled with one value.", move |s: Dynamic, v: Dynamic| -> Out {
         let v = number(&v, "value")?;
-        Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(TensorHandle::new)
+        Tensor::full(v, args::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(TensorHandle::new)
     });
     let d = dev.clone();
     api.func(
@@ -65,7 +67,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         move |s: Dynamic, v: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
             let v = number(&v, "value")?;
-            Tensor::full(v, tensor::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(TensorHandle::new)
+            Tensor::full(v, args::shape(&s)?, &d).and_then(|t| t.to_dtype(dt)).script().map(TensorHandle::new)
         },
     );
 
@@ -75,7 +77,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["shape"],
         "Standard normal samples from the run's seeded generator.",
         move |s: Dynamic| -> Out {
-            let s = tensor::shape(&s)?;
+            let s = args::shape(&s)?;
             draw(&r, None, |g| g.randn(s, dt, &d))
         },
     );
@@ -85,7 +87,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["shape", "seed"],
         "Standard normal samples from a generator seeded with `seed` (the run's generator is untouched).",
         move |s: Dynamic, seed: i64| -> Out {
-            let s = tensor::shape(&s)?;
+            let s = args::shape(&s)?;
             draw(&r, Some(seed as u64), |g| g.randn(s, dt, &d))
         },
     );
@@ -98,7 +100,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
             let (dt, d) = placement(&o, dt, &d)?;
             let mean = o.get("mean").map(|v| number(v, "mean")).transpose()?.unwrap_or(0.0);
             let std = o.get("std").map(|v| number(v, "std")).transpose()?.unwrap_or(1.0);
-            let s = tensor::shape(&s)?;
+            let s = args::shape(&s)?;
             draw(&r, opts_seed(&o)?, |g| Ok(g.randn(s, dt, &d)?.affine(std, mean)?))
         },
     );
@@ -109,7 +111,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["shape"],
         "Uniform samples in [0, 1) from the run's seeded generator.",
         move |s: Dynamic| -> Out {
-            let s = tensor::shape(&s)?;
+            let s = args::shape(&s)?;
             draw(&r, None, |g| g.rand(s, 0.0, 1.0, dt, &d))
         },
     );
@@ -119,7 +121,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["shape", "seed"],
         "Uniform samples in [0, 1) from a generator seeded with `seed`.",
         move |s: Dynamic, seed: i64| -> Out {
-            let s = tensor::shape(&s)?;
+            let s = args::shape(&s)?;
             draw(&r, Some(seed as u64), |g| g.rand(s, 0.0, 1.0, dt, &d))
         },
     );
@@ -132,7 +134,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
             let (dt, d) = placement(&o, dt, &d)?;
             let lo = o.get("low").map(|v| number(v, "low")).transpose()?.unwrap_or(0.0);
             let hi = o.get("high").map(|v| number(v, "high")).transpose()?.unwrap_or(1.0);
-            let s = tensor::shape(&s)?;
+            let s = args::shape(&s)?;
             draw(&r, opts_seed(&o)?, |g| g.rand(s, lo, hi, dt, &d))
         },
     );

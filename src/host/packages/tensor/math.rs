@@ -1,9 +1,10 @@
 //! Arithmetic operators with broadcasting, elementwise math, reductions, matmul.
 //! Every op here has a backward in candle (checked by tests/autograd.rs).
 
+use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{self, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use candle_core::Tensor;
 use rhai::Dynamic;
 
@@ -40,7 +41,7 @@ impl Reduction {
 
 /// Reduces over `dims` (an int or an array), keeping them as size-1 dims or not.
 fn reduce(x: &Tensor, dims: &Dynamic, keepdim: bool, op: Reduction) -> Out {
-    let mut ds = tensor::dims(dims, x.rank())?;
+    let mut ds = args::dims(dims, x.rank())?;
     ds.sort_unstable();
     ds.dedup();
     let mut out = x.clone();
@@ -147,7 +148,7 @@ pub fn register(api: &mut Api) {
         ["x", "min", "max"],
         "Elementwise clamp into [min, max].",
         |x: &mut TensorHandle, lo: Dynamic, hi: Dynamic| -> Out {
-            let (lo, hi) = (tensor::number(&lo, "min")?, tensor::number(&hi, "max")?);
+            let (lo, hi) = (args::number(&lo, "min")?, args::number(&hi, "max")?);
             if lo > hi {
                 return Err(script_err(format!("clamp: min {lo} > max {hi}")));
             }
@@ -161,7 +162,7 @@ pub fn register(api: &mut Api) {
         |x: &mut TensorHandle, y: TensorHandle| ok(x.tensor().broadcast_maximum(y.tensor())),
     );
     api.method("maximum", ["x", "y"], "Elementwise maximum with a number.", |x: &mut TensorHandle, y: Dynamic| {
-        ok(x.tensor().maximum(tensor::number(&y, "y")?))
+        ok(x.tensor().maximum(args::number(&y, "y")?))
     });
     api.method(
         "minimum",
@@ -170,14 +171,14 @@ pub fn register(api: &mut Api) {
         |x: &mut TensorHandle, y: TensorHandle| ok(x.tensor().broadcast_minimum(y.tensor())),
     );
     api.method("minimum", ["x", "y"], "Elementwise minimum with a number.", |x: &mut TensorHandle, y: Dynamic| {
-        ok(x.tensor().minimum(tensor::number(&y, "y")?))
+        ok(x.tensor().minimum(args::number(&y, "y")?))
     });
     api.method(
         "softmax",
         ["x", "dim"],
         "Softmax over `dim` (differentiable form).",
         |x: &mut TensorHandle, d: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             ok(candle_nn::ops::softmax(x.tensor(), d))
         },
     );
@@ -186,7 +187,7 @@ pub fn register(api: &mut Api) {
         ["x", "dim"],
         "Log-softmax over `dim`, computed stably.",
         |x: &mut TensorHandle, d: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             let t = x.tensor();
             let max = t.max_keepdim(d).script()?.detach();
             let shifted = t.broadcast_sub(&max).script()?;
@@ -206,8 +207,8 @@ pub fn register(api: &mut Api) {
 
     api.group("tensor: layers");
     api.method("conv2d", ["x", "w", "b", "opts"], "2-D convolution of NCHW x with kernel w (out, in, k, k) and bias b (a tensor or ()). Options: padding (0), stride (1).", |x: &mut TensorHandle, w: TensorHandle, b: Dynamic, o: rhai::Map| -> Out {
-        let padding = o.get("padding").map(|v| tensor::int(v, "padding")).transpose()?.unwrap_or(0);
-        let stride = o.get("stride").map(|v| tensor::int(v, "stride")).transpose()?.unwrap_or(1);
+        let padding = o.get("padding").map(|v| args::int(v, "padding")).transpose()?.unwrap_or(0);
+        let stride = o.get("stride").map(|v| args::int(v, "stride")).transpose()?.unwrap_or(1);
         let bias = if b.is_unit() { None } else { Some(b.try_cast::<TensorHandle>().ok_or_else(|| script_err("conv2d: bias must be a tensor or ()"))?.into_tensor()) };
         crate::ops::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(TensorHandle::new)
     });
@@ -238,7 +239,7 @@ pub fn register(api: &mut Api) {
                         .ok_or_else(|| script_err("cross_entropy: labels must be a tensor or an array of ints"))?;
                     let v: Vec<u32> = arr
                         .iter()
-                        .map(|l| tensor::int(l, "label").and_then(|l| tensor::index(l, c, "label")).map(|l| l as u32))
+                        .map(|l| args::int(l, "label").and_then(|l| args::index(l, c, "label")).map(|l| l as u32))
                         .collect::<ScriptResult<_>>()?;
                     Tensor::from_vec(v, b, t.device()).script()?
                 }
@@ -268,7 +269,7 @@ pub fn register(api: &mut Api) {
         ["x", "dim"],
         "Index of the largest element along `dim` (u32, no gradient).",
         |x: &mut TensorHandle, d: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             ok(x.tensor().argmax(d))
         },
     );
@@ -280,7 +281,7 @@ pub fn register(api: &mut Api) {
         ["x", "dim"],
         "Unbiased variance along `dim` (`var` is a reserved word in Rhai).",
         |x: &mut TensorHandle, d: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             ok(x.tensor().var(d))
         },
     );

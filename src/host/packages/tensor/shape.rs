@@ -1,8 +1,10 @@
 //! Shape work: views, reshapes, joins and splits, selection.
 
+use crate::host::args;
+use crate::host::args::shape_to_array;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
-use crate::host::tensor::{self, shape_to_array, TensorHandle};
+use crate::host::tensor::TensorHandle;
 use candle_core::{DType, Tensor};
 use rhai::{Array, Dynamic};
 
@@ -26,7 +28,7 @@ fn tensors(arr: &Array, what: &str) -> ScriptResult<Vec<Tensor>> {
 /// A reshape target; one entry may be -1 and is inferred.
 fn reshape_dims(x: &Tensor, target: &Dynamic) -> ScriptResult<Vec<usize>> {
     let arr = target.clone().try_cast::<Array>().unwrap_or_else(|| vec![target.clone()]);
-    let raw: Vec<i64> = arr.iter().map(|v| tensor::int(v, "shape entry")).collect::<ScriptResult<_>>()?;
+    let raw: Vec<i64> = arr.iter().map(|v| args::int(v, "shape entry")).collect::<ScriptResult<_>>()?;
     let known: i64 = raw.iter().filter(|&&d| d != -1).product();
     let holes = raw.iter().filter(|&&d| d == -1).count();
     if holes > 1 || raw.iter().any(|&d| d < -1) {
@@ -56,7 +58,7 @@ fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptRe
         .ok_or_else(|| script_err(format!("indices must be an array of ints or a tensor, got {}", idx.type_name())))?;
     let v: Vec<u32> = arr
         .iter()
-        .map(|i| tensor::int(i, "index").and_then(|i| tensor::index(i, size, "index")).map(|i| i as u32))
+        .map(|i| args::int(i, "index").and_then(|i| args::index(i, size, "index")).map(|i| i as u32))
         .collect::<ScriptResult<_>>()?;
     let n = v.len();
     Tensor::from_vec(v, n, device).script()
@@ -73,7 +75,7 @@ pub fn register(api: &mut Api) {
         ["x", "dim"],
         "Size of one dim (negative counts from the end).",
         |x: &mut TensorHandle, d: i64| -> ScriptResult<i64> {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             Ok(x.tensor().dims()[d] as i64)
         },
     );
@@ -92,26 +94,24 @@ pub fn register(api: &mut Api) {
         "Reorders dims: result dim i is input dim dims[i].",
         |x: &mut TensorHandle, d: Array| -> Out {
             let rank = x.tensor().rank();
-            let dims: Vec<usize> = d
-                .iter()
-                .map(|v| tensor::int(v, "dim").and_then(|i| tensor::dim(i, rank)))
-                .collect::<ScriptResult<_>>()?;
+            let dims: Vec<usize> =
+                d.iter().map(|v| args::int(v, "dim").and_then(|i| args::dim(i, rank))).collect::<ScriptResult<_>>()?;
             ok(x.tensor().permute(dims))
         },
     );
     api.method("transpose", ["x", "dim0", "dim1"], "Swaps two dims.", |x: &mut TensorHandle, a: i64, b: i64| -> Out {
         let rank = x.tensor().rank();
-        ok(x.tensor().transpose(tensor::dim(a, rank)?, tensor::dim(b, rank)?))
+        ok(x.tensor().transpose(args::dim(a, rank)?, args::dim(b, rank)?))
     });
     api.method("t", ["x"], "Swaps the last two dims.", |x: &mut TensorHandle| ok(x.tensor().t()));
     api.func("cat", ["tensors", "dim"], "Concatenates tensors along an existing dim.", |ts: Array, d: i64| -> Out {
         let ts = tensors(&ts, "cat")?;
-        let d = tensor::dim(d, ts[0].rank())?;
+        let d = args::dim(d, ts[0].rank())?;
         ok(Tensor::cat(&ts, d))
     });
     api.func("stack", ["tensors", "dim"], "Stacks same-shaped tensors along a new dim.", |ts: Array, d: i64| -> Out {
         let ts = tensors(&ts, "stack")?;
-        let d = tensor::dim(d, ts[0].rank() + 1)?;
+        let d = args::dim(d, ts[0].rank() + 1)?;
         ok(Tensor::stack(&ts, d))
     });
     api.method(
@@ -119,7 +119,7 @@ pub fn register(api: &mut Api) {
         ["x", "n", "dim"],
         "Splits into `n` nearly equal pieces along `dim` (an array).",
         |x: &mut TensorHandle, n: i64, d: i64| -> ScriptResult<Array> {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             let n = usize::try_from(n)
                 .ok()
                 .filter(|&n| n > 0)
@@ -132,9 +132,9 @@ pub fn register(api: &mut Api) {
         ["x", "dim", "start", "len"],
         "`len` entries of `dim` starting at `start`.",
         |x: &mut TensorHandle, d: i64, s: i64, l: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             let size = x.tensor().dims()[d];
-            let s = tensor::index(s, size + 1, "start")?;
+            let s = args::index(s, size + 1, "start")?;
             let l = usize::try_from(l).map_err(|_| script_err(format!("narrow: negative length {l}")))?;
             ok(x.tensor().narrow(d, s, l))
         },
@@ -144,7 +144,7 @@ pub fn register(api: &mut Api) {
         ["x", "dim", "start", "end"],
         "Entries start..end (end excluded; negatives count from the end) of `dim`.",
         |x: &mut TensorHandle, d: i64, s: i64, e: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             let size = x.tensor().dims()[d] as i64;
             let fix = |i: i64| {
                 if i < 0 {
@@ -165,7 +165,7 @@ pub fn register(api: &mut Api) {
         ["x", "indices", "dim"],
         "Picks entries of `dim` by index (array of ints or integer tensor).",
         |x: &mut TensorHandle, i: Dynamic, d: i64| -> Out {
-            let d = tensor::dim(d, x.tensor().rank())?;
+            let d = args::dim(d, x.tensor().rank())?;
             let idx = indices(&i, x.tensor().dims()[d], x.tensor().device())?;
             ok(x.tensor().index_select(&idx, d))
         },
@@ -175,7 +175,7 @@ pub fn register(api: &mut Api) {
         |x: &mut TensorHandle, i: i64| -> Out {
             let t = x.tensor();
             let size = *t.dims().first().ok_or_else(|| script_err("cannot index a scalar tensor"))?;
-            let i = tensor::index(i, size, "index")?;
+            let i = args::index(i, size, "index")?;
             ok(t.narrow(0, i, 1).and_then(|t| t.squeeze(0)))
         },
     );
@@ -183,7 +183,7 @@ pub fn register(api: &mut Api) {
         "broadcast_as",
         ["x", "shape"],
         "Broadcasts to a larger shape (size-1 or missing leading dims expand).",
-        |x: &mut TensorHandle, s: Dynamic| -> Out { ok(x.tensor().broadcast_as(tensor::shape(&s)?)) },
+        |x: &mut TensorHandle, s: Dynamic| -> Out { ok(x.tensor().broadcast_as(args::shape(&s)?)) },
     );
     api.method("flatten", ["x"], "All dims into one.", |x: &mut TensorHandle| ok(x.tensor().flatten_all()));
     api.method(
@@ -192,15 +192,15 @@ pub fn register(api: &mut Api) {
         "Dims start..=end into one.",
         |x: &mut TensorHandle, s: i64, e: i64| -> Out {
             let rank = x.tensor().rank();
-            ok(x.tensor().flatten(tensor::dim(s, rank)?, tensor::dim(e, rank)?))
+            ok(x.tensor().flatten(args::dim(s, rank)?, args::dim(e, rank)?))
         },
     );
     api.method("squeeze", ["x", "dim"], "Removes a size-1 dim.", |x: &mut TensorHandle, d: i64| -> Out {
-        let d = tensor::dim(d, x.tensor().rank())?;
+        let d = args::dim(d, x.tensor().rank())?;
         ok(x.tensor().squeeze(d))
     });
     api.method("unsqueeze", ["x", "dim"], "Inserts a size-1 dim.", |x: &mut TensorHandle, d: i64| -> Out {
-        let d = tensor::dim(d, x.tensor().rank() + 1)?;
+        let d = args::dim(d, x.tensor().rank() + 1)?;
         ok(x.tensor().unsqueeze(d))
     });
     api.method(
