@@ -1,8 +1,9 @@
-//! Tokenizers and CLIP text encoders against transformers/diffusers on the tiny fixtures.
+//! Tokenizers and CLIP text encoders against transformers/diffusers on the tiny
+//! fixtures; the encoders on the CPU, and on CUDA in builds with the cuda feature.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{expected, fixture, max_abs};
+use common::{expected, expected_on, fixture, max_abs, TestResult};
 use sidscript::diffusion::clip::ClipTextModel;
 use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::text::{NullKind, TextConditioner};
@@ -32,13 +33,10 @@ fn tokenizers_match_transformers() {
     }
 }
 
-#[test]
-fn sd15_text_encoder_matches_transformers() {
-    let e = expected("tiny-sd15");
-    let model =
-        ClipTextModel::load(&fixture("tiny-sd15").join("text_encoder"), &LoadOptions::new(DType::F32, &Device::Cpu))
-            .unwrap();
-    let out = model.forward(&e["input_ids"]).unwrap();
+fn sd15_text_encoder_matches_transformers(dev: &Device) -> TestResult {
+    let e = expected_on("tiny-sd15", dev);
+    let model = ClipTextModel::load(&fixture("tiny-sd15").join("text_encoder"), &LoadOptions::new(DType::F32, dev))?;
+    let out = model.forward(&e["input_ids"])?;
     for (got, key) in [
         (&out.last_hidden_state, "text.last_hidden_state"),
         (&out.penultimate, "text.penultimate"),
@@ -47,31 +45,33 @@ fn sd15_text_encoder_matches_transformers() {
         let err = max_abs(got, &e[key]);
         assert!(err < 1e-4, "{key}: max abs error {err}");
     }
-    let cond = TextConditioner::load(&fixture("tiny-sd15"), DType::F32, &Device::Cpu).unwrap();
-    let c = cond.encode(&prompts()).unwrap();
+    let cond = TextConditioner::load(&fixture("tiny-sd15"), DType::F32, dev)?;
+    let c = cond.encode(&prompts())?;
     assert!(max_abs(&c.context, &e["text.last_hidden_state"]) < 1e-4);
     assert!(c.pooled.is_none() && c.time_ids.is_none());
     assert_eq!(cond.default_null, NullKind::EmptyPrompt);
+    Ok(())
 }
 
-#[test]
-fn sdxl_conditioning_matches_the_pipeline() {
-    let e = expected("tiny-sdxl");
-    let cond = TextConditioner::load(&fixture("tiny-sdxl"), DType::F32, &Device::Cpu).unwrap();
-    let c = cond.encode(&prompts()).unwrap();
+fn sdxl_conditioning_matches_the_pipeline(dev: &Device) -> TestResult {
+    let e = expected_on("tiny-sdxl", dev);
+    let cond = TextConditioner::load(&fixture("tiny-sdxl"), DType::F32, dev)?;
+    let c = cond.encode(&prompts())?;
     let err = max_abs(&c.context, &e["text.prompt_embeds"]);
     assert!(err < 1e-4, "prompt embeds: {err}");
     let err = max_abs(c.pooled.as_ref().unwrap(), &e["text.pooled"]);
     assert!(err < 1e-4, "pooled: {err}");
     assert_eq!(c.time_ids.as_ref().unwrap().to_vec2::<f32>().unwrap()[0], vec![16.0, 16.0, 0.0, 0.0, 16.0, 16.0]);
     assert_eq!(cond.default_null, NullKind::Zeros);
-    let z = cond.null(NullKind::Zeros).unwrap();
-    assert_eq!(z.context.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let z = cond.null(NullKind::Zeros)?;
+    assert_eq!(z.context.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
     // The second encoder stored as an fp16 variant only, read back in f32.
-    let te2 =
-        ClipTextModel::load(&fixture("tiny-sdxl").join("text_encoder_2"), &LoadOptions::new(DType::F32, &Device::Cpu))
-            .unwrap();
-    let out = te2.forward(&e["input_ids_2"]).unwrap();
+    let te2 = ClipTextModel::load(&fixture("tiny-sdxl").join("text_encoder_2"), &LoadOptions::new(DType::F32, dev))?;
+    let out = te2.forward(&e["input_ids_2"])?;
     assert!(max_abs(&out.penultimate, &e["text2.penultimate"]) < 1e-4);
     assert!(max_abs(out.text_embeds.as_ref().unwrap(), &e["text2.text_embeds"]) < 1e-4);
+    Ok(())
 }
+
+test_device!(sd15_text_encoder_matches_transformers, sd15_text_encoder_matches_cpu, sd15_text_encoder_matches_cuda);
+test_device!(sdxl_conditioning_matches_the_pipeline, sdxl_conditioning_matches_cpu, sdxl_conditioning_matches_cuda);

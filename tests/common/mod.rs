@@ -79,6 +79,11 @@ pub fn expected(name: &str) -> std::collections::HashMap<String, Tensor> {
     expected_as(name, None)
 }
 
+/// The diffusers reference values of a fixture, on `device`.
+pub fn expected_on(name: &str, device: &Device) -> std::collections::HashMap<String, Tensor> {
+    expected(name).into_iter().map(|(k, t)| (k, t.to_device(device).unwrap())).collect()
+}
+
 /// The reference values of a fixture, converted to `dtype` when given.
 pub fn expected_as(name: &str, dtype: Option<DType>) -> std::collections::HashMap<String, Tensor> {
     sidscript::io::safetensors::load(&fixture(name).join("expected.safetensors"), &Device::Cpu, dtype)
