@@ -5,7 +5,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, vectorized, Real};
-use super::{for_rows, has_cpu_kernel, rows_of};
+use super::{contiguous, for_rows, has_cpu_kernel, rows_of};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
@@ -157,7 +157,7 @@ macro_rules! fused_unary {
             fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
                 let &[(s, sl), (g, gl)] = ops else { candle_core::bail!(concat!($name, "-grad: two operands")) };
                 let (s, n) = rows_of(s, sl)?;
-                Ok(($bwd(s, rows_of(g, gl)?.0, n), sl.shape().clone()))
+                Ok(($bwd(s, contiguous(g, gl)?, n), sl.shape().clone()))
             }
         }
 

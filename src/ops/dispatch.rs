@@ -28,8 +28,9 @@ fn typed<'a, T: Real>(operands: &[(&'a CpuStorage, &'a Layout)]) -> Option<Vec<(
     operands.iter().map(|&(s, l)| s.as_slice::<T>().ok().map(|v| (v, l))).collect()
 }
 
-fn mixed(name: &str, operands: &[(&CpuStorage, &Layout)]) -> candle_core::Error {
-    let dtypes: Vec<DType> = operands.iter().map(|(s, _)| s.dtype()).collect();
+/// The error for operands of mixed or unsupported dtypes.
+fn mixed(name: &str, dtypes: impl Iterator<Item = DType>) -> candle_core::Error {
+    let dtypes: Vec<DType> = dtypes.collect();
     candle_core::Error::Msg(format!("{name}: operands must all be f32 or all f64, got {dtypes:?}"))
 }
 
@@ -43,7 +44,7 @@ pub fn cpu<K: Kernel>(kernel: &K, operands: &[(&CpuStorage, &Layout)]) -> candle
         let (out, shape) = kernel.run(&v)?;
         return Ok((CpuStorage::F64(out), shape));
     }
-    Err(mixed(K::NAME, operands))
+    Err(mixed(K::NAME, operands.iter().map(|(s, _)| s.dtype())))
 }
 
 /// Runs `kernel` on `dst` and the operands, all f32 or all f64.
@@ -65,8 +66,8 @@ pub fn cpu_in_place<K: KernelInPlace>(
         }
         _ => {}
     }
-    let dtype = dst.dtype();
-    Err(candle_core::Error::Msg(format!("{}: output is {dtype:?}; {}", K::NAME, mixed(K::NAME, operands))))
+    // The output first, then the operands.
+    Err(mixed(K::NAME, std::iter::once(dst.dtype()).chain(operands.iter().map(|(s, _)| s.dtype()))))
 }
 
 /// The `cpu_fwd` of a custom op whose CPU forward is its own [`Kernel`] over all

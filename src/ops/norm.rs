@@ -4,7 +4,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::Real;
-use super::{for_rows, has_cpu_kernel, rows_of, upcast, PAR_MIN};
+use super::{contiguous, for_rows, has_cpu_kernel, upcast, PAR_MIN};
 use crate::error::Result;
 use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -114,7 +114,7 @@ impl Kernel for NormAffine {
     const NAME: &'static str = "norm-affine";
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
         let &[(x, xl), (w, wl), (b, bl)] = ops else { candle_core::bail!("norm-affine: three operands") };
-        Ok((norm_affine_fwd(rows_of(x, xl)?.0, rows_of(w, wl)?.0, rows_of(b, bl)?.0, &self.0), xl.shape().clone()))
+        Ok((norm_affine_fwd(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?, &self.0), xl.shape().clone()))
     }
 }
 
@@ -123,7 +123,7 @@ impl Kernel for NormAffineGrad {
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
         let &[(x, xl), (w, wl), (g, gl)] = ops else { candle_core::bail!("norm-affine-grad: three operands") };
         let shape = Shape::from(xl.shape().elem_count() + 2 * self.0.channels);
-        Ok((norm_affine_bwd(rows_of(x, xl)?.0, rows_of(w, wl)?.0, rows_of(g, gl)?.0, &self.0), shape))
+        Ok((norm_affine_bwd(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(g, gl)?, &self.0), shape))
     }
 }
 
