@@ -213,3 +213,41 @@ fn sid_guidance_maps_and_their_old_names_agree() {
         .to_string();
     assert!(err.contains("unknown guidance scale 'kappa'"), "{err}");
 }
+
+#[test]
+fn gradient_checkpointing_is_an_option_of_loading_and_copying() {
+    let host = host();
+    let dir = fx("tiny-sd15");
+    let r = eval(
+        &host,
+        &format!(
+            r#"let teacher = load_unet("{dir}", #{{ checkpoint: true }});
+               let gen = teacher.trainable_copy();           // inherits the setting
+               let plain = teacher.trainable_copy(#{{ checkpoint: false }});
+               let c = load_text_conditioner("{dir}").encode(["a red circle", "a blue square"]);
+               let x = randn([2, 4, 8, 8], 5);
+               let grad_of = |net| {{
+                   let w = net.params["down_blocks.0.resnets.0.conv1.weight"];
+                   net.forward(x, [300, 700], c).square().mean().backward();
+                   w.grad
+               }};
+               let g1 = grad_of.call(gen);
+               let g2 = grad_of.call(plain);
+               let view = gen.frozen_view();
+               gen.checkpointing = false;
+               [teacher.checkpointing, plain.checkpointing, view.checkpointing, gen.checkpointing,
+                (g1 - g2).abs().max().item() / g2.abs().max().item(), `${{view}}`]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    assert!(r[0].as_bool().unwrap(), "load_unet's option");
+    assert!(!r[1].as_bool().unwrap(), "trainable_copy's option overrides the source's");
+    assert!(r[2].as_bool().unwrap(), "a frozen view keeps the setting");
+    assert!(!r[3].as_bool().unwrap(), "the setter");
+    let rel = r[4].as_float().unwrap();
+    assert!(rel < 1e-5, "checkpointed and plain gradients differ by {rel:e} (f32)");
+    assert!(r[5].clone().into_string().unwrap().contains("checkpointed"));
+    let err = host.eval(&format!(r#"load_unet("{dir}", #{{ checkpionts: true }})"#)).unwrap_err().to_string();
+    assert!(err.contains("unknown option 'checkpionts'"), "{err}");
+}

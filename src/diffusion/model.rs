@@ -78,6 +78,10 @@ pub trait Component: Sized {
     fn named_weights(&self) -> &[(String, Tensor)];
     /// Records the weights `build` took (its one report of what was used).
     fn set_named_weights(&mut self, named: Vec<(String, Tensor)>);
+    /// Takes over `from`'s run-time settings that are neither config nor weights
+    /// (the UNet's gradient checkpointing), so that trainable copies and frozen
+    /// views ([`with_weights`](Component::with_weights)) keep them.
+    fn keep_settings(&mut self, _from: &Self) {}
 
     /// Builds the network and checks the source held exactly its tensors.
     fn build(cfg: &Self::Config, w: Weights) -> Result<Self> {
@@ -108,7 +112,9 @@ pub trait Component: Sized {
             Some((_, t)) => (t.dtype(), t.device().clone()),
             None => (DType::F32, Device::Cpu),
         };
-        Self::build(self.config(), Weights::from_tensors(tensors, dtype, &device))
+        let mut m = Self::build(self.config(), Weights::from_tensors(tensors, dtype, &device))?;
+        m.keep_settings(self);
+        Ok(m)
     }
 
     /// The same weights cut from the graph: shares their storage (so it sees every

@@ -7,9 +7,11 @@ use super::layers::{Attention, Conv2d, GroupNorm, LayerNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
+use crate::ops::checkpoint::checkpoint;
 use crate::ops::{geglu, silu};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// An int, or one value per block (diffusers accepts both).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -496,6 +498,9 @@ pub struct Unet {
     conv_out: Conv2d,
     /// Every weight by its diffusers name, in construction order.
     named: Vec<(String, Tensor)>,
+    /// Gradient checkpointing: each resnet + attention pair (and the mid block)
+    /// recomputes its forward in backward instead of keeping its activations.
+    checkpoint: bool,
 }
 
 impl Component for Unet {
@@ -613,7 +618,12 @@ impl Component for Unet {
             norm_out: GroupNorm::new(&w.pp("conv_norm_out"), groups, ch[0], eps)?,
             conv_out: Conv2d::new(&w.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
             named: vec![],
+            checkpoint: false,
         })
+    }
+
+    fn keep_settings(&mut self, from: &Self) {
+        self.checkpoint = from.checkpoint;
     }
 }
 
@@ -626,6 +636,60 @@ impl Unet {
     /// The weights' device.
     pub fn device(&self) -> &Device {
         self.conv_in.weight.device()
+    }
+
+    /// Whether gradient checkpointing is on (see [`with_checkpointing`](Self::with_checkpointing)).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpoint
+    }
+
+    /// The same network (same weights) with gradient checkpointing on or off: with
+    /// it, each resnet + attention pair and the mid block keep only their inputs
+    /// and recompute their forward in backward — the same gradients for about one
+    /// more forward pass, and a peak memory of the block inputs plus one block's
+    /// activations. Gradients then need [`ops::checkpoint::backward`](crate::ops::checkpoint::backward)
+    /// (what `train::param::backward` calls).
+    pub fn with_checkpointing(&self, on: bool) -> Self {
+        Self { checkpoint: on, ..self.clone() }
+    }
+
+    /// `f(h, emb, context)`, checkpointed when the network is.
+    fn segment(
+        &self,
+        f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+        h: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        if self.checkpoint {
+            checkpoint(Arc::new(f), h, emb, context)
+        } else {
+            f(h, emb, context)
+        }
+    }
+
+    /// A resnet and, in cross-attention blocks, its transformer: one segment.
+    fn resnet_attention(
+        &self,
+        r: &ResnetBlock,
+        a: Option<&Transformer2d>,
+        h: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let (r, a) = (r.clone(), a.cloned());
+        self.segment(
+            move |h, emb, context| {
+                let h = r.forward(h, emb)?;
+                match &a {
+                    Some(a) => a.forward(&h, context),
+                    None => Ok(h),
+                }
+            },
+            h,
+            emb,
+            context,
+        )
     }
 
     /// ε̂(x, t, cond): `t` holds one timestep per sample (or one for all), integer
@@ -676,10 +740,7 @@ impl Unet {
         let mut skips = vec![h.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                h = r.forward(&h, &emb)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &context)?;
-                }
+                h = self.resnet_attention(r, blk.attentions.get(j), &h, &emb, &context)?;
                 skips.push(h.clone());
             }
             if let Some(d) = &blk.resample {
@@ -687,17 +748,18 @@ impl Unet {
                 skips.push(h.clone());
             }
         }
-        h = self.mid_resnets[0].forward(&h, &emb)?;
-        h = self.mid_attention.forward(&h, &context)?;
-        h = self.mid_resnets[1].forward(&h, &emb)?;
+        let (r0, a, r1) = (self.mid_resnets[0].clone(), self.mid_attention.clone(), self.mid_resnets[1].clone());
+        h = self.segment(
+            move |h, emb, context| r1.forward(&a.forward(&r0.forward(h, emb)?, context)?, emb),
+            &h,
+            &emb,
+            &context,
+        )?;
         let mid = h.clone();
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = skips.pop().ok_or_else(|| Error::msg("unet: skip connections out of step"))?;
-                h = r.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb)?;
-                if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &context)?;
-                }
+                h = self.resnet_attention(r, blk.attentions.get(j), &Tensor::cat(&[&h, &skip], 1)?, &emb, &context)?;
             }
             if let Some(u) = &blk.resample {
                 let (_, _, hh, ww) = h.dims4()?;

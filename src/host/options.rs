@@ -22,3 +22,11 @@ pub fn opt_num(opts: &Map, key: &str, default: f64) -> ScriptResult<f64> {
 pub fn opt_int(opts: &Map, key: &str, default: i64) -> ScriptResult<i64> {
     opts.get(key).map(|v| int(v, key)).transpose().map(|v| v.unwrap_or(default))
 }
+
+/// The boolean at `key`, or `default` when absent; anything but true/false is an error.
+pub fn opt_bool(opts: &Map, key: &str, default: bool) -> ScriptResult<bool> {
+    match opts.get(key) {
+        None => Ok(default),
+        Some(v) => v.as_bool().map_err(|_| script_err(format!("{key} must be true or false, got {v}"))),
+    }
+}

@@ -19,6 +19,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod conv;
 pub mod dispatch;
 pub mod gemm;

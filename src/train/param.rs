@@ -157,7 +157,7 @@ pub fn params_from(named: &[(String, Tensor)]) -> Result<(HashMap<String, Tensor
 /// depends on. Returns how many parameters received a gradient.
 pub fn backward(loss: &Tensor) -> Result<usize> {
     check_scalar(loss)?;
-    let grads = loss.backward()?;
+    let grads = crate::ops::checkpoint::backward(loss)?;
     // Upgrade under the lock, work after releasing it: dropping an upgraded Arc
     // may run Param::drop, which takes the lock again.
     let reached: Vec<(Arc<Param>, TensorId)> = {
@@ -176,7 +176,7 @@ pub fn backward(loss: &Tensor) -> Result<usize> {
 /// slots. `None` where the loss does not depend on a parameter.
 pub fn grads_of(loss: &Tensor, params: &[Arc<Param>]) -> Result<Vec<Option<Tensor>>> {
     check_scalar(loss)?;
-    let grads = loss.backward()?;
+    let grads = crate::ops::checkpoint::backward(loss)?;
     Ok(params.iter().map(|p| grads.get(p.tensor()).map(Tensor::detach)).collect())
 }
 

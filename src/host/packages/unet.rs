@@ -14,6 +14,7 @@ use crate::diffusion::unet::Unet;
 use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::options::{check_opts, opt_bool};
 use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::train::Model;
@@ -34,11 +35,18 @@ pub fn timesteps_arg(v: &Dynamic, device: &Device) -> ScriptResult<Tensor> {
 }
 
 fn load_unet(dir: &str, opts: &Map, rt: &RunState) -> ScriptResult<UnetHandle> {
+    check_opts(opts, &["dtype", "device", "variant", "checkpoint"], "load_unet")?;
     let (dtype, device) = args::placement(opts, rt.dtype, &rt.device)?;
     let variant = opts.get("variant").map(|v| v.to_string());
     let net =
         Unet::load(Path::new(dir), &LoadOptions::new(dtype, &device).with_variant(variant.as_deref())).script()?;
-    Ok(UnetHandle { net: Arc::new(net), params: None })
+    let checkpoint = opt_bool(opts, "checkpoint", false)?;
+    Ok(UnetHandle { net: Arc::new(net.with_checkpointing(checkpoint)), params: None })
+}
+
+/// The same handle (same weights, same parameters) with checkpointing on or off.
+fn with_checkpointing(u: &UnetHandle, on: bool) -> UnetHandle {
+    UnetHandle { net: Arc::new(u.net.with_checkpointing(on)), params: u.params.clone() }
 }
 
 fn forward(
@@ -60,7 +68,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "load_unet",
         ["dir", "opts"],
-        "Loads a UNet. Options: dtype (f32), device, variant (\"fp16\" prefers *.fp16.safetensors).",
+        "Loads a UNet. Options: dtype (f32), device, variant (\"fp16\" prefers *.fp16.safetensors), checkpoint (false: gradient checkpointing, see .checkpointing).",
         move |d: &str, o: Map| load_unet(d, &o, &r),
     );
     api.method("forward", ["unet", "x", "t", "cond"], "The network's prediction (ε for SD) for latents x, timesteps t (one per sample, or one for all) and a condition map.", |u: &mut UnetHandle, x: TensorHandle, t: Dynamic, c: Dynamic| -> ScriptResult<TensorHandle> {
@@ -84,6 +92,26 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "The same weights detached: no weight gradients, input gradients still flow; sees updates of the original.",
         |u: &mut UnetHandle| u.frozen_view().script(),
     );
+    api.method(
+        "trainable_copy",
+        ["unet", "opts"],
+        "A deep copy whose weights are trainable parameters. Options: checkpoint (the source's setting by default).",
+        |u: &mut UnetHandle, o: Map| -> ScriptResult<UnetHandle> {
+            check_opts(&o, &["checkpoint"], "trainable_copy")?;
+            let copy = u.trainable_copy().script()?;
+            Ok(with_checkpointing(&copy, opt_bool(&o, "checkpoint", u.net.checkpointing())?))
+        },
+    );
+    api.getter(
+        "checkpointing",
+        "Gradient checkpointing: each resnet + attention pair recomputes its forward in backward instead of keeping its activations (same gradients, about one more forward pass, far lower peak memory).",
+        |u: &mut UnetHandle| u.net.checkpointing(),
+    );
+    api.setter(
+        "checkpointing",
+        "Turns gradient checkpointing on or off for this handle (the weights stay shared).",
+        |u: &mut UnetHandle, on: bool| *u = with_checkpointing(u, on),
+    );
     api.getter("num_params", "Number of weights.", |u: &mut UnetHandle| u.net.num_params() as i64);
     api.getter("config", "The UNet's config as a map.", |u: &mut UnetHandle| -> ScriptResult<Dynamic> {
         rhai::serde::to_dynamic(&u.net.config).map_err(|e| script_err(e.to_string()))
@@ -102,13 +130,14 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.method("to_string", ["unet"], "A one-line description.", |u: &mut UnetHandle| {
         let c = &u.net.config;
         format!(
-            "Unet {} ch {:?}, {} params, {} {}{}",
+            "Unet {} ch {:?}, {} params, {} {}{}{}",
             if c.has_text_time() { "SDXL-type" } else { "SD-type" },
             c.block_out_channels,
             u.net.num_params(),
             args::dtype_name(u.net.dtype()),
             args::device_name(u.net.device()),
-            if u.params.is_some() { ", trainable" } else { "" }
+            if u.params.is_some() { ", trainable" } else { "" },
+            if u.net.checkpointing() { ", checkpointed" } else { "" }
         )
     });
     register_model::<Unet>(

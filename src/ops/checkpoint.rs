@@ -1,0 +1,195 @@
+//! Gradient checkpointing: a segment of a network (a UNet's resnet + attention pair)
+//! runs its forward off the graph, keeping only its inputs, and runs it again in
+//! backward to get its gradients. Peak memory then holds the segment inputs of the
+//! whole network plus one segment's activations, instead of every activation —
+//! candle keeps the whole forward graph alive until backward ends.
+//!
+//! The segment's input gradients flow through the graph as a custom op's. Its
+//! weight gradients cannot (a custom op has at most three operands), so the op's
+//! backward hands them to the [`backward`] that is running on this thread, which
+//! adds them to the gradients it returns. A plain `Tensor::backward` over a
+//! checkpointed segment is therefore an error, never silently missing gradients.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use sidscript::ops::checkpoint::{backward, checkpoint, Segment};
+//! use std::sync::Arc;
+//! let w = Var::new(&[2.0f64, 3.0], &Device::Cpu)?;
+//! let x = Var::new(&[1.0f64, 1.0], &Device::Cpu)?;
+//! let wt = w.as_tensor().clone();
+//! let seg: Segment = Arc::new(move |x: &Tensor, _: &Tensor, _: &Tensor| Ok((x * &wt)?.sqr()?));
+//! let none = Tensor::zeros(1, candle_core::DType::F64, &Device::Cpu)?;
+//! let y = checkpoint(seg, x.as_tensor(), &none, &none)?.sum_all()?; // Σ (w·x)²
+//! let grads = backward(&y)?;
+//! assert_eq!(grads.get(&w).unwrap().to_vec1::<f64>()?, vec![4.0, 6.0]); // 2·w·x²
+//! assert_eq!(grads.get(&x).unwrap().to_vec1::<f64>()?, vec![8.0, 18.0]); // 2·w²·x
+//! # Ok::<(), sidscript::Error>(())
+//! ```
+
+use super::contiguous;
+use crate::error::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, Layout, Shape, Tensor, Var};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
+
+/// A checkpointed segment: three inputs (pass an untracked placeholder for unused
+/// ones) to one output. It must be deterministic — it runs twice.
+pub type Segment = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+thread_local! {
+    /// Weight gradients of checkpointed segments, one store per [`backward`] running
+    /// on this thread (candle's backward runs the ops' `bwd` on the calling thread).
+    static PENDING: RefCell<Vec<GradStore>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `loss.backward()` that also collects the weight gradients of checkpointed
+/// segments. Every backward in sidscript goes through it.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    PENDING.with(|p| p.borrow_mut().push(GradStore::default()));
+    let grads = loss.backward();
+    let pending = PENDING.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+    let mut grads = grads?;
+    grads.extend(pending)?;
+    Ok(grads)
+}
+
+/// `segment(a, b, c)` with its activations recomputed in backward instead of kept.
+/// Where nothing needs a gradient (no input or weight is tracked) it is the plain
+/// call.
+pub fn checkpoint(segment: Segment, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let y = segment(&a.detach(), &b.detach(), &c.detach())?;
+    let inputs_tracked = a.track_op() || b.track_op() || c.track_op();
+    if !inputs_tracked && !y.track_op() {
+        return Ok(y);
+    }
+    // The graph built above (to the weights) is dropped here with its activations.
+    let mut y = y.detach();
+    if y.device().is_cuda() {
+        y = y.force_contiguous()?.detach(); // an exact-size buffer for the hand-over
+    }
+    // The op joins the graph only through a tracked operand: with untracked inputs
+    // (and tracked weights), a tracked copy of `a` stands in.
+    let anchor;
+    let a = if inputs_tracked {
+        a
+    } else {
+        anchor = Var::from_tensor(&a.detach())?.into_inner();
+        &anchor
+    };
+    let op = Checkpointed { segment, y: Mutex::new(Some(y)) };
+    Ok(a.apply_op3(b, c, op)?)
+}
+
+struct Checkpointed {
+    segment: Segment,
+    /// The forward result, handed over to (and taken by) the op's forward.
+    y: Mutex<Option<Tensor>>,
+}
+
+impl Checkpointed {
+    fn take(&self) -> candle_core::Result<Tensor> {
+        let y = self.y.lock().map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?.take();
+        y.ok_or_else(|| candle_core::Error::Msg("checkpoint: the segment's forward ran twice".into()))
+    }
+}
+
+/// A crate error as a candle error (a custom op's methods return candle's).
+fn to_candle(e: crate::Error) -> candle_core::Error {
+    match e {
+        crate::Error::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}
+
+/// A leaf to recompute from: a fresh variable when `t` needs a gradient.
+fn leaf(t: &Tensor) -> candle_core::Result<(Tensor, Option<Var>)> {
+    if t.track_op() {
+        let v = Var::from_tensor(&t.detach())?;
+        Ok((v.as_tensor().clone(), Some(v)))
+    } else {
+        Ok((t.clone(), None))
+    }
+}
+
+fn cpu_copy(y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (s, l) = y.storage_and_layout();
+    let l: &Layout = l;
+    let storage = match &*s {
+        candle_core::Storage::Cpu(c) => match c {
+            CpuStorage::F32(v) => CpuStorage::F32(contiguous(v, l)?.to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(contiguous(v, l)?.to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(contiguous(v, l)?.to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(contiguous(v, l)?.to_vec()),
+            _ => candle_core::bail!("checkpoint: segment output of dtype {:?}", y.dtype()),
+        },
+        _ => candle_core::bail!("checkpoint: segment output on another device"),
+    };
+    Ok((storage, l.shape().clone()))
+}
+
+impl candle_core::CustomOp3 for Checkpointed {
+    fn name(&self) -> &'static str {
+        "checkpointed-segment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cpu_copy(&self.take()?.contiguous()?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_copy(Some(&self.take()?))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((ta, va), (tb, vb), (tc, vc)) = (leaf(a)?, leaf(b)?, leaf(c)?);
+        let y = (self.segment)(&ta, &tb, &tc).map_err(to_candle)?;
+        // d/dθ Σ y·g is the vector-Jacobian product the graph asks for.
+        let seed = if grad.dtype() == y.dtype() { grad.detach() } else { grad.to_dtype(y.dtype())?.detach() };
+        let mut store = (y * &seed)?.sum_all()?.backward()?;
+        // candle's backward also "differentiates" the untracked seed, as y·1: that
+        // entry holds y and with it the whole recomputed graph. Drop it, and cut
+        // every kept gradient from any graph, so that nothing outlives this call.
+        store.remove(&seed);
+        let mut take = |v: Option<Var>| v.and_then(|v| store.remove(v.as_tensor()));
+        let grads = (take(va), take(vb), take(vc));
+        let ids: Vec<_> = store.get_ids().copied().collect();
+        for id in ids {
+            if let Some(g) = store.get_id(id).filter(|g| g.track_op()).map(Tensor::detach) {
+                store.insert_id(id, g);
+            }
+        }
+        PENDING.with(|p| match p.borrow_mut().last_mut() {
+            Some(pending) => pending.extend(store),
+            None => candle_core::bail!(
+                "checkpointed network: run backward through sidscript's backward \
+                 (ops::checkpoint::backward), or its weight gradients would be lost"
+            ),
+        })?;
+        Ok(grads)
+    }
+}
