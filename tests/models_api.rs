@@ -251,3 +251,37 @@ fn gradient_checkpointing_is_an_option_of_loading_and_copying() {
     let err = host.eval(&format!(r#"load_unet("{dir}", #{{ checkpionts: true }})"#)).unwrap_err().to_string();
     assert!(err.contains("unknown option 'checkpionts'"), "{err}");
 }
+
+#[test]
+fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
+    // f16 stands in for bf16 here: candle has no bf16 matmul on the CPU.
+    let host = host();
+    let dir = fx("tiny-sd15");
+    let r = eval(
+        &host,
+        &format!(
+            r#"let teacher = load_unet("{dir}");
+               let gen = teacher.trainable_copy(#{{ dtype: "f32", compute: "f16" }});
+               let half_teacher = teacher.to_dtype("f16");
+               let c = load_text_conditioner("{dir}").encode(["a red circle"]);
+               let x = randn([1, 4, 8, 8], 5);
+               let full = teacher.forward(x, 500, c);
+               let mixed = gen.forward(x, 500, c);
+               let w = gen.params["conv_in.weight"];
+               mixed.square().mean().backward();
+               [gen.compute_dtype, w.dtype, w.grad.dtype, mixed.dtype, half_teacher.compute_dtype,
+                half_teacher.forward(x, 500, c).dtype, (mixed - full).abs().max().item() / full.abs().max().item(),
+                precision()]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    let s = |i: usize| r[i].clone().into_string().unwrap();
+    assert_eq!(s(0), "f16", "the copy computes in f16");
+    assert_eq!((s(1), s(2)), ("f32".into(), "f32".into()), "f32 master weights with f32 gradients");
+    assert_eq!(s(3), "f32", "outputs come back in the input's dtype");
+    assert_eq!((s(4), s(5)), ("f16".into(), "f32".into()));
+    let rel = r[6].as_float().unwrap();
+    assert!(rel > 0.0 && rel < 1e-2, "f16 compute is f32's within rounding: {rel:e}");
+    assert_eq!(s(7), "f32", "the default precision mode");
+}

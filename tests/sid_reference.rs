@@ -103,3 +103,87 @@ fn losses_chain_and_gradients_match_the_pytorch_reference(dev: &Device) -> commo
     }
     Ok(())
 }
+
+test_device!(
+    mixed_precision_bf16_follows_the_pytorch_reference,
+    mixed_precision_bf16_follows_the_pytorch_reference_cpu,
+    mixed_precision_bf16_follows_the_pytorch_reference_cuda
+);
+
+/// Cosine similarity of two tensors, flattened.
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let dot = (a * b).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    dot / (norm(a) * norm(b)).max(1e-300)
+}
+
+/// The same reference in bf16 mixed precision, as SD/SDXL runs use it: the frozen
+/// teacher stored in bf16, the generator and fake net with f32 master weights
+/// computing in bf16, the inputs, losses and gradients in f32. candle 0.11.1 has
+/// no bf16 matmul on the CPU, so there the same path runs in f16.
+///
+/// Rounding errors grow in proportion to the dtype's unit roundoff u (2⁻¹¹ for
+/// f16, 2⁻⁸ for bf16), so the tolerances are multiples of u, each about 2–3× what
+/// f16 measured on the CPU (printed: x_g 1.6e-3 ≈ 3u, losses 1.9e-2 ≈ 40u,
+/// 1 − cosine of the gradients 5.5e-4 ≈ 1.1u). The generator loss is the most
+/// sensitive figure: it multiplies y_real − y_fake, a difference of predictions
+/// that agree to ~95% here, which amplifies relative errors about twentyfold. The
+/// gradient must point the reference's way (cosine), which is what a step needs.
+fn mixed_precision_bf16_follows_the_pytorch_reference(dev: &Device) -> common::TestResult {
+    let half = if dev.is_cpu() { DType::F16 } else { DType::BF16 };
+    let want: HashMap<String, Tensor> =
+        sidscript::io::safetensors::load(&common::fixture("sid-reference.safetensors"), dev, None)?
+            .into_iter()
+            .collect();
+    // Inputs in f32, the reference's outputs kept in f64.
+    let r: HashMap<String, Tensor> = want.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap())).collect();
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let teacher64 = Unet::load(&common::fixture("tiny-sd15"), &LoadOptions::new(DType::F64, dev))?;
+    let named = |u: &Unet| u.named_weights().iter().cloned().collect::<HashMap<_, _>>();
+    let teacher = Unet::load(&common::fixture("tiny-sd15"), &LoadOptions::new(half, dev))?;
+    let fake = teacher64.with_weights(perturbed(&teacher64, 0.0))?.to_dtype(DType::F32)?;
+    let fake = fake.with_compute_dtype(Some(half));
+    let gen_base = teacher64.with_weights(perturbed(&teacher64, 1.0))?.to_dtype(DType::F32)?;
+    let (gen, params) = trainable_copy(&gen_base.with_compute_dtype(Some(half)))?;
+    assert_eq!(gen.compute_dtype(), half, "trainable copies keep the compute dtype");
+    assert_eq!(named(&gen).values().next().unwrap().dtype(), DType::F32, "f32 master weights");
+    let frozen_gen = gen.frozen_view()?;
+    let by_name: HashMap<String, _> = params.iter().map(|p| (p.name(), p.clone())).collect();
+    let sch = VpSchedule::new(&ScheduleConfig::default())?;
+    let cond = Condition { context: r["c"].clone(), pooled: None, time_ids: None };
+    let null = Condition { context: r["null"].clone(), pooled: None, time_ids: None };
+    let noises: Vec<Tensor> = (0..3).map(|i| r[&format!("noise{i}")].clone()).collect();
+    let ts = step_timesteps(625, 4)?;
+    let (mut worst_x, mut worst_loss, mut worst_cos) = (0f64, 0f64, 1f64);
+    for kappa in [1.0, 1.5] {
+        let tag = format!("k{kappa:?}_a1.0");
+        params.iter().for_each(|p| p.zero_grad());
+        let chain = Chain { timesteps: &ts, k: 3, renoise: Renoise::Fresh };
+        let x_g = generate(&gen, &frozen_gen, &sch, &r["z"], &cond, &chain, &noises)?.x;
+        assert_eq!(x_g.dtype(), DType::F32, "outputs come back in the inputs' dtype");
+        worst_x = worst_x.max(max_rel(&f64_of(&x_g), &want[&format!("{tag}.x_g")]));
+        let conds = Conditions { cond: &cond, null: &null };
+        let guidance = Guidance::lsg(kappa);
+        let draw = Draw { t: &r["t_f"], noise: &r["n_f"] };
+        let f = fake_score_loss(&fake, &sch, &x_g, draw, conds, &FakeScoreLossOptions { guidance, divisor: 2.0 })?;
+        let reference = want[&format!("{tag}.loss_fake")].to_vec1::<f64>()?[0];
+        worst_loss = worst_loss.max(rel(f.loss.to_scalar::<f32>()? as f64, reference));
+        let draw = Draw { t: &r["t_g"], noise: &r["n_g"] };
+        let opts = GeneratorLossOptions { guidance, alpha: 1.0, weighting: Weighting::SidLegacy, divisor: 2.0 };
+        let g = generator_loss(&teacher, &fake, &sch, &x_g, draw, conds, &opts)?;
+        let reference = want[&format!("{tag}.loss_gen")].to_vec1::<f64>()?[0];
+        worst_loss = worst_loss.max(rel(g.loss.to_scalar::<f32>()? as f64, reference));
+        backward(&g.loss)?;
+        for key in want.keys().filter(|k| k.starts_with(&format!("{tag}.grad."))) {
+            let got = by_name[key.strip_prefix(&format!("{tag}.grad.")).unwrap()].grad().unwrap();
+            assert_eq!(got.dtype(), DType::F32, "master weights get f32 gradients");
+            worst_cos = worst_cos.min(cosine(&f64_of(&got), &want[key]));
+        }
+    }
+    println!("{half:?} against the f64 reference: x_g {worst_x:.2e}, losses {worst_loss:.2e}, gradient cosine {worst_cos:.5}");
+    let u = if half == DType::F16 { 2f64.powi(-11) } else { 2f64.powi(-8) };
+    assert!(worst_x < 8.0 * u, "x_g off by {worst_x} (relative to its largest entry; u = {u:e})");
+    assert!(worst_loss < 80.0 * u, "a loss off by {worst_loss} (u = {u:e})");
+    assert!(1.0 - worst_cos < 4.0 * u, "a gradient's cosine with the reference is {worst_cos} (u = {u:e})");
+    Ok(())
+}

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// cpu, or cuda:N with a build that has the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Numeric precision: f32 (IEEE), tf32 (TF32 convolutions on CUDA, as PyTorch's
+    /// defaults) or bf16 (bf16 compute, f32 master weights); scripts read it as `precision()`.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "tf32", "bf16"])]
+    pub precision: String,
     /// A checkpoint folder to continue from; the script sees it as `cfg.resume`.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
@@ -116,7 +120,12 @@ impl RunArgs {
             config.insert("resume".into(), r.display().to_string().into());
         }
         let device = args::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
-        Ok(HostOptions { seed: self.seed, device, config })
+        let precision = self.precision.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
+        if precision == crate::ops::precision::Precision::Bf16 && device.is_cpu() {
+            // candle 0.11.1 has no bf16 matmul on the CPU.
+            anyhow::bail!("--precision bf16 needs a CUDA device (--device cuda:0): the CPU has no bf16 matmul");
+        }
+        Ok(HostOptions { seed: self.seed, device, config, precision })
     }
 }
 

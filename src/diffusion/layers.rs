@@ -8,6 +8,14 @@ use crate::error::Result;
 use crate::ops::{self, attention as attn, norm_affine, silu, softmax_last_dim, upcast};
 use candle_core::{DType, Tensor, D};
 
+/// A weight in the dtype of the activations `x` it meets: mixed precision keeps
+/// f32 master weights and computes in bf16, casting each weight where it is used
+/// (as autocast does). The cast is an op of the graph, so the master weight
+/// receives its gradient in f32.
+fn in_dtype_of(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Ok(if w.dtype() == x.dtype() { w.clone() } else { w.to_dtype(x.dtype())? })
+}
+
 /// y = x Wᵀ + b over the last dim.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -31,7 +39,8 @@ impl Linear {
         let dims = x.dims();
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k.max(1);
-        let y = ops::linear(&x.reshape((rows, k))?, &self.weight, self.bias.as_ref())?;
+        let (w, b) = (in_dtype_of(&self.weight, x)?, self.bias.as_ref().map(|b| in_dtype_of(b, x)).transpose()?);
+        let y = ops::linear(&x.reshape((rows, k))?, &w, b.as_ref())?;
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = self.weight.dim(0)?;
@@ -61,7 +70,8 @@ impl Conv2d {
 
     /// conv2d(x) + bias.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
+        let (w, b) = (in_dtype_of(&self.weight, x)?, self.bias.as_ref().map(|b| in_dtype_of(b, x)).transpose()?);
+        ops::conv2d(x, &w, b.as_ref(), self.padding, self.stride)
     }
 }
 

@@ -106,15 +106,25 @@ pub trait Component: Sized {
             .map_err(|e| Error::file(&dir, None, e))
     }
 
-    /// The same network over other tensors with the same names.
+    /// The same network over other tensors with the same names (in their dtype).
     fn with_weights(&self, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        let (dtype, device) = match self.named_weights().first() {
-            Some((_, t)) => (t.dtype(), t.device().clone()),
+        let (dtype, device) = match tensors.values().next().or(self.named_weights().first().map(|(_, t)| t)) {
+            Some(t) => (t.dtype(), t.device().clone()),
             None => (DType::F32, Device::Cpu),
         };
         let mut m = Self::build(self.config(), Weights::from_tensors(tensors, dtype, &device))?;
         m.keep_settings(self);
         Ok(m)
+    }
+
+    /// The same network with its weights converted to `dtype` (new tensors, cut
+    /// from the graph): f32 master weights from a bf16 or f16 checkpoint.
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut tensors = HashMap::with_capacity(self.named_weights().len());
+        for (n, t) in self.named_weights() {
+            tensors.insert(n.clone(), t.detach().to_dtype(dtype)?);
+        }
+        self.with_weights(tensors)
     }
 
     /// The same weights cut from the graph: shares their storage (so it sees every

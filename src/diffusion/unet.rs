@@ -501,6 +501,8 @@ pub struct Unet {
     /// Gradient checkpointing: each resnet + attention pair (and the mid block)
     /// recomputes its forward in backward instead of keeping its activations.
     checkpoint: bool,
+    /// The dtype it computes in when not its weights' (mixed precision).
+    compute: Option<DType>,
 }
 
 impl Component for Unet {
@@ -619,11 +621,13 @@ impl Component for Unet {
             conv_out: Conv2d::new(&w.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
             named: vec![],
             checkpoint: false,
+            compute: None,
         })
     }
 
     fn keep_settings(&mut self, from: &Self) {
         self.checkpoint = from.checkpoint;
+        self.compute = from.compute;
     }
 }
 
@@ -636,6 +640,26 @@ impl Unet {
     /// The weights' device.
     pub fn device(&self) -> &Device {
         self.conv_in.weight.device()
+    }
+
+    /// The dtype activations are computed in: the weights' unless mixed precision
+    /// set another (see [`with_compute_dtype`](Self::with_compute_dtype)).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute.unwrap_or_else(|| self.dtype())
+    }
+
+    /// The compute dtype mixed precision set, if any.
+    pub fn compute_dtype_setting(&self) -> Option<DType> {
+        self.compute
+    }
+
+    /// The same network computing in `dtype` (None: its weights' dtype). With f32
+    /// weights and bf16 this is mixed precision as in PyTorch's autocast: each
+    /// weight is cast where it is used, convolutions, matmuls and attention run in
+    /// bf16, norms in f32, and the f32 weights get f32 gradients; the output comes
+    /// back in the input's dtype, so that losses are computed in f32.
+    pub fn with_compute_dtype(&self, dtype: Option<DType>) -> Self {
+        Self { compute: dtype.filter(|&d| d != self.dtype()), ..self.clone() }
     }
 
     /// Whether gradient checkpointing is on (see [`with_checkpointing`](Self::with_checkpointing)).
@@ -719,7 +743,7 @@ impl Unet {
             1 if t.dim(0)? == 1 => t.broadcast_as(b)?.contiguous()?,
             _ => crate::bail!("unet: timesteps must hold one value or one per sample ({b}), got shape {:?}", t.dims()),
         };
-        let dtype = self.dtype();
+        let dtype = self.compute_dtype();
         let ch0 = self.config.block_out_channels[0];
         let t_emb =
             timestep_embedding(&t, ch0, self.config.flip_sin_to_cos, self.config.freq_shift)?.to_dtype(dtype)?;
@@ -767,6 +791,6 @@ impl Unet {
             }
         }
         let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
-        Ok(UnetOutput { sample: out, mid })
+        Ok(UnetOutput { sample: out.to_dtype(x.dtype())?, mid: mid.to_dtype(x.dtype())? })
     }
 }

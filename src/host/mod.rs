@@ -38,11 +38,13 @@ pub struct HostOptions {
     pub device: Device,
     /// The run's configuration, visible as `cfg` and `config()`.
     pub config: Map,
+    /// The run's precision mode (process-wide; scripts read it as `precision()`).
+    pub precision: crate::ops::precision::Precision,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        Self { seed: 0, device: Device::Cpu, config: Map::new() }
+        Self { seed: 0, device: Device::Cpu, config: Map::new(), precision: Default::default() }
     }
 }
 
@@ -60,6 +62,7 @@ impl Host {
     pub fn new(opts: HostOptions) -> crate::Result<Self> {
         let run_state = Arc::new(RunState::new(opts.seed, opts.device));
         run_state.set_config(opts.config);
+        crate::ops::precision::set_precision(opts.precision);
         let mut engine = Engine::new();
         // Deep models nest calls; the defaults are made for untrusted snippets.
         engine.set_max_call_levels(256);

@@ -25,6 +25,7 @@ pub mod dispatch;
 pub mod gemm;
 pub mod linear;
 pub mod norm;
+pub mod precision;
 pub mod reduce;
 mod selective;
 pub mod simd;

@@ -52,7 +52,10 @@ impl SelectiveBackward {
         };
         let (gx, gw) = match self.kind {
             Kind::Linear => linear::grads(x, w, g)?,
-            Kind::Conv { padding, stride } => conv::grads(x, w, g, padding, stride)?,
+            Kind::Conv { padding, stride } => {
+                let _tf32 = super::precision::tf32_convolutions();
+                conv::grads(x, w, g, padding, stride)?
+            }
         };
         Ok((gx, gw, gb))
     }
@@ -128,11 +131,15 @@ pub(super) fn apply(
     let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
     let y = if has_cpu_kernel(x) && w.dtype() == x.dtype() {
         None
-    } else if tracked && x.device().is_cuda() {
-        Some(composed(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?.contiguous()?)
     } else {
-        // candle's ops and candle's backward.
-        return composed(x, w, b);
+        // TF32 applies to convolutions only (in the tf32 mode, on CUDA).
+        let _tf32 = matches!(kind, Kind::Conv { .. }).then(super::precision::tf32_convolutions);
+        if tracked && x.device().is_cuda() {
+            Some(composed(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?.contiguous()?)
+        } else {
+            // candle's ops and candle's backward.
+            return composed(x, w, b);
+        }
     };
     let op = SelectiveBackward { y, kind };
     Ok(match b {

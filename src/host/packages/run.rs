@@ -26,6 +26,12 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     let r = rt.clone();
     api.func("default_device", [], "The run's device (--device): cpu or cuda:N.", move || args::device_name(&r.device));
     api.func(
+        "precision",
+        [],
+        "The run's precision mode (--precision): \"f32\" (IEEE), \"tf32\" (TF32 convolutions on CUDA, PyTorch's defaults) or \"bf16\" (bf16 compute with f32 master weights: load the teacher in bf16, make trainable copies with #{ dtype: \"f32\", compute: \"bf16\" }).",
+        || crate::ops::precision::precision().to_string(),
+    );
+    api.func(
         "progress_bar",
         ["total", "label"],
         "A progress bar on stderr with `total` steps (hidden when stderr is not a terminal).",

@@ -95,11 +95,42 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.method(
         "trainable_copy",
         ["unet", "opts"],
-        "A deep copy whose weights are trainable parameters. Options: checkpoint (the source's setting by default).",
+        "A deep copy whose weights are trainable parameters. Options: dtype of the parameters (the source's by default; \"f32\" for master weights), compute (the dtype it computes in: \"bf16\" for mixed precision; the source's setting by default), checkpoint (the source's setting by default).",
         |u: &mut UnetHandle, o: Map| -> ScriptResult<UnetHandle> {
-            check_opts(&o, &["checkpoint"], "trainable_copy")?;
-            let copy = u.trainable_copy().script()?;
-            Ok(with_checkpointing(&copy, opt_bool(&o, "checkpoint", u.net.checkpointing())?))
+            check_opts(&o, &["dtype", "compute", "checkpoint"], "trainable_copy")?;
+            let source = match o.get("dtype") {
+                Some(d) => UnetHandle::frozen(u.net.to_dtype(args::parse_dtype(&d.to_string())?).script()?),
+                None => u.clone(),
+            };
+            let copy = source.trainable_copy().script()?;
+            let compute = match o.get("compute") {
+                Some(d) => Some(args::parse_dtype(&d.to_string())?),
+                None => u.net.compute_dtype_setting(),
+            };
+            let net = copy.net.with_checkpointing(opt_bool(&o, "checkpoint", u.net.checkpointing())?);
+            Ok(UnetHandle { net: Arc::new(net.with_compute_dtype(compute)), params: copy.params })
+        },
+    );
+    api.method(
+        "to_dtype",
+        ["unet", "dtype"],
+        "A frozen copy with its weights converted (\"bf16\" for a teacher in mixed precision); settings are kept.",
+        |u: &mut UnetHandle, d: &str| -> ScriptResult<UnetHandle> {
+            Ok(UnetHandle::frozen(u.net.to_dtype(args::parse_dtype(d)?).script()?))
+        },
+    );
+    api.getter(
+        "compute_dtype",
+        "The dtype it computes in: its weights' unless mixed precision set another.",
+        |u: &mut UnetHandle| args::dtype_name(u.net.compute_dtype()),
+    );
+    api.setter(
+        "compute_dtype",
+        "Computes in this dtype (weights are cast where used; outputs come back in the input's dtype) for this handle.",
+        |u: &mut UnetHandle, d: &str| -> ScriptResult<()> {
+            let net = u.net.with_compute_dtype(Some(args::parse_dtype(d)?));
+            *u = UnetHandle { net: Arc::new(net), params: u.params.clone() };
+            Ok(())
         },
     );
     api.getter(
