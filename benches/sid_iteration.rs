@@ -1,18 +1,29 @@
 //! One full SiD iteration — fake-score step then generator step, κ = 1.5 on both
 //! networks, k = 2 of K = 4 generator steps, Adam(β1 = 0) — on a tiny config and on
 //! SD1.5's topology at a quarter width, side by side with the same iteration in
-//! PyTorch + diffusers (tools/bench_torch.py) in the same run.
+//! PyTorch + diffusers (tools/bench_torch.py) in the same run, in the same
+//! precision mode, with the peak memory of one iteration on each side.
 //!
 //!     SIDSCRIPT_TORCH_PYTHON=/path/to/venv/bin/python cargo bench --bench sid_iteration
 //!
 //! SIDSCRIPT_BENCH_DEVICE=cuda:0 (a build with the cuda feature) times both on the GPU;
-//! `sd15-full` (named alone) runs SD1.5's full UNet at 64×64 latents there.
+//! `sd15-full` and `sdxl-full` (named alone) run SD1.5's full UNet at 64×64 latents
+//! and SDXL's at 128×128 there. SIDSCRIPT_BENCH_PRECISION=f32|tf32|bf16 (default
+//! f32) picks the mode on both sides (ops::precision; PyTorch: TF32 flags off, its
+//! defaults, bf16 autocast with f32 masters and a bf16 teacher);
+//! SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets
+//! on both sides. Peak memory: the CUDA pool's high-water mark against
+//! `torch.cuda.max_memory_allocated`; on the CPU this binary's allocator against
+//! the process's peak RSS growth in PyTorch (not the same measure: read it as a
+//! bound).
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use peak_alloc::PeakAlloc;
 use sidscript::diffusion::condition::Condition;
 use sidscript::diffusion::model::Component;
 use sidscript::diffusion::schedule::{ScheduleConfig, VpSchedule};
 use sidscript::diffusion::unet::UnetConfig;
+use sidscript::ops::precision::{set_precision, Precision};
 use sidscript::rng::Generator;
 use sidscript::sid::generate::{generate, step_timesteps, Chain, Renoise};
 use sidscript::sid::loss::{
@@ -21,16 +32,55 @@ use sidscript::sid::loss::{
 use sidscript::train::param::{backward, trainable_copy};
 use sidscript::train::{Method, Optimizer, ParamGroup};
 
+#[global_allocator]
+static ALLOCATOR: PeakAlloc = PeakAlloc;
+
 #[path = "unet.rs"]
 #[allow(dead_code)]
 mod unet_bench;
 
+/// The mode and checkpointing from the environment.
+fn settings() -> (Precision, bool) {
+    let p = std::env::var("SIDSCRIPT_BENCH_PRECISION").unwrap_or_else(|_| "f32".into());
+    let p: Precision = p.parse().unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_PRECISION: {e}"));
+    let ckpt = std::env::var("SIDSCRIPT_BENCH_CHECKPOINT").is_ok_and(|v| v == "1" || v == "true");
+    (p, ckpt)
+}
+
+/// The condition of `batch` prompts: random text states, and for SDXL-type nets
+/// a pooled embedding and the size ids of a square image of `size`×8 pixels.
+fn condition(
+    cfg: &UnetConfig,
+    rng: &mut Generator,
+    batch: usize,
+    tokens: usize,
+    size: usize,
+    dev: &Device,
+) -> Condition {
+    let context = rng.randn((batch, tokens, cfg.cross_attention_dim), DType::F32, dev).unwrap();
+    if !cfg.has_text_time() {
+        return Condition::new(context);
+    }
+    let pooled = cfg.projection_class_embeddings_input_dim.unwrap() - 6 * cfg.addition_time_embed_dim.unwrap();
+    let px = (size * 8) as f32;
+    let ids = Tensor::new(&[px, px, 0.0, 0.0, px, px], dev).unwrap().unsqueeze(0).unwrap().repeat((batch, 1)).unwrap();
+    Condition { context, pooled: Some(rng.randn((batch, pooled), DType::F32, dev).unwrap()), time_ids: Some(ids) }
+}
+
 fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, reps: usize) {
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
     let dev = bench_device();
-    let teacher = unet_bench::random_unet(&cfg, &dev);
+    let (precision, ckpt) = settings();
+    set_precision(precision);
+    // bf16: f32 masters computing in bf16, the frozen teacher stored in bf16.
+    let compute = (precision == Precision::Bf16).then_some(DType::BF16);
+    let teacher = unet_bench::random_unet(&cfg, &dev).with_checkpointing(ckpt).with_compute_dtype(compute);
     let (gen, gparams) = trainable_copy(&teacher).unwrap();
     let (fake, fparams) = trainable_copy(&teacher).unwrap();
+    let teacher = match compute {
+        Some(dt) => teacher.to_dtype(dt).unwrap(),
+        None => teacher,
+    };
     let (gen_frozen, fake_frozen) = (gen.frozen_view().unwrap(), fake.frozen_view().unwrap());
     let adam = Method::Adam { beta1: 0.0, beta2: 0.999, eps: 1e-8, decoupled: false };
     let mut opt_g =
@@ -39,11 +89,8 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         Optimizer::new(adam, vec![ParamGroup { params: fparams.clone(), lr: 1e-6, weight_decay: 0.0 }]).unwrap();
     let sch = VpSchedule::new(&ScheduleConfig::default()).unwrap();
     let mut rng = Generator::new(0);
-    let d = cfg.cross_attention_dim;
-    let cond =
-        Condition { context: rng.randn((batch, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
-    let null =
-        Condition { context: rng.randn((1, tokens, d), DType::F32, &dev).unwrap(), pooled: None, time_ids: None };
+    let cond = condition(&cfg, &mut rng, batch, tokens, size, &dev);
+    let null = condition(&cfg, &mut rng, 1, tokens, size, &dev);
     let ts = step_timesteps(625, 4).unwrap();
     let chain = Chain { timesteps: &ts, k: 2, renoise: Renoise::Fresh };
     let conds = Conditions { cond: &cond, null: &null };
@@ -52,7 +99,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let gen_opts =
         GeneratorLossOptions { guidance, alpha: 1.0, weighting: Weighting::SidLegacy, divisor: batch as f64 };
     let shape = (batch, cfg.in_channels, size, size);
-    let iteration = || {
+    let mut iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
         let t_of = |rng: &mut Generator| {
             sidscript::diffusion::schedule::timesteps_tensor(
@@ -80,13 +127,31 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         opt_g.step().unwrap();
         dev.synchronize().unwrap();
     };
-    let best = unet_bench::best(reps, iteration);
+    let best = unet_bench::best(reps, &mut iteration);
+    // Peak memory of one more iteration, from what is allocated between iterations.
+    sidscript::memory::reset_peak(&dev).unwrap();
+    let before = ALLOCATOR.current_usage();
+    ALLOCATOR.reset_peak_usage();
+    iteration();
+    let peak = match sidscript::memory::peak_bytes(&dev).unwrap() {
+        Some(b) => b as f64,
+        None => (ALLOCATOR.peak_usage() - before) as f64, // above the weights and states
+    };
     println!(
-        "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}",
+        "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}, precision {precision}{}",
         teacher.num_params(),
-        sidscript::host::args::device_name(&dev)
+        sidscript::host::args::device_name(&dev),
+        if ckpt { ", checkpointing" } else { "" }
     );
-    println!("  sidscript  one iteration {:8.1} ms", best * 1e3);
+    let line = |who: &str, s: f64, peak: f64| {
+        println!(
+            "  {who:<10} one iteration {:9.1} ms  {:7.2} images/s  peak {:6.2} GB",
+            s * 1e3,
+            batch as f64 / s,
+            peak / 1e9
+        )
+    };
+    line("sidscript", best, peak);
     if let Some(v) = unet_bench::torch(&[
         "sid".into(),
         cfg_json.into(),
@@ -96,8 +161,12 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         tokens.to_string(),
     ]) {
         let ts = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
-        println!("  pytorch    one iteration {:8.1} ms", ts * 1e3);
-        println!("  ratio sidscript/pytorch: {:.2}×", best / ts);
+        let tp = v["peak_bytes"].as_f64().unwrap_or(f64::NAN);
+        if let Some(flags) = v["flags"].as_str() {
+            println!("  pytorch flags: {flags}");
+        }
+        line("pytorch", ts, tp);
+        println!("  ratio sidscript/pytorch: time {:.2}×, peak memory {:.2}×", best / ts, peak / tp);
     }
 }
 
@@ -128,8 +197,12 @@ fn benches() {
     if want("sd15") {
         bench("SD1.5 topology at 1/4 width", unet_bench::SD15_QUARTER, 1, 32, 77, 2);
     }
-    // Full SD1.5 at 64×64 latents: only when named (a GPU's worth of memory).
+    // Full SD1.5 at 64×64 latents and SDXL at 128×128: only when named (a GPU's
+    // worth of memory).
     if unet_bench::named().as_deref() == Some("sd15-full") {
         bench("SD1.5", unet_bench::SD15, 1, 64, 77, 3);
+    }
+    if unet_bench::named().as_deref() == Some("sdxl-full") {
+        bench("SDXL", unet_bench::SDXL, 1, 128, 77, 2);
     }
 }

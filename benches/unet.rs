@@ -112,6 +112,15 @@ pub const SD15: &str = r#"{"sample_size": 64, "in_channels": 4, "out_channels": 
  "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768, "attention_head_dim": 8,
  "norm_num_groups": 32}"#;
 
+/// SDXL's UNet (2,567.5 M parameters, as ../shared/fixtures/diffusers_manifests.json
+/// gives its config), for GPU runs at 128×128 latents.
+pub const SDXL: &str = r#"{"sample_size": 128, "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": true, "freq_shift": 0,
+ "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+ "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "block_out_channels": [320, 640, 1280],
+ "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+ "cross_attention_dim": 2048, "use_linear_projection": true, "addition_embed_type": "text_time",
+ "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32}"#;
+
 #[path = "common.rs"]
 mod common;
 pub use common::{best, named, run_benches, wanted};

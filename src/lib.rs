@@ -13,6 +13,7 @@ pub mod diffusion;
 pub mod error;
 pub mod host;
 pub mod io;
+pub mod memory;
 pub mod metrics;
 pub mod ops;
 pub mod rng;

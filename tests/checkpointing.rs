@@ -1,7 +1,8 @@
 //! Gradient checkpointing of the UNet in f64: the same outputs and the same
 //! gradients (weights, latent input, text condition, pooled text) with it as
-//! without it, for SD1.5- and SDXL-type nets, trainable and as frozen views; and a
-//! plain candle backward over a checkpointed net is an error, not lost gradients.
+//! without it, for SD1.5- and SDXL-type nets, trainable and as frozen views, on the
+//! CPU and (cuda builds) on CUDA; and a plain candle backward over a checkpointed
+//! net is an error, not lost gradients.
 
 mod common;
 
@@ -23,10 +24,11 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(fx: &str) -> Self {
-        let e = expected_as(fx, Some(DType::F64));
+    fn new(fx: &str, dev: &Device) -> Self {
+        let e: std::collections::HashMap<String, Tensor> =
+            expected_as(fx, Some(DType::F64)).into_iter().map(|(k, v)| (k, v.to_device(dev).unwrap())).collect();
         let x = e["unet.x"].clone();
-        let weight = sidscript::rng::Generator::new(3).randn(x.dims(), DType::F64, &Device::Cpu).unwrap();
+        let weight = sidscript::rng::Generator::new(3).randn(x.dims(), DType::F64, dev).unwrap();
         Self {
             x: Param::new(&x, "x").unwrap(),
             ctx: Param::new(&e["unet.context"], "context").unwrap(),
@@ -73,13 +75,13 @@ fn compare(want: &[Tensor], got: &[Tensor], params: &[&Arc<Param>], what: &str) 
     }
 }
 
-fn same_gradients(fx: &str) {
-    let base = Unet::load(&fixture(fx), &LoadOptions::new(DType::F64, &Device::Cpu)).unwrap();
+fn same_gradients(fx: &str, dev: &Device) {
+    let base = Unet::load(&fixture(fx), &LoadOptions::new(DType::F64, dev)).unwrap();
     let (map, weights) = params_from(base.named_weights()).unwrap();
     let plain = base.with_weights(map).unwrap();
     let checkpointed = plain.with_checkpointing(true);
     assert!(checkpointed.checkpointing() && !plain.checkpointing());
-    let inputs = Inputs::new(fx);
+    let inputs = Inputs::new(fx, dev);
 
     // The forward is the same computation.
     assert_eq!(max_abs(&inputs.output(&plain), &inputs.output(&checkpointed)), 0.0, "{fx}: outputs differ");
@@ -101,22 +103,24 @@ fn same_gradients(fx: &str) {
     assert!(weights.iter().all(|w| w.grad().is_none()), "{fx}: a frozen view gave weight gradients");
 }
 
-#[test]
-fn sd15_checkpointed_gradients_are_the_same() {
-    same_gradients("tiny-sd15");
+fn checkpointed_gradients_are_the_same(dev: &Device) -> common::TestResult {
+    same_gradients("tiny-sd15", dev);
+    same_gradients("tiny-sdxl", dev);
+    Ok(())
 }
 
-#[test]
-fn sdxl_checkpointed_gradients_are_the_same() {
-    same_gradients("tiny-sdxl");
-}
+test_device!(
+    checkpointed_gradients_are_the_same,
+    checkpointed_gradients_are_the_same_cpu,
+    checkpointed_gradients_are_the_same_cuda
+);
 
 #[test]
 fn plain_candle_backward_over_a_checkpointed_net_is_an_error() {
     let base = Unet::load(&fixture("tiny-sd15"), &LoadOptions::new(DType::F64, &Device::Cpu)).unwrap();
     let (map, _weights) = params_from(base.named_weights()).unwrap();
     let unet = base.with_weights(map).unwrap().with_checkpointing(true);
-    let inputs = Inputs::new("tiny-sd15");
+    let inputs = Inputs::new("tiny-sd15", &Device::Cpu);
     let err = inputs.loss(&unet).backward().unwrap_err().to_string();
     assert!(err.contains("checkpoint"), "unexpected error: {err}");
 }

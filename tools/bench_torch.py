@@ -6,6 +6,13 @@
     python tools/bench_torch.py sid '<config json>' BATCH SIZE REPS [TOKENS]
 
 SIDSCRIPT_BENCH_DEVICE=cuda:0 runs the sid iteration on the GPU.
+SIDSCRIPT_BENCH_PRECISION picks the precision mode, as sidscript's --precision:
+  f32   strict fp32: TF32 off for cuDNN and cuBLAS (SiD-LSG's SD runs);
+  tf32  PyTorch's defaults: TF32 cuDNN convolutions, IEEE fp32 matmuls, SDPA attention;
+  bf16  bf16 autocast with fp32 master weights and a bf16 teacher (SiD-DiT, DMD2).
+SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets.
+The sid bench prints the flags it ran under and the peak memory of one iteration
+(torch.cuda.max_memory_allocated; on the CPU, the growth of the process's peak RSS).
 """
 import json
 import os
@@ -16,6 +23,37 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 DEVICE = torch.device(os.environ.get("SIDSCRIPT_BENCH_DEVICE", "cpu"))
+PRECISION = os.environ.get("SIDSCRIPT_BENCH_PRECISION", "f32")
+CHECKPOINT = os.environ.get("SIDSCRIPT_BENCH_CHECKPOINT", "0") in ("1", "true")
+if PRECISION not in ("f32", "tf32", "bf16"):
+    sys.exit(f"SIDSCRIPT_BENCH_PRECISION: unknown mode {PRECISION!r} (f32, tf32 or bf16)")
+# Explicit either way, so that a change of PyTorch's defaults cannot move the baseline.
+torch.backends.cudnn.allow_tf32 = PRECISION != "f32"
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def flags():
+    """The precision flags the run used, as one line."""
+    parts = [
+        f"mode={PRECISION}",
+        f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}",
+        f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}",
+        f"float32_matmul_precision={torch.get_float32_matmul_precision()}",
+        f"cudnn.benchmark={torch.backends.cudnn.benchmark}",
+        f"autocast={'bf16' if PRECISION == 'bf16' else 'off'}",
+        f"checkpointing={CHECKPOINT}",
+        f"torch={torch.__version__}",
+    ]
+    if DEVICE.type == "cuda":
+        parts.append(f"sdpa: flash={torch.backends.cuda.flash_sdp_enabled()} "
+                     f"mem_efficient={torch.backends.cuda.mem_efficient_sdp_enabled()} "
+                     f"math={torch.backends.cuda.math_sdp_enabled()}")
+    return ", ".join(parts)
+
+
+def peak_rss_bytes():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def best(fn, reps):
@@ -79,6 +117,15 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
     cfg = {k_: v for k_, v in cfg.items() if not k_.startswith("_")}
     teacher = UNet2DConditionModel(**cfg).to(DEVICE).eval().requires_grad_(False)
     gen, fake = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+    gen.train()
+    fake.train()
+    if CHECKPOINT:
+        for net in (teacher, gen, fake):
+            net.enable_gradient_checkpointing()
+        teacher.train()  # diffusers checkpoints only in training mode; the UNet has no dropout
+    autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
+    if PRECISION == "bf16":
+        teacher.to(torch.bfloat16)  # DMD2: "we move real unet to half precision"
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-6, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-6, betas=(0.0, 0.999))
     b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device=DEVICE) ** 2
@@ -86,6 +133,14 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
     ch = cfg.get("in_channels", 4)
     c = torch.randn(batch, tokens, cfg["cross_attention_dim"], device=DEVICE)
     null = torch.randn(1, tokens, cfg["cross_attention_dim"], device=DEVICE).expand(batch, -1, -1)
+    added = added_null = added2 = None
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        px = float(size * 8)
+        ids = torch.tensor([[px, px, 0, 0, px, px]] * batch, device=DEVICE)
+        added = {"text_embeds": torch.randn(batch, pooled, device=DEVICE), "time_ids": ids}
+        added_null = {"text_embeds": torch.randn(1, pooled, device=DEVICE).expand(batch, -1), "time_ids": ids}
+        added2 = {k: torch.cat([added_null[k], added[k]]) for k in added}
     ts = [int(625 * (1 - i / K)) for i in range(K)]
 
     def coef(t):
@@ -94,11 +149,15 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
 
     def x0(net, x, t, ctx):
         a, s = coef(t)
-        return (x - s * net(x, t.float(), encoder_hidden_states=ctx).sample) / a
+        with autocast:
+            eps = net(x, t.float(), encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+        return (x - s * eps.float()) / a
 
     def guided_eps(net, x, t, scale):
-        out = net(torch.cat([x, x]), torch.cat([t, t]).float(), encoder_hidden_states=torch.cat([null, c])).sample
-        eu, ec = out.chunk(2)
+        with autocast:
+            out = net(torch.cat([x, x]), torch.cat([t, t]).float(), encoder_hidden_states=torch.cat([null, c]),
+                      added_cond_kwargs=added2).sample
+        eu, ec = out.float().chunk(2)
         return eu + scale * (ec - eu)
 
     def generate(grad):
@@ -140,7 +199,19 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         opt_g.step()
         fake.requires_grad_(True)
 
-    return {"iteration_s": best(iteration, reps)}
+    seconds = best(iteration, reps)
+    # Peak memory of one more iteration, from what is allocated between iterations.
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        iteration()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(DEVICE)
+    else:
+        before = peak_rss_bytes()
+        iteration()
+        peak = max(peak_rss_bytes() - before, 0)
+    return {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
 
 
 if __name__ == "__main__" and sys.argv[1] == "sid":

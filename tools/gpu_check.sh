@@ -4,11 +4,19 @@
 #   tools/gpu_check.sh pack [WORKDIR]   # here: build (tools/build_cuda.sh), strip and xz the
 #                                       # binaries into .gpu/ (git-ignored via .git/info/exclude)
 #                                       # with the diffusers wheel for the PyTorch side
-#   tools/gpu_check.sh run              # there, with .gpu carried: the SiD reference and
-#                                       # autograd tests on CUDA, the SiD-iteration bench
-#                                       # against PyTorch on the GPU, a 100-iteration main job
+#   tools/gpu_check.sh run [PART]       # there, with .gpu carried; results go to
+#                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come
 #
-# What fits one device call: .gpu is about 37 MB, the run about 90 s on an H200.
+# PART (default all) splits the run over two device calls when one is short:
+#   tests   the CUDA instantiations: SiD reference (f64 and bf16 mixed precision),
+#           checkpointed gradients, autograd, diffusers parity of UNet/VAE/text/samplers
+#   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
+#           f32, tf32 and bf16; sdxl-full in bf16 with checkpointing (the < 80 GB target);
+#           ms/iteration, images/s and peak GB each
+#   runs    real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
+#           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
+#           on cuda:0 with a checkpoint at 10, a resume to 22 and the export
+# Each step has a timeout; all three parts are sized for about 9 minutes on an H200.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -22,7 +30,9 @@ pack)
     list() { tools/build_cuda.sh "$work" "$@" --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]'; }
     bins=("$(cd "$work" && pwd)/target-cuda/release/sidscript")
-    bins+=($(list test --release --no-run --test sid_reference --test autograd) $(list bench --no-run --bench sid_iteration))
+    bins+=($(list test --release --no-run --test sid_reference --test autograd --test checkpointing \
+        --test unet_parity --test vae_parity --test text_parity --test sampler_parity) \
+        $(list bench --no-run --bench sid_iteration))
     for b in "${bins[@]}"; do
         name=$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')
         strip -o "/tmp/bin-$name" "$b" && xz -T0 -6 -c "/tmp/bin-$name" > ".gpu/bin-$name.xz"
@@ -34,7 +44,6 @@ pack)
     ;;
 run)
     export PYTHONUNBUFFERED=1 RUST_BACKTRACE=0
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*.whl &&
         export PYTHONPATH=/tmp/site
     lib=$(python3 -c 'import nvidia.cu13 as m; print(m.__path__[0] + "/lib")' 2>/dev/null)
@@ -45,17 +54,46 @@ run)
     [ -n "$built" ] && [ "$built" != "$repo" ] && mkdir -p "$(dirname "$built")" && ln -sfn "$repo" "$built"
     for f in .gpu/*.xz; do xz -dkf "$f"; done
     chmod +x .gpu/bin-*
-    step() { echo "== ${*:2}"; timeout "$1" "${@:2}" 2>&1 | grep -v '<unknown>' | tail -n 14; echo "rc=${PIPESTATUS[0]}"; }
-    step 90 .gpu/bin-sid_reference
-    step 60 .gpu/bin-autograd
-    export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3
-    step 60 .gpu/bin-sid_iteration toy
-    step 90 .gpu/bin-sid_iteration sd15
-    step 150 .gpu/bin-sid_iteration sd15-full
-    step 90 .gpu/bin-sidscript run scripts/distill_toy.rhai --device cuda:0 --set iterations=100 --set out=/tmp/job
+    results=${OUT:-.}/gpu_check.txt
+    step() {
+        echo "== ${*:2}" | tee -a "$results"
+        timeout "$1" "${@:2}" 2>&1 | grep -v '<unknown>' | tail -n 14 | tee -a "$results"
+        echo "rc=${PIPESTATUS[0]}" | tee -a "$results"
+    }
+    part=${2:-all}
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$results"
+    if [ "$part" = all ] || [ "$part" = tests ]; then
+        step 90 .gpu/bin-sid_reference
+        step 60 .gpu/bin-checkpointing
+        step 60 .gpu/bin-autograd
+        for t in unet_parity vae_parity text_parity sampler_parity; do step 60 .gpu/bin-$t; done
+    fi
+    if [ "$part" = all ] || [ "$part" = bench ]; then
+        export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3
+        for mode in f32 tf32 bf16; do
+            export SIDSCRIPT_BENCH_PRECISION=$mode
+            step 100 .gpu/bin-sid_iteration sd15-full
+        done
+        export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
+        step 150 .gpu/bin-sid_iteration sdxl-full
+        unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT
+    fi
+    if [ "$part" = all ] || [ "$part" = runs ]; then
+        run=(.gpu/bin-sidscript run --device cuda:0)
+        for kind in sd15 sdxl; do
+            mode=tf32; [ $kind = sdxl ] && mode=bf16
+            out=/tmp/distill-$kind
+            step 60 "${run[@]}" scripts/make_random_pipeline.rhai --set kind=$kind --set out=/tmp/random-$kind
+            common=(--precision $mode --set model=/tmp/random-$kind --set out=$out --set ckpt_every=10 --set grid_every=1000)
+            step 150 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=20
+            step 60 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=22 --resume $out/checkpoint
+            ls $out/generator/unet >> "$results" 2>&1
+            rm -rf /tmp/random-$kind $out
+        done
+    fi
     ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac

@@ -7,7 +7,9 @@
 //! matrix, col2im, input/weight gradients), linear maps ([`mod@linear`]), matrix
 //! products on slices ([`gemm`]), gradient reductions ([`reduce`]) and vectorised
 //! math ([`simd`]: exp, erf, wide loops). [`dispatch`] is the one f32/f64 dispatch
-//! every CPU kernel goes through.
+//! every CPU kernel goes through. Beside the kernels: gradient checkpointing
+//! ([`checkpoint`], whose `backward` every caller uses) and the precision mode
+//! ([`precision`]: f32, tf32, bf16).
 //!
 //! Each op's public function picks its implementation by device: the CPU kernel
 //! for CPU f32/f64 tensors ([`has_cpu_kernel`]); elsewhere a form built from

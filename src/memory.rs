@@ -1,0 +1,73 @@
+//! Peak device memory: the high-water mark of what the allocator handed out, as
+//! PyTorch's `torch.cuda.max_memory_allocated` reports it. On CUDA candle
+//! allocates every buffer from the device's default memory pool
+//! (`cuMemAllocAsync`), whose `USED_MEM_HIGH` attribute is that mark. On the CPU
+//! tensors are heap allocations: a program measures them with a counting global
+//! allocator (the benches and the checkpointing memory test use `peak_alloc`), so
+//! the functions here answer `None` there.
+
+use crate::error::Result;
+use candle_core::Device;
+
+/// Bytes at the peak since the last [`reset_peak`] (CUDA), `None` on the CPU.
+pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            device.synchronize()?;
+            Ok(Some(cuda::pool_attribute(d, cuda::USED_HIGH)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Restarts the peak from what is allocated now (CUDA; nothing on the CPU).
+pub fn reset_peak(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            device.synchronize()?;
+            cuda::reset_used_high(d)
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::error::{Error, Result};
+    use candle_core::cuda::cudarc::driver::sys;
+    use candle_core::CudaDevice;
+
+    pub const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    fn check(r: sys::CUresult, what: &str) -> Result<()> {
+        match r {
+            sys::CUresult::CUDA_SUCCESS => Ok(()),
+            e => Err(Error::msg(format!("CUDA memory pool: {what}: {e:?}"))),
+        }
+    }
+
+    fn default_pool(d: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        let dev = d.cuda_stream().context().cu_device();
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a valid device handle and an out-pointer to a pool handle.
+        check(unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, dev) }, "default pool")?;
+        Ok(pool)
+    }
+
+    pub fn pool_attribute(d: &CudaDevice, attr: sys::CUmemPool_attribute) -> Result<u64> {
+        let pool = default_pool(d)?;
+        let mut v: u64 = 0;
+        // SAFETY: the USED_MEM_* attributes are cuuint64_t values.
+        check(unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _) }, "read")?;
+        Ok(v)
+    }
+
+    pub fn reset_used_high(d: &CudaDevice) -> Result<()> {
+        let pool = default_pool(d)?;
+        let mut zero: u64 = 0;
+        // SAFETY: USED_MEM_HIGH may only be set to 0, which resets it to the current use.
+        check(unsafe { sys::cuMemPoolSetAttribute(pool, USED_HIGH, &mut zero as *mut u64 as *mut _) }, "reset")
+    }
+}
