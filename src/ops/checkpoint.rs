@@ -64,10 +64,7 @@ pub fn checkpoint(segment: Segment, a: &Tensor, b: &Tensor, c: &Tensor) -> Resul
         return Ok(y);
     }
     // The graph built above (to the weights) is dropped here with its activations.
-    let mut y = y.detach();
-    if y.device().is_cuda() {
-        y = y.force_contiguous()?.detach(); // an exact-size buffer for the hand-over
-    }
+    let y = y.detach();
     // The op joins the graph only through a tracked operand: with untracked inputs
     // (and tracked weights), a tracked copy of `a` stands in.
     let anchor;

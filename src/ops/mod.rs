@@ -83,6 +83,15 @@ fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T])
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_copy(y: Option<&Tensor>) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
     let Some(y) = y else { candle_core::bail!("fused op: no precomputed result for this device") };
+    // CUDA storage clones whole: a view that does not start its buffer or is
+    // strided is first copied out on its own.
+    let owned;
+    let y = if y.layout().start_offset() == 0 && y.layout().is_contiguous() {
+        y
+    } else {
+        owned = y.force_contiguous()?;
+        &owned
+    };
     let (s, l) = y.storage_and_layout();
     match &*s {
         candle_core::Storage::Cuda(c) => {

@@ -44,9 +44,10 @@ fn load_unet(dir: &str, opts: &Map, rt: &RunState) -> ScriptResult<UnetHandle> {
     Ok(UnetHandle { net: Arc::new(net.with_checkpointing(checkpoint)), params: None })
 }
 
-/// The same handle (same weights, same parameters) with checkpointing on or off.
-fn with_checkpointing(u: &UnetHandle, on: bool) -> UnetHandle {
-    UnetHandle { net: Arc::new(u.net.with_checkpointing(on)), params: u.params.clone() }
+/// `u`'s parameters over `net`, the same weights with other settings
+/// (checkpointing, compute dtype).
+fn with_net(u: &UnetHandle, net: Unet) -> UnetHandle {
+    UnetHandle { net: Arc::new(net), params: u.params.clone() }
 }
 
 fn forward(
@@ -108,7 +109,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
                 None => u.net.compute_dtype_setting(),
             };
             let net = copy.net.with_checkpointing(opt_bool(&o, "checkpoint", u.net.checkpointing())?);
-            Ok(UnetHandle { net: Arc::new(net.with_compute_dtype(compute)), params: copy.params })
+            Ok(with_net(&copy, net.with_compute_dtype(compute)))
         },
     );
     api.method(
@@ -128,8 +129,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "compute_dtype",
         "Computes in this dtype (weights are cast where used; outputs come back in the input's dtype) for this handle.",
         |u: &mut UnetHandle, d: &str| -> ScriptResult<()> {
-            let net = u.net.with_compute_dtype(Some(args::parse_dtype(d)?));
-            *u = UnetHandle { net: Arc::new(net), params: u.params.clone() };
+            *u = with_net(u, u.net.with_compute_dtype(Some(args::parse_dtype(d)?)));
             Ok(())
         },
     );
@@ -141,7 +141,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.setter(
         "checkpointing",
         "Turns gradient checkpointing on or off for this handle (the weights stay shared).",
-        |u: &mut UnetHandle, on: bool| *u = with_checkpointing(u, on),
+        |u: &mut UnetHandle, on: bool| *u = with_net(u, u.net.with_checkpointing(on)),
     );
     api.getter("num_params", "Number of weights.", |u: &mut UnetHandle| u.net.num_params() as i64);
     api.getter("config", "The UNet's config as a map.", |u: &mut UnetHandle| -> ScriptResult<Dynamic> {
