@@ -7,6 +7,10 @@
 #
 #   tools/build_cuda.sh [WORKDIR] [cargo args...]   # default: build --release
 #
+# Add `--features cudnn` to the cargo args for convolutions on cuDNN (the wheel
+# nvidia-cudnn-cu13 is then installed too; on the GPU machine libcudnn.so.9 comes
+# from its PyTorch's nvidia/cudnn/lib).
+#
 # WORKDIR (default ../cuda-toolchain) keeps the wheels and target-cuda/ between runs;
 # a cold build took about 7 minutes on 2 cores. Binaries land in WORKDIR/target-cuda.
 # On the GPU machine, point LD_LIBRARY_PATH at its PyTorch's nvidia/cu13/lib.
@@ -22,6 +26,14 @@ if ! ls venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1; th
 fi
 T=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/cu13)
 mkdir -p cuda/lib64/stubs
+# cuDNN for the `cudnn` feature (cudarc links libcudnn.so at build time).
+if [[ " $* " == *cudnn* ]]; then
+    ls "$work"/venv/lib/python3*/site-packages/nvidia/cudnn/lib/libcudnn.so.9 >/dev/null 2>&1 ||
+        venv/bin/pip install -q "nvidia-cudnn-cu13==9.28.1.4"
+    D=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/cudnn)
+    for f in "$D"/lib/*; do ln -sf "$f" cuda/lib64/; done
+    ln -sf libcudnn.so.9 cuda/lib64/libcudnn.so
+fi
 ln -sfn "$T/bin" cuda/bin; ln -sfn "$T/include" cuda/include; ln -sfn "$T/nvvm" cuda/nvvm
 for f in "$T"/lib/*; do ln -sf "$f" cuda/lib64/; done
 (cd cuda/lib64 && for l in cudart.so.13 cublas.so.13 cublasLt.so.13 curand.so.10 nvrtc.so.13; do ln -sf "lib$l" "lib${l%.so.*}.so"; done)

@@ -8,8 +8,9 @@
 #                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come
 #
 # PART (default all) splits the run over two device calls when one is short:
-#   tests   the CUDA instantiations: SiD reference (f64 and bf16 mixed precision),
-#           checkpointed gradients, autograd, diffusers parity of UNet/VAE/text/samplers
+#   tests   the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
+#           and bf16, attention, norms, GEGLU, linear), SiD reference (f64 and bf16 mixed
+#           precision), checkpointed gradients, autograd, diffusers parity of UNet/VAE/text/samplers
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
 #           f32, tf32 and bf16; sdxl-full in bf16 with checkpointing (the < 80 GB target);
 #           ms/iteration, images/s and peak GB each
@@ -26,11 +27,11 @@ pack)
     work=${2:-$repo/../cuda-toolchain}
     grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
     mkdir -p .gpu && rm -f .gpu/bin-*
-    tools/build_cuda.sh "$work" build --release
-    list() { tools/build_cuda.sh "$work" "$@" --message-format=json 2>/dev/null |
+    tools/build_cuda.sh "$work" build --release --features cudnn
+    list() { tools/build_cuda.sh "$work" "$@" --features cudnn --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]'; }
     bins=("$(cd "$work" && pwd)/target-cuda/release/sidscript")
-    bins+=($(list test --release --no-run --test sid_reference --test autograd --test checkpointing \
+    bins+=($(list test --release --no-run --test sid_reference --test autograd --test checkpointing --test kernels \
         --test unet_parity --test vae_parity --test text_parity --test sampler_parity) \
         $(list bench --no-run --bench sid_iteration))
     for b in "${bins[@]}"; do
@@ -48,7 +49,9 @@ run)
         export PYTHONPATH=/tmp/site
     lib=$(python3 -c 'import nvidia.cu13 as m; print(m.__path__[0] + "/lib")' 2>/dev/null)
     [ -f "$lib/libcublas.so.13" ] || lib=$(dirname "$(find / -name 'libcublas.so.13' 2>/dev/null | head -1)")
-    export LD_LIBRARY_PATH=$lib:${LD_LIBRARY_PATH:-}
+    dnn=$(python3 -c 'import nvidia.cudnn as m; print(m.__path__[0] + "/lib")' 2>/dev/null)
+    [ -f "$dnn/libcudnn.so.9" ] || dnn=$(dirname "$(find / -name 'libcudnn.so.9' 2>/dev/null | head -1)")
+    export LD_LIBRARY_PATH=$lib:$dnn:${LD_LIBRARY_PATH:-}
     # The binaries find tests/fixtures and tools/ through the build machine's checkout path.
     built=$(cat .gpu/built-at 2>/dev/null)
     [ -n "$built" ] && [ "$built" != "$repo" ] && mkdir -p "$(dirname "$built")" && ln -sfn "$repo" "$built"
@@ -64,6 +67,7 @@ run)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$results"
     if [ "$part" = all ] || [ "$part" = tests ]; then
         step 90 .gpu/bin-sid_reference
+        step 60 .gpu/bin-kernels
         step 60 .gpu/bin-checkpointing
         step 60 .gpu/bin-autograd
         for t in unet_parity vae_parity text_parity sampler_parity; do step 60 .gpu/bin-$t; done

@@ -324,6 +324,18 @@ pub(super) fn grads(
         let gw = if w.track_op() { Some(weight_grad(&gm, &x.detach(), w, &geom)?) } else { None };
         return Ok((gx, gw));
     }
+    #[cfg(feature = "cudnn")]
+    if g.device().is_cuda() {
+        let gx = match x.track_op() {
+            true => Some(super::cudnn::input_grad(g, &w.detach(), x.dims(), padding, stride)?),
+            false => None,
+        };
+        let gw = match w.track_op() {
+            true => Some(super::cudnn::weight_grad(&x.detach(), g, w.dims(), padding, stride)?),
+            false => None,
+        };
+        return Ok((gx, gw));
+    }
     // Other devices: candle's ops (see input_grad_composed), and a convolution of
     // the input by the output gradient (the stride becomes a dilation).
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
@@ -348,13 +360,24 @@ pub(super) fn grads(
 /// - x: `[B, C_in, H, W]`, w: `[C_out, C_in, kh, kw]`, b: `[C_out]`;
 ///   the output is `[B, C_out, H_out, W_out]`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    selective::apply(Kind::Conv { padding, stride }, x, w, b, |x, w, b| conv2d_composed(x, w, b, padding, stride))
+    selective::apply(Kind::Conv { padding, stride }, x, w, b, |x, w, b| {
+        // On CUDA the forward is computed off the graph (selective's backward applies).
+        #[cfg(feature = "cudnn")]
+        if x.device().is_cuda() {
+            return with_bias(super::cudnn::forward(x, w, padding, stride)?, b);
+        }
+        conv2d_composed(x, w, b, padding, stride)
+    })
 }
 
 /// `conv2d` from candle's ops and candle's backward: the form devices without a
 /// kernel run, and the test oracle.
 pub fn conv2d_composed(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    with_bias(x.conv2d(w, padding, stride, 1, 1)?, b)
+}
+
+/// y + b per channel (NCHW).
+fn with_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(match b {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
         None => y,

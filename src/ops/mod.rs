@@ -23,6 +23,8 @@ pub mod activation;
 pub mod attention;
 pub mod checkpoint;
 pub mod conv;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 pub mod dispatch;
 pub mod gemm;
 pub mod linear;

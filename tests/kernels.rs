@@ -1,0 +1,154 @@
+//! The fused ops on each device against their composed forms in f64 on the CPU:
+//! forward and every input's gradient, for the shapes the SD1.5/SDXL UNets use at
+//! a small size (convolutions 3×3 / stride 2 / 1×1, attention head dims 40, 64,
+//! 80 and 160, group and layer norm, GEGLU, linear). On the CPU this checks the
+//! f32 kernels; in cuda builds the same test runs the CUDA forms (cuDNN
+//! convolutions with the `cudnn` feature) and, for convolutions, bf16.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use sidscript::ops;
+
+type Op = dyn Fn(&[Tensor]) -> sidscript::Result<Tensor>;
+
+/// Forward and input gradients of `op` on `dev` in `dtype` against `reference`
+/// in f64 on the CPU, relative to each tensor's largest entry.
+fn compare(name: &str, dev: &Device, dtype: DType, inputs: &[Tensor], op: &Op, reference: &Op, tol: f64) {
+    let run = |dev: &Device, dtype: DType, f: &Op| -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts).unwrap();
+        // A fixed, uneven weighting of the output, so that every gradient entry differs.
+        let n = y.elem_count();
+        let w = Tensor::arange(0f64, n as f64, &Device::Cpu).unwrap().affine(0.37, 0.1).unwrap().sin().unwrap();
+        let w = w.reshape(y.shape()).unwrap().to_dtype(y.dtype()).unwrap().to_device(y.device()).unwrap();
+        let grads = sidscript::ops::checkpoint::backward(&(&y * &w).unwrap().sum_all().unwrap()).unwrap();
+        let gs = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: an input got no gradient")).clone())
+            .collect();
+        (y, gs)
+    };
+    let f64_cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let (want_y, want_g) = run(&Device::Cpu, DType::F64, reference);
+    let (got_y, got_g) = run(dev, dtype, op);
+    let rel = |a: &Tensor, b: &Tensor| {
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-12);
+        common::max_abs(&f64_cpu(a), b) / scale
+    };
+    let e = rel(&got_y, &want_y);
+    assert!(e < tol, "{name} ({dtype:?}): forward off by {e:e}");
+    for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
+        let e = rel(g, w);
+        assert!(e < tol, "{name} ({dtype:?}): gradient of input {i} off by {e:e}");
+    }
+}
+
+fn randn(rng: &mut sidscript::rng::Generator, dims: &[usize]) -> Tensor {
+    rng.randn(dims, DType::F64, &Device::Cpu).unwrap()
+}
+
+/// The dtypes to test on `dev` with their tolerances: f32 everywhere; bf16 on CUDA
+/// (8 significant bits; sums of a few hundred products).
+fn dtypes(dev: &Device, half: bool) -> Vec<(DType, f64)> {
+    let mut v = vec![(DType::F32, 1e-4)];
+    if half && dev.is_cuda() {
+        v.push((DType::BF16, 3e-2));
+    }
+    v
+}
+
+fn convolutions(dev: &Device) -> common::TestResult {
+    let mut rng = sidscript::rng::Generator::new(11);
+    // (batch, cin, cout, size, kernel, padding, stride): SD's 3×3 convs, its stride-2
+    // downsamplers, 1×1 skip convs, and a non-square input (sides of one parity:
+    // candle's own conv2d backward, the reference here, takes the output padding of
+    // a stride-2 input gradient from the height alone).
+    for (b, cin, cout, (h, w), k, pad, stride) in [
+        (2, 8, 16, (12, 12), 3, 1, 1),
+        (1, 16, 16, (12, 12), 3, 1, 2),
+        (2, 24, 8, (10, 10), 1, 0, 1),
+        (1, 4, 8, (10, 14), 3, 1, 2),
+    ] {
+        let inputs = [randn(&mut rng, &[b, cin, h, w]), randn(&mut rng, &[cout, cin, k, k]), randn(&mut rng, &[cout])];
+        for (dtype, tol) in dtypes(dev, true) {
+            compare(
+                &format!("conv2d {cin}→{cout} k{k} s{stride} on {h}×{w}"),
+                dev,
+                dtype,
+                &inputs,
+                &move |t| ops::conv2d(&t[0], &t[1], Some(&t[2]), pad, stride),
+                &move |t| ops::conv::conv2d_composed(&t[0], &t[1], Some(&t[2]), pad, stride),
+                tol,
+            );
+        }
+    }
+    Ok(())
+}
+test_device!(convolutions, convolutions_cpu, convolutions_cuda);
+
+fn attention(dev: &Device) -> common::TestResult {
+    let mut rng = sidscript::rng::Generator::new(12);
+    // Head dims of SD1.5 (40, 80, 160) and SDXL (64); self- and cross-attention.
+    for (heads, d, n, m) in [(2, 40, 33, 33), (2, 64, 20, 7), (1, 80, 16, 77), (1, 160, 9, 9)] {
+        let inputs = [
+            randn(&mut rng, &[2, n, heads * d]),
+            randn(&mut rng, &[2, m, heads * d]),
+            randn(&mut rng, &[2, m, heads * d]),
+        ];
+        let scale = 1.0 / (d as f64).sqrt();
+        compare(
+            &format!("attention {heads}×{d}, {n}×{m}"),
+            dev,
+            DType::F32,
+            &inputs,
+            &move |t| ops::attention(&t[0], &t[1], &t[2], heads, scale),
+            &move |t| ops::attention::attention_composed(&t[0], &t[1], &t[2], heads, scale),
+            1e-4,
+        );
+    }
+    Ok(())
+}
+test_device!(attention, attention_cpu, attention_cuda);
+
+fn norms_geglu_linear(dev: &Device) -> common::TestResult {
+    let mut rng = sidscript::rng::Generator::new(13);
+    // Group norm [B, C, H·W] in 4 groups, and layer norm [rows, D, 1].
+    for (dims, groups) in [([2, 16, 36], 4), ([30, 24, 1], 1)] {
+        let c = dims[1];
+        let inputs = [randn(&mut rng, &dims), randn(&mut rng, &[c]), randn(&mut rng, &[c])];
+        compare(
+            &format!("norm {dims:?} in {groups} groups"),
+            dev,
+            DType::F32,
+            &inputs,
+            &move |t| ops::norm_affine(&t[0], groups, &t[1], &t[2], 1e-5),
+            &move |t| ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5),
+            1e-4,
+        );
+    }
+    compare(
+        "geglu",
+        dev,
+        DType::F32,
+        &[randn(&mut rng, &[2, 9, 32])],
+        &move |t| ops::geglu(&t[0]),
+        &move |t| ops::activation::geglu_composed(&t[0]),
+        1e-4,
+    );
+    compare(
+        "linear",
+        dev,
+        DType::F32,
+        &[randn(&mut rng, &[18, 40]), randn(&mut rng, &[24, 40]), randn(&mut rng, &[24])],
+        &move |t| ops::linear(&t[0], &t[1], Some(&t[2])),
+        &move |t| ops::linear::linear_composed(&t[0], &t[1], Some(&t[2])),
+        1e-4,
+    );
+    Ok(())
+}
+test_device!(norms_geglu_linear, norms_geglu_linear_cpu, norms_geglu_linear_cuda);
