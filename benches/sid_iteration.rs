@@ -72,6 +72,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let dev = bench_device();
     let (precision, ckpt) = settings();
     set_precision(precision);
+    let _settings = sidscript::device::for_training(&dev);
     // bf16: f32 masters computing in bf16, the frozen teacher stored in bf16.
     let compute = (precision == Precision::Bf16).then_some(DType::BF16);
     let teacher = unet_bench::random_unet(&cfg, &dev).with_checkpointing(ckpt).with_compute_dtype(compute);

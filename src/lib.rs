@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod device;
 pub mod diffusion;
 pub mod error;
 pub mod host;

@@ -139,7 +139,11 @@ fn error_text(e: &rhai::EvalAltResult) -> String {
 /// Runs a parsed command line (the binary calls this on a compute-pool thread).
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { file, watch, run } => run::run(&Host::new(run.host_options()?)?, &file, watch),
+        Command::Run { file, watch, run } => {
+            let opts = run.host_options()?;
+            let _settings = crate::device::for_training(&opts.device);
+            run::run(&Host::new(opts)?, &file, watch)
+        }
         Command::Check { file } => {
             let host = Host::new(HostOptions::default())?;
             host.compile_file(&file)?;

@@ -105,6 +105,7 @@ fn show(host: &Host, result: Result<rhai::Dynamic, crate::host::ScriptError>) {
 }
 
 pub fn run(opts: HostOptions) -> anyhow::Result<()> {
+    let _settings = crate::device::for_training(&opts.device);
     let host = Host::new(opts)?;
     let mut session = Session::new(&host);
     let names = Arc::new(Mutex::new(BTreeSet::new()));

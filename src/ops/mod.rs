@@ -20,6 +20,7 @@
 //! Backward is first-order: the gradient ops themselves have no backward.
 
 pub mod activation;
+pub mod adam;
 pub mod attention;
 pub mod checkpoint;
 pub mod conv;

@@ -274,7 +274,26 @@ fn adam_update(p: &Param, grad: &Tensor, st: &mut ParamState, hp: AdamHp) -> Res
         let kernel = AdamKernel { state: RefCell::new(st), hp };
         return Ok(value.inplace_op2(&grad, &kernel)?);
     }
-    // Tensor path (accelerators, half precision): the same formula, op by op.
+    // CUDA, f32: one fused launch per parameter.
+    if let Some(Buf::Tensor(v)) = &st.v {
+        let m = match &st.m {
+            Some(Buf::Tensor(m)) => Some(m),
+            _ => None,
+        };
+        let step = crate::ops::adam::AdamStep {
+            lr_hat: hp.lr / hp.bias1,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            bias2_sqrt: hp.bias2_sqrt,
+            l2: if hp.decoupled { 0.0 } else { hp.weight_decay },
+            shrink: if hp.decoupled { 1.0 - hp.lr * hp.weight_decay } else { 1.0 },
+        };
+        if (hp.beta1 == 0.0 || m.is_some()) && crate::ops::adam::adam_step_in_place(value, &grad, m, v, step)? {
+            return Ok(());
+        }
+    }
+    // Tensor path (other accelerators, half precision): the same formula, op by op.
     let compute = state_dtype(value.dtype());
     let mut g = grad.to_dtype(compute)?;
     let mut new_p = value.to_dtype(compute)?;
