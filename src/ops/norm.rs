@@ -132,6 +132,18 @@ impl candle_core::CustomOp3 for NormAffine {
         Self::NAME
     }
     kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(&self.0, (x, xl), (w, wl), (b, bl))
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -152,6 +164,110 @@ impl candle_core::CustomOp3 for NormAffineGrad {
         Self::NAME
     }
     kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(&self.0, (x, xl), (w, wl), (g, gl))
+    }
+}
+
+/// Whether `x` (after upcasting) takes the fused op: the CPU kernels (f32/f64),
+/// and with the cuda feature the CUDA kernels (f32).
+fn has_kernel(x: &Tensor) -> bool {
+    has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == candle_core::DType::F32)
+}
+
+/// The CUDA kernels (`cuda/norm.cu`): row statistics, then the forward, or the input
+/// gradient and the per-channel affine gradients.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::NormGeom;
+    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Layout, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+    const THREADS: u32 = 256;
+
+    type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+    fn view<'a>((s, l): Operand<'a>) -> candle_core::Result<CudaView<'a, f32>> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("norm: operands must be contiguous") };
+        Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+    }
+
+    fn blocks(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Row count, row length and the statistics [rows, 2] of x.
+    fn stats(g: &NormGeom, x: Operand) -> candle_core::Result<(usize, usize, CudaSlice<f32>)> {
+        let dev = &x.0.device;
+        let rows = x.1.dims()[0] * g.groups;
+        let n = g.row();
+        let func = dev.get_or_load_custom_func("norm_stats_f32", "sidscript_norm", PTX)?;
+        // SAFETY: norm_stats writes every entry.
+        let mut st = unsafe { dev.cuda_stream().alloc::<f32>(2 * rows) }.map_err(candle_core::Error::wrap)?;
+        let (xv, n32, eps) = (view(x)?, n as i32, g.eps as f32);
+        let mut b = func.builder();
+        b.arg(&xv).arg(&mut st).arg(&n32).arg(&eps);
+        // SAFETY: arguments as norm_stats_f32(x, stats, n, eps); x holds rows·n values.
+        unsafe { b.launch(blocks(rows)) }.map_err(candle_core::Error::wrap)?;
+        Ok((rows, n, st))
+    }
+
+    pub(super) fn forward(g: &NormGeom, x: Operand, w: Operand, bias: Operand) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device.clone();
+        let (rows, n, st) = stats(g, x)?;
+        let func = dev.get_or_load_custom_func("norm_fwd_f32", "sidscript_norm", PTX)?;
+        // SAFETY: norm_fwd writes every entry.
+        let mut y = unsafe { dev.cuda_stream().alloc::<f32>(rows * n) }.map_err(candle_core::Error::wrap)?;
+        let (xv, wv, bv) = (view(x)?, view(w)?, view(bias)?);
+        let dims = [n as i32, g.channels as i32, g.spatial as i32, g.groups as i32];
+        let mut b = func.builder();
+        b.arg(&xv).arg(&wv).arg(&bv).arg(&st).arg(&mut y);
+        for d in &dims {
+            b.arg(d);
+        }
+        // SAFETY: arguments as norm_fwd_f32(x, w, b, stats, y, n, channels, spatial, groups).
+        unsafe { b.launch(blocks(rows)) }.map_err(candle_core::Error::wrap)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
+    }
+
+    /// [dx | dw | db], as the CPU kernel packs them.
+    pub(super) fn backward(g: &NormGeom, x: Operand, w: Operand, dy: Operand) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = x.0.device.clone();
+        let (rows, n, st) = stats(g, x)?;
+        let (len, c) = (rows * n, g.channels);
+        // SAFETY: the two kernels write every entry.
+        let mut out = unsafe { dev.cuda_stream().alloc::<f32>(len + 2 * c) }.map_err(candle_core::Error::wrap)?;
+        let (xv, wv, gv) = (view(x)?, view(w)?, view(dy)?);
+        let (n32, c32, s32, g32) = (n as i32, c as i32, g.spatial as i32, g.groups as i32);
+        let dx_func = dev.get_or_load_custom_func("norm_dx_f32", "sidscript_norm", PTX)?;
+        {
+            let mut dx = out.slice_mut(0..len);
+            let mut b = dx_func.builder();
+            b.arg(&xv).arg(&wv).arg(&gv).arg(&st).arg(&mut dx).arg(&n32).arg(&c32).arg(&s32).arg(&g32);
+            // SAFETY: arguments as norm_dx_f32(x, w, dy, stats, dx, n, channels, spatial, groups).
+            unsafe { b.launch(blocks(rows)) }.map_err(candle_core::Error::wrap)?;
+        }
+        let dwdb_func = dev.get_or_load_custom_func("norm_dwdb_f32", "sidscript_norm", PTX)?;
+        let batch = (rows / g.groups) as i32;
+        let mut rest = out.slice_mut(len..);
+        let (mut dw, mut db) = rest.split_at_mut(c);
+        let mut b = dwdb_func.builder();
+        b.arg(&xv).arg(&gv).arg(&st).arg(&mut dw).arg(&mut db).arg(&batch).arg(&c32).arg(&s32).arg(&g32);
+        // SAFETY: arguments as norm_dwdb_f32(x, dy, stats, dw, db, batch, channels, spatial, groups).
+        unsafe { b.launch(blocks(c)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + 2 * c)))
+    }
 }
 
 /// Normalisation with a per-channel affine: `x` is `[B, C, S]`, each image's C
@@ -170,7 +286,7 @@ pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) 
     let dtype = x.dtype();
     let x = upcast(x)?;
     let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
-    let y = if has_cpu_kernel(&x) {
+    let y = if has_kernel(&x) {
         let geom = NormGeom { channels, spatial, groups, eps };
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))?
     } else {
