@@ -1,7 +1,7 @@
 //! The fused ops on each device against their composed forms in f64 on the CPU:
 //! forward and every input's gradient, for the shapes the SD1.5/SDXL UNets use at
 //! a small size (convolutions 3×3 / stride 2 / 1×1, attention head dims 40, 64,
-//! 80 and 160, group and layer norm, GEGLU, linear). On the CPU this checks the
+//! 80 and 160, group and layer norm, SiLU, GEGLU, linear). On the CPU this checks the
 //! f32 kernels; in cuda builds the same test runs the CUDA forms (cuDNN
 //! convolutions with the `cudnn` feature) and, for convolutions, bf16.
 
@@ -131,6 +131,15 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
             1e-4,
         );
     }
+    compare(
+        "silu",
+        dev,
+        DType::F32,
+        &[randn(&mut rng, &[3, 50])],
+        &move |t| ops::silu(&t[0]),
+        &move |t| Ok(t[0].silu()?),
+        1e-4,
+    );
     compare(
         "geglu",
         dev,

@@ -1,7 +1,8 @@
 //! Activations as one pass each way on the CPU: SiLU (candle's backward takes
 //! eight elementwise ops), GEGLU with exact GELU (candle's gelu_erf backward
 //! rounds 1/√(2π) to 0.398942) and softmax over the last dim (candle's fused
-//! softmax has no backward).
+//! softmax has no backward). SiLU and GEGLU also run as one kernel each way on
+//! CUDA (f32, `cuda/activation.cu`).
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, vectorized, Real};
@@ -135,7 +136,8 @@ macro_rules! fused_unary {
     (@pick result, $input:ident, $result:ident) => {
         $result
     };
-    ($op:ident, $grad:ident, $name:literal, $fwd:ident, $bwd:ident, saves $saved:ident, last dim * $num:literal / $den:literal) => {
+    ($op:ident, $grad:ident, $name:literal, $fwd:ident, $bwd:ident, saves $saved:ident, last dim * $num:literal / $den:literal
+     $(, cuda $kfwd:literal $kbwd:literal)?) => {
         struct $op;
         struct $grad;
 
@@ -166,6 +168,20 @@ macro_rules! fused_unary {
                 $name
             }
             kernel_cpu_fwd!(s l);
+            $(
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s: &candle_core::CudaStorage,
+                l: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+                let mut dims = l.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = *last * $num / $den;
+                }
+                super::kernels_cuda::unary($kfwd, s, l, Shape::from(dims))
+            }
+            )?
             #[allow(unused_variables)]
             fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
                 let saved = fused_unary!(@pick $saved, input, result);
@@ -178,12 +194,32 @@ macro_rules! fused_unary {
                 concat!($name, "-grad")
             }
             kernel_cpu_fwd!(s1 l1, s2 l2);
+            $(
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s: &candle_core::CudaStorage,
+                sl: &Layout,
+                g: &candle_core::CudaStorage,
+                gl: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+                super::kernels_cuda::unary_grad($kbwd, s, sl, g, gl)
+            }
+            )?
         }
     };
 }
 
-fused_unary!(Silu, SiluGrad, "silu", silu_fwd, silu_bwd, saves input, last dim * 1 / 1);
-fused_unary!(Geglu, GegluGrad, "geglu", geglu_fwd, geglu_bwd, saves input, last dim * 1 / 2);
+fused_unary!(Silu, SiluGrad, "silu", silu_fwd, silu_bwd, saves input, last dim * 1 / 1,
+    cuda "silu_fwd_f32" "silu_bwd_f32");
+fused_unary!(Geglu, GegluGrad, "geglu", geglu_fwd, geglu_bwd, saves input, last dim * 1 / 2,
+    cuda "geglu_fwd_f32" "geglu_bwd_f32");
+
+/// Whether `x` takes the fused SiLU/GEGLU ops: the CPU kernels (f32/f64) and, with
+/// the cuda feature, the CUDA kernels (f32).
+fn has_kernel(x: &Tensor) -> bool {
+    has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == candle_core::DType::F32)
+}
 fused_unary!(Softmax, SoftmaxGrad, "softmax-last-dim", softmax_fwd, softmax_bwd, saves result, last dim * 1 / 1);
 
 /// GEGLU over the last dim (diffusers' `GEGLU`): the first half times exact GELU
@@ -196,7 +232,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if n2 % 2 != 0 {
         crate::bail!("geglu: the last dim ({n2}) must be even");
     }
-    if has_cpu_kernel(h) {
+    if has_kernel(h) {
         return Ok(h.contiguous()?.apply_op1(Geglu)?);
     }
     geglu_composed(h)
@@ -209,10 +245,10 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
     Ok((a * gate.gelu_erf()?)?)
 }
 
-/// SiLU, x·σ(x): one pass each way on the CPU; elsewhere candle's `silu` (the
-/// composed form, and the test oracle).
+/// SiLU, x·σ(x): one pass each way on the CPU and (f32) on CUDA; elsewhere
+/// candle's `silu` (the composed form, and the test oracle).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if has_cpu_kernel(x) {
+    if has_kernel(x) {
         return Ok(x.contiguous()?.apply_op1(Silu)?);
     }
     Ok(x.silu()?)

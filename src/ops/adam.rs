@@ -45,11 +45,8 @@ pub fn adam_step_in_place(
 }
 
 #[cfg(feature = "cuda")]
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adam.ptx"));
-
-#[cfg(feature = "cuda")]
 fn launch(p: &Tensor, g: &Tensor, m: Option<&Tensor>, v: &Tensor, s: AdamStep) -> crate::Result<bool> {
-    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::PushKernelArg;
     use candle_core::Storage;
     let n = p.elem_count();
     // p, g, v, m (m = v when absent: never read with has_m = 0). The kernel writes
@@ -63,14 +60,12 @@ fn launch(p: &Tensor, g: &Tensor, m: Option<&Tensor>, v: &Tensor, s: AdamStep) -
         views.push(c.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n));
     }
     let Storage::Cuda(first) = &*held[0].0 else { return Ok(false) };
-    let func = first.device.get_or_load_custom_func("adam_f32", "sidscript_adam", PTX)?;
+    let func = first.device.get_or_load_custom_func("adam_f32", "sidscript_adam", super::kernels_cuda::ADAM)?;
     let f = |x: f64| x as f32;
     let (lr_hat, b1, b2, eps, bc2, l2, shrink) =
         (f(s.lr_hat), f(s.beta1), f(s.beta2), f(s.eps), f(s.bias2_sqrt), f(s.l2), f(s.shrink));
     let has_m: i32 = m.is_some().into();
-    let threads = 256u32;
-    let blocks = (n as u64).div_ceil(threads as u64).clamp(1, 4096) as u32;
-    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = super::kernels_cuda::grid_stride(n);
     let mut b = func.builder();
     b.arg(&views[0]).arg(&views[1]).arg(&views[3]).arg(&views[2]).arg(&n);
     b.arg(&lr_hat).arg(&b1).arg(&b2).arg(&eps).arg(&bc2).arg(&l2).arg(&shrink).arg(&has_m);

@@ -28,6 +28,8 @@ pub mod conv;
 mod cudnn;
 pub mod dispatch;
 pub mod gemm;
+#[cfg(feature = "cuda")]
+mod kernels_cuda;
 pub mod linear;
 pub mod norm;
 pub mod precision;

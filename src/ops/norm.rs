@@ -188,22 +188,15 @@ fn has_kernel(x: &Tensor) -> bool {
 /// gradient and the per-channel affine gradients.
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::super::kernels_cuda::{per_block as blocks, NORM as PTX};
     use super::NormGeom;
-    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::{CudaStorage, Layout, Shape};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
-    const THREADS: u32 = 256;
 
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
     fn view<'a>((s, l): Operand<'a>) -> candle_core::Result<CudaView<'a, f32>> {
-        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("norm: operands must be contiguous") };
-        Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
-    }
-
-    fn blocks(n: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        super::super::kernels_cuda::view(s, l)
     }
 
     /// Row count, row length and the statistics [rows, 2] of x.
@@ -222,7 +215,12 @@ mod cuda {
         Ok((rows, n, st))
     }
 
-    pub(super) fn forward(g: &NormGeom, x: Operand, w: Operand, bias: Operand) -> candle_core::Result<(CudaStorage, Shape)> {
+    pub(super) fn forward(
+        g: &NormGeom,
+        x: Operand,
+        w: Operand,
+        bias: Operand,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = x.0.device.clone();
         let (rows, n, st) = stats(g, x)?;
         let func = dev.get_or_load_custom_func("norm_fwd_f32", "sidscript_norm", PTX)?;
@@ -241,7 +239,12 @@ mod cuda {
     }
 
     /// [dx | dw | db], as the CPU kernel packs them.
-    pub(super) fn backward(g: &NormGeom, x: Operand, w: Operand, dy: Operand) -> candle_core::Result<(CudaStorage, Shape)> {
+    pub(super) fn backward(
+        g: &NormGeom,
+        x: Operand,
+        w: Operand,
+        dy: Operand,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = x.0.device.clone();
         let (rows, n, st) = stats(g, x)?;
         let (len, c) = (rows * n, g.channels);

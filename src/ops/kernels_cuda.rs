@@ -1,0 +1,76 @@
+//! sidscript's own CUDA kernels (`src/ops/cuda/*.cu`, built to PTX by build.rs
+//! with the cuda feature) and what launching them takes. Each op's CUDA path sits
+//! in its own file beside the CPU kernel (`norm.rs`, `activation.rs`, `adam.rs`).
+
+use candle_core::cuda::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::{CudaStorage, Layout, Shape};
+
+/// Adam's update (`cuda/adam.cu`).
+pub(crate) const ADAM: &str = include_str!(concat!(env!("OUT_DIR"), "/adam.ptx"));
+/// Group/layer norm each way (`cuda/norm.cu`).
+pub(crate) const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+/// SiLU and GEGLU each way (`cuda/activation.cu`).
+pub(crate) const ACTIVATION: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
+
+/// Threads per block of every kernel here.
+pub(crate) const THREADS: u32 = 256;
+
+/// One block per item (row reductions).
+pub(crate) fn per_block(items: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (items.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A grid-stride launch over `count` elements.
+pub(crate) fn grid_stride(count: usize) -> LaunchConfig {
+    let blocks = (count as u64).div_ceil(THREADS as u64).clamp(1, 4096) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The f32 elements of a contiguous operand.
+pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("CUDA kernel: operands must be contiguous") };
+    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+}
+
+/// `name(x, y, count, n)` of the activation kernels: `count` outputs from `x`,
+/// whose last dim is n.
+pub(crate) fn unary(name: &str, x: &CudaStorage, l: &Layout, out: Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = x.device.clone();
+    let f = dev.get_or_load_custom_func(name, "sidscript_activation", ACTIVATION)?;
+    let count = out.elem_count();
+    let n = l.dims().last().copied().unwrap_or(1) as i32;
+    // SAFETY: the kernel writes every output element.
+    let mut y = unsafe { dev.cuda_stream().alloc::<f32>(count) }.map_err(candle_core::Error::wrap)?;
+    let xv = view(x, l)?;
+    let mut b = f.builder();
+    b.arg(&xv).arg(&mut y).arg(&count).arg(&n);
+    // SAFETY: arguments as name(x, y, count, n).
+    unsafe { b.launch(grid_stride(count)) }.map_err(candle_core::Error::wrap)?;
+    drop(b);
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), out))
+}
+
+/// `name(s, dy, dx, count, n)` of the activation kernels: the input gradient (shaped
+/// like the saved input `s`, last dim n) from `count` output-gradient elements.
+pub(crate) fn unary_grad(
+    name: &str,
+    s: &CudaStorage,
+    sl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let dev = s.device.clone();
+    let f = dev.get_or_load_custom_func(name, "sidscript_activation", ACTIVATION)?;
+    let count = gl.shape().elem_count();
+    let n = sl.dims().last().copied().unwrap_or(1) as i32;
+    // SAFETY: the kernel writes every element of dx.
+    let mut dx =
+        unsafe { dev.cuda_stream().alloc::<f32>(sl.shape().elem_count()) }.map_err(candle_core::Error::wrap)?;
+    let (sv, gv) = (view(s, sl)?, view(g, gl)?);
+    let mut b = f.builder();
+    b.arg(&sv).arg(&gv).arg(&mut dx).arg(&count).arg(&n);
+    // SAFETY: arguments as name(s, dy, dx, count, n).
+    unsafe { b.launch(grid_stride(count)) }.map_err(candle_core::Error::wrap)?;
+    drop(b);
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), sl.shape().clone()))
+}
