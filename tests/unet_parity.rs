@@ -45,3 +45,22 @@ test_device!(
     sdxl_unet_matches_diffusers_cpu,
     sdxl_unet_matches_diffusers_cuda
 );
+
+/// The config keys sidscript implements beyond the SD1.5/SDXL defaults
+/// (tools/make_unet_variant.py): downsample_padding 0, conv_in_kernel 1,
+/// conv_out_kernel 5, time_embedding_dim; and resnet_out_scale_factor 1.5, which
+/// diffusers reads only for block types sidscript refuses.
+fn unet_config_variants_match_diffusers(dev: &Device) -> TestResult {
+    let e = expected_on("unet-variant", dev);
+    let unet = Unet::load(&fixture("unet-variant"), &LoadOptions::new(DType::F32, dev))?;
+    let out = unet.forward(&e["unet.x"], &e["unet.t"], &Condition::new(e["unet.context"].clone()))?;
+    let err = max_abs(&out.sample, &e["unet.out"]);
+    assert!(err < 1e-4, "max abs error {err}");
+    Ok(())
+}
+
+test_device!(
+    unet_config_variants_match_diffusers,
+    unet_config_variants_match_diffusers_cpu,
+    unet_config_variants_match_diffusers_cuda
+);

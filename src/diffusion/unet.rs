@@ -51,6 +51,12 @@ fn d_true() -> bool {
 fn d_one_f() -> f64 {
     1.0
 }
+fn d_one() -> usize {
+    1
+}
+fn d_three() -> usize {
+    3
+}
 fn d_groups() -> usize {
     32
 }
@@ -172,6 +178,50 @@ pub struct UnetConfig {
     /// A projection of the text context (not supported; must be absent).
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
+    /// Its kind (not supported; must be absent).
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// diffusers passes it only to the ResnetDownsample/SimpleCrossAttn block types,
+    /// which this implementation refuses: for the supported blocks it changes nothing
+    /// (checked against diffusers by tests/unet_parity.rs).
+    #[serde(default = "d_one_f")]
+    pub resnet_out_scale_factor: f64,
+    /// Padding of the downsamplers' stride-2 convs (0: pad right and bottom by one first).
+    #[serde(default = "d_one")]
+    pub downsample_padding: usize,
+    /// Kernel of conv_in (odd).
+    #[serde(default = "d_three")]
+    pub conv_in_kernel: usize,
+    /// Kernel of conv_out (odd).
+    #[serde(default = "d_three")]
+    pub conv_out_kernel: usize,
+    /// Width of the time embedding (default 4 × the first level's channels).
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    /// An activation after the time embedding (not supported; must be absent).
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    /// An activation inside the time embedding (not supported; must be absent).
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    /// Activation of the time embedding inside resnets skipped (not supported; must be false).
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    /// Attention kind (only "default"; "gated" is not supported).
+    #[serde(default)]
+    pub attention_type: Option<String>,
+    /// A norm of the cross-attention context (not supported; must be absent).
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    /// Dropout in the resnets (training would differ: must be 0).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Class-conditioning table size (not supported; must be absent).
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    /// Class embeddings concatenated (not supported; must be false).
+    #[serde(default)]
+    pub class_embeddings_concat: bool,
 }
 
 impl UnetConfig {
@@ -186,8 +236,35 @@ impl UnetConfig {
         if n == 0 {
             crate::bail!("unet config: block_out_channels is empty (at least one level)");
         }
-        if self.norm_num_groups == 0 {
-            crate::bail!("unet config: norm_num_groups must be at least 1");
+        let positive = [
+            (self.norm_num_groups, "norm_num_groups"),
+            (self.in_channels, "in_channels"),
+            (self.out_channels, "out_channels"),
+            (self.layers_per_block, "layers_per_block"),
+            (self.cross_attention_dim, "cross_attention_dim"),
+            (self.conv_in_kernel % 2, "conv_in_kernel (odd)"),
+            (self.conv_out_kernel % 2, "conv_out_kernel (odd)"),
+            (self.time_embedding_dim.unwrap_or(1), "time_embedding_dim"),
+        ];
+        if let Some((_, name)) = positive.iter().find(|(v, _)| *v == 0) {
+            crate::bail!("unet config: {name} must be at least 1");
+        }
+        if let Some(i) = self.block_out_channels.iter().position(|&c| c == 0) {
+            crate::bail!("unet config: block_out_channels[{i}] must be at least 1");
+        }
+        for (v, name) in [(self.norm_eps, "norm_eps"), (self.resnet_out_scale_factor, "resnet_out_scale_factor")] {
+            if !(v.is_finite() && v > 0.0) {
+                crate::bail!("unet config: {name} must be a positive number, got {v}");
+            }
+        }
+        if !self.mid_block_scale_factor.is_finite() || self.mid_block_scale_factor == 0.0 {
+            crate::bail!(
+                "unet config: mid_block_scale_factor must be a non-zero number, got {}",
+                self.mid_block_scale_factor
+            );
+        }
+        if self.downsample_padding > 1 {
+            crate::bail!("unet config: downsample_padding must be 0 or 1, got {}", self.downsample_padding);
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             crate::bail!(
@@ -200,6 +277,18 @@ impl UnetConfig {
         self.attention_head_dim.check(n, "attention_head_dim")?;
         if let Some(h) = &self.num_attention_heads {
             h.check(n, "num_attention_heads")?;
+        }
+        if let Some(r) = &self.reverse_transformer_layers_per_block {
+            if r.len() != n {
+                crate::bail!(
+                    "unet config: reverse_transformer_layers_per_block has {} entries for {n} blocks",
+                    r.len()
+                );
+            }
+        }
+        if (0..n).any(|i| self.heads(i) == 0) {
+            let name = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
+            crate::bail!("unet config: {name} must be at least 1 head per block");
         }
         for t in self.down_block_types.iter().chain(&self.up_block_types) {
             if !["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].contains(&t.as_str()) {
@@ -220,9 +309,18 @@ impl UnetConfig {
             (self.encoder_hid_dim.is_some(), "encoder_hid_dim"),
             (self.time_embedding_type.as_deref().is_some_and(|s| s != "positional"), "time_embedding_type"),
             (self.only_cross_attention.as_ref().is_some_and(|v| v.as_bool() != Some(false)), "only_cross_attention"),
+            (self.encoder_hid_dim_type.is_some(), "encoder_hid_dim_type"),
+            (self.time_embedding_act_fn.is_some(), "time_embedding_act_fn"),
+            (self.timestep_post_act.is_some(), "timestep_post_act"),
+            (self.resnet_skip_time_act, "resnet_skip_time_act"),
+            (self.attention_type.as_deref().is_some_and(|s| s != "default"), "attention_type (only \"default\")"),
+            (self.cross_attention_norm.is_some(), "cross_attention_norm"),
+            (self.dropout != 0.0, "dropout (must be 0)"),
+            (self.num_class_embeds.is_some(), "num_class_embeds"),
+            (self.class_embeddings_concat, "class_embeddings_concat"),
         ];
         if let Some((_, name)) = unsupported.iter().find(|(bad, _)| *bad) {
-            crate::bail!("unet config: {name} is not supported");
+            crate::bail!("unet config: {name} is not supported (its value changes the computation)");
         }
         match self.addition_embed_type.as_deref() {
             None => {}
@@ -446,6 +544,8 @@ struct Block {
     attentions: Vec<Transformer2d>,
     /// Downsampler (stride-2 conv) or upsampler (nearest ×2 then conv).
     resample: Option<Conv2d>,
+    /// The downsampler pads right and bottom by one first (diffusers' `downsample_padding: 0`).
+    pad_first: bool,
 }
 
 /// The `count` cross-attention transformers of one block.
@@ -517,7 +617,7 @@ impl Component for Unet {
         cfg.validate()?;
         let ch = &cfg.block_out_channels;
         let n = ch.len();
-        let temb = ch[0] * 4;
+        let temb = cfg.time_embedding_dim.unwrap_or(ch[0] * 4);
         let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         let time_embedding = TimestepEmbedding::new(&w.pp("time_embedding"), ch[0], temb, &cfg.act_fn)?;
         let add_embedding = if cfg.has_text_time() {
@@ -526,7 +626,8 @@ impl Component for Unet {
         } else {
             None
         };
-        let conv_in = Conv2d::new(&w.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
+        let conv_in =
+            Conv2d::new(&w.pp("conv_in"), cfg.in_channels, ch[0], cfg.conv_in_kernel, cfg.conv_in_kernel / 2, 1)?;
         let xattn = |t: &str| t.starts_with("CrossAttn");
         let mut down = vec![];
         let mut cout = ch[0];
@@ -559,9 +660,10 @@ impl Component for Unet {
             } else {
                 vec![]
             };
+            let pad = cfg.downsample_padding;
             let resample =
-                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, 1, 2)?) } else { None };
-            down.push(Block { resnets, attentions, resample });
+                if i + 1 < n { Some(Conv2d::new(&bw.pp("downsamplers.0.conv"), cout, cout, 3, pad, 2)?) } else { None };
+            down.push(Block { resnets, attentions, resample, pad_first: pad == 0 });
         }
         let mw = w.pp("mid_block");
         let top = ch[n - 1];
@@ -605,7 +707,7 @@ impl Component for Unet {
             };
             let resample =
                 if i + 1 < n { Some(Conv2d::new(&bw.pp("upsamplers.0.conv"), cout, cout, 3, 1, 1)?) } else { None };
-            up.push(Block { resnets, attentions, resample });
+            up.push(Block { resnets, attentions, resample, pad_first: false });
             prev = cout;
         }
         Ok(Self {
@@ -618,7 +720,14 @@ impl Component for Unet {
             mid_attention,
             up,
             norm_out: GroupNorm::new(&w.pp("conv_norm_out"), groups, ch[0], eps)?,
-            conv_out: Conv2d::new(&w.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(
+                &w.pp("conv_out"),
+                ch[0],
+                cfg.out_channels,
+                cfg.conv_out_kernel,
+                cfg.conv_out_kernel / 2,
+                1,
+            )?,
             named: vec![],
             checkpoint: false,
             compute: None,
@@ -768,6 +877,9 @@ impl Unet {
                 skips.push(h.clone());
             }
             if let Some(d) = &blk.resample {
+                if blk.pad_first {
+                    h = h.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+                }
                 h = d.forward(&h)?;
                 skips.push(h.clone());
             }
