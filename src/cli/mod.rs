@@ -110,6 +110,8 @@ impl RunArgs {
             config.insert(k.into(), parse_value(v));
         }
         if let Some(r) = &self.resume {
+            // A run killed while swapping in a checkpoint left it complete beside the folder.
+            crate::train::checkpoint::recover(r).map_err(|e| anyhow::anyhow!("--resume {}: {e}", r.display()))?;
             if !r.join(crate::train::checkpoint::STATE_FILE).is_file() {
                 anyhow::bail!(
                     "--resume {}: not a checkpoint folder (no {})",

@@ -1,8 +1,9 @@
 //! Checkpoints: one folder with `tensors.safetensors` (every weight, average and
 //! optimiser moment, by name) and `state.json` (iteration, generator state,
 //! optimiser step counts, the script's own values). A checkpoint is written to a
-//! temporary folder, synced, and renamed into place, so a crash leaves the old
-//! checkpoint or the new one, never a mixture. No pickle anywhere.
+//! temporary folder, synced, and swapped in so that at every instant a complete
+//! checkpoint exists under a known name ([`save`], [`recover`]): a crash leaves the
+//! old checkpoint or the new one, never a mixture and never neither. No pickle anywhere.
 
 use super::ema::EmaModel;
 use super::model::Model;
@@ -21,19 +22,102 @@ pub const TENSORS_FILE: &str = "tensors.safetensors";
 /// The JSON state's file in a checkpoint folder.
 pub const STATE_FILE: &str = "state.json";
 
-/// Writes a checkpoint folder atomically: `tensors` by name, and `state`.
-pub fn save(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| Error::file(dir, None, "a checkpoint needs a folder name"))?;
-    let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+/// The folders beside a checkpoint `dir` that its writer uses: `.NAME.tmp` (being
+/// written), `.NAME.new` (complete, about to replace it) and `.NAME.old` (the one
+/// it replaces, until removed).
+struct Swap {
+    dir: PathBuf,
+    parent: PathBuf,
+    name: String,
+}
+
+impl Swap {
+    fn of(dir: &Path) -> Result<Self> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::file(dir, None, "a checkpoint needs a folder name"))?;
+        let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
+        Ok(Self { dir: dir.to_path_buf(), parent, name })
     }
+
+    fn beside(&self, what: &str) -> PathBuf {
+        self.parent.join(format!(".{}.{what}", self.name))
+    }
+
+    fn sync_parent(&self) {
+        if let Ok(d) = std::fs::File::open(&self.parent) {
+            let _ = d.sync_all();
+        }
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        std::fs::rename(from, to).map_err(|e| Error::io(from, e))?;
+        self.sync_parent();
+        Ok(())
+    }
+
+    fn remove(path: &Path) -> Result<()> {
+        match std::fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Finishes a swap a crash interrupted and removes what a crash left behind:
+    /// a complete `.new` replaces the folder (moving it in is the swap's last
+    /// step), a partial `.tmp` and a leftover `.old` are removed, and so are the
+    /// per-process temporaries of earlier versions (`.NAME.tmp<pid>`, `.NAME.old<pid>`).
+    fn recover(&self) -> Result<()> {
+        let new = self.beside("new");
+        if new.is_dir() {
+            if self.dir.exists() {
+                Self::remove(&self.beside("old"))?;
+                self.rename(&self.dir, &self.beside("old"))?;
+            }
+            self.rename(&new, &self.dir)?;
+        }
+        Self::remove(&self.beside("tmp"))?;
+        if self.dir.exists() {
+            Self::remove(&self.beside("old"))?;
+        } else if self.beside("old").is_dir() {
+            // Only the old checkpoint survived: it is the latest complete one.
+            self.rename(&self.beside("old"), &self.dir)?;
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.parent) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let stale = ["tmp", "old"].iter().any(|k| {
+                    n.strip_prefix(&format!(".{}.{k}", self.name))
+                        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+                });
+                if stale {
+                    Self::remove(&e.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Completes or cleans up after a checkpoint write that a crash interrupted (see
+/// [`save`]); `--resume` and [`load`] call it, so a run killed at any instant
+/// resumes from the latest complete checkpoint.
+pub fn recover(dir: &Path) -> Result<()> {
+    Swap::of(dir)?.recover()
+}
+
+/// Writes a checkpoint folder atomically: `tensors` by name, and `state`. The new
+/// checkpoint is written to `.NAME.tmp`, synced and renamed to `.NAME.new`; only
+/// then is the old one moved aside and the new one moved in. At every instant
+/// either `NAME` or `.NAME.new` is a complete checkpoint, and [`recover`] finishes
+/// an interrupted swap.
+pub fn save(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
+    let swap = Swap::of(dir)?;
+    std::fs::create_dir_all(&swap.parent).map_err(|e| Error::io(&swap.parent, e))?;
+    swap.recover()?;
+    let tmp = swap.beside("tmp");
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let written = (|| -> Result<()> {
         crate::io::safetensors::save(&tmp.join(TENSORS_FILE), tensors)?;
@@ -44,23 +128,13 @@ pub fn save(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value)
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    // Replace an older checkpoint of the same name: move it aside, move the new one in.
-    let old = parent.join(format!(".{name}.old{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-    if let Ok(d) = std::fs::File::open(&parent) {
-        let _ = d.sync_all();
-    }
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
+    swap.rename(&tmp, &swap.beside("new"))?;
+    swap.recover()
 }
 
 /// Reads a checkpoint folder: its tensors by name, and its state.
 pub fn load(dir: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
+    recover(dir)?;
     let state = crate::diffusion::folder::read_json(&dir.join(STATE_FILE))?;
     let tensors = crate::io::safetensors::load(&dir.join(TENSORS_FILE), device, None)?.into_iter().collect();
     Ok((tensors, state))
@@ -299,6 +373,59 @@ mod tests {
 
     /// A parameter saved by key comes back by key, with the generator state and the
     /// plain values; a key saved as another kind, or not saved, is an error naming it.
+    /// Each state a crash can leave the swap in resumes from the latest complete
+    /// checkpoint, and leftovers are removed.
+    #[test]
+    fn an_interrupted_swap_recovers_the_latest_complete_checkpoint() -> Result<()> {
+        let root = std::env::temp_dir().join(format!("sidscript-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("checkpoint");
+        let value =
+            |v: f64| -> Result<Vec<(String, Tensor)>> { Ok(vec![("w".into(), Tensor::new(&[v], &Device::Cpu)?)]) };
+        let read = || -> Result<f64> { Ok(load(&dir, &Device::Cpu)?.0["w"].to_vec1::<f64>()?[0]) };
+        let state = serde_json::json!({});
+        // Saved twice, then the second one copied to the swap's names as a crash
+        // would leave it.
+        save(&dir, &value(1.0)?, &state)?;
+        let spare = root.join("spare");
+        save(&spare, &value(2.0)?, &state)?;
+        let beside = |k: &str| root.join(format!(".checkpoint.{k}"));
+        let copy = |to: &Path| -> Result<()> {
+            std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+            for f in [TENSORS_FILE, STATE_FILE] {
+                std::fs::copy(spare.join(f), to.join(f)).map_err(|e| Error::io(to, e))?;
+            }
+            Ok(())
+        };
+        // Killed after the new one was complete, before the swap: the new one wins.
+        copy(&beside("new"))?;
+        assert_eq!(read()?, 2.0);
+        // Killed between moving the old one aside and moving the new one in.
+        save(&dir, &value(1.0)?, &state)?;
+        std::fs::rename(&dir, beside("old")).map_err(|e| Error::io(&dir, e))?;
+        copy(&beside("new"))?;
+        assert!(!dir.exists());
+        assert_eq!(read()?, 2.0);
+        // Killed while writing: the partial one is dropped, the last complete one read.
+        copy(&beside("tmp"))?;
+        std::fs::remove_file(beside("tmp").join(STATE_FILE)).map_err(|e| Error::io(&dir, e))?;
+        assert_eq!(read()?, 2.0);
+        // Earlier versions' per-process leftovers are removed on the next write.
+        copy(&root.join(".checkpoint.tmp4242"))?;
+        copy(&root.join(".checkpoint.old77"))?;
+        save(&dir, &value(3.0)?, &state)?;
+        assert_eq!(read()?, 3.0);
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .map_err(|e| Error::io(&root, e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["checkpoint", "spare"], "leftovers remain");
+        std::fs::remove_dir_all(&root).ok();
+        Ok(())
+    }
+
     #[test]
     fn training_state_round_trips_and_wrong_kinds_are_refused() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("sidscript-ckpt-kinds-{}", std::process::id()));
