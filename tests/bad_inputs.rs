@@ -53,3 +53,37 @@ fn unet_configs_that_would_panic_mislead_or_be_ignored_are_refused_by_name() {
         assert!(v.as_float().unwrap().is_finite(), "{fragment}");
     }
 }
+
+#[test]
+fn impossible_tensors_and_float_only_ops_on_integers_are_errors_not_aborts() {
+    let host = host();
+    let cases = [
+        ("zeros([4611686018427387904, 4])", "more elements than can be addressed"),
+        ("zeros([100000, 100000, 100])", "cannot fit this machine"),
+        ("randn([100000, 100000, 100])", "cannot fit this machine"),
+        ("randint(0, 10, 1000000000000)", "cannot fit this machine"),
+        ("randint(0, 10, -3)", "n must be >= 0"),
+        (r#"ones([3], #{ dtype: "u8" }).log()"#, "log needs a float tensor, got u8"),
+        (r#"ones([3], #{ dtype: "i64" }).exp()"#, "exp needs a float tensor, got i64"),
+    ];
+    for (src, want) in cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+}
+
+#[test]
+fn doc_into_a_closed_pipe_is_not_an_error() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .arg("doc")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away at once, as `| head` does
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+}

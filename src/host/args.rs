@@ -54,12 +54,42 @@ pub fn shape(v: &Dynamic) -> ScriptResult<Vec<usize>> {
         .clone()
         .try_cast::<Array>()
         .ok_or_else(|| script_err(format!("a shape is an array of ints, got {}", v.type_name())))?;
-    arr.iter()
+    let dims = arr
+        .iter()
         .map(|x| {
             let n = int(x, "shape entry")?;
             usize::try_from(n).map_err(|_| script_err(format!("shape entries must be >= 0, got {n}")))
         })
-        .collect()
+        .collect::<ScriptResult<Vec<usize>>>()?;
+    check_elements(&dims, 1)?;
+    Ok(dims)
+}
+
+/// An error, before anything is allocated, when `dims` of `bytes_per_element`
+/// cannot exist: more elements than an address holds, or more bytes than this
+/// machine's memory (a tensor that large would abort the process on allocation).
+pub fn check_elements(dims: &[usize], bytes_per_element: usize) -> ScriptResult<usize> {
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| script_err(format!("shape {dims:?} has more elements than can be addressed")))?;
+    let bytes = n as u128 * bytes_per_element as u128;
+    if let Some(total) = physical_memory() {
+        if bytes > total as u128 {
+            return Err(script_err(format!(
+                "shape {dims:?} ({n} elements) cannot fit this machine's {:.1} GB of memory",
+                total as f64 / 1e9
+            )));
+        }
+    }
+    Ok(n)
+}
+
+/// Total physical memory in bytes, where the OS says.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf only reads system configuration values.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
 }
 
 /// Dims as a script array of ints.

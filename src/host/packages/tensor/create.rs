@@ -4,7 +4,7 @@
 use crate::host::args;
 use crate::host::args::{from_nested, number, placement};
 use crate::host::docs::Api;
-use crate::host::error::{ScriptResult, ToScript};
+use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
 use crate::rng::Generator;
@@ -37,7 +37,9 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ($name:literal, $doc:literal, $make:expr) => {{
             let d = dev.clone();
             api.func($name, ["shape"], $doc, move |s: Dynamic| -> Out {
-                $make(&args::shape(&s)?, dt, &d).script().map(TensorHandle::new)
+                let s = args::shape(&s)?;
+                args::check_elements(&s, dt.size_in_bytes())?;
+                $make(&s, dt, &d).script().map(TensorHandle::new)
             });
             let d = dev.clone();
             api.func(
@@ -46,7 +48,9 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
                 concat!($doc, " Options: dtype, device."),
                 move |s: Dynamic, o: Map| -> Out {
                     let (dt, d) = placement(&o, dt, &d)?;
-                    $make(&args::shape(&s)?, dt, &d).script().map(TensorHandle::new)
+                    let s = args::shape(&s)?;
+                    args::check_elements(&s, dt.size_in_bytes())?;
+                    $make(&s, dt, &d).script().map(TensorHandle::new)
                 },
             );
         }};
@@ -144,7 +148,9 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["low", "high", "n"],
         "`n` integers drawn uniformly from [low, high) by the run's generator, as an array.",
         move |lo: i64, hi: i64, n: i64| -> ScriptResult<rhai::Array> {
-            let n = usize::try_from(n).script()?;
+            let n = usize::try_from(n).map_err(|_| script_err(format!("randint: n must be >= 0, got {n}")))?;
+            // Each drawn value becomes a script value of about 16 bytes.
+            args::check_elements(&[n], 16)?;
             Ok(r.rng().randint(n, lo, hi).script()?.into_iter().map(Dynamic::from_int).collect())
         },
     );

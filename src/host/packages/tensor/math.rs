@@ -112,9 +112,20 @@ pub fn register(api: &mut Api) {
     });
 
     api.group("tensor: math");
+    // candle implements these for float dtypes only (an integer tensor would panic there).
     macro_rules! unary {
         ($name:literal, $doc:literal, $f:expr) => {
-            api.method($name, ["x"], $doc, |x: &mut TensorHandle| ok($f(x.tensor())));
+            api.method($name, ["x"], $doc, |x: &mut TensorHandle| -> Out {
+                let t = x.tensor();
+                if !t.dtype().is_float() {
+                    return Err(crate::host::error::script_err(format!(
+                        "{} needs a float tensor, got {} (convert with .f32())",
+                        $name,
+                        crate::host::args::dtype_name(t.dtype())
+                    )));
+                }
+                ok($f(t))
+            });
         };
     }
     unary!("exp", "Elementwise e^x.", |t: &Tensor| t.exp());
