@@ -288,7 +288,7 @@ impl UnetConfig {
         }
         if (0..n).any(|i| self.heads(i) == 0) {
             let name = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
-            crate::bail!("unet config: {name} must be at least 1 head per block");
+            crate::bail!("unet config: {name} must be at least 1 (attention heads per block)");
         }
         for t in self.down_block_types.iter().chain(&self.up_block_types) {
             if !["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].contains(&t.as_str()) {

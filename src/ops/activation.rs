@@ -6,7 +6,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, vectorized, Real};
-use super::{contiguous, for_rows, has_cpu_kernel, rows_of};
+use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
@@ -214,12 +214,6 @@ fused_unary!(Silu, SiluGrad, "silu", silu_fwd, silu_bwd, saves input, last dim *
     cuda "silu_fwd_f32" "silu_bwd_f32");
 fused_unary!(Geglu, GegluGrad, "geglu", geglu_fwd, geglu_bwd, saves input, last dim * 1 / 2,
     cuda "geglu_fwd_f32" "geglu_bwd_f32");
-
-/// Whether `x` takes the fused SiLU/GEGLU ops: the CPU kernels (f32/f64) and, with
-/// the cuda feature, the CUDA kernels (f32).
-fn has_kernel(x: &Tensor) -> bool {
-    has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == candle_core::DType::F32)
-}
 fused_unary!(Softmax, SoftmaxGrad, "softmax-last-dim", softmax_fwd, softmax_bwd, saves result, last dim * 1 / 1);
 
 /// GEGLU over the last dim (diffusers' `GEGLU`): the first half times exact GELU
@@ -232,7 +226,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if n2 % 2 != 0 {
         crate::bail!("geglu: the last dim ({n2}) must be even");
     }
-    if has_kernel(h) {
+    if has_fused_kernel(h) {
         return Ok(h.contiguous()?.apply_op1(Geglu)?);
     }
     geglu_composed(h)
@@ -248,7 +242,7 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
 /// SiLU, x·σ(x): one pass each way on the CPU and (f32) on CUDA; elsewhere
 /// candle's `silu` (the composed form, and the test oracle).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if has_kernel(x) {
+    if has_fused_kernel(x) {
         return Ok(x.contiguous()?.apply_op1(Silu)?);
     }
     Ok(x.silu()?)

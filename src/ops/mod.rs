@@ -54,6 +54,12 @@ pub fn has_cpu_kernel(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+/// Whether `x` takes a fused op that has kernels on both devices (norms, SiLU,
+/// GEGLU): the CPU kernels (f32/f64) and, with the cuda feature, the CUDA kernels (f32).
+pub fn has_fused_kernel(x: &Tensor) -> bool {
+    has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32)
+}
+
 /// Half-precision tensors as f32 (norms and attention scores compute in at least f32).
 pub fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
     match x.dtype() {

@@ -4,7 +4,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::Real;
-use super::{contiguous, for_rows, has_cpu_kernel, upcast, PAR_MIN};
+use super::{contiguous, for_rows, has_fused_kernel, upcast, PAR_MIN};
 use crate::error::Result;
 use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -178,12 +178,6 @@ impl candle_core::CustomOp3 for NormAffineGrad {
     }
 }
 
-/// Whether `x` (after upcasting) takes the fused op: the CPU kernels (f32/f64),
-/// and with the cuda feature the CUDA kernels (f32).
-fn has_kernel(x: &Tensor) -> bool {
-    has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == candle_core::DType::F32)
-}
-
 /// The CUDA kernels (`cuda/norm.cu`): row statistics, then the forward, or the input
 /// gradient and the per-channel affine gradients.
 #[cfg(feature = "cuda")]
@@ -289,7 +283,7 @@ pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) 
     let dtype = x.dtype();
     let x = upcast(x)?;
     let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
-    let y = if has_kernel(&x) {
+    let y = if has_fused_kernel(&x) {
         let geom = NormGeom { channels, spatial, groups, eps };
         x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))?
     } else {
