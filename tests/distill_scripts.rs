@@ -244,3 +244,49 @@ fn checkpointed_sd15_run_gives_the_same_losses() {
     std::fs::remove_dir_all(plain).ok();
     std::fs::remove_dir_all(checkpointed).ok();
 }
+
+/// The headline job is host-driven: Ctrl-C finishes the iteration, checkpoints and
+/// exits 0; resuming continues the log without repeating an iteration, and the
+/// resumed run ends with every output an uninterrupted one has.
+#[test]
+fn ctrl_c_checkpoints_the_sd_job_and_the_resumed_log_has_no_duplicates() {
+    let model = root().join("tests/fixtures/tiny-sd15").display().to_string();
+    let out = scratch("ctrlc");
+    let args = |iterations: usize| -> Vec<String> {
+        [set("model", &model), set("out", out.display()), set("iterations", iterations), set("grid_every", 1000)]
+            .concat()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .current_dir(root())
+        .args(["run", "scripts/distill_sd15.rhai"])
+        .args(args(100_000))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = out.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 3 {
+        assert!(start.elapsed().as_secs() < 50, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let stopped = child.wait_with_output().unwrap();
+    assert!(stopped.status.success(), "Ctrl-C: {:?}\n{}", stopped.status, String::from_utf8_lossy(&stopped.stderr));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+    let saved_it = state["extra"]["it"].as_u64().expect("the checkpoint records its iteration");
+    let logged = metrics(&out).len() as u64;
+    assert!(logged >= 3);
+    assert_eq!(saved_it + 1, logged, "the checkpoint is of the last logged iteration");
+    // Resume to a few iterations past the interruption.
+    let target = logged as usize + 2;
+    let mut resume = args(target);
+    resume.extend(["--resume".to_string(), out.join("checkpoint").display().to_string()]);
+    run("scripts/distill_sd15.rhai", &resume);
+    let iterations: Vec<u64> = metrics(&out).iter().map(|r| r["iteration"].as_u64().unwrap()).collect();
+    assert_eq!(iterations, (1..=target as u64).collect::<Vec<_>>(), "each iteration logged once, in order");
+    assert!(out.join(format!("grid-{target}.png")).is_file(), "the final grid");
+    assert!(out.join("generator/unet/config.json").is_file(), "the export");
+    std::fs::remove_dir_all(out).ok();
+}

@@ -96,6 +96,7 @@ pub fn register_files(api: &mut Api, rt: &Arc<RunState>) {
             }
         },
     );
+    api.func("file_exists", ["path"], "Whether a file (not a folder) is at path.", |p: &str| Path::new(p).is_file());
     api.func("read_text", ["path"], "A whole text file (parse_json(read_text(path)) reads a JSON file).", |p: &str| {
         std::fs::read_to_string(p).map_err(|e| script_err(format!("{p}: {e}")))
     });
