@@ -87,3 +87,30 @@ fn doc_into_a_closed_pipe_is_not_an_error() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn job_settings_are_checked_by_name_before_anything_loads() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!("sidscript-settings-{}", std::process::id()));
+    let cases = [
+        ("bacth=2", "unknown setting 'bacth'"),
+        ("iterations=abc", "setting iterations must be an integer >= 0, got abc"),
+        ("batch=-2", "setting batch must be an integer >= 1, got -2"),
+        ("steps=0", "setting steps must be an integer >= 1, got 0"),
+        ("lr=0", "setting lr must be positive"),
+        ("kappa=nan", "setting kappa must be a finite number"),
+        ("t_init=5000", "setting t_init must be an integer in [steps, 999]"),
+    ];
+    for (setting, want) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sidscript"))
+            .current_dir(root)
+            .args(["run", "scripts/distill_sd15.rhai", "--set", "model=tests/fixtures/tiny-sd15"])
+            .args(["--set", &format!("out={}", out.display()), "--set", setting])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "--set {setting}: {err}");
+        assert!(!err.contains("panicked"), "--set {setting}: {err}");
+    }
+    std::fs::remove_dir_all(out).ok();
+}

@@ -17,7 +17,8 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn run(script: &str, args: &[String]) {
+/// Runs a script to its end; returns what it printed.
+fn run(script: &str, args: &[String]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_sidscript"))
         .current_dir(root())
         .arg("run")
@@ -26,6 +27,7 @@ fn run(script: &str, args: &[String]) {
         .output()
         .unwrap();
     assert!(out.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Logged values per iteration, without wall-clock fields.
@@ -283,7 +285,10 @@ fn ctrl_c_checkpoints_the_sd_job_and_the_resumed_log_has_no_duplicates() {
     let target = logged as usize + 2;
     let mut resume = args(target);
     resume.extend(["--resume".to_string(), out.join("checkpoint").display().to_string()]);
-    run("scripts/distill_sd15.rhai", &resume);
+    let printed = run("scripts/distill_sd15.rhai", &resume);
+    // What step wrote into the state stayed there (the host's state is shared; the
+    // shared functions' changes are merged back).
+    assert!(printed.contains(&format!("\"iteration\": {target}")), "last iteration not kept: {printed}");
     let iterations: Vec<u64> = metrics(&out).iter().map(|r| r["iteration"].as_u64().unwrap()).collect();
     assert_eq!(iterations, (1..=target as u64).collect::<Vec<_>>(), "each iteration logged once, in order");
     assert!(out.join(format!("grid-{target}.png")).is_file(), "the final grid");
