@@ -9,6 +9,15 @@
 use crate::error::Result;
 use candle_core::Device;
 
+/// The machine's physical memory in bytes, where the OS says: the bound a
+/// CPU allocation is checked against before it is attempted (a failed allocation
+/// aborts the process).
+pub fn host_total_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads system configuration values.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}
+
 /// Bytes at the peak since the last [`reset_peak`] (CUDA), `None` on the CPU.
 pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
     match device {

@@ -114,3 +114,77 @@ fn job_settings_are_checked_by_name_before_anything_loads() {
     }
     std::fs::remove_dir_all(out).ok();
 }
+
+#[test]
+fn nan_scales_grids_and_image_folders_are_refused() {
+    let host = host();
+    let dir = std::env::temp_dir().join(format!("sidscript-bad-images-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("a.txt")).unwrap(); // a caption "file" that is a folder
+    image::RgbImage::from_pixel(4, 4, image::Rgb([10, 20, 30])).save(dir.join("a.png")).unwrap();
+    let d = dir.display();
+    let cases = [
+        ("randn([2], #{ std: 0.0 / 0.0 })".to_string(), "std must be a finite number"),
+        ("rand([2], #{ high: 1.0 / 0.0 })".to_string(), "high must be a finite number"),
+        (
+            "let w = param(ones([2])); (w * 2.0).sum().backward(); clip_grad_norm([w], 0.0 / 0.0)".to_string(),
+            "max_norm is NaN",
+        ),
+        (format!(r#"save_image_grid(zeros([2, 3, 4, 4]), "{d}/g.png", 0)"#), "at least 1 column"),
+        (format!(r#"save_image_grid(zeros([2, 3, 4, 4]) / 0.0, "{d}/g.png", 2)"#), "contain NaN"),
+        (format!(r#"load_image_folder("{d}", 0)"#), "at least 1 pixel"),
+        (format!(r#"load_image_folder("{d}", 1000000)"#), "do not fit in memory"),
+        (format!(r#"load_image_folder("{d}", 4)"#), "a.txt"),
+    ];
+    for (src, want) in &cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn nan_weights_are_neither_resumed_nor_exported_and_misshaped_tensors_are_not_reshaped() {
+    let host = host();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fx = root.join("tests/fixtures/tiny-sd15");
+    let tmp = std::env::temp_dir().join(format!("sidscript-bad-weights-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (f, t) = (fx.display(), tmp.display());
+    // A checkpoint of a diverged run.
+    let err = host
+        .eval(&format!(
+            r#"let w = param(ones([3]));
+               save_checkpoint("{t}/ckpt", #{{ w: w, it: 1 }});
+               w.assign(ones([3]) / 0.0);
+               save_checkpoint("{t}/ckpt", #{{ w: w, it: 2 }});
+               load_checkpoint("{t}/ckpt", #{{ w: w }})"#
+        ))
+        .unwrap_err();
+    assert!(err.message.contains("NaN or infinite") && err.message.contains("'w'"), "{}", err.message);
+    // Its generator is not exported.
+    let err = host
+        .eval(&format!(
+            r#"let g = load_unet("{f}").trainable_copy();
+               let p = g.params["conv_in.weight"];
+               p.assign(p / 0.0);
+               export_diffusers(g, "{f}", "{t}/export")"#
+        ))
+        .unwrap_err();
+    assert!(err.message.contains("conv_in.weight") && err.message.contains("NaN"), "{}", err.message);
+    assert!(!tmp.join("export/unet/config.json").exists(), "a refused export leaves nothing behind");
+    // A tensor with the right element count in the wrong shape is refused by name.
+    let err = host
+        .eval(&format!(
+            r#"let w = load_unet("{f}").weights();
+               w["conv_in.weight"] = w["conv_in.weight"].reshape([32, 4, 9, 1]);
+               save_safetensors(w, "{t}/unet/diffusion_pytorch_model.safetensors");
+               write_text("{t}/unet/config.json", read_text("{f}/unet/config.json"));
+               load_unet("{t}/unet")"#
+        ))
+        .unwrap_err();
+    assert!(err.message.contains("conv_in.weight"), "{}", err.message);
+    std::fs::remove_dir_all(tmp).ok();
+}

@@ -145,9 +145,15 @@ pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path) -> Result<()> {
     let cfg = teacher.join("unet").join("config.json");
     let cfg_text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
     let udir = out.join("unet");
-    crate::io::atomic::write_bytes(&udir.join("config.json"), cfg_text.as_bytes())?;
+    let file = udir.join("diffusion_pytorch_model.safetensors");
     let weights: Vec<(String, Tensor)> = unet.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-    crate::io::safetensors::save(&udir.join("diffusion_pytorch_model.safetensors"), &weights)?;
+    for (name, t) in &weights {
+        if !crate::ops::reduce::all_finite(t)? {
+            return Err(Error::file(&file, Some(name), "not exported: holds NaN or infinite values (a diverged run?)"));
+        }
+    }
+    crate::io::atomic::write_bytes(&udir.join("config.json"), cfg_text.as_bytes())?;
+    crate::io::safetensors::save(&file, &weights)?;
     copy_tree(teacher, out, &["unet", "expected.safetensors"])
 }
 

@@ -93,8 +93,13 @@ impl Weights {
                     Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(&shape)?
                 }
                 Some(t) if t.shape() != &shape => {
-                    // Attention projections of old checkpoints are 1×1 convolutions.
-                    if t.elem_count() == shape.elem_count() && t.dims().iter().skip(shape.rank()).all(|&d| d == 1) {
+                    // Attention projections of old checkpoints are 1×1 convolutions: the
+                    // same dims with trailing 1s, nothing else (a tensor of the right
+                    // element count in another shape is mis-shaped, not reshaped).
+                    let old_projection = t.rank() > shape.rank()
+                        && t.dims()[..shape.rank()] == *shape.dims()
+                        && t.dims()[shape.rank()..].iter().all(|&d| d == 1);
+                    if old_projection {
                         t.reshape(&shape)?.to_dtype(self.dtype)?.to_device(&self.device)?
                     } else {
                         log.misshaped.push((full.clone(), shape.dims().to_vec(), t.dims().to_vec()));

@@ -45,6 +45,16 @@ pub fn number(v: &Dynamic, what: &str) -> ScriptResult<f64> {
     v.as_float().map_err(|t| script_err(format!("{what} must be a number, got {t}")))
 }
 
+/// A number that must be finite (a NaN or infinite scale, rate or size would run
+/// on and break the run silently).
+pub fn finite(v: &Dynamic, what: &str) -> ScriptResult<f64> {
+    let x = number(v, what)?;
+    if !x.is_finite() {
+        return Err(script_err(format!("{what} must be a finite number, got {x}")));
+    }
+    Ok(x)
+}
+
 /// A shape: an array of non-negative ints, or a single int.
 pub fn shape(v: &Dynamic) -> ScriptResult<Vec<usize>> {
     if let Ok(n) = v.as_int() {
@@ -74,7 +84,7 @@ pub fn check_elements(dims: &[usize], bytes_per_element: usize) -> ScriptResult<
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| script_err(format!("shape {dims:?} has more elements than can be addressed")))?;
     let bytes = n as u128 * bytes_per_element as u128;
-    if let Some(total) = physical_memory() {
+    if let Some(total) = crate::memory::host_total_bytes() {
         if bytes > total as u128 {
             return Err(script_err(format!(
                 "shape {dims:?} ({n} elements) cannot fit this machine's {:.1} GB of memory",
@@ -83,13 +93,6 @@ pub fn check_elements(dims: &[usize], bytes_per_element: usize) -> ScriptResult<
         }
     }
     Ok(n)
-}
-
-/// Total physical memory in bytes, where the OS says.
-fn physical_memory() -> Option<u64> {
-    // SAFETY: sysconf only reads system configuration values.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
 }
 
 /// Dims as a script array of ints.

@@ -13,9 +13,14 @@ pub fn check_opts(opts: &Map, known: &[&str], who: &str) -> ScriptResult<()> {
     }
 }
 
-/// The number at `key`, or `default` when absent.
+/// The number at `key`, or `default` when absent; NaN is refused (no option means
+/// "not a number").
 pub fn opt_num(opts: &Map, key: &str, default: f64) -> ScriptResult<f64> {
-    opts.get(key).map(|v| number(v, key)).transpose().map(|v| v.unwrap_or(default))
+    let v = opts.get(key).map(|v| number(v, key)).transpose()?.unwrap_or(default);
+    if v.is_nan() {
+        return Err(script_err(format!("option {key} is NaN")));
+    }
+    Ok(v)
 }
 
 /// The integer at `key`, or `default` when absent.

@@ -14,7 +14,10 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     if c != 3 && c != 1 {
         crate::bail!("image grid: images need 1 or 3 channels, got {c}");
     }
-    let cols = cols.clamp(1, b.max(1));
+    if cols == 0 {
+        return Err(Error::file(path, None, "an image grid needs at least 1 column"));
+    }
+    let cols = cols.min(b.max(1));
     let rows = b.div_ceil(cols);
     let gap = 2;
     let (gw, gh) = (cols * w + (cols + 1) * gap, rows * h + (rows + 1) * gap);
@@ -22,6 +25,9 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
         .round()?
         .to_device(&candle_core::Device::Cpu)?;
     let v = pixels.flatten_all()?.to_vec1::<f32>()?;
+    if v.iter().any(|p| p.is_nan()) {
+        return Err(Error::file(path, None, "the images contain NaN (a diverged run?)"));
+    }
     let mut img = image::RgbImage::from_pixel(gw as u32, gh as u32, image::Rgb([255, 255, 255]));
     for i in 0..b {
         let (ox, oy) = (gap + (i % cols) * (w + gap), gap + (i / cols) * (h + gap));
@@ -55,7 +61,15 @@ pub fn load_folder(dir: &Path, size: usize) -> Result<(Tensor, Vec<String>)> {
     if files.is_empty() {
         return Err(Error::file(dir, None, "no png/jpg images in this folder"));
     }
-    let mut pixels = Vec::with_capacity(files.len() * 3 * size * size);
+    if size == 0 {
+        return Err(Error::file(dir, None, "images need a size of at least 1 pixel"));
+    }
+    let count = [files.len(), 3, size, size].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let fits = |n: usize| crate::memory::host_total_bytes().is_none_or(|total| (n as u128) * 4 <= total as u128);
+    let Some(count) = count.filter(|&n| fits(n)) else {
+        return Err(Error::file(dir, None, format!("{} images of {size}×{size} do not fit in memory", files.len())));
+    };
+    let mut pixels = Vec::with_capacity(count);
     let mut captions = Vec::with_capacity(files.len());
     for f in &files {
         let img = image::open(f).map_err(|e| Error::file(f, None, format!("cannot read image: {e}")))?.to_rgb8();
@@ -72,7 +86,7 @@ pub fn load_folder(dir: &Path, size: usize) -> Result<(Tensor, Vec<String>)> {
             }
         }
         let txt = f.with_extension("txt");
-        captions.push(if txt.is_file() {
+        captions.push(if txt.exists() {
             std::fs::read_to_string(&txt).map_err(|e| Error::io(&txt, e))?.trim().to_string()
         } else {
             String::new()

@@ -321,6 +321,16 @@ pub fn load_training(
 ) -> Result<(GeneratorState, serde_json::Map<String, serde_json::Value>)> {
     let (tensors, json) = load(dir, device)?;
     let at = dir.display();
+    // A diverged run's checkpoint must not be resumed as if it were sound.
+    for (name, t) in &tensors {
+        if !crate::ops::reduce::all_finite(t)? {
+            return Err(Error::file(
+                dir.join(TENSORS_FILE),
+                Some(name),
+                "holds NaN or infinite values (a diverged run?)",
+            ));
+        }
+    }
     if json["format"] != FORMAT {
         crate::bail!("{at}: not a sidscript checkpoint");
     }

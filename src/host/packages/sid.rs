@@ -15,7 +15,7 @@ use super::tensor::autograd::params_of;
 use super::unet::UnetHandle;
 use crate::diffusion::schedule::timesteps_tensor;
 use crate::diffusion::unet::Unet;
-use crate::host::args::number;
+use crate::host::args::{finite, number};
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_int, opt_num};
@@ -63,9 +63,9 @@ fn guidance(o: &Map, who: &str) -> ScriptResult<Guidance> {
         for (k, v) in &m {
             match k.as_str() {
                 "name" => {}
-                "train_fake" | "k_train_fake" => g.train_fake = number(v, k)?,
-                "fake" | "k_fake" => g.fake = number(v, k)?,
-                "real" | "k_real" => g.real = number(v, k)?,
+                "train_fake" | "k_train_fake" => g.train_fake = finite(v, k)?,
+                "fake" | "k_fake" => g.fake = finite(v, k)?,
+                "real" | "k_real" => g.real = finite(v, k)?,
                 other => {
                     return Err(script_err(format!("{who}: unknown guidance scale '{other}' (train_fake, fake, real)")))
                 }

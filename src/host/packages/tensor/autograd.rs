@@ -149,15 +149,24 @@ pub fn register(api: &mut Api) {
         "clip_grad_value",
         ["params", "limit"],
         "Clamps every gradient element into [-limit, limit].",
-        |v: Dynamic, l: Dynamic| grad_clip::clip_grad_value(&params_of(&v)?, number(&l, "limit")?).script(),
+        |v: Dynamic, l: Dynamic| grad_clip::clip_grad_value(&params_of(&v)?, not_nan(&l, "limit")?).script(),
     );
     api.func(
         "clip_grad_norm",
         ["params", "max_norm"],
         "Rescales gradients so their global L2 norm is at most max_norm; returns the norm before.",
-        |v: Dynamic, m: Dynamic| grad_clip::clip_grad_norm(&params_of(&v)?, number(&m, "max_norm")?).script(),
+        |v: Dynamic, m: Dynamic| grad_clip::clip_grad_norm(&params_of(&v)?, not_nan(&m, "max_norm")?).script(),
     );
     api.func("grad_norm", ["params"], "Global L2 norm of the gradients.", |v: Dynamic| {
         grad_clip::grad_norm(&params_of(&v)?).script()
     });
+}
+
+/// A clipping bound: any number but NaN (infinity means no clipping).
+fn not_nan(v: &Dynamic, what: &str) -> ScriptResult<f64> {
+    let x = number(v, what)?;
+    if x.is_nan() {
+        return Err(crate::host::error::script_err(format!("{what} is NaN")));
+    }
+    Ok(x)
 }

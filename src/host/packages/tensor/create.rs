@@ -102,8 +102,8 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "Normal samples. Options: mean, std, seed, dtype, device.",
         move |s: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
-            let mean = o.get("mean").map(|v| number(v, "mean")).transpose()?.unwrap_or(0.0);
-            let std = o.get("std").map(|v| number(v, "std")).transpose()?.unwrap_or(1.0);
+            let mean = o.get("mean").map(|v| args::finite(v, "mean")).transpose()?.unwrap_or(0.0);
+            let std = o.get("std").map(|v| args::finite(v, "std")).transpose()?.unwrap_or(1.0);
             let s = args::shape(&s)?;
             draw(&r, opts_seed(&o)?, |g| Ok(g.randn(s, dt, &d)?.affine(std, mean)?))
         },
@@ -136,8 +136,8 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "Uniform samples in [low, high). Options: low, high, seed, dtype, device.",
         move |s: Dynamic, o: Map| -> Out {
             let (dt, d) = placement(&o, dt, &d)?;
-            let lo = o.get("low").map(|v| number(v, "low")).transpose()?.unwrap_or(0.0);
-            let hi = o.get("high").map(|v| number(v, "high")).transpose()?.unwrap_or(1.0);
+            let lo = o.get("low").map(|v| args::finite(v, "low")).transpose()?.unwrap_or(0.0);
+            let hi = o.get("high").map(|v| args::finite(v, "high")).transpose()?.unwrap_or(1.0);
             let s = args::shape(&s)?;
             draw(&r, opts_seed(&o)?, |g| g.rand(s, lo, hi, dt, &d))
         },
