@@ -258,7 +258,7 @@ fn ctrl_c_checkpoints_the_sd_job_and_the_resumed_log_has_no_duplicates() {
         [set("model", &model), set("out", out.display()), set("iterations", iterations), set("grid_every", 1000)]
             .concat()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sidscript"))
+    let child = Command::new(env!("CARGO_BIN_EXE_sidscript"))
         .current_dir(root())
         .args(["run", "scripts/distill_sd15.rhai"])
         .args(args(100_000))

@@ -43,3 +43,58 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).map_err(|e| Error::io(tmp, e))
     })
 }
+
+/// Appends `line` and a newline to `path` (a log), creating it and its folder: all
+/// of the line lands or none of it — on a failed write (a full disk) the file is
+/// cut back to its length before. A partial last line that a killed process left
+/// is cut off first, so that every line of the log stays parseable.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let io = |e| Error::io(path, e);
+    let mut f = fs::OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
+    let mut len = f.metadata().map_err(io)?.len();
+    if len > 0 {
+        let mut last = [0u8];
+        f.seek(SeekFrom::Start(len - 1)).map_err(io)?;
+        f.read_exact(&mut last).map_err(io)?;
+        if last[0] != b'\n' {
+            let mut text = Vec::new();
+            f.seek(SeekFrom::Start(0)).map_err(io)?;
+            f.read_to_end(&mut text).map_err(io)?;
+            len = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i as u64 + 1);
+            f.set_len(len).map_err(io)?;
+        }
+    }
+    let mut bytes = Vec::with_capacity(line.len() + 1);
+    bytes.extend_from_slice(line.as_bytes());
+    bytes.push(b'\n');
+    if let Err(e) = f.write_all(&bytes).and_then(|_| f.flush()) {
+        let _ = f.set_len(len);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appended_lines_stay_whole_after_a_partial_one() -> Result<()> {
+        let path = std::env::temp_dir().join(format!("sidscript-append-{}", std::process::id())).join("log.jsonl");
+        let _ = fs::remove_file(&path);
+        append_line(&path, r#"{"it":1}"#)?;
+        // A process killed in the middle of a line.
+        let mut f = fs::OpenOptions::new().append(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        f.write_all(br#"{"it":2, "loss""#).map_err(|e| Error::io(&path, e))?;
+        drop(f);
+        append_line(&path, r#"{"it":2}"#)?;
+        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        assert_eq!(text, "{\"it\":1}\n{\"it\":2}\n");
+        fs::remove_dir_all(path.parent().unwrap()).ok();
+        Ok(())
+    }
+}

@@ -69,20 +69,11 @@ pub fn register_files(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "append_jsonl",
         ["path", "record"],
-        "Appends a map as one JSON line (metrics logs); creates the folder and file.",
+        "Appends a map as one JSON line (metrics logs), whole or not at all; creates the folder and file.",
         |p: &str, m: Map| -> ScriptResult<()> {
-            use std::io::Write;
             let v: serde_json::Value =
                 rhai::serde::from_dynamic(&Dynamic::from(m)).map_err(|e| script_err(format!("append_jsonl: {e}")))?;
-            if let Some(dir) = Path::new(p).parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| script_err(format!("{}: {e}", dir.display())))?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| script_err(format!("{p}: {e}")))?;
-            writeln!(f, "{v}").map_err(|e| script_err(format!("{p}: {e}")))
+            crate::io::atomic::append_line(Path::new(p), &v.to_string()).script()
         },
     );
     api.func(
