@@ -188,3 +188,35 @@ fn nan_weights_are_neither_resumed_nor_exported_and_misshaped_tensors_are_not_re
     assert!(err.message.contains("conv_in.weight"), "{}", err.message);
     std::fs::remove_dir_all(tmp).ok();
 }
+
+#[test]
+fn file_errors_name_the_file_and_what_is_wrong_with_it() {
+    let host = host();
+    let tmp = std::env::temp_dir().join(format!("sidscript-bad-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("weights.safetensors")).unwrap();
+    std::fs::write(tmp.join("plain"), "x").unwrap();
+    std::fs::write(tmp.join("prompts.txt"), "\n\n").unwrap();
+    let t = tmp.display();
+    let cases = [
+        (format!(r#"load_safetensors("{t}/weights.safetensors")"#), "is a folder, not a safetensors file"),
+        (format!(r#"write_text("{t}/plain/sub/out.txt", "x")"#), "plain: is a file, so"),
+        (format!(r#"append_jsonl("{t}/plain/log.jsonl", #{{ a: 1 }})"#), "plain: is a file, so"),
+    ];
+    for (src, want) in &cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .current_dir(root)
+        .args(["run", "scripts/distill_sd15.rhai", "--set", "model=tests/fixtures/tiny-sd15"])
+        .args(["--set", &format!("out={t}/out"), "--set", &format!("prompts={t}/prompts.txt")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("prompts.txt holds no prompt"), "{err}");
+    std::fs::remove_dir_all(tmp).ok();
+}

@@ -15,9 +15,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes a file atomically with `write`, which receives the temporary path.
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+    create_parent(path)?;
     let tmp = temp_path(path);
     let result = write(&tmp).and_then(|()| {
         File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
@@ -36,6 +34,16 @@ pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resul
     Ok(())
 }
 
+/// Creates the folders above `path`; a file where a folder must be is named as such
+/// (the OS says only "File exists").
+pub fn create_parent(path: &Path) -> Result<()> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else { return Ok(()) };
+    fs::create_dir_all(dir).map_err(|e| match dir.ancestors().find(|a| a.is_file()) {
+        Some(file) => Error::file(file, None, format!("is a file, so {} cannot be created under it", path.display())),
+        None => Error::io(dir, e),
+    })
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |tmp| {
@@ -50,9 +58,7 @@ pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
 /// is cut off first, so that every line of the log stays parseable.
 pub fn append_line(path: &Path, line: &str) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
+    create_parent(path)?;
     let io = |e| Error::io(path, e);
     let mut f = fs::OpenOptions::new().create(true).read(true).append(true).open(path).map_err(io)?;
     let mut len = f.metadata().map_err(io)?.len();

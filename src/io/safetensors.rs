@@ -10,6 +10,9 @@ use std::path::Path;
 /// Loads every tensor of a safetensors file, sorted by name, converting to `dtype`
 /// when one is given.
 pub fn load(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {
+    if path.is_dir() {
+        return Err(Error::file(path, None, "is a folder, not a safetensors file"));
+    }
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // Mapped, not read: checkpoints can be many gigabytes. Safety: the file is only
     // read, and candle copies each tensor out of the mapping before it is dropped.
