@@ -220,3 +220,32 @@ fn file_errors_name_the_file_and_what_is_wrong_with_it() {
     assert!(!o.status.success() && err.contains("prompts.txt holds no prompt"), "{err}");
     std::fs::remove_dir_all(tmp).ok();
 }
+
+#[test]
+fn a_checkpoint_of_another_model_is_refused_naming_the_tensor() {
+    let host = host();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (sd, xl) = (root.join("tests/fixtures/tiny-sd15"), root.join("tests/fixtures/tiny-sdxl"));
+    let tmp = std::env::temp_dir().join(format!("sidscript-other-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let err = host
+        .eval(&format!(
+            r#"let a = load_unet("{}").trainable_copy();
+               save_checkpoint("{}/ckpt", #{{ gen: a, it: 1 }});
+               let b = load_unet("{}").trainable_copy();
+               load_checkpoint("{}/ckpt", #{{ gen: b }})"#,
+            sd.display(),
+            tmp.display(),
+            xl.display(),
+            tmp.display()
+        ))
+        .unwrap_err();
+    assert!(
+        err.message.contains("tensors.safetensors")
+            && err.message.contains("'gen.")
+            && err.message.contains("another model"),
+        "{}",
+        err.message
+    );
+    std::fs::remove_dir_all(tmp).ok();
+}

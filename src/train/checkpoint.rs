@@ -347,6 +347,25 @@ pub fn load_training(
         if let Some(t) = tensors.get(key.as_str()) {
             own.insert(String::new(), t.clone());
         }
+        // Shapes first, by name (a checkpoint of another model or config): weights
+        // and plain tensors; an optimiser checks its moments itself (listing them
+        // here would copy them).
+        if kind != "optimizer" {
+            for (name, current) in entry.state_tensors()? {
+                if let Some(saved) = own.get(&name).filter(|saved| saved.dims() != current.dims()) {
+                    let full = if name.is_empty() { key.clone() } else { format!("{key}.{name}") };
+                    return Err(Error::file(
+                        dir.join(TENSORS_FILE),
+                        Some(&full),
+                        format!(
+                            "is {:?} in the checkpoint, {:?} in this run (a checkpoint of another model or config?)",
+                            saved.dims(),
+                            current.dims()
+                        ),
+                    ));
+                }
+            }
+        }
         entry
             .load_state(&own, json["optimizers"].get(key.as_str()))
             .map_err(|e| Error::msg(format!("{at}: '{key}': {e}")))?;
