@@ -249,3 +249,35 @@ fn a_checkpoint_of_another_model_is_refused_naming_the_tensor() {
     );
     std::fs::remove_dir_all(tmp).ok();
 }
+
+#[test]
+fn a_tokenizer_length_that_is_not_usable_is_refused_and_the_no_limit_sentinel_is_not() {
+    let host = host();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("tests/fixtures/tiny-sd15/tokenizer");
+    let tmp = std::env::temp_dir().join(format!("sidscript-tok-{}", std::process::id()));
+    for (length, ok) in
+        [("1000000000000", false), ("0", false), ("1000000000000000019884624838656", true), ("77", true)]
+    {
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        for f in ["vocab.json", "merges.txt"] {
+            std::fs::copy(src.join(f), tmp.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap()).unwrap();
+        cfg["model_max_length"] = serde_json::from_str(length).unwrap();
+        std::fs::write(tmp.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let r = host.eval(&format!(r#"load_tokenizer("{}")"#, tmp.display()));
+        match (r, ok) {
+            (Ok(_), true) => {}
+            (Err(e), false) => assert!(
+                e.message.contains("tokenizer_config.json") && e.message.contains("model_max_length"),
+                "{length}: {}",
+                e.message
+            ),
+            (r, _) => panic!("model_max_length {length}: {:?}", r.map(|_| ()).map_err(|e| e.message)),
+        }
+    }
+    std::fs::remove_dir_all(tmp).ok();
+}

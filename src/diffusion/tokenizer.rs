@@ -44,7 +44,22 @@ impl PromptTokenizer {
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = if cfg_path.is_file() { super::folder::read_json(&cfg_path)? } else { serde_json::Value::Null };
-        let max_length = cfg["model_max_length"].as_u64().filter(|&m| m > 0 && m < 100_000).unwrap_or(77) as usize;
+        // Absent, or transformers' "no limit" sentinel (VERY_LARGE_INTEGER, about 1e30):
+        // CLIP's 77 positions. Any other value must be a usable length.
+        let max_length = match &cfg["model_max_length"] {
+            serde_json::Value::Null => 77,
+            v if v.as_f64().is_some_and(|m| m >= 1e29) => 77,
+            v => match v.as_u64().filter(|&m| m > 0 && m < 100_000) {
+                Some(m) => m as usize,
+                None => {
+                    return Err(Error::file(
+                        &cfg_path,
+                        None,
+                        format!("model_max_length {v} is not a usable length (1 to 99999)"),
+                    ))
+                }
+            },
+        };
         let json = dir.join("tokenizer.json");
         let mut tok = if json.is_file() {
             Tokenizer::from_file(&json).map_err(|e| tk_err(&json, e))?
