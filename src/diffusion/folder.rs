@@ -141,13 +141,11 @@ pub fn load_tensors(
 
 /// Writes `unet` as a diffusers folder `out`: unet/ with the teacher folder's UNet
 /// config and these weights, and every other component copied from `teacher`. The
-/// folder is built beside `out` and moved into place when complete, so a failure
-/// (a full disk, NaN weights) leaves the earlier export, or none, never a partial one.
+/// folder is written whole ([`io::atomic::write_dir`](crate::io::atomic::write_dir)),
+/// so a failure (a full disk, NaN weights) leaves the earlier export, or none.
 pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path) -> Result<()> {
     let cfg = teacher.join("unet").join("config.json");
     let cfg_text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "export".into());
-    let beside = |what: &str| out.with_file_name(format!(".{name}.{what}"));
     let weights: Vec<(String, Tensor)> = unet.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
     let file = out.join("unet").join("diffusion_pytorch_model.safetensors");
     for (name, t) in &weights {
@@ -155,29 +153,11 @@ pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path) -> Result<()> {
             return Err(Error::file(&file, Some(name), "not exported: holds NaN or infinite values (a diverged run?)"));
         }
     }
-    let (tmp, old) = (beside("tmp"), beside("old"));
-    for stale in [&tmp, &old] {
-        if stale.exists() {
-            std::fs::remove_dir_all(stale).map_err(|e| Error::io(stale, e))?;
-        }
-    }
-    let written = (|| -> Result<()> {
+    crate::io::atomic::write_dir(out, |tmp| {
         crate::io::atomic::write_bytes(&tmp.join("unet").join("config.json"), cfg_text.as_bytes())?;
         crate::io::safetensors::save(&tmp.join("unet").join("diffusion_pytorch_model.safetensors"), &weights)?;
-        copy_tree(teacher, &tmp, &["unet", "expected.safetensors"])
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    }
-    Ok(())
+        copy_tree(teacher, tmp, &["unet", "expected.safetensors"])
+    })
 }
 
 /// Copies the files under `from` to `to` (each written atomically), leaving out

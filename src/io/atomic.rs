@@ -44,6 +44,110 @@ pub fn create_parent(path: &Path) -> Result<()> {
     })
 }
 
+/// The folders beside a folder `dir` that [`write_dir`] uses: `.NAME.tmp` (being
+/// written), `.NAME.new` (complete, about to replace it) and `.NAME.old` (the one
+/// it replaces, until removed).
+struct Swap {
+    dir: PathBuf,
+    parent: PathBuf,
+    name: String,
+}
+
+impl Swap {
+    fn of(dir: &Path) -> Result<Self> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::file(dir, None, "a folder written whole needs a name"))?;
+        let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
+        Ok(Self { dir: dir.to_path_buf(), parent, name })
+    }
+
+    fn beside(&self, what: &str) -> PathBuf {
+        self.parent.join(format!(".{}.{what}", self.name))
+    }
+
+    fn sync_parent(&self) {
+        if let Ok(d) = fs::File::open(&self.parent) {
+            let _ = d.sync_all();
+        }
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        fs::rename(from, to).map_err(|e| Error::io(from, e))?;
+        self.sync_parent();
+        Ok(())
+    }
+
+    fn remove(path: &Path) -> Result<()> {
+        match fs::remove_dir_all(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Finishes a swap a crash interrupted and removes what a crash left behind:
+    /// a complete `.new` replaces the folder (moving it in is the swap's last
+    /// step), a partial `.tmp` and a leftover `.old` are removed, and so are the
+    /// per-process temporaries of earlier versions (`.NAME.tmp<pid>`, `.NAME.old<pid>`).
+    fn recover(&self) -> Result<()> {
+        let new = self.beside("new");
+        if new.is_dir() {
+            if self.dir.exists() {
+                Self::remove(&self.beside("old"))?;
+                self.rename(&self.dir, &self.beside("old"))?;
+            }
+            self.rename(&new, &self.dir)?;
+        }
+        Self::remove(&self.beside("tmp"))?;
+        if self.dir.exists() {
+            Self::remove(&self.beside("old"))?;
+        } else if self.beside("old").is_dir() {
+            // Only the old checkpoint survived: it is the latest complete one.
+            self.rename(&self.beside("old"), &self.dir)?;
+        }
+        if let Ok(entries) = fs::read_dir(&self.parent) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let stale = ["tmp", "old"].iter().any(|k| {
+                    n.strip_prefix(&format!(".{}.{k}", self.name))
+                        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+                });
+                if stale {
+                    Self::remove(&e.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a folder `dir` whole: `build` fills `.NAME.tmp` beside it, which is then
+/// renamed to `.NAME.new` and swapped in (the old folder moved aside, then removed).
+/// At every instant either `dir` or `.NAME.new` is complete, and [`recover_dir`]
+/// finishes an interrupted swap; a failed `build` leaves `dir` as it was.
+pub fn write_dir(dir: &Path, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let swap = Swap::of(dir)?;
+    fs::create_dir_all(&swap.parent).map_err(|e| Error::io(&swap.parent, e))?;
+    swap.recover()?;
+    let tmp = swap.beside("tmp");
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = build(&tmp) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    swap.rename(&tmp, &swap.beside("new"))?;
+    swap.recover()
+}
+
+/// Completes or cleans up after a [`write_dir`] that a crash interrupted: a complete
+/// `.NAME.new` replaces the folder, a lone `.NAME.old` is restored, partial and
+/// stale temporaries are removed.
+pub fn recover_dir(dir: &Path) -> Result<()> {
+    Swap::of(dir)?.recover()
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |tmp| {

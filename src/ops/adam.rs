@@ -57,7 +57,7 @@ fn launch(p: &Tensor, g: &Tensor, m: Option<&Tensor>, v: &Tensor, s: AdamStep) -
     let mut views = Vec::with_capacity(4);
     for (st, l) in &held {
         let Storage::Cuda(c) = &**st else { return Ok(false) };
-        views.push(c.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n));
+        views.push(super::kernels_cuda::view::<f32>(c, l)?);
     }
     let Storage::Cuda(first) = &*held[0].0 else { return Ok(false) };
     let func = first.device.get_or_load_custom_func("adam_f32", "sidscript_adam", super::kernels_cuda::ADAM)?;

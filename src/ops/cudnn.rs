@@ -191,12 +191,9 @@ impl CudnnConv {
         T: CudaDType + CudnnDataType + DeviceRepr + ValidAsZeroBits + WithDType + 'static,
         C: CudnnDataType + 'static,
     {
-        let (Some((a0, a1)), Some((b0, b1))) = (al.contiguous_offsets(), bl.contiguous_offsets()) else {
-            candle_core::bail!("cudnn conv: operands must be contiguous")
-        };
+        let (av, bv) = (super::kernels_cuda::view::<T>(a, al)?, super::kernels_cuda::view::<T>(b, bl)?);
         let dev = a.device().clone();
         let p = plan::<T, C>(&dev, dtype, self.geom)?;
-        let (av, bv) = (a.as_cuda_slice::<T>()?.slice(a0..a1), b.as_cuda_slice::<T>()?.slice(b0..b1));
         let out_dims = self.geom.out_dims(self.pass);
         let stream = dev.cuda_stream();
         // SAFETY: every element is written by cuDNN (beta = 0).

@@ -26,10 +26,13 @@ pub(crate) fn grid_stride(count: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The f32 elements of a contiguous operand.
-pub(crate) fn view<'a>(s: &'a CudaStorage, l: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
+/// The elements of a contiguous operand.
+pub(crate) fn view<'a, T: candle_core::cuda::CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("CUDA kernel: operands must be contiguous") };
-    Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
 /// `name(x, y, count, n)` of the activation kernels: `count` outputs from `x`,
@@ -41,7 +44,7 @@ pub(crate) fn unary(name: &str, x: &CudaStorage, l: &Layout, out: Shape) -> cand
     let n = l.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every output element.
     let mut y = unsafe { dev.cuda_stream().alloc::<f32>(count) }.map_err(candle_core::Error::wrap)?;
-    let xv = view(x, l)?;
+    let xv = view::<f32>(x, l)?;
     let mut b = f.builder();
     b.arg(&xv).arg(&mut y).arg(&count).arg(&n);
     // SAFETY: arguments as name(x, y, count, n).
@@ -66,7 +69,7 @@ pub(crate) fn unary_grad(
     // SAFETY: the kernel writes every element of dx.
     let mut dx =
         unsafe { dev.cuda_stream().alloc::<f32>(sl.shape().elem_count()) }.map_err(candle_core::Error::wrap)?;
-    let (sv, gv) = (view(s, sl)?, view(g, gl)?);
+    let (sv, gv) = (view::<f32>(s, sl)?, view::<f32>(g, gl)?);
     let mut b = f.builder();
     b.arg(&sv).arg(&gv).arg(&mut dx).arg(&count).arg(&n);
     // SAFETY: arguments as name(s, dy, dx, count, n).

@@ -190,7 +190,7 @@ mod cuda {
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
     fn view<'a>((s, l): Operand<'a>) -> candle_core::Result<CudaView<'a, f32>> {
-        super::super::kernels_cuda::view(s, l)
+        super::super::kernels_cuda::view::<f32>(s, l)
     }
 
     /// Row count, row length and the statistics [rows, 2] of x.

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::rng::GeneratorState;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// The tensors' file in a checkpoint folder.
@@ -22,114 +22,22 @@ pub const TENSORS_FILE: &str = "tensors.safetensors";
 /// The JSON state's file in a checkpoint folder.
 pub const STATE_FILE: &str = "state.json";
 
-/// The folders beside a checkpoint `dir` that its writer uses: `.NAME.tmp` (being
-/// written), `.NAME.new` (complete, about to replace it) and `.NAME.old` (the one
-/// it replaces, until removed).
-struct Swap {
-    dir: PathBuf,
-    parent: PathBuf,
-    name: String,
-}
-
-impl Swap {
-    fn of(dir: &Path) -> Result<Self> {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| Error::file(dir, None, "a checkpoint needs a folder name"))?;
-        let parent = dir.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-        let parent = if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent };
-        Ok(Self { dir: dir.to_path_buf(), parent, name })
-    }
-
-    fn beside(&self, what: &str) -> PathBuf {
-        self.parent.join(format!(".{}.{what}", self.name))
-    }
-
-    fn sync_parent(&self) {
-        if let Ok(d) = std::fs::File::open(&self.parent) {
-            let _ = d.sync_all();
-        }
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> Result<()> {
-        std::fs::rename(from, to).map_err(|e| Error::io(from, e))?;
-        self.sync_parent();
-        Ok(())
-    }
-
-    fn remove(path: &Path) -> Result<()> {
-        match std::fs::remove_dir_all(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path, e)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Finishes a swap a crash interrupted and removes what a crash left behind:
-    /// a complete `.new` replaces the folder (moving it in is the swap's last
-    /// step), a partial `.tmp` and a leftover `.old` are removed, and so are the
-    /// per-process temporaries of earlier versions (`.NAME.tmp<pid>`, `.NAME.old<pid>`).
-    fn recover(&self) -> Result<()> {
-        let new = self.beside("new");
-        if new.is_dir() {
-            if self.dir.exists() {
-                Self::remove(&self.beside("old"))?;
-                self.rename(&self.dir, &self.beside("old"))?;
-            }
-            self.rename(&new, &self.dir)?;
-        }
-        Self::remove(&self.beside("tmp"))?;
-        if self.dir.exists() {
-            Self::remove(&self.beside("old"))?;
-        } else if self.beside("old").is_dir() {
-            // Only the old checkpoint survived: it is the latest complete one.
-            self.rename(&self.beside("old"), &self.dir)?;
-        }
-        if let Ok(entries) = std::fs::read_dir(&self.parent) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                let stale = ["tmp", "old"].iter().any(|k| {
-                    n.strip_prefix(&format!(".{}.{k}", self.name))
-                        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
-                });
-                if stale {
-                    Self::remove(&e.path())?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Completes or cleans up after a checkpoint write that a crash interrupted (see
 /// [`save`]); `--resume` and [`load`] call it, so a run killed at any instant
 /// resumes from the latest complete checkpoint.
 pub fn recover(dir: &Path) -> Result<()> {
-    Swap::of(dir)?.recover()
+    crate::io::atomic::recover_dir(dir)
 }
 
-/// Writes a checkpoint folder atomically: `tensors` by name, and `state`. The new
-/// checkpoint is written to `.NAME.tmp`, synced and renamed to `.NAME.new`; only
-/// then is the old one moved aside and the new one moved in. At every instant
-/// either `NAME` or `.NAME.new` is a complete checkpoint, and [`recover`] finishes
-/// an interrupted swap.
+/// Writes a checkpoint folder atomically: `tensors` by name, and `state`, swapped
+/// in by [`io::atomic::write_dir`](crate::io::atomic::write_dir) so that at every
+/// instant a complete checkpoint exists under a known name.
 pub fn save(dir: &Path, tensors: &[(String, Tensor)], state: &serde_json::Value) -> Result<()> {
-    let swap = Swap::of(dir)?;
-    std::fs::create_dir_all(&swap.parent).map_err(|e| Error::io(&swap.parent, e))?;
-    swap.recover()?;
-    let tmp = swap.beside("tmp");
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = (|| -> Result<()> {
+    let text = serde_json::to_string_pretty(state).map_err(|e| Error::msg(format!("checkpoint state: {e}")))?;
+    crate::io::atomic::write_dir(dir, |tmp| {
         crate::io::safetensors::save(&tmp.join(TENSORS_FILE), tensors)?;
-        let text = serde_json::to_string_pretty(state).map_err(|e| Error::msg(format!("checkpoint state: {e}")))?;
         crate::io::atomic::write_bytes(&tmp.join(STATE_FILE), text.as_bytes())
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    swap.rename(&tmp, &swap.beside("new"))?;
-    swap.recover()
+    })
 }
 
 /// Reads a checkpoint folder: its tensors by name, and its state.
