@@ -281,3 +281,47 @@ fn a_tokenizer_length_that_is_not_usable_is_refused_and_the_no_limit_sentinel_is
     }
     std::fs::remove_dir_all(tmp).ok();
 }
+
+#[test]
+fn a_damaged_tokenizer_file_is_named() {
+    let host = host();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("tests/fixtures/tiny-sd15/tokenizer");
+    let tmp = std::env::temp_dir().join(format!("sidscript-tok-files-{}", std::process::id()));
+    let vocab = std::fs::read_to_string(src.join("vocab.json")).unwrap();
+    let merges = std::fs::read_to_string(src.join("merges.txt")).unwrap();
+    // (vocab.json, merges.txt, what the error must name)
+    let cases = [
+        (&vocab[..vocab.len() / 2], merges.as_str(), "vocab.json: invalid JSON"),
+        (r#"{"a": "one"}"#, merges.as_str(), "vocab.json: tokenizer: token \"a\""),
+        (vocab.as_str(), "#version: 0.2\na b c\n", "merges.txt: tokenizer: line 2"),
+    ];
+    for (v, m, want) in cases {
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::copy(src.join("tokenizer_config.json"), tmp.join("tokenizer_config.json")).unwrap();
+        std::fs::write(tmp.join("vocab.json"), v).unwrap();
+        std::fs::write(tmp.join("merges.txt"), m).unwrap();
+        match host.eval(&format!(r#"load_tokenizer("{}")"#, tmp.display())) {
+            Ok(_) => panic!("{want}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "want {want}: {}", e.message),
+        }
+    }
+    std::fs::remove_dir_all(tmp).ok();
+}
+
+#[test]
+fn a_config_value_of_the_wrong_type_is_named_by_its_key() {
+    let host = host();
+    let cases = [
+        (r#"new_unet(#{ block_out_channels: "wide" }, 1)"#, "key `block_out_channels`"),
+        (r#"new_unet(#{ block_out_channels: [8, "x"] }, 1)"#, "key `block_out_channels[1]`"),
+        (r#"new_unet(#{ norm_eps: "small" }, 1)"#, "key `norm_eps`"),
+    ];
+    for (src, want) in cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+}

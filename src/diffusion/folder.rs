@@ -35,6 +35,15 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::file(path, None, format!("invalid JSON: {e}")))
 }
 
+/// A typed config from JSON; the error names the key at fault
+/// (`block_out_channels[1]: invalid type ...`), not only serde's complaint.
+pub fn config_from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> std::result::Result<T, String> {
+    serde_path_to_error::deserialize(v).map_err(|e| match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        key => format!("key `{key}`: {}", e.inner()),
+    })
+}
+
 impl ModelIndex {
     /// `dir/model_index.json`.
     pub fn read(dir: &Path) -> Result<Self> {

@@ -100,7 +100,7 @@ pub trait Component: Sized {
         };
         let cfg_path = dir.join("config.json");
         let cfg: Self::Config =
-            serde_json::from_value(read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
+            super::folder::config_from_json(read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
         let tensors = load_tensors(&dir, opts.variant.as_deref(), opts.dtype, &opts.device)?;
         Self::build(&cfg, Weights::from_tensors(tensors, opts.dtype, &opts.device))
             .map_err(|e| Error::file(&dir, None, e))

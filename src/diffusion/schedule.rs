@@ -109,8 +109,8 @@ impl VpSchedule {
     /// Reads `scheduler/scheduler_config.json` of a pipeline folder.
     pub fn from_folder(dir: &std::path::Path) -> Result<Self> {
         let path = dir.join("scheduler").join("scheduler_config.json");
-        let cfg: ScheduleConfig =
-            serde_json::from_value(super::folder::read_json(&path)?).map_err(|e| Error::file(&path, None, e))?;
+        let cfg: ScheduleConfig = super::folder::config_from_json(super::folder::read_json(&path)?)
+            .map_err(|e| Error::file(&path, None, e))?;
         Self::new(&cfg)
     }
 

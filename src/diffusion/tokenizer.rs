@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::path::Path;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
 use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormSeq, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSeq;
@@ -37,6 +37,36 @@ fn token_text(cfg: &serde_json::Value, key: &str) -> Option<String> {
         serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
         _ => None,
     }
+}
+
+/// `vocab.json`: token → id. Read here rather than by the tokenizers crate so that
+/// a truncated or malformed file is named in the error.
+fn read_vocab(path: &Path) -> Result<Vocab> {
+    let serde_json::Value::Object(map) = super::folder::read_json(path)? else {
+        return Err(tk_err(path, "expected a JSON object of token: id"));
+    };
+    map.into_iter()
+        .map(|(token, id)| match id.as_u64().and_then(|i| u32::try_from(i).ok()) {
+            Some(i) => Ok((token, i)),
+            None => Err(tk_err(path, format!("token {token:?} has id {id}, not a token id"))),
+        })
+        .collect()
+}
+
+/// `merges.txt`: one `left right` pair per line after an optional `#version` line.
+fn read_merges(path: &Path) -> Result<Merges> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut merges = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with("#version") || line.is_empty() {
+            continue;
+        }
+        match line.split(' ').collect::<Vec<_>>()[..] {
+            [a, b] => merges.push((a.to_string(), b.to_string())),
+            _ => return Err(tk_err(path, format!("line {}: {line:?} is not a pair of tokens", n + 1))),
+        }
+    }
+    Ok(merges)
 }
 
 impl PromptTokenizer {
@@ -100,12 +130,13 @@ impl PromptTokenizer {
         let unk = token_text(cfg, "unk_token").unwrap_or_else(|| "<|endoftext|>".into());
         let bos = token_text(cfg, "bos_token").unwrap_or_else(|| "<|startoftext|>".into());
         let eos = token_text(cfg, "eos_token").unwrap_or_else(|| "<|endoftext|>".into());
-        let bpe = BPE::from_file(&vocab.display().to_string(), &merges.display().to_string())
+        let bpe = BPE::builder()
+            .vocab_and_merges(read_vocab(&vocab)?, read_merges(&merges)?)
             .unk_token(unk)
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .build()
-            .map_err(|e| tk_err(dir, e))?;
+            .map_err(|e| tk_err(&merges, e))?;
         let mut tok = Tokenizer::new(bpe);
         let ws = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
             .map_err(|e| tk_err(dir, e))?;

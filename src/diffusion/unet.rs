@@ -227,7 +227,8 @@ pub struct UnetConfig {
 impl UnetConfig {
     /// A config.json's contents.
     pub fn from_json(text: &str) -> Result<Self> {
-        serde_json::from_str(text).map_err(|e| Error::msg(format!("unet config: {e}")))
+        let v = serde_json::from_str(text).map_err(|e| Error::msg(format!("unet config: {e}")))?;
+        super::folder::config_from_json(v).map_err(|e| Error::msg(format!("unet config: {e}")))
     }
 
     /// Rejects configurations this implementation does not cover, by name.

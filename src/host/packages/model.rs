@@ -19,7 +19,7 @@ use std::sync::Arc;
 pub(crate) fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> ScriptResult<C> {
     let json: serde_json::Value =
         rhai::serde::from_dynamic(&Dynamic::from(m.clone())).map_err(|e| script_err(format!("{what} config: {e}")))?;
-    serde_json::from_value(json).map_err(|e| script_err(format!("{what} config: {e}")))
+    crate::diffusion::folder::config_from_json(json).map_err(|e| script_err(format!("{what} config: {e}")))
 }
 
 /// A trainable model's parameters as a map name → tensor (empty when frozen).
