@@ -325,3 +325,20 @@ fn a_config_value_of_the_wrong_type_is_named_by_its_key() {
         }
     }
 }
+
+#[test]
+fn integer_parameters_and_float_indices_are_refused() {
+    let host = host();
+    let cases = [
+        (r#"param(ones([3], #{ dtype: "u32" }))"#, "a parameter must be a float tensor"),
+        (r#"make_params(#{ w: ones([3], #{ dtype: "i64" }) })"#, "got i64"),
+        ("randn([5, 2]).index_select(tensor([0.5, 1.7]), 0)", "indices must be an integer tensor, got f32"),
+        (r#"randn([5, 2]).index_select(tensor([7, 1], #{ dtype: "i64" }), 0)"#, "invalid index 7"),
+    ];
+    for (src, want) in cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+}

@@ -148,3 +148,73 @@ fn host_driven_functions_keep_the_scripts_imports() {
     assert!(rows.iter().all(|r| r["k"].as_i64() == Some(14)), "{rows:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// One Ctrl-C always ends a run: a step that never returns (here a loop, then a
+/// sleep) is cancelled once it has run well past the steps before it, and the
+/// run says so, writing no checkpoint of a half-done iteration.
+#[cfg(unix)]
+#[test]
+fn one_ctrl_c_ends_a_step_that_never_returns_and_a_long_sleep() {
+    let dir = temp_dir("hang");
+    for (tag, hang) in [("loop", "loop { x += 1; }"), ("sleep", "sleep(3600);")] {
+        let log = dir.join(format!("{tag}.jsonl"));
+        let script = dir.join(format!("{tag}.rhai"));
+        std::fs::write(
+            &script,
+            format!(
+                r#"fn setup(cfg) {{ #{{ iterations: 5, log: cfg.log }} }}
+                   fn step(s, it) {{ append_jsonl(s.log, #{{ it: it }}); let x = 0; if it == 1 {{ {hang} }} }}
+                   fn checkpoint(s, it) {{ write_text(s.log + ".ckpt", "x"); }}"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sidscript"))
+            .arg("run")
+            .arg(&script)
+            .args(["--set", &format!("log={}", log.display())])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_rows(&log, 2);
+        let pressed = Instant::now();
+        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(pressed.elapsed() < Duration::from_secs(30), "{tag}: {err}");
+        assert!(!out.status.success(), "{tag}: {err}");
+        assert!(err.contains("stopped by Ctrl-C during iteration 1"), "{tag}: {err}");
+        // Rhai's cancellation carries no position; a native function's error does.
+        let place = if tag == "sleep" { format!("{tag}.rhai:2") } else { format!("{tag}.rhai") };
+        assert!(err.contains(&place), "{tag}: the error names {place}: {err}");
+        assert!(!dir.join(format!("{tag}.jsonl.ckpt")).exists(), "{tag}: a half-done iteration was checkpointed");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// In a plain script, Ctrl-C ends a sleep at once.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_ends_a_sleep_in_a_plain_script() {
+    let dir = temp_dir("sleep");
+    std::fs::write(dir.join("s.rhai"), "write_text(cfg.log, \"x\");\nsleep(3600);\n").unwrap();
+    let log = dir.join("started");
+    let child = Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .arg("run")
+        .arg(dir.join("s.rhai"))
+        .args(["--set", &format!("log={}", log.display())])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !log.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pressed = Instant::now();
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(pressed.elapsed() < Duration::from_secs(5), "{err}");
+    assert!(!out.status.success() && err.contains("interrupted") && err.contains("s.rhai:2"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -25,7 +25,7 @@ use modules::Modules;
 use rhai::{Dynamic, Engine, Map, Scope, AST};
 pub use run_state::RunState;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 pub use tensor::TensorHandle;
 
@@ -74,9 +74,9 @@ impl Host {
         });
         // A raised cancel flag stops the running script at its next operation
         // (Ctrl-C in the REPL); the flag is lowered as it fires.
-        let cancel = Arc::new(AtomicBool::new(false));
-        let flag = cancel.clone();
-        engine.on_progress(move |_| flag.swap(false, Ordering::Relaxed).then(|| Dynamic::from("interrupted")));
+        let cancel = run_state.cancel.clone();
+        let rs = run_state.clone();
+        engine.on_progress(move |_| rs.take_cancel().then(|| Dynamic::from("interrupted")));
         let modules = Modules::default();
         engine.set_module_resolver(modules.clone());
         let mut docs = vec![];

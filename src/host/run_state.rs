@@ -4,7 +4,8 @@
 use crate::rng::Generator;
 use candle_core::{DType, Device};
 use rhai::Map;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What a run's native functions share: its seeded generator, device, dtype and configuration.
 pub struct RunState {
@@ -15,6 +16,9 @@ pub struct RunState {
     /// The dtype models load in.
     pub dtype: DType,
     config: Mutex<Map>,
+    /// Raised to stop the running script at its next operation (Ctrl-C); native
+    /// functions that wait (`sleep`) watch it too. Lowered by whoever acts on it.
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl RunState {
@@ -26,6 +30,7 @@ impl RunState {
             device,
             dtype: DType::F32,
             config: Mutex::new(Map::new()),
+            cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -54,5 +59,10 @@ impl RunState {
     /// Replaces the configuration.
     pub fn set_config(&self, cfg: Map) {
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// Takes a raised cancel flag (lowering it): true when the script must stop.
+    pub fn take_cancel(&self) -> bool {
+        self.cancel.swap(false, Ordering::Relaxed)
     }
 }

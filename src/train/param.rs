@@ -32,6 +32,14 @@ pub struct Param {
 impl Param {
     /// A new parameter holding a copy of `value`.
     pub fn new(value: &Tensor, name: impl Into<String>) -> Result<Arc<Self>> {
+        // Backprop never reaches an integer tensor: such a parameter would stay
+        // at its value silently.
+        if !value.dtype().is_float() {
+            return Err(Error::msg(format!(
+                "a parameter must be a float tensor (gradients do not reach integers), got {}",
+                value.dtype().as_str()
+            )));
+        }
         Ok(Self::from_var(Var::from_tensor(&value.detach())?, name))
     }
 

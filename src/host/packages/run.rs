@@ -4,7 +4,7 @@ use crate::host::args;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult};
 use crate::host::run_state::RunState;
-use rhai::{Dynamic, Map};
+use rhai::Map;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -63,17 +63,23 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.method("finish", ["bar"], "Ends the bar, leaving it on screen.", |b: &mut ProgressHandle| b.0.finish());
     let start = Instant::now();
     api.func("elapsed", [], "Seconds since the engine was made.", move || start.elapsed().as_secs_f64());
-    api.func(
-        "sleep",
-        ["seconds"],
-        "Pauses the script (a demo or a test pacing a loop).",
-        |s: Dynamic| -> ScriptResult<()> {
-            let secs = args::number(&s, "seconds")?;
-            if !(0.0..=3600.0).contains(&secs) {
-                return Err(script_err(format!("sleep: seconds must be in [0, 3600], got {secs}")));
+    // Rhai has its own sleep(INT) / sleep(FLOAT) that Ctrl-C cannot end: these take its place.
+    let r = rt.clone();
+    let sleep = move |secs: f64| -> ScriptResult<()> {
+        if !(0.0..=3600.0).contains(&secs) {
+            return Err(script_err(format!("sleep: seconds must be in [0, 3600], got {secs}")));
+        }
+        // In slices, so that Ctrl-C (the cancel flag) ends a long sleep at once.
+        let until = Instant::now() + std::time::Duration::from_secs_f64(secs);
+        while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            if r.take_cancel() {
+                return Err(script_err("interrupted"));
             }
-            std::thread::sleep(std::time::Duration::from_secs_f64(secs));
-            Ok(())
-        },
-    );
+            std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+        }
+        Ok(())
+    };
+    let sleep_int = sleep.clone();
+    api.func("sleep", ["seconds"], "Pauses the script (a demo or a test pacing a loop); Ctrl-C ends the pause.", sleep);
+    api.engine.register_fn("sleep", move |secs: i64| sleep_int(secs as f64));
 }

@@ -50,7 +50,11 @@ fn reshape_dims(x: &Tensor, target: &Dynamic) -> ScriptResult<Vec<usize>> {
 
 fn indices(idx: &Dynamic, size: usize, device: &candle_core::Device) -> ScriptResult<Tensor> {
     if let Some(t) = idx.clone().try_cast::<TensorHandle>() {
-        return t.tensor().to_dtype(DType::U32).script();
+        let t = t.tensor();
+        if t.dtype().is_float() {
+            return Err(script_err(format!("indices must be an integer tensor, got {}", args::dtype_name(t.dtype()))));
+        }
+        return t.to_dtype(DType::U32).script();
     }
     let arr = idx
         .clone()
