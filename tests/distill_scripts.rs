@@ -295,3 +295,82 @@ fn ctrl_c_checkpoints_the_sd_job_and_the_resumed_log_has_no_duplicates() {
     assert!(out.join("generator/unet/config.json").is_file(), "the export");
     std::fs::remove_dir_all(out).ok();
 }
+
+/// kill -9 at random instants (during a step, a checkpoint swap, a log append, the
+/// export), then `--resume` each time: the run ends with the same log, generator and
+/// grid, bit for bit, as one never interrupted.
+#[cfg(unix)]
+#[test]
+fn kill_9_at_random_instants_then_resume_gives_the_uninterrupted_run() {
+    let model = root().join("tests/fixtures/tiny-sd15").display().to_string();
+    let (a, b) = (scratch("k9-straight"), scratch("k9-killed"));
+    let iterations = 24;
+    let args = |out: &Path| -> Vec<String> {
+        [
+            set("model", &model),
+            set("out", out.display()),
+            set("iterations", iterations),
+            set("ckpt_every", 1),
+            set("grid_every", 8),
+            set("batch", 2),
+        ]
+        .concat()
+        .into_iter()
+        .chain(["--seed".to_string(), "3".to_string()])
+        .collect()
+    };
+    let started = std::time::Instant::now();
+    run("scripts/distill_sd15.rhai", &args(&a));
+    let straight = started.elapsed();
+
+    // A small xorshift; the seed is printed so that a failure can be replayed.
+    let seed = std::env::var("SIDSCRIPT_KILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    eprintln!("kill instants from SIDSCRIPT_KILL_SEED={seed}");
+    let mut x = seed;
+    let mut uniform = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let (mut kills, mut finished) = (0, false);
+    for _ in 0..80 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sidscript"));
+        cmd.current_dir(root()).args(["run", "scripts/distill_sd15.rhai"]).args(args(&b));
+        // What a job supervisor does: resume when a checkpoint (or a finished swap of one) is there.
+        if b.join("checkpoint").exists() || b.join(".checkpoint.new").exists() {
+            cmd.arg("--resume").arg(b.join("checkpoint"));
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Kill within the first half of an uninterrupted run's time: each life makes some progress.
+        std::thread::sleep(straight.mul_f64(0.5 * uniform()));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            continue;
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "after {kills} kills: {}", String::from_utf8_lossy(&out.stderr));
+        finished = true;
+        break;
+    }
+    eprintln!("{kills} kills before the run finished");
+    assert!(finished, "the run never finished in 80 lives");
+    assert!(kills >= 3, "only {kills} kills landed (seed {seed})");
+    assert_eq!(metrics(&a), metrics(&b), "the log after {kills} kills (seed {seed})");
+    for f in ["generator/unet/diffusion_pytorch_model.safetensors", "grid-24.png", "grid-16.png", "grid-8.png"] {
+        let (x, y) = (std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap());
+        assert!(x == y, "{f} differs after {kills} kills (seed {seed})");
+    }
+    let left: Vec<_> = std::fs::read_dir(&b)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporaries left behind: {left:?} (seed {seed})");
+    std::fs::remove_dir_all(a).ok();
+    std::fs::remove_dir_all(b).ok();
+}

@@ -15,12 +15,13 @@ use super::tensor::autograd::params_of;
 use super::unet::UnetHandle;
 use crate::diffusion::schedule::timesteps_tensor;
 use crate::diffusion::unet::Unet;
-use crate::host::args::{finite, number};
+use crate::host::args::{self, finite, number};
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_int, opt_num};
 use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
+use crate::rng::Generator;
 use crate::sid::generate::{generate, step_timesteps, Chain, Renoise};
 use crate::sid::loss::{Conditions, Draw, FakeScoreLossOptions, GeneratorLossOptions, Guidance};
 use crate::sid::{condition_dropout, gan, loss};
@@ -96,7 +97,7 @@ fn sid_generate(
     c: &Dynamic,
     o: &Map,
 ) -> ScriptResult<TensorHandle> {
-    check_opts(o, &["steps", "k", "t_init", "renoise", "noise", "grad", "noises"], "sid_generate")?;
+    check_opts(o, &["steps", "k", "t_init", "renoise", "noise", "grad", "noises", "seed"], "sid_generate")?;
     let k_total = usize::try_from(opt_int(o, "steps", 4)?).script()?;
     let k = usize::try_from(opt_int(o, "k", k_total as i64)?).script()?;
     let t_init = usize::try_from(opt_int(o, "t_init", 625)?).script()?;
@@ -124,10 +125,17 @@ fn sid_generate(
                     .ok_or_else(|| script_err("noises must be tensors"))
             })
             .collect::<ScriptResult<_>>()?,
-        None if renoise == Renoise::Fresh => (1..k)
-            .map(|_| rt.rng().randn(z.shape().clone(), z.dtype(), z.device()))
-            .collect::<crate::Result<_>>()
-            .script()?,
+        None if renoise == Renoise::Fresh => {
+            // A seed draws from a generator of its own: a preview grid then neither
+            // depends on nor moves the run's stream (a resumed run repeats it exactly).
+            let mut own = o.get("seed").map(|v| args::int(v, "seed").map(|s| Generator::new(s as u64))).transpose()?;
+            let mut run = None;
+            let g: &mut Generator = match own.as_mut() {
+                Some(g) => g,
+                None => &mut *run.insert(rt.rng()),
+            };
+            (1..k).map(|_| g.randn(z.shape().clone(), z.dtype(), z.device())).collect::<crate::Result<_>>().script()?
+        }
         None => vec![],
     };
     let fz = gen.without_weight_grads().script()?;
@@ -158,7 +166,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         },
     );
     let r = rt.clone();
-    api.func("sid_generate", ["gen", "sch", "z", "cond", "opts"], "Runs the generator chain from unit noise z: x_{t0} = σ_{t0}·z, k of K steps, re-noising between steps; gradient through the last step only. Options: steps (K, 4), k (K), t_init (625), renoise (fresh | fixed | ddim; was noise), grad (true), noises (fresh noise tensors, else drawn).", move |g: UnetHandle, s: ScheduleHandle, z: TensorHandle, c: Dynamic, o: Map| sid_generate(&r, &g, &s, &z, &c, &o));
+    api.func("sid_generate", ["gen", "sch", "z", "cond", "opts"], "Runs the generator chain from unit noise z: x_{t0} = σ_{t0}·z, k of K steps, re-noising between steps; gradient through the last step only. Options: steps (K, 4), k (K), t_init (625), renoise (fresh | fixed | ddim; was noise), grad (true), noises (fresh noise tensors, else drawn), seed (draw them from a generator of their own, leaving the run's untouched).", move |g: UnetHandle, s: ScheduleHandle, z: TensorHandle, c: Dynamic, o: Map| sid_generate(&r, &g, &s, &z, &c, &o));
     let r = rt.clone();
     api.func("sid_fake_score_loss", ["fake", "sch", "x_g", "cond", "uncond", "opts"], "The fake-score loss on detached generator samples: (1/divisor)·Σ (ε̂_ψ^κ1 − ε)². Returns #{ loss, logits, x_t, t, noise }. Options: guidance (#{ train_fake: κ1 }, 1; was scale), t, noise, t_min (20), t_max (980, exclusive), divisor (batch).", move |f: UnetHandle, s: ScheduleHandle, x: TensorHandle, c: Dynamic, n: Dynamic, o: Map| -> ScriptResult<Map> {
         check_opts(&o, &["guidance", "scale", "t", "noise", "t_min", "t_max", "divisor"], "sid_fake_score_loss")?;
