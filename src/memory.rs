@@ -18,6 +18,20 @@ pub fn host_total_bytes() -> Option<u64> {
     (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
 }
 
+/// Refuses an allocation of `bytes` that cannot fit the machine's memory, before it
+/// is attempted (on the CPU a failed allocation aborts the process). `what` says
+/// what was to be allocated.
+pub fn check_host_fits(bytes: u128, what: impl std::fmt::Display) -> Result<()> {
+    match host_total_bytes() {
+        Some(total) if bytes > total as u128 => Err(crate::error::Error::msg(format!(
+            "{what} needs {:.1} GB, more than this machine's {:.1} GB of memory",
+            bytes as f64 / 1e9,
+            total as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes at the peak since the last [`reset_peak`] (CUDA), `None` on the CPU.
 pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
     match device {

@@ -59,9 +59,9 @@ fn impossible_tensors_and_float_only_ops_on_integers_are_errors_not_aborts() {
     let host = host();
     let cases = [
         ("zeros([4611686018427387904, 4])", "more elements than can be addressed"),
-        ("zeros([100000, 100000, 100])", "cannot fit this machine"),
-        ("randn([100000, 100000, 100])", "cannot fit this machine"),
-        ("randint(0, 10, 1000000000000)", "cannot fit this machine"),
+        ("zeros([100000, 100000, 100])", "more than this machine's"),
+        ("randn([100000, 100000, 100])", "more than this machine's"),
+        ("randint(0, 10, 1000000000000)", "more than this machine's"),
         ("randint(0, 10, -3)", "n must be >= 0"),
         (r#"ones([3], #{ dtype: "u8" }).log()"#, "log needs a float tensor, got u8"),
         (r#"ones([3], #{ dtype: "i64" }).exp()"#, "exp needs a float tensor, got i64"),

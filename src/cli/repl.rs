@@ -4,7 +4,8 @@
 //! registered functions, the session's functions and variables; history is kept in
 //! `$SIDSCRIPT_HISTORY` or `~/.sidscript_history`. Ctrl-C cancels the running
 //! statement and keeps every variable. Commands: `:help [NAME]`, `:load FILE`,
-//! `:time EXPR`, `:quit`.
+//! `:setup` / `:step [N]` / `:checkpoint` (drive a loaded training script's state,
+//! shared as `s`, as `sidscript run` does), `:time EXPR`, `:quit`.
 
 use super::interrupt;
 use crate::host::{Host, HostOptions, Session};
@@ -118,7 +119,7 @@ pub fn run(opts: HostOptions) -> anyhow::Result<()> {
     // Ctrl-C while a statement runs cancels it (at the prompt, rustyline sees it).
     let cancel = host.cancel_flag();
     interrupt::route_to(cancel.clone(), false, "");
-    println!("sidscript repl: Rhai with tensors. :help [NAME], :load FILE, :time EXPR, :quit. Tab completes.");
+    println!("sidscript repl: Rhai with tensors. {COMMANDS}. Tab completes.");
     let mut buf = String::new();
     loop {
         *names.lock().unwrap_or_else(|e| e.into_inner()) = completion_names(&host, &session);
@@ -181,7 +182,26 @@ fn command(host: &Host, session: &mut Session, cmd: &str) {
             show(host, result);
             println!("time: {:.3} s", took.as_secs_f64());
         }
-        _ => eprintln!("unknown command {name}: :help [NAME], :load FILE, :time EXPR, :quit"),
+        ":setup" => report(session.setup_state()),
+        ":step" => match if arg.is_empty() { Ok(1) } else { arg.parse::<i64>() } {
+            Ok(n) if n >= 0 => {
+                let start = Instant::now();
+                report(session.step_state(n));
+                println!("time: {:.3} s", start.elapsed().as_secs_f64());
+            }
+            _ => eprintln!("error: :step N takes a count of iterations, got '{arg}'"),
+        },
+        ":checkpoint" => report(session.checkpoint_state()),
+        _ => eprintln!("unknown command {name}: {COMMANDS}"),
+    }
+}
+
+const COMMANDS: &str = ":help [NAME], :load FILE, :setup, :step [N], :checkpoint, :time EXPR, :quit";
+
+fn report(r: Result<String, crate::host::ScriptError>) {
+    match r {
+        Ok(msg) => println!("{msg}"),
+        Err(e) => eprintln!("error: {e}"),
     }
 }
 

@@ -90,7 +90,14 @@ impl Component for ClipTextModel {
     fn new(cfg: &ClipConfig, w: &Weights) -> Result<Self> {
         let d = cfg.hidden_size;
         if cfg.num_attention_heads == 0 || d % cfg.num_attention_heads != 0 {
-            crate::bail!("text encoder: hidden size {d} does not split into {} heads", cfg.num_attention_heads);
+            crate::bail!(
+                "text encoder config: hidden_size {d} does not split into num_attention_heads {}",
+                cfg.num_attention_heads
+            );
+        }
+        super::layers::check_activation(&cfg.hidden_act, "text encoder config: hidden_act")?;
+        if cfg.num_hidden_layers > super::unet::MAX_LAYERS {
+            crate::bail!("text encoder config: num_hidden_layers must be at most {}", super::unet::MAX_LAYERS);
         }
         // transformers 4 saves under `text_model.`, transformers 5 without it.
         let tm = if w.contains("embeddings.token_embedding.weight") { w.clone() } else { w.pp("text_model") };

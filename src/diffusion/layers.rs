@@ -134,6 +134,19 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
 }
 
+/// The activation names [`activation`] knows.
+pub const ACTIVATIONS: [&str; 6] = ["silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu"];
+
+/// Refuses an activation name [`activation`] does not know, naming the config key
+/// (checked when a model is built, not at its first forward).
+pub fn check_activation(name: &str, key: &str) -> Result<()> {
+    if ACTIVATIONS.contains(&name) || name == "relu" {
+        Ok(())
+    } else {
+        crate::bail!("{key}: unsupported activation '{name}' (one of {}, relu)", ACTIVATIONS.join(", "))
+    }
+}
+
 /// Activations named as in diffusers/transformers configs.
 pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
     match name {

@@ -136,6 +136,13 @@ pub trait Component: Sized {
     /// A freshly initialised network (see [`init_tensor`]).
     fn random(cfg: &Self::Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let shapes = Self::build(cfg, Weights::shapes_only(dtype))?;
+        // In u128 with saturation: a config's sizes can overflow a usize product.
+        let count = |dims: &[usize]| dims.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
+        let elements = shapes.named_weights().iter().fold(0u128, |a, (_, t)| a.saturating_add(count(t.dims())));
+        crate::memory::check_host_fits(
+            elements * dtype.size_in_bytes() as u128,
+            format_args!("a {} of {elements} weights", Self::WHAT),
+        )?;
         let mut rng = Generator::new(seed);
         let mut map = HashMap::new();
         for (name, t) in shapes.named_weights() {

@@ -224,6 +224,13 @@ pub struct UnetConfig {
     pub class_embeddings_concat: bool,
 }
 
+/// The most layers per block a config may ask for (SDXL has 10 transformer
+/// layers): a bound that keeps a mistyped count from building for hours.
+pub const MAX_LAYERS: usize = 100;
+
+/// The largest conv_in/conv_out kernel accepted (diffusers' default is 3).
+pub const MAX_KERNEL: usize = 31;
+
 impl UnetConfig {
     /// A config.json's contents.
     pub fn from_json(text: &str) -> Result<Self> {
@@ -250,8 +257,15 @@ impl UnetConfig {
         if let Some((_, name)) = positive.iter().find(|(v, _)| *v == 0) {
             crate::bail!("unet config: {name} must be at least 1");
         }
-        if let Some(i) = self.block_out_channels.iter().position(|&c| c == 0) {
-            crate::bail!("unet config: block_out_channels[{i}] must be at least 1");
+        if let Some(i) = self.block_out_channels.iter().position(|&c| c == 0 || c % self.norm_num_groups != 0) {
+            crate::bail!(
+                "unet config: block_out_channels[{i}] = {} must be a positive multiple of norm_num_groups ({})",
+                self.block_out_channels[i],
+                self.norm_num_groups
+            );
+        }
+        if self.layers_per_block > MAX_LAYERS {
+            crate::bail!("unet config: layers_per_block must be at most {MAX_LAYERS}, got {}", self.layers_per_block);
         }
         for (v, name) in [(self.norm_eps, "norm_eps"), (self.resnet_out_scale_factor, "resnet_out_scale_factor")] {
             if !(v.is_finite() && v > 0.0) {
@@ -264,6 +278,12 @@ impl UnetConfig {
                 self.mid_block_scale_factor
             );
         }
+        super::layers::check_activation(&self.act_fn, "unet config: act_fn")?;
+        for (k, name) in [(self.conv_in_kernel, "conv_in_kernel"), (self.conv_out_kernel, "conv_out_kernel")] {
+            if k > MAX_KERNEL {
+                crate::bail!("unet config: {name} must be at most {MAX_KERNEL}, got {k}");
+            }
+        }
         if self.downsample_padding > 1 {
             crate::bail!("unet config: downsample_padding must be 0 or 1, got {}", self.downsample_padding);
         }
@@ -275,6 +295,14 @@ impl UnetConfig {
             );
         }
         self.transformer_layers_per_block.check(n, "transformer_layers_per_block")?;
+        let reverse = self.reverse_transformer_layers_per_block.iter().flatten();
+        if (0..n)
+            .map(|i| self.transformer_layers_per_block.get(i))
+            .chain(reverse.copied())
+            .any(|l| l == 0 || l > MAX_LAYERS)
+        {
+            crate::bail!("unet config: transformer_layers_per_block must be in 1..={MAX_LAYERS} per block");
+        }
         self.attention_head_dim.check(n, "attention_head_dim")?;
         if let Some(h) = &self.num_attention_heads {
             h.check(n, "num_attention_heads")?;
@@ -287,9 +315,17 @@ impl UnetConfig {
                 );
             }
         }
+        let heads_key = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
         if (0..n).any(|i| self.heads(i) == 0) {
-            let name = if self.num_attention_heads.is_some() { "num_attention_heads" } else { "attention_head_dim" };
-            crate::bail!("unet config: {name} must be at least 1 (attention heads per block)");
+            crate::bail!("unet config: {heads_key} must be at least 1 (attention heads per block)");
+        }
+        // (diffusers' attention_head_dim of SD1.5/SDXL is in fact the head count.)
+        if let Some(i) = (0..n).find(|&i| self.block_out_channels[i] % self.heads(i) != 0) {
+            crate::bail!(
+                "unet config: {heads_key}: block {i}'s {} channels do not split into {} attention heads",
+                self.block_out_channels[i],
+                self.heads(i)
+            );
         }
         for t in self.down_block_types.iter().chain(&self.up_block_types) {
             if !["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"].contains(&t.as_str()) {

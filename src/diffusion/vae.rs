@@ -64,6 +64,88 @@ pub struct VaeConfig {
     /// Attention in the mid blocks.
     #[serde(default = "d_true")]
     pub mid_block_add_attention: bool,
+    /// The activation (only SiLU, as every SD/SDXL VAE).
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    /// Encoder block types, when the config lists them (one per level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_block_types: Option<Vec<String>>,
+    /// Decoder block types, when the config lists them (one per level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_block_types: Option<Vec<String>>,
+    /// Per-channel latent statistics (not supported: must be absent or null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_mean: Option<serde_json::Value>,
+    /// Per-channel latent statistics (not supported: must be absent or null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_std: Option<serde_json::Value>,
+}
+
+fn d_silu() -> String {
+    "silu".into()
+}
+
+impl VaeConfig {
+    /// Rejects configurations this implementation does not cover, by name.
+    pub fn validate(&self) -> Result<()> {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        if n == 0 {
+            crate::bail!("vae config: block_out_channels is empty (at least one level)");
+        }
+        for (v, name) in [
+            (self.in_channels, "in_channels"),
+            (self.out_channels, "out_channels"),
+            (self.latent_channels, "latent_channels"),
+            (self.norm_num_groups, "norm_num_groups"),
+        ] {
+            if v == 0 {
+                crate::bail!("vae config: {name} must be at least 1");
+            }
+        }
+        if !(1..=super::unet::MAX_LAYERS).contains(&self.layers_per_block) {
+            crate::bail!(
+                "vae config: layers_per_block must be in 1..={}, got {}",
+                super::unet::MAX_LAYERS,
+                self.layers_per_block
+            );
+        }
+        if let Some(i) = ch.iter().position(|&c| c == 0 || c % self.norm_num_groups != 0) {
+            crate::bail!(
+                "vae config: block_out_channels[{i}] = {} must be a positive multiple of norm_num_groups ({})",
+                ch[i],
+                self.norm_num_groups
+            );
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+            crate::bail!("vae config: scaling_factor must be a non-zero number, got {}", self.scaling_factor);
+        }
+        if self.shift_factor.is_some_and(|s| !s.is_finite()) {
+            crate::bail!("vae config: shift_factor must be a finite number");
+        }
+        if self.act_fn != "silu" {
+            crate::bail!("vae config: act_fn '{}' is not supported (only silu)", self.act_fn);
+        }
+        for (types, key, want) in [
+            (&self.down_block_types, "down_block_types", "DownEncoderBlock2D"),
+            (&self.up_block_types, "up_block_types", "UpDecoderBlock2D"),
+        ] {
+            if let Some(t) = types {
+                if t.len() != n {
+                    crate::bail!("vae config: {key} has {} entries for {n} block_out_channels", t.len());
+                }
+                if let Some(bad) = t.iter().find(|t| *t != want) {
+                    crate::bail!("vae config: {key}: block type '{bad}' is not supported (only {want})");
+                }
+            }
+        }
+        for (v, key) in [(&self.latents_mean, "latents_mean"), (&self.latents_std, "latents_std")] {
+            if v.as_ref().is_some_and(|v| !v.is_null()) {
+                crate::bail!("vae config: {key} is not supported (its value changes the latents)");
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Resnet {
@@ -182,10 +264,8 @@ impl Component for Vae {
     crate::component_fields!();
 
     fn new(cfg: &VaeConfig, w: &Weights) -> Result<Self> {
+        cfg.validate()?;
         let ch = &cfg.block_out_channels;
-        if ch.is_empty() {
-            crate::bail!("vae config: block_out_channels is empty (at least one level)");
-        }
         let (n, g, l) = (ch.len(), cfg.norm_num_groups, cfg.latent_channels);
         let e = w.pp("encoder");
         let mut enc_levels = vec![];

@@ -83,15 +83,11 @@ pub fn check_elements(dims: &[usize], bytes_per_element: usize) -> ScriptResult<
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| script_err(format!("shape {dims:?} has more elements than can be addressed")))?;
-    let bytes = n as u128 * bytes_per_element as u128;
-    if let Some(total) = crate::memory::host_total_bytes() {
-        if bytes > total as u128 {
-            return Err(script_err(format!(
-                "shape {dims:?} ({n} elements) cannot fit this machine's {:.1} GB of memory",
-                total as f64 / 1e9
-            )));
-        }
-    }
+    crate::memory::check_host_fits(
+        n as u128 * bytes_per_element as u128,
+        format_args!("shape {dims:?} ({n} elements)"),
+    )
+    .map_err(|e| script_err(e.to_string()))?;
     Ok(n)
 }
 

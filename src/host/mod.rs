@@ -195,12 +195,14 @@ pub struct Session<'h> {
     /// The variables the session has defined.
     pub scope: Scope<'static>,
     functions: AST,
+    /// The last loaded training script (setup/step), for `:setup` and `:step`.
+    driven: Option<driven::DrivenScript>,
 }
 
 impl<'h> Session<'h> {
     /// A session with an empty scope (plus `cfg`).
     pub fn new(host: &'h Host) -> Self {
-        Self { host, scope: host.new_scope(), functions: AST::empty() }
+        Self { host, scope: host.new_scope(), functions: AST::empty(), driven: None }
     }
 
     /// Evaluates `src` (named `name` in errors) with the functions defined so far.
@@ -215,11 +217,65 @@ impl<'h> Session<'h> {
         result.map_err(|e| ScriptError::from_eval(&e, name))
     }
 
+    /// `:setup` — runs the loaded training script's `setup(cfg)` and binds its state,
+    /// shared, to `s`: `:step` then drives it as `sidscript run` does (the same
+    /// [`driven::DrivenScript`] calls), and the prompt reads and changes the same
+    /// state (`s.guidance = ...`). A call typed at the prompt, `step(s, it)`, would
+    /// hand the function a copy of `s`.
+    pub fn setup_state(&mut self) -> Result<String, ScriptError> {
+        let script = self.driven_script()?;
+        let state = script.setup(self.host)?;
+        let start = script.int_field(&state, "start")?.unwrap_or(0);
+        self.scope.set_or_push("s", state);
+        self.scope.set_or_push("it", Dynamic::from(start));
+        Ok(format!("state in `s`; next iteration `it` = {start}. `:step N` runs N iterations"))
+    }
+
+    /// `:step N` — runs `step(s, it)` N times on the shared state, advancing `it`.
+    pub fn step_state(&mut self, n: i64) -> Result<String, ScriptError> {
+        let (state, mut it) = self.driven_state()?;
+        for _ in 0..n {
+            let _ = self.driven_script()?.step(self.host, &state, it)?;
+            it += 1;
+            self.scope.set_or_push("it", Dynamic::from(it));
+        }
+        Ok(format!("next iteration `it` = {it}"))
+    }
+
+    /// `:checkpoint` — the script's `checkpoint(s, it - 1)`: the state after the last step.
+    pub fn checkpoint_state(&mut self) -> Result<String, ScriptError> {
+        let (state, it) = self.driven_state()?;
+        if !self.driven_script()?.checkpoint(self.host, &state, it - 1)? {
+            return Err(self.error("the loaded script has no checkpoint(state, it)"));
+        }
+        Ok(format!("checkpoint written after iteration {}", it - 1))
+    }
+
+    fn driven_script(&self) -> Result<&driven::DrivenScript, ScriptError> {
+        self.driven
+            .as_ref()
+            .ok_or_else(|| self.error("no training script: `:load` one with fn setup(cfg) and fn step(state, it)"))
+    }
+
+    fn driven_state(&self) -> Result<(Dynamic, i64), ScriptError> {
+        let state = self.scope.get("s").filter(|v| v.is_shared()).cloned();
+        match (state, self.scope.get_value::<i64>("it")) {
+            (Some(s), Some(it)) => Ok((s, it)),
+            _ => Err(self.error("no training state: `:load` a training script, then `:setup`")),
+        }
+    }
+
+    fn error(&self, message: &str) -> ScriptError {
+        let at = "<repl>".to_string();
+        ScriptError { location: at.clone(), file: at, line: None, message: message.into(), trace: vec![] }
+    }
+
     /// Loads a script file into the session: its top level runs once (its `let`s
     /// become session variables) and its functions, which keep the file's own
     /// imports, become callable. Returns a one-line summary.
     pub fn load_file(&mut self, path: &Path) -> Result<String, ScriptError> {
         let mut ast = self.host.compile_file(path)?;
+        let as_written = ast.clone();
         let file = path.display().to_string();
         // A module keeps only exported variables: export every top-level `let`.
         let exports: String = ast
@@ -252,8 +308,9 @@ impl<'h> Session<'h> {
         self.functions = self.functions.merge(&lib);
         let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
         let mut summary = format!("loaded {file}: functions {}; variables {}", list(&fns), list(&vars));
-        if driven::is_host_driven(&ast) {
-            summary.push_str("\na training script: `let s = setup(cfg);` then `for it in 0..10 { step(s, it) }`");
+        if driven::is_host_driven(&as_written) {
+            self.driven = Some(driven::DrivenScript::instantiate(self.host, &as_written)?);
+            summary.push_str("\na training script: `:setup`, then `:step 10` (and `:checkpoint`)");
         }
         Ok(summary)
     }

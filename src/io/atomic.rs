@@ -13,9 +13,43 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
+/// Whether process `pid` is running (a temporary it owns may still be written).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // SAFETY: signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Removes the temporaries of `path` that killed processes left (`.NAME.tmp<pid>`).
+fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!(".{}.tmp", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let pid =
+            n.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()).filter(|&p| p > 0 && p <= i32::MAX as u32);
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !process_alive(pid) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 /// Writes a file atomically with `write`, which receives the temporary path.
 pub fn write_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     create_parent(path)?;
+    remove_stale_temps(path);
     let tmp = temp_path(path);
     let result = write(&tmp).and_then(|()| {
         File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
@@ -205,6 +239,22 @@ mod tests {
         let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         assert_eq!(text, "{\"it\":1}\n{\"it\":2}\n");
         fs::remove_dir_all(path.parent().unwrap()).ok();
+        Ok(())
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_is_removed_a_live_ones_is_not() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("sidscript-stale-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Beyond any pid_max: no such process. Pid 1 is always running.
+        let (dead, live) = (dir.join(".grid.png.tmp2147483646"), dir.join(".grid.png.tmp1"));
+        for p in [&dead, &live] {
+            fs::write(p, "partial").map_err(|e| Error::io(p, e))?;
+        }
+        write_bytes(&dir.join("grid.png"), b"whole")?;
+        assert!(!dead.exists() && live.exists());
+        fs::remove_dir_all(dir).ok();
         Ok(())
     }
 }
