@@ -285,3 +285,55 @@ fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
     assert!(rel > 0.0 && rel < 1e-2, "f16 compute is f32's within rounding: {rel:e}");
     assert_eq!(s(7), "f32", "the default precision mode");
 }
+
+/// A UNet with other weights over a folder's config: a training checkpoint's
+/// generator loads in one call (`weights` + `prefix`), equal to the trained copy;
+/// a frozen UNet's `.params` is an error, not an empty map.
+#[test]
+fn a_unet_loads_with_a_checkpoints_weights_and_frozen_params_are_an_error() {
+    let host = host();
+    let dir = fx("tiny-sd15");
+    let tmp = std::env::temp_dir().join(format!("sidscript-weights-over-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let t = tmp.display();
+    let r = eval(
+        &host,
+        &format!(
+            r#"let gen = load_unet("{dir}").trainable_copy();
+               let w = gen.params["conv_in.weight"];
+               w.assign(w + 0.5);
+               save_checkpoint("{t}/ckpt", #{{ gen: gen, it: 3 }});
+               let again = load_unet("{dir}", #{{ weights: "{t}/ckpt/tensors.safetensors", prefix: "gen." }});
+               let x = randn([1, 4, 8, 8]);
+               let c = #{{ context: randn([1, 3, 32]) }};
+               let teacher = load_unet("{dir}");
+               [(again.forward(x, 500, c) - gen.forward(x, 500, c)).abs().max().item(),
+                (teacher.forward(x, 500, c) - gen.forward(x, 500, c)).abs().max().item()]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    assert_eq!(r[0].as_float().unwrap(), 0.0, "the checkpoint's generator, loaded over the folder's config");
+    assert!(r[1].as_float().unwrap() > 1e-3, "and not the folder's own weights");
+    let cases = [
+        (format!(r#"load_unet("{dir}").params"#), "frozen and has no trainable parameters"),
+        (
+            format!(r#"load_unet("{dir}", #{{ weights: "{t}/ckpt/tensors.safetensors", prefix: "fake." }})"#),
+            "no tensor name starts with 'fake.'",
+        ),
+        (
+            format!(r#"load_unet("{dir}", #{{ weights: "{dir}/vae/diffusion_pytorch_model.safetensors" }})"#),
+            "vae/diffusion_pytorch_model.safetensors",
+        ),
+    ];
+    for (src, want) in &cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+    // read_json is write_json's counterpart.
+    let v = eval(&host, &format!(r#"write_json("{t}/a.json", #{{ k: [1, 2.5, "x"] }}); read_json("{t}/a.json").k"#));
+    assert_eq!(v.to_string(), r#"[1, 2.5, "x"]"#);
+    std::fs::remove_dir_all(tmp).ok();
+}

@@ -9,7 +9,7 @@ use crate::rng::Generator;
 use candle_core::{DType, Device, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How to load a component folder.
 #[derive(Clone, Debug)]
@@ -20,12 +20,32 @@ pub struct LoadOptions {
     pub device: Device,
     /// A weights variant: `Some("fp16")` prefers `*.fp16.safetensors`.
     pub variant: Option<String>,
+    /// Weights from another safetensors file over the folder's config: the file,
+    /// and the prefix its tensor names carry (`gen.` in a training checkpoint).
+    pub weights: Option<(PathBuf, String)>,
+}
+
+/// The tensors of a safetensors file whose names start with `prefix`, without it.
+fn weights_under(file: &Path, prefix: &str, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let tensors: HashMap<String, Tensor> = crate::io::safetensors::load(file, device, Some(dtype))?
+        .into_iter()
+        .filter_map(|(name, t)| name.strip_prefix(prefix).map(|n| (n.to_string(), t)))
+        .collect();
+    if tensors.is_empty() {
+        return Err(Error::file(file, None, format!("no tensor name starts with '{prefix}'")));
+    }
+    Ok(tensors)
 }
 
 impl LoadOptions {
     /// `dtype` on `device`, the default weights.
     pub fn new(dtype: DType, device: &Device) -> Self {
-        Self { dtype, device: device.clone(), variant: None }
+        Self { dtype, device: device.clone(), variant: None, weights: None }
+    }
+
+    /// The same with the weights of `file` (names under `prefix`) in place of the folder's.
+    pub fn with_weights_file(self, file: Option<&Path>, prefix: &str) -> Self {
+        Self { weights: file.map(|f| (f.to_path_buf(), prefix.to_string())), ..self }
     }
 
     /// The same with a weights variant.
@@ -101,9 +121,13 @@ pub trait Component: Sized {
         let cfg_path = dir.join("config.json");
         let cfg: Self::Config =
             super::folder::config_from_json(read_json(&cfg_path)?).map_err(|e| Error::file(&cfg_path, None, e))?;
-        let tensors = load_tensors(&dir, opts.variant.as_deref(), opts.dtype, &opts.device)?;
+        let tensors = match &opts.weights {
+            Some((file, prefix)) => weights_under(file, prefix, opts.dtype, &opts.device)?,
+            None => load_tensors(&dir, opts.variant.as_deref(), opts.dtype, &opts.device)?,
+        };
+        let source = opts.weights.as_ref().map_or(&dir, |(file, _)| file);
         Self::build(&cfg, Weights::from_tensors(tensors, opts.dtype, &opts.device))
-            .map_err(|e| Error::file(&dir, None, e))
+            .map_err(|e| Error::file(source, None, e))
     }
 
     /// The same network over other tensors with the same names (in their dtype).

@@ -91,6 +91,15 @@ pub fn register_files(api: &mut Api, rt: &Arc<RunState>) {
     api.func("read_text", ["path"], "A whole text file (parse_json(read_text(path)) reads a JSON file).", |p: &str| {
         std::fs::read_to_string(p).map_err(|e| script_err(format!("{p}: {e}")))
     });
+    api.func(
+        "read_json",
+        ["path"],
+        "A JSON file as maps, arrays and values (write_json's counterpart); errors name the file.",
+        |p: &str| -> ScriptResult<Dynamic> {
+            let v = crate::diffusion::folder::read_json(Path::new(p)).script()?;
+            rhai::serde::to_dynamic(v).map_err(|e| script_err(format!("{p}: {e}")))
+        },
+    );
     api.func("write_text", ["path", "text"], "Writes a text file atomically.", |p: &str, t: &str| {
         crate::io::atomic::write_bytes(Path::new(p), t.as_bytes()).script()
     });

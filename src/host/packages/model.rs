@@ -22,7 +22,7 @@ pub(crate) fn config<C: serde::de::DeserializeOwned>(m: &Map, what: &str) -> Scr
     crate::diffusion::folder::config_from_json(json).map_err(|e| script_err(format!("{what} config: {e}")))
 }
 
-/// A trainable model's parameters as a map name → tensor (empty when frozen).
+/// A trainable model's parameters as a map name → tensor.
 fn params_map<M: Component>(m: &Model<M>) -> Map {
     m.parameters().iter().map(|p| (p.name().into(), Dynamic::from(TensorHandle::from_param(p.clone())))).collect()
 }
@@ -73,8 +73,17 @@ pub(crate) fn register_model<M: Component + Send + Sync + 'static>(api: &mut Api
     }
     api.getter(
         "params",
-        &format!("A trainable {what}'s parameters as a map name → tensor (empty for a frozen one)."),
-        |m: &mut Model<M>| params_map(m),
+        &format!("A trainable {what}'s parameters as a map name → tensor; an error for a frozen one (make a trainable_copy)."),
+        |m: &mut Model<M>| -> ScriptResult<Map> {
+            // An empty map would make every loop over it silently do nothing.
+            if m.params.is_none() {
+                return Err(script_err(format!(
+                    "params: this {} is frozen and has no trainable parameters; trainable_copy() makes one that has",
+                    M::WHAT
+                )));
+            }
+            Ok(params_map(m))
+        },
     );
     api.func(
         "save_component",

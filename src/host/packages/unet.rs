@@ -35,11 +35,15 @@ pub fn timesteps_arg(v: &Dynamic, device: &Device) -> ScriptResult<Tensor> {
 }
 
 fn load_unet(dir: &str, opts: &Map, rt: &RunState) -> ScriptResult<UnetHandle> {
-    check_opts(opts, &["dtype", "device", "variant", "checkpoint"], "load_unet")?;
+    check_opts(opts, &["dtype", "device", "variant", "checkpoint", "weights", "prefix"], "load_unet")?;
     let (dtype, device) = args::placement(opts, rt.dtype, &rt.device)?;
     let variant = opts.get("variant").map(|v| v.to_string());
-    let net =
-        Unet::load(Path::new(dir), &LoadOptions::new(dtype, &device).with_variant(variant.as_deref())).script()?;
+    let weights = opts.get("weights").map(|v| std::path::PathBuf::from(v.to_string()));
+    let prefix = opts.get("prefix").map(|v| v.to_string()).unwrap_or_default();
+    let load = LoadOptions::new(dtype, &device)
+        .with_variant(variant.as_deref())
+        .with_weights_file(weights.as_deref(), &prefix);
+    let net = Unet::load(Path::new(dir), &load).script()?;
     let checkpoint = opt_bool(opts, "checkpoint", false)?;
     Ok(UnetHandle { net: Arc::new(net.with_checkpointing(checkpoint)), params: None })
 }
@@ -69,7 +73,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "load_unet",
         ["dir", "opts"],
-        "Loads a UNet. Options: dtype (f32), device, variant (\"fp16\" prefers *.fp16.safetensors), checkpoint (false: gradient checkpointing, see .checkpointing).",
+        "Loads a UNet. Options: dtype (f32), device, variant (\"fp16\" prefers *.fp16.safetensors), checkpoint (false: gradient checkpointing, see .checkpointing), weights (a safetensors file whose tensors replace the folder's, over its config) with prefix (the part of their names to strip: \"gen.\" for a training checkpoint's tensors.safetensors).",
         move |d: &str, o: Map| load_unet(d, &o, &r),
     );
     api.method("forward", ["unet", "x", "t", "cond"], "The network's prediction (ε for SD) for latents x, timesteps t (one per sample, or one for all) and a condition map.", |u: &mut UnetHandle, x: TensorHandle, t: Dynamic, c: Dynamic| -> ScriptResult<TensorHandle> {
