@@ -199,6 +199,17 @@ fn flatten_into(v: &Dynamic, dims: &[usize], depth: usize, out: &mut Vec<f64>) -
 
 /// The tensor's values as a nested Rhai array (floats, or ints for integer dtypes).
 pub fn to_nested(t: &Tensor) -> ScriptResult<Dynamic> {
+    // Arrays to build: one per index of every leading level, which a zero-size
+    // trailing dim does not bound ([2^62, 0] is 2^62 empty arrays).
+    let mut level = 1u128;
+    let mut arrays = 0u128;
+    for &d in t.dims() {
+        level = level.saturating_mul(d as u128);
+        arrays = arrays.saturating_add(level);
+    }
+    let value_bytes = std::mem::size_of::<Dynamic>() as u128;
+    crate::memory::check_host_fits(arrays.saturating_mul(value_bytes), format_args!("to_array of shape {:?}", t.dims()))
+        .map_err(|e| script_err(e.to_string()))?;
     let is_int = t.dtype().is_int();
     let flat = t.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f64>()).script()?;
     let to_dyn = |x: f64| {
