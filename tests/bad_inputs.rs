@@ -63,6 +63,10 @@ fn impossible_tensors_and_float_only_ops_on_integers_are_errors_not_aborts() {
         ("randn([100000, 100000, 100])", "more than this machine's"),
         ("randint(0, 10, 1000000000000)", "more than this machine's"),
         ("randint(0, 10, -3)", "n must be >= 0"),
+        (
+            r#"save_image_grid(randn([1, 3, 4, 4]), "/tmp/never.png", -1)"#,
+            "cols must be a non-negative integer, got -1",
+        ),
         ("zeros([4611686018427387904, 0]).to_array()", "to_array of shape [4611686018427387904, 0] needs"),
         (r#"ones([3], #{ dtype: "u8" }).log()"#, "log needs a float tensor, got u8"),
         (r#"ones([3], #{ dtype: "i64" }).exp()"#, "exp needs a float tensor, got i64"),
@@ -337,6 +341,32 @@ fn integer_parameters_and_float_indices_are_refused() {
         (r#"randn([5, 2]).index_select(tensor([7, 1], #{ dtype: "i64" }), 0)"#, "invalid index 7"),
     ];
     for (src, want) in cases {
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+}
+
+#[test]
+fn sid_loss_options_and_model_dtypes_are_checked_by_name() {
+    let host = host();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd15");
+    let d = dir.display();
+    let setup = format!(
+        r#"let u = load_unet("{d}"); let sch = load_schedule("{d}"); let text = load_text_conditioner("{d}");
+           let c = text.encode(["a"]); let n = text.null_cond(); let x = randn([1, 4, 8, 8]);"#
+    );
+    let loss = |opts: &str| format!("{setup} sid_fake_score_loss(u.trainable_copy(), sch, x, c, n, {opts})");
+    let cases = [
+        (loss("#{ noise: randn([2, 4, 8, 8]) }"), "noise must have x_g's shape [1, 4, 8, 8], got [2, 4, 8, 8]"),
+        (loss("#{ t_min: 900, t_max: 100 }"), "need 0 <= t_min < t_max"),
+        (loss("#{ t: tensor([10, 20]) }"), "t has 2 timesteps for a batch of 1"),
+        (format!(r#"{setup} u.to_dtype("i64")"#), "need a float dtype"),
+        (format!(r#"{setup} u.trainable_copy(#{{ dtype: "u8" }})"#), "need a float dtype"),
+        (format!(r#"load_unet("{d}", #{{ dtype: "u32" }})"#), "need a float dtype"),
+    ];
+    for (src, want) in &cases {
         match host.eval(src) {
             Ok(_) => panic!("{src}: accepted"),
             Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),

@@ -15,6 +15,11 @@ pub fn index(i: i64, size: usize, what: &str) -> ScriptResult<usize> {
     Ok(j as usize)
 }
 
+/// A count or size from a script int: `what` names it when it is negative.
+pub fn count(v: i64, what: &str) -> ScriptResult<usize> {
+    usize::try_from(v).map_err(|_| script_err(format!("{what} must be a non-negative integer, got {v}")))
+}
+
 /// A dimension of a rank-`rank` tensor; negative dims count from the last.
 pub fn dim(d: i64, rank: usize) -> ScriptResult<usize> {
     index(d, rank.max(1), "dim")
@@ -108,6 +113,15 @@ pub fn parse_dtype(s: &str) -> ScriptResult<DType> {
         "i64" | "int64" => DType::I64,
         other => return Err(script_err(format!("unknown dtype '{other}' (use f32, f64, f16, bf16, u8, u32 or i64)"))),
     })
+}
+
+/// A float dtype by name: what model weights and parameters can hold.
+pub fn parse_float_dtype(s: &str) -> ScriptResult<DType> {
+    let d = parse_dtype(s)?;
+    if !d.is_float() {
+        return Err(script_err(format!("a model's weights need a float dtype (f32, f64, f16, bf16), got {s}")));
+    }
+    Ok(d)
 }
 
 /// A dtype's script name.
@@ -208,8 +222,11 @@ pub fn to_nested(t: &Tensor) -> ScriptResult<Dynamic> {
         arrays = arrays.saturating_add(level);
     }
     let value_bytes = std::mem::size_of::<Dynamic>() as u128;
-    crate::memory::check_host_fits(arrays.saturating_mul(value_bytes), format_args!("to_array of shape {:?}", t.dims()))
-        .map_err(|e| script_err(e.to_string()))?;
+    crate::memory::check_host_fits(
+        arrays.saturating_mul(value_bytes),
+        format_args!("to_array of shape {:?}", t.dims()),
+    )
+    .map_err(|e| script_err(e.to_string()))?;
     let is_int = t.dtype().is_int();
     let flat = t.to_dtype(DType::F64).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f64>()).script()?;
     let to_dyn = |x: f64| {

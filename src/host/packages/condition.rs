@@ -56,7 +56,7 @@ pub fn register(api: &mut Api) {
         ["cond", "n"],
         "A one-row condition repeated to n rows.",
         |c: Dynamic, n: i64| -> ScriptResult<Map> {
-            Ok(cond_to(&cond_from(&c)?.repeat(usize::try_from(n).script()?).script()?))
+            Ok(cond_to(&cond_from(&c)?.repeat(args::count(n, "n")?).script()?))
         },
     );
     api.func(

@@ -27,7 +27,7 @@ pub fn register(api: &mut Api) {
         ["images", "path", "cols"],
         "Writes images as a PNG grid with `cols` columns, atomically.",
         |x: TensorHandle, p: &str, cols: i64| -> ScriptResult<()> {
-            crate::io::image::save_grid(Path::new(p), x.tensor(), usize::try_from(cols).script()?).script()
+            crate::io::image::save_grid(Path::new(p), x.tensor(), crate::host::args::count(cols, "cols")?).script()
         },
     );
 }

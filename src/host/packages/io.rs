@@ -105,7 +105,7 @@ pub fn register_files(api: &mut Api, rt: &Arc<RunState>) {
     });
     let r = rt.clone();
     api.func("load_image_folder", ["dir", "size"], "Images of a folder (png/jpg), centre-cropped to size×size, as #{ images: N×3×size×size in [-1, 1], captions: [...] } (captions from same-named .txt files).", move |d: &str, s: i64| -> ScriptResult<Map> {
-        let (images, captions) = crate::io::image::load_folder(Path::new(d), usize::try_from(s).script()?).script()?;
+        let (images, captions) = crate::io::image::load_folder(Path::new(d), args::count(s, "size")?).script()?;
         let mut m = Map::new();
         m.insert("images".into(), Dynamic::from(TensorHandle::new(images.to_device(&r.device).script()?)));
         m.insert("captions".into(), Dynamic::from_array(captions.into_iter().map(Dynamic::from).collect()));

@@ -135,7 +135,7 @@ pub fn register(api: &mut Api) {
         ["opt", "group", "lr"],
         "Sets one group's learning rate.",
         |o: &mut OptimizerHandle, g: i64, lr: Dynamic| -> ScriptResult<()> {
-            o.lock().set_lr(usize::try_from(g).script()?, number(&lr, "lr")?).script()
+            o.lock().set_lr(crate::host::args::count(g, "group")?, number(&lr, "lr")?).script()
         },
     );
     api.method("group_lrs", ["opt"], "Every group's learning rate, in order.", |o: &mut OptimizerHandle| -> Array {

@@ -29,7 +29,7 @@ pub fn register(api: &mut Api) {
         let steps = o.get("steps").map(|v| crate::host::args::int(v, "steps")).transpose()?.unwrap_or(25);
         let guidance = o.get("guidance").map(|v| number(v, "guidance")).transpose()?.unwrap_or(7.5);
         let show = o.get("progress").map(|v| v.as_bool().unwrap_or(true)).unwrap_or(false);
-        let steps = usize::try_from(steps).script()?;
+        let steps = crate::host::args::count(steps, "steps")?;
         let bar = if show { indicatif::ProgressBar::new(steps as u64) } else { indicatif::ProgressBar::hidden() };
         let out = sample(&u.net, &s.0, kind, z.tensor(), &cond_from(&c)?, &cond_from(&n)?, steps, guidance, &mut |i, _| bar.set_position(i as u64)).script()?;
         bar.finish_and_clear();

@@ -28,7 +28,8 @@ fn vp_schedule(o: &Map) -> ScriptResult<ScheduleHandle> {
             "beta_start" => cfg.beta_start = number(v, "beta_start")?,
             "beta_end" => cfg.beta_end = number(v, "beta_end")?,
             "steps" | "num_train_timesteps" => {
-                cfg.num_train_timesteps = usize::try_from(crate::host::args::int(v, "steps")?).script()?
+                cfg.num_train_timesteps =
+                    crate::host::args::count(crate::host::args::int(v, "steps")?, "num_train_timesteps")?
             }
             "prediction" => {
                 cfg.prediction_type = match v.to_string().as_str() {
@@ -40,7 +41,7 @@ fn vp_schedule(o: &Map) -> ScriptResult<ScheduleHandle> {
             }
             "timestep_spacing" => cfg.timestep_spacing = v.to_string(),
             "steps_offset" => {
-                cfg.steps_offset = usize::try_from(crate::host::args::int(v, "steps_offset")?).script()?
+                cfg.steps_offset = crate::host::args::count(crate::host::args::int(v, "steps_offset")?, "steps_offset")?
             }
             other => return Err(script_err(format!("vp_schedule: unknown option '{other}'"))),
         }
@@ -62,16 +63,16 @@ pub fn register(api: &mut Api) {
         },
     );
     api.method("a", ["sch", "t"], "a_t = sqrt(ᾱ_t) at an integer timestep.", |s: &mut ScheduleHandle, t: i64| {
-        s.0.a(usize::try_from(t).script()?).script()
+        s.0.a(crate::host::args::count(t, "t")?).script()
     });
     api.method(
         "sigma",
         ["sch", "t"],
         "σ_t = sqrt(1 − ᾱ_t) at an integer timestep.",
-        |s: &mut ScheduleHandle, t: i64| s.0.sigma(usize::try_from(t).script()?).script(),
+        |s: &mut ScheduleHandle, t: i64| s.0.sigma(crate::host::args::count(t, "t")?).script(),
     );
     api.method("alpha_bar", ["sch", "t"], "ᾱ_t at an integer timestep.", |s: &mut ScheduleHandle, t: i64| {
-        s.0.alpha_bar(usize::try_from(t).script()?).script()
+        s.0.alpha_bar(crate::host::args::count(t, "t")?).script()
     });
     api.getter("num_train_timesteps", "T, the number of training timesteps.", |s: &mut ScheduleHandle| {
         s.0.num_train_timesteps() as i64

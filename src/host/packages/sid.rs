@@ -34,16 +34,30 @@ use std::sync::Arc;
 fn t_and_noise(rt: &RunState, o: &Map, like: &Tensor) -> ScriptResult<(Tensor, Tensor)> {
     let b = like.dim(0).script()?;
     let t = match o.get("t") {
-        Some(t) => super::unet::timesteps_arg(t, like.device())?,
+        Some(t) => {
+            let t = super::unet::timesteps_arg(t, like.device())?;
+            if t.elem_count() != b {
+                return Err(script_err(format!("t has {} timesteps for a batch of {b}", t.elem_count())));
+            }
+            t
+        }
         None => {
             let (lo, hi) = (opt_int(o, "t_min", 20)?, opt_int(o, "t_max", 980)?);
+            if !(0 <= lo && lo < hi) {
+                return Err(script_err(format!("t_min {lo} and t_max {hi}: need 0 <= t_min < t_max")));
+            }
             let ts: Vec<usize> = rt.rng().randint(b, lo, hi).script()?.into_iter().map(|t| t as usize).collect();
             timesteps_tensor(&ts, like.device()).script()?
         }
     };
     let noise = match o.get("noise") {
         Some(n) => {
-            n.clone().try_cast::<TensorHandle>().ok_or_else(|| script_err("noise must be a tensor"))?.into_tensor()
+            let n =
+                n.clone().try_cast::<TensorHandle>().ok_or_else(|| script_err("noise must be a tensor"))?.into_tensor();
+            if n.dims() != like.dims() {
+                return Err(script_err(format!("noise must have x_g's shape {:?}, got {:?}", like.dims(), n.dims())));
+            }
+            n
         }
         None => rt.rng().randn(like.shape().clone(), like.dtype(), like.device()).script()?,
     };
@@ -98,9 +112,9 @@ fn sid_generate(
     o: &Map,
 ) -> ScriptResult<TensorHandle> {
     check_opts(o, &["steps", "k", "t_init", "renoise", "noise", "grad", "noises", "seed"], "sid_generate")?;
-    let k_total = usize::try_from(opt_int(o, "steps", 4)?).script()?;
-    let k = usize::try_from(opt_int(o, "k", k_total as i64)?).script()?;
-    let t_init = usize::try_from(opt_int(o, "t_init", 625)?).script()?;
+    let k_total = args::count(opt_int(o, "steps", 4)?, "steps")?;
+    let k = args::count(opt_int(o, "k", k_total as i64)?, "k")?;
+    let t_init = args::count(opt_int(o, "t_init", 625)?, "t_init")?;
     // `noise` is `renoise`'s name before it, read for one release.
     let renoise: Renoise = match o.get("renoise").or_else(|| o.get("noise")) {
         Some(v) => v.to_string().parse().script()?,
@@ -158,7 +172,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["t_init", "steps"],
         "The K-step chain's timesteps ⌊t_init·(1 − i/K)⌋.",
         |t: i64, k: i64| -> ScriptResult<Array> {
-            Ok(step_timesteps(usize::try_from(t).script()?, usize::try_from(k).script()?)
+            Ok(step_timesteps(args::count(t, "t_init")?, args::count(k, "steps")?)
                 .script()?
                 .into_iter()
                 .map(|t| Dynamic::from_int(t as i64))

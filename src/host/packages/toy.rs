@@ -46,7 +46,7 @@ fn batch(rt: &RunState, attrs: Vec<Attributes>) -> ScriptResult<Map> {
 
 fn random_batch(rt: &RunState, n: i64, which: &str) -> ScriptResult<Map> {
     let pool = split(which)?;
-    let idx = rt.rng().randint(usize::try_from(n).script()?, 0, pool.len() as i64).script()?;
+    let idx = rt.rng().randint(crate::host::args::count(n, "n")?, 0, pool.len() as i64).script()?;
     batch(rt, idx.into_iter().map(|i| pool[i as usize]).collect())
 }
 

@@ -37,6 +37,7 @@ pub fn timesteps_arg(v: &Dynamic, device: &Device) -> ScriptResult<Tensor> {
 fn load_unet(dir: &str, opts: &Map, rt: &RunState) -> ScriptResult<UnetHandle> {
     check_opts(opts, &["dtype", "device", "variant", "checkpoint", "weights", "prefix"], "load_unet")?;
     let (dtype, device) = args::placement(opts, rt.dtype, &rt.device)?;
+    args::parse_float_dtype(args::dtype_name(dtype))?;
     let variant = opts.get("variant").map(|v| v.to_string());
     let weights = opts.get("weights").map(|v| std::path::PathBuf::from(v.to_string()));
     let prefix = opts.get("prefix").map(|v| v.to_string()).unwrap_or_default();
@@ -104,12 +105,12 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         |u: &mut UnetHandle, o: Map| -> ScriptResult<UnetHandle> {
             check_opts(&o, &["dtype", "compute", "checkpoint"], "trainable_copy")?;
             let source = match o.get("dtype") {
-                Some(d) => UnetHandle::frozen(u.net.to_dtype(args::parse_dtype(&d.to_string())?).script()?),
+                Some(d) => UnetHandle::frozen(u.net.to_dtype(args::parse_float_dtype(&d.to_string())?).script()?),
                 None => u.clone(),
             };
             let copy = source.trainable_copy().script()?;
             let compute = match o.get("compute") {
-                Some(d) => Some(args::parse_dtype(&d.to_string())?),
+                Some(d) => Some(args::parse_float_dtype(&d.to_string())?),
                 None => u.net.compute_dtype_setting(),
             };
             let net = copy.net.with_checkpointing(opt_bool(&o, "checkpoint", u.net.checkpointing())?);
@@ -121,7 +122,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["unet", "dtype"],
         "A frozen copy with its weights converted (\"bf16\" for a teacher in mixed precision); settings are kept.",
         |u: &mut UnetHandle, d: &str| -> ScriptResult<UnetHandle> {
-            Ok(UnetHandle::frozen(u.net.to_dtype(args::parse_dtype(d)?).script()?))
+            Ok(UnetHandle::frozen(u.net.to_dtype(args::parse_float_dtype(d)?).script()?))
         },
     );
     api.getter(
@@ -133,7 +134,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "compute_dtype",
         "Computes in this dtype (weights are cast where used; outputs come back in the input's dtype) for this handle.",
         |u: &mut UnetHandle, d: &str| -> ScriptResult<()> {
-            *u = with_net(u, u.net.with_compute_dtype(Some(args::parse_dtype(d)?)));
+            *u = with_net(u, u.net.with_compute_dtype(Some(args::parse_float_dtype(d)?)));
             Ok(())
         },
     );

@@ -198,7 +198,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "`n` evenly spaced values from start to end inclusive.",
         move |s: Dynamic, e: Dynamic, n: i64| -> Out {
             let (s, e) = (number(&s, "start")?, number(&e, "end")?);
-            let n = usize::try_from(n).script()?;
+            let n = args::count(n, "n")?;
             let step = if n > 1 { (e - s) / (n - 1) as f64 } else { 0.0 };
             let v: Vec<f64> = (0..n).map(|i| s + step * i as f64).collect();
             Tensor::from_vec(v, n, &Device::Cpu)

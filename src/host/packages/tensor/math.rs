@@ -221,7 +221,7 @@ pub fn register(api: &mut Api) {
         let padding = o.get("padding").map(|v| args::int(v, "padding")).transpose()?.unwrap_or(0);
         let stride = o.get("stride").map(|v| args::int(v, "stride")).transpose()?.unwrap_or(1);
         let bias = if b.is_unit() { None } else { Some(b.try_cast::<TensorHandle>().ok_or_else(|| script_err("conv2d: bias must be a tensor or ()"))?.into_tensor()) };
-        crate::ops::conv2d(x.tensor(), w.tensor(), bias.as_ref(), usize::try_from(padding).script()?, usize::try_from(stride).script()?.max(1)).script().map(TensorHandle::new)
+        crate::ops::conv2d(x.tensor(), w.tensor(), bias.as_ref(), args::count(padding, "padding")?, args::count(stride, "stride")?.max(1)).script().map(TensorHandle::new)
     });
     api.method(
         "avg_pool2d",
