@@ -3,7 +3,7 @@
 //!
 //! Layers, each using only those before it: [`error`], [`rng`], [`io`]; [`diffusion`]
 //! (models, schedules, samplers); [`sid`] (the distillation math); [`train`]
-//! (parameters, optimisers, EMA, checkpoints); [`host`] (the Rhai engine and its
+//! (parameters, optimisers, EMA, checkpoints); [`eval`] (FID/CLIP protocols); [`host`] (the Rhai engine and its
 //! bindings); the CLI in [`cli`] and `main.rs`.
 
 #![warn(missing_docs)]
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod eval;
 pub mod host;
 pub mod io;
 pub mod memory;

@@ -1,0 +1,8 @@
+//! Standard evaluation (FID, CLIP score, FD-DINOv2) as the published tables compute
+//! it: each protocol is a named set of choices (uint8 rounding, crops, resizes,
+//! normalisation, covariance), and the pieces here reproduce the libraries those
+//! tables came from. See ../shared/notes/EVALUATION.md for the protocols.
+//!
+//! - [`resample`]: Pillow-, TensorFlow-1- and torch-exact image resizes.
+
+pub mod resample;
