@@ -81,6 +81,45 @@ def resample():
     print(f"resample.safetensors: {len(cases)} cases, {len(tensors)} tensors, {meta}")
 
 
+def frechet(mu1, s1, mu2, s2):
+    """FID as clean-fid / pytorch-fid compute it: scipy sqrtm of Σ1Σ2, its real part,
+    and eps = 1e-6 on the diagonals when the root is not finite."""
+    import scipy.linalg
+
+    covmean, _ = scipy.linalg.sqrtm(s1.dot(s2), disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((s1 + offset).dot(s2 + offset))
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def stats():
+    """Feature sets (one rank-deficient), their numpy statistics (N − 1 and N), the
+    scipy Fréchet distances, and an .npz as clean-fid / pytorch-fid write them."""
+    rng = np.random.default_rng(1)
+    d = 64
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    a = rng.normal(size=(300, d)) @ mix + 0.3
+    b = (rng.normal(size=(200, d)) * 1.3) @ mix - 0.1
+    c = rng.normal(size=(40, d)) @ mix  # fewer samples than dims: a singular covariance
+    t = {"a": a, "b": b, "c": c}
+    for name, x in t.copy().items():
+        t[f"{name}.mu"] = x.mean(0)
+        t[f"{name}.sigma_unbiased"] = np.cov(x, rowvar=False)
+        t[f"{name}.sigma_biased"] = np.cov(x, rowvar=False, bias=True)
+    for p, q in [("a", "b"), ("a", "c"), ("b", "c")]:
+        for kind in ["unbiased", "biased"]:
+            fd = frechet(t[f"{p}.mu"], t[f"{p}.sigma_{kind}"], t[f"{q}.mu"], t[f"{q}.sigma_{kind}"])
+            t[f"fd.{p}{q}.{kind}"] = np.array([fd])
+    save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in t.items()}, str(OUT / "stats.safetensors"),
+              metadata={"numpy": np.__version__, "scipy": scipy.__version__})
+    np.savez(OUT / "stats_a.npz", mu=t["a.mu"], sigma=t["a.sigma_unbiased"])
+    print("stats.safetensors:", {k: float(v[0]) for k, v in t.items() if k.startswith("fd.")})
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     resample()
+    stats()

@@ -4,5 +4,8 @@
 //! tables came from. See ../shared/notes/EVALUATION.md for the protocols.
 //!
 //! - [`resample`]: Pillow-, TensorFlow-1- and torch-exact image resizes.
+//! - [`stats`]: feature statistics, statistics files stamped with their protocol,
+//!   `.npz` import, the Fréchet distance.
 
 pub mod resample;
+pub mod stats;

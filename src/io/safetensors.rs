@@ -52,15 +52,35 @@ fn convert_view(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> 
 
 /// Saves named tensors to a safetensors file atomically (temporary file, sync, rename).
 pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut map = HashMap::with_capacity(tensors.len());
+    save_with_metadata(path, tensors, &HashMap::new())
+}
+
+/// [`save`] with the file's `__metadata__` string map (what produced it, and how).
+pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+    let mut map = std::collections::BTreeMap::new();
     for (name, t) in tensors {
         if map.insert(name.clone(), t.to_device(&Device::Cpu)?.contiguous()?).is_some() {
             return Err(Error::file(path, Some(name), "tensor name given twice"));
         }
     }
+    let info = (!metadata.is_empty()).then(|| metadata.clone());
     atomic::write_with(path, |tmp| {
-        candle_core::safetensors::save(&map, tmp).map_err(|e| Error::file(path, None, format!("cannot write: {e}")))
+        safetensors::serialize_to_file(map.iter(), info, tmp)
+            .map_err(|e| Error::file(path, None, format!("cannot write: {e}")))
     })
+}
+
+/// A safetensors file's `__metadata__` map (empty when it has none).
+pub fn metadata(path: &Path) -> Result<HashMap<String, String>> {
+    if path.is_dir() {
+        return Err(Error::file(path, None, "is a folder, not a safetensors file"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Safety: as in `load`, the mapping is only read.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::file(path, None, format!("not a valid safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -78,6 +98,10 @@ mod tests {
         assert_eq!(back[0].0, "a");
         assert_eq!(back[0].1.to_vec2::<f32>()?, a.to_vec2::<f32>()?);
         assert_eq!(back[1].1.dtype(), DType::F64);
+        assert!(metadata(&path)?.is_empty());
+        let meta: HashMap<String, String> = [("protocol".to_string(), "x/1".to_string())].into();
+        save_with_metadata(&path, &[("a".into(), a.clone())], &meta)?;
+        assert_eq!(metadata(&path)?, meta);
         std::fs::write(&path, b"garbage").unwrap();
         let err = load(&path, &Device::Cpu, None).unwrap_err().to_string();
         assert!(err.contains("a.safetensors") && err.contains("not a valid safetensors"), "{err}");
