@@ -119,7 +119,85 @@ def stats():
     print("stats.safetensors:", {k: float(v[0]) for k, v in t.items() if k.startswith("fd.")})
 
 
+MASK = (1 << 64) - 1
+
+
+def procedural(name, shape, scale):
+    """Deterministic weights that sidscript's tests rebuild bit for bit
+    (`tests/common::procedural`): element i of tensor `name` is
+    (2u − 1)·scale with u = splitmix64(fnv1a64(name) + i) >> 11 over 2^53, made f32."""
+    h = 0xCBF29CE484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001B3) & MASK
+    n = int(np.prod(shape)) if len(shape) else 1
+    with np.errstate(over="ignore"):
+        z = (np.uint64(h) + np.arange(n, dtype=np.uint64)) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return ((2 * u - 1) * scale).astype(np.float32).reshape(shape)
+
+
+def procedural_state(model):
+    """Every tensor of a state dict, procedural: convs scaled by √(3/fan_in),
+    batch norms near identity (γ = 1 + 0.1u, β = 0.1u, mean = 0.1u, var = 0.5 + u²)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        shape = tuple(t.shape)
+        if name.endswith("num_batches_tracked"):
+            out[name] = t
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("bn.weight"):
+            v = 1 + procedural(name, shape, 0.1)
+        elif name.endswith("bn.running_var"):
+            v = (0.5 + procedural(name, shape, 1.0).astype(np.float64) ** 2).astype(np.float32)
+        elif leaf in ("bias", "running_mean"):
+            v = procedural(name, shape, 0.1)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            v = procedural(name, shape, float(np.sqrt(3.0 / fan_in)))
+        out[name] = torch.from_numpy(v)
+    return out
+
+
+def inception():
+    """pytorch-fid's FID Inception (torchvision Inception3 with the FID blocks) with
+    procedural weights, run by pytorch-fid's own InceptionV3 wrapper (torch bilinear
+    to 299, 2x − 1) on two 64×64 uint8 images: pool3 features and their front end."""
+    import pytorch_fid.inception as pf
+
+    pf.load_state_dict_from_url = lambda *a, **k: None
+    load = torch.nn.Module.load_state_dict
+    torch.nn.Module.load_state_dict = lambda self, sd, *a, **k: None
+    net = pf.fid_inception_v3()
+    torch.nn.Module.load_state_dict = load
+    net.load_state_dict(procedural_state(net))
+    net.eval()
+    pf.fid_inception_v3 = lambda: net
+    model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True).eval()
+    rng = np.random.default_rng(2)
+    images = np.stack([image(rng, 64, 64).transpose(2, 0, 1) for _ in range(2)])  # 2 × 3 × 64 × 64 uint8
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    with torch.no_grad():
+        feats = model(x)[0].squeeze(-1).squeeze(-1).numpy()
+        x299 = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    params = sum(int(np.prod(t.shape)) for k, t in net.state_dict().items() if not k.endswith("num_batches_tracked"))
+    names = sorted(k for k in net.state_dict() if not k.endswith("num_batches_tracked"))
+    save_file(
+        {"images": np.ascontiguousarray(images), "pool3": feats.astype(np.float32),
+         "input299_mean": x299.mean(dim=(1, 2, 3)).numpy()},
+        str(OUT / "inception.safetensors"),
+        metadata={"torch": torch.__version__, "pytorch_fid": "0.3.0", "parameters": str(params),
+                  "tensors": str(len(names)), "names": ",".join(names)},
+    )
+    print(f"inception.safetensors: {len(names)} tensors, {params} parameters, pool3 {feats.shape}, "
+          f"first features {feats[0, :4]}")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     resample()
     stats()
+    inception()

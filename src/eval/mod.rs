@@ -3,9 +3,11 @@
 //! normalisation, covariance), and the pieces here reproduce the libraries those
 //! tables came from. See ../shared/notes/EVALUATION.md for the protocols.
 //!
+//! - [`inception`]: the FID Inception (pool3 features) and its front ends.
 //! - [`resample`]: Pillow-, TensorFlow-1- and torch-exact image resizes.
 //! - [`stats`]: feature statistics, statistics files stamped with their protocol,
 //!   `.npz` import, the Fréchet distance.
 
+pub mod inception;
 pub mod resample;
 pub mod stats;

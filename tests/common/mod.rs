@@ -97,3 +97,23 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
     d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
+
+/// Procedural weights, bit for bit those of `tools/make_eval_fixtures.py::procedural`:
+/// element i of tensor `name` is (2u − 1)·scale, u = splitmix64(fnv1a64(name) + i) >> 11
+/// over 2^53, rounded to f32 — so parity fixtures need no weight files.
+pub fn procedural(name: &str, n: usize, scale: f64) -> Vec<f32> {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    (0..n as u64)
+        .map(|i| {
+            let mut z = h.wrapping_add(i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            ((2.0 * u - 1.0) * scale) as f32
+        })
+        .collect()
+}
