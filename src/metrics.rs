@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
-use nalgebra::{DMatrix, DVector, SymmetricEigen};
+use nalgebra::{DMatrix, DVector};
 use std::collections::BTreeMap;
 
 fn rows_f64(t: &Tensor, what: &str) -> Result<(usize, usize, Vec<f64>)> {
@@ -63,7 +63,10 @@ impl Gaussian {
     }
 
     /// ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½; the last trace equals
-    /// tr (Σ₁Σ₂)^½ and is taken over a symmetric matrix, so it stays real.
+    /// tr (Σ₁Σ₂)^½ (what scipy's `sqrtm` route computes) and is taken here over a
+    /// symmetric matrix, so it stays real; eigenvalues that roundoff makes slightly
+    /// negative count as 0. The eigendecompositions are faer's (blocked and parallel:
+    /// 2048-wide FID statistics in about a second, where an unblocked one takes tens).
     pub fn frechet_distance(&self, other: &Gaussian) -> Result<f64> {
         if self.mean.len() != other.mean.len() {
             return Err(Error::msg(format!(
@@ -72,19 +75,32 @@ impl Gaussian {
                 other.mean.len()
             )));
         }
-        let root1 = psd_sqrt(&self.cov);
-        let middle = &root1 * &other.cov * &root1;
-        let middle = (&middle + middle.transpose()) * 0.5;
-        let cross: f64 = SymmetricEigen::new(middle).eigenvalues.iter().map(|&l| l.max(0.0).sqrt()).sum();
+        let (c1, c2) = (faer_of(&self.cov), faer_of(&other.cov));
+        let root1 = psd_sqrt(&c1)?;
+        let middle = &root1 * &c2 * &root1;
+        let middle = faer::Mat::from_fn(middle.nrows(), middle.ncols(), |i, j| 0.5 * (middle[(i, j)] + middle[(j, i)]));
+        let eigenvalues = middle
+            .self_adjoint_eigenvalues(faer::Side::Lower)
+            .map_err(|e| Error::msg(format!("fréchet distance: eigendecomposition failed: {e:?}")))?;
+        let cross: f64 = eigenvalues.iter().map(|&l| l.max(0.0).sqrt()).sum();
         let diff = &self.mean - &other.mean;
         Ok((diff.dot(&diff) + self.cov.trace() + other.cov.trace() - 2.0 * cross).max(0.0))
     }
 }
 
-fn psd_sqrt(m: &DMatrix<f64>) -> DMatrix<f64> {
-    let e = SymmetricEigen::new((m + m.transpose()) * 0.5);
-    let roots = e.eigenvalues.map(|l| l.max(0.0).sqrt());
-    &e.eigenvectors * DMatrix::from_diagonal(&roots) * e.eigenvectors.transpose()
+fn faer_of(m: &DMatrix<f64>) -> faer::Mat<f64> {
+    faer::Mat::from_fn(m.nrows(), m.ncols(), |i, j| 0.5 * (m[(i, j)] + m[(j, i)]))
+}
+
+/// The symmetric square root of a symmetric positive semi-definite matrix.
+fn psd_sqrt(m: &faer::Mat<f64>) -> Result<faer::Mat<f64>> {
+    let e = m
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| Error::msg(format!("fréchet distance: eigendecomposition failed: {e:?}")))?;
+    let (u, s) = (e.U(), e.S());
+    let n = m.nrows();
+    let scaled = faer::Mat::from_fn(n, n, |i, j| u[(i, j)] * s[j].max(0.0).sqrt());
+    Ok(&scaled * u.transpose())
 }
 
 /// The Fréchet distance between Gaussians fitted to two N×D feature sets.

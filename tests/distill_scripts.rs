@@ -418,7 +418,7 @@ fn the_repl_steps_the_sd_job_on_one_shared_state() {
         serde_json::from_str(&std::fs::read_to_string(b.join("checkpoint/state.json")).unwrap()).unwrap();
     assert_eq!(state["extra"]["it"].as_i64(), Some(2));
     // A change at the prompt reaches the next step.
-    session.eval("s.batch = 1;", "<test>").unwrap();
+    let _ = session.eval("s.batch = 1;", "<test>").unwrap();
     session.step_state(1).unwrap();
     assert_eq!(metrics(&b).last().unwrap()["nimg"].as_i64(), Some(metrics(&a)[2]["nimg"].as_i64().unwrap() + 1));
     std::fs::remove_dir_all(a).ok();

@@ -11,35 +11,6 @@ use sidscript::diffusion::weights::Weights;
 use sidscript::eval::inception::{FidInception, FrontEnd};
 use std::collections::HashMap;
 
-/// pytorch-fid's tensor names and shapes, from the network itself.
-fn names_and_shapes() -> Vec<(String, Vec<usize>)> {
-    let w = Weights::shapes_only(DType::F32);
-    FidInception::new(&w).unwrap();
-    w.finish("shapes").unwrap().into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect()
-}
-
-/// The fixture's procedural weights (same rules as the tool's `procedural_state`).
-fn procedural_weights() -> HashMap<String, Tensor> {
-    names_and_shapes()
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = if name.ends_with("bn.weight") {
-                procedural(&name, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
-            } else if name.ends_with("bn.running_var") {
-                procedural(&name, n, 1.0).into_iter().map(|v| (0.5 + (v as f64).powi(2)) as f32).collect()
-            } else if name.ends_with("bias") || name.ends_with("running_mean") {
-                procedural(&name, n, 0.1)
-            } else {
-                let fan_in: usize = shape[1..].iter().product();
-                procedural(&name, n, (3.0 / fan_in as f64).sqrt())
-            };
-            let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-            (name, t)
-        })
-        .collect()
-}
-
 #[test]
 fn pool3_features_match_pytorch_fid() {
     let e: HashMap<String, Tensor> =
@@ -48,13 +19,13 @@ fn pool3_features_match_pytorch_fid() {
             .into_iter()
             .collect();
     let meta = sidscript::io::safetensors::metadata(&fixture("eval/inception.safetensors")).unwrap();
-    let names = names_and_shapes();
+    let names = inception_names_and_shapes();
     let ours: std::collections::BTreeSet<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
     let theirs: std::collections::BTreeSet<&str> = meta["names"].split(',').filter(|n| !n.starts_with("fc.")).collect();
     let differ: Vec<_> = ours.symmetric_difference(&theirs).collect();
     assert!(differ.is_empty() && ours.len() == 470, "names not in both: {differ:?}");
 
-    let weights = procedural_weights();
+    let weights = procedural_inception_weights();
     let w = Weights::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
     let net = FidInception::new(&w).unwrap();
     w.finish("fid inception").unwrap();

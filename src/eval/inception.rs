@@ -247,6 +247,7 @@ impl BlockE {
 
 /// The network up to pool3.
 pub struct FidInception {
+    device: Device,
     stem: [BasicConv; 5],
     a: [BlockA; 3],
     b: BlockB,
@@ -264,6 +265,7 @@ impl FidInception {
     /// misshaped or unknown tensor is an error naming it.
     pub fn new(w: &Weights) -> Result<Self> {
         let net = Self {
+            device: w.device().clone(),
             stem: [
                 conv_s2(w, "Conv2d_1a_3x3", 3, 32)?,
                 conv(w, "Conv2d_2a_3x3", 32, 32, 3, 0)?,
@@ -302,6 +304,11 @@ impl FidInception {
         let net = Self::new(&w).map_err(|e| Error::file(path, None, e))?;
         w.finish("fid inception").map_err(|e| Error::file(path, None, e))?;
         Ok(net)
+    }
+
+    /// Where the weights are.
+    pub fn device(&self) -> Device {
+        self.device.clone()
     }
 
     /// pool3 features (N × 2048) of N×3×299×299 inputs already through a front end.

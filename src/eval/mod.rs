@@ -4,10 +4,12 @@
 //! tables came from. See ../shared/notes/EVALUATION.md for the protocols.
 //!
 //! - [`inception`]: the FID Inception (pool3 features) and its front ends.
+//! - [`protocol`]: the named protocols (uint8 rule, crop, pre-resize, front end, ddof).
 //! - [`resample`]: Pillow-, TensorFlow-1- and torch-exact image resizes.
 //! - [`stats`]: feature statistics, statistics files stamped with their protocol,
 //!   `.npz` import, the Fréchet distance.
 
 pub mod inception;
+pub mod protocol;
 pub mod resample;
 pub mod stats;

@@ -48,19 +48,7 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
 /// as an N×3×size×size tensor in [−1, 1], with each image's caption from the
 /// `.txt` file of the same name ("" when there is none). Sorted by file name.
 pub fn load_folder(dir: &Path, size: usize) -> Result<(Tensor, Vec<String>)> {
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::file(dir, None, "no png/jpg images in this folder"));
-    }
+    let files = image_files(dir)?;
     if size == 0 {
         return Err(Error::file(dir, None, "images need a size of at least 1 pixel"));
     }
@@ -93,4 +81,34 @@ pub fn load_folder(dir: &Path, size: usize) -> Result<(Tensor, Vec<String>)> {
         });
     }
     Ok((Tensor::from_vec(pixels, (files.len(), 3, size, size), &candle_core::Device::Cpu)?, captions))
+}
+
+/// The png/jpg/jpeg files of a folder, sorted by name; none is an error.
+pub fn image_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::file(dir, None, "no png/jpg images in this folder"));
+    }
+    Ok(files)
+}
+
+/// One image file as it is stored: a 1×3×H×W uint8 tensor (RGB; grey and alpha
+/// converted as Pillow's `convert("RGB")` does), for protocols that crop and
+/// resize themselves.
+pub fn read_u8(path: &Path) -> Result<Tensor> {
+    let img = image::open(path).map_err(|e| Error::file(path, None, format!("cannot read image: {e}")))?.to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.into_raw();
+    let planar: Vec<u8> = (0..3).flat_map(|c| raw.iter().skip(c).step_by(3).copied()).collect();
+    Ok(Tensor::from_vec(planar, (1, 3, h, w), &candle_core::Device::Cpu)?)
 }

@@ -117,3 +117,32 @@ pub fn procedural(name: &str, n: usize, scale: f64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// pytorch-fid's tensor names and shapes, from the network itself.
+pub fn inception_names_and_shapes() -> Vec<(String, Vec<usize>)> {
+    let w = sidscript::diffusion::weights::Weights::shapes_only(DType::F32);
+    sidscript::eval::inception::FidInception::new(&w).unwrap();
+    w.finish("shapes").unwrap().into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect()
+}
+
+/// The fixture's procedural weights (same rules as the tool's `procedural_state`).
+pub fn procedural_inception_weights() -> std::collections::HashMap<String, Tensor> {
+    inception_names_and_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = if name.ends_with("bn.weight") {
+                procedural(&name, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
+            } else if name.ends_with("bn.running_var") {
+                procedural(&name, n, 1.0).into_iter().map(|v| (0.5 + (v as f64).powi(2)) as f32).collect()
+            } else if name.ends_with("bias") || name.ends_with("running_mean") {
+                procedural(&name, n, 0.1)
+            } else {
+                let fan_in: usize = shape[1..].iter().product();
+                procedural(&name, n, (3.0 / fan_in as f64).sqrt())
+            };
+            let t = Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+            (name, t)
+        })
+        .collect()
+}

@@ -92,6 +92,26 @@ pub fn register_files(api: &mut Api, rt: &Arc<RunState>) {
         std::fs::read_to_string(p).map_err(|e| script_err(format!("{p}: {e}")))
     });
     api.func(
+        "list_images",
+        ["dir"],
+        "The png/jpg files of a folder, sorted by name (an error when there are none).",
+        |d: &str| -> ScriptResult<rhai::Array> {
+            Ok(crate::io::image::image_files(Path::new(d))
+                .script()?
+                .into_iter()
+                .map(|p| p.display().to_string().into())
+                .collect())
+        },
+    );
+    api.func(
+        "read_image_u8",
+        ["path"],
+        "One image as stored: a 1×3×H×W uint8 tensor (for evaluation protocols, which crop and resize themselves).",
+        |p: &str| -> ScriptResult<TensorHandle> {
+            Ok(TensorHandle::new(crate::io::image::read_u8(Path::new(p)).script()?))
+        },
+    );
+    api.func(
         "read_json",
         ["path"],
         "A JSON file as maps, arrays and values (write_json's counterpart); errors name the file.",

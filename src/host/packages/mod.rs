@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod condition;
 pub mod ema;
+pub mod eval;
 pub mod images;
 pub mod io;
 pub mod judge;
@@ -49,5 +50,6 @@ pub fn register_all(api: &mut Api, rt: &Arc<RunState>) {
     toy::register(api, rt);
     judge::register(api, rt);
     metrics::register(api);
+    eval::register(api, rt);
     run::register(api, rt);
 }

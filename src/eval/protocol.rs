@@ -1,0 +1,155 @@
+//! Evaluation protocols as named, versioned sets of choices (EVALUATION.md §1.6):
+//! how generated images become uint8, how images are cropped and pre-resized, the
+//! Inception front end, and the covariance denominator. The `id` goes into every
+//! statistics file and every result row, and statistics of two protocols are never
+//! compared.
+
+use crate::error::{Error, Result};
+use crate::eval::inception::FrontEnd;
+use crate::eval::resample::{pil_resize_u8, Filter};
+use candle_core::{DType, Device, Tensor};
+
+/// How a generator's [-1, 1] images become uint8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToU8 {
+    /// floor(127.5·x + 128), clamped (StyleGAN / SiD: rounding).
+    Round,
+    /// trunc(127.5·(x + 1)), clamped (DMD2's evaluator).
+    Truncate,
+}
+
+/// The square crop before the pre-resize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crop {
+    /// None (the images are used whole).
+    None,
+    /// Centre square of the short side, offset round((H − c)/2) half to even
+    /// (torchvision's `center_crop`, GigaGAN's CenterCropLongEdge).
+    CenterRound,
+    /// Centre square, offset ⌊(H − c)/2⌋ (SiD's `cocodataset_tool.py`).
+    CenterFloor,
+}
+
+/// One protocol.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Protocol {
+    /// Its name (`gigagan-coco256`, `sid-inloop`, ...).
+    pub name: &'static str,
+    /// Generated images to uint8.
+    pub to_u8: ToU8,
+    /// Crop before the pre-resize.
+    pub crop: Crop,
+    /// Pillow uint8 pre-resize (side, filter), if any.
+    pub pre_resize: Option<(usize, Filter)>,
+    /// How images reach the network's 299×299.
+    pub front_end: FrontEnd,
+    /// Covariance denominator N − ddof.
+    pub ddof: u64,
+}
+
+/// Every protocol sidscript knows, and the tables each reproduces.
+pub const PROTOCOLS: [Protocol; 4] = [
+    // SiD-LSG's and DMD2's reported SD1.5 numbers: GigaGAN's evaluation over clean-fid.
+    Protocol {
+        name: "gigagan-coco256",
+        to_u8: ToU8::Round,
+        crop: Crop::CenterRound,
+        pre_resize: Some((256, Filter::Lanczos)),
+        front_end: FrontEnd::PilBicubicFloat,
+        ddof: 1,
+    },
+    // SiD-LSG / SiD-DiT training-loop metric (checkpoint selection).
+    Protocol {
+        name: "sid-inloop",
+        to_u8: ToU8::Round,
+        crop: Crop::CenterFloor,
+        pre_resize: Some((256, Filter::Lanczos)),
+        front_end: FrontEnd::Tf1Bilinear,
+        ddof: 0,
+    },
+    // DMD2's SDXL COCO-10k protocol (512 px).
+    Protocol {
+        name: "dmd2-coco10k-512",
+        to_u8: ToU8::Truncate,
+        crop: Crop::CenterRound,
+        pre_resize: Some((512, Filter::Lanczos)),
+        front_end: FrontEnd::PilBicubicFloat,
+        ddof: 1,
+    },
+    // pytorch-fid on folders: no pre-resize, torch bilinear to 299.
+    Protocol {
+        name: "pytorch-fid",
+        to_u8: ToU8::Round,
+        crop: Crop::None,
+        pre_resize: None,
+        front_end: FrontEnd::TorchBilinear,
+        ddof: 1,
+    },
+];
+
+impl Protocol {
+    /// The protocol called `name` (with or without its `/1` version).
+    pub fn by_name(name: &str) -> Result<Self> {
+        let base = name.strip_suffix("/1").unwrap_or(name);
+        PROTOCOLS.iter().copied().find(|p| p.name == base).ok_or_else(|| {
+            let known: Vec<&str> = PROTOCOLS.iter().map(|p| p.name).collect();
+            Error::msg(format!("unknown evaluation protocol '{name}' (one of {})", known.join(", ")))
+        })
+    }
+
+    /// The versioned id stamped into statistics and results.
+    pub fn id(&self) -> String {
+        format!("{}/1", self.name)
+    }
+
+    /// N×3×H×W images in [-1, 1] (a generator's output) → uint8 by the protocol's rule.
+    pub fn to_u8(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let y = match self.to_u8 {
+            ToU8::Round => ((x * 127.5)? + 128.0)?.floor()?,
+            ToU8::Truncate => ((x + 1.0)? * 127.5)?.floor()?,
+        };
+        Ok(y.clamp(0f32, 255f32)?.to_dtype(DType::U8)?)
+    }
+
+    /// Crop and pre-resize of N×3×H×W uint8 images (Pillow-exact), on the CPU.
+    pub fn prepare(&self, images: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = images.dims4()?;
+        if images.dtype() != DType::U8 || c != 3 {
+            return Err(Error::msg(format!(
+                "{}: expected N×3×H×W uint8 images, got {:?} {:?}",
+                self.name,
+                images.dims(),
+                images.dtype()
+            )));
+        }
+        let side = h.min(w);
+        let offset = |len: usize| match self.crop {
+            Crop::None => 0,
+            Crop::CenterFloor => (len - side) / 2,
+            Crop::CenterRound => {
+                let half = (len - side) as f64 / 2.0;
+                let r = half.round();
+                // Python's round: half to even.
+                (if (half - half.floor() - 0.5).abs() < 1e-12 && r as i64 % 2 != 0 { r - 1.0 } else { r }) as usize
+            }
+        };
+        let (ch, cw) = if self.crop == Crop::None { (h, w) } else { (side, side) };
+        let x = images.narrow(2, offset(h), ch)?.narrow(3, offset(w), cw)?.to_device(&Device::Cpu)?;
+        let Some((size, filter)) = self.pre_resize else { return Ok(x) };
+        if (ch, cw) == (size, size) {
+            return Ok(x);
+        }
+        let pixels = x.contiguous()?.flatten_all()?.to_vec1::<u8>()?;
+        let mut out = Vec::with_capacity(n * 3 * size * size);
+        for plane in pixels.chunks(ch * cw) {
+            out.extend(pil_resize_u8(plane, ch, cw, size, size, filter)?);
+        }
+        Ok(Tensor::from_vec(out, (n, 3, size, size), &Device::Cpu)?)
+    }
+
+    /// uint8 images → the Inception's 299×299 input on `device`.
+    pub fn inception_input(&self, images: &Tensor, device: &Device) -> Result<Tensor> {
+        self.front_end.apply(&self.prepare(images)?, device)
+    }
+}

@@ -1,0 +1,154 @@
+//! Standard evaluation in scripts: the FID Inception, feature statistics under a
+//! named protocol, statistics files and the Fréchet distance.
+//!
+//! ```text
+//! let fid_net = load_fid_inception("weights/fid_inception.safetensors");
+//! let acc = feature_stats("gigagan-coco256");
+//! acc.add(fid_net.features(to_u8_images(x, "gigagan-coco256"), "gigagan-coco256"));
+//! let fid = acc.frechet_distance(load_stats("stats/coco2014val_gigagan256.safetensors"));
+//! ```
+
+use crate::eval::inception::{FidInception, FEATURES};
+use crate::eval::protocol::Protocol;
+use crate::eval::stats::{FeatureStats, StoredStats};
+use crate::host::docs::Api;
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::run_state::RunState;
+use crate::host::tensor::TensorHandle;
+use rhai::Map;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The FID Inception (`FidInception` in scripts).
+#[derive(Clone)]
+pub struct FidHandle(Arc<FidInception>);
+
+/// Feature sums under one protocol (`FeatureStats` in scripts).
+#[derive(Clone)]
+pub struct StatsHandle(Arc<Mutex<(Protocol, FeatureStats)>>);
+
+impl StatsHandle {
+    fn stored(&self, extra: &Map) -> ScriptResult<StoredStats> {
+        let guard = self.0.lock().map_err(|_| script_err("feature statistics: lock poisoned"))?;
+        let (protocol, sums) = &*guard;
+        let gaussian = sums.gaussian(protocol.ddof).script()?;
+        let mut metadata: std::collections::HashMap<String, String> =
+            extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        metadata.insert("protocol".into(), protocol.id());
+        metadata.insert("n".into(), sums.count().to_string());
+        metadata.insert("ddof".into(), protocol.ddof.to_string());
+        metadata.entry("source".into()).or_insert_with(|| "computed".into());
+        metadata.insert("created_by".into(), format!("sidscript {}", env!("CARGO_PKG_VERSION")));
+        Ok(StoredStats { gaussian, metadata })
+    }
+}
+
+fn protocol(name: &str) -> ScriptResult<Protocol> {
+    Protocol::by_name(name).script()
+}
+
+/// Registers the functions of this file.
+pub fn register(api: &mut Api, rt: &Arc<RunState>) {
+    api.engine.register_type_with_name::<FidHandle>("FidInception");
+    api.engine.register_type_with_name::<StatsHandle>("FeatureStats");
+    api.engine.register_type_with_name::<StoredStats>("Stats");
+    api.group("evaluation");
+    let r = rt.clone();
+    api.func(
+        "load_fid_inception",
+        ["path"],
+        "The FID Inception (pytorch-fid names; convert pt_inception-2015-12-05 with tools/convert_eval_weights.py) on the run's device.",
+        move |p: &str| -> ScriptResult<FidHandle> {
+            Ok(FidHandle(Arc::new(FidInception::load(Path::new(p), &r.device).script()?)))
+        },
+    );
+    api.method(
+        "features",
+        ["fid", "images", "protocol"],
+        "pool3 features (N×2048) of N×3×H×W uint8 images, cropped, pre-resized and brought to 299 as the protocol says.",
+        |f: &mut FidHandle, x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
+            let device = f.device();
+            let input = protocol(p)?.inception_input(x.tensor(), &device).script()?;
+            Ok(TensorHandle::new(f.0.features(&input).script()?))
+        },
+    );
+    api.func(
+        "to_u8_images",
+        ["images", "protocol"],
+        "A generator's [-1, 1] images as uint8 by the protocol's rule (round: floor(127.5x + 128); dmd2: trunc(127.5(x + 1))).",
+        |x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
+            Ok(TensorHandle::new(protocol(p)?.to_u8(x.tensor()).script()?))
+        },
+    );
+    api.func(
+        "prepare_images",
+        ["images", "protocol"],
+        "N×3×H×W uint8 images cropped and pre-resized as the protocol says (Pillow-exact), e.g. to batch reference images of different sizes.",
+        |x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
+            Ok(TensorHandle::new(protocol(p)?.prepare(x.tensor()).script()?))
+        },
+    );
+    api.func(
+        "protocol_id",
+        ["protocol"],
+        "A protocol's versioned id (\"gigagan-coco256/1\"), as statistics files and result rows carry it; an unknown name is an error listing the known ones.",
+        |p: &str| -> ScriptResult<String> { Ok(protocol(p)?.id()) },
+    );
+    api.func(
+        "feature_stats",
+        ["protocol"],
+        "Empty 2048-wide feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, pytorch-fid).",
+        |p: &str| -> ScriptResult<StatsHandle> {
+            Ok(StatsHandle(Arc::new(Mutex::new((protocol(p)?, FeatureStats::new(FEATURES).script()?)))))
+        },
+    );
+    api.method("add", ["stats", "features"], "Adds N×D features.", |s: &mut StatsHandle, x: TensorHandle| {
+        s.0.lock().map_err(|_| script_err("feature statistics: lock poisoned"))?.1.add(x.tensor()).script()
+    });
+    api.getter("count", "Features added.", |s: &mut StatsHandle| s.0.lock().map(|g| g.1.count() as i64).unwrap_or(0));
+    api.method(
+        "save",
+        ["stats", "path", "info"],
+        "Writes the statistics (μ, Σ with the protocol's denominator) with their protocol, n and ddof, plus the info map (dataset, detector, ...).",
+        |s: &mut StatsHandle, p: &str, info: Map| s.stored(&info)?.save(Path::new(p)).script(),
+    );
+    api.method(
+        "frechet_distance",
+        ["stats", "reference"],
+        "The Fréchet distance (FID) to reference statistics of the same protocol.",
+        |s: &mut StatsHandle, r: StoredStats| -> ScriptResult<f64> {
+            s.stored(&Map::new())?.frechet_distance(&r).script()
+        },
+    );
+    api.func(
+        "load_stats",
+        ["path"],
+        "Reference statistics written by sidscript (they carry their protocol).",
+        |p: &str| StoredStats::load(Path::new(p)).script(),
+    );
+    api.func(
+        "import_npz_stats",
+        ["path", "protocol"],
+        "clean-fid / pytorch-fid .npz statistics (mu, sigma), which carry no protocol: name the one they were computed under.",
+        |p: &str, proto: &str| -> ScriptResult<StoredStats> {
+            StoredStats::import_npz(Path::new(p), &protocol(proto)?.id()).script()
+        },
+    );
+    api.getter("protocol", "The protocol the statistics were computed under.", |s: &mut StoredStats| {
+        s.protocol().to_string()
+    });
+    api.getter(
+        "info",
+        "The statistics file's metadata (protocol, n, ddof, dataset, detector, ...).",
+        |s: &mut StoredStats| s.metadata.iter().map(|(k, v)| (k.as_str().into(), v.clone().into())).collect::<Map>(),
+    );
+    api.method("save", ["stats", "path"], "Writes the statistics to a file.", |s: &mut StoredStats, p: &str| {
+        s.save(Path::new(p)).script()
+    });
+}
+
+impl FidHandle {
+    fn device(&self) -> candle_core::Device {
+        self.0.device()
+    }
+}

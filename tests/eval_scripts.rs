@@ -1,0 +1,99 @@
+//! scripts/ref_stats.rhai and scripts/eval.rhai end to end on the tiny SD1.5 fixture
+//! with a procedural-weight FID Inception: reference statistics from a folder of
+//! images of mixed sizes, then FID rows for the generator, each carrying its
+//! protocol; statistics of another protocol are refused.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sidscript"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .arg("run")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn reference_statistics_and_generator_fid_with_their_protocol() {
+    let dir = std::env::temp_dir().join(format!("sidscript-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    let weights: Vec<(String, candle_core::Tensor)> = procedural_inception_weights().into_iter().collect();
+    let detector = dir.join("fid_inception.safetensors");
+    sidscript::io::safetensors::save(&detector, &weights).unwrap();
+    // Reference images of several shapes (the protocol crops and resizes each).
+    for (i, (w, h)) in [(40u32, 30u32), (32, 32), (24, 36), (50, 20), (33, 33)].iter().enumerate() {
+        let img = image::RgbImage::from_fn(*w, *h, |x, y| {
+            image::Rgb([(x * 7 + i as u32 * 40) as u8, (y * 9) as u8, ((x ^ y) * 5) as u8])
+        });
+        img.save(dir.join("refs").join(format!("{i}.png"))).unwrap();
+    }
+    let d = |p: &str| dir.join(p).display().to_string();
+    let stats = d("refs_gigagan.safetensors");
+    let o = run(&[
+        "scripts/ref_stats.rhai",
+        "--set",
+        &format!("images={}", d("refs")),
+        "--set",
+        "protocol=gigagan-coco256",
+        "--set",
+        &format!("detector={}", detector.display()),
+        "--set",
+        &format!("out={stats}"),
+        "--set",
+        "batch=2",
+    ]);
+    assert!(o.status.success(), "ref_stats: {}", String::from_utf8_lossy(&o.stderr));
+    let meta = sidscript::io::safetensors::metadata(Path::new(&stats)).unwrap();
+    assert_eq!(meta["protocol"], "gigagan-coco256/1");
+    assert_eq!(meta["n"], "5");
+    assert_eq!(meta["ddof"], "1");
+
+    std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n\na green triangle\n").unwrap();
+    let eval = |protocol: &str| {
+        run(&[
+            "scripts/eval.rhai",
+            "--set",
+            "generator=tests/fixtures/tiny-sd15",
+            "--set",
+            &format!("prompts={}", d("prompts.txt")),
+            "--set",
+            &format!("ref_stats={stats}"),
+            "--set",
+            &format!("protocol={protocol}"),
+            "--set",
+            &format!("detector={}", detector.display()),
+            "--set",
+            "steps=[1, 2]",
+            "--set",
+            "n=5",
+            "--set",
+            "batch=2",
+            "--set",
+            &format!("out={}", d("eval.jsonl")),
+        ])
+    };
+    let o = eval("gigagan-coco256");
+    assert!(o.status.success(), "eval: {}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per step count");
+    for (r, steps) in rows.iter().zip([1, 2]) {
+        assert_eq!(r["protocol"], "gigagan-coco256/1");
+        assert_eq!(r["steps"], steps);
+        assert_eq!(r["n"], 5);
+        let fid = r["fid"].as_f64().unwrap();
+        assert!(fid.is_finite() && fid > 0.0, "{r}");
+    }
+    let o = eval("sid-inloop");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot be compared"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
