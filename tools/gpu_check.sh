@@ -13,7 +13,10 @@
 #           (f64 and bf16 mixed precision), checkpointed gradients, diffusers parity of the UNet
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
 #           f32, tf32 and bf16; sdxl-full in bf16 with checkpointing (the < 80 GB target);
-#           ms/iteration, images/s and peak GB each
+#           ms/iteration, images/s and peak GB each; then the evaluation bench (1,000
+#           images at 512 px through gigagan-coco256 preprocessing and the FID Inception).
+#           The eval bench is one more binary: check that pack's `du -sh .gpu` stays
+#           under the 64 MiB a device call carries.
 #   runs    real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
 #           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
 #           on cuda:0 with a checkpoint at 10, a resume to 22 and the export
@@ -37,7 +40,7 @@ pack)
     # tests that exercise the GPU path of this work (autograd and the VAE/text/sampler
     # parity ran on a GPU before and are unchanged by it).
     bins+=($(list test --release --no-run --test sid_reference --test checkpointing --test kernels --test optim --test unet_parity) \
-        $(list bench --no-run --bench sid_iteration))
+        $(list bench --no-run --bench sid_iteration --bench eval))
     for b in "${bins[@]}"; do
         name=$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')
         strip -o "/tmp/bin-$name" "$b" && xz -T0 -6 -c "/tmp/bin-$name" > ".gpu/bin-$name.xz"
@@ -85,6 +88,8 @@ run)
         export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
         step 150 .gpu/bin-sid_iteration sdxl-full
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT
+        # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256, Inception on the GPU.
+        SIDSCRIPT_BENCH_EVAL_N=1000 step 120 .gpu/bin-eval cuda:0
     fi
     if [ "$part" = all ] || [ "$part" = runs ]; then
         run=(.gpu/bin-sidscript run --device cuda:0)

@@ -30,6 +30,27 @@ pub enum Crop {
     CenterFloor,
 }
 
+impl Crop {
+    /// Where a centred square of `side` starts along an axis of `len`.
+    pub fn offset(self, len: usize, side: usize) -> usize {
+        let excess = len.saturating_sub(side);
+        match self {
+            Crop::None => 0,
+            Crop::CenterFloor => excess / 2,
+            // Python's round(excess / 2): halves go to the even neighbour.
+            Crop::CenterRound if excess % 2 == 1 => {
+                let (lo, hi) = (excess / 2, excess / 2 + 1);
+                if lo % 2 == 0 {
+                    lo
+                } else {
+                    hi
+                }
+            }
+            Crop::CenterRound => excess / 2,
+        }
+    }
+}
+
 /// One protocol.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Protocol {
@@ -124,16 +145,7 @@ impl Protocol {
             )));
         }
         let side = h.min(w);
-        let offset = |len: usize| match self.crop {
-            Crop::None => 0,
-            Crop::CenterFloor => (len - side) / 2,
-            Crop::CenterRound => {
-                let half = (len - side) as f64 / 2.0;
-                let r = half.round();
-                // Python's round: half to even.
-                (if (half - half.floor() - 0.5).abs() < 1e-12 && r as i64 % 2 != 0 { r - 1.0 } else { r }) as usize
-            }
-        };
+        let offset = |len: usize| self.crop.offset(len, side);
         let (ch, cw) = if self.crop == Crop::None { (h, w) } else { (side, side) };
         let x = images.narrow(2, offset(h), ch)?.narrow(3, offset(w), cw)?.to_device(&Device::Cpu)?;
         let Some((size, filter)) = self.pre_resize else { return Ok(x) };
@@ -151,5 +163,25 @@ impl Protocol {
     /// uint8 images → the Inception's 299×299 input on `device`.
     pub fn inception_input(&self, images: &Tensor, device: &Device) -> Result<Tensor> {
         self.front_end.apply(&self.prepare(images)?, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uint8_rules_and_crop_offsets_follow_the_reference_code() -> Result<()> {
+        let x = Tensor::new(&[[[[-1.0f32, -0.5, 0.0, 0.999, 1.0, 2.0]]]], &Device::Cpu)?;
+        let round = Protocol::by_name("gigagan-coco256")?.to_u8(&x)?.flatten_all()?.to_vec1::<u8>()?;
+        let trunc = Protocol::by_name("dmd2-coco10k-512/1")?.to_u8(&x)?.flatten_all()?.to_vec1::<u8>()?;
+        assert_eq!(round, [0, 64, 128, 255, 255, 255]); // floor(127.5x + 128)
+        assert_eq!(trunc, [0, 63, 127, 254, 255, 255]); // trunc(127.5(x + 1))
+                                                        // torchvision: int(round((H − c) / 2)), halves to even; SiD's tool: floor.
+        let offsets = |c: Crop| (1..=6).map(|excess| c.offset(10 + excess, 10)).collect::<Vec<_>>();
+        assert_eq!(offsets(Crop::CenterRound), [0, 1, 2, 2, 2, 3]);
+        assert_eq!(offsets(Crop::CenterFloor), [0, 1, 1, 2, 2, 3]);
+        assert!(Protocol::by_name("fid").unwrap_err().to_string().contains("gigagan-coco256"));
+        Ok(())
     }
 }
