@@ -95,5 +95,32 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     let o = eval("sid-inloop");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("cannot be compared"), "{err}");
+
+    // The in-loop hook of the distillation scripts (sid-inloop statistics this time).
+    let inloop = d("refs_inloop.safetensors");
+    let o = run(&[
+        "scripts/ref_stats.rhai",
+        "--set", &format!("images={}", d("refs")),
+        "--set", "protocol=sid-inloop",
+        "--set", &format!("detector={}", detector.display()),
+        "--set", &format!("out={inloop}"),
+    ]);
+    assert!(o.status.success(), "ref_stats sid-inloop: {}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&[
+        "scripts/distill_sd15.rhai",
+        "--set", "model=tests/fixtures/tiny-sd15",
+        "--set", &format!("out={}", d("distill")),
+        "--set", "iterations=2",
+        "--set", "eval_every=2",
+        "--set", "eval_n=4",
+        "--set", &format!("eval_ref_stats={inloop}"),
+        "--set", &format!("eval_detector={}", detector.display()),
+    ]);
+    assert!(o.status.success(), "distill with eval: {}", String::from_utf8_lossy(&o.stderr));
+    let row: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(dir.join("distill/eval.jsonl")).unwrap().trim()).unwrap();
+    assert_eq!(row["protocol"], "sid-inloop/1");
+    assert_eq!(row["iteration"], 2);
+    assert!(row["fid"].as_f64().unwrap().is_finite(), "{row}");
     std::fs::remove_dir_all(dir).ok();
 }
