@@ -111,10 +111,10 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
         "--set", "model=tests/fixtures/tiny-sd15",
         "--set", &format!("out={}", d("distill")),
         "--set", "iterations=2",
-        "--set", "eval_every=2",
-        "--set", "eval_n=4",
-        "--set", &format!("eval_ref_stats={inloop}"),
-        "--set", &format!("eval_detector={}", detector.display()),
+        "--set", "fid_every=2",
+        "--set", "fid_n=4",
+        "--set", &format!("fid_ref_stats={inloop}"),
+        "--set", &format!("fid_detector={}", detector.display()),
     ]);
     assert!(o.status.success(), "distill with eval: {}", String::from_utf8_lossy(&o.stderr));
     let row: serde_json::Value =
