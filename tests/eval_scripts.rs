@@ -24,7 +24,11 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     std::fs::create_dir_all(dir.join("refs")).unwrap();
     let weights: Vec<(String, candle_core::Tensor)> = procedural_inception_weights().into_iter().collect();
     let detector = dir.join("fid_inception.safetensors");
-    sidscript::io::safetensors::save(&detector, &weights).unwrap();
+    // As tools/convert_eval_weights.py writes it (layout and source hash in the metadata).
+    let meta = [("layout", "pytorch-fid-inception"), ("source_sha256", "procedural")];
+    let meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    sidscript::io::safetensors::save(&dir.join("unconverted.safetensors"), &weights).unwrap();
+    sidscript::io::safetensors::save_with_metadata(&detector, &weights, &meta).unwrap();
     // Reference images of several shapes (the protocol crops and resizes each).
     for (i, (w, h)) in [(40u32, 30u32), (32, 32), (24, 36), (50, 20), (33, 33)].iter().enumerate() {
         let img = image::RgbImage::from_fn(*w, *h, |x, y| {
@@ -33,6 +37,12 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
         img.save(dir.join("refs").join(format!("{i}.png"))).unwrap();
     }
     let d = |p: &str| dir.join(p).display().to_string();
+    let err =
+        sidscript::eval::inception::FidInception::load(&dir.join("unconverted.safetensors"), &candle_core::Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+    assert!(err.contains("unconverted.safetensors") && err.contains("convert_eval_weights.py"), "{err}");
     let stats = d("refs_gigagan.safetensors");
     let o = run(&[
         "scripts/ref_stats.rhai",
@@ -100,21 +110,32 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     let inloop = d("refs_inloop.safetensors");
     let o = run(&[
         "scripts/ref_stats.rhai",
-        "--set", &format!("images={}", d("refs")),
-        "--set", "protocol=sid-inloop",
-        "--set", &format!("detector={}", detector.display()),
-        "--set", &format!("out={inloop}"),
+        "--set",
+        &format!("images={}", d("refs")),
+        "--set",
+        "protocol=sid-inloop",
+        "--set",
+        &format!("detector={}", detector.display()),
+        "--set",
+        &format!("out={inloop}"),
     ]);
     assert!(o.status.success(), "ref_stats sid-inloop: {}", String::from_utf8_lossy(&o.stderr));
     let o = run(&[
         "scripts/distill_sd15.rhai",
-        "--set", "model=tests/fixtures/tiny-sd15",
-        "--set", &format!("out={}", d("distill")),
-        "--set", "iterations=2",
-        "--set", "fid_every=2",
-        "--set", "fid_n=4",
-        "--set", &format!("fid_ref_stats={inloop}"),
-        "--set", &format!("fid_detector={}", detector.display()),
+        "--set",
+        "model=tests/fixtures/tiny-sd15",
+        "--set",
+        &format!("out={}", d("distill")),
+        "--set",
+        "iterations=2",
+        "--set",
+        "fid_every=2",
+        "--set",
+        "fid_n=4",
+        "--set",
+        &format!("fid_ref_stats={inloop}"),
+        "--set",
+        &format!("fid_detector={}", detector.display()),
     ]);
     assert!(o.status.success(), "distill with eval: {}", String::from_utf8_lossy(&o.stderr));
     let row: serde_json::Value =

@@ -296,8 +296,25 @@ impl FidInception {
         Ok(net)
     }
 
-    /// Loads a converted weights file (see the module docs).
+    /// The `layout` a detector file's metadata must name.
+    pub const LAYOUT: &'static str = "pytorch-fid-inception";
+
+    /// Loads a weights file written by `tools/convert_eval_weights.py inception`
+    /// (its metadata names the layout and the source file's SHA-256).
     pub fn load(path: &std::path::Path, device: &Device) -> Result<Self> {
+        let meta = crate::io::safetensors::metadata(path)?;
+        if meta.get("layout").map(String::as_str) != Some(Self::LAYOUT) || !meta.contains_key("source_sha256") {
+            return Err(Error::file(
+                path,
+                None,
+                format!(
+                    "not a converted FID Inception (metadata layout {:?}, want {}, with source_sha256): \
+                     convert pt_inception-2015-12-05-6726825d.pth with tools/convert_eval_weights.py inception",
+                    meta.get("layout"),
+                    Self::LAYOUT
+                ),
+            ));
+        }
         let tensors: HashMap<String, Tensor> =
             crate::io::safetensors::load(path, device, Some(DType::F32))?.into_iter().collect();
         let w = Weights::from_tensors(tensors, DType::F32, device);

@@ -1,0 +1,58 @@
+"""Converts published evaluation weights to the safetensors files sidscript reads
+(sidscript itself never unpickles). Run by a user or developer, never in CI:
+
+    python tools/convert_eval_weights.py inception \
+        --src pt_inception-2015-12-05-6726825d.pth --out weights/fid_inception.safetensors
+
+`inception`: pytorch-fid's FID Inception weights (the TF inception-2015-12-05 graph,
+https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth).
+The file is read with torch.load(weights_only=True); its tensor names are kept (470
+conv/batch-norm tensors + fc.weight/fc.bias; num_batches_tracked dropped), as f32.
+The output's metadata records the source file's SHA-256, the layout and this
+converter's version; sidscript refuses a detector file without them.
+
+Needs torch and safetensors.
+"""
+import argparse
+import hashlib
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+
+VERSION = "1"
+INCEPTION_TENSORS = 472  # 94 BasicConv2d x (conv + 4 batch-norm tensors) + fc.weight + fc.bias
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inception(src, out):
+    digest = sha256(src)
+    # torch hub names files <name>-<first 8 hex digits of the SHA-256>.<ext>.
+    stem = pathlib.Path(src).stem
+    if "-" in stem and len(stem.rsplit("-", 1)[1]) == 8 and not digest.startswith(stem.rsplit("-", 1)[1]):
+        raise SystemExit(f"{src}: SHA-256 {digest} does not start with the {stem.rsplit('-', 1)[1]} its name promises")
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    tensors = {k: v.float().contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    if len(tensors) != INCEPTION_TENSORS or "Mixed_7c.branch_pool.conv.weight" not in tensors:
+        raise SystemExit(f"{src}: {len(tensors)} tensors, not pytorch-fid's FID Inception ({INCEPTION_TENSORS})")
+    meta = {"layout": "pytorch-fid-inception", "source": pathlib.Path(src).name, "source_sha256": digest,
+            "converter": f"tools/convert_eval_weights.py {VERSION}"}
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata=meta)
+    print(f"{out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values())} numbers, source SHA-256 {digest}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["inception"])
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    inception(a.src, a.out)
