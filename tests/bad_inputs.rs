@@ -4,6 +4,17 @@
 mod common;
 use common::*;
 
+/// Each script must fail with an error containing its expected text.
+fn expect_errors<S: AsRef<str>>(host: &sidscript::host::Host, cases: &[(S, &str)]) {
+    for (src, want) in cases {
+        let src = src.as_ref();
+        match host.eval(src) {
+            Ok(_) => panic!("{src}: accepted"),
+            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
+        }
+    }
+}
+
 /// A tiny valid UNet config with `extra` (a JSON fragment) merged over it.
 fn unet_script(extra: &str) -> String {
     let base = r#""block_out_channels": [8, 16], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -71,12 +82,7 @@ fn impossible_tensors_and_float_only_ops_on_integers_are_errors_not_aborts() {
         (r#"ones([3], #{ dtype: "u8" }).log()"#, "log needs a float tensor, got u8"),
         (r#"ones([3], #{ dtype: "i64" }).exp()"#, "exp needs a float tensor, got i64"),
     ];
-    for (src, want) in cases {
-        match host.eval(src) {
-            Ok(_) => panic!("{src}: accepted"),
-            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
-        }
-    }
+    expect_errors(&host, &cases);
 }
 
 #[test]
@@ -141,12 +147,7 @@ fn nan_scales_grids_and_image_folders_are_refused() {
         (format!(r#"load_image_folder("{d}", 1000000)"#), "do not fit in memory"),
         (format!(r#"load_image_folder("{d}", 4)"#), "a.txt"),
     ];
-    for (src, want) in &cases {
-        match host.eval(src) {
-            Ok(_) => panic!("{src}: accepted"),
-            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
-        }
-    }
+    expect_errors(&host, &cases);
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -208,12 +209,7 @@ fn file_errors_name_the_file_and_what_is_wrong_with_it() {
         (format!(r#"write_text("{t}/plain/sub/out.txt", "x")"#), "plain: is a file, so"),
         (format!(r#"append_jsonl("{t}/plain/log.jsonl", #{{ a: 1 }})"#), "plain: is a file, so"),
     ];
-    for (src, want) in &cases {
-        match host.eval(src) {
-            Ok(_) => panic!("{src}: accepted"),
-            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
-        }
-    }
+    expect_errors(&host, &cases);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_sidscript"))
         .current_dir(root)
@@ -323,12 +319,7 @@ fn a_config_value_of_the_wrong_type_is_named_by_its_key() {
         (r#"new_unet(#{ block_out_channels: [8, "x"] }, 1)"#, "key `block_out_channels[1]`"),
         (r#"new_unet(#{ norm_eps: "small" }, 1)"#, "key `norm_eps`"),
     ];
-    for (src, want) in cases {
-        match host.eval(src) {
-            Ok(_) => panic!("{src}: accepted"),
-            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
-        }
-    }
+    expect_errors(&host, &cases);
 }
 
 #[test]
@@ -340,12 +331,7 @@ fn integer_parameters_and_float_indices_are_refused() {
         ("randn([5, 2]).index_select(tensor([0.5, 1.7]), 0)", "indices must be an integer tensor, got f32"),
         (r#"randn([5, 2]).index_select(tensor([7, 1], #{ dtype: "i64" }), 0)"#, "invalid index 7"),
     ];
-    for (src, want) in cases {
-        match host.eval(src) {
-            Ok(_) => panic!("{src}: accepted"),
-            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
-        }
-    }
+    expect_errors(&host, &cases);
 }
 
 #[test]
@@ -366,10 +352,5 @@ fn sid_loss_options_and_model_dtypes_are_checked_by_name() {
         (format!(r#"{setup} u.trainable_copy(#{{ dtype: "u8" }})"#), "need a float dtype"),
         (format!(r#"load_unet("{d}", #{{ dtype: "u32" }})"#), "need a float dtype"),
     ];
-    for (src, want) in &cases {
-        match host.eval(src) {
-            Ok(_) => panic!("{src}: accepted"),
-            Err(e) => assert!(e.message.contains(want), "{src}: {}", e.message),
-        }
-    }
+    expect_errors(&host, &cases);
 }
