@@ -196,8 +196,82 @@ def inception():
           f"first features {feats[0, :4]}")
 
 
+def dinov2_hub_state(dim, depth):
+    """Procedural weights under torch-hub DINOv2 names (tests/eval_dinov2.rs rebuilds
+    them): norm weights and LayerScale 1 + 0.1u, biases 0.1u, the rest √(3/fan_in)."""
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 257, dim), "mask_token": (1, dim),
+              "patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
+                       b + "attn.qkv.bias": (3 * dim,), b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                       b + "ls1.gamma": (dim,), b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                       b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
+                       b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,), b + "ls2.gamma": (dim,)})
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("gamma") or ("norm" in name and name.endswith("weight")):
+            out[name] = 1 + procedural(name, shape, 0.1)
+        elif name.endswith("bias"):
+            out[name] = procedural(name, shape, 0.1)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+            out[name] = procedural(name, shape, float(np.sqrt(3.0 / fan_in)))
+    return out
+
+
+def dinov2():
+    """transformers' Dinov2Model (the hub architecture; tiny: dim 32, 2 blocks, 4 heads,
+    224 px) with the procedural hub weights mapped to its names, on two 64×64 images
+    preprocessed as dgm-eval does (Pillow bicubic on uint8 to 224, ImageNet mean/std):
+    the CLS token after the final LayerNorm."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    dim, depth = 32, 2
+    hub = dinov2_hub_state(dim, depth)
+    cfg = Dinov2Config(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=4, image_size=224,
+                       patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu", mlp_ratio=4)
+    model = Dinov2Model(cfg).eval()
+    hf = {"embeddings.cls_token": hub["cls_token"], "embeddings.mask_token": hub["mask_token"],
+          "embeddings.position_embeddings": hub["pos_embed"],
+          "embeddings.patch_embeddings.projection.weight": hub["patch_embed.proj.weight"],
+          "embeddings.patch_embeddings.projection.bias": hub["patch_embed.proj.bias"],
+          "layernorm.weight": hub["norm.weight"], "layernorm.bias": hub["norm.bias"]}
+    for i in range(depth):
+        b, e = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = np.split(hub[b + f"attn.qkv.{kind}"], 3, axis=0)
+            hf.update({e + f"attention.q_proj.{kind}": q, e + f"attention.k_proj.{kind}": k,
+                       e + f"attention.v_proj.{kind}": v, e + f"attention.o_proj.{kind}": hub[b + f"attn.proj.{kind}"],
+                       e + f"norm1.{kind}": hub[b + f"norm1.{kind}"], e + f"norm2.{kind}": hub[b + f"norm2.{kind}"],
+                       e + f"mlp.fc1.{kind}": hub[b + f"mlp.fc1.{kind}"], e + f"mlp.fc2.{kind}": hub[b + f"mlp.fc2.{kind}"]})
+        hf[e + "layer_scale1.lambda1"] = hub[b + "ls1.gamma"]
+        hf[e + "layer_scale2.lambda1"] = hub[b + "ls2.gamma"]
+    missing = set(model.state_dict()) - set(hf)
+    assert not missing, missing
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf.items()})
+    rng = np.random.default_rng(3)
+    images = np.stack([image(rng, 64, 48).transpose(2, 0, 1) for _ in range(2)])  # 2 × 3 × 64 × 48
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    x = []
+    for img in images:
+        resized = np.asarray(Image.fromarray(img.transpose(1, 2, 0), "RGB").resize((224, 224), Image.BICUBIC))
+        t = torch.from_numpy(resized.copy()).permute(2, 0, 1).float().div(255)
+        x.append((t - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None])
+    with torch.no_grad():
+        cls = model(pixel_values=torch.stack(x)).pooler_output.numpy()
+    import transformers
+    save_file({"images": np.ascontiguousarray(images), "cls": cls.astype(np.float32)},
+              str(OUT / "dinov2.safetensors"),
+              metadata={"transformers": transformers.__version__, "pillow": PIL.__version__, "dim": str(dim),
+                        "depth": str(depth), "heads": "4"})
+    print(f"dinov2.safetensors: CLS {cls.shape}, first {cls[0, :4]}")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     resample()
     stats()
     inception()
+    dinov2()

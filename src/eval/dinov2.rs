@@ -1,0 +1,173 @@
+//! DINOv2 ViT for FD-DINOv2 (Stein et al. 2023, dgm-eval; EDM2): the torch-hub
+//! `dinov2_vitl14` backbone, forward only, giving the CLS token after the final
+//! LayerNorm (1024-d for ViT-L/14). As the hub model, not as candle-transformers'
+//! port: LayerNorm eps 1e-6, exact (erf) GELU, LayerScale, no classifier head.
+//!
+//! Weights: torch-hub names (`patch_embed.proj.weight`, `cls_token`, `pos_embed`,
+//! `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}`,
+//! `norm`; `mask_token` unused). The hub model's position embedding is for 518 px
+//! (37×37 patches); at 224 px the hub interpolates it bicubically with a 0.1 offset,
+//! so the converter stores that interpolation once as `pos_embed_224`, used when
+//! present (a checkpoint made for 224 px needs none).
+
+use crate::diffusion::weights::Weights;
+use crate::error::{Error, Result};
+use crate::eval::resample;
+use candle_core::{DType, Device, Tensor, D};
+
+/// Input side in pixels, and the patch size.
+pub const IMAGE: usize = 224;
+const PATCH: usize = 14;
+const EPS: f64 = 1e-6;
+
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn new(w: &Weights, cin: usize, cout: usize) -> Result<Self> {
+        Ok(Self { weight: w.get((cout, cin), "weight")?, bias: w.get(cout, "bias")? })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let y = x.reshape((b * n, c))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        Ok(y.reshape((b, n, self.weight.dim(0)?))?)
+    }
+}
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Norm {
+    fn new(w: &Weights, d: usize) -> Result<Self> {
+        Ok(Self { weight: w.get(d, "weight")?, bias: w.get(d, "bias")? })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+struct Block {
+    norm1: Norm,
+    qkv: Linear,
+    proj: Linear,
+    ls1: Tensor,
+    norm2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+    ls2: Tensor,
+    heads: usize,
+}
+
+impl Block {
+    fn new(w: &Weights, d: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: Norm::new(&w.pp("norm1"), d)?,
+            qkv: Linear::new(&w.pp("attn").pp("qkv"), d, 3 * d)?,
+            proj: Linear::new(&w.pp("attn").pp("proj"), d, d)?,
+            ls1: w.pp("ls1").get(d, "gamma")?,
+            norm2: Norm::new(&w.pp("norm2"), d)?,
+            fc1: Linear::new(&w.pp("mlp").pp("fc1"), d, 4 * d)?,
+            fc2: Linear::new(&w.pp("mlp").pp("fc2"), 4 * d, d)?,
+            ls2: w.pp("ls2").get(d, "gamma")?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv =
+            self.qkv.forward(&self.norm1.forward(x)?)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, n, d))?;
+        let x = (x + self.proj.forward(&attn)?.broadcast_mul(&self.ls1)?)?;
+        let h = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        Ok((x + h.broadcast_mul(&self.ls2)?)?)
+    }
+}
+
+/// The backbone up to the normalised CLS token.
+pub struct Dinov2 {
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls: Tensor,
+    pos: Tensor,
+    blocks: Vec<Block>,
+    norm: Norm,
+    dim: usize,
+}
+
+impl Dinov2 {
+    /// ViT-L/14 (dim 1024, 24 blocks, 16 heads) is `new(w, 1024, 24, 16)`.
+    pub fn new(w: &Weights, dim: usize, depth: usize, heads: usize) -> Result<Self> {
+        if heads == 0 || dim % heads != 0 {
+            return Err(Error::msg(format!("dinov2: {dim} channels do not split into {heads} heads")));
+        }
+        let patches = (IMAGE / PATCH) * (IMAGE / PATCH);
+        let pos = if w.contains("pos_embed_224") {
+            w.get((1, 1 + patches, dim), "pos_embed_224")?
+        } else {
+            w.get((1, 1 + patches, dim), "pos_embed")?
+        };
+        if w.contains("mask_token") {
+            w.get((1, dim), "mask_token")?;
+        }
+        Ok(Self {
+            patch_weight: w.pp("patch_embed").pp("proj").get((dim, 3, PATCH, PATCH), "weight")?,
+            patch_bias: w.pp("patch_embed").pp("proj").get(dim, "bias")?,
+            cls: w.get((1, 1, dim), "cls_token")?,
+            pos,
+            blocks: (0..depth).map(|i| Block::new(&w.pp(format!("blocks.{i}")), dim, heads)).collect::<Result<_>>()?,
+            norm: Norm::new(&w.pp("norm"), dim)?,
+            dim,
+        })
+    }
+
+    /// Feature width.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// CLS features (N × dim) of N×3×224×224 inputs already normalised (see [`Self::input`]).
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != 3 || h != IMAGE || w != IMAGE {
+            return Err(Error::msg(format!("dinov2: expected N×3×{IMAGE}×{IMAGE} input, got {:?}", x.dims())));
+        }
+        let p = crate::ops::conv2d(x, &self.patch_weight, Some(&self.patch_bias), 0, PATCH)?;
+        let tokens = p.flatten_from(2)?.transpose(1, 2)?; // N × patches × dim
+        let cls = self.cls.broadcast_as((b, 1, self.dim))?;
+        let x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.pos)?;
+        let x = self.blocks.iter().try_fold(x, |h, blk| blk.forward(&h))?;
+        Ok(self.norm.forward(&x)?.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+
+    /// dgm-eval's preprocessing: N×3×H×W uint8 → Pillow bicubic to 224×224 (on
+    /// uint8) → /255 → ImageNet mean/std.
+    pub fn input(images: &Tensor, device: &Device) -> Result<Tensor> {
+        let (n, c, h, w) = images.dims4()?;
+        if c != 3 || images.dtype() != DType::U8 {
+            return Err(Error::msg(format!("dinov2: expected N×3×H×W uint8 images, got {:?}", images.dims())));
+        }
+        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+        const STD: [f32; 3] = [0.229, 0.224, 0.225];
+        let pixels = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+        let mut out = Vec::with_capacity(n * 3 * IMAGE * IMAGE);
+        for (i, plane) in pixels.chunks(h * w).enumerate() {
+            let ch = i % 3;
+            let resized = resample::pil_resize_u8(plane, h, w, IMAGE, IMAGE, resample::Filter::Bicubic)?;
+            out.extend(resized.into_iter().map(|v| (v as f32 / 255.0 - MEAN[ch]) / STD[ch]));
+        }
+        Ok(Tensor::from_vec(out, (n, 3, IMAGE, IMAGE), device)?)
+    }
+}

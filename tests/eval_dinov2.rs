@@ -1,0 +1,87 @@
+//! The FD-DINOv2 backbone against transformers' Dinov2Model (the hub architecture;
+//! fixture: tools/make_eval_fixtures.py, tiny: dim 32, 2 blocks, 4 heads, 224 px,
+//! procedural weights under torch-hub names): dgm-eval's preprocessing (Pillow
+//! bicubic on uint8, ImageNet mean/std) and the CLS token after the final LayerNorm.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use sidscript::diffusion::weights::Weights;
+use sidscript::eval::dinov2::Dinov2;
+use std::collections::HashMap;
+
+/// The tool's `dinov2_hub_state`: norm weights and LayerScale 1 + 0.1u, biases
+/// 0.1u, the rest √(3/fan_in).
+fn hub_weights(dim: usize, depth: usize) -> HashMap<String, Tensor> {
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("cls_token".into(), vec![1, 1, dim]),
+        ("pos_embed".into(), vec![1, 257, dim]),
+        ("mask_token".into(), vec![1, dim]),
+        ("patch_embed.proj.weight".into(), vec![dim, 3, 14, 14]),
+        ("patch_embed.proj.bias".into(), vec![dim]),
+        ("norm.weight".into(), vec![dim]),
+        ("norm.bias".into(), vec![dim]),
+    ];
+    for i in 0..depth {
+        let b = format!("blocks.{i}.");
+        for (n, s) in [
+            ("norm1.weight", vec![dim]),
+            ("norm1.bias", vec![dim]),
+            ("attn.qkv.weight", vec![3 * dim, dim]),
+            ("attn.qkv.bias", vec![3 * dim]),
+            ("attn.proj.weight", vec![dim, dim]),
+            ("attn.proj.bias", vec![dim]),
+            ("ls1.gamma", vec![dim]),
+            ("norm2.weight", vec![dim]),
+            ("norm2.bias", vec![dim]),
+            ("mlp.fc1.weight", vec![4 * dim, dim]),
+            ("mlp.fc1.bias", vec![4 * dim]),
+            ("mlp.fc2.weight", vec![dim, 4 * dim]),
+            ("mlp.fc2.bias", vec![dim]),
+            ("ls2.gamma", vec![dim]),
+        ] {
+            shapes.push((format!("{b}{n}"), s));
+        }
+    }
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v = if name.ends_with("gamma") || (name.contains("norm") && name.ends_with("weight")) {
+                procedural(&name, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
+            } else if name.ends_with("bias") {
+                procedural(&name, n, 0.1)
+            } else {
+                let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
+                procedural(&name, n, (3.0 / fan_in as f64).sqrt())
+            };
+            (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn cls_features_match_transformers_dinov2() {
+    let e: HashMap<String, Tensor> =
+        sidscript::io::safetensors::load(&fixture("eval/dinov2.safetensors"), &Device::Cpu, None)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let weights = hub_weights(32, 2);
+    let w = Weights::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+    let net = Dinov2::new(&w, 32, 2, 4).unwrap();
+    w.finish("dinov2").unwrap();
+    let x = Dinov2::input(&e["images"], &Device::Cpu).unwrap();
+    let got = net.features(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = e["cls"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
+    eprintln!("dinov2 CLS: worst difference {worst:e} of the largest feature");
+    assert!(worst < 1e-4, "CLS features differ from transformers' by {worst:e}");
+    // A missing tensor is an error naming it, never a random fill.
+    let mut missing = weights;
+    missing.remove("cls_token");
+    let w = Weights::from_tensors(missing, DType::F32, &Device::Cpu);
+    let err = Dinov2::new(&w, 32, 2, 4).and_then(|_| w.finish("dinov2").map(|_| ())).unwrap_err().to_string();
+    assert!(err.contains("missing cls_token"), "{err}");
+}
