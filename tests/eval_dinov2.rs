@@ -78,6 +78,32 @@ fn cls_features_match_transformers_dinov2() {
     let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
     eprintln!("dinov2 CLS: worst difference {worst:e} of the largest feature");
     assert!(worst < 1e-4, "CLS features differ from transformers' by {worst:e}");
+    // A converted hub file: the 518-px pos_embed kept, the 224-px one beside it,
+    // metadata naming layout, size and source; the same features.
+    let dir = std::env::temp_dir().join(format!("sidscript-dinov2-{}", std::process::id()));
+    let mut converted: Vec<(String, Tensor)> = weights.clone().into_iter().collect();
+    converted.retain(|(n, _)| n != "pos_embed");
+    converted.push(("pos_embed_224".into(), weights["pos_embed"].clone()));
+    converted.push(("pos_embed".into(), Tensor::zeros((1, 1 + 37 * 37, 32), DType::F32, &Device::Cpu).unwrap()));
+    let meta: HashMap<String, String> = [
+        ("layout", "torch-hub-dinov2"),
+        ("source_sha256", "procedural"),
+        ("dim", "32"),
+        ("depth", "2"),
+        ("heads", "4"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    sidscript::io::safetensors::save_with_metadata(&dir.join("dinov2.safetensors"), &converted, &meta).unwrap();
+    let loaded = Dinov2::load(&dir.join("dinov2.safetensors"), &Device::Cpu).unwrap();
+    let again = loaded.features(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(again, got, "loaded from a converted file");
+    sidscript::io::safetensors::save(&dir.join("bare.safetensors"), &converted).unwrap();
+    let err =
+        Dinov2::load(&dir.join("bare.safetensors"), &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("bare.safetensors") && err.contains("convert_eval_weights.py dinov2"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
     // A missing tensor is an error naming it, never a random fill.
     let mut missing = weights;
     missing.remove("cls_token");

@@ -11,6 +11,12 @@ conv/batch-norm tensors + fc.weight/fc.bias; num_batches_tracked dropped), as f3
 The output's metadata records the source file's SHA-256, the layout and this
 converter's version; sidscript refuses a detector file without them.
 
+`dinov2`: the torch-hub DINOv2 ViT-L/14 backbone
+(https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth), hub tensor
+names kept, plus `pos_embed_224`: the position embedding at 224 px as the hub model computes
+it on every call (facebookresearch/dinov2 `interpolate_pos_encoding`: bicubic, no antialias,
+scale_factor (16 + 0.1)/37 per axis), stored once so that sidscript needs no torch resize.
+
 Needs torch and safetensors.
 """
 import argparse
@@ -49,10 +55,39 @@ def inception(src, out):
     print(f"{out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values())} numbers, source SHA-256 {digest}")
 
 
+def dinov2(src, out):
+    import math
+
+    import torch.nn.functional as F
+
+    digest = sha256(src)
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    if "pos_embed" not in state or "blocks.0.attn.qkv.weight" not in state:
+        raise SystemExit(f"{src}: not a torch-hub DINOv2 backbone (no pos_embed / blocks.0.attn.qkv.weight)")
+    tensors = {k: v.float().contiguous() for k, v in state.items()}
+    pos = tensors["pos_embed"]
+    dim, m = pos.shape[-1], int(math.sqrt(pos.shape[1] - 1))
+    side = 224 // 14
+    patch = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    scale = (side + 0.1) / m
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    assert patch.shape[-2:] == (side, side), patch.shape
+    patch = patch.permute(0, 2, 3, 1).reshape(1, side * side, dim)
+    tensors["pos_embed_224"] = torch.cat([pos[:, :1], patch], dim=1).contiguous()
+    meta = {"layout": "torch-hub-dinov2", "source": pathlib.Path(src).name, "source_sha256": digest,
+            "converter": f"tools/convert_eval_weights.py {VERSION}", "dim": str(dim),
+            "depth": str(sum(1 for k in tensors if k.endswith("attn.qkv.weight"))),
+            # Every hub DINOv2 (ViT-S/B/L/g) has 64-wide heads.
+            "heads": str(max(dim // 64, 1))}
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out, metadata=meta)
+    print(f"{out}: {len(tensors)} tensors, dim {dim}, {meta['depth']} blocks, source SHA-256 {digest}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["inception"])
+    p.add_argument("kind", choices=["inception", "dinov2"])
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    inception(a.src, a.out)
+    {"inception": inception, "dinov2": dinov2}[a.kind](a.src, a.out)

@@ -115,6 +115,10 @@ impl Dinov2 {
         }
         let patches = (IMAGE / PATCH) * (IMAGE / PATCH);
         let pos = if w.contains("pos_embed_224") {
+            // The hub's own embedding (518 px, 37×37 patches) stays in the file, unused.
+            if w.contains("pos_embed") {
+                w.get((1, 1 + 37 * 37, dim), "pos_embed")?;
+            }
             w.get((1, 1 + patches, dim), "pos_embed_224")?
         } else {
             w.get((1, 1 + patches, dim), "pos_embed")?
@@ -131,6 +135,31 @@ impl Dinov2 {
             norm: Norm::new(&w.pp("norm"), dim)?,
             dim,
         })
+    }
+
+    /// The `layout` a weights file's metadata must name.
+    pub const LAYOUT: &'static str = "torch-hub-dinov2";
+
+    /// Loads a file written by `tools/convert_eval_weights.py dinov2` (metadata:
+    /// layout, source_sha256, dim, depth, heads).
+    pub fn load(path: &std::path::Path, device: &Device) -> Result<Self> {
+        let meta = crate::io::safetensors::metadata(path)?;
+        let num = |k: &str| meta.get(k).and_then(|v| v.parse::<usize>().ok());
+        let (Some(dim), Some(depth), Some(heads)) = (num("dim"), num("depth"), num("heads")) else {
+            return Err(Error::file(path, None, "not a converted DINOv2 (metadata dim/depth/heads missing): convert the hub .pth with tools/convert_eval_weights.py dinov2"));
+        };
+        if meta.get("layout").map(String::as_str) != Some(Self::LAYOUT) || !meta.contains_key("source_sha256") {
+            return Err(Error::file(
+                path,
+                None,
+                format!("metadata layout {:?}, want {} with source_sha256", meta.get("layout"), Self::LAYOUT),
+            ));
+        }
+        let tensors = crate::io::safetensors::load(path, device, Some(DType::F32))?.into_iter().collect();
+        let w = Weights::from_tensors(tensors, DType::F32, device);
+        let net = Self::new(&w, dim, depth, heads).map_err(|e| Error::file(path, None, e))?;
+        w.finish("dinov2").map_err(|e| Error::file(path, None, e))?;
+        Ok(net)
     }
 
     /// Feature width.
