@@ -55,7 +55,7 @@ fn main() {
         // A generator's output in [-1, 1], to uint8 by the protocol's rule.
         let x = Tensor::rand(-1f32, 1f32, (m, 3, 512, 512), &Device::Cpu).unwrap();
         let t0 = Instant::now();
-        let input = protocol.inception_input(&protocol.to_u8(&x).unwrap(), &device).unwrap();
+        let input = protocol.detector_input(&protocol.to_u8(&x).unwrap(), &device).unwrap();
         t_prep += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let f = net.features(&input).unwrap();

@@ -98,6 +98,7 @@ impl Block {
 
 /// The backbone up to the normalised CLS token.
 pub struct Dinov2 {
+    device: Device,
     patch_weight: Tensor,
     patch_bias: Tensor,
     cls: Tensor,
@@ -127,6 +128,7 @@ impl Dinov2 {
             w.get((1, dim), "mask_token")?;
         }
         Ok(Self {
+            device: w.device().clone(),
             patch_weight: w.pp("patch_embed").pp("proj").get((dim, 3, PATCH, PATCH), "weight")?,
             patch_bias: w.pp("patch_embed").pp("proj").get(dim, "bias")?,
             cls: w.get((1, 1, dim), "cls_token")?,
@@ -160,6 +162,11 @@ impl Dinov2 {
         let net = Self::new(&w, dim, depth, heads).map_err(|e| Error::file(path, None, e))?;
         w.finish("dinov2").map_err(|e| Error::file(path, None, e))?;
         Ok(net)
+    }
+
+    /// Where the weights are.
+    pub fn device(&self) -> Device {
+        self.device.clone()
     }
 
     /// Feature width.

@@ -62,21 +62,21 @@ pub struct Protocol {
     pub crop: Crop,
     /// Pillow uint8 pre-resize (side, filter), if any.
     pub pre_resize: Option<(usize, Filter)>,
-    /// How images reach the network's 299×299.
-    pub front_end: FrontEnd,
+    /// The feature network and how images reach its input.
+    pub detector: Detector,
     /// Covariance denominator N − ddof.
     pub ddof: u64,
 }
 
 /// Every protocol sidscript knows, and the tables each reproduces.
-pub const PROTOCOLS: [Protocol; 4] = [
+pub const PROTOCOLS: [Protocol; 5] = [
     // SiD-LSG's and DMD2's reported SD1.5 numbers: GigaGAN's evaluation over clean-fid.
     Protocol {
         name: "gigagan-coco256",
         to_u8: ToU8::Round,
         crop: Crop::CenterRound,
         pre_resize: Some((256, Filter::Lanczos)),
-        front_end: FrontEnd::PilBicubicFloat,
+        detector: Detector::Inception(FrontEnd::PilBicubicFloat),
         ddof: 1,
     },
     // SiD-LSG / SiD-DiT training-loop metric (checkpoint selection).
@@ -85,7 +85,7 @@ pub const PROTOCOLS: [Protocol; 4] = [
         to_u8: ToU8::Round,
         crop: Crop::CenterFloor,
         pre_resize: Some((256, Filter::Lanczos)),
-        front_end: FrontEnd::Tf1Bilinear,
+        detector: Detector::Inception(FrontEnd::Tf1Bilinear),
         ddof: 0,
     },
     // DMD2's SDXL COCO-10k protocol (512 px).
@@ -94,7 +94,7 @@ pub const PROTOCOLS: [Protocol; 4] = [
         to_u8: ToU8::Truncate,
         crop: Crop::CenterRound,
         pre_resize: Some((512, Filter::Lanczos)),
-        front_end: FrontEnd::PilBicubicFloat,
+        detector: Detector::Inception(FrontEnd::PilBicubicFloat),
         ddof: 1,
     },
     // pytorch-fid on folders: no pre-resize, torch bilinear to 299.
@@ -103,10 +103,29 @@ pub const PROTOCOLS: [Protocol; 4] = [
         to_u8: ToU8::Round,
         crop: Crop::None,
         pre_resize: None,
-        front_end: FrontEnd::TorchBilinear,
+        detector: Detector::Inception(FrontEnd::TorchBilinear),
+        ddof: 1,
+    },
+    // FD-DINOv2 as dgm-eval computes it (Stein et al. 2023): the whole image to 224
+    // (Pillow bicubic on uint8, no crop), ImageNet normalisation, ViT-L/14 CLS.
+    Protocol {
+        name: "dgm-eval-dinov2",
+        to_u8: ToU8::Round,
+        crop: Crop::None,
+        pre_resize: None,
+        detector: Detector::Dinov2,
         ddof: 1,
     },
 ];
+
+/// The network whose features a protocol compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detector {
+    /// The FID Inception (2048-d pool3), reached through a front end.
+    Inception(FrontEnd),
+    /// DINOv2 (CLS after the final norm), reached through dgm-eval's resize.
+    Dinov2,
+}
 
 impl Protocol {
     /// The protocol called `name` (with or without its `/1` version).
@@ -160,9 +179,25 @@ impl Protocol {
         Ok(Tensor::from_vec(out, (n, 3, size, size), &Device::Cpu)?)
     }
 
-    /// uint8 images → the Inception's 299×299 input on `device`.
-    pub fn inception_input(&self, images: &Tensor, device: &Device) -> Result<Tensor> {
-        self.front_end.apply(&self.prepare(images)?, device)
+    /// uint8 images → the detector's input on `device` (the Inception's 299×299 or
+    /// DINOv2's 224×224).
+    pub fn detector_input(&self, images: &Tensor, device: &Device) -> Result<Tensor> {
+        match self.detector {
+            Detector::Inception(front_end) => front_end.apply(&self.prepare(images)?, device),
+            Detector::Dinov2 => crate::eval::dinov2::Dinov2::input(&self.prepare(images)?, device),
+        }
+    }
+
+    /// Refuses a protocol made for another detector than `want`'s kind.
+    pub fn check_detector(&self, inception: bool) -> Result<()> {
+        match (self.detector, inception) {
+            (Detector::Inception(_), true) | (Detector::Dinov2, false) => Ok(()),
+            _ => Err(Error::msg(format!(
+                "protocol {} is computed with {}, not this network",
+                self.id(),
+                if inception { "DINOv2" } else { "the FID Inception" }
+            ))),
+        }
     }
 }
 
@@ -182,6 +217,9 @@ mod tests {
         assert_eq!(offsets(Crop::CenterRound), [0, 1, 2, 2, 2, 3]);
         assert_eq!(offsets(Crop::CenterFloor), [0, 1, 1, 2, 2, 3]);
         assert!(Protocol::by_name("fid").unwrap_err().to_string().contains("gigagan-coco256"));
+        let dino = Protocol::by_name("dgm-eval-dinov2")?;
+        assert!(dino.check_detector(false).is_ok() && dino.check_detector(true).is_err());
+        assert!(Protocol::by_name("sid-inloop")?.check_detector(false).is_err());
         Ok(())
     }
 }

@@ -8,7 +8,8 @@
 //! let fid = acc.frechet_distance(load_stats("stats/coco2014val_gigagan256.safetensors"));
 //! ```
 
-use crate::eval::inception::{FidInception, FEATURES};
+use crate::eval::dinov2::Dinov2;
+use crate::eval::inception::FidInception;
 use crate::eval::protocol::Protocol;
 use crate::eval::stats::{FeatureStats, StoredStats};
 use crate::host::docs::Api;
@@ -23,14 +24,20 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone)]
 pub struct FidHandle(Arc<FidInception>);
 
-/// Feature sums under one protocol (`FeatureStats` in scripts).
+/// DINOv2 (`Dinov2` in scripts).
 #[derive(Clone)]
-pub struct StatsHandle(Arc<Mutex<(Protocol, FeatureStats)>>);
+pub struct DinoHandle(Arc<Dinov2>);
+
+/// Feature sums under one protocol (`FeatureStats` in scripts); sized by the
+/// first features added (2048 for the Inception, 1024 for DINOv2 ViT-L/14).
+#[derive(Clone)]
+pub struct StatsHandle(Arc<Mutex<(Protocol, Option<FeatureStats>)>>);
 
 impl StatsHandle {
     fn stored(&self, extra: &Map) -> ScriptResult<StoredStats> {
         let guard = self.0.lock().map_err(|_| script_err("feature statistics: lock poisoned"))?;
         let (protocol, sums) = &*guard;
+        let sums = sums.as_ref().ok_or_else(|| script_err("feature statistics: no features added"))?;
         let gaussian = sums.gaussian(protocol.ddof).script()?;
         let mut metadata: std::collections::HashMap<String, String> =
             extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -50,6 +57,7 @@ fn protocol(name: &str) -> ScriptResult<Protocol> {
 /// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<FidHandle>("FidInception");
+    api.engine.register_type_with_name::<DinoHandle>("Dinov2");
     api.engine.register_type_with_name::<StatsHandle>("FeatureStats");
     api.engine.register_type_with_name::<StoredStats>("Stats");
     api.group("evaluation");
@@ -67,8 +75,29 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         ["fid", "images", "protocol"],
         "pool3 features (N×2048) of N×3×H×W uint8 images, cropped, pre-resized and brought to 299 as the protocol says.",
         |f: &mut FidHandle, x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
-            let device = f.device();
-            let input = protocol(p)?.inception_input(x.tensor(), &device).script()?;
+            let protocol = protocol(p)?;
+            protocol.check_detector(true).script()?;
+            let input = protocol.detector_input(x.tensor(), &f.0.device()).script()?;
+            Ok(TensorHandle::new(f.0.features(&input).script()?))
+        },
+    );
+    let r = rt.clone();
+    api.func(
+        "load_dinov2",
+        ["path"],
+        "DINOv2 for FD-DINOv2 (the hub backbone; convert dinov2_vitl14_pretrain.pth with tools/convert_eval_weights.py dinov2) on the run's device.",
+        move |p: &str| -> ScriptResult<DinoHandle> {
+            Ok(DinoHandle(Arc::new(Dinov2::load(Path::new(p), &r.device).script()?)))
+        },
+    );
+    api.method(
+        "features",
+        ["dinov2", "images", "protocol"],
+        "CLS features (N×1024 for ViT-L/14) of N×3×H×W uint8 images, brought to 224 as the protocol says (dgm-eval-dinov2).",
+        |f: &mut DinoHandle, x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
+            let protocol = protocol(p)?;
+            protocol.check_detector(false).script()?;
+            let input = protocol.detector_input(x.tensor(), &f.0.device()).script()?;
             Ok(TensorHandle::new(f.0.features(&input).script()?))
         },
     );
@@ -89,6 +118,14 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         },
     );
     api.func(
+        "protocol_detector",
+        ["protocol"],
+        "The network a protocol's features come from: \"inception\" (load_fid_inception) or \"dinov2\" (load_dinov2).",
+        |p: &str| -> ScriptResult<String> {
+            Ok(if protocol(p)?.check_detector(true).is_ok() { "inception" } else { "dinov2" }.to_string())
+        },
+    );
+    api.func(
         "protocol_id",
         ["protocol"],
         "A protocol's versioned id (\"gigagan-coco256/1\"), as statistics files and result rows carry it; an unknown name is an error listing the known ones.",
@@ -97,15 +134,20 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "feature_stats",
         ["protocol"],
-        "Empty 2048-wide feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, pytorch-fid).",
-        |p: &str| -> ScriptResult<StatsHandle> {
-            Ok(StatsHandle(Arc::new(Mutex::new((protocol(p)?, FeatureStats::new(FEATURES).script()?)))))
-        },
+        "Empty feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, pytorch-fid, dgm-eval-dinov2).",
+        |p: &str| -> ScriptResult<StatsHandle> { Ok(StatsHandle(Arc::new(Mutex::new((protocol(p)?, None))))) },
     );
     api.method("add", ["stats", "features"], "Adds N×D features.", |s: &mut StatsHandle, x: TensorHandle| {
-        s.0.lock().map_err(|_| script_err("feature statistics: lock poisoned"))?.1.add(x.tensor()).script()
+        let mut guard = s.0.lock().map_err(|_| script_err("feature statistics: lock poisoned"))?;
+        if guard.1.is_none() {
+            let width = x.tensor().dims().get(1).copied().unwrap_or(0);
+            guard.1 = Some(FeatureStats::new(width).script()?);
+        }
+        guard.1.as_mut().map_or(Ok(()), |sums| sums.add(x.tensor())).script()
     });
-    api.getter("count", "Features added.", |s: &mut StatsHandle| s.0.lock().map(|g| g.1.count() as i64).unwrap_or(0));
+    api.getter("count", "Features added.", |s: &mut StatsHandle| {
+        s.0.lock().ok().and_then(|g| g.1.as_ref().map(|f| f.count() as i64)).unwrap_or(0)
+    });
     api.method(
         "save",
         ["stats", "path", "info"],
@@ -145,10 +187,4 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.method("save", ["stats", "path"], "Writes the statistics to a file.", |s: &mut StoredStats, p: &str| {
         s.save(Path::new(p)).script()
     });
-}
-
-impl FidHandle {
-    fn device(&self) -> candle_core::Device {
-        self.0.device()
-    }
 }
