@@ -10,56 +10,6 @@ use sidscript::diffusion::weights::Weights;
 use sidscript::eval::dinov2::Dinov2;
 use std::collections::HashMap;
 
-/// The tool's `dinov2_hub_state`: norm weights and LayerScale 1 + 0.1u, biases
-/// 0.1u, the rest √(3/fan_in).
-fn hub_weights(dim: usize, depth: usize) -> HashMap<String, Tensor> {
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("cls_token".into(), vec![1, 1, dim]),
-        ("pos_embed".into(), vec![1, 257, dim]),
-        ("mask_token".into(), vec![1, dim]),
-        ("patch_embed.proj.weight".into(), vec![dim, 3, 14, 14]),
-        ("patch_embed.proj.bias".into(), vec![dim]),
-        ("norm.weight".into(), vec![dim]),
-        ("norm.bias".into(), vec![dim]),
-    ];
-    for i in 0..depth {
-        let b = format!("blocks.{i}.");
-        for (n, s) in [
-            ("norm1.weight", vec![dim]),
-            ("norm1.bias", vec![dim]),
-            ("attn.qkv.weight", vec![3 * dim, dim]),
-            ("attn.qkv.bias", vec![3 * dim]),
-            ("attn.proj.weight", vec![dim, dim]),
-            ("attn.proj.bias", vec![dim]),
-            ("ls1.gamma", vec![dim]),
-            ("norm2.weight", vec![dim]),
-            ("norm2.bias", vec![dim]),
-            ("mlp.fc1.weight", vec![4 * dim, dim]),
-            ("mlp.fc1.bias", vec![4 * dim]),
-            ("mlp.fc2.weight", vec![dim, 4 * dim]),
-            ("mlp.fc2.bias", vec![dim]),
-            ("ls2.gamma", vec![dim]),
-        ] {
-            shapes.push((format!("{b}{n}"), s));
-        }
-    }
-    shapes
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let v = if name.ends_with("gamma") || (name.contains("norm") && name.ends_with("weight")) {
-                procedural(&name, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
-            } else if name.ends_with("bias") {
-                procedural(&name, n, 0.1)
-            } else {
-                let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
-                procedural(&name, n, (3.0 / fan_in as f64).sqrt())
-            };
-            (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn cls_features_match_transformers_dinov2() {
     let e: HashMap<String, Tensor> =
@@ -67,7 +17,7 @@ fn cls_features_match_transformers_dinov2() {
             .unwrap()
             .into_iter()
             .collect();
-    let weights = hub_weights(32, 2);
+    let weights = dinov2_hub_weights(32, 2);
     let w = Weights::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
     let net = Dinov2::new(&w, 32, 2, 4).unwrap();
     w.finish("dinov2").unwrap();

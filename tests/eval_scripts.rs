@@ -145,3 +145,69 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     assert!(row["fid"].as_f64().unwrap().is_finite(), "{row}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// FD-DINOv2 through the same scripts: the protocol picks DINOv2 (a converted-layout
+/// file of the tiny test network), rows name the metric fd_dinov2.
+#[test]
+fn fd_dinov2_through_the_scripts() {
+    let dir = std::env::temp_dir().join(format!("sidscript-eval-dino-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    let weights: Vec<(String, candle_core::Tensor)> = dinov2_hub_weights(32, 2).into_iter().collect();
+    let meta = [
+        ("layout", "torch-hub-dinov2"),
+        ("source_sha256", "procedural"),
+        ("dim", "32"),
+        ("depth", "2"),
+        ("heads", "4"),
+    ];
+    let meta = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let detector = dir.join("dinov2.safetensors");
+    sidscript::io::safetensors::save_with_metadata(&detector, &weights, &meta).unwrap();
+    for (i, (w, h)) in [(40u32, 30u32), (32, 32), (24, 36)].iter().enumerate() {
+        let img =
+            image::RgbImage::from_fn(*w, *h, |x, y| image::Rgb([(x * 5 + i as u32 * 60) as u8, (y * 11) as u8, 90]));
+        img.save(dir.join("refs").join(format!("{i}.png"))).unwrap();
+    }
+    let d = |p: &str| dir.join(p).display().to_string();
+    let o = run(&[
+        "scripts/ref_stats.rhai",
+        "--set",
+        &format!("images={}", d("refs")),
+        "--set",
+        "protocol=dgm-eval-dinov2",
+        "--set",
+        &format!("detector={}", detector.display()),
+        "--set",
+        &format!("out={}", d("refs.safetensors")),
+    ]);
+    assert!(o.status.success(), "ref_stats: {}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n").unwrap();
+    let o = run(&[
+        "scripts/eval.rhai",
+        "--set",
+        "generator=tests/fixtures/tiny-sd15",
+        "--set",
+        &format!("prompts={}", d("prompts.txt")),
+        "--set",
+        &format!("ref_stats={}", d("refs.safetensors")),
+        "--set",
+        "protocol=dgm-eval-dinov2",
+        "--set",
+        "metrics=fd_dinov2",
+        "--set",
+        &format!("detector={}", detector.display()),
+        "--set",
+        "steps=[1]",
+        "--set",
+        "n=4",
+        "--set",
+        &format!("out={}", d("eval.jsonl")),
+    ]);
+    assert!(o.status.success(), "eval: {}", String::from_utf8_lossy(&o.stderr));
+    let row: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(dir.join("eval.jsonl")).unwrap().trim()).unwrap();
+    assert_eq!(row["protocol"], "dgm-eval-dinov2/1");
+    assert!(row["fd_dinov2"].as_f64().unwrap().is_finite() && row.get("fid").is_none(), "{row}");
+    std::fs::remove_dir_all(dir).ok();
+}
