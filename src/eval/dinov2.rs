@@ -10,87 +10,57 @@
 //! so the converter stores that interpolation once as `pos_embed_224`, used when
 //! present (a checkpoint made for 224 px needs none).
 
+use crate::diffusion::layers::{Attention, LayerNorm, Linear};
 use crate::diffusion::weights::Weights;
 use crate::error::{Error, Result};
 use crate::eval::resample;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 /// Input side in pixels, and the patch size.
 pub const IMAGE: usize = 224;
 const PATCH: usize = 14;
 const EPS: f64 = 1e-6;
 
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn new(w: &Weights, cin: usize, cout: usize) -> Result<Self> {
-        Ok(Self { weight: w.get((cout, cin), "weight")?, bias: w.get(cout, "bias")? })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = x.dims3()?;
-        let y = x.reshape((b * n, c))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        Ok(y.reshape((b, n, self.weight.dim(0)?))?)
-    }
-}
-
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Norm {
-    fn new(w: &Weights, d: usize) -> Result<Self> {
-        Ok(Self { weight: w.get(d, "weight")?, bias: w.get(d, "bias")? })
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
-    }
-}
-
 struct Block {
-    norm1: Norm,
-    qkv: Linear,
-    proj: Linear,
+    norm1: LayerNorm,
+    attn: Attention,
     ls1: Tensor,
-    norm2: Norm,
+    norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     ls2: Tensor,
-    heads: usize,
 }
 
 impl Block {
     fn new(w: &Weights, d: usize, heads: usize) -> Result<Self> {
+        // The hub stores q, k and v as one fused projection: its rows in that order.
+        let qkv = w.pp("attn").pp("qkv");
+        let (qkv_w, qkv_b) = (qkv.get((3 * d, d), "weight")?, qkv.get(3 * d, "bias")?);
+        let part = |i: usize| -> Result<Linear> {
+            Ok(Linear { weight: qkv_w.narrow(0, i * d, d)?, bias: Some(qkv_b.narrow(0, i * d, d)?) })
+        };
         Ok(Self {
-            norm1: Norm::new(&w.pp("norm1"), d)?,
-            qkv: Linear::new(&w.pp("attn").pp("qkv"), d, 3 * d)?,
-            proj: Linear::new(&w.pp("attn").pp("proj"), d, d)?,
+            norm1: LayerNorm::new(&w.pp("norm1"), d, EPS)?,
+            attn: Attention {
+                to_q: part(0)?,
+                to_k: part(1)?,
+                to_v: part(2)?,
+                to_out: Linear::new(&w.pp("attn").pp("proj"), d, d, true)?,
+                heads,
+                head_dim: d / heads,
+                upcast: false,
+            },
             ls1: w.pp("ls1").get(d, "gamma")?,
-            norm2: Norm::new(&w.pp("norm2"), d)?,
-            fc1: Linear::new(&w.pp("mlp").pp("fc1"), d, 4 * d)?,
-            fc2: Linear::new(&w.pp("mlp").pp("fc2"), 4 * d, d)?,
+            norm2: LayerNorm::new(&w.pp("norm2"), d, EPS)?,
+            fc1: Linear::new(&w.pp("mlp").pp("fc1"), d, 4 * d, true)?,
+            fc2: Linear::new(&w.pp("mlp").pp("fc2"), 4 * d, d, true)?,
             ls2: w.pp("ls2").get(d, "gamma")?,
-            heads,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        let hd = d / self.heads;
-        let qkv =
-            self.qkv.forward(&self.norm1.forward(x)?)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        let attn = attn.transpose(1, 2)?.reshape((b, n, d))?;
-        let x = (x + self.proj.forward(&attn)?.broadcast_mul(&self.ls1)?)?;
+        let a = self.attn.forward(&self.norm1.forward(x)?, None, None)?;
+        let x = (x + a.broadcast_mul(&self.ls1)?)?;
         let h = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
         Ok((x + h.broadcast_mul(&self.ls2)?)?)
     }
@@ -104,7 +74,7 @@ pub struct Dinov2 {
     cls: Tensor,
     pos: Tensor,
     blocks: Vec<Block>,
-    norm: Norm,
+    norm: LayerNorm,
     dim: usize,
 }
 
@@ -134,7 +104,7 @@ impl Dinov2 {
             cls: w.get((1, 1, dim), "cls_token")?,
             pos,
             blocks: (0..depth).map(|i| Block::new(&w.pp(format!("blocks.{i}")), dim, heads)).collect::<Result<_>>()?,
-            norm: Norm::new(&w.pp("norm"), dim)?,
+            norm: LayerNorm::new(&w.pp("norm"), dim, EPS)?,
             dim,
         })
     }
