@@ -17,6 +17,17 @@ fn run(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// scripts/ref_stats.rhai over `images` under `protocol`, asserting that it succeeds.
+fn ref_stats(images: &Path, protocol: &str, detector: &Path, out: &str, extra: &[&str]) {
+    let (images, detector) = (format!("images={}", images.display()), format!("detector={}", detector.display()));
+    let (protocol, out) = (format!("protocol={protocol}"), format!("out={out}"));
+    let mut args =
+        vec!["scripts/ref_stats.rhai", "--set", &images, "--set", &protocol, "--set", &detector, "--set", &out];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "ref_stats {protocol}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn reference_statistics_and_generator_fid_with_their_protocol() {
     let dir = std::env::temp_dir().join(format!("sidscript-eval-{}", std::process::id()));
@@ -44,20 +55,7 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
             .unwrap_or_default();
     assert!(err.contains("unconverted.safetensors") && err.contains("convert_eval_weights.py"), "{err}");
     let stats = d("refs_gigagan.safetensors");
-    let o = run(&[
-        "scripts/ref_stats.rhai",
-        "--set",
-        &format!("images={}", d("refs")),
-        "--set",
-        "protocol=gigagan-coco256",
-        "--set",
-        &format!("detector={}", detector.display()),
-        "--set",
-        &format!("out={stats}"),
-        "--set",
-        "batch=2",
-    ]);
-    assert!(o.status.success(), "ref_stats: {}", String::from_utf8_lossy(&o.stderr));
+    ref_stats(&dir.join("refs"), "gigagan-coco256", &detector, &stats, &["--set", "batch=2"]);
     let meta = sidscript::io::safetensors::metadata(Path::new(&stats)).unwrap();
     assert_eq!(meta["protocol"], "gigagan-coco256/1");
     assert_eq!(meta["n"], "5");
@@ -108,18 +106,7 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
 
     // The in-loop hook of the distillation scripts (sid-inloop statistics this time).
     let inloop = d("refs_inloop.safetensors");
-    let o = run(&[
-        "scripts/ref_stats.rhai",
-        "--set",
-        &format!("images={}", d("refs")),
-        "--set",
-        "protocol=sid-inloop",
-        "--set",
-        &format!("detector={}", detector.display()),
-        "--set",
-        &format!("out={inloop}"),
-    ]);
-    assert!(o.status.success(), "ref_stats sid-inloop: {}", String::from_utf8_lossy(&o.stderr));
+    ref_stats(&dir.join("refs"), "sid-inloop", &detector, &inloop, &[]);
     let o = run(&[
         "scripts/distill_sd15.rhai",
         "--set",
@@ -170,18 +157,7 @@ fn fd_dinov2_through_the_scripts() {
         img.save(dir.join("refs").join(format!("{i}.png"))).unwrap();
     }
     let d = |p: &str| dir.join(p).display().to_string();
-    let o = run(&[
-        "scripts/ref_stats.rhai",
-        "--set",
-        &format!("images={}", d("refs")),
-        "--set",
-        "protocol=dgm-eval-dinov2",
-        "--set",
-        &format!("detector={}", detector.display()),
-        "--set",
-        &format!("out={}", d("refs.safetensors")),
-    ]);
-    assert!(o.status.success(), "ref_stats: {}", String::from_utf8_lossy(&o.stderr));
+    ref_stats(&dir.join("refs"), "dgm-eval-dinov2", &detector, &d("refs.safetensors"), &[]);
     std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n").unwrap();
     let o = run(&[
         "scripts/eval.rhai",

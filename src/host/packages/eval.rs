@@ -54,6 +54,21 @@ fn protocol(name: &str) -> ScriptResult<Protocol> {
     Protocol::by_name(name).script()
 }
 
+/// Features of uint8 `images` under protocol `name`, through `network` (the
+/// Inception when `inception`, else DINOv2; a protocol of the other is refused).
+fn features(
+    name: &str,
+    inception: bool,
+    images: &TensorHandle,
+    device: &candle_core::Device,
+    network: impl FnOnce(&candle_core::Tensor) -> crate::Result<candle_core::Tensor>,
+) -> ScriptResult<TensorHandle> {
+    let protocol = protocol(name)?;
+    protocol.check_detector(inception).script()?;
+    let input = protocol.detector_input(images.tensor(), device).script()?;
+    Ok(TensorHandle::new(network(&input).script()?))
+}
+
 /// Registers the functions of this file.
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<FidHandle>("FidInception");
@@ -74,11 +89,8 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "features",
         ["fid", "images", "protocol"],
         "pool3 features (N×2048) of N×3×H×W uint8 images, cropped, pre-resized and brought to 299 as the protocol says.",
-        |f: &mut FidHandle, x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
-            let protocol = protocol(p)?;
-            protocol.check_detector(true).script()?;
-            let input = protocol.detector_input(x.tensor(), &f.0.device()).script()?;
-            Ok(TensorHandle::new(f.0.features(&input).script()?))
+        |f: &mut FidHandle, x: TensorHandle, p: &str| {
+            features(p, true, &x, &f.0.device(), |input| f.0.features(input))
         },
     );
     let r = rt.clone();
@@ -94,11 +106,8 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         "features",
         ["dinov2", "images", "protocol"],
         "CLS features (N×1024 for ViT-L/14) of N×3×H×W uint8 images, brought to 224 as the protocol says (dgm-eval-dinov2).",
-        |f: &mut DinoHandle, x: TensorHandle, p: &str| -> ScriptResult<TensorHandle> {
-            let protocol = protocol(p)?;
-            protocol.check_detector(false).script()?;
-            let input = protocol.detector_input(x.tensor(), &f.0.device()).script()?;
-            Ok(TensorHandle::new(f.0.features(&input).script()?))
+        |f: &mut DinoHandle, x: TensorHandle, p: &str| {
+            features(p, false, &x, &f.0.device(), |input| f.0.features(input))
         },
     );
     api.func(
