@@ -4,25 +4,25 @@
 #   tools/gpu_check.sh pack [WORKDIR]   # here: build (tools/build_cuda.sh), strip and xz the
 #                                       # binaries into .gpu/ (git-ignored via .git/info/exclude)
 #                                       # with the diffusers wheel for the PyTorch side
-#   tools/gpu_check.sh run [PART]       # there, with .gpu carried; results go to
-#                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come
+#   tools/gpu_check.sh run [PART...]    # there, with .gpu carried; results go to
+#                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come,
+#                                       # every step's whole output to $OUT/gpu_full.log
 #
-# PART (default all) splits the run over two device calls when one is short:
+# PARTs run in the order given (default: tests bench runs-sd15 eval runs-sdxl) within
+# GPU_CHECK_BUDGET seconds (default 570, one device call): steps are cut to the time left.
 #   tests   the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
 #           (f64 and bf16 mixed precision), checkpointed gradients, diffusers parity of the UNet
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
-#           f32, tf32 and bf16; sdxl-full in bf16 with checkpointing (the < 80 GB target);
-#           ms/iteration, images/s and peak GB each; then the evaluation bench (1,000
-#           images at 512 px through gigagan-coco256 preprocessing and the FID Inception).
-#           The eval bench is one more binary: check that pack's `du -sh .gpu` stays
-#           under the 64 MiB a device call carries.
-#   runs    real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
+#           tf32, bf16 and f32; sdxl-full in bf16 with checkpointing (the < 80 GB target);
+#           ms/iteration, images/s and peak GB each
+#   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
+#           preprocessing and the FID Inception)
+#   runs-sd15, runs-sdxl
+#           real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
 #           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
 #           on cuda:0 with a checkpoint at 10, a resume to 22 and the export
-# Each step has a timeout. On an H200 `tests` takes about a minute, `bench` up to 10 minutes
-# (three sd15-full modes and sdxl-full, model set-up included) and `runs` about 8: give
-# `tests bench` one call and `runs` another when the device time allows.
+# Each step has its own timeout too. A device call carries 64 MiB: check pack's `du -sh .gpu`.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -31,20 +31,24 @@ pack)
     set -e
     work=${2:-$repo/../cuda-toolchain}
     grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
-    mkdir -p .gpu && rm -f .gpu/bin-*
+    mkdir -p .gpu && rm -f .gpu/bin-* .gpu/bins.tar.xz
     tools/build_cuda.sh "$work" build --release --features cudnn
     list() { tools/build_cuda.sh "$work" "$@" --features cudnn --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]'; }
     bins=("$(cd "$work" && pwd)/target-cuda/release/sidscript")
-    # Each binary is 6-10 MB compressed and a device call carries 64 MiB in all: the
-    # tests that exercise the GPU path of this work (autograd and the VAE/text/sampler
+    # The tests that exercise the GPU path of this work (autograd and the VAE/text/sampler
     # parity ran on a GPU before and are unchanged by it).
     bins+=($(list test --release --no-run --test sid_reference --test checkpointing --test kernels --test optim --test unet_parity) \
         $(list bench --no-run --bench sid_iteration --bench eval))
+    # One archive with a dictionary larger than all binaries together: they share most of
+    # their code (candle, the PTX, sidscript), so 8 binaries of 50-75 MB pack into ~14 MB
+    # (each alone: 6-10 MB). Single-threaded on purpose: xz's threads split the dictionary.
+    stage=$(mktemp -d)
     for b in "${bins[@]}"; do
-        name=$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')
-        strip -o "/tmp/bin-$name" "$b" && xz -T0 -6 -c "/tmp/bin-$name" > ".gpu/bin-$name.xz"
+        strip -o "$stage/bin-$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')" "$b"
     done
+    tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=512MiB > .gpu/bins.tar.xz
+    rm -rf "$stage"
     echo "$repo" > .gpu/built-at
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .gpu diffusers==0.42.1 importlib_metadata
@@ -62,48 +66,64 @@ run)
     # The binaries find tests/fixtures and tools/ through the build machine's checkout path.
     built=$(cat .gpu/built-at 2>/dev/null)
     [ -n "$built" ] && [ "$built" != "$repo" ] && mkdir -p "$(dirname "$built")" && ln -sfn "$repo" "$built"
-    for f in .gpu/*.xz; do xz -dkf "$f"; done
-    chmod +x .gpu/bin-*
-    results=${OUT:-.}/gpu_check.txt
+    xz -dc .gpu/bins.tar.xz | tar -C .gpu -xf - && chmod +x .gpu/bin-*
+    results=${OUT:-.}/gpu_check.txt full=${OUT:-.}/gpu_full.log
+    # One device call holds all parts when GPU_CHECK_BUDGET (seconds, default 570) allows:
+    # each step's timeout is cut to what is left, and steps past the budget are skipped.
+    budget=${GPU_CHECK_BUDGET:-570}
     step() {
-        echo "== ${*:2}" | tee -a "$results"
-        timeout "$1" "${@:2}" 2>&1 | grep -v '<unknown>' | tail -n 14 | tee -a "$results"
-        echo "rc=${PIPESTATUS[0]}" | tee -a "$results"
+        local left=$((budget - SECONDS - 5)) t=$1
+        [ "$t" -gt "$left" ] && t=$left
+        if [ "$t" -lt 15 ]; then echo "== skipped (budget): ${*:2}" | tee -a "$results"; return; fi
+        echo "== [${SECONDS}s, limit ${t}s] ${*:2}" | tee -a "$results" "$full" >/dev/null
+        echo "== ${*:2}"
+        timeout "$t" "${@:2}" > /tmp/step.log 2>&1
+        local rc=$?
+        grep -v '<unknown>' /tmp/step.log >> "$full"
+        grep -v '<unknown>' /tmp/step.log | grep -E -v '^test .* ok$|^$' | tail -n 16 | tee -a "$results"
+        echo "rc=$rc (${SECONDS}s)" | tee -a "$results"
     }
-    part=${2:-all}
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$results"
-    if [ "$part" = all ] || [ "$part" = tests ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >> "$results"
+    parts=("${@:2}")
+    [ ${#parts[@]} -eq 0 ] && parts=(tests bench runs-sd15 eval runs-sdxl)
+    for part in "${parts[@]}"; do
+    case $part in
+    tests)
+        step 90 .gpu/bin-kernels
         step 90 .gpu/bin-sid_reference
-        step 60 .gpu/bin-kernels
         step 60 .gpu/bin-optim
         step 60 .gpu/bin-checkpointing
-        step 60 .gpu/bin-unet_parity
-    fi
-    if [ "$part" = all ] || [ "$part" = bench ]; then
+        step 90 .gpu/bin-unet_parity
+        ;;
+    bench)
         export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3
-        for mode in f32 tf32 bf16; do
+        for mode in tf32 bf16 f32; do
             export SIDSCRIPT_BENCH_PRECISION=$mode
             step 150 .gpu/bin-sid_iteration sd15-full
         done
         export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
-        step 150 .gpu/bin-sid_iteration sdxl-full
+        step 180 .gpu/bin-sid_iteration sdxl-full
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT
+        ;;
+    eval)
         # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256, Inception on the GPU.
         SIDSCRIPT_BENCH_EVAL_N=1000 step 120 .gpu/bin-eval cuda:0
-    fi
-    if [ "$part" = all ] || [ "$part" = runs ]; then
+        ;;
+    runs-sd15|runs-sdxl)
         run=(.gpu/bin-sidscript run --device cuda:0)
-        for kind in sd15 sdxl; do
-            mode=tf32; [ $kind = sdxl ] && mode=bf16
-            out=/tmp/distill-$kind
-            step 60 "${run[@]}" scripts/make_random_pipeline.rhai --set kind=$kind --set out=/tmp/random-$kind
-            common=(--precision $mode --set model=/tmp/random-$kind --set out=$out --set ckpt_every=10 --set grid_every=1000)
-            step 150 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=20
-            step 60 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=22 --resume $out/checkpoint
-            ls $out/generator/unet >> "$results" 2>&1
-            rm -rf /tmp/random-$kind $out
-        done
-    fi
+        kind=${part#runs-}
+        mode=tf32; [ $kind = sdxl ] && mode=bf16
+        out=/tmp/distill-$kind
+        step 90 "${run[@]}" scripts/make_random_pipeline.rhai --set kind=$kind --set out=/tmp/random-$kind
+        common=(--precision $mode --set model=/tmp/random-$kind --set out=$out --set ckpt_every=10 --set grid_every=1000)
+        step 180 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=20
+        step 90 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=22 --resume $out/checkpoint
+        ls $out/generator/unet >> "$results" 2>&1
+        rm -rf /tmp/random-$kind $out
+        ;;
+    *) echo "unknown part $part" | tee -a "$results" ;;
+    esac
+    done
     ;;
 *)
     sed -n '2,21p' "$0"
