@@ -12,7 +12,8 @@
 //! f32) picks the mode on both sides (ops::precision; PyTorch: TF32 flags off, its
 //! defaults, bf16 autocast with f32 masters and a bf16 teacher);
 //! SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets
-//! on both sides. Peak memory: the CUDA pool's high-water mark against
+//! on both sides; SIDSCRIPT_BENCH_PROFILE=1 adds one iteration timed span by span
+//! (sidscript::profile: the steps' phases, convolutions, norms, attention, …). Peak memory: the CUDA pool's high-water mark against
 //! `torch.cuda.max_memory_allocated`; on the CPU this binary's allocator against
 //! the process's peak RSS growth in PyTorch (not the same measure: read it as a
 //! bound).
@@ -69,6 +70,16 @@ fn condition(
 
 fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, reps: usize) {
     let cfg = UnetConfig::from_json(cfg_json).unwrap();
+    // PyTorch first, in its own process that ends before sidscript allocates: SDXL's
+    // two sides together do not fit one 141 GB GPU.
+    let torch = unet_bench::torch(&[
+        "sid".into(),
+        cfg_json.into(),
+        batch.to_string(),
+        size.to_string(),
+        reps.to_string(),
+        tokens.to_string(),
+    ]);
     let dev = bench_device();
     let (precision, ckpt) = settings();
     set_precision(precision);
@@ -100,6 +111,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     let gen_opts =
         GeneratorLossOptions { guidance, alpha: 1.0, weighting: Weighting::SidLegacy, divisor: batch as f64 };
     let shape = (batch, cfg.in_channels, size, size);
+    let phase_memory = std::cell::RefCell::new(Vec::new());
     let mut iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
         let t_of = |rng: &mut Generator| {
@@ -109,23 +121,52 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
             )
             .unwrap()
         };
+        // Each phase timed when profiling, with the memory in use before it and its peak
+        // (the CUDA pool's; phases do not nest, so each restarts the peak).
+        let span = |name: &'static str, f: &mut dyn FnMut()| {
+            if !sidscript::profile::enabled() {
+                return f();
+            }
+            let before = sidscript::memory::used_bytes(&dev).unwrap();
+            sidscript::memory::reset_peak(&dev).unwrap();
+            sidscript::profile::span(name, &dev, f);
+            if let (Some(b), Some(p)) = (before, sidscript::memory::peak_bytes(&dev).unwrap()) {
+                phase_memory.borrow_mut().push((name, b, p));
+            }
+        };
         // Fake-score step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
-        let x_g = generate(&gen_frozen, &gen_frozen, &sch, &z, &cond, &chain, &[n1]).unwrap().x;
+        let mut x_g = None;
+        span("step.fake.generate", &mut || {
+            x_g = Some(generate(&gen_frozen, &gen_frozen, &sch, &z, &cond, &chain, &[n1.clone()]).unwrap().x)
+        });
         let (t, n) = (t_of(&mut rng), draw(&mut rng));
-        let f = fake_score_loss(&fake, &sch, &x_g, Draw { t: &t, noise: &n }, conds, &fake_opts).unwrap();
+        let mut loss = None;
+        span("step.fake.loss", &mut || {
+            let draw = Draw { t: &t, noise: &n };
+            loss = Some(fake_score_loss(&fake, &sch, x_g.as_ref().unwrap(), draw, conds, &fake_opts).unwrap().loss)
+        });
         fparams.iter().for_each(|p| p.zero_grad());
-        backward(&f.loss).unwrap();
-        opt_f.step().unwrap();
+        span("step.fake.backward", &mut || {
+            backward(loss.as_ref().unwrap()).unwrap();
+        });
+        span("step.fake.adam", &mut || opt_f.step().unwrap());
         // Generator step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
-        let x_g = generate(&gen, &gen_frozen, &sch, &z, &cond, &chain, &[n1]).unwrap().x;
+        span("step.gen.generate", &mut || {
+            x_g = Some(generate(&gen, &gen_frozen, &sch, &z, &cond, &chain, &[n1.clone()]).unwrap().x)
+        });
         let (t, n) = (t_of(&mut rng), draw(&mut rng));
-        let g =
-            generator_loss(&teacher, &fake_frozen, &sch, &x_g, Draw { t: &t, noise: &n }, conds, &gen_opts).unwrap();
+        span("step.gen.loss", &mut || {
+            let draw = Draw { t: &t, noise: &n };
+            let x_g = x_g.as_ref().unwrap();
+            loss = Some(generator_loss(&teacher, &fake_frozen, &sch, x_g, draw, conds, &gen_opts).unwrap().loss)
+        });
         gparams.iter().for_each(|p| p.zero_grad());
-        backward(&g.loss).unwrap();
-        opt_g.step().unwrap();
+        span("step.gen.backward", &mut || {
+            backward(loss.as_ref().unwrap()).unwrap();
+        });
+        span("step.gen.adam", &mut || opt_g.step().unwrap());
         dev.synchronize().unwrap();
     };
     let best = unet_bench::best(reps, &mut iteration);
@@ -138,6 +179,17 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         Some(b) => b as f64,
         None => (ALLOCATOR.peak_usage() - before) as f64, // above the weights and states
     };
+    // One more iteration with every span synchronised, for where the time goes.
+    let profile = std::env::var("SIDSCRIPT_BENCH_PROFILE").is_ok_and(|v| v == "1" || v == "true");
+    let mut profiled = 0.0;
+    if profile {
+        sidscript::profile::reset();
+        sidscript::profile::set_enabled(true);
+        let start = std::time::Instant::now();
+        iteration();
+        profiled = start.elapsed().as_secs_f64();
+        sidscript::profile::set_enabled(false);
+    }
     println!(
         "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}, precision {precision}{}",
         teacher.num_params(),
@@ -153,14 +205,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         )
     };
     line("sidscript", best, peak);
-    if let Some(v) = unet_bench::torch(&[
-        "sid".into(),
-        cfg_json.into(),
-        batch.to_string(),
-        size.to_string(),
-        reps.to_string(),
-        tokens.to_string(),
-    ]) {
+    if let Some(v) = &torch {
         let ts = v["iteration_s"].as_f64().unwrap_or(f64::NAN);
         let tp = v["peak_bytes"].as_f64().unwrap_or(f64::NAN);
         if let Some(flags) = v["flags"].as_str() {
@@ -168,6 +213,16 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         }
         line("pytorch", ts, tp);
         println!("  ratio sidscript/pytorch: time {:.2}×, peak memory {:.2}×", best / ts, peak / tp);
+    }
+    if profile {
+        println!("  sidscript profile of one iteration with synchronised spans ({:.1} ms):", profiled * 1e3);
+        print!("{}", sidscript::profile::table(profiled));
+        for (phase, before, peak) in phase_memory.borrow().iter() {
+            println!("  memory {phase:<20} in use before {:6.2} GB, peak {:6.2} GB", *before as f64 / 1e9, *peak as f64 / 1e9);
+        }
+        if let Some(table) = torch.as_ref().and_then(|v| v["profile"].as_str()) {
+            println!("  pytorch profile of one iteration (torch.profiler, by self time):\n{table}");
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod io;
 pub mod memory;
 pub mod metrics;
 pub mod ops;
+pub mod profile;
 pub mod rng;
 pub mod sid;
 pub mod toy;

@@ -44,6 +44,18 @@ pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
     }
 }
 
+/// Bytes allocated now (CUDA), `None` on the CPU.
+pub fn used_bytes(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            device.synchronize()?;
+            Ok(Some(cuda::pool_attribute(d, cuda::USED_CURRENT)?))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Restarts the peak from what is allocated now (CUDA; nothing on the CPU).
 pub fn reset_peak(device: &Device) -> Result<()> {
     match device {
@@ -63,6 +75,7 @@ mod cuda {
     use candle_core::CudaDevice;
 
     pub const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    pub const USED_CURRENT: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
 
     fn check(r: sys::CUresult, what: &str) -> Result<()> {
         match r {

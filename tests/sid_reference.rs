@@ -122,12 +122,21 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 /// computing in bf16, the inputs, losses and gradients in f32. candle 0.11.1 has
 /// no bf16 matmul on the CPU, so there the same path runs in f16.
 ///
-/// Rounding errors grow in proportion to the dtype's unit roundoff u (2⁻¹¹ for
-/// f16, 2⁻⁸ for bf16), so the tolerances are multiples of u, each about 2–3× what
-/// f16 measured on the CPU (printed: x_g 1.6e-3 ≈ 3u, losses 1.9e-2 ≈ 40u,
-/// 1 − cosine of the gradients 5.5e-4 ≈ 1.1u). The generator loss is the most
-/// sensitive figure: it multiplies y_real − y_fake, a difference of predictions
-/// that agree to ~95% here, which amplifies relative errors about twentyfold. The
+/// The tolerances are PyTorch's own error on this problem, times three: the same
+/// f64 reference computed with the teacher in the half dtype and the other nets
+/// under autocast (tools/sid_reference_half.py, PyTorch 2.15 on the CPU) lands at
+///
+/// | dtype | x_g | losses | 1 − gradient cosine |
+/// |---|---|---|---|
+/// | bf16 | 9.8e-3 | 9.1e-2 | 1.76e-2 |
+/// | f16 | 1.1e-3 | 3.0e-2 | 2.4e-4 |
+///
+/// and sidscript measured x_g 1.01e-2, losses 1.20e-1, 1 − cosine 1.96e-2 in bf16
+/// on an H200 (1.0×, 1.3×, 1.1× PyTorch's), and 1.6e-3, 1.9e-2, 5.5e-4 in f16 on the
+/// CPU (1.5×, 0.7×, 2.3×). A fixed multiple of the unit roundoff does not fit both
+/// dtypes: bf16's 1 − cosine is 4.5u in PyTorch too. The generator loss is the most
+/// sensitive figure: it multiplies y_real − y_fake, a difference of predictions that
+/// agree to ~95% here, which amplifies relative errors about twentyfold. The
 /// gradient must point the reference's way (cosine), which is what a step needs.
 fn mixed_precision_bf16_follows_the_pytorch_reference(dev: &Device) -> common::TestResult {
     let half = if dev.is_cpu() { DType::F16 } else { DType::BF16 };
@@ -181,9 +190,14 @@ fn mixed_precision_bf16_follows_the_pytorch_reference(dev: &Device) -> common::T
         }
     }
     println!("{half:?} against the f64 reference: x_g {worst_x:.2e}, losses {worst_loss:.2e}, gradient cosine {worst_cos:.5}");
-    let u = if half == DType::F16 { 2f64.powi(-11) } else { 2f64.powi(-8) };
-    assert!(worst_x < 8.0 * u, "x_g off by {worst_x} (relative to its largest entry; u = {u:e})");
-    assert!(worst_loss < 80.0 * u, "a loss off by {worst_loss} (u = {u:e})");
-    assert!(1.0 - worst_cos < 4.0 * u, "a gradient's cosine with the reference is {worst_cos} (u = {u:e})");
+    // PyTorch's figures from the table above: (x_g, losses, 1 − cosine).
+    let torch = if half == DType::F16 { (1.11e-3, 2.96e-2, 2.4e-4) } else { (9.81e-3, 9.05e-2, 1.755e-2) };
+    assert!(worst_x < 3.0 * torch.0, "x_g off by {worst_x} (PyTorch's autocast: {:e})", torch.0);
+    assert!(worst_loss < 3.0 * torch.1, "a loss off by {worst_loss} (PyTorch's autocast: {:e})", torch.1);
+    assert!(
+        1.0 - worst_cos < 3.0 * torch.2,
+        "a gradient's cosine with the reference is {worst_cos} (PyTorch's autocast: {})",
+        1.0 - torch.2
+    );
     Ok(())
 }

@@ -211,7 +211,24 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         before = peak_rss_bytes()
         iteration()
         peak = max(peak_rss_bytes() - before, 0)
-    return {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
+    out = {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
+    if os.environ.get("SIDSCRIPT_BENCH_PROFILE") in ("1", "true"):
+        out["profile"] = profile_table(iteration)
+    return out
+
+
+def profile_table(fn, rows=30):
+    """The kernels (CUDA) or operators (CPU) of one more call of fn by self time,
+    from torch.profiler: PyTorch's side of the bench's span table."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = DEVICE.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 if __name__ == "__main__" and sys.argv[1] == "sid":

@@ -80,7 +80,7 @@ run)
         timeout "$t" "${@:2}" > /tmp/step.log 2>&1
         local rc=$?
         grep -v '<unknown>' /tmp/step.log >> "$full"
-        grep -v '<unknown>' /tmp/step.log | grep -E -v '^test .* ok$|^$' | tail -n 16 | tee -a "$results"
+        grep -v '<unknown>' /tmp/step.log | grep -E -v '^test .* ok$|^$' | tail -n "${KEEP:-16}" | tee -a "$results"
         echo "rc=$rc (${SECONDS}s)" | tee -a "$results"
     }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >> "$results"
@@ -96,14 +96,16 @@ run)
         step 90 .gpu/bin-unet_parity
         ;;
     bench)
-        export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3
+        # Each with one more iteration timed span by span on both sides (sidscript::profile,
+        # torch.profiler): the tables go to the results file.
+        export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 SIDSCRIPT_BENCH_PROFILE=1 KEEP=80
         for mode in tf32 bf16 f32; do
             export SIDSCRIPT_BENCH_PRECISION=$mode
             step 150 .gpu/bin-sid_iteration sd15-full
         done
         export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
         step 180 .gpu/bin-sid_iteration sdxl-full
-        unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT
+        unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT SIDSCRIPT_BENCH_PROFILE KEEP
         ;;
     eval)
         # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256, Inception on the GPU.
@@ -117,7 +119,10 @@ run)
         step 90 "${run[@]}" scripts/make_random_pipeline.rhai --set kind=$kind --set out=/tmp/random-$kind
         common=(--precision $mode --set model=/tmp/random-$kind --set out=$out --set ckpt_every=10 --set grid_every=1000)
         step 180 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=20
+        # How far it got and how fast, also when the step ran out of time.
+        tail -n 2 $out/metrics.jsonl >> "$results" 2>&1
         step 90 "${run[@]}" scripts/distill_$kind.rhai "${common[@]}" --set iterations=22 --resume $out/checkpoint
+        tail -n 1 $out/metrics.jsonl >> "$results" 2>&1
         ls $out/generator/unet >> "$results" 2>&1
         rm -rf /tmp/random-$kind $out
         ;;

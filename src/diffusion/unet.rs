@@ -448,6 +448,10 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        crate::profile::span("unet.resnet", x.device(), || self.forward_timed(x, temb))
+    }
+
+    fn forward_timed(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
         let t = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
@@ -503,6 +507,10 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        crate::profile::span("unet.transformer_block", x.device(), || self.forward_timed(x, ctx))
+    }
+
+    fn forward_timed(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None, None)? + x)?;
         let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(ctx), None)? + &x)?;
         // GEGLU: half the projection gates the other half through exact GELU.

@@ -185,7 +185,9 @@ macro_rules! fused_unary {
             #[allow(unused_variables)]
             fn bwd(&self, input: &Tensor, result: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
                 let saved = fused_unary!(@pick $saved, input, result);
-                Ok(Some(saved.apply_op2_no_bwd(&grad.contiguous()?, &$grad)?))
+                crate::profile::span("activation.backward", input.device(), || {
+                    Ok(Some(saved.apply_op2_no_bwd(&grad.contiguous()?, &$grad)?))
+                })
             }
         }
 
@@ -227,7 +229,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         crate::bail!("geglu: the last dim ({n2}) must be even");
     }
     if has_fused_kernel(h) {
-        return Ok(h.contiguous()?.apply_op1(Geglu)?);
+        return crate::profile::span("activation.forward", h.device(), || Ok(h.contiguous()?.apply_op1(Geglu)?));
     }
     geglu_composed(h)
 }
@@ -243,7 +245,7 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
 /// candle's `silu` (the composed form, and the test oracle).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     if has_fused_kernel(x) {
-        return Ok(x.contiguous()?.apply_op1(Silu)?);
+        return crate::profile::span("activation.forward", x.device(), || Ok(x.contiguous()?.apply_op1(Silu)?));
     }
     Ok(x.silu()?)
 }

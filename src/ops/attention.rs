@@ -186,7 +186,7 @@ impl CustomOp3 for Sdpa {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = SdpaGrad { geom: self.0, q: q.clone(), k: k.clone(), v: v.clone() };
-        let packed = grad.contiguous()?.apply_op1_no_bwd(&op)?;
+        let packed = crate::profile::span("attention.backward", q.device(), || grad.contiguous()?.apply_op1_no_bwd(&op))?;
         let (lq, lk) = (q.elem_count(), k.elem_count());
         let part = |at: usize, len: usize, like: &Tensor| packed.narrow(0, at, len)?.reshape(like.shape());
         Ok((Some(part(0, lq, q)?), Some(part(lq, lk, k)?), Some(part(lq + lk, lk, v)?)))
@@ -322,7 +322,7 @@ impl CustomOp3 for BlockwiseOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dq, dk, dv] = self.form.grads(q, k, v, res, grad)?;
+        let [dq, dk, dv] = crate::profile::span("attention.backward", q.device(), || self.form.grads(q, k, v, res, grad))?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -336,15 +336,17 @@ pub fn supported(x: &Tensor) -> bool {
 /// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
 /// as [B, N, heads·d], on the devices `supported` names.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    if has_cpu_kernel(q) {
-        return attention_in_blocks(q, k, v, heads, scale, None);
-    }
-    let (b, n, _) = q.dims3()?;
-    let m = k.dim(1)?;
-    let block = (BATCH_BLOCK_SCORES / (b * heads * m).max(1)).clamp(1, n.max(1));
-    let form = Blockwise { heads, scale, block };
-    let out = form.forward(q, k, v)?;
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, BlockwiseOp { form, out })?)
+    crate::profile::span("attention.forward", q.device(), || {
+        if has_cpu_kernel(q) {
+            return attention_in_blocks(q, k, v, heads, scale, None);
+        }
+        let (b, n, _) = q.dims3()?;
+        let m = k.dim(1)?;
+        let block = (BATCH_BLOCK_SCORES / (b * heads * m).max(1)).clamp(1, n.max(1));
+        let form = Blockwise { heads, scale, block };
+        let out = form.forward(q, k, v)?;
+        Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, BlockwiseOp { form, out })?)
+    })
 }
 
 /// `attention` with `block` query rows per block (default: from `BLOCK_SCORES`).

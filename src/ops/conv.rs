@@ -360,13 +360,15 @@ pub(super) fn grads(
 /// - x: `[B, C_in, H, W]`, w: `[C_out, C_in, kh, kw]`, b: `[C_out]`;
 ///   the output is `[B, C_out, H_out, W_out]`.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    selective::apply(Kind::Conv { padding, stride }, x, w, b, |x, w, b| {
-        // On CUDA the forward is computed off the graph (selective's backward applies).
-        #[cfg(feature = "cudnn")]
-        if x.device().is_cuda() {
-            return with_bias(super::cudnn::forward(x, w, padding, stride)?, b);
-        }
-        conv2d_composed(x, w, b, padding, stride)
+    crate::profile::span("conv.forward", x.device(), || {
+        selective::apply(Kind::Conv { padding, stride }, x, w, b, |x, w, b| {
+            // On CUDA the forward is computed off the graph (selective's backward applies).
+            #[cfg(feature = "cudnn")]
+            if x.device().is_cuda() {
+                return with_bias(super::cudnn::forward(x, w, padding, stride)?, b);
+            }
+            conv2d_composed(x, w, b, padding, stride)
+        })
     })
 }
 

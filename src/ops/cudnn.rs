@@ -255,7 +255,12 @@ impl candle_core::CustomOp2 for CudnnConv {
 }
 
 fn apply(pass: Pass, geom: Geom, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &CudnnConv { pass, geom })
+    let name = match pass {
+        Pass::Forward => "cudnn.forward",
+        Pass::InputGrad => "cudnn.input_grad",
+        Pass::WeightGrad => "cudnn.weight_grad",
+    };
+    crate::profile::span(name, a.device(), || a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &CudnnConv { pass, geom }))
 }
 
 /// conv2d(x, w) on cuDNN, off the graph.

@@ -52,7 +52,7 @@ pub(super) fn grads(x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(
 /// # Shapes
 /// - x: `[rows, in]`, w: `[out, in]`, b: `[out]`; the output is `[rows, out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    selective::apply(Kind::Linear, x, w, b, linear_composed)
+    crate::profile::span("linear.forward", x.device(), || selective::apply(Kind::Linear, x, w, b, linear_composed))
 }
 
 /// `linear` from candle's ops and candle's backward: the form devices without a

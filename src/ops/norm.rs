@@ -152,7 +152,9 @@ impl candle_core::CustomOp3 for NormAffine {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormAffineGrad(self.0))?;
+        let packed = crate::profile::span("norm.backward", x.device(), || {
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormAffineGrad(self.0))
+        })?;
         let (len, c) = (x.elem_count(), self.0.channels);
         let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
         Ok((Some(gx), Some(packed.narrow(0, len, c)?), Some(packed.narrow(0, len + c, c)?)))
@@ -285,7 +287,9 @@ pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) 
     let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
     let y = if has_fused_kernel(&x) {
         let geom = NormGeom { channels, spatial, groups, eps };
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))?
+        crate::profile::span("norm.forward", x.device(), || {
+            x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))
+        })?
     } else {
         norm_affine_composed(&x, groups, &w, &b, eps)?
     };

@@ -51,11 +51,11 @@ impl SelectiveBackward {
             _ => None,
         };
         let (gx, gw) = match self.kind {
-            Kind::Linear => linear::grads(x, w, g)?,
-            Kind::Conv { padding, stride } => {
+            Kind::Linear => crate::profile::span("linear.backward", x.device(), || linear::grads(x, w, g))?,
+            Kind::Conv { padding, stride } => crate::profile::span("conv.backward", x.device(), || {
                 let _tf32 = super::precision::tf32_convolutions();
-                conv::grads(x, w, g, padding, stride)?
-            }
+                conv::grads(x, w, g, padding, stride)
+            })?,
         };
         Ok((gx, gw, gb))
     }
