@@ -151,6 +151,9 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
             backward(loss.as_ref().unwrap()).unwrap();
         });
         span("step.fake.adam", &mut || opt_f.step().unwrap());
+        // Gradients freed after each step, on both sides: the other net's step runs
+        // without them (10 GB for SDXL).
+        fparams.iter().for_each(|p| p.zero_grad());
         // Generator step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
         span("step.gen.generate", &mut || {
@@ -167,6 +170,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
             backward(loss.as_ref().unwrap()).unwrap();
         });
         span("step.gen.adam", &mut || opt_g.step().unwrap());
+        gparams.iter().for_each(|p| p.zero_grad());
         dev.synchronize().unwrap();
     };
     let best = unet_bench::best(reps, &mut iteration);

@@ -184,6 +184,7 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         opt_f.zero_grad(set_to_none=True)
         loss_f.backward()
         opt_f.step()
+        opt_f.zero_grad(set_to_none=True)  # freed before the generator's step, as sidscript does
         fake.requires_grad_(False)
         x_g = generate(True)
         t = torch.randint(20, 980, (batch,), device=DEVICE)
@@ -197,6 +198,7 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
         fake.requires_grad_(True)
 
     seconds = best(iteration, reps)
