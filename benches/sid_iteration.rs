@@ -222,7 +222,11 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         println!("  sidscript profile of one iteration with synchronised spans ({:.1} ms):", profiled * 1e3);
         print!("{}", sidscript::profile::table(profiled));
         for (phase, before, peak) in phase_memory.borrow().iter() {
-            println!("  memory {phase:<20} in use before {:6.2} GB, peak {:6.2} GB", *before as f64 / 1e9, *peak as f64 / 1e9);
+            println!(
+                "  memory {phase:<20} in use before {:6.2} GB, peak {:6.2} GB",
+                *before as f64 / 1e9,
+                *peak as f64 / 1e9
+            );
         }
         if let Some(table) = torch.as_ref().and_then(|v| v["profile"].as_str()) {
             println!("  pytorch profile of one iteration (torch.profiler, by self time):\n{table}");

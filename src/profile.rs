@@ -86,11 +86,8 @@ pub struct SpanTotal {
 /// The gathered totals, longest first.
 pub fn report() -> Vec<SpanTotal> {
     let totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut rows: Vec<SpanTotal> = totals
-        .iter()
-        .flatten()
-        .map(|(name, &(calls, seconds))| SpanTotal { name, calls, seconds })
-        .collect();
+    let mut rows: Vec<SpanTotal> =
+        totals.iter().flatten().map(|(name, &(calls, seconds))| SpanTotal { name, calls, seconds }).collect();
     rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.name.cmp(b.name)));
     rows
 }

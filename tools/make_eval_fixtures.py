@@ -76,6 +76,7 @@ def resample():
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)[None], dtype=np.float32))
         tensors[f"case{i}.torch_bilinear"] = F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)[0].numpy()
         tensors[f"case{i}.tf1_bilinear"] = tf1(x, size=(oh, ow), align_corners=False)[0].numpy()
+        tensors[f"case{i}.torch_bicubic"] = F.interpolate(x, size=(oh, ow), mode="bicubic", align_corners=False)[0].numpy()
     meta = {"pillow": PIL.__version__, "torch": torch.__version__, "numpy": np.__version__}
     save_file(tensors, str(OUT / "resample.safetensors"), metadata=meta)
     print(f"resample.safetensors: {len(cases)} cases, {len(tensors)} tensors, {meta}")
@@ -269,9 +270,151 @@ def dinov2():
     print(f"dinov2.safetensors: CLS {cls.shape}, first {cls[0, :4]}")
 
 
+# Captions for the tokenizer and text-tower checks: COCO-like, plus cases for the
+# rules around them (punctuation, digits, apostrophes, a caption longer than 77 tokens).
+CAPTIONS = [
+    "A man riding a wave on top of a surfboard.",
+    "Two dogs playing with a frisbee in the park",
+    "a kitchen with a stove, a sink and a refrigerator",
+    "The cat's toy is under the sofa; it's red!",
+    "A bowl of 3 oranges and 12 apples on a wooden table.",
+    "",
+    "   Extra   spaces\tand\ttabs   ",
+    "UPPER case Words And MiXeD",
+    " ".join(["a very long caption about a busy street with cars, buses and people"] * 8),
+]
+PREFIX = "A photo depicts "
+
+
+def clip_state(names_shapes):
+    """Procedural weights for CLIP names (tests/eval_clip.rs rebuilds them): norm
+    weights 1 + 0.1u, biases 0.1u, embeddings 0.1u, the rest √(3/fan_in)."""
+    out = {}
+    for name, shape in names_shapes:
+        leaf = name.rsplit(".", 1)[-1]
+        if ("ln" in name or "norm" in name) and leaf == "weight":
+            out[name] = 1 + procedural(name, shape, 0.1)
+        elif leaf in ("bias", "in_proj_bias") or "embedding" in name:
+            out[name] = procedural(name, shape, 0.1)
+        elif len(shape) == 0:
+            out[name] = np.float32(np.log(1 / 0.07)).reshape(())
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else shape[0]
+            out[name] = procedural(name, shape, float(np.sqrt(3.0 / fan_in)))
+    return out
+
+
+def clip_inputs(images, protocol):
+    """The CLIP image input of each protocol for N×3×H×W uint8 images that have had
+    the protocol's pre-resize (EVALUATION.md §1.1, §1.2, §1.4)."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    out = []
+    for img in images:
+        if protocol == "sid-inloop":
+            # SiD-LSG networks/clip.py: /255, torch bicubic to 224 (no antialias), OpenAI mean/std.
+            x = torch.from_numpy(img.copy()).float()[None] / 255
+            x = F.interpolate(x, size=224, mode="bicubic", align_corners=False)[0]
+        else:
+            u8 = img
+            if protocol == "gigagan-coco256":
+                # EvalDataset ToTensor + Normalize(0.5, 0.5), then tensor2pil (truncating).
+                t = torch.from_numpy(img.copy()).float().div(255)
+                t = (t - 0.5) / 0.5
+                u8 = ((t + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+            pil = Image.fromarray(np.ascontiguousarray(u8.transpose(1, 2, 0)), "RGB")
+            # open_clip's eval transform: Resize(224, BICUBIC) on the short side, CenterCrop(224).
+            w, h = pil.size
+            # torchvision's Resize(224): the short side 224, the long side int(224·long/short).
+            pil = pil.resize((224 if w <= h else int(224 * w / h), 224 if h <= w else int(224 * h / w)), Image.BICUBIC)
+            w, h = pil.size
+            left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
+            pil = pil.crop((left, top, left + 224, top + 224))
+            x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)
+        out.append((x - mean) / std)
+    return torch.stack(out)
+
+
+def clip():
+    """A tiny OpenCLIP CLIP (open_clip.model.CLIP: embed 16; vision width 32, 2 layers,
+    head width 8, patch 14, 224 px; text width 32, 4 heads, 2 layers; GELU) with
+    procedural weights under open_clip's names, and a tiny transformers CLIPModel
+    (QuickGELU, the OpenAI ViT-L/14 layout) under transformers' names: image
+    embeddings under each protocol's CLIP preprocessing, text embeddings with and
+    without GigaGAN's prefix, and open_clip.tokenize's ids for CAPTIONS. Also writes
+    the real CLIP BPE (vocab.json, merges.txt from open_clip's SimpleTokenizer) to
+    tests/fixtures/eval/clip-tokenizer/ for the tokenizer check."""
+    import json
+    import open_clip
+    import transformers
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    tok = open_clip.tokenizer._tokenizer
+    tdir = OUT / "clip-tokenizer"
+    tdir.mkdir(exist_ok=True)
+    # open_clip names its special tokens <start_of_text>/<end_of_text>; the CLIP
+    # repositories' vocab.json (and transformers) <|startoftext|>/<|endoftext|>: same ids.
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(k, k): v for k, v in tok.encoder.items()}
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    (tdir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    (tdir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
+    (tdir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "unk_token": "<|endoftext|>", "model_max_length": 77}))
+    texts = CAPTIONS + [PREFIX + c for c in CAPTIONS]
+    ids = open_clip.tokenize(texts).numpy().astype(np.int64)
+
+    model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=2, width=32, head_width=8, patch_size=14, image_size=224),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
+                 quick_gelu=False).eval()
+    state = clip_state([(k, tuple(v.shape)) for k, v in model.state_dict().items()])
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    rng = np.random.default_rng(4)
+    images = np.stack([image(rng, 40, 40).transpose(2, 0, 1) for _ in range(2)])  # 2 × 3 × 40 × 40
+    t = {"images": np.ascontiguousarray(images), "token_ids": ids}
+    with torch.no_grad():
+        for protocol in ("sid-inloop", "gigagan-coco256", "dmd2-coco10k-512"):
+            t[f"open_clip.image.{protocol}"] = model.encode_image(clip_inputs(images, protocol)).numpy()
+        t["open_clip.text"] = model.encode_text(torch.from_numpy(ids)).numpy()
+    # The OpenAI layout through transformers (QuickGELU), weights under its names.
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=224, patch_size=14, hidden_act="quick_gelu"),
+        projection_dim=16)
+    hf = transformers.CLIPModel(cfg).eval()
+    hstate = clip_state([(k, tuple(v.shape)) for k, v in hf.state_dict().items() if not k.endswith("position_ids")])
+    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hstate.items()},
+                                             strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        # transformers 5 returns an output object whose pooler_output is the projection.
+        def feats(out):
+            return (out.pooler_output if hasattr(out, "pooler_output") else out).numpy()
+        t["hf.image.gigagan-coco256"] = feats(hf.get_image_features(pixel_values=clip_inputs(images, "gigagan-coco256")))
+        t["hf.text"] = feats(hf.get_text_features(input_ids=torch.from_numpy(ids)))
+    (tdir.parent / "clip-hf-config.json").write_text(cfg.to_json_string())
+    save_file({k: np.ascontiguousarray(v) for k, v in t.items()}, str(OUT / "clip.safetensors"),
+              metadata={"open_clip": open_clip.__version__, "transformers": transformers.__version__,
+                        "torch": torch.__version__, "pillow": PIL.__version__, "captions": json.dumps(texts),
+                        # The names and shapes the test rebuilds procedurally, per layout.
+                        "open_clip_shapes": json.dumps({k: list(v.shape) for k, v in state.items()}),
+                        "hf_shapes": json.dumps({k: list(v.shape) for k, v in hstate.items()}),
+                        "open_clip_config": json.dumps({"model_cfg": {
+                            "embed_dim": 16, "quick_gelu": False,
+                            "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 8, "patch_size": 14},
+                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}})})
+    print(f"clip.safetensors: {len(texts)} captions, open_clip text {t['open_clip.text'][0, :3]}")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     resample()
     stats()
     inception()
     dinov2()
+    clip()

@@ -47,12 +47,43 @@ pub struct ClipConfig {
     pub architectures: Vec<String>,
 }
 
-struct Layer {
+/// One pre-norm transformer layer of CLIP's text and image towers (transformers'
+/// `CLIPEncoderLayer`): x + attn(ln1(x)), then x + fc2(act(fc1(ln2(x)))).
+pub(crate) struct EncoderLayer {
     norm1: LayerNorm,
     attn: Attention,
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+}
+
+impl EncoderLayer {
+    /// The layer under `w` (`self_attn.{q,k,v,out}_proj`, `layer_norm1/2`, `mlp.fc1/2`).
+    pub(crate) fn new(w: &Weights, d: usize, heads: usize, intermediate: usize, eps: f64) -> Result<Self> {
+        let aw = w.pp("self_attn");
+        Ok(Self {
+            norm1: LayerNorm::new(&w.pp("layer_norm1"), d, eps)?,
+            attn: Attention {
+                to_q: Linear::new(&aw.pp("q_proj"), d, d, true)?,
+                to_k: Linear::new(&aw.pp("k_proj"), d, d, true)?,
+                to_v: Linear::new(&aw.pp("v_proj"), d, d, true)?,
+                to_out: Linear::new(&aw.pp("out_proj"), d, d, true)?,
+                heads,
+                head_dim: d / heads,
+                upcast: false,
+            },
+            norm2: LayerNorm::new(&w.pp("layer_norm2"), d, eps)?,
+            fc1: Linear::new(&w.pp("mlp.fc1"), d, intermediate, true)?,
+            fc2: Linear::new(&w.pp("mlp.fc2"), intermediate, d, true)?,
+        })
+    }
+
+    /// The layer on `x` (B × L × d), with an additive attention `mask` (L × L) if any.
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>, act: &str) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, None, mask)?)?;
+        let h = self.fc2.forward(&activation(act, &self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+        Ok((x + h)?)
+    }
 }
 
 /// What one encoding returns.
@@ -73,7 +104,7 @@ pub struct ClipTextModel {
     pub config: ClipConfig,
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
     projection: Option<Linear>,
     named: Vec<(String, Tensor)>,
@@ -105,22 +136,7 @@ impl Component for ClipTextModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let lw = tm.pp(format!("encoder.layers.{i}"));
-                let aw = lw.pp("self_attn");
-                Ok(Layer {
-                    norm1: LayerNorm::new(&lw.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
-                    attn: Attention {
-                        to_q: Linear::new(&aw.pp("q_proj"), d, d, true)?,
-                        to_k: Linear::new(&aw.pp("k_proj"), d, d, true)?,
-                        to_v: Linear::new(&aw.pp("v_proj"), d, d, true)?,
-                        to_out: Linear::new(&aw.pp("out_proj"), d, d, true)?,
-                        heads: cfg.num_attention_heads,
-                        head_dim: d / cfg.num_attention_heads,
-                        upcast: false,
-                    },
-                    norm2: LayerNorm::new(&lw.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
-                    fc1: Linear::new(&lw.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
-                    fc2: Linear::new(&lw.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
-                })
+                EncoderLayer::new(&lw, d, cfg.num_attention_heads, cfg.intermediate_size, cfg.layer_norm_eps)
             })
             .collect::<Result<_>>()?;
         let with_projection = cfg.architectures.iter().any(|a| a.contains("WithProjection"));
@@ -157,12 +173,7 @@ impl ClipTextModel {
             if i + 1 == self.layers.len() {
                 penultimate = x.clone();
             }
-            let h = layer.attn.forward(&layer.norm1.forward(&x)?, None, Some(&mask))?;
-            x = (x + h)?;
-            let h = layer
-                .fc2
-                .forward(&activation(&self.config.hidden_act, &layer.fc1.forward(&layer.norm2.forward(&x)?)?)?)?;
-            x = (x + h)?;
+            x = layer.forward(&x, Some(&mask), &self.config.hidden_act)?;
         }
         let last = self.final_norm.forward(&x)?;
         // The end-of-text position: the largest id in old configs (eos_token_id 2),

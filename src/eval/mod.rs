@@ -3,6 +3,7 @@
 //! normalisation, covariance), and the pieces here reproduce the libraries those
 //! tables came from. See ../shared/notes/EVALUATION.md for the protocols.
 //!
+//! - [`clip`]: CLIP score (both towers, either checkpoint layout, each protocol's image path and prefix).
 //! - [`dinov2`]: the DINOv2 ViT for FD-DINOv2 (CLS after the final norm) and dgm-eval's input.
 //! - [`inception`]: the FID Inception (pool3 features) and its front ends.
 //! - [`protocol`]: the named protocols (uint8 rule, crop, pre-resize, front end, ddof).
@@ -10,6 +11,7 @@
 //! - [`stats`]: feature statistics, statistics files stamped with their protocol,
 //!   `.npz` import, the Fréchet distance.
 
+pub mod clip;
 pub mod dinov2;
 pub mod inception;
 pub mod protocol;

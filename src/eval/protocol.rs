@@ -5,6 +5,7 @@
 //! compared.
 
 use crate::error::{Error, Result};
+use crate::eval::clip::{ClipImage, ClipRule};
 use crate::eval::inception::FrontEnd;
 use crate::eval::resample::{pil_resize_u8, Filter};
 use candle_core::{DType, Device, Tensor};
@@ -66,6 +67,8 @@ pub struct Protocol {
     pub detector: Detector,
     /// Covariance denominator N − ddof.
     pub ddof: u64,
+    /// Its CLIP score, where the protocol defines one.
+    pub clip: Option<ClipRule>,
 }
 
 /// Every protocol sidscript knows, and the tables each reproduces.
@@ -78,6 +81,12 @@ pub const PROTOCOLS: [Protocol; 5] = [
         pre_resize: Some((256, Filter::Lanczos)),
         detector: Detector::Inception(FrontEnd::PilBicubicFloat),
         ddof: 1,
+        // GigaGAN's EvalDataset: Lanczos 256, the float round trip, open_clip's transform.
+        clip: Some(ClipRule {
+            pre_resize: 256,
+            image: ClipImage::PilBicubic { round_trip: true },
+            prefix: "A photo depicts ",
+        }),
     },
     // SiD-LSG / SiD-DiT training-loop metric (checkpoint selection).
     Protocol {
@@ -87,6 +96,8 @@ pub const PROTOCOLS: [Protocol; 5] = [
         pre_resize: Some((256, Filter::Lanczos)),
         detector: Detector::Inception(FrontEnd::Tf1Bilinear),
         ddof: 0,
+        // SiD-LSG networks/clip.py: the 256-px uint8 image, torch bicubic, no prefix.
+        clip: Some(ClipRule { pre_resize: 256, image: ClipImage::TorchBicubic, prefix: "" }),
     },
     // DMD2's SDXL COCO-10k protocol (512 px).
     Protocol {
@@ -96,6 +107,12 @@ pub const PROTOCOLS: [Protocol; 5] = [
         pre_resize: Some((512, Filter::Lanczos)),
         detector: Detector::Inception(FrontEnd::PilBicubicFloat),
         ddof: 1,
+        // compute_clip_score: always 256 first (even for 1024-px images), straight to PIL.
+        clip: Some(ClipRule {
+            pre_resize: 256,
+            image: ClipImage::PilBicubic { round_trip: false },
+            prefix: "A photo depicts ",
+        }),
     },
     // pytorch-fid on folders: no pre-resize, torch bilinear to 299.
     Protocol {
@@ -105,6 +122,7 @@ pub const PROTOCOLS: [Protocol; 5] = [
         pre_resize: None,
         detector: Detector::Inception(FrontEnd::TorchBilinear),
         ddof: 1,
+        clip: None,
     },
     // FD-DINOv2 as dgm-eval computes it (Stein et al. 2023): the whole image to 224
     // (Pillow bicubic on uint8, no crop), ImageNet normalisation, ViT-L/14 CLS.
@@ -115,6 +133,7 @@ pub const PROTOCOLS: [Protocol; 5] = [
         pre_resize: None,
         detector: Detector::Dinov2,
         ddof: 1,
+        clip: None,
     },
 ];
 
@@ -154,6 +173,19 @@ impl Protocol {
 
     /// Crop and pre-resize of N×3×H×W uint8 images (Pillow-exact), on the CPU.
     pub fn prepare(&self, images: &Tensor) -> Result<Tensor> {
+        self.crop_and_resize(images, self.pre_resize)
+    }
+
+    /// The CLIP score's rule, and the images cropped and pre-resized for it (N×3×256×256
+    /// uint8); an error for protocols that define no CLIP score.
+    pub fn clip_prepare(&self, images: &Tensor) -> Result<(Tensor, ClipRule)> {
+        let Some(rule) = self.clip else {
+            return Err(Error::msg(format!("protocol {} defines no CLIP score", self.id())));
+        };
+        Ok((self.crop_and_resize(images, Some((rule.pre_resize, Filter::Lanczos)))?, rule))
+    }
+
+    fn crop_and_resize(&self, images: &Tensor, resize: Option<(usize, Filter)>) -> Result<Tensor> {
         let (n, c, h, w) = images.dims4()?;
         if images.dtype() != DType::U8 || c != 3 {
             return Err(Error::msg(format!(
@@ -167,7 +199,7 @@ impl Protocol {
         let offset = |len: usize| self.crop.offset(len, side);
         let (ch, cw) = if self.crop == Crop::None { (h, w) } else { (side, side) };
         let x = images.narrow(2, offset(h), ch)?.narrow(3, offset(w), cw)?.to_device(&Device::Cpu)?;
-        let Some((size, filter)) = self.pre_resize else { return Ok(x) };
+        let Some((size, filter)) = resize else { return Ok(x) };
         if (ch, cw) == (size, size) {
             return Ok(x);
         }

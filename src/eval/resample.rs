@@ -275,6 +275,49 @@ pub fn torch_bilinear(plane: &[f32], h: usize, w: usize, out_h: usize, out_w: us
     Ok(bilinear(plane, h, w, out_h, out_w, |d, n_in, n_out| (n_in as f32 / n_out as f32) * (d as f32 + 0.5) - 0.5))
 }
 
+/// PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` without
+/// antialiasing (SiD-LSG's CLIP input): source index s·(d + ½) − ½ with s = in/out,
+/// Keys' cubic with A = −0.75 on the 4×4 neighbours, indices clamped to the
+/// border; in f32 as torch computes float tensors.
+pub fn torch_bicubic(plane: &[f32], h: usize, w: usize, out_h: usize, out_w: usize) -> Result<Vec<f32>> {
+    check_plane(plane.len(), h, w, out_h, out_w)?;
+    const A: f32 = -0.75;
+    // For each output index: the four clamped source indices and their weights.
+    let taps = |n_in: usize, n_out: usize| -> Vec<([usize; 4], [f32; 4])> {
+        let scale = n_in as f32 / n_out as f32;
+        (0..n_out)
+            .map(|d| {
+                // As ATen rounds: the source index in double, then float.
+                let real = (scale as f64 * (d as f64 + 0.5) - 0.5) as f32;
+                let i0 = real.floor();
+                let t = (real - i0).clamp(0.0, 1.0);
+                let near = |x: f32| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+                let far = |x: f32| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+                let at = |k: i64| (i0 as i64 + k).clamp(0, n_in as i64 - 1) as usize;
+                let t2 = 1.0 - t;
+                ([at(-1), at(0), at(1), at(2)], [far(t + 1.0), near(t), near(t2), far(t2 + 1.0)])
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h, out_h), taps(w, out_w));
+    let mut out = Vec::with_capacity(out_h * out_w);
+    for (rows, wy) in &ty {
+        for (cols, wx) in &tx {
+            let mut acc = 0f32;
+            for (r, wr) in rows.iter().zip(wy) {
+                let line = &plane[r * w..(r + 1) * w];
+                let mut v = 0f32;
+                for (c, wc) in cols.iter().zip(wx) {
+                    v += wc * line[*c];
+                }
+                acc += wr * v;
+            }
+            out.push(acc);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -186,7 +186,8 @@ impl CustomOp3 for Sdpa {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = SdpaGrad { geom: self.0, q: q.clone(), k: k.clone(), v: v.clone() };
-        let packed = crate::profile::span("attention.backward", q.device(), || grad.contiguous()?.apply_op1_no_bwd(&op))?;
+        let packed =
+            crate::profile::span("attention.backward", q.device(), || grad.contiguous()?.apply_op1_no_bwd(&op))?;
         let (lq, lk) = (q.elem_count(), k.elem_count());
         let part = |at: usize, len: usize, like: &Tensor| packed.narrow(0, at, len)?.reshape(like.shape());
         Ok((Some(part(0, lq, q)?), Some(part(lq, lk, k)?), Some(part(lq + lk, lk, v)?)))
@@ -322,7 +323,8 @@ impl CustomOp3 for BlockwiseOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [dq, dk, dv] = crate::profile::span("attention.backward", q.device(), || self.form.grads(q, k, v, res, grad))?;
+        let [dq, dk, dv] =
+            crate::profile::span("attention.backward", q.device(), || self.form.grads(q, k, v, res, grad))?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

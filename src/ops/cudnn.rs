@@ -260,7 +260,9 @@ fn apply(pass: Pass, geom: Geom, a: &Tensor, b: &Tensor) -> candle_core::Result<
         Pass::InputGrad => "cudnn.input_grad",
         Pass::WeightGrad => "cudnn.weight_grad",
     };
-    crate::profile::span(name, a.device(), || a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &CudnnConv { pass, geom }))
+    crate::profile::span(name, a.device(), || {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &CudnnConv { pass, geom })
+    })
 }
 
 /// conv2d(x, w) on cuDNN, off the graph.
