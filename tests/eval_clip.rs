@@ -12,48 +12,12 @@ use common::*;
 use sidscript::eval::clip::{gigagan_round_trip, Clip};
 use sidscript::eval::protocol::Protocol;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn fixture_tensors() -> (HashMap<String, Tensor>, HashMap<String, String>) {
     let path = fixture("eval/clip.safetensors");
     let t = sidscript::io::safetensors::load(&path, &Device::Cpu, None).unwrap().into_iter().collect();
     (t, sidscript::io::safetensors::metadata(&path).unwrap())
-}
-
-/// The tool's `clip_state` rules, by name: norm weights 1 + 0.1u, biases and
-/// embeddings 0.1u, the logit scale log(1/0.07), the rest √(3/fan_in).
-fn procedural_clip(shapes: &str) -> Vec<(String, Tensor)> {
-    let shapes: HashMap<String, Vec<usize>> = serde_json::from_str(shapes).unwrap();
-    shapes
-        .into_iter()
-        .map(|(name, shape)| {
-            let n = shape.iter().product::<usize>();
-            let leaf = name.rsplit('.').next().unwrap();
-            let v: Vec<f32> = if (name.contains("ln") || name.contains("norm")) && leaf == "weight" {
-                procedural(&name, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
-            } else if leaf == "bias" || leaf == "in_proj_bias" || name.contains("embedding") {
-                procedural(&name, n, 0.1)
-            } else if shape.is_empty() {
-                vec![(1.0f64 / 0.07).ln() as f32]
-            } else {
-                let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
-                procedural(&name, n, (3.0 / fan_in as f64).sqrt())
-            };
-            (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
-        })
-        .collect()
-}
-
-/// A CLIP folder: config, weights and the real BPE.
-fn folder(tag: &str, config: (&str, &str), weights: (&str, Vec<(String, Tensor)>)) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sidscript-clip-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(config.0), config.1).unwrap();
-    sidscript::io::safetensors::save(&dir.join(weights.0), &weights.1).unwrap();
-    for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
-        std::fs::copy(fixture("eval/clip-tokenizer").join(f), dir.join(f)).unwrap();
-    }
-    dir
 }
 
 /// Largest difference relative to the largest reference value.
@@ -83,7 +47,7 @@ fn check_model(dir: &Path, e: &HashMap<String, Tensor>, prefix: &str, protocols:
 #[test]
 fn open_clip_layout_matches_open_clip_under_each_protocol() {
     let (e, meta) = fixture_tensors();
-    let dir = folder(
+    let dir = clip_folder(
         "oc",
         ("open_clip_config.json", &meta["open_clip_config"]),
         ("open_clip_model.safetensors", procedural_clip(&meta["open_clip_shapes"])),
@@ -98,7 +62,7 @@ fn open_clip_layout_matches_open_clip_under_each_protocol() {
     // A missing tensor is an error naming it, not a random fill.
     let mut short = procedural_clip(&meta["open_clip_shapes"]);
     short.retain(|(n, _)| n != "visual.class_embedding");
-    let dir2 = folder(
+    let dir2 = clip_folder(
         "oc-short",
         ("open_clip_config.json", &meta["open_clip_config"]),
         ("open_clip_model.safetensors", short),
@@ -114,7 +78,7 @@ fn open_clip_layout_matches_open_clip_under_each_protocol() {
 fn transformers_layout_matches_clip_model() {
     let (e, meta) = fixture_tensors();
     let config = std::fs::read_to_string(fixture("eval/clip-hf-config.json")).unwrap();
-    let dir = folder("hf", ("config.json", &config), ("model.safetensors", procedural_clip(&meta["hf_shapes"])));
+    let dir = clip_folder("hf", ("config.json", &config), ("model.safetensors", procedural_clip(&meta["hf_shapes"])));
     check_model(&dir, &e, "hf", &["gigagan-coco256"]);
     std::fs::remove_dir_all(dir).unwrap();
 }

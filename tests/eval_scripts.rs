@@ -104,7 +104,9 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("cannot be compared"), "{err}");
 
-    // The in-loop hook of the distillation scripts (sid-inloop statistics this time).
+    // The in-loop hook of the distillation scripts (sid-inloop statistics this time),
+    // with CLIP score beside FID.
+    let clip = tiny_open_clip_folder("inloop");
     let inloop = d("refs_inloop.safetensors");
     ref_stats(&dir.join("refs"), "sid-inloop", &detector, &inloop, &[]);
     let o = run(&[
@@ -123,6 +125,8 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
         &format!("fid_ref_stats={inloop}"),
         "--set",
         &format!("fid_detector={}", detector.display()),
+        "--set",
+        &format!("fid_clip={}", clip.display()),
     ]);
     assert!(o.status.success(), "distill with eval: {}", String::from_utf8_lossy(&o.stderr));
     let row: serde_json::Value =
@@ -130,7 +134,9 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     assert_eq!(row["protocol"], "sid-inloop/1");
     assert_eq!(row["iteration"], 2);
     assert!(row["fid"].as_f64().unwrap().is_finite(), "{row}");
+    assert!(row["clip_score"].as_f64().unwrap().abs() <= 1.0, "the in-loop CLIP score (SiD's fid_clip): {row}");
     std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(clip).ok();
 }
 
 /// FD-DINOv2 through the same scripts: the protocol picks DINOv2 (a converted-layout
@@ -186,4 +192,61 @@ fn fd_dinov2_through_the_scripts() {
     assert_eq!(row["protocol"], "dgm-eval-dinov2/1");
     assert!(row["fd_dinov2"].as_f64().unwrap().is_finite() && row.get("fid").is_none(), "{row}");
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// CLIP score through scripts/eval.rhai: metrics=clip needs only a CLIP folder (the
+/// tiny OpenCLIP of tests/eval_clip.rs), rows carry clip_score and the model; with
+/// fid beside it both land in one row; a protocol without a CLIP score is refused.
+#[test]
+fn clip_score_through_the_eval_script() {
+    let dir = std::env::temp_dir().join(format!("sidscript-eval-clip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let clip = tiny_open_clip_folder("eval-script");
+    let d = |p: &str| dir.join(p).display().to_string();
+    std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n").unwrap();
+    let eval = |protocol: &str, metrics: &str, extra: &[String]| {
+        let mut args: Vec<String> = [
+            "scripts/eval.rhai",
+            "--set",
+            "generator=tests/fixtures/tiny-sd15",
+            "--set",
+            &format!("prompts={}", d("prompts.txt")),
+            "--set",
+            &format!("protocol={protocol}"),
+            "--set",
+            &format!("metrics={metrics}"),
+            "--set",
+            &format!("clip={}", clip.display()),
+            "--set",
+            "steps=[1]",
+            "--set",
+            "n=3",
+            "--set",
+            "batch=2",
+            "--set",
+            &format!("out={}", d("eval.jsonl")),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend_from_slice(extra);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let o = eval("gigagan-coco256", "clip", &[]);
+    assert!(o.status.success(), "eval clip: {}", String::from_utf8_lossy(&o.stderr));
+    let row: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(dir.join("eval.jsonl")).unwrap().trim()).unwrap();
+    let score = row["clip_score"].as_f64().unwrap();
+    assert!(score.abs() <= 1.0 && row.get("fid").is_none(), "{row}");
+    assert_eq!(row["protocol"], "gigagan-coco256/1");
+    assert!(row["clip_model"].as_str().unwrap().contains("CLIP image 224/14"), "{row}");
+    let o = eval("pytorch-fid", "clip", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("defines no CLIP score"), "{err}");
+    let o = eval("sid-inloop", "fid,clip", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("needs --set ref_stats"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(clip).ok();
 }

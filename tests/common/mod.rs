@@ -196,3 +196,50 @@ pub fn dinov2_hub_weights(dim: usize, depth: usize) -> std::collections::HashMap
         })
         .collect()
 }
+
+/// The tool's `clip_state` rules, by name: norm weights 1 + 0.1u, biases and
+/// embeddings 0.1u, the logit scale log(1/0.07), the rest √(3/fan_in).
+pub fn procedural_clip(shapes: &str) -> Vec<(String, Tensor)> {
+    let shapes: std::collections::HashMap<String, Vec<usize>> = serde_json::from_str(shapes).unwrap();
+    shapes
+        .into_iter()
+        .map(|(name, shape)| {
+            let n = shape.iter().product::<usize>();
+            let leaf = name.rsplit('.').next().unwrap();
+            let v: Vec<f32> = if (name.contains("ln") || name.contains("norm")) && leaf == "weight" {
+                procedural(&name, n, 0.1).into_iter().map(|v| 1.0 + v).collect()
+            } else if leaf == "bias" || leaf == "in_proj_bias" || name.contains("embedding") {
+                procedural(&name, n, 0.1)
+            } else if shape.is_empty() {
+                vec![(1.0f64 / 0.07).ln() as f32]
+            } else {
+                let fan_in: usize = if shape.len() > 1 { shape[1..].iter().product() } else { shape[0] };
+                procedural(&name, n, (3.0 / fan_in as f64).sqrt())
+            };
+            (name, Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap())
+        })
+        .collect()
+}
+
+/// A CLIP folder: config, weights and the real BPE.
+pub fn clip_folder(tag: &str, config: (&str, &str), weights: (&str, Vec<(String, Tensor)>)) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sidscript-clip-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(config.0), config.1).unwrap();
+    sidscript::io::safetensors::save(&dir.join(weights.0), &weights.1).unwrap();
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+        std::fs::copy(fixture("eval/clip-tokenizer").join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// tools/make_eval_fixtures.py's tiny OpenCLIP model as a CLIP folder (procedural
+/// weights, the real BPE), for script tests.
+pub fn tiny_open_clip_folder(tag: &str) -> std::path::PathBuf {
+    let meta = sidscript::io::safetensors::metadata(&fixture("eval/clip.safetensors")).unwrap();
+    clip_folder(
+        tag,
+        ("open_clip_config.json", &meta["open_clip_config"]),
+        ("open_clip_model.safetensors", procedural_clip(&meta["open_clip_shapes"])),
+    )
+}

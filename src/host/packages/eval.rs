@@ -1,13 +1,17 @@
-//! Standard evaluation in scripts: the FID Inception, feature statistics under a
-//! named protocol, statistics files and the Fréchet distance.
+//! Standard evaluation in scripts: the FID Inception, DINOv2 and CLIP, feature
+//! statistics under a named protocol, statistics files, the Fréchet distance and
+//! CLIP score.
 //!
 //! ```text
 //! let fid_net = load_fid_inception("weights/fid_inception.safetensors");
 //! let acc = feature_stats("gigagan-coco256");
 //! acc.add(fid_net.features(to_u8_images(x, "gigagan-coco256"), "gigagan-coco256"));
 //! let fid = acc.frechet_distance(load_stats("stats/coco2014val_gigagan256.safetensors"));
+//! let clip = load_clip("weights/clip-vit-g-14");
+//! let cos = clip.cosines(to_u8_images(x, "gigagan-coco256"), captions, "gigagan-coco256");
 //! ```
 
+use crate::eval::clip::Clip;
 use crate::eval::dinov2::Dinov2;
 use crate::eval::inception::FidInception;
 use crate::eval::protocol::Protocol;
@@ -27,6 +31,10 @@ pub struct FidHandle(Arc<FidInception>);
 /// DINOv2 (`Dinov2` in scripts).
 #[derive(Clone)]
 pub struct DinoHandle(Arc<Dinov2>);
+
+/// A CLIP model with its tokenizer (`Clip` in scripts).
+#[derive(Clone)]
+pub struct ClipHandle(Arc<Clip>);
 
 /// Feature sums under one protocol (`FeatureStats` in scripts); sized by the
 /// first features added (2048 for the Inception, 1024 for DINOv2 ViT-L/14).
@@ -73,6 +81,7 @@ fn features(
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.engine.register_type_with_name::<FidHandle>("FidInception");
     api.engine.register_type_with_name::<DinoHandle>("Dinov2");
+    api.engine.register_type_with_name::<ClipHandle>("Clip");
     api.engine.register_type_with_name::<StatsHandle>("FeatureStats");
     api.engine.register_type_with_name::<StoredStats>("Stats");
     api.group("evaluation");
@@ -109,6 +118,34 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         |f: &mut DinoHandle, x: TensorHandle, p: &str| {
             features(p, false, &x, &f.0.device(), |input| f.0.features(input))
         },
+    );
+    let r = rt.clone();
+    api.func(
+        "load_clip",
+        ["folder"],
+        "A CLIP model for CLIP score on the run's device: a folder in transformers' layout (config.json, model.safetensors) or OpenCLIP's (open_clip_config.json, open_clip_model.safetensors), with its tokenizer files (tools/convert_eval_weights.py clip makes one from the published .bin).",
+        move |p: &str| -> ScriptResult<ClipHandle> {
+            Ok(ClipHandle(Arc::new(Clip::load(Path::new(p), &r.device).script()?)))
+        },
+    );
+    api.method(
+        "cosines",
+        ["clip", "images", "captions", "protocol"],
+        "The cosine of each of N×3×H×W uint8 images with its caption, preprocessed and prefixed as the protocol's CLIP score says; CLIP score is their mean (not ×100, not clamped).",
+        |c: &mut ClipHandle, x: TensorHandle, captions: rhai::Array, p: &str| -> ScriptResult<rhai::Array> {
+            let captions: Vec<String> = captions.into_iter().map(|v| v.to_string()).collect();
+            let (images, rule) = protocol(p)?.clip_prepare(x.tensor()).script()?;
+            Ok(c.0.cosines(&images, &captions, &rule).script()?.into_iter().map(rhai::Dynamic::from_float).collect())
+        },
+    );
+    api.getter("describe", "The CLIP architecture in one line (for result rows).", |c: &mut ClipHandle| {
+        c.0.describe().to_string()
+    });
+    api.func(
+        "protocol_has_clip",
+        ["protocol"],
+        "Whether a protocol defines a CLIP score (gigagan-coco256, sid-inloop, dmd2-coco10k-512 do).",
+        |p: &str| -> ScriptResult<bool> { Ok(protocol(p)?.clip.is_some()) },
     );
     api.func(
         "to_u8_images",
