@@ -17,6 +17,15 @@ names kept, plus `pos_embed_224`: the position embedding at 224 px as the hub mo
 it on every call (facebookresearch/dinov2 `interpolate_pos_encoding`: bicubic, no antialias,
 scale_factor (16 + 0.1)/37 per axis), stored once so that sidscript needs no torch resize.
 
+`clip`: a CLIP checkpoint for CLIP score, e.g. OpenCLIP ViT-g-14 laion2b_s12b_b42k from
+https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s12B-b42K (`open_clip_pytorch_model.bin` with
+`open_clip_config.json`, or `pytorch_model.bin` with `config.json`) or OpenAI ViT-L/14
+(openai/clip-vit-large-patch14, which already ships `model.safetensors`: copy its folder as it
+is). --src is the pickle; the folder beside it must hold the config and the tokenizer files
+(tokenizer.json or vocab.json + merges.txt, tokenizer_config.json). --out is a folder: the
+weights as `open_clip_model.safetensors` or `model.safetensors` (names kept: sidscript maps
+OpenCLIP's on loading), the config and tokenizer files copied.
+
 Needs torch and safetensors.
 """
 import argparse
@@ -84,10 +93,41 @@ def dinov2(src, out):
     print(f"{out}: {len(tensors)} tensors, dim {dim}, {meta['depth']} blocks, source SHA-256 {digest}")
 
 
+def clip(src, out):
+    import shutil
+
+    digest = sha256(src)
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    here, dest = pathlib.Path(src).parent, pathlib.Path(out)
+    if "visual.conv1.weight" in state:
+        layout, weights, config = "open_clip", "open_clip_model.safetensors", "open_clip_config.json"
+    elif "vision_model.embeddings.patch_embedding.weight" in state:
+        layout, weights, config = "transformers-clip", "model.safetensors", "config.json"
+    else:
+        raise SystemExit(f"{src}: neither OpenCLIP (visual.conv1.weight) nor transformers (vision_model.*) CLIP names")
+    if not (here / config).is_file():
+        raise SystemExit(f"{here / config} not found: a {layout} checkpoint needs it beside {src}")
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float().contiguous() for k, v in state.items() if not k.endswith("position_ids")}
+    meta = {"layout": layout, "source": pathlib.Path(src).name, "source_sha256": digest,
+            "converter": f"tools/convert_eval_weights.py {VERSION}"}
+    save_file(tensors, str(dest / weights), metadata=meta)
+    copied = [config]
+    shutil.copy(here / config, dest / config)
+    for f in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]:
+        if (here / f).is_file():
+            shutil.copy(here / f, dest / f)
+            copied.append(f)
+    if not ((dest / "tokenizer.json").is_file() or (dest / "vocab.json").is_file()):
+        raise SystemExit(f"no tokenizer files (tokenizer.json or vocab.json + merges.txt) beside {src}")
+    print(f"{dest}: {len(tensors)} tensors ({layout}), {', '.join(copied)}; source SHA-256 {digest}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["inception", "dinov2"])
+    p.add_argument("kind", choices=["inception", "dinov2", "clip"])
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    {"inception": inception, "dinov2": dinov2}[a.kind](a.src, a.out)
+    {"inception": inception, "dinov2": dinov2, "clip": clip}[a.kind](a.src, a.out)
