@@ -34,25 +34,26 @@ pub fn check_host_fits(bytes: u128, what: impl std::fmt::Display) -> Result<()> 
 
 /// Bytes at the peak since the last [`reset_peak`] (CUDA), `None` on the CPU.
 pub fn peak_bytes(device: &Device) -> Result<Option<u64>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(d) => {
-            device.synchronize()?;
-            Ok(Some(cuda::pool_attribute(d, cuda::USED_HIGH)?))
-        }
-        _ => Ok(None),
-    }
+    pool_counter(device, true)
 }
 
 /// Bytes allocated now (CUDA), `None` on the CPU.
 pub fn used_bytes(device: &Device) -> Result<Option<u64>> {
+    pool_counter(device, false)
+}
+
+/// The CUDA pool's high-water mark (`peak`) or current use, after the device's queued work.
+fn pool_counter(device: &Device, peak: bool) -> Result<Option<u64>> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(d) => {
             device.synchronize()?;
-            Ok(Some(cuda::pool_attribute(d, cuda::USED_CURRENT)?))
+            Ok(Some(cuda::pool_attribute(d, if peak { cuda::USED_HIGH } else { cuda::USED_CURRENT })?))
         }
-        _ => Ok(None),
+        _ => {
+            let _ = peak;
+            Ok(None)
+        }
     }
 }
 
