@@ -51,7 +51,9 @@ pub enum ClipImage {
 /// A protocol's CLIP score: the pre-resize, the image path, the caption prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClipRule {
-    /// Pillow Lanczos side after the protocol's crop (256 in every protocol here).
+    /// The crop before the pre-resize.
+    pub crop: crate::eval::protocol::Crop,
+    /// Pillow Lanczos side after the crop (256 in every protocol here).
     pub pre_resize: usize,
     /// From that uint8 image to CLIP's input.
     pub image: ClipImage,

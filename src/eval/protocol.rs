@@ -29,6 +29,9 @@ pub enum Crop {
     CenterRound,
     /// Centre square, offset ⌊(H − c)/2⌋ (SiD's `cocodataset_tool.py`).
     CenterFloor,
+    /// A centred square of this side, offsets as `CenterRound`, when the image is at
+    /// least that large both ways, else nothing (DMD2's patch FID: 299, no resize).
+    CenterPatch(usize),
 }
 
 impl Crop {
@@ -39,7 +42,7 @@ impl Crop {
             Crop::None => 0,
             Crop::CenterFloor => excess / 2,
             // Python's round(excess / 2): halves go to the even neighbour.
-            Crop::CenterRound if excess % 2 == 1 => {
+            Crop::CenterRound | Crop::CenterPatch(_) if excess % 2 == 1 => {
                 let (lo, hi) = (excess / 2, excess / 2 + 1);
                 if lo % 2 == 0 {
                     lo
@@ -47,7 +50,7 @@ impl Crop {
                     hi
                 }
             }
-            Crop::CenterRound => excess / 2,
+            Crop::CenterRound | Crop::CenterPatch(_) => excess / 2,
         }
     }
 }
@@ -71,8 +74,16 @@ pub struct Protocol {
     pub clip: Option<ClipRule>,
 }
 
+/// DMD2's CLIP score (coco_evaluator.py `compute_clip_score`).
+const DMD2_CLIP: ClipRule = ClipRule {
+    crop: Crop::CenterRound,
+    pre_resize: 256,
+    image: ClipImage::PilBicubic { round_trip: false },
+    prefix: "A photo depicts ",
+};
+
 /// Every protocol sidscript knows, and the tables each reproduces.
-pub const PROTOCOLS: [Protocol; 5] = [
+pub const PROTOCOLS: [Protocol; 6] = [
     // SiD-LSG's and DMD2's reported SD1.5 numbers: GigaGAN's evaluation over clean-fid.
     Protocol {
         name: "gigagan-coco256",
@@ -83,6 +94,7 @@ pub const PROTOCOLS: [Protocol; 5] = [
         ddof: 1,
         // GigaGAN's EvalDataset: Lanczos 256, the float round trip, open_clip's transform.
         clip: Some(ClipRule {
+            crop: Crop::CenterRound,
             pre_resize: 256,
             image: ClipImage::PilBicubic { round_trip: true },
             prefix: "A photo depicts ",
@@ -97,7 +109,7 @@ pub const PROTOCOLS: [Protocol; 5] = [
         detector: Detector::Inception(FrontEnd::Tf1Bilinear),
         ddof: 0,
         // SiD-LSG networks/clip.py: the 256-px uint8 image, torch bicubic, no prefix.
-        clip: Some(ClipRule { pre_resize: 256, image: ClipImage::TorchBicubic, prefix: "" }),
+        clip: Some(ClipRule { crop: Crop::CenterFloor, pre_resize: 256, image: ClipImage::TorchBicubic, prefix: "" }),
     },
     // DMD2's SDXL COCO-10k protocol (512 px).
     Protocol {
@@ -108,11 +120,18 @@ pub const PROTOCOLS: [Protocol; 5] = [
         detector: Detector::Inception(FrontEnd::PilBicubicFloat),
         ddof: 1,
         // compute_clip_score: always 256 first (even for 1024-px images), straight to PIL.
-        clip: Some(ClipRule {
-            pre_resize: 256,
-            image: ClipImage::PilBicubic { round_trip: false },
-            prefix: "A photo depicts ",
-        }),
+        clip: Some(DMD2_CLIP),
+    },
+    // DMD2's patch FID beside it: the centre 299×299 of the full-size image, no resize
+    // (coco_evaluator.py, patch_fid=True), into clean-fid's front end (then an identity).
+    Protocol {
+        name: "dmd2-coco10k-patch",
+        to_u8: ToU8::Truncate,
+        crop: Crop::CenterPatch(299),
+        pre_resize: None,
+        detector: Detector::Inception(FrontEnd::PilBicubicFloat),
+        ddof: 1,
+        clip: Some(DMD2_CLIP),
     },
     // pytorch-fid on folders: no pre-resize, torch bilinear to 299.
     Protocol {
@@ -173,7 +192,7 @@ impl Protocol {
 
     /// Crop and pre-resize of N×3×H×W uint8 images (Pillow-exact), on the CPU.
     pub fn prepare(&self, images: &Tensor) -> Result<Tensor> {
-        self.crop_and_resize(images, self.pre_resize)
+        self.crop_and_resize(images, self.crop, self.pre_resize)
     }
 
     /// The CLIP score's rule, and the images cropped and pre-resized for it (N×3×256×256
@@ -182,10 +201,10 @@ impl Protocol {
         let Some(rule) = self.clip else {
             return Err(Error::msg(format!("protocol {} defines no CLIP score", self.id())));
         };
-        Ok((self.crop_and_resize(images, Some((rule.pre_resize, Filter::Lanczos)))?, rule))
+        Ok((self.crop_and_resize(images, rule.crop, Some((rule.pre_resize, Filter::Lanczos)))?, rule))
     }
 
-    fn crop_and_resize(&self, images: &Tensor, resize: Option<(usize, Filter)>) -> Result<Tensor> {
+    fn crop_and_resize(&self, images: &Tensor, crop: Crop, resize: Option<(usize, Filter)>) -> Result<Tensor> {
         let (n, c, h, w) = images.dims4()?;
         if images.dtype() != DType::U8 || c != 3 {
             return Err(Error::msg(format!(
@@ -195,9 +214,13 @@ impl Protocol {
                 images.dtype()
             )));
         }
-        let side = h.min(w);
-        let offset = |len: usize| self.crop.offset(len, side);
-        let (ch, cw) = if self.crop == Crop::None { (h, w) } else { (side, side) };
+        let side = match crop {
+            Crop::CenterPatch(p) if h >= p && w >= p => p,
+            Crop::CenterPatch(_) | Crop::None => 0,
+            _ => h.min(w),
+        };
+        let offset = |len: usize| if side == 0 { 0 } else { crop.offset(len, side) };
+        let (ch, cw) = if side == 0 { (h, w) } else { (side, side) };
         let x = images.narrow(2, offset(h), ch)?.narrow(3, offset(w), cw)?.to_device(&Device::Cpu)?;
         let Some((size, filter)) = resize else { return Ok(x) };
         if (ch, cw) == (size, size) {
@@ -249,6 +272,13 @@ mod tests {
         assert_eq!(offsets(Crop::CenterRound), [0, 1, 2, 2, 2, 3]);
         assert_eq!(offsets(Crop::CenterFloor), [0, 1, 1, 2, 2, 3]);
         assert!(Protocol::by_name("fid").unwrap_err().to_string().contains("gigagan-coco256"));
+        // DMD2's patch FID: the centre 299 of a large image, nothing done to a small one.
+        let patch = Protocol::by_name("dmd2-coco10k-patch")?;
+        let big = Tensor::zeros((1, 3, 1024, 1000), DType::U8, &Device::Cpu)?;
+        assert_eq!(patch.prepare(&big)?.dims(), [1, 3, 299, 299]);
+        let small = Tensor::zeros((1, 3, 200, 400), DType::U8, &Device::Cpu)?;
+        assert_eq!(patch.prepare(&small)?.dims(), [1, 3, 200, 400]);
+        assert_eq!(Crop::CenterPatch(299).offset(1024, 299), 362); // round(362.5) = 362, half to even
         let dino = Protocol::by_name("dgm-eval-dinov2")?;
         assert!(dino.check_detector(false).is_ok() && dino.check_detector(true).is_err());
         assert!(Protocol::by_name("sid-inloop")?.check_detector(false).is_err());

@@ -144,7 +144,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "protocol_has_clip",
         ["protocol"],
-        "Whether a protocol defines a CLIP score (gigagan-coco256, sid-inloop, dmd2-coco10k-512 do).",
+        "Whether a protocol defines a CLIP score (gigagan-coco256, sid-inloop, dmd2-coco10k-512 and dmd2-coco10k-patch do).",
         |p: &str| -> ScriptResult<bool> { Ok(protocol(p)?.clip.is_some()) },
     );
     api.func(
@@ -180,7 +180,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "feature_stats",
         ["protocol"],
-        "Empty feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, pytorch-fid, dgm-eval-dinov2).",
+        "Empty feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, dmd2-coco10k-patch, pytorch-fid, dgm-eval-dinov2).",
         |p: &str| -> ScriptResult<StatsHandle> { Ok(StatsHandle(Arc::new(Mutex::new((protocol(p)?, None))))) },
     );
     api.method("add", ["stats", "features"], "Adds N×D features.", |s: &mut StatsHandle, x: TensorHandle| {
