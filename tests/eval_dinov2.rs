@@ -28,6 +28,13 @@ fn cls_features_match_transformers_dinov2() {
     let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
     eprintln!("dinov2 CLS: worst difference {worst:e} of the largest feature");
     assert!(worst < 1e-4, "CLS features differ from transformers' by {worst:e}");
+    // EDM2's resize (torch's antialiased bicubic on floats) instead of dgm-eval's.
+    let x = Dinov2::input_edm2(&e["images"], &Device::Cpu).unwrap();
+    let got = net.features(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = e["cls_edm2"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs() / scale).fold(0f32, f32::max);
+    eprintln!("dinov2 CLS under EDM2's resize: worst difference {worst:e} of the largest feature");
+    assert!(worst < 1e-4, "EDM2-resized CLS features differ from transformers' by {worst:e}");
     // A converted hub file: the 518-px pos_embed kept, the 224-px one beside it,
     // metadata naming layout, size and source; the same features.
     let dir = std::env::temp_dir().join(format!("sidscript-dinov2-{}", std::process::id()));

@@ -35,6 +35,7 @@ fn resizes_match_pillow_torch_and_tensorflow() {
     let mut cases: Vec<&String> = e.keys().filter(|k| k.ends_with(".input")).collect();
     cases.sort();
     assert!(cases.len() >= 6);
+    let mut worst_aa = 0f32;
     for key in cases {
         let case = key.trim_end_matches(".input");
         let (h, w, input) = planes_u8(&e[key]);
@@ -81,5 +82,16 @@ fn resizes_match_pillow_torch_and_tensorflow() {
             let d = got.iter().zip(&want[c]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(d <= 1e-3, "{case} torch bicubic channel {c}: {d} grey levels off");
         }
+        // Torch's antialiased bicubic (EDM2's DINOv2 resize) is Pillow's "F" algorithm
+        // (a = −0.5, support widened by the scale) computed in f32.
+        let want = planes_f32(&e[&format!("{case}.torch_bicubic_aa")]);
+        for (c, plane) in input.iter().enumerate() {
+            let p: Vec<f32> = plane.iter().map(|&v| v as f32).collect();
+            let got = resample::pil_resize_f32(&p, h, w, oh, ow, resample::Filter::Bicubic).unwrap();
+            let d = got.iter().zip(&want[c]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d <= 2e-3, "{case} torch antialiased bicubic channel {c}: {d} grey levels off");
+            worst_aa = worst_aa.max(d);
+        }
     }
+    eprintln!("torch antialiased bicubic against Pillow's F resize: {worst_aa} grey levels at most");
 }

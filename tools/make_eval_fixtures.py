@@ -77,6 +77,8 @@ def resample():
         tensors[f"case{i}.torch_bilinear"] = F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False)[0].numpy()
         tensors[f"case{i}.tf1_bilinear"] = tf1(x, size=(oh, ow), align_corners=False)[0].numpy()
         tensors[f"case{i}.torch_bicubic"] = F.interpolate(x, size=(oh, ow), mode="bicubic", align_corners=False)[0].numpy()
+        tensors[f"case{i}.torch_bicubic_aa"] = F.interpolate(x, size=(oh, ow), mode="bicubic", antialias=True,
+                                                             align_corners=False)[0].numpy()
     meta = {"pillow": PIL.__version__, "torch": torch.__version__, "numpy": np.__version__}
     save_file(tensors, str(OUT / "resample.safetensors"), metadata=meta)
     print(f"resample.safetensors: {len(cases)} cases, {len(tensors)} tensors, {meta}")
@@ -260,10 +262,16 @@ def dinov2():
         resized = np.asarray(Image.fromarray(img.transpose(1, 2, 0), "RGB").resize((224, 224), Image.BICUBIC))
         t = torch.from_numpy(resized.copy()).permute(2, 0, 1).float().div(255)
         x.append((t - torch.from_numpy(mean)[:, None, None]) / torch.from_numpy(std)[:, None, None])
+    # EDM2's calculate_metrics.py (resize_mode "torch"): antialiased bicubic on the
+    # float values, /255, ImageNet mean/std.
+    xe = F.interpolate(torch.from_numpy(images).float(), size=(224, 224), mode="bicubic", antialias=True) / 255
+    xe = (xe - torch.from_numpy(mean)[None, :, None, None]) / torch.from_numpy(std)[None, :, None, None]
     with torch.no_grad():
         cls = model(pixel_values=torch.stack(x)).pooler_output.numpy()
+        cls_edm2 = model(pixel_values=xe).pooler_output.numpy()
     import transformers
-    save_file({"images": np.ascontiguousarray(images), "cls": cls.astype(np.float32)},
+    save_file({"images": np.ascontiguousarray(images), "cls": cls.astype(np.float32),
+               "cls_edm2": cls_edm2.astype(np.float32)},
               str(OUT / "dinov2.safetensors"),
               metadata={"transformers": transformers.__version__, "pillow": PIL.__version__, "dim": str(dim),
                         "depth": str(depth), "heads": "4"})

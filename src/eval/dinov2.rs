@@ -161,6 +161,19 @@ impl Dinov2 {
     /// dgm-eval's preprocessing: N×3×H×W uint8 → Pillow bicubic to 224×224 (on
     /// uint8) → /255 → ImageNet mean/std.
     pub fn input(images: &Tensor, device: &Device) -> Result<Tensor> {
+        Self::input_with(images, device, false)
+    }
+
+    /// EDM2's preprocessing (`calculate_metrics.py`, resize_mode "torch"): the uint8
+    /// values as floats → torch's antialiased bicubic to 224×224, no rounding → /255 →
+    /// ImageNet mean/std. Torch's antialiased bicubic is Pillow's algorithm (a = −0.5,
+    /// support widened by the scale) in f32, so Pillow's "F" resize computes it
+    /// (tests/eval_resample.rs: within 1e-3 of a grey level).
+    pub fn input_edm2(images: &Tensor, device: &Device) -> Result<Tensor> {
+        Self::input_with(images, device, true)
+    }
+
+    fn input_with(images: &Tensor, device: &Device, float_resize: bool) -> Result<Tensor> {
         let (n, c, h, w) = images.dims4()?;
         if c != 3 || images.dtype() != DType::U8 {
             return Err(Error::msg(format!("dinov2: expected N×3×H×W uint8 images, got {:?}", images.dims())));
@@ -171,8 +184,14 @@ impl Dinov2 {
         let mut out = Vec::with_capacity(n * 3 * IMAGE * IMAGE);
         for (i, plane) in pixels.chunks(h * w).enumerate() {
             let ch = i % 3;
-            let resized = resample::pil_resize_u8(plane, h, w, IMAGE, IMAGE, resample::Filter::Bicubic)?;
-            out.extend(resized.into_iter().map(|v| (v as f32 / 255.0 - MEAN[ch]) / STD[ch]));
+            let resized: Vec<f32> = if float_resize {
+                let f: Vec<f32> = plane.iter().map(|&v| v as f32).collect();
+                resample::pil_resize_f32(&f, h, w, IMAGE, IMAGE, resample::Filter::Bicubic)?
+            } else {
+                let u8s = resample::pil_resize_u8(plane, h, w, IMAGE, IMAGE, resample::Filter::Bicubic)?;
+                u8s.into_iter().map(|v| v as f32).collect()
+            };
+            out.extend(resized.into_iter().map(|v| (v / 255.0 - MEAN[ch]) / STD[ch]));
         }
         Ok(Tensor::from_vec(out, (n, 3, IMAGE, IMAGE), device)?)
     }

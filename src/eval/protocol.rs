@@ -83,7 +83,7 @@ const DMD2_CLIP: ClipRule = ClipRule {
 };
 
 /// Every protocol sidscript knows, and the tables each reproduces.
-pub const PROTOCOLS: [Protocol; 6] = [
+pub const PROTOCOLS: [Protocol; 7] = [
     // SiD-LSG's and DMD2's reported SD1.5 numbers: GigaGAN's evaluation over clean-fid.
     Protocol {
         name: "gigagan-coco256",
@@ -150,7 +150,18 @@ pub const PROTOCOLS: [Protocol; 6] = [
         to_u8: ToU8::Round,
         crop: Crop::None,
         pre_resize: None,
-        detector: Detector::Dinov2,
+        detector: Detector::Dinov2 { edm2: false },
+        ddof: 1,
+        clip: None,
+    },
+    // FD-DINOv2 as EDM2's calculate_metrics.py computes it (its default resize_mode
+    // "torch"): the whole image to 224 by torch's antialiased bicubic on floats.
+    Protocol {
+        name: "edm2-dinov2",
+        to_u8: ToU8::Round,
+        crop: Crop::None,
+        pre_resize: None,
+        detector: Detector::Dinov2 { edm2: true },
         ddof: 1,
         clip: None,
     },
@@ -161,8 +172,12 @@ pub const PROTOCOLS: [Protocol; 6] = [
 pub enum Detector {
     /// The FID Inception (2048-d pool3), reached through a front end.
     Inception(FrontEnd),
-    /// DINOv2 (CLS after the final norm), reached through dgm-eval's resize.
-    Dinov2,
+    /// DINOv2 (CLS after the final norm); `edm2`: EDM2's float antialiased resize
+    /// instead of dgm-eval's uint8 Pillow resize.
+    Dinov2 {
+        /// EDM2's resize (torch antialiased bicubic on floats, no rounding).
+        edm2: bool,
+    },
 }
 
 impl Protocol {
@@ -239,14 +254,15 @@ impl Protocol {
     pub fn detector_input(&self, images: &Tensor, device: &Device) -> Result<Tensor> {
         match self.detector {
             Detector::Inception(front_end) => front_end.apply(&self.prepare(images)?, device),
-            Detector::Dinov2 => crate::eval::dinov2::Dinov2::input(&self.prepare(images)?, device),
+            Detector::Dinov2 { edm2: false } => crate::eval::dinov2::Dinov2::input(&self.prepare(images)?, device),
+            Detector::Dinov2 { edm2: true } => crate::eval::dinov2::Dinov2::input_edm2(&self.prepare(images)?, device),
         }
     }
 
     /// Refuses a protocol made for another detector than `want`'s kind.
     pub fn check_detector(&self, inception: bool) -> Result<()> {
         match (self.detector, inception) {
-            (Detector::Inception(_), true) | (Detector::Dinov2, false) => Ok(()),
+            (Detector::Inception(_), true) | (Detector::Dinov2 { .. }, false) => Ok(()),
             _ => Err(Error::msg(format!(
                 "protocol {} is computed with {}, not this network",
                 self.id(),

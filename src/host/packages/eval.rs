@@ -114,7 +114,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.method(
         "features",
         ["dinov2", "images", "protocol"],
-        "CLS features (N×1024 for ViT-L/14) of N×3×H×W uint8 images, brought to 224 as the protocol says (dgm-eval-dinov2).",
+        "CLS features (N×1024 for ViT-L/14) of N×3×H×W uint8 images, brought to 224 as the protocol says (dgm-eval-dinov2, edm2-dinov2).",
         |f: &mut DinoHandle, x: TensorHandle, p: &str| {
             features(p, false, &x, &f.0.device(), |input| f.0.features(input))
         },
@@ -180,7 +180,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "feature_stats",
         ["protocol"],
-        "Empty feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, dmd2-coco10k-patch, pytorch-fid, dgm-eval-dinov2).",
+        "Empty feature sums under a protocol (gigagan-coco256, sid-inloop, dmd2-coco10k-512, dmd2-coco10k-patch, pytorch-fid, dgm-eval-dinov2, edm2-dinov2).",
         |p: &str| -> ScriptResult<StatsHandle> { Ok(StatsHandle(Arc::new(Mutex::new((protocol(p)?, None))))) },
     );
     api.method("add", ["stats", "features"], "Adds N×D features.", |s: &mut StatsHandle, x: TensorHandle| {
