@@ -60,6 +60,7 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
     assert_eq!(meta["protocol"], "gigagan-coco256/1");
     assert_eq!(meta["n"], "5");
     assert_eq!(meta["ddof"], "1");
+    assert_eq!(meta["detector_sha256"], "procedural", "the detector's source hash is recorded");
 
     std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n\na green triangle\n").unwrap();
     let eval = |protocol: &str| {

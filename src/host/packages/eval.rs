@@ -142,6 +142,17 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         c.0.describe().to_string()
     });
     api.func(
+        "detector_sha256",
+        ["path"],
+        "The SHA-256 of the published file a converted detector came from (its metadata's source_sha256), to record beside statistics.",
+        |p: &str| -> ScriptResult<String> {
+            let meta = crate::io::safetensors::metadata(Path::new(p)).script()?;
+            meta.get("source_sha256").cloned().ok_or_else(|| {
+                script_err(format!("{p}: no source_sha256 in its metadata (convert it with tools/convert_eval_weights.py)"))
+            })
+        },
+    );
+    api.func(
         "protocol_has_clip",
         ["protocol"],
         "Whether a protocol defines a CLIP score (gigagan-coco256, sid-inloop, dmd2-coco10k-512 and dmd2-coco10k-patch do).",
