@@ -17,7 +17,7 @@
 #           tf32, bf16 and f32; sdxl-full in bf16 with checkpointing (the < 80 GB target);
 #           ms/iteration, images/s and peak GB each
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
-#           preprocessing and the FID Inception)
+#           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
 #   runs-sd15, runs-sdxl
 #           real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
 #           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
@@ -108,7 +108,8 @@ run)
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT SIDSCRIPT_BENCH_PROFILE KEEP
         ;;
     eval)
-        # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256, Inception on the GPU.
+        # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256: the Inception, then
+        # CLIP score at ViT-g-14's size, on the GPU.
         SIDSCRIPT_BENCH_EVAL_N=1000 step 120 .gpu/bin-eval cuda:0
         ;;
     runs-sd15|runs-sdxl)

@@ -396,23 +396,36 @@ impl Clip {
         if open_clip {
             tensors = open_clip_to_hf(tensors)?;
         }
-        let clip = Self::from_tensors(&cfg, tensors, device, dir).map_err(|e| Error::file(&file, None, e))?;
-        Ok(clip)
+        let w = Weights::from_tensors(tensors, DType::F32, device);
+        let build = || -> Result<Self> {
+            let clip = Self::build(&cfg, &w, dir)?;
+            w.clone().finish("clip")?;
+            Ok(clip)
+        };
+        build().map_err(|e| Error::file(&file, None, e))
     }
 
-    fn from_tensors(cfg: &ModelConfig, tensors: HashMap<String, Tensor>, device: &Device, dir: &Path) -> Result<Self> {
-        let w = Weights::from_tensors(tensors, DType::F32, device);
+    /// A CLIP model of transformers' `config` (a `CLIPConfig` as JSON) from `w`, with the
+    /// tokenizer files of `tokenizer_dir` (the caller checks `w.finish`): e.g. random
+    /// weights of a real architecture for a benchmark.
+    pub fn from_config(config: &serde_json::Value, w: &Weights, tokenizer_dir: &Path) -> Result<Self> {
+        let cfg: ModelConfig =
+            serde_json::from_value(config.clone()).map_err(|e| Error::msg(format!("not a CLIPModel config: {e}")))?;
+        Self::build(&cfg, w, tokenizer_dir)
+    }
+
+    fn build(cfg: &ModelConfig, w: &Weights, dir: &Path) -> Result<Self> {
+        let device = w.device().clone();
         let (d_text, embed) = (cfg.text_config.hidden_size, cfg.projection_dim);
         // The text tower without its own projection: CLIPModel keeps it at the top level.
         let text_cfg = ClipConfig { architectures: vec![], projection_dim: None, ..cfg.text_config.clone() };
-        let text = ClipTextModel::new(&text_cfg, &w)?;
+        let text = ClipTextModel::new(&text_cfg, w)?;
         let text_projection = Linear::new(&w.pp("text_projection"), d_text, embed, false)?;
-        let vision = VisionTower::new(&cfg.vision_config, &w, embed)?;
+        let vision = VisionTower::new(&cfg.vision_config, w, embed)?;
         // The score does not use the logit scale; most checkpoints carry it.
         if w.contains("logit_scale") {
             w.get((), "logit_scale")?;
         }
-        w.finish("clip")?;
         let tokenizer = PromptTokenizer::load(dir)?;
         let v = &cfg.vision_config;
         let describe = format!(
@@ -425,7 +438,7 @@ impl Clip {
             cfg.text_config.num_hidden_layers,
             d_text
         );
-        Ok(Self { vision, text, text_projection, tokenizer, device: device.clone(), describe })
+        Ok(Self { vision, text, text_projection, tokenizer, device, describe })
     }
 
     /// Where the weights are.
