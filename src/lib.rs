@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod device;
 pub mod diffusion;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod host;

@@ -135,7 +135,8 @@ pub fn parse_device(s: &str) -> ScriptResult<Device> {
         "cpu" => Ok(Device::Cpu),
         _ => {
             let ordinal = match s.strip_prefix("cuda") {
-                Some("") => 0,
+                // Plain `cuda`: this rank's GPU on its node (0 outside a multi-rank job).
+                Some("") => crate::dist::world().local_rank,
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse::<usize>().ok())

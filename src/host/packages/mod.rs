@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod condition;
+pub mod dist;
 pub mod ema;
 pub mod eval;
 pub mod images;
@@ -38,6 +39,7 @@ pub fn register_all(api: &mut Api, rt: &Arc<RunState>) {
     unet::register(api, rt);
     text::register(api, rt);
     condition::register(api);
+    dist::register(api);
     vae::register(api, rt);
     text_encoder::register(api, rt);
     tokenizer::register(api, rt);
