@@ -101,33 +101,19 @@ pub fn all_reduce(t: &Tensor, op: ReduceOp) -> Result<Tensor> {
 }
 
 /// Several tensors combined over all ranks in one collective (flattened into one
-/// buffer per dtype-compatible group: f32 here, others through f32 or f64).
+/// buffer: f64 when any is f64, else f32).
 pub fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
     let size = world().size;
     if size == 1 || ts.is_empty() {
         return Ok(ts.to_vec());
     }
-    let wide = ts.iter().any(|t| t.dtype() == DType::F64);
-    let flat = |t: &Tensor| -> Result<Vec<f64>> {
-        Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?)
-    };
-    let mut lens = Vec::with_capacity(ts.len());
-    let summed: Vec<f64> = if wide {
-        let mut buf = Vec::new();
-        for t in ts {
-            let v = flat(t)?;
-            lens.push(v.len());
-            buf.extend(v);
-        }
-        transport::sum_f64(&buf)?
+    // f64 tensors travel as f64, every other dtype as f32.
+    let (summed, lens): (Vec<f64>, Vec<usize>) = if ts.iter().any(|t| t.dtype() == DType::F64) {
+        let (buf, lens) = concat::<f64>(ts)?;
+        (transport::sum_f64(&buf)?, lens)
     } else {
-        let mut buf: Vec<f32> = Vec::new();
-        for t in ts {
-            let v = t.flatten_all()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-            lens.push(v.len());
-            buf.extend(v);
-        }
-        transport::sum_f32(&buf)?.into_iter().map(f64::from).collect()
+        let (buf, lens) = concat::<f32>(ts)?;
+        (transport::sum_f32(&buf)?.into_iter().map(f64::from).collect(), lens)
     };
     let scale = if op == ReduceOp::Mean { 1.0 / size as f64 } else { 1.0 };
     let mut at = 0;
@@ -141,6 +127,17 @@ pub fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
         .collect()
 }
 
+/// The tensors flattened into one host buffer of `T`, and each one's length.
+fn concat<T: candle_core::WithDType>(ts: &[Tensor]) -> Result<(Vec<T>, Vec<usize>)> {
+    let (mut buf, mut lens) = (Vec::new(), Vec::with_capacity(ts.len()));
+    for t in ts {
+        let v = t.flatten_all()?.to_dtype(T::DTYPE)?.to_device(&Device::Cpu)?.to_vec1::<T>()?;
+        lens.push(v.len());
+        buf.extend(v);
+    }
+    Ok((buf, lens))
+}
+
 /// `t` as rank `root` holds it, on every rank.
 pub fn broadcast(t: &Tensor, root: usize) -> Result<Tensor> {
     let w = world();
@@ -150,7 +147,7 @@ pub fn broadcast(t: &Tensor, root: usize) -> Result<Tensor> {
     if w.size == 1 {
         return Ok(t.clone());
     }
-    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?;
+    let (v, _) = concat::<f64>(std::slice::from_ref(t))?;
     let v = transport::broadcast_f64(v, root)?;
     Ok(Tensor::from_vec(v, t.shape(), &Device::Cpu)?.to_dtype(t.dtype())?.to_device(t.device())?)
 }

@@ -28,6 +28,17 @@ fn ref_stats(images: &Path, protocol: &str, detector: &Path, out: &str, extra: &
     assert!(o.status.success(), "ref_stats {protocol}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// scripts/eval.rhai with the tiny SD1.5 fixture as the generator and `settings`
+/// as its `--set key=value` pairs.
+fn eval_tiny(settings: &[(&str, String)]) -> std::process::Output {
+    let mut args = vec!["scripts/eval.rhai".to_string(), "--set".into(), "generator=tests/fixtures/tiny-sd15".into()];
+    for (k, v) in settings {
+        args.push("--set".into());
+        args.push(format!("{k}={v}"));
+    }
+    run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 #[test]
 fn reference_statistics_and_generator_fid_with_their_protocol() {
     let dir = std::env::temp_dir().join(format!("sidscript-eval-{}", std::process::id()));
@@ -64,26 +75,15 @@ fn reference_statistics_and_generator_fid_with_their_protocol() {
 
     std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n\na green triangle\n").unwrap();
     let eval = |protocol: &str| {
-        run(&[
-            "scripts/eval.rhai",
-            "--set",
-            "generator=tests/fixtures/tiny-sd15",
-            "--set",
-            &format!("prompts={}", d("prompts.txt")),
-            "--set",
-            &format!("ref_stats={stats}"),
-            "--set",
-            &format!("protocol={protocol}"),
-            "--set",
-            &format!("detector={}", detector.display()),
-            "--set",
-            "steps=[1, 2]",
-            "--set",
-            "n=5",
-            "--set",
-            "batch=2",
-            "--set",
-            &format!("out={}", d("eval.jsonl")),
+        eval_tiny(&[
+            ("prompts", d("prompts.txt")),
+            ("ref_stats", stats.clone()),
+            ("protocol", protocol.into()),
+            ("detector", detector.display().to_string()),
+            ("steps", "[1, 2]".into()),
+            ("n", "5".into()),
+            ("batch", "2".into()),
+            ("out", d("eval.jsonl")),
         ])
     };
     let o = eval("gigagan-coco256");
@@ -166,26 +166,15 @@ fn fd_dinov2_through_the_scripts() {
     let d = |p: &str| dir.join(p).display().to_string();
     ref_stats(&dir.join("refs"), "dgm-eval-dinov2", &detector, &d("refs.safetensors"), &[]);
     std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n").unwrap();
-    let o = run(&[
-        "scripts/eval.rhai",
-        "--set",
-        "generator=tests/fixtures/tiny-sd15",
-        "--set",
-        &format!("prompts={}", d("prompts.txt")),
-        "--set",
-        &format!("ref_stats={}", d("refs.safetensors")),
-        "--set",
-        "protocol=dgm-eval-dinov2",
-        "--set",
-        "metrics=fd_dinov2",
-        "--set",
-        &format!("detector={}", detector.display()),
-        "--set",
-        "steps=[1]",
-        "--set",
-        "n=4",
-        "--set",
-        &format!("out={}", d("eval.jsonl")),
+    let o = eval_tiny(&[
+        ("prompts", d("prompts.txt")),
+        ("ref_stats", d("refs.safetensors")),
+        ("protocol", "dgm-eval-dinov2".into()),
+        ("metrics", "fd_dinov2".into()),
+        ("detector", detector.display().to_string()),
+        ("steps", "[1]".into()),
+        ("n", "4".into()),
+        ("out", d("eval.jsonl")),
     ]);
     assert!(o.status.success(), "eval: {}", String::from_utf8_lossy(&o.stderr));
     let row: serde_json::Value =
@@ -206,35 +195,19 @@ fn clip_score_through_the_eval_script() {
     let clip = tiny_open_clip_folder("eval-script");
     let d = |p: &str| dir.join(p).display().to_string();
     std::fs::write(dir.join("prompts.txt"), "a red circle\ntwo blue squares\n").unwrap();
-    let eval = |protocol: &str, metrics: &str, extra: &[String]| {
-        let mut args: Vec<String> = [
-            "scripts/eval.rhai",
-            "--set",
-            "generator=tests/fixtures/tiny-sd15",
-            "--set",
-            &format!("prompts={}", d("prompts.txt")),
-            "--set",
-            &format!("protocol={protocol}"),
-            "--set",
-            &format!("metrics={metrics}"),
-            "--set",
-            &format!("clip={}", clip.display()),
-            "--set",
-            "steps=[1]",
-            "--set",
-            "n=3",
-            "--set",
-            "batch=2",
-            "--set",
-            &format!("out={}", d("eval.jsonl")),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend_from_slice(extra);
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    let eval = |protocol: &str, metrics: &str| {
+        eval_tiny(&[
+            ("prompts", d("prompts.txt")),
+            ("protocol", protocol.into()),
+            ("metrics", metrics.into()),
+            ("clip", clip.display().to_string()),
+            ("steps", "[1]".into()),
+            ("n", "3".into()),
+            ("batch", "2".into()),
+            ("out", d("eval.jsonl")),
+        ])
     };
-    let o = eval("gigagan-coco256", "clip", &[]);
+    let o = eval("gigagan-coco256", "clip");
     assert!(o.status.success(), "eval clip: {}", String::from_utf8_lossy(&o.stderr));
     let row: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(dir.join("eval.jsonl")).unwrap().trim()).unwrap();
@@ -242,10 +215,10 @@ fn clip_score_through_the_eval_script() {
     assert!(score.abs() <= 1.0 && row.get("fid").is_none(), "{row}");
     assert_eq!(row["protocol"], "gigagan-coco256/1");
     assert!(row["clip_model"].as_str().unwrap().contains("CLIP image 224/14"), "{row}");
-    let o = eval("pytorch-fid", "clip", &[]);
+    let o = eval("pytorch-fid", "clip");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("defines no CLIP score"), "{err}");
-    let o = eval("sid-inloop", "fid,clip", &[]);
+    let o = eval("sid-inloop", "fid,clip");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("needs --set ref_stats"), "{err}");
     std::fs::remove_dir_all(dir).ok();
