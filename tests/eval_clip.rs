@@ -38,6 +38,16 @@ fn check_model(dir: &Path, e: &HashMap<String, Tensor>, prefix: &str, protocols:
         eprintln!("{prefix} image embeddings under {p}: {d:e} of the largest");
         assert!(d < 1e-4, "{prefix} image embeddings under {p} differ by {d:e}");
     }
+    // open_clip's own transform on a non-square image (the crop offset rounds half to even).
+    if prefix == "open_clip" {
+        for p in ["gigagan-coco256", "dmd2-coco10k-512"] {
+            let rule = Protocol::by_name(p).unwrap().clip.unwrap();
+            let x = rule.image.apply(&e["images_wide"], &Device::Cpu).unwrap();
+            let d = worst(&clip.image_embeds(&x).unwrap(), &e[&format!("open_clip.image_wide.{p}")]);
+            eprintln!("open_clip image embeddings of a 40×41 image under {p}: {d:e} of the largest");
+            assert!(d < 1e-4, "a non-square image under {p} differs by {d:e}");
+        }
+    }
     let ids = e["token_ids"].to_dtype(DType::U32).unwrap();
     let d = worst(&clip.text_embeds(&ids).unwrap(), &e[&format!("{prefix}.text")]);
     eprintln!("{prefix} text embeddings: {d:e} of the largest");

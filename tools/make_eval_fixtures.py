@@ -315,6 +315,8 @@ def clip_state(names_shapes):
 def clip_inputs(images, protocol):
     """The CLIP image input of each protocol for N×3×H×W uint8 images that have had
     the protocol's pre-resize (EVALUATION.md §1.1, §1.2, §1.4)."""
+    import open_clip
+
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
     out = []
@@ -330,15 +332,11 @@ def clip_inputs(images, protocol):
                 t = torch.from_numpy(img.copy()).float().div(255)
                 t = (t - 0.5) / 0.5
                 u8 = ((t + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+            # open_clip's own eval transform (Resize(224, BICUBIC) of the short side,
+            # CenterCrop(224), ToTensor, Normalize(OpenAI)).
             pil = Image.fromarray(np.ascontiguousarray(u8.transpose(1, 2, 0)), "RGB")
-            # open_clip's eval transform: Resize(224, BICUBIC) on the short side, CenterCrop(224).
-            w, h = pil.size
-            # torchvision's Resize(224): the short side 224, the long side int(224·long/short).
-            pil = pil.resize((224 if w <= h else int(224 * w / h), 224 if h <= w else int(224 * h / w)), Image.BICUBIC)
-            w, h = pil.size
-            left, top = int(round((w - 224) / 2.0)), int(round((h - 224) / 2.0))
-            pil = pil.crop((left, top, left + 224, top + 224))
-            x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)
+            out.append(open_clip.image_transform(224, is_train=False)(pil))
+            continue
         out.append((x - mean) / std)
     return torch.stack(out)
 
@@ -386,6 +384,11 @@ def clip():
         for protocol in ("sid-inloop", "gigagan-coco256", "dmd2-coco10k-512"):
             t[f"open_clip.image.{protocol}"] = model.encode_image(clip_inputs(images, protocol)).numpy()
         t["open_clip.text"] = model.encode_text(torch.from_numpy(ids)).numpy()
+        # A non-square image (41 wide: the crop's excess is odd, so its offset rounds half to even).
+        wide = image(rng, 40, 41).transpose(2, 0, 1)[None]
+        t["images_wide"] = np.ascontiguousarray(wide)
+        for protocol in ("gigagan-coco256", "dmd2-coco10k-512"):
+            t[f"open_clip.image_wide.{protocol}"] = model.encode_image(clip_inputs(wide, protocol)).numpy()
     # The OpenAI layout through transformers (QuickGELU), weights under its names.
     cfg = transformers.CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,

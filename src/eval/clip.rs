@@ -84,11 +84,12 @@ impl ClipImage {
                         plane.to_vec()
                     };
                     // torchvision's Resize(224): the short side to 224, the long side
-                    // int(224·long/short); then CenterCrop(224) with rounded offsets.
+                    // int(224·long/short); then CenterCrop(224), whose offsets are Python's
+                    // round(excess / 2), halves to even.
                     let (rh, rw) = if h <= w { (IMAGE, IMAGE * w / h) } else { (IMAGE * h / w, IMAGE) };
                     let resized = pil_resize_u8(&plane, h, w, rh, rw, Filter::Bicubic)?;
-                    let (top, left) =
-                        (((rh - IMAGE) as f64 / 2.0).round() as usize, ((rw - IMAGE) as f64 / 2.0).round() as usize);
+                    let centre = crate::eval::protocol::Crop::CenterRound;
+                    let (top, left) = (centre.offset(rh, IMAGE), centre.offset(rw, IMAGE));
                     (0..IMAGE)
                         .flat_map(|y| resized[(top + y) * rw + left..(top + y) * rw + left + IMAGE].iter())
                         .map(|&v| v as f32 / 255.0)
