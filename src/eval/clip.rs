@@ -22,7 +22,7 @@ use crate::diffusion::model::Component;
 use crate::diffusion::tokenizer::PromptTokenizer;
 use crate::diffusion::weights::Weights;
 use crate::error::{Error, Result};
-use crate::eval::resample::{pil_resize_u8, torch_bicubic, Filter};
+use crate::eval::resample::{map_planes, pil_resize_u8, torch_bicubic, Filter};
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -64,14 +64,7 @@ pub struct ClipRule {
 impl ClipImage {
     /// N×3×H×W uint8 images (already pre-resized) → N×3×224×224 normalised f32 on `device`.
     pub fn apply(self, images: &Tensor, device: &Device) -> Result<Tensor> {
-        let (n, c, h, w) = images.dims4()?;
-        if c != 3 || images.dtype() != DType::U8 {
-            return Err(Error::msg(format!("clip: expected N×3×H×W uint8 images, got {:?}", images.dims())));
-        }
-        let pixels = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
-        let mut out = Vec::with_capacity(n * 3 * IMAGE * IMAGE);
-        for (i, plane) in pixels.chunks(h * w).enumerate() {
-            let ch = i % 3;
+        map_planes(images, IMAGE, device, "clip", |plane, h, w, ch| {
             let unit: Vec<f32> = match self {
                 ClipImage::TorchBicubic => {
                     let x: Vec<f32> = plane.iter().map(|&v| v as f32 / 255.0).collect();
@@ -96,9 +89,8 @@ impl ClipImage {
                         .collect()
                 }
             };
-            out.extend(unit.into_iter().map(|v| (v - MEAN[ch]) / STD[ch]));
-        }
-        Ok(Tensor::from_vec(out, (n, 3, IMAGE, IMAGE), device)?)
+            Ok(unit.into_iter().map(|v| (v - MEAN[ch]) / STD[ch]).collect())
+        })
     }
 }
 

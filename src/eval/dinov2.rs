@@ -174,16 +174,9 @@ impl Dinov2 {
     }
 
     fn input_with(images: &Tensor, device: &Device, float_resize: bool) -> Result<Tensor> {
-        let (n, c, h, w) = images.dims4()?;
-        if c != 3 || images.dtype() != DType::U8 {
-            return Err(Error::msg(format!("dinov2: expected N×3×H×W uint8 images, got {:?}", images.dims())));
-        }
         const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
         const STD: [f32; 3] = [0.229, 0.224, 0.225];
-        let pixels = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
-        let mut out = Vec::with_capacity(n * 3 * IMAGE * IMAGE);
-        for (i, plane) in pixels.chunks(h * w).enumerate() {
-            let ch = i % 3;
+        resample::map_planes(images, IMAGE, device, "dinov2", |plane, h, w, ch| {
             let resized: Vec<f32> = if float_resize {
                 let f: Vec<f32> = plane.iter().map(|&v| v as f32).collect();
                 resample::pil_resize_f32(&f, h, w, IMAGE, IMAGE, resample::Filter::Bicubic)?
@@ -191,8 +184,7 @@ impl Dinov2 {
                 let u8s = resample::pil_resize_u8(plane, h, w, IMAGE, IMAGE, resample::Filter::Bicubic)?;
                 u8s.into_iter().map(|v| v as f32).collect()
             };
-            out.extend(resized.into_iter().map(|v| (v / 255.0 - MEAN[ch]) / STD[ch]));
-        }
-        Ok(Tensor::from_vec(out, (n, 3, IMAGE, IMAGE), device)?)
+            Ok(resized.into_iter().map(|v| (v / 255.0 - MEAN[ch]) / STD[ch]).collect())
+        })
     }
 }

@@ -377,19 +377,9 @@ impl std::str::FromStr for FrontEnd {
 impl FrontEnd {
     /// N×3×H×W uint8 images → N×3×299×299 network input (f32, on `device`).
     pub fn apply(self, images: &Tensor, device: &Device) -> Result<Tensor> {
-        let (n, c, h, w) = images.dims4()?;
-        if c != 3 || images.dtype() != DType::U8 {
-            return Err(Error::msg(format!(
-                "fid front end: expected N×3×H×W uint8 images, got {:?} {:?}",
-                images.dims(),
-                images.dtype()
-            )));
-        }
-        let pixels = images.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
-        let mut out = Vec::with_capacity(n * 3 * 299 * 299);
-        for plane in pixels.chunks(h * w) {
+        resample::map_planes(images, 299, device, "fid front end", |plane, h, w, _| {
             let f: Vec<f32> = plane.iter().map(|&v| v as f32).collect();
-            let resized = match self {
+            Ok(match self {
                 Self::TorchBilinear => {
                     let unit: Vec<f32> = f.iter().map(|v| v / 255.0).collect();
                     resample::torch_bilinear(&unit, h, w, 299, 299)?.into_iter().map(|v| 2.0 * v - 1.0).collect()
@@ -401,9 +391,7 @@ impl FrontEnd {
                 Self::Tf1Bilinear => {
                     resample::tf1_bilinear(&f, h, w, 299, 299)?.into_iter().map(|v| (v - 128.0) / 128.0).collect()
                 }
-            };
-            out.extend::<Vec<f32>>(resized);
-        }
-        Ok(Tensor::from_vec(out, (n, 3, 299, 299), device)?)
+            })
+        })
     }
 }

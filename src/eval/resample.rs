@@ -275,6 +275,33 @@ pub fn torch_bilinear(plane: &[f32], h: usize, w: usize, out_h: usize, out_w: us
     Ok(bilinear(plane, h, w, out_h, out_w, |d, n_in, n_out| (n_in as f32 / n_out as f32) * (d as f32 + 0.5) - 0.5))
 }
 
+/// N×3×H×W uint8 images → N×3×side×side f32 on `device`: every channel plane goes
+/// through `plane(pixels, h, w, channel)`, on the CPU. The scaffold of each
+/// network's input (the Inception front ends, DINOv2, CLIP); `what` names the
+/// network in the error for other input.
+pub fn map_planes(
+    images: &candle_core::Tensor,
+    side: usize,
+    device: &candle_core::Device,
+    what: &str,
+    plane: impl Fn(&[u8], usize, usize, usize) -> Result<Vec<f32>>,
+) -> Result<candle_core::Tensor> {
+    let (n, c, h, w) = images.dims4()?;
+    if c != 3 || images.dtype() != candle_core::DType::U8 {
+        return Err(Error::msg(format!(
+            "{what}: expected N×3×H×W uint8 images, got {:?} {:?}",
+            images.dims(),
+            images.dtype()
+        )));
+    }
+    let pixels = images.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+    let mut out = Vec::with_capacity(n * 3 * side * side);
+    for (i, p) in pixels.chunks(h * w).enumerate() {
+        out.extend(plane(p, h, w, i % 3)?);
+    }
+    Ok(candle_core::Tensor::from_vec(out, (n, 3, side, side), device)?)
+}
+
 /// PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` without
 /// antialiasing (SiD-LSG's CLIP input): source index s·(d + ½) − ½ with s = in/out,
 /// Keys' cubic with A = −0.75 on the 4×4 neighbours, indices clamped to the
