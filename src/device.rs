@@ -3,8 +3,9 @@
 //! non-contiguous or broadcast operand to the device before each launch unless a
 //! parameter cache is enabled on the launching thread — a run's shapes repeat every
 //! iteration, so it is; and cudarc records two events per allocation for
-//! cross-stream safety, which a single-stream program does not need. On the CPU
-//! nothing changes.
+//! cross-stream safety, which a single-stream program does not need; and the
+//! driver's memory pool gives freed memory back at every synchronisation unless
+//! told to keep it. On the CPU nothing changes.
 
 use candle_core::Device;
 
@@ -25,6 +26,9 @@ pub fn for_training(device: &Device) -> RunSettings {
         // events that order buffers across streams are never needed.
         unsafe { d.disable_event_tracking() };
         guards.push(Box::new(d.enable_cuda_graph_htod_cache()));
+        if let Err(e) = crate::memory::keep_freed_memory(device) {
+            eprintln!("warning: {e}");
+        }
     }
     let _ = device;
     RunSettings { _guards: guards }

@@ -57,6 +57,16 @@ fn pool_counter(device: &Device, peak: bool) -> Result<Option<u64>> {
     }
 }
 
+/// Keeps freed device memory in the allocator's pool for reuse (CUDA; nothing on the
+/// CPU): see `cuda::keep_freed_memory`.
+pub fn keep_freed_memory(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda::keep_freed_memory(d),
+        _ => Ok(()),
+    }
+}
+
 /// Restarts the peak from what is allocated now (CUDA; nothing on the CPU).
 pub fn reset_peak(device: &Device) -> Result<()> {
     match device {
@@ -99,6 +109,26 @@ mod cuda {
         // SAFETY: the USED_MEM_* attributes are cuuint64_t values.
         check(unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut _) }, "read")?;
         Ok(v)
+    }
+
+    /// Keeps freed blocks in the device's default pool instead of handing them back to
+    /// the driver. The pool's release threshold is 0 by default, so every synchronisation
+    /// (a host read, a profile span) unmaps all free memory and the next allocations map
+    /// it again, page by page; PyTorch's caching allocator never does that either.
+    pub fn keep_freed_memory(d: &CudaDevice) -> Result<()> {
+        let pool = default_pool(d)?;
+        let mut never: u64 = u64::MAX;
+        // SAFETY: RELEASE_THRESHOLD is a cuuint64_t value.
+        check(
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut never as *mut u64 as *mut _,
+                )
+            },
+            "release threshold",
+        )
     }
 
     pub fn reset_used_high(d: &CudaDevice) -> Result<()> {

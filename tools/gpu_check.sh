@@ -14,8 +14,8 @@
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
 #           (f64 and bf16 mixed precision), checkpointed gradients, diffusers parity of the UNet
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
-#           tf32, bf16 and f32; sdxl-full in bf16 with checkpointing (the < 80 GB target);
-#           ms/iteration, images/s and peak GB each
+#           tf32, bf16 and f32 (BENCH_MODES); sdxl-full in bf16 with checkpointing (the < 80 GB
+#           target; BENCH_SDXL=0 skips it); ms/iteration, images/s and peak GB each
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
 #           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
 #   runs-sd15, runs-sdxl
@@ -99,12 +99,12 @@ run)
         # Each with one more iteration timed span by span on both sides (sidscript::profile,
         # torch.profiler): the tables go to the results file.
         export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 SIDSCRIPT_BENCH_PROFILE=1 KEEP=80
-        for mode in tf32 bf16 f32; do
+        for mode in ${BENCH_MODES:-tf32 bf16 f32}; do
             export SIDSCRIPT_BENCH_PRECISION=$mode
             step 150 .gpu/bin-sid_iteration sd15-full
         done
         export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
-        step 180 .gpu/bin-sid_iteration sdxl-full
+        [ "${BENCH_SDXL:-1}" = 1 ] && step 180 .gpu/bin-sid_iteration sdxl-full
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT SIDSCRIPT_BENCH_PROFILE KEEP
         ;;
     eval)

@@ -241,10 +241,24 @@ struct Blockwise {
 }
 
 impl Blockwise {
-    /// P = softmax(s·Q Kᵀ) of one block of query rows (in f32 or wider), and its
-    /// rows in `v`'s dtype.
-    fn probs(&self, qb: &Tensor, kt: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
-        let scores = (upcast(&qb.matmul(kt)?)? * self.scale)?;
+    /// Q ready for the scores and the factor still to apply to them: in f32 and f64
+    /// the scale goes on Q (N×d elements) rather than on the N×M scores, which saves
+    /// a pass over the largest tensor; half-precision Q is left unrounded and the
+    /// scores, in f32, are scaled instead.
+    fn prescale(&self, q: &Tensor) -> candle_core::Result<(Tensor, f64)> {
+        match q.dtype() {
+            DType::F32 | DType::F64 => Ok(((q * self.scale)?, 1.0)),
+            _ => Ok((q.clone(), self.scale)),
+        }
+    }
+
+    /// P = softmax(f·Q Kᵀ) of one block of query rows (in f32 or wider), and its
+    /// rows in `v`'s dtype; `f` from `prescale`.
+    fn probs(&self, qb: &Tensor, kt: &Tensor, f: f64, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut scores = upcast(&qb.matmul(kt)?)?;
+        if f != 1.0 {
+            scores = (scores * f)?;
+        }
         let p = candle_nn::ops::softmax_last_dim(&scores)?;
         let pv = p.to_dtype(dtype)?;
         Ok((p, pv))
@@ -258,8 +272,9 @@ impl Blockwise {
             split_heads(&v.detach(), self.heads)?,
         );
         let (kt, n) = (k.t()?, q.dim(2)?);
+        let (q, f) = self.prescale(&q)?;
         let outs = row_blocks(n, self.block)
-            .map(|(r0, rows)| self.probs(&q.narrow(2, r0, rows)?, &kt, v.dtype())?.1.matmul(&v))
+            .map(|(r0, rows)| self.probs(&q.narrow(2, r0, rows)?, &kt, f, v.dtype())?.1.matmul(&v))
             .collect::<candle_core::Result<Vec<_>>>()?;
         merge_heads(&Tensor::cat(&outs, 2)?)?.contiguous()
     }
@@ -270,6 +285,8 @@ impl Blockwise {
         let [q, k, v, o, go] = [q, k, v, o, go].map(|t| split_heads(&t.detach(), self.heads));
         let (q, k, v, o, go) = (q?, k?, v?, o?, go?);
         let (kt, vt, n) = (k.t()?, v.t()?, q.dim(2)?);
+        // dK = s·dSᵀ Q, which is dSᵀ (f·Q) with f = 1 once the scale is on Q.
+        let (q, f) = self.prescale(&q)?;
         let rowdot = (upcast(&go)? * upcast(&o)?)?.sum_keepdim(D::Minus1)?;
         let (mut dq, mut dk, mut dv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
         let add = |acc: Option<Tensor>, t: Tensor| -> candle_core::Result<Option<Tensor>> {
@@ -280,12 +297,13 @@ impl Blockwise {
         };
         for (r0, rows) in row_blocks(n, self.block) {
             let (qb, gb) = (q.narrow(2, r0, rows)?, go.narrow(2, r0, rows)?);
-            let (p, pv) = self.probs(&qb, &kt, v.dtype())?;
+            let (p, pv) = self.probs(&qb, &kt, f, v.dtype())?;
             dv = add(dv, pv.t()?.matmul(&gb)?)?;
             let dp = upcast(&gb.matmul(&vt)?)?;
             let ds = (p * dp.broadcast_sub(&rowdot.narrow(2, r0, rows)?)?)?.to_dtype(q.dtype())?;
             dq.push((ds.matmul(&k)? * self.scale)?);
-            dk = add(dk, (ds.t()?.matmul(&qb)? * self.scale)?)?;
+            let dkb = ds.t()?.matmul(&qb)?;
+            dk = add(dk, if f != 1.0 { (dkb * f)? } else { dkb })?;
         }
         let (Some(dk), Some(dv)) = (dk, dv) else { candle_core::bail!("attention: no query rows") };
         Ok([merge_heads(&Tensor::cat(&dq, 2)?)?, merge_heads(&dk)?, merge_heads(&dv)?])
@@ -433,6 +451,27 @@ mod tests {
                 let err = max_diff(g, want.get(var.as_tensor()).expect("gradient"))?;
                 assert!(err < 1e-11, "d{name} differs by {err}, case {:?}", (b, n, m, heads, d, block));
             }
+        }
+        Ok(())
+    }
+
+    /// Half precision leaves Q unscaled and scales the f32 scores instead: the same
+    /// values and gradients as f64 to bf16's precision.
+    #[test]
+    fn blockwise_form_in_bf16_scales_the_scores() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, scale) = (2, 0.3);
+        let [q, k, v, probe] = [5, 4, 4, 5].map(|n| Tensor::randn(0f64, 1.0, (2, n, heads * 3), &dev).unwrap());
+        let form = Blockwise { heads, scale, block: 2 };
+        let half = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let out = form.forward(&half(&q), &half(&k), &half(&v))?;
+        let want_out = form.forward(&q, &k, &v)?;
+        assert!(max_diff(&out.to_dtype(DType::F64)?, &want_out)? < 3e-2);
+        let got = form.grads(&half(&q), &half(&k), &half(&v), &out, &half(&probe))?;
+        let want = form.grads(&q, &k, &v, &want_out, &probe)?;
+        for (g, w) in got.iter().zip(&want) {
+            let err = max_diff(&g.to_dtype(DType::F64)?, w)?;
+            assert!(err < 5e-2, "bf16 gradient differs by {err}");
         }
         Ok(())
     }

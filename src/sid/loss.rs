@@ -213,10 +213,7 @@ pub fn generator_loss(
     let inner = ((&y_r - x_g)? - (&diff * alpha)?)?;
     let per_sample = (diff * inner)?.reshape((b, ()))?.sum(D::Minus1)?;
     // Samples with a NaN anywhere are dropped.
-    let kept = {
-        let (fx, fr, ff) = (super::finite_rows(x_g)?, super::finite_rows(&y_r)?, super::finite_rows(&y_f)?);
-        (0..b).map(|i| fx[i] && fr[i] && ff[i]).collect::<Vec<_>>()
-    };
+    let kept = super::finite_rows(&[x_g, &y_r, &y_f])?;
     let weighted = (per_sample * &weight)?;
     let loss = if kept.iter().all(|&k| k) {
         (weighted.sum_all()? / divisor)?

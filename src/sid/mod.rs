@@ -31,9 +31,21 @@ pub fn condition_dropout(
     Ok((both.select(&idx)?, dropped))
 }
 
-/// Rows of `x` whose values are all finite, as a mask (one bool per sample).
-pub fn finite_rows(x: &Tensor) -> Result<Vec<bool>> {
-    let b = x.dim(0)?;
-    let v = x.to_dtype(DType::F64)?.reshape((b, ()))?.to_vec2::<f64>()?;
-    Ok(v.iter().map(|r| r.iter().all(|x| x.is_finite())).collect())
+/// Samples (rows along dim 0) that are finite in every one of `xs`, as a mask (one
+/// bool per sample). One read from the device for all of them: x − x is 0 where x
+/// is finite and NaN elsewhere, so each row's sum flags it without overflowing.
+pub fn finite_rows(xs: &[&Tensor]) -> Result<Vec<bool>> {
+    let b = xs.first().map(|x| x.dim(0)).transpose()?.unwrap_or(0);
+    let flags = xs
+        .iter()
+        .map(|x| {
+            let x = x.detach();
+            Ok((&x - &x)?.to_dtype(DType::F32)?.reshape((b, ()))?.sum(1)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if flags.is_empty() {
+        return Ok(vec![]);
+    }
+    let sums = Tensor::stack(&flags, 0)?.sum(0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(sums.iter().map(|&s| s == 0.0).collect())
 }
