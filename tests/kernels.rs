@@ -117,8 +117,9 @@ test_device!(attention, attention_cpu, attention_cuda);
 
 fn norms_geglu_linear(dev: &Device) -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(13);
-    // Group norm [B, C, H·W] in 4 groups, and layer norm [rows, D, 1].
-    for (dims, groups) in [([2, 16, 36], 4), ([30, 24, 1], 1)] {
+    // Group norm [B, C, H·W] in 4 groups (short rows, and rows long enough for the
+    // CUDA kernels' wide blocks and chunked rows), and layer norm [rows, D, 1].
+    for (dims, groups) in [([2, 16, 36], 4), ([2, 64, 700], 4), ([30, 24, 1], 1)] {
         let c = dims[1];
         let inputs = [randn(&mut rng, &dims), randn(&mut rng, &[c]), randn(&mut rng, &[c])];
         compare(

@@ -20,6 +20,21 @@ pub(crate) fn per_block(items: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (items.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// One block per row of `n` elements for row reductions: long rows (group norm's,
+/// tens of thousands of elements in 32 rows per image) get 1,024 threads, since a
+/// few dozen blocks of 256 leave most of the GPU idle.
+pub(crate) fn per_row(rows: usize, n: usize) -> LaunchConfig {
+    let threads = if n >= 8192 { 1024 } else { THREADS };
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Rows of `n` elements along x and each row's chunks of 1,024 elements along y
+/// (at most 64): an elementwise pass over rows that share per-row values.
+pub(crate) fn row_chunks(rows: usize, n: usize) -> LaunchConfig {
+    let chunks = n.div_ceil(1024).clamp(1, 64) as u32;
+    LaunchConfig { grid_dim: (rows.max(1) as u32, chunks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// A grid-stride launch over `count` elements.
 pub(crate) fn grid_stride(count: usize) -> LaunchConfig {
     let blocks = (count as u64).div_ceil(THREADS as u64).clamp(1, 4096) as u32;

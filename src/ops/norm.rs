@@ -184,7 +184,7 @@ impl candle_core::CustomOp3 for NormAffineGrad {
 /// gradient and the per-channel affine gradients.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::kernels_cuda::{per_block as blocks, NORM as PTX};
+    use super::super::kernels_cuda::{per_block as blocks, per_row, row_chunks, NORM as PTX};
     use super::NormGeom;
     use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::{CudaStorage, Layout, Shape};
@@ -207,7 +207,7 @@ mod cuda {
         let mut b = func.builder();
         b.arg(&xv).arg(&mut st).arg(&n32).arg(&eps);
         // SAFETY: arguments as norm_stats_f32(x, stats, n, eps); x holds rows·n values.
-        unsafe { b.launch(blocks(rows)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(per_row(rows, n)) }.map_err(candle_core::Error::wrap)?;
         Ok((rows, n, st))
     }
 
@@ -230,7 +230,7 @@ mod cuda {
             b.arg(d);
         }
         // SAFETY: arguments as norm_fwd_f32(x, w, b, stats, y, n, channels, spatial, groups).
-        unsafe { b.launch(blocks(rows)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(row_chunks(rows, n)) }.map_err(candle_core::Error::wrap)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
     }
 
@@ -254,7 +254,7 @@ mod cuda {
             let mut b = dx_func.builder();
             b.arg(&xv).arg(&wv).arg(&gv).arg(&st).arg(&mut dx).arg(&n32).arg(&c32).arg(&s32).arg(&g32);
             // SAFETY: arguments as norm_dx_f32(x, w, dy, stats, dx, n, channels, spatial, groups).
-            unsafe { b.launch(blocks(rows)) }.map_err(candle_core::Error::wrap)?;
+            unsafe { b.launch(per_row(rows, n)) }.map_err(candle_core::Error::wrap)?;
         }
         let dwdb_func = dev.get_or_load_custom_func("norm_dwdb_f32", "sidscript_norm", PTX)?;
         let batch = (rows / g.groups) as i32;

@@ -43,12 +43,13 @@ extern "C" __global__ void norm_stats_f32(const float *x, float *stats, int n, f
     }
 }
 
+// Row r = blockIdx.x, its elements strided over the row's gridDim.y blocks.
 extern "C" __global__ void norm_fwd_f32(const float *x, const float *w, const float *b, const float *stats,
                                         float *y, int n, int channels, int spatial, int groups) {
     const size_t r = blockIdx.x;
     const float mean = stats[2 * r], rstd = stats[2 * r + 1];
     const int c0 = (int)(r % groups) * (channels / groups);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < n; i += gridDim.y * blockDim.x) {
         const int c = c0 + i / spatial;
         y[r * n + i] = (x[r * n + i] - mean) * rstd * w[c] + b[c];
     }
