@@ -10,7 +10,7 @@
 #
 # PARTs run in the order given (default: tests bench runs-sd15 eval runs-sdxl) within
 # GPU_CHECK_BUDGET seconds (default 570, one device call): steps are cut to the time left.
-#   tests   the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
+#   tests   (GPU_TESTS picks) the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
 #           (f64 and bf16 mixed precision), checkpointed gradients, diffusers parity of the UNet
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
@@ -89,11 +89,9 @@ run)
     for part in "${parts[@]}"; do
     case $part in
     tests)
-        step 90 .gpu/bin-kernels
-        step 90 .gpu/bin-sid_reference
-        step 60 .gpu/bin-optim
-        step 60 .gpu/bin-checkpointing
-        step 90 .gpu/bin-unet_parity
+        for t in ${GPU_TESTS:-kernels sid_reference optim checkpointing unet_parity}; do
+            step 90 .gpu/bin-$t
+        done
         ;;
     bench)
         # Each with one more iteration timed span by span on both sides (sidscript::profile,
