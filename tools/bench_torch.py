@@ -4,6 +4,7 @@
     python tools/bench_torch.py unet '<config json>' BATCH SIZE REPS
     python tools/bench_torch.py adamw N_PARAMS REPS
     python tools/bench_torch.py sid '<config json>' BATCH SIZE REPS [TOKENS]
+    python tools/bench_torch.py ops OPS NODES REPS
 
 SIDSCRIPT_BENCH_DEVICE=cuda:0 runs the sid iteration on the GPU.
 SIDSCRIPT_BENCH_PRECISION picks the precision mode, as sidscript's --precision:
@@ -236,3 +237,61 @@ def profile_table(fn, rows=30):
 if __name__ == "__main__" and sys.argv[1] == "sid":
     tokens = int(sys.argv[6]) if len(sys.argv) > 6 else 77
     print(json.dumps(sid_iteration(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), tokens)))
+
+
+def op_costs(ops, nodes, reps):
+    """benches/op_costs.rs's rows with PyTorch's ops: µs per call over `ops` calls,
+    and µs per node of the backward pass through `nodes`-long chains."""
+    f = torch.nn.functional
+    img, small = torch.randn(1, 320, 64, 64, device=DEVICE), torch.randn(64, device=DEVICE)
+    bias, tokens = torch.randn(1, 320, 1, 1, device=DEVICE), torch.randn(1, 4096, 320, device=DEVICE)
+    wide = torch.randn(4096, 2560, device=DEVICE)
+
+    def per_call(fn):
+        def run():
+            for _ in range(ops):
+                fn()
+        return best(run, reps) / ops * 1e6
+
+    def backward_per_node(x, step):
+        def chain():
+            v = x.clone().requires_grad_(True)
+            y = v
+            for _ in range(nodes):
+                y = step(y)
+            return y.sum()
+
+        timings = []
+        for _ in range(reps + 1):
+            loss = chain()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss.backward()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            timings.append((time.perf_counter() - t) / nodes * 1e6)
+        return min(timings[1:])
+
+    return {
+        "add [64] (launch floor)": per_call(lambda: small + small),
+        "add [1,320,64,64]": per_call(lambda: img + img),
+        "broadcast_add [1,320,64,64] + [1,320,1,1]": per_call(lambda: img + bias),
+        "zeros_like [1,320,64,64]": per_call(lambda: torch.zeros_like(img)),
+        "transpose+contiguous [1,4096,320]": per_call(lambda: tokens.transpose(1, 2).contiguous()),
+        "sum over (0,2,3) [1,320,64,64]": per_call(lambda: img.sum((0, 2, 3), keepdim=True)),
+        "sum over 0 [4096,2560]": per_call(lambda: wide.sum(0)),
+        "silu (sidscript kernel) [1,320,64,64]": per_call(lambda: f.silu(img)),
+        "bwd/node: reshape [1,320,64,64]↔[320,4096]":
+            backward_per_node(img, lambda y: y.reshape(320, 4096).reshape(1, 320, 64, 64)) / 2,
+        "bwd/node: add a constant [1,320,64,64]": backward_per_node(img, lambda y: y + img),
+        "bwd/node: residual y + f(y) [1,320,64,64]": backward_per_node(img, lambda y: y + y * 0.5) / 2,
+        "bwd/node: broadcast_add bias [1,320,64,64]": backward_per_node(img, lambda y: y + bias),
+        "bwd/node: transpose+contiguous [1,4096,320]": backward_per_node(
+            tokens, lambda y: y.transpose(1, 2).contiguous().reshape(1, 320, 4096).transpose(1, 2)) / 2,
+        "bwd/node: silu (sidscript kernel) [1,320,64,64]": backward_per_node(img, f.silu),
+    }
+
+
+if __name__ == "__main__" and sys.argv[1] == "ops":
+    print(json.dumps(op_costs(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))

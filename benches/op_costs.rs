@@ -1,0 +1,118 @@
+//! What one tensor op costs, in the forward pass and per graph node in the backward
+//! pass, on the bench device, with PyTorch's same ops in the same run.
+//!
+//!     cargo bench --bench op_costs
+//!     SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 \
+//!         cargo bench --features cuda --bench op_costs
+//!
+//! Why: the GPU profile of the SiD iteration (benches/GPU_RUNS.md) puts ~1.5 s of
+//! SD1.5's backward in candle's own backward ops, although the same ops take ~35 ms
+//! in the forward. Each row here is one op at a UNet shape, timed as `OPS` calls in a
+//! row with one synchronisation at the end (µs per call); the backward rows build a
+//! chain of `NODES` such ops on a tracked input and time `backward()` per node, which
+//! includes candle's gradient bookkeeping (a zeros + add per gradient edge). A row far
+//! above PyTorch's, or far above its own forward, is where the backward time goes.
+
+use candle_core::{Device, Tensor, Var};
+use std::time::Instant;
+
+#[path = "common.rs"]
+#[allow(dead_code)]
+mod common;
+#[path = "unet.rs"]
+#[allow(dead_code, unused_imports)]
+mod unet_bench;
+
+const OPS: usize = 400;
+const NODES: usize = 200;
+const REPS: usize = 3;
+
+fn bench_device() -> Device {
+    let name = std::env::var("SIDSCRIPT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    sidscript::host::args::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
+}
+
+/// µs per call of `f` over `n` calls, the best of REPS runs after a warm-up.
+fn per_call(dev: &Device, n: usize, mut f: impl FnMut()) -> f64 {
+    let mut run = || {
+        let t = Instant::now();
+        for _ in 0..n {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t.elapsed().as_secs_f64() / n as f64 * 1e6
+    };
+    run();
+    (0..REPS).map(|_| run()).fold(f64::INFINITY, f64::min)
+}
+
+/// µs per node of the backward pass through a chain of NODES `step`s from a tracked x.
+fn backward_per_node(dev: &Device, x: &Tensor, step: &dyn Fn(&Tensor) -> Tensor) -> f64 {
+    let v = Var::from_tensor(x).unwrap();
+    let mut best = f64::INFINITY;
+    for _ in 0..=REPS {
+        let mut y = v.as_tensor().clone();
+        for _ in 0..NODES {
+            y = step(&y);
+        }
+        let loss = y.sum_all().unwrap();
+        dev.synchronize().unwrap();
+        let t = Instant::now();
+        let grads = loss.backward().unwrap();
+        dev.synchronize().unwrap();
+        best = best.min(t.elapsed().as_secs_f64() / NODES as f64 * 1e6);
+        drop(grads);
+    }
+    best
+}
+
+fn main() {
+    common::run_benches(benches);
+}
+
+fn benches() {
+    let dev = bench_device();
+    let _settings = sidscript::device::for_training(&dev);
+    let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+    let (img, small) = (randn(&[1, 320, 64, 64]), randn(&[64]));
+    let bias = randn(&[1, 320, 1, 1]);
+    let tokens = randn(&[1, 4096, 320]);
+    let wide = randn(&[4096, 2560]);
+    let mut rows: Vec<(&str, f64)> = vec![];
+    let mut row = |name: &'static str, us: f64| {
+        println!("  {name:48} {us:9.1} µs");
+        rows.push((name, us));
+    };
+    println!("op costs on {dev:?} ({OPS} calls per row, backward: {NODES}-node chains)");
+    row("add [64] (launch floor)", per_call(&dev, OPS, || drop(&small + &small)));
+    row("add [1,320,64,64]", per_call(&dev, OPS, || drop(&img + &img)));
+    row("broadcast_add [1,320,64,64] + [1,320,1,1]", per_call(&dev, OPS, || drop(img.broadcast_add(&bias).unwrap())));
+    row("zeros_like [1,320,64,64]", per_call(&dev, OPS, || drop(img.zeros_like().unwrap())));
+    row("transpose+contiguous [1,4096,320]", per_call(&dev, OPS, || drop(tokens.transpose(1, 2).unwrap().contiguous())));
+    row("sum over (0,2,3) [1,320,64,64]", per_call(&dev, OPS, || drop(img.sum_keepdim((0, 2, 3)).unwrap())));
+    row("sum over 0 [4096,2560]", per_call(&dev, OPS, || drop(wide.sum(0).unwrap())));
+    row("silu (sidscript kernel) [1,320,64,64]", per_call(&dev, OPS, || drop(sidscript::ops::activation::silu(&img).unwrap())));
+    row("bwd/node: reshape [1,320,64,64]↔[320,4096]", backward_per_node(&dev, &img, &|y| {
+        y.reshape((320, 4096)).unwrap().reshape((1, 320, 64, 64)).unwrap()
+    }) / 2.0);
+    row("bwd/node: add a constant [1,320,64,64]", backward_per_node(&dev, &img, &|y| (y + &img).unwrap()));
+    row("bwd/node: residual y + f(y) [1,320,64,64]", backward_per_node(&dev, &img, &|y| {
+        (y + y.affine(0.5, 0.0).unwrap()).unwrap()
+    }) / 2.0);
+    row("bwd/node: broadcast_add bias [1,320,64,64]", backward_per_node(&dev, &img, &|y| y.broadcast_add(&bias).unwrap()));
+    row("bwd/node: transpose+contiguous [1,4096,320]", backward_per_node(&dev, &tokens, &|y| {
+        y.transpose(1, 2).unwrap().contiguous().unwrap().reshape((1, 320, 4096)).unwrap().transpose(1, 2).unwrap()
+    }) / 2.0);
+    row("bwd/node: silu (sidscript kernel) [1,320,64,64]", backward_per_node(&dev, &img, &|y| {
+        sidscript::ops::activation::silu(y).unwrap()
+    }));
+    let torch = unet_bench::torch(&["ops".into(), OPS.to_string(), NODES.to_string(), REPS.to_string()]);
+    if let Some(t) = torch {
+        println!("  PyTorch, same rows (µs), and the ratio sidscript/PyTorch:");
+        for (name, us) in &rows {
+            if let Some(p) = t[*name].as_f64() {
+                println!("  {name:48} {p:9.1} µs   {:6.2}×", us / p);
+            }
+        }
+    }
+}
