@@ -8,7 +8,7 @@
 #                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come,
 #                                       # every step's whole output to $OUT/gpu_full.log
 #
-# PARTs run in the order given (default: tests bench runs-sd15 eval runs-sdxl) within
+# PARTs run in the order given (default: tests ops bench runs-sd15 eval runs-sdxl) within
 # GPU_CHECK_BUDGET seconds (default 570, one device call): steps are cut to the time left.
 #   tests   (GPU_TESTS picks) the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
@@ -16,6 +16,8 @@
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
 #           tf32, bf16 and f32 (BENCH_MODES); sdxl-full in bf16 with checkpointing (the < 80 GB
 #           target; BENCH_SDXL=0 skips it); ms/iteration, images/s and peak GB each
+#   ops     benches/op_costs.rs on the GPU: single ops and backward cost per graph node,
+#           sidscript against PyTorch
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
 #           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
 #   runs-sd15, runs-sdxl
@@ -39,7 +41,7 @@ pack)
     # The tests that exercise the GPU path of this work (autograd and the VAE/text/sampler
     # parity ran on a GPU before and are unchanged by it).
     bins+=($(list test --release --no-run --test sid_reference --test checkpointing --test kernels --test optim --test unet_parity) \
-        $(list bench --no-run --bench sid_iteration --bench eval))
+        $(list bench --no-run --bench sid_iteration --bench eval --bench op_costs))
     # One archive with a dictionary larger than all binaries together: they share most of
     # their code (candle, the PTX, sidscript), so 8 binaries of 50-75 MB pack into ~14 MB
     # (each alone: 6-10 MB). Single-threaded on purpose: xz's threads split the dictionary.
@@ -85,7 +87,7 @@ run)
     }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >> "$results"
     parts=("${@:2}")
-    [ ${#parts[@]} -eq 0 ] && parts=(tests bench runs-sd15 eval runs-sdxl)
+    [ ${#parts[@]} -eq 0 ] && parts=(tests ops bench runs-sd15 eval runs-sdxl)
     for part in "${parts[@]}"; do
     case $part in
     tests)
@@ -104,6 +106,11 @@ run)
         export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
         [ "${BENCH_SDXL:-1}" = 1 ] && step 180 .gpu/bin-sid_iteration sdxl-full
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT SIDSCRIPT_BENCH_PROFILE KEEP
+        ;;
+    ops)
+        # One op at a time, forward and per backward node, against PyTorch's (where the
+        # backward time goes: benches/op_costs.rs).
+        SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 KEEP=40 step 90 .gpu/bin-op_costs
         ;;
     eval)
         # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256: the Inception, then
