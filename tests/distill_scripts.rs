@@ -235,12 +235,18 @@ fn checkpointed_sd15_run_gives_the_same_losses() {
     let (a, b) = (metrics(&plain), metrics(&checkpointed));
     assert_eq!(a.len(), 3);
     assert_eq!(b.len(), 3);
-    for (ra, rb) in a.iter().zip(&b) {
+    for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
         for key in ["loss_fake", "loss_gen"] {
             let (x, y) = (ra[key].as_f64().unwrap(), rb[key].as_f64().unwrap());
-            // The first iteration is the same computation; later ones follow weights
-            // whose gradients were summed in another order (f32 rounding).
-            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "{key}: {x} without checkpointing, {y} with");
+            if i == 0 {
+                // The first iteration is the same computation on the same weights.
+                assert_eq!(x, y, "{key} of iteration 1: {x} without checkpointing, {y} with");
+            } else {
+                // Later ones follow weights whose gradients were summed in another order
+                // (f32 rounding, grown through Adam's normalised steps; the generator loss
+                // is a small difference of large terms, so its relative drift is largest).
+                assert!((x - y).abs() <= 1e-3 * x.abs().max(1e-3), "{key}: {x} without checkpointing, {y} with");
+            }
         }
     }
     std::fs::remove_dir_all(plain).ok();

@@ -25,7 +25,7 @@ pub fn condition_dropout(
 ) -> Result<(Condition, Vec<bool>)> {
     let b = cond.batch()?;
     let both = cond.cat(&null.repeat(1)?)?;
-    let dropped: Vec<bool> = (0..b).map(|_| rng.uniform() < p).collect();
+    let dropped: Vec<bool> = rng.uniforms(b)?.into_iter().map(|u| u < p).collect();
     let idx: Vec<u32> = dropped.iter().enumerate().map(|(i, &d)| if d { b as u32 } else { i as u32 }).collect();
     let idx = Tensor::from_vec(idx, b, cond.context.device())?;
     Ok((both.select(&idx)?, dropped))

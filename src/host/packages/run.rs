@@ -34,9 +34,13 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.func(
         "progress_bar",
         ["total", "label"],
-        "A progress bar on stderr with `total` steps (hidden when stderr is not a terminal).",
+        "A progress bar on stderr with `total` steps (hidden when stderr is not a terminal, and on every rank but 0 of a multi-rank job).",
         |n: i64, label: &str| {
-            let bar = indicatif::ProgressBar::new(n.max(0) as u64);
+            let bar = if crate::dist::world().rank == 0 {
+                indicatif::ProgressBar::new(n.max(0) as u64)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}",

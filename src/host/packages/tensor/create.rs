@@ -157,6 +157,26 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     let r = rt.clone();
     api.func("seed", ["seed"], "Re-seeds the run's generator.", move |s: i64| r.reseed(s as u64));
     let r = rt.clone();
+    api.func(
+        "per_sample_draws",
+        ["key", "batch"],
+        "From now on the run's generator draws per sample: every draw is taken row by row along its first dimension, \
+         row i from a stream keyed by (seed, `key`, the draw's number since this call, global row rank·`batch` + i), \
+         and the sequential stream does not move. So N ranks of `batch` samples draw what one process of N·`batch` \
+         samples draws (stdlib/sid.rhai uses it for each round's prompts, noise and timesteps). Use a new `key` for \
+         each block; draw nothing per-run (a shared k, say) before `sequential_draws()`.",
+        move |key: i64, batch: i64| -> ScriptResult<()> {
+            let key = u64::try_from(key).map_err(|_| script_err(format!("per_sample_draws: key must be >= 0, got {key}")))?;
+            let batch = args::count(batch, "batch")? as u64;
+            r.rng().per_sample(key, crate::dist::world().rank as u64 * batch);
+            Ok(())
+        },
+    );
+    let r = rt.clone();
+    api.func("sequential_draws", [], "Ends `per_sample_draws`: draws come from the run's sequential stream again.", move || {
+        r.rng().sequential()
+    });
+    let r = rt.clone();
     api.func("run_seed", [], "The seed the run's generator was last seeded with (--seed, or seed(n)).", move || {
         r.seed() as i64
     });
