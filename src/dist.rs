@@ -95,6 +95,19 @@ pub fn init() -> Result<Session> {
     })
 }
 
+/// Ends the whole job at once with `code` (MPI_Abort: the launcher stops every rank,
+/// also those waiting in a collective for this one); outside a multi-rank job, exits.
+/// A rank whose command fails calls this after printing its error, so that no other
+/// rank hangs waiting for it.
+pub fn abort(code: i32) -> ! {
+    #[cfg(feature = "mpi")]
+    if world().size > 1 {
+        use mpi::traits::Communicator;
+        mpi::topology::SimpleCommunicator::world().abort(code);
+    }
+    std::process::exit(code)
+}
+
 /// The values of `t` combined over all ranks (same shape and dtype on every rank).
 pub fn all_reduce(t: &Tensor, op: ReduceOp) -> Result<Tensor> {
     Ok(all_reduce_many(std::slice::from_ref(t), op)?.remove(0))

@@ -15,6 +15,12 @@ fn main() -> ExitCode {
     match sidscript::on_compute_pool(|| sidscript::cli::main(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let w = sidscript::dist::world();
+            if w.size > 1 {
+                // The others may be waiting for this rank in a collective: end them all.
+                eprintln!("error on rank {} of {}: {e}", w.rank, w.size);
+                sidscript::dist::abort(1);
+            }
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
