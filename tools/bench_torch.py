@@ -5,6 +5,7 @@
     python tools/bench_torch.py adamw N_PARAMS REPS
     python tools/bench_torch.py sid '<config json>' BATCH SIZE REPS [TOKENS]
     python tools/bench_torch.py ops OPS NODES REPS
+    python tools/bench_torch.py ddp '<config json>' BATCH SIZE ITERATIONS TOKENS WORLDS   # WORLDS: 1,2
 
 SIDSCRIPT_BENCH_DEVICE=cuda:0 runs the sid iteration on the GPU.
 SIDSCRIPT_BENCH_PRECISION picks the precision mode, as sidscript's --precision:
@@ -113,6 +114,31 @@ if __name__ == "__main__":
 def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
     """One SiD iteration (fake-score step + generator step, κ = 1.5 on both nets) with
     three diffusers UNets and Adam(β1 = 0), as benches/sid_iteration.rs runs it."""
+    iteration = sid_setup(cfg, batch, size, tokens, k, K, kappa)
+    seconds = best(iteration, reps)
+    # Peak memory of one more iteration, from what is allocated between iterations.
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        iteration()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(DEVICE)
+    else:
+        before = peak_rss_bytes()
+        iteration()
+        peak = max(peak_rss_bytes() - before, 0)
+    out = {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
+    if os.environ.get("SIDSCRIPT_BENCH_PROFILE") in ("1", "true"):
+        out["profile"] = profile_table(iteration)
+    return out
+
+
+def sid_setup(cfg, batch, size, tokens=77, k=2, K=4, kappa=1.5, ddp=False):
+    """The networks, optimisers and conditions of `sid_iteration`; returns the
+    iteration as a function. With `ddp` the generator and the fake net are wrapped in
+    DistributedDataParallel (the process group must exist): their gradients are
+    averaged over ranks in backward; the fake net inside the generator's loss is the
+    bare module, frozen, as in sidscript."""
     import copy
     from diffusers import UNet2DConditionModel
     cfg = {k_: v for k_, v in cfg.items() if not k_.startswith("_")}
@@ -129,6 +155,10 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         teacher.to(torch.bfloat16)  # DMD2: "we move real unet to half precision"
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-6, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-6, betas=(0.0, 0.999))
+    gen_train, fake_train = gen, fake
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        gen_train, fake_train = DistributedDataParallel(gen), DistributedDataParallel(fake)
     b = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device=DEVICE) ** 2
     ab = torch.cumprod(1 - b, 0)
     ch = cfg.get("in_channels", 4)
@@ -162,6 +192,7 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         return eu + scale * (ec - eu)
 
     def generate(grad):
+        net = gen_train if grad else gen
         z = torch.randn(batch, ch, size, size, device=DEVICE)
         x = coef(torch.full((batch,), ts[0], device=DEVICE))[1] * z
         for i in range(k):
@@ -174,14 +205,14 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
                 a, s = coef(torch.full((batch,), ts[i + 1], device=DEVICE))
                 x = a * xh + s * torch.randn_like(xh)
             else:
-                return x0(gen, x, t, c)
+                return x0(net, x, t, c)
 
     def iteration():
         x_g = generate(False)
         t = torch.randint(20, 980, (batch,), device=DEVICE)
         n = torch.randn_like(x_g)
         a, s = coef(t)
-        loss_f = ((guided_eps(fake, a * x_g + s * n, t, kappa) - n) ** 2).sum() / batch
+        loss_f = ((guided_eps(fake_train, a * x_g + s * n, t, kappa) - n) ** 2).sum() / batch
         opt_f.zero_grad(set_to_none=True)
         loss_f.backward()
         opt_f.step()
@@ -202,22 +233,7 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         opt_g.zero_grad(set_to_none=True)
         fake.requires_grad_(True)
 
-    seconds = best(iteration, reps)
-    # Peak memory of one more iteration, from what is allocated between iterations.
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(DEVICE)
-        iteration()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(DEVICE)
-    else:
-        before = peak_rss_bytes()
-        iteration()
-        peak = max(peak_rss_bytes() - before, 0)
-    out = {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
-    if os.environ.get("SIDSCRIPT_BENCH_PROFILE") in ("1", "true"):
-        out["profile"] = profile_table(iteration)
-    return out
+    return iteration
 
 
 def profile_table(fn, rows=30):
@@ -295,3 +311,45 @@ def op_costs(ops, nodes, reps):
 
 if __name__ == "__main__" and sys.argv[1] == "ops":
     print(json.dumps(op_costs(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+
+
+def _ddp_worker(rank, world, cfg, batch, size, iters, tokens, port, results):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    iteration = sid_setup(cfg, batch, size, tokens, ddp=True)
+    for _ in range(3):
+        iteration()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(iters):
+        iteration()
+    dist.barrier()
+    if rank == 0:
+        results.put((time.perf_counter() - t) / iters)
+    dist.destroy_process_group()
+
+
+def data_parallel(cfg, batch, size, iters, tokens, worlds):
+    """Mean seconds per SiD iteration under DistributedDataParallel (gloo, one thread
+    per process, `batch` samples per rank) for each world size."""
+    import socket
+    import torch.multiprocessing as mp
+    out = {}
+    for world in worlds:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        results = ctx.SimpleQueue()
+        mp.start_processes(_ddp_worker, args=(world, cfg, batch, size, iters, tokens, port, results),
+                           nprocs=world, join=True, start_method="spawn")
+        out[str(world)] = results.get()
+    return out
+
+
+if __name__ == "__main__" and sys.argv[1] == "ddp":
+    worlds = [int(w) for w in sys.argv[7].split(",")]
+    print(json.dumps(data_parallel(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                                   int(sys.argv[6]), worlds)))
