@@ -251,3 +251,39 @@ fn a_killed_rank_ends_the_job() {
     assert!(!status.success(), "a job that lost a rank must fail");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// SIGUSR1 to the launcher (which forwards it to every rank; Ctrl-C and SIGTERM make
+/// it kill the job) stops the SD job on both ranks after the same iteration, and rank
+/// 0 writes the checkpoint.
+#[test]
+fn sigusr1_to_mpirun_checkpoints_once_and_ends_the_job() {
+    let out = scratch("usr1");
+    let args = distill_args(&out, 100_000, 1);
+    let mut child = sidscript(2, &args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let log = out.join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-USR1", &child.id().to_string()]).status().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().ok();
+            panic!("the job did not stop within 60 s of SIGUSR1");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stderr.matches("checkpoint written").count(), 2, "both ranks stop after an iteration: {stderr}");
+    let stopped: Vec<&str> = stderr.lines().filter(|l| l.starts_with("stopped after iteration")).collect();
+    assert!(stopped.len() == 2 && stopped[0] == stopped[1], "the same iteration on both ranks: {stopped:?}");
+    assert!(out.join("checkpoint").is_dir(), "rank 0 wrote the checkpoint");
+    std::fs::remove_dir_all(out).ok();
+}

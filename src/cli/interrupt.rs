@@ -40,6 +40,33 @@ pub fn route_to(flag: Arc<AtomicBool>, second_exits: bool, message: &'static str
     });
 }
 
+static USR1: AtomicBool = AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn on_usr1(_: nix::libc::c_int) {
+    USR1.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGUSR1 asks a training run to stop after its iteration and checkpoint,
+/// as the first Ctrl-C does. Open MPI's mpirun forwards SIGUSR1 to every rank (on
+/// SIGINT or SIGTERM it kills the job), and Slurm sends it ahead of a time limit with
+/// `--signal=USR1@SECONDS`.
+pub fn listen_for_usr1() {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{signal, SigHandler, Signal};
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { signal(Signal::SIGUSR1, SigHandler::Handler(on_usr1)) } {
+            eprintln!("warning: SIGUSR1 handling is off ({e})");
+        }
+    }
+}
+
+/// Whether SIGUSR1 arrived since `listen_for_usr1`.
+pub fn usr1_received() -> bool {
+    USR1.load(Ordering::SeqCst)
+}
+
 /// Forgets earlier presses (after the flag was handled).
 pub fn reset() {
     PRESSES.store(0, Ordering::SeqCst);

@@ -36,6 +36,7 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
     let mut script = DrivenScript::instantiate(host, &ast)?;
     let stop = Arc::new(AtomicBool::new(false));
     interrupt::route_to(stop.clone(), true, "stopping after this iteration (Ctrl-C again to stop now)");
+    interrupt::listen_for_usr1();
     let watchdog = Watchdog::start(stop.clone(), host.cancel_flag());
     let state = watchdog.during(|| script.setup(host)).map_err(|e| watchdog.explain(e, "setup"))?;
     let mut it = script.int_field(&state, "start")?.unwrap_or(0);
@@ -70,7 +71,7 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
         let _ = watchdog
             .during(|| script.step(host, &state, it))
             .map_err(|e| watchdog.explain(e, &format!("iteration {it}")))?;
-        if stop.load(Ordering::SeqCst) {
+        if stop_agreed(&stop)? {
             // The step returned whole: a cancel raised as it returned must not stop the checkpoint.
             host.run_state().take_cancel();
             if script.checkpoint(host, &state, it)? {
@@ -84,6 +85,23 @@ pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
     }
     let _ = watchdog.during(|| script.finish(host, &state)).map_err(|e| watchdog.explain(e, "finish"))?;
     Ok(())
+}
+
+/// Whether the run stops after this iteration: Ctrl-C or SIGUSR1 here, or on any rank
+/// of a multi-rank job (mpirun forwards SIGUSR1, but not at the same instant to every
+/// rank; a rank that stopped alone would leave the others waiting in the next
+/// iteration's all-reduce). One scalar all-reduce per iteration.
+fn stop_agreed(stop: &AtomicBool) -> anyhow::Result<bool> {
+    let here = stop.load(Ordering::SeqCst) || interrupt::usr1_received();
+    if crate::dist::world().size == 1 {
+        return Ok(here);
+    }
+    let flag = candle_core::Tensor::new(&[here as u8 as f64], &candle_core::Device::Cpu)?;
+    let any = crate::dist::all_reduce(&flag, crate::dist::ReduceOp::Sum)?.to_vec1::<f64>()?[0] > 0.0;
+    if any {
+        stop.store(true, Ordering::SeqCst);
+    }
+    Ok(any)
 }
 
 /// After Ctrl-C the run stops once the running step returns. A step that does not
