@@ -92,6 +92,22 @@ fn two_ranks_agree_on_every_collective() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// The job's exit status, waiting at most 60 s after `event` (then it is killed and
+/// the test fails: the job hung).
+fn exit_within(child: &mut std::process::Child, event: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().ok();
+            panic!("the job did not end within 60 s of {event}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The tiny SD1.5 job for `iterations` with `batch` samples per rank, seed 7.
 fn distill_args(out: &Path, iterations: usize, batch: usize) -> Vec<String> {
     let model = root().join("tests/fixtures/tiny-sd15").display().to_string();
@@ -237,17 +253,7 @@ fn a_killed_rank_ends_the_job() {
     let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
     let pid = String::from_utf8_lossy(&ranks.stdout).lines().next().map(str::to_owned).expect("no rank processes found");
     Command::new("kill").args(["-9", &pid]).status().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            child.kill().ok();
-            panic!("the job did not end within 60 s of a rank's death");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(&mut child, "a rank's death");
     assert!(!status.success(), "a job that lost a rank must fail");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -267,17 +273,7 @@ fn sigusr1_to_mpirun_checkpoints_once_and_ends_the_job() {
         std::thread::sleep(Duration::from_millis(50));
     }
     Command::new("kill").args(["-USR1", &child.id().to_string()]).status().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            child.kill().ok();
-            panic!("the job did not stop within 60 s of SIGUSR1");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(&mut child, "SIGUSR1");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "{stderr}");
