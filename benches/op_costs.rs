@@ -88,24 +88,39 @@ fn benches() {
     row("add [1,320,64,64]", per_call(&dev, OPS, || drop(&img + &img)));
     row("broadcast_add [1,320,64,64] + [1,320,1,1]", per_call(&dev, OPS, || drop(img.broadcast_add(&bias).unwrap())));
     row("zeros_like [1,320,64,64]", per_call(&dev, OPS, || drop(img.zeros_like().unwrap())));
-    row("transpose+contiguous [1,4096,320]", per_call(&dev, OPS, || drop(tokens.transpose(1, 2).unwrap().contiguous())));
+    row(
+        "transpose+contiguous [1,4096,320]",
+        per_call(&dev, OPS, || drop(tokens.transpose(1, 2).unwrap().contiguous())),
+    );
     row("sum over (0,2,3) [1,320,64,64]", per_call(&dev, OPS, || drop(img.sum_keepdim((0, 2, 3)).unwrap())));
     row("sum over 0 [4096,2560]", per_call(&dev, OPS, || drop(wide.sum(0).unwrap())));
-    row("silu (sidscript kernel) [1,320,64,64]", per_call(&dev, OPS, || drop(sidscript::ops::activation::silu(&img).unwrap())));
-    row("bwd/node: reshape [1,320,64,64]↔[320,4096]", backward_per_node(&dev, &img, &|y| {
-        y.reshape((320, 4096)).unwrap().reshape((1, 320, 64, 64)).unwrap()
-    }) / 2.0);
+    row(
+        "silu (sidscript kernel) [1,320,64,64]",
+        per_call(&dev, OPS, || drop(sidscript::ops::activation::silu(&img).unwrap())),
+    );
+    row(
+        "bwd/node: reshape [1,320,64,64]↔[320,4096]",
+        backward_per_node(&dev, &img, &|y| y.reshape((320, 4096)).unwrap().reshape((1, 320, 64, 64)).unwrap()) / 2.0,
+    );
     row("bwd/node: add a constant [1,320,64,64]", backward_per_node(&dev, &img, &|y| (y + &img).unwrap()));
-    row("bwd/node: residual y + f(y) [1,320,64,64]", backward_per_node(&dev, &img, &|y| {
-        (y + y.affine(0.5, 0.0).unwrap()).unwrap()
-    }) / 2.0);
-    row("bwd/node: broadcast_add bias [1,320,64,64]", backward_per_node(&dev, &img, &|y| y.broadcast_add(&bias).unwrap()));
-    row("bwd/node: transpose+contiguous [1,4096,320]", backward_per_node(&dev, &tokens, &|y| {
-        y.transpose(1, 2).unwrap().contiguous().unwrap().reshape((1, 320, 4096)).unwrap().transpose(1, 2).unwrap()
-    }) / 2.0);
-    row("bwd/node: silu (sidscript kernel) [1,320,64,64]", backward_per_node(&dev, &img, &|y| {
-        sidscript::ops::activation::silu(y).unwrap()
-    }));
+    row(
+        "bwd/node: residual y + f(y) [1,320,64,64]",
+        backward_per_node(&dev, &img, &|y| (y + y.affine(0.5, 0.0).unwrap()).unwrap()) / 2.0,
+    );
+    row(
+        "bwd/node: broadcast_add bias [1,320,64,64]",
+        backward_per_node(&dev, &img, &|y| y.broadcast_add(&bias).unwrap()),
+    );
+    row(
+        "bwd/node: transpose+contiguous [1,4096,320]",
+        backward_per_node(&dev, &tokens, &|y| {
+            y.transpose(1, 2).unwrap().contiguous().unwrap().reshape((1, 320, 4096)).unwrap().transpose(1, 2).unwrap()
+        }) / 2.0,
+    );
+    row(
+        "bwd/node: silu (sidscript kernel) [1,320,64,64]",
+        backward_per_node(&dev, &img, &|y| sidscript::ops::activation::silu(y).unwrap()),
+    );
     let torch = unet_bench::torch(&["ops".into(), OPS.to_string(), NODES.to_string(), REPS.to_string()]);
     if let Some(t) = torch {
         println!("  PyTorch, same rows (µs), and the ratio sidscript/PyTorch:");

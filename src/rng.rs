@@ -87,7 +87,9 @@ impl Generator {
             return Ok((0..rows * n).map(|_| f(&mut self.rng)).collect());
         };
         if n as u128 >= 1u128 << (ROW_WORDS_LOG2 - 2) {
-            return Err(Error::msg(format!("per-sample draw: {n} values in one row is more than a row's stream holds")));
+            return Err(Error::msg(format!(
+                "per-sample draw: {n} values in one row is more than a row's stream holds"
+            )));
         }
         let stream = mix(r.key, r.draws);
         r.draws += 1;

@@ -55,7 +55,8 @@ fn sidscript(ranks: usize, args: &[String]) -> Command {
         Command::new(env!("CARGO_BIN_EXE_sidscript"))
     } else {
         let mut c = Command::new("mpirun");
-        c.args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"]).arg(env!("CARGO_BIN_EXE_sidscript"));
+        c.args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"])
+            .arg(env!("CARGO_BIN_EXE_sidscript"));
         c
     };
     c.args(args)
@@ -219,7 +220,11 @@ fn two_ranks_of_batch_1_equal_one_process_of_batch_2_also_across_a_resume() {
 fn a_rank_that_fails_ends_the_job() {
     let dir = scratch("fails");
     let script = dir.join("fail.rhai");
-    std::fs::write(&script, "if world().rank == 1 { throw \"rank 1 gives up\"; }\nbarrier();\nprint(\"passed the barrier\");\n").unwrap();
+    std::fs::write(
+        &script,
+        "if world().rank == 1 { throw \"rank 1 gives up\"; }\nbarrier();\nprint(\"passed the barrier\");\n",
+    )
+    .unwrap();
     let start = Instant::now();
     let out = sidscript(2, &["run".into(), script.display().to_string()]).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -251,7 +256,8 @@ fn a_killed_rank_ends_the_job() {
     }
     // The ranks are the launcher's children; kill one of them.
     let ranks = Command::new("pgrep").args(["-P", &child.id().to_string()]).output().unwrap();
-    let pid = String::from_utf8_lossy(&ranks.stdout).lines().next().map(str::to_owned).expect("no rank processes found");
+    let pid =
+        String::from_utf8_lossy(&ranks.stdout).lines().next().map(str::to_owned).expect("no rank processes found");
     Command::new("kill").args(["-9", &pid]).status().unwrap();
     let status = exit_within(&mut child, "a rank's death");
     assert!(!status.success(), "a job that lost a rank must fail");
@@ -265,7 +271,8 @@ fn a_killed_rank_ends_the_job() {
 fn sigusr1_to_mpirun_checkpoints_once_and_ends_the_job() {
     let out = scratch("usr1");
     let args = distill_args(&out, 100_000, 1);
-    let mut child = sidscript(2, &args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child =
+        sidscript(2, &args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let log = out.join("metrics.jsonl");
     let start = Instant::now();
     while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 3 {

@@ -60,6 +60,14 @@ pub fn has_fused_kernel(x: &Tensor) -> bool {
     has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32)
 }
 
+/// 0 where `x` is finite and NaN where it is not (x − x), so that a sum flags any
+/// non-finite element without overflowing: one reduction and one read from the
+/// device instead of copying `x` to the host.
+pub fn non_finite_probe(x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.detach();
+    &x - &x
+}
+
 /// Half-precision tensors as f32 (norms and attention scores compute in at least f32).
 pub fn upcast(x: &Tensor) -> candle_core::Result<Tensor> {
     match x.dtype() {

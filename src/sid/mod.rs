@@ -32,16 +32,12 @@ pub fn condition_dropout(
 }
 
 /// Samples (rows along dim 0) that are finite in every one of `xs`, as a mask (one
-/// bool per sample). One read from the device for all of them: x − x is 0 where x
-/// is finite and NaN elsewhere, so each row's sum flags it without overflowing.
+/// bool per sample), with one read from the device for all of them.
 pub fn finite_rows(xs: &[&Tensor]) -> Result<Vec<bool>> {
     let b = xs.first().map(|x| x.dim(0)).transpose()?.unwrap_or(0);
     let flags = xs
         .iter()
-        .map(|x| {
-            let x = x.detach();
-            Ok((&x - &x)?.to_dtype(DType::F32)?.reshape((b, ()))?.sum(1)?)
-        })
+        .map(|x| Ok(crate::ops::non_finite_probe(x)?.to_dtype(DType::F32)?.reshape((b, ()))?.sum(1)?))
         .collect::<Result<Vec<_>>>()?;
     if flags.is_empty() {
         return Ok(vec![]);

@@ -54,9 +54,8 @@ pub fn clip_grad_norm(params: &[Arc<Param>], max_norm: f64) -> Result<f64> {
 /// Replaces NaN gradient entries by 0 and ±inf by ±1e5 (in place); returns how
 /// many entries were replaced.
 pub fn nan_to_num_grads(params: &[Arc<Param>]) -> Result<usize> {
-    // g − g is 0 where g is finite and NaN elsewhere, so its sum flags a gradient with
-    // any non-finite entry without overflowing; only those come to the host.
-    let flags = per_gradient(params, |g| Ok((g - g)?.sum_all()?))?;
+    // Only gradients with a non-finite entry come to the host.
+    let flags = per_gradient(params, |g| Ok(crate::ops::non_finite_probe(g)?.sum_all()?))?;
     let with_grad = params.iter().filter_map(|p| Some((p, p.grad()?)));
     let mut replaced = 0;
     for ((p, g), flag) in with_grad.zip(flags) {

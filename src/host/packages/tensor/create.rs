@@ -166,16 +166,20 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
          samples draws (stdlib/sid.rhai uses it for each round's prompts, noise and timesteps). Use a new `key` for \
          each block; draw nothing per-run (a shared k, say) before `sequential_draws()`.",
         move |key: i64, batch: i64| -> ScriptResult<()> {
-            let key = u64::try_from(key).map_err(|_| script_err(format!("per_sample_draws: key must be >= 0, got {key}")))?;
+            let key =
+                u64::try_from(key).map_err(|_| script_err(format!("per_sample_draws: key must be >= 0, got {key}")))?;
             let batch = args::count(batch, "batch")? as u64;
             r.rng().per_sample(key, crate::dist::world().rank as u64 * batch);
             Ok(())
         },
     );
     let r = rt.clone();
-    api.func("sequential_draws", [], "Ends `per_sample_draws`: draws come from the run's sequential stream again.", move || {
-        r.rng().sequential()
-    });
+    api.func(
+        "sequential_draws",
+        [],
+        "Ends `per_sample_draws`: draws come from the run's sequential stream again.",
+        move || r.rng().sequential(),
+    );
     let r = rt.clone();
     api.func("run_seed", [], "The seed the run's generator was last seeded with (--seed, or seed(n)).", move || {
         r.seed() as i64
