@@ -165,19 +165,22 @@ pub fn params_from(named: &[(String, Tensor)]) -> Result<(HashMap<String, Tensor
 /// depends on. Returns how many parameters received a gradient.
 pub fn backward(loss: &Tensor) -> Result<usize> {
     check_scalar(loss)?;
-    let grads = crate::ops::checkpoint::backward(loss)?;
-    // Upgrade under the lock, work after releasing it: dropping an upgraded Arc
-    // may run Param::drop, which takes the lock again.
-    let reached: Vec<(Arc<Param>, TensorId)> = {
-        let reg = registry();
-        grads.get_ids().filter_map(|id| reg.get(id).and_then(Weak::upgrade).map(|p| (p, *id))).collect()
-    };
-    for (p, id) in &reached {
-        if let Some(g) = grads.get_id(*id) {
-            p.accumulate_grad(g)?;
+    // Spans (sidscript::profile) part candle's backward pass from the hand-over.
+    let grads = crate::profile::span("backward.graph", loss.device(), || crate::ops::checkpoint::backward(loss))?;
+    crate::profile::span("backward.hand_over", loss.device(), || {
+        // Upgrade under the lock, work after releasing it: dropping an upgraded Arc
+        // may run Param::drop, which takes the lock again.
+        let reached: Vec<(Arc<Param>, TensorId)> = {
+            let reg = registry();
+            grads.get_ids().filter_map(|id| reg.get(id).and_then(Weak::upgrade).map(|p| (p, *id))).collect()
+        };
+        for (p, id) in &reached {
+            if let Some(g) = grads.get_id(*id) {
+                p.accumulate_grad(g)?;
+            }
         }
-    }
-    Ok(reached.len())
+        Ok(reached.len())
+    })
 }
 
 /// Gradients of a scalar `loss` with respect to `params`, without touching their
