@@ -148,6 +148,40 @@ fn report(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
 }
 
+/// The toy job with real pairs: the Diffusion-GAN terms enter both steps, and the
+/// pairs come from their own seed, so the run's stream is a data-free run's (the same
+/// k, drawn from it, in each of 5 iterations: 1 in 4^5 to match by chance).
+#[test]
+fn the_toy_job_with_real_pairs_trains_the_diffusion_gan() {
+    let (gan, free) = (scratch("toy-gan"), scratch("toy-free"));
+    let args = |d: &Path, pairs: bool| {
+        let mut a = vec![];
+        for (k, v) in [("iterations", "5"), ("batch", "2"), ("teacher_eval", "false"), ("eval_stride", "24")] {
+            a.extend(set(k, v));
+        }
+        if pairs {
+            a.extend(set("real_pairs", 16));
+        }
+        a.extend(set("out", d.display()));
+        a
+    };
+    run("scripts/distill_toy.rhai", &args(&gan, true));
+    run("scripts/distill_toy.rhai", &args(&free, false));
+    let rows = |d: &Path| -> Vec<serde_json::Value> { metrics(d).into_iter().filter(|r| r["it"].is_i64()).collect() };
+    let (g, f) = (rows(&gan), rows(&free));
+    assert_eq!(g.len(), 5);
+    for r in &g {
+        assert_eq!(r["guidance"], "lsg(1.5) + gan");
+        assert!(r["loss_gan"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for (a, b) in g.iter().zip(&f) {
+        assert_eq!(a["k"], b["k"], "the same draws with and without real pairs");
+    }
+    assert!(f.iter().all(|r| r["loss_gan"].as_f64() == Some(0.0)));
+    std::fs::remove_dir_all(gan).ok();
+    std::fs::remove_dir_all(free).ok();
+}
+
 #[test]
 fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
     // The README's main job, shortened: 3 iterations of batch 2, the teacher at 2 DDIM

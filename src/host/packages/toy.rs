@@ -5,6 +5,7 @@
 //! save_image_grid(b.images, "out/world.png");
 //! ```
 
+use crate::rng::Generator;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::run_state::RunState;
@@ -35,19 +36,19 @@ fn labels(attrs: &[Attributes], device: &candle_core::Device) -> ScriptResult<Te
     Tensor::from_vec(v, (attrs.len(), 4), device).script()
 }
 
-fn batch(rt: &RunState, attrs: Vec<Attributes>) -> ScriptResult<Map> {
-    let images = toy::draw_batch(&attrs, &mut rt.rng(), &rt.device).script()?;
+fn batch(rng: &mut Generator, device: &candle_core::Device, attrs: Vec<Attributes>) -> ScriptResult<Map> {
+    let images = toy::draw_batch(&attrs, rng, device).script()?;
     let mut m = Map::new();
     m.insert("images".into(), Dynamic::from(TensorHandle::new(images)));
     m.insert("captions".into(), Dynamic::from_array(attrs.iter().map(|a| Dynamic::from(a.caption())).collect()));
-    m.insert("labels".into(), Dynamic::from(TensorHandle::new(labels(&attrs, &rt.device)?)));
+    m.insert("labels".into(), Dynamic::from(TensorHandle::new(labels(&attrs, device)?)));
     Ok(m)
 }
 
-fn random_batch(rt: &RunState, n: i64, which: &str) -> ScriptResult<Map> {
+fn random_batch(rng: &mut Generator, device: &candle_core::Device, n: i64, which: &str) -> ScriptResult<Map> {
     let pool = split(which)?;
-    let idx = rt.rng().randint(crate::host::args::count(n, "n")?, 0, pool.len() as i64).script()?;
-    batch(rt, idx.into_iter().map(|i| pool[i as usize]).collect())
+    let idx = rng.randint(crate::host::args::count(n, "n")?, 0, pool.len() as i64).script()?;
+    batch(rng, device, idx.into_iter().map(|i| pool[i as usize]).collect())
 }
 
 /// Registers the functions of this file.
@@ -61,21 +62,30 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     );
     let r = rt.clone();
     api.func("toy_batch", ["n"], "n training-split images with random captions: #{ images (n×3×32×32 in [-1, 1]), captions, labels (n×4: size, colour, shape, position) }.", move |n: i64| -> ScriptResult<Map> {
-        random_batch(&r, n, "train")
+        random_batch(&mut r.rng(), &r.device, n, "train")
     });
     let r = rt.clone();
     api.func(
         "toy_batch",
         ["n", "split"],
         "n images with random captions of a split: \"train\", \"heldout\" or \"all\" (the judge learns from all).",
-        move |n: i64, s: &str| -> ScriptResult<Map> { random_batch(&r, n, s) },
+        move |n: i64, s: &str| -> ScriptResult<Map> { random_batch(&mut r.rng(), &r.device, n, s) },
+    );
+    let r = rt.clone();
+    api.func(
+        "toy_batch",
+        ["n", "split", "seed"],
+        "`toy_batch(n, split)` drawn from its own generator seeded with `seed`: the run's stream does not move (a fixed set of real pairs).",
+        move |n: i64, s: &str, seed: i64| -> ScriptResult<Map> {
+            random_batch(&mut Generator::new(seed as u64), &r.device, n, s)
+        },
     );
     let r = rt.clone();
     api.func(
         "toy_draw",
         ["captions"],
         "Fresh drawings of the given captions: #{ images, captions, labels }.",
-        move |c: Array| batch(&r, parse_all(&c)?),
+        move |c: Array| batch(&mut r.rng(), &r.device, parse_all(&c)?),
     );
     let r = rt.clone();
     api.func(
