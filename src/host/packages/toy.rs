@@ -5,11 +5,11 @@
 //! save_image_grid(b.images, "out/world.png");
 //! ```
 
-use crate::rng::Generator;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::run_state::RunState;
 use crate::host::tensor::TensorHandle;
+use crate::rng::Generator;
 use crate::toy::{self, Attributes};
 use candle_core::Tensor;
 use rhai::{Array, Dynamic, Map};
