@@ -29,3 +29,9 @@ pub fn run_benches(benches: impl FnOnce() + Send) {
     sidscript::cli::tune_runtime();
     sidscript::on_compute_pool(benches);
 }
+
+/// SIDSCRIPT_BENCH_DEVICE (cpu or cuda:N), the CPU when unset.
+pub fn bench_device() -> candle_core::Device {
+    let name = std::env::var("SIDSCRIPT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    sidscript::host::args::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
+}

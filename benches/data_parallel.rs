@@ -20,11 +20,6 @@ mod unet_bench;
 const BATCH: usize = 8;
 const ITERATIONS: usize = 20;
 
-/// models/toy/unet/config.json's architecture (as benches/sid_iteration.rs).
-const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
- "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [48, 96], "layers_per_block": 1,
- "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
-
 /// Mean ms per iteration of scripts/bench_data_parallel.rhai on `ranks` ranks.
 fn sidscript(ranks: usize) -> f64 {
     let out_dir = std::env::temp_dir().join(format!("sidscript-bench-dp-{}", std::process::id()));
@@ -54,7 +49,8 @@ fn main() {
     let (one, two) = (sidscript(1), sidscript(2));
     println!("SiD iteration on the toy world, {BATCH} samples per rank, one thread per rank, mean of {ITERATIONS}:");
     println!("  sidscript  1 rank {one:8.1} ms   2 ranks {two:8.1} ms   efficiency {:.2}", one / two);
-    let args = ["ddp", TOY, &BATCH.to_string(), "8", &ITERATIONS.to_string(), "16", "1,2"].map(String::from);
+    let args =
+        ["ddp", unet_bench::TOY, &BATCH.to_string(), "8", &ITERATIONS.to_string(), "16", "1,2"].map(String::from);
     if let Some(v) = unet_bench::torch(&args) {
         let (p1, p2) = (v["1"].as_f64().unwrap() * 1e3, v["2"].as_f64().unwrap() * 1e3);
         println!("  PyTorch DDP (gloo)  1 rank {p1:8.1} ms   2 ranks {p2:8.1} ms   efficiency {:.2}", p1 / p2);

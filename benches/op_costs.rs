@@ -16,9 +16,6 @@
 use candle_core::{Device, Tensor, Var};
 use std::time::Instant;
 
-#[path = "common.rs"]
-#[allow(dead_code)]
-mod common;
 #[path = "unet.rs"]
 #[allow(dead_code, unused_imports)]
 mod unet_bench;
@@ -26,11 +23,6 @@ mod unet_bench;
 const OPS: usize = 400;
 const NODES: usize = 200;
 const REPS: usize = 3;
-
-fn bench_device() -> Device {
-    let name = std::env::var("SIDSCRIPT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    sidscript::host::args::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
-}
 
 /// µs per call of `f` over `n` calls, the best of REPS runs after a warm-up.
 fn per_call(dev: &Device, n: usize, mut f: impl FnMut()) -> f64 {
@@ -67,11 +59,11 @@ fn backward_per_node(dev: &Device, x: &Tensor, step: &dyn Fn(&Tensor) -> Tensor)
 }
 
 fn main() {
-    common::run_benches(benches);
+    unet_bench::run_benches(benches);
 }
 
 fn benches() {
-    let dev = bench_device();
+    let dev = unet_bench::bench_device();
     let _settings = sidscript::device::for_training(&dev);
     let randn = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
     let (img, small) = (randn(&[1, 320, 64, 64]), randn(&[64]));

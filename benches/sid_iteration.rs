@@ -80,7 +80,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         reps.to_string(),
         tokens.to_string(),
     ]);
-    let dev = bench_device();
+    let dev = unet_bench::bench_device();
     let (precision, ckpt) = settings();
     set_precision(precision);
     let _settings = sidscript::device::for_training(&dev);
@@ -234,17 +234,6 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     }
 }
 
-/// SIDSCRIPT_BENCH_DEVICE (cpu or cuda:N), the CPU when unset.
-fn bench_device() -> Device {
-    let name = std::env::var("SIDSCRIPT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    sidscript::host::args::parse_device(&name).unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_DEVICE: {e}"))
-}
-
-/// models/toy/unet/config.json's architecture.
-const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
- "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [48, 96], "layers_per_block": 1,
- "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
-
 fn main() {
     unet_bench::run_benches(benches);
 }
@@ -253,7 +242,7 @@ fn benches() {
     let want = unet_bench::wanted;
     if want("toy") {
         // The shipped toy teacher's configuration at the main job's batch (models/toy).
-        bench("toy (models/toy)", TOY, 8, 8, 16, 5);
+        bench("toy (models/toy)", unet_bench::TOY, 8, 8, 16, 5);
     }
     if want("tiny") {
         bench("tiny", unet_bench::TINY, 4, 16, 77, 3);

@@ -121,9 +121,14 @@ pub const SDXL: &str = r#"{"sample_size": 128, "in_channels": 4, "out_channels":
  "cross_attention_dim": 2048, "use_linear_projection": true, "addition_embed_type": "text_time",
  "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32}"#;
 
+/// models/toy/unet/config.json's architecture.
+pub const TOY: &str = r#"{"sample_size": 8, "in_channels": 4, "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+ "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [48, 96], "layers_per_block": 1,
+ "cross_attention_dim": 64, "attention_head_dim": 4, "norm_num_groups": 16, "flip_sin_to_cos": true, "freq_shift": 0}"#;
+
 #[path = "common.rs"]
 mod common;
-pub use common::{best, named, run_benches, wanted};
+pub use common::{bench_device, best, named, run_benches, wanted};
 
 fn main() {
     common::run_benches(benches);

@@ -75,11 +75,6 @@ impl Generator {
         self.rows = None;
     }
 
-    /// Whether draws are per sample now.
-    pub fn is_per_sample(&self) -> bool {
-        self.rows.is_some()
-    }
-
     /// `n` values for each of `rows` rows (or n·rows from the sequential stream),
     /// row after row.
     fn draw<T>(&mut self, rows: usize, n: usize, f: impl Fn(&mut ChaCha8Rng) -> T) -> Result<Vec<T>> {
