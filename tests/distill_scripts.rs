@@ -182,6 +182,63 @@ fn the_toy_job_with_real_pairs_trains_the_diffusion_gan() {
     std::fs::remove_dir_all(free).ok();
 }
 
+/// The claims table (scripts/toy_claims.rhai), shortened to three of its runs: rows
+/// for each run at 1, 2, 4 steps (fresh) and 2, 4 (DDIM), the teacher's CFG points, the
+/// plot; the same table from the same seed; DDIM re-noising in training changes the run.
+#[test]
+fn the_claims_table_is_reproducible_from_its_seed() {
+    let dirs = [scratch("claims-a"), scratch("claims-b")];
+    for d in &dirs {
+        let mut args = vec![];
+        for (k, v) in [
+            ("iterations", "3"),
+            ("batch", "2"),
+            ("teacher_steps", "2"),
+            ("eval_stride", "12"),
+            ("only", r#"["lsg", "lsg-ddim", "anti-b-gan"]"#),
+            ("teacher_scales", "[1.0, 3.0]"),
+        ] {
+            args.extend(set(k, v));
+        }
+        args.extend(set("out", d.display()));
+        args.extend(["--seed".to_string(), "3".to_string()]);
+        run("scripts/toy_claims.rhai", &args);
+    }
+    let table = |d: &Path| -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("table.json")).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("seconds");
+        v.as_object_mut().unwrap().remove("runs");
+        v
+    };
+    let t = table(&dirs[0]);
+    assert_eq!(t, table(&dirs[1]), "same seed, same table");
+    assert_eq!(
+        std::fs::read_to_string(dirs[0].join("table.md")).unwrap(),
+        std::fs::read_to_string(dirs[1].join("table.md")).unwrap()
+    );
+    assert_eq!(t["teacher"].as_array().unwrap().len(), 2);
+    let rows = t["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 15, "three runs of five rows");
+    let col = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap().to_string();
+    assert_eq!(col(&rows[0], "train_renoise"), "fresh");
+    assert_eq!(col(&rows[5], "train_renoise"), "ddim");
+    assert_eq!(col(&rows[10], "data"), "+ GAN");
+    assert!(col(&rows[10], "guidance").starts_with("anti-cfg b"), "{}", rows[10]);
+    let steps: Vec<i64> = rows[..5].iter().map(|r| r["steps"].as_i64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 4, 2, 4]);
+    // The training chain's noise: fresh and DDIM runs share the seed and so each
+    // iteration's k; with k >= 2 in some iteration their losses part.
+    let losses =
+        |k: &str| -> Vec<f64> { metrics(&dirs[0].join(k)).iter().filter_map(|r| r["loss_gen"].as_f64()).collect() };
+    assert_eq!(losses("lsg").len(), 3);
+    assert_ne!(losses("lsg"), losses("lsg-ddim"));
+    assert!(dirs[0].join("tradeoff.png").is_file());
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 #[test]
 fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
     // The README's main job, shortened: 3 iterations of batch 2, the teacher at 2 DDIM

@@ -9,13 +9,17 @@ use std::path::Path;
 use std::sync::Once;
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const COLOURS: [RGBColor; 6] = [
+const COLOURS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// One named curve: (x, y) points in x order.
@@ -44,6 +48,14 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
+/// Encodes an RGB buffer as PNG and writes it (temporary file, then rename).
+fn write_rgb_png(path: &Path, w: u32, h: u32, buf: Vec<u8>) -> Result<()> {
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| plot_err(path, "bad buffer"))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| plot_err(path, e))?;
+    crate::io::atomic::write_bytes(path, png.get_ref())
+}
+
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::file(path, None, format!("plot: {e}"))
 }
@@ -67,10 +79,7 @@ pub fn write_png(path: &Path, x_label: &str, panels: &[Panel], columns: usize) -
         }
         root.present().map_err(|e| plot_err(path, e))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| plot_err(path, "bad buffer"))?;
-    let mut png = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut png, image::ImageFormat::Png).map_err(|e| plot_err(path, e))?;
-    crate::io::atomic::write_bytes(path, png.get_ref())
+    write_rgb_png(path, w, h, buf)
 }
 
 fn draw_panel<DB: DrawingBackend>(
@@ -148,4 +157,92 @@ fn draw_panel<DB: DrawingBackend>(
             .draw()?;
     }
     Ok(())
+}
+
+/// One named set of labelled points for [`write_scatter_png`].
+pub struct Points {
+    /// The legend entry.
+    pub name: String,
+    /// The (x, y) points.
+    pub points: Vec<(f64, f64)>,
+    /// A short label drawn beside each point (none when empty).
+    pub labels: Vec<String>,
+    /// Whether a line joins the points in the given order (a curve through them).
+    pub line: bool,
+}
+
+/// Draws labelled point sets on one pair of axes into a PNG at `path` (atomic write):
+/// e.g. alignment against diversity, one point per table row, a reference curve
+/// drawn through its own points.
+pub fn write_scatter_png(path: &Path, title: &str, x_label: &str, y_label: &str, sets: &[Points]) -> Result<()> {
+    register_font()?;
+    let pts: Vec<(f64, f64)> =
+        sets.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+    if pts.is_empty() {
+        return Err(plot_err(path, "nothing to plot"));
+    }
+    let range = |v: Vec<f64>| {
+        let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        let pad = if hi - lo < 1e-12 { 0.5 } else { 0.08 * (hi - lo) };
+        (lo - pad, hi + pad)
+    };
+    let (x0, x1) = range(pts.iter().map(|p| p.0).collect());
+    let (y0, y1) = range(pts.iter().map(|p| p.1).collect());
+    let (w, h) = (960u32, 680u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        let draw = || -> std::result::Result<(), DrawingAreaErrorKind<_>> {
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(x0..x1, y0..y1)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc(y_label)
+                .label_style(("sans-serif", 13))
+                .x_labels(8)
+                .y_labels(8)
+                .draw()?;
+            for (i, s) in sets.iter().enumerate() {
+                let colour = COLOURS[i % COLOURS.len()];
+                let points: Vec<(f64, f64)> =
+                    s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+                if s.line {
+                    chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?;
+                }
+                // The palette repeats after ten sets: the next ten get crosses, so that
+                // sets of one colour stay apart.
+                let marker = i / COLOURS.len() % 2 == 1;
+                chart
+                    .draw_series(points.iter().map(|&p| {
+                        if marker {
+                            Cross::new(p, 5, colour.stroke_width(2)).into_dyn()
+                        } else {
+                            Circle::new(p, 5, colour.filled()).into_dyn()
+                        }
+                    }))?
+                    .label(s.name.clone())
+                    .legend(move |(x, y)| Circle::new((x + 8, y), 5, colour.filled()));
+                let labelled = s.points.iter().zip(&s.labels).filter(|(p, _)| p.0.is_finite() && p.1.is_finite());
+                chart.draw_series(labelled.map(|(&p, l)| {
+                    EmptyElement::at(p) + Text::new(l.clone(), (7, -14), ("sans-serif", 12).into_font().color(&colour))
+                }))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerLeft)
+                .label_font(("sans-serif", 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()
+        };
+        draw().map_err(|e| plot_err(path, e))?;
+    }
+    write_rgb_png(path, w, h, buf)
 }

@@ -11,7 +11,7 @@
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::tensor::TensorHandle;
-use crate::io::plot::{self, Panel, Series};
+use crate::io::plot::{self, Panel, Points, Series};
 use rhai::{Array, Map};
 use std::path::Path;
 
@@ -48,6 +48,41 @@ fn panels_from_jsonl(path: &str, x: &str, panels: &Array) -> ScriptResult<Vec<Pa
         out.push(Panel { title: keys.join(", "), series });
     }
     Ok(out)
+}
+
+fn number(v: &rhai::Dynamic, what: &str) -> ScriptResult<f64> {
+    v.as_float()
+        .or_else(|_| v.as_int().map(|i| i as f64))
+        .map_err(|t| script_err(format!("{what}: expected a number, got {t}")))
+}
+
+/// `#{ name, points: [[x, y], ...], labels: [...], line: bool }` → `Points`.
+fn points_from_map(m: &rhai::Dynamic) -> ScriptResult<Points> {
+    let m = m
+        .clone()
+        .try_cast::<Map>()
+        .ok_or_else(|| script_err("plot_points: each set is a map #{ name, points, labels, line }"))?;
+    let name = m.get("name").map(|v| v.to_string()).unwrap_or_default();
+    let raw = m
+        .get("points")
+        .and_then(|v| v.clone().try_cast::<Array>())
+        .ok_or_else(|| script_err(format!("plot_points: set '{name}' needs points: [[x, y], ...]")))?;
+    let mut points = vec![];
+    for p in raw {
+        let xy = p
+            .try_cast::<Array>()
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| script_err(format!("plot_points: set '{name}': a point is [x, y]")))?;
+        // () (a metric a row lacks) becomes NaN: the point is left out.
+        let coord = |v: &rhai::Dynamic| if v.is_unit() { Ok(f64::NAN) } else { number(v, "plot_points") };
+        points.push((coord(&xy[0])?, coord(&xy[1])?));
+    }
+    let labels = match m.get("labels").and_then(|v| v.clone().try_cast::<Array>()) {
+        Some(a) => a.iter().map(|v| v.to_string()).collect(),
+        None => vec![],
+    };
+    let line = m.get("line").and_then(|v| v.as_bool().ok()).unwrap_or(false);
+    Ok(Points { name, points, labels, line })
 }
 
 /// Registers the functions of this file.
@@ -91,6 +126,22 @@ pub fn register(api: &mut Api) {
                 .ok_or_else(|| script_err("plot_jsonl: opts.panels must be an array of keys"))?;
             let columns = o.get("columns").and_then(|v| v.as_int().ok()).unwrap_or(2).max(1) as usize;
             plot::write_png(Path::new(png), &x, &panels_from_jsonl(src, &x, &panels)?, columns).script()
+        },
+    );
+    api.func(
+        "plot_points",
+        ["png", "opts"],
+        "Plots labelled points on one pair of axes as PNG (e.g. alignment against diversity, one point per table row). Options: title, x and y (axis labels), sets (array of #{ name, points: [[x, y], ...], labels: [...], line: joins the points in order }).",
+        |png: &str, o: Map| -> ScriptResult<()> {
+            let text = |k: &str| o.get(k).map(|v| v.to_string()).unwrap_or_default();
+            let sets = o
+                .get("sets")
+                .and_then(|v| v.clone().try_cast::<Array>())
+                .ok_or_else(|| script_err("plot_points: opts.sets must be an array of point sets"))?
+                .iter()
+                .map(points_from_map)
+                .collect::<ScriptResult<Vec<_>>>()?;
+            plot::write_scatter_png(Path::new(png), &text("title"), &text("x"), &text("y"), &sets).script()
         },
     );
 }
