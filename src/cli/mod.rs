@@ -1,7 +1,8 @@
-//! The `sidscript` command line: run, check, doc, repl.
+//! The `sidscript` command line: run, check, doc, repl, init.
 
 mod doc;
 mod interrupt;
+mod jobs;
 mod repl;
 mod run;
 mod watch;
@@ -23,10 +24,14 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run a script.
+    /// Run a script: a file, else the bundled job of that name (`sidscript run distill_toy`).
     Run {
-        /// The .rhai script.
-        file: PathBuf,
+        /// The .rhai script, or a bundled job's name.
+        #[arg(required_unless_present = "list")]
+        file: Option<PathBuf>,
+        /// List the bundled jobs with their purpose and their --set keys and defaults.
+        #[arg(long)]
+        list: bool,
         /// Reload the script (and the modules it imports) when saved; needs the
         /// host-driven shape, fn setup(cfg) and fn step(state, it).
         #[arg(long)]
@@ -37,8 +42,18 @@ pub enum Command {
     },
     /// Compile a script without running it (syntax check).
     Check {
-        /// The script.
+        /// The script, or a bundled job's name.
         file: PathBuf,
+    },
+    /// Copy the bundled jobs and the stdlib modules they import into a folder for
+    /// editing; run there, a local copy takes precedence over the bundled job.
+    Init {
+        /// The folder (created if missing).
+        #[arg(default_value = "sidscript-jobs")]
+        dir: PathBuf,
+        /// Overwrite files that are already there.
+        #[arg(long)]
+        force: bool,
     },
     /// List every native function with its signature and a one-line description.
     Doc {
@@ -141,14 +156,19 @@ fn error_text(e: &rhai::EvalAltResult) -> String {
 /// Runs a parsed command line (the binary calls this on a compute-pool thread).
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { file, watch, run } => {
+        Command::Run { file: None, .. } => jobs::print_list(&Host::new(HostOptions::default())?),
+        Command::Run { file: Some(file), list, watch, run } => {
+            if list {
+                anyhow::bail!("--list takes no script: `sidscript run --list`");
+            }
             let opts = run.host_options()?;
             let _settings = crate::device::for_training(&opts.device);
             run::run(&Host::new(opts)?, &file, watch)
         }
+        Command::Init { dir, force } => jobs::init(&dir, force),
         Command::Check { file } => {
             let host = Host::new(HostOptions::default())?;
-            host.compile_file(&file)?;
+            host.compile_script(&file)?;
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -19,7 +19,13 @@ fn watched_files(host: &Host, file: &Path) -> Vec<PathBuf> {
 }
 
 pub fn run(host: &Host, file: &Path, watch: bool) -> anyhow::Result<()> {
-    let ast = host.compile_file(file)?;
+    let ast = host.compile_script(file)?;
+    if watch && ast.source().is_some_and(|s| s.starts_with(crate::host::modules::JOB_PREFIX)) {
+        anyhow::bail!(
+            "{}: --watch reloads a file you edit; this is the bundled job. `sidscript init DIR` copies the jobs into DIR, where the local copy runs",
+            file.display()
+        );
+    }
     if !is_host_driven(&ast) {
         if watch {
             anyhow::bail!(

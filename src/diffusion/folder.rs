@@ -74,7 +74,29 @@ pub fn component_dir(dir: &Path, name: &str) -> Result<PathBuf> {
     if dir.join("config.json").is_file() && !dir.join("model_index.json").is_file() {
         return Ok(dir.to_path_buf());
     }
-    Err(Error::file(dir, None, format!("no {name}/config.json here: not a diffusers folder with a {name} component")))
+    let what = if dir.is_dir() { format!("no {name}/config.json here") } else { "no such folder".to_string() };
+    Err(Error::file(
+        dir,
+        None,
+        format!("{what}: not a diffusers folder with a {name} component. {}", download_hint(dir)),
+    ))
+}
+
+/// What to do about a missing pipeline folder: where the diffusers weights come from
+/// (the SDXL or SD1.5 repository when the folder's name says which, else both).
+fn download_hint(dir: &Path) -> String {
+    let d = dir.display();
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let sd15 = format!("SD1.5: `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir {d}`");
+    let sdxl = format!("SDXL: `huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0 --local-dir {d}`");
+    let get = if name.contains("xl") {
+        sdxl
+    } else if name.contains("15") || name.contains("1.5") || name.contains("v1") {
+        sd15
+    } else {
+        format!("{sd15} or {sdxl}")
+    };
+    format!("Download the pipeline into it ({get}; pip install huggingface_hub), or point the job at one with --set model=DIR")
 }
 
 /// Which weight files hold a component, in preference order: full precision unless

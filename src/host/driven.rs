@@ -40,7 +40,7 @@ impl DrivenScript {
     /// Checks that the script's top level (its imports and definitions) runs.
     pub fn instantiate(host: &Host, ast: &AST) -> Result<Self, ScriptError> {
         let file = ast.source().unwrap_or("<script>").to_string();
-        host.modules.set_main_dir(std::path::Path::new(&file).parent().map(|p| p.to_path_buf()));
+        host.modules.set_main_dir(super::modules::main_dir_of(&file));
         let mut scope = host.new_scope();
         host.engine.run_ast_with_scope(&mut scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))?;
         Ok(Self { ast: ast.clone(), file })
@@ -60,6 +60,14 @@ impl DrivenScript {
         host.engine
             .call_fn_with_options::<Dynamic>(CallFnOptions::new().eval_ast(true), &mut scope, &self.ast, name, args)
             .map_err(|e| ScriptError::from_eval(&e, &self.file))
+    }
+
+    /// Calls `name()` when the script defines it without parameters (e.g. `defaults()`).
+    pub fn call_if_defined(&self, host: &Host, name: &str) -> Result<Option<Dynamic>, ScriptError> {
+        if !self.has(name, 0) {
+            return Ok(None);
+        }
+        self.call(host, name, vec![]).map(Some)
     }
 
     /// `setup(cfg)`: the state, shared so that what `step` writes into it stays.

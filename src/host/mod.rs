@@ -130,10 +130,29 @@ impl Host {
         self.compile_str(&src, &name)
     }
 
+    /// Compiles the script `spec` names: the file when there is one, else the bundled
+    /// job of that name (`distill_toy`, `distill_toy.rhai` or `scripts/distill_toy.rhai`,
+    /// as a checkout's README writes it), which runs as `job:distill_toy.rhai`.
+    pub fn compile_script(&self, spec: &Path) -> Result<AST, ScriptError> {
+        if spec.is_file() {
+            return self.compile_file(spec);
+        }
+        let in_scripts = spec.parent().is_some_and(|p| p.as_os_str().is_empty() || p == Path::new("scripts"));
+        let name = spec.file_name().and_then(|n| n.to_str()).filter(|_| in_scripts);
+        match name.and_then(modules::bundled_job) {
+            Some((source, src)) => self.compile_str(src, &source),
+            // Not a file (or it appeared since): compile_file says which.
+            None => self.compile_file(spec).map_err(|mut e| {
+                e.message.push_str("; nor is it a bundled job (`sidscript run --list` lists them)");
+                e
+            }),
+        }
+    }
+
     /// Runs a compiled script in `scope`, returning its final value.
     pub fn run_ast(&self, scope: &mut Scope, ast: &AST) -> Result<Dynamic, ScriptError> {
         let file = ast.source().unwrap_or("<script>").to_string();
-        self.modules.set_main_dir(Path::new(&file).parent().map(Path::to_path_buf));
+        self.modules.set_main_dir(modules::main_dir_of(&file));
         self.engine.eval_ast_with_scope::<Dynamic>(scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))
     }
 
@@ -274,9 +293,9 @@ impl<'h> Session<'h> {
     /// become session variables) and its functions, which keep the file's own
     /// imports, become callable. Returns a one-line summary.
     pub fn load_file(&mut self, path: &Path) -> Result<String, ScriptError> {
-        let mut ast = self.host.compile_file(path)?;
+        let mut ast = self.host.compile_script(path)?;
         let as_written = ast.clone();
-        let file = path.display().to_string();
+        let file = ast.source().unwrap_or("<script>").to_string();
         // A module keeps only exported variables: export every top-level `let`.
         let exports: String = ast
             .statements()
@@ -291,7 +310,7 @@ impl<'h> Session<'h> {
             ast = ast.merge(&extra);
             ast.set_source(file.as_str());
         }
-        self.host.modules.set_main_dir(path.parent().map(Path::to_path_buf));
+        self.host.modules.set_main_dir(modules::main_dir_of(&file));
         let module = rhai::Module::eval_ast_as_new(self.scope.clone(), &ast, &self.host.engine)
             .map_err(|e| ScriptError::from_eval(&e, &file))?;
         let mut vars = vec![];

@@ -1,7 +1,10 @@
 //! Where `import "name" as x;` finds modules: beside the importing file, beside the
 //! main script, then in the stdlib (a folder named by `SIDSCRIPT_STDLIB`, else the
-//! copy embedded in the binary at build time). Compiled modules are cached by
-//! path; [`Modules::clear_cache`] forgets them so that edited files are read again.
+//! copy embedded in the binary at build time), then among the bundled jobs (the
+//! repository's scripts/, also embedded). A bundled job (source `job:NAME.rhai`)
+//! imports bundled modules first, so that it runs the same from any folder.
+//! Compiled modules are cached by path; [`Modules::clear_cache`] forgets them so
+//! that edited files are read again.
 
 use include_dir::{include_dir, Dir};
 use rhai::{Engine, EvalAltResult, Module, ModuleResolver, Position, Scope, Shared};
@@ -10,12 +13,54 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 static EMBEDDED_STDLIB: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/stdlib");
+static EMBEDDED_JOBS: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/scripts");
+
+/// The source name of a bundled job or module: `job:NAME.rhai`.
+pub const JOB_PREFIX: &str = "job:";
+const STDLIB_PREFIX: &str = "stdlib:";
+
+/// A bundled job's source by name (`distill_toy` or `distill_toy.rhai`), with the
+/// source name it runs under (`job:distill_toy.rhai`).
+pub fn bundled_job(name: &str) -> Option<(String, &'static str)> {
+    let file = if name.ends_with(".rhai") { name.to_string() } else { format!("{name}.rhai") };
+    let src = EMBEDDED_JOBS.get_file(&file)?.contents_utf8()?;
+    Some((format!("{JOB_PREFIX}{file}"), src))
+}
+
+/// Every bundled script (jobs and the modules they import) as (file name, source), by name.
+pub fn bundled_scripts() -> Vec<(&'static str, &'static str)> {
+    let mut v: Vec<_> = EMBEDDED_JOBS
+        .files()
+        .filter_map(|f| Some((f.path().to_str()?, f.contents_utf8()?)))
+        .filter(|(p, _)| p.ends_with(".rhai"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every embedded stdlib module as (file name, source).
+pub fn stdlib_scripts() -> Vec<(&'static str, &'static str)> {
+    let mut v: Vec<_> =
+        EMBEDDED_STDLIB.files().filter_map(|f| Some((f.path().to_str()?, f.contents_utf8()?))).collect();
+    v.sort();
+    v
+}
+
+/// The folder whose modules a script named `source` sees as "beside the main
+/// script": its file's folder, none for a bundled job or a stdlib module.
+pub fn main_dir_of(source: &str) -> Option<PathBuf> {
+    if source.starts_with(JOB_PREFIX) || source.starts_with(STDLIB_PREFIX) {
+        return None;
+    }
+    Path::new(source).parent().map(Path::to_path_buf)
+}
 
 /// Where a module's source came from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Origin {
     File(PathBuf),
     Embedded(&'static str),
+    Job(&'static str),
 }
 
 #[derive(Default)]
@@ -46,7 +91,7 @@ impl Modules {
             .keys()
             .filter_map(|o| match o {
                 Origin::File(p) => Some(p.clone()),
-                Origin::Embedded(_) => None,
+                Origin::Embedded(_) | Origin::Job(_) => None,
             })
             .collect()
     }
@@ -63,8 +108,8 @@ impl Modules {
     fn find(&self, source: Option<&str>, name: &str) -> Option<Origin> {
         let file = if name.ends_with(".rhai") { name.to_string() } else { format!("{name}.rhai") };
         let mut dirs: Vec<PathBuf> = vec![];
-        if let Some(dir) = source.filter(|s| !s.starts_with("stdlib:")).and_then(|s| Path::new(s).parent()) {
-            dirs.push(dir.to_path_buf());
+        if let Some(dir) = source.and_then(main_dir_of) {
+            dirs.push(dir);
         }
         if let Some(d) = self.inner().main_dir.clone() {
             dirs.push(d);
@@ -75,7 +120,13 @@ impl Modules {
         if let Some(p) = dirs.iter().map(|d| d.join(&file)).find(|p| p.is_file()) {
             return Some(Origin::File(p));
         }
-        EMBEDDED_STDLIB.get_file(&file).and_then(|f| f.path().to_str()).map(Origin::Embedded)
+        let stdlib = || EMBEDDED_STDLIB.get_file(&file).and_then(|f| f.path().to_str()).map(Origin::Embedded);
+        let job = || EMBEDDED_JOBS.get_file(&file).and_then(|f| f.path().to_str()).map(Origin::Job);
+        if source.is_some_and(|s| s.starts_with(JOB_PREFIX)) {
+            job().or_else(stdlib)
+        } else {
+            stdlib().or_else(job)
+        }
     }
 }
 
@@ -98,9 +149,13 @@ impl ModuleResolver for Modules {
                 let ast = engine.compile_file(p.clone()).map_err(|e| with_module(e, &p.display().to_string(), pos))?;
                 (ast, p.display().to_string())
             }
-            Origin::Embedded(rel) => {
-                let name = format!("stdlib:{rel}");
-                let src = EMBEDDED_STDLIB.get_file(rel).and_then(|f| f.contents_utf8()).unwrap_or_default();
+            Origin::Embedded(rel) | Origin::Job(rel) => {
+                let (dir, prefix) = match origin {
+                    Origin::Job(_) => (&EMBEDDED_JOBS, JOB_PREFIX),
+                    _ => (&EMBEDDED_STDLIB, STDLIB_PREFIX),
+                };
+                let name = format!("{prefix}{rel}");
+                let src = dir.get_file(rel).and_then(|f| f.contents_utf8()).unwrap_or_default();
                 let ast = engine.compile(src).map_err(|e| with_module(e.into(), &name, pos))?;
                 (ast, name)
             }

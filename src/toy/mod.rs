@@ -4,6 +4,7 @@
 //! each caption (exact place, size, hue, background) so that every prompt has a
 //! distribution, not one image.
 
+pub mod bundled;
 pub mod judge;
 
 use crate::error::{Error, Result};

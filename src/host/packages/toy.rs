@@ -55,6 +55,12 @@ fn random_batch(rng: &mut Generator, device: &candle_core::Device, n: i64, which
 pub fn register(api: &mut Api, rt: &Arc<RunState>) {
     api.group("toy world");
     api.func(
+        "toy_model",
+        [],
+        "The toy pipeline folder (teacher, VAE, text encoder, judge): models/toy when the working folder has one, else the copy bundled in the binary, unpacked once into the cache (SIDSCRIPT_CACHE, else ~/.cache/sidscript).",
+        || -> ScriptResult<String> { Ok(toy::bundled::toy_model_dir().script()?.display().to_string()) },
+    );
+    api.func(
         "toy_captions",
         ["split"],
         "The toy world's captions: \"all\" (240), \"train\" or \"heldout\" (one in ten, never trained on).",
