@@ -1,8 +1,11 @@
-// The stdlib/ modules are embedded in the binary (include_dir!); rebuild when they change.
+// The stdlib/ modules, the bundled jobs (scripts/) and the toy pipeline (models/toy) are
+// embedded in the binary (include_dir!); rebuild when they change.
 // With the cuda feature, sidscript's own CUDA kernels (src/ops/cuda/*.cu) are built
 // to PTX with nvcc for CUDA_COMPUTE_CAP (default 80) and embedded too.
 fn main() {
-    println!("cargo:rerun-if-changed=stdlib");
+    for dir in ["stdlib", "scripts", "models/toy"] {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build_ptx();
     }
