@@ -291,6 +291,25 @@ fn the_toy_main_job_writes_grids_curves_and_a_report_and_is_reproducible() {
     ] {
         assert!(dirs[0].join(f).is_file(), "{f} missing");
     }
+    // The generator card replaces the teacher's README; the sampler carries the run's K and t_init.
+    let card = std::fs::read_to_string(dirs[0].join("generator/README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n"), "{card}");
+    for want in [
+        "lsg(1.5)",
+        "| steps trained for (K) | 4 |",
+        "| t_init | 625 |",
+        "| iterations | 3 |",
+        "| seed | 5 |",
+        "EMA of the generator",
+        "custom_pipeline=",
+        "## Evaluation",
+        "| generator | 4 | ddim | lsg(1.5) |",
+    ] {
+        assert!(card.contains(want), "card lacks {want}:\n{card}");
+    }
+    assert!(!card.contains("shipped models"), "the teacher's README was copied:\n{card}");
+    let sampler = std::fs::read_to_string(dirs[0].join("generator/pipeline.py")).unwrap();
+    assert!(sampler.contains("T_INIT = 625\nSTEPS = 4\nRENOISE = \"fresh\""), "{sampler}");
     let m = metrics(&dirs[0]);
     assert_eq!(m.len(), 4, "iteration 0 (before training) and 3 iterations");
     assert!(m[2]["alignment"].is_number() && m[1]["alignment"].is_null());

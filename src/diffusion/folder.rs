@@ -173,8 +173,9 @@ pub fn load_tensors(
 /// Writes `unet` as a diffusers folder `out`: unet/ with the teacher folder's UNet
 /// config and these weights, and every other component copied from `teacher`. The
 /// folder is written whole ([`io::atomic::write_dir`](crate::io::atomic::write_dir)),
+/// with the `extra` files (name in the folder, bytes) in place of the teacher's of that name,
 /// so a failure (a full disk, NaN weights) leaves the earlier export, or none.
-pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path) -> Result<()> {
+pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path, extra: &[(&str, Vec<u8>)]) -> Result<()> {
     let cfg = teacher.join("unet").join("config.json");
     let cfg_text = std::fs::read_to_string(&cfg).map_err(|e| Error::io(&cfg, e))?;
     let weights: Vec<(String, Tensor)> = unet.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
@@ -184,10 +185,16 @@ pub fn export_unet(unet: &Unet, teacher: &Path, out: &Path) -> Result<()> {
             return Err(Error::file(&file, Some(name), "not exported: holds NaN or infinite values (a diverged run?)"));
         }
     }
+    // The extra files replace the teacher's of the same name (its README describes the teacher).
+    let mut skip = vec!["unet", "expected.safetensors"];
+    skip.extend(extra.iter().map(|(name, _)| *name));
     crate::io::atomic::write_dir(out, |tmp| {
         crate::io::atomic::write_bytes(&tmp.join("unet").join("config.json"), cfg_text.as_bytes())?;
         crate::io::safetensors::save(&tmp.join("unet").join("diffusion_pytorch_model.safetensors"), &weights)?;
-        copy_tree(teacher, tmp, &["unet", "expected.safetensors"])
+        for (name, bytes) in extra {
+            crate::io::atomic::write_bytes(&tmp.join(name), bytes)?;
+        }
+        copy_tree(teacher, tmp, &skip)
     })
 }
 

@@ -1,6 +1,7 @@
 //! Training pieces: parameters with gradient slots and trainable copies of models,
-//! optimisers, gradient clipping, EMA, checkpoint folders.
+//! optimisers, gradient clipping, EMA, checkpoint folders, the exported generator's card.
 
+pub mod card;
 pub mod checkpoint;
 pub mod ema;
 pub mod grad_clip;
