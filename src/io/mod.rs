@@ -4,3 +4,4 @@ pub mod atomic;
 pub mod image;
 pub mod plot;
 pub mod safetensors;
+pub mod tensorboard;

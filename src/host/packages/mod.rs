@@ -19,6 +19,7 @@ pub mod sampling;
 pub mod schedule;
 pub mod sid;
 pub mod tensor;
+pub mod tensorboard;
 pub mod text;
 pub mod text_encoder;
 pub mod tokenizer;
@@ -52,6 +53,7 @@ pub fn register_all(api: &mut Api, rt: &Arc<RunState>) {
     toy::register(api, rt);
     judge::register(api, rt);
     metrics::register(api);
+    tensorboard::register(api);
     eval::register(api, rt);
     run::register(api, rt);
 }
