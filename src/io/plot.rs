@@ -227,7 +227,13 @@ pub fn write_scatter_png(path: &Path, title: &str, x_label: &str, y_label: &str,
                         }
                     }))?
                     .label(s.name.clone())
-                    .legend(move |(x, y)| Circle::new((x + 8, y), 5, colour.filled()));
+                    .legend(move |(x, y)| {
+                        if marker {
+                            Cross::new((x + 8, y), 5, colour.stroke_width(2)).into_dyn()
+                        } else {
+                            Circle::new((x + 8, y), 5, colour.filled()).into_dyn()
+                        }
+                    });
                 let labelled = s.points.iter().zip(&s.labels).filter(|(p, _)| p.0.is_finite() && p.1.is_finite());
                 chart.draw_series(labelled.map(|(&p, l)| {
                     EmptyElement::at(p) + Text::new(l.clone(), (7, -14), ("sans-serif", 12).into_font().color(&colour))
