@@ -10,7 +10,7 @@
 //! or in the bundled modules it imports.
 
 use crate::host::driven::{is_host_driven, DrivenScript};
-use crate::host::modules::{bundled_scripts, stdlib_scripts};
+use crate::host::modules::{bundled_scripts, stdlib_scripts, JOB_PREFIX};
 use crate::host::Host;
 use rhai::{Dynamic, Stmt};
 use std::collections::BTreeMap;
@@ -32,7 +32,7 @@ pub fn jobs(host: &Host) -> anyhow::Result<Vec<Job>> {
         bundled_scripts().into_iter().map(|(f, src)| (f.trim_end_matches(".rhai"), src)).collect();
     let mut out = vec![];
     for (&name, &src) in &scripts {
-        let ast = host.compile_script(Path::new(name))?;
+        let ast = host.compile_str(src, &format!("{JOB_PREFIX}{name}.rhai"))?;
         let runs_something = ast.statements().iter().any(|s| !matches!(s, Stmt::Import(..)));
         let driven = is_host_driven(&ast);
         if !driven && !runs_something {

@@ -22,14 +22,23 @@ const STDLIB_PREFIX: &str = "stdlib:";
 /// A bundled job's source by name (`distill_toy` or `distill_toy.rhai`), with the
 /// source name it runs under (`job:distill_toy.rhai`).
 pub fn bundled_job(name: &str) -> Option<(String, &'static str)> {
-    let file = if name.ends_with(".rhai") { name.to_string() } else { format!("{name}.rhai") };
+    let file = rhai_file(name);
     let src = EMBEDDED_JOBS.get_file(&file)?.contents_utf8()?;
     Some((format!("{JOB_PREFIX}{file}"), src))
 }
 
-/// Every bundled script (jobs and the modules they import) as (file name, source), by name.
-pub fn bundled_scripts() -> Vec<(&'static str, &'static str)> {
-    let mut v: Vec<_> = EMBEDDED_JOBS
+/// `name.rhai` for a module or job name given with or without the extension.
+fn rhai_file(name: &str) -> String {
+    if name.ends_with(".rhai") {
+        name.to_string()
+    } else {
+        format!("{name}.rhai")
+    }
+}
+
+/// The .rhai files of an embedded folder as (file name, source), by name.
+fn rhai_files(dir: &'static Dir<'static>) -> Vec<(&'static str, &'static str)> {
+    let mut v: Vec<_> = dir
         .files()
         .filter_map(|f| Some((f.path().to_str()?, f.contents_utf8()?)))
         .filter(|(p, _)| p.ends_with(".rhai"))
@@ -38,12 +47,14 @@ pub fn bundled_scripts() -> Vec<(&'static str, &'static str)> {
     v
 }
 
-/// Every embedded stdlib module as (file name, source).
+/// Every bundled script (jobs and the modules they import) as (file name, source), by name.
+pub fn bundled_scripts() -> Vec<(&'static str, &'static str)> {
+    rhai_files(&EMBEDDED_JOBS)
+}
+
+/// Every embedded stdlib module as (file name, source), by name.
 pub fn stdlib_scripts() -> Vec<(&'static str, &'static str)> {
-    let mut v: Vec<_> =
-        EMBEDDED_STDLIB.files().filter_map(|f| Some((f.path().to_str()?, f.contents_utf8()?))).collect();
-    v.sort();
-    v
+    rhai_files(&EMBEDDED_STDLIB)
 }
 
 /// The folder whose modules a script named `source` sees as "beside the main
@@ -98,7 +109,7 @@ impl Modules {
 
     /// Names of the stdlib modules embedded in the binary.
     pub fn embedded_names() -> Vec<String> {
-        EMBEDDED_STDLIB.files().filter_map(|f| f.path().to_str()?.strip_suffix(".rhai").map(str::to_string)).collect()
+        stdlib_scripts().iter().map(|(f, _)| f.trim_end_matches(".rhai").to_string()).collect()
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -106,7 +117,7 @@ impl Modules {
     }
 
     fn find(&self, source: Option<&str>, name: &str) -> Option<Origin> {
-        let file = if name.ends_with(".rhai") { name.to_string() } else { format!("{name}.rhai") };
+        let file = rhai_file(name);
         let mut dirs: Vec<PathBuf> = vec![];
         if let Some(dir) = source.and_then(main_dir_of) {
             dirs.push(dir);
