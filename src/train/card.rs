@@ -44,6 +44,15 @@ pub struct GeneratorCard {
 }
 
 impl GeneratorCard {
+    /// The training chain's re-noising, `fresh` when not recorded.
+    fn renoise(&self) -> &str {
+        if self.renoise.is_empty() {
+            "fresh"
+        } else {
+            &self.renoise
+        }
+    }
+
     /// The README.md for the export at `folder`.
     pub fn markdown(&self, folder: &str) -> String {
         let mut front = String::from("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n");
@@ -51,7 +60,7 @@ impl GeneratorCard {
             front.push_str(&format!("base_model: {b}\n"));
         }
         front.push_str("tags:\n- text-to-image\n- score-identity-distillation\n- few-step\n- sidscript\n---\n\n");
-        let renoise = if self.renoise.is_empty() { "fresh" } else { &self.renoise };
+        let renoise = self.renoise();
         let guidance = match (&self.guidance, self.kappas) {
             (Some(g), Some([k1, k2, k4])) => {
                 format!("{g} (κ: fake net in its loss {k1}, fake net in the generator loss {k2}, teacher {k4})")
@@ -137,7 +146,7 @@ impl GeneratorCard {
 
     /// The sampler file, with this generator's t_init, K and re-noising as its defaults.
     pub fn pipeline_py(&self) -> String {
-        let renoise = if self.renoise.is_empty() { "fresh" } else { &self.renoise };
+        let renoise = self.renoise();
         include_str!("../../assets/export/pipeline.py")
             .replace("{t_init}", &self.t_init.to_string())
             .replace("{steps}", &self.steps.to_string())

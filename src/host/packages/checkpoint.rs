@@ -11,6 +11,7 @@ use super::ema::EmaHandle;
 use super::optimizer::OptimizerHandle;
 use super::unet::UnetHandle;
 use crate::diffusion::folder::export_unet;
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::check_opts;
@@ -105,11 +106,11 @@ fn card_of(teacher: &str, run: &Map) -> ScriptResult<GeneratorCard> {
         "export_diffusers",
     )?;
     let int = |k: &str| run.get(k).and_then(|v| v.as_int().ok());
-    let float = |k: &str| run.get(k).and_then(|v| v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64)));
+    let float = |k: &str| run.get(k).and_then(|v| number(v, k).ok());
     let text = |k: &str| run.get(k).filter(|v| !v.is_unit()).map(|v| v.to_string());
     let (guidance, kappas) = match run.get("guidance").and_then(|g| g.clone().try_cast::<Map>()) {
         Some(g) => {
-            let k = |n: &str| g.get(n).and_then(|v| v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64)));
+            let k = |n: &str| g.get(n).and_then(|v| number(v, n).ok());
             let kappas = match (k("train_fake"), k("fake"), k("real")) {
                 (Some(a), Some(b), Some(c)) => Some([a, b, c]),
                 _ => None,

@@ -8,6 +8,7 @@
 //! plot_jsonl("out/metrics.jsonl", "out/curves.png", #{ x: "iteration", panels: [["fake_loss"], ["alignment"]] });
 //! ```
 
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::tensor::TensorHandle;
@@ -48,12 +49,6 @@ fn panels_from_jsonl(path: &str, x: &str, panels: &Array) -> ScriptResult<Vec<Pa
         out.push(Panel { title: keys.join(", "), series });
     }
     Ok(out)
-}
-
-fn number(v: &rhai::Dynamic, what: &str) -> ScriptResult<f64> {
-    v.as_float()
-        .or_else(|_| v.as_int().map(|i| i as f64))
-        .map_err(|t| script_err(format!("{what}: expected a number, got {t}")))
 }
 
 /// `#{ name, points: [[x, y], ...], labels: [...], line: bool }` → `Points`.

@@ -8,6 +8,7 @@
 //! tb.image("samples", 10, "out/run/grid-10.png");  // a PNG file as an image
 //! ```
 
+use crate::host::args::number;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::io::tensorboard::EventWriter;
@@ -30,7 +31,7 @@ fn numbers(values: &Map, prefix: &str) -> Vec<(String, f32)> {
     values
         .iter()
         .filter_map(|(k, v)| {
-            let x = v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))?;
+            let x = number(v, k).ok()?;
             let tag = if prefix.is_empty() { k.to_string() } else { format!("{prefix}/{k}") };
             Some((tag, x as f32))
         })
