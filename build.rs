@@ -18,7 +18,7 @@ fn build_ptx() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    for name in ["adam", "norm", "activation"] {
+    for name in ["adam", "norm", "activation", "attention"] {
         let src = format!("src/ops/cuda/{name}.cu");
         let ptx = out.join(format!("{name}.ptx"));
         let status = std::process::Command::new(&nvcc)

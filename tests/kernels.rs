@@ -3,7 +3,8 @@
 //! a small size (convolutions 3×3 / stride 2 / 1×1, attention head dims 40, 64,
 //! 80 and 160, group and layer norm, SiLU, GEGLU, linear). On the CPU this checks the
 //! f32 kernels; in cuda builds the same test runs the CUDA forms (cuDNN
-//! convolutions with the `cudnn` feature) and, for convolutions, bf16.
+//! convolutions with the `cudnn` feature, flash attention) and, for convolutions
+//! and attention, bf16.
 
 mod common;
 
@@ -93,23 +94,37 @@ test_device!(convolutions, convolutions_cpu, convolutions_cuda);
 
 fn attention(dev: &Device) -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(12);
-    // Head dims of SD1.5 (40, 80, 160) and SDXL (64); self- and cross-attention.
-    for (heads, d, n, m) in [(2, 40, 33, 33), (2, 64, 20, 7), (1, 80, 16, 77), (1, 160, 9, 9)] {
+    // Head dims of SD1.5 (40, 80, 160) and SDXL (64), and small ones (8, 100) padded
+    // to the next kernel size on CUDA; self- and cross-attention (77 text tokens);
+    // query and key counts under one tile and over several.
+    for (heads, d, n, m) in [
+        (2, 40, 33, 33),
+        (2, 40, 70, 77),
+        (2, 64, 20, 7),
+        (1, 64, 96, 96),
+        (1, 80, 16, 77),
+        (1, 160, 9, 9),
+        (1, 160, 40, 77),
+        (3, 8, 20, 9),
+        (1, 100, 19, 21),
+    ] {
         let inputs = [
             randn(&mut rng, &[2, n, heads * d]),
             randn(&mut rng, &[2, m, heads * d]),
             randn(&mut rng, &[2, m, heads * d]),
         ];
         let scale = 1.0 / (d as f64).sqrt();
-        compare(
-            &format!("attention {heads}×{d}, {n}×{m}"),
-            dev,
-            DType::F32,
-            &inputs,
-            &move |t| ops::attention(&t[0], &t[1], &t[2], heads, scale),
-            &move |t| ops::attention::attention_composed(&t[0], &t[1], &t[2], heads, scale),
-            1e-4,
-        );
+        for (dtype, tol) in dtypes(dev, true) {
+            compare(
+                &format!("attention {heads}×{d}, {n}×{m}"),
+                dev,
+                dtype,
+                &inputs,
+                &move |t| ops::attention(&t[0], &t[1], &t[2], heads, scale),
+                &move |t| ops::attention::attention_composed(&t[0], &t[1], &t[2], heads, scale),
+                tol,
+            );
+        }
     }
     Ok(())
 }

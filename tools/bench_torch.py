@@ -263,11 +263,23 @@ def op_costs(ops, nodes, reps):
     bias, tokens = torch.randn(1, 320, 1, 1, device=DEVICE), torch.randn(1, 4096, 320, device=DEVICE)
     wide = torch.randn(4096, 2560, device=DEVICE)
 
-    def per_call(fn):
+    def per_call(fn, calls=ops):
         def run():
-            for _ in range(ops):
+            for _ in range(calls):
                 fn()
-        return best(run, reps) / ops * 1e6
+        return best(run, reps) / calls * 1e6
+
+    def attention(heads, d, dtype, backward):
+        """SDPA on [1, 4096, heads·d] projections, split into heads as diffusers does."""
+        q, k, v, w = (torch.randn(1, 4096, heads * d, device=DEVICE, dtype=dtype) for _ in range(4))
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+
+        def call():
+            split = [t.view(1, 4096, heads, d).transpose(1, 2) for t in (q, k, v)]
+            out = f.scaled_dot_product_attention(*split).transpose(1, 2).reshape(1, 4096, heads * d)
+            if backward:
+                (out * w).sum().backward()
+        return per_call(call, 20)
 
     def backward_per_node(x, step):
         def chain():
@@ -289,7 +301,15 @@ def op_costs(ops, nodes, reps):
             timings.append((time.perf_counter() - t) / nodes * 1e6)
         return min(timings[1:])
 
-    return {
+    heavy = {}
+    if DEVICE.type == "cuda":
+        heavy = {
+            "attention fwd [1,4096,8×40] f32": attention(8, 40, torch.float32, False),
+            "attention fwd+bwd [1,4096,8×40] f32": attention(8, 40, torch.float32, True),
+            "attention fwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, False),
+            "attention fwd+bwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, True),
+        }
+    return heavy | {
         "add [64] (launch floor)": per_call(lambda: small + small),
         "add [1,320,64,64]": per_call(lambda: img + img),
         "broadcast_add [1,320,64,64] + [1,320,1,1]": per_call(lambda: img + bias),

@@ -7,12 +7,16 @@
 //! flash attention does) instead of keeping them, and query rows go in blocks so
 //! that no task holds more than `BLOCK_SCORES` scores at once.
 //!
-//! On CUDA the same op shape is built from candle ops (`Blockwise`): the forward
-//! runs off the graph in blocks of query rows and is handed to the op, and the
-//! backward recomputes each block's probabilities. Composed attention keeps every
-//! score matrix of the forward for the backward — for SD1.5 at 64×64 latents that
-//! is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU — where
-//! this keeps one block of `BATCH_BLOCK_SCORES` at a time.
+//! On CUDA, f32 and bf16 with head dims up to 160 take flash-attention kernels
+//! (`cuda/attention.cu`, the `flash` module below): the forward keeps each query
+//! row's log-sum-exp, the backward recomputes the probabilities tile by tile, and
+//! no score matrix is ever stored. Other dtypes and head dims, or all of them with
+//! `SIDSCRIPT_FLASH_ATTENTION=0`, take a form built from candle ops (`Blockwise`):
+//! the forward runs off the graph in blocks of query rows and is handed to the op,
+//! and the backward recomputes each block's probabilities. Composed attention keeps
+//! every score matrix of the forward for the backward — for SD1.5 at 64×64 latents
+//! that is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU —
+//! where this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
 use super::activation::{softmax_grad_row, softmax_row};
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
@@ -161,15 +165,36 @@ fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
     out
 }
 
-struct Sdpa(Geom);
+/// The attention op: the CPU kernel, or on CUDA the flash kernels, whose forward
+/// leaves each query row's log-sum-exp here for the backward.
+struct Sdpa {
+    geom: Geom,
+    #[cfg(feature = "cuda")]
+    lse: flash::Lse,
+}
+
+impl Sdpa {
+    fn new(geom: Geom) -> Self {
+        Self {
+            geom,
+            #[cfg(feature = "cuda")]
+            lse: Default::default(),
+        }
+    }
+}
 
 /// The backward op: q, k and v ride along (a custom op takes at most three
-/// arguments) and are read in `cpu_fwd` under their own read locks.
+/// arguments) and are read in `cpu_fwd` under their own read locks; on CUDA also
+/// the output and the forward's log-sum-exp.
 struct SdpaGrad {
     geom: Geom,
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    #[cfg(feature = "cuda")]
+    out: Tensor,
+    #[cfg(feature = "cuda")]
+    lse: Option<std::sync::Arc<candle_core::CudaStorage>>,
 }
 
 impl CustomOp3 for Sdpa {
@@ -177,15 +202,38 @@ impl CustomOp3 for Sdpa {
         Self::NAME
     }
     kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (out, lse) = flash::forward(&self.geom, (q, ql), (k, kl), (v, vl))?;
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(lse));
+        Ok((out, ql.shape().clone()))
+    }
     fn bwd(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = SdpaGrad { geom: self.0, q: q.clone(), k: k.clone(), v: v.clone() };
+        let op = SdpaGrad {
+            geom: self.geom,
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            #[cfg(feature = "cuda")]
+            out: res.clone(),
+            #[cfg(feature = "cuda")]
+            lse: self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        };
         let packed =
             crate::profile::span("attention.backward", q.device(), || grad.contiguous()?.apply_op1_no_bwd(&op))?;
         let (lq, lk) = (q.elem_count(), k.elem_count());
@@ -198,7 +246,7 @@ impl Kernel for Sdpa {
     const NAME: &'static str = "scaled-dot-product-attention";
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
         let &[(q, ql), (k, kl), (v, vl)] = ops else { candle_core::bail!("attention: three operands") };
-        Ok((forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, &self.0), ql.shape().clone()))
+        Ok((forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, &self.geom), ql.shape().clone()))
     }
 }
 
@@ -228,6 +276,14 @@ impl CustomOp1 for SdpaGrad {
         let ((qs, ql), (ks, kl), (vs, vl)) =
             (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
         dispatch::cpu(self, &[(cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl), (go, gl)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        go: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        flash::backward(self, (go, gl))
     }
 }
 
@@ -348,19 +404,47 @@ impl CustomOp3 for BlockwiseOp {
 }
 
 /// Whether `attention` takes tensors like `x`: CPU f32/f64 (the fused kernel) and
-/// CUDA (candle ops in blocks); elsewhere callers compose attention themselves.
+/// CUDA (flash kernels, else candle ops in blocks); elsewhere callers compose
+/// attention themselves.
 pub fn supported(x: &Tensor) -> bool {
     has_cpu_kernel(x) || x.device().is_cuda()
+}
+
+/// The flash kernels' padded head dims with their tiles (query rows, keys), as
+/// `FLASH_TILES` in `cuda/attention.cu` builds them.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_TILES: [(usize, u32, u32); 6] =
+    [(32, 32, 32), (40, 32, 32), (64, 32, 32), (80, 32, 16), (128, 16, 16), (160, 16, 16)];
+
+/// The smallest padded head dim of the flash kernels that holds `d`, with its tiles.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn flash_tiles(d: usize) -> Option<(usize, u32, u32)> {
+    FLASH_TILES.iter().copied().find(|&(dm, ..)| d <= dm)
+}
+
+/// Whether q with `d` channels per head takes the flash kernels: CUDA, f32 or bf16,
+/// d ≤ 160, unless `SIDSCRIPT_FLASH_ATTENTION=0` (the candle-op form then, to
+/// compare).
+#[cfg(feature = "cuda")]
+fn takes_flash(q: &Tensor, d: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("SIDSCRIPT_FLASH_ATTENTION").map_or(true, |v| v != "0"));
+    on && q.device().is_cuda() && matches!(q.dtype(), DType::F32 | DType::BF16) && flash_tiles(d).is_some()
+}
+#[cfg(not(feature = "cuda"))]
+fn takes_flash(_: &Tensor, _: usize) -> bool {
+    false
 }
 
 /// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
 /// as [B, N, heads·d], on the devices `supported` names.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     crate::profile::span("attention.forward", q.device(), || {
-        if has_cpu_kernel(q) {
+        let (b, n, width) = q.dims3()?;
+        let same_dtype = k.dtype() == q.dtype() && v.dtype() == q.dtype();
+        if has_cpu_kernel(q) || (same_dtype && heads > 0 && takes_flash(q, width / heads)) {
             return attention_in_blocks(q, k, v, heads, scale, None);
         }
-        let (b, n, _) = q.dims3()?;
         let m = k.dim(1)?;
         let block = (BATCH_BLOCK_SCORES / (b * heads * m).max(1)).clamp(1, n.max(1));
         let form = Blockwise { heads, scale, block };
@@ -385,7 +469,7 @@ fn attention_in_blocks(
     }
     let block = block.unwrap_or(BLOCK_SCORES / m.max(1)).clamp(1, n.max(1));
     let geom = Geom { batch, n, m, heads, d: width / heads, scale, block };
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Sdpa(geom))?)
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Sdpa::new(geom))?)
 }
 
 /// softmax(scale·Q Kᵀ)·V per head from candle ops, every score at once: the
@@ -394,6 +478,174 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scal
     let (qh, kh, vh) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
     let p = candle_nn::ops::softmax(&(qh.matmul(&kh.t()?)? * scale)?, D::Minus1)?;
     Ok(merge_heads(&p.matmul(&vh)?)?)
+}
+
+/// The flash-attention kernels (`cuda/attention.cu`): the forward with each query
+/// row's log-sum-exp, and the backward as D = Σ dO∘O per row, then dK and dV over
+/// key tiles and dQ over query tiles.
+#[cfg(feature = "cuda")]
+mod flash {
+    use super::super::kernels_cuda::{grid_stride, view, ATTENTION as PTX};
+    use super::{Geom, SdpaGrad};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::CudaDType;
+    use candle_core::{CudaStorage, DType, Layout, Shape, Storage};
+    use std::sync::{Arc, Mutex};
+
+    /// The forward's log-sum-exp per query row, f32 [batch·heads, n], kept for the backward.
+    pub(super) type Lse = Mutex<Option<Arc<CudaStorage>>>;
+
+    type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+    fn dtype_name(dtype: DType) -> candle_core::Result<&'static str> {
+        match dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            _ => candle_core::bail!("flash attention: no kernel for {dtype:?}"),
+        }
+    }
+
+    /// The kernel `{name}_{dtype}_d{DM}` for this head dim, with its tiles (query rows, keys).
+    fn kernel(
+        dev: &candle_core::CudaDevice,
+        name: &str,
+        g: &Geom,
+        dtype: DType,
+    ) -> candle_core::Result<(CudaFunction, u32, u32)> {
+        let Some((dm, bq, bk)) = super::flash_tiles(g.d) else {
+            candle_core::bail!("flash attention: head dim {} over 160", g.d)
+        };
+        let f =
+            dev.get_or_load_custom_func(&format!("{name}_{}_d{dm}", dtype_name(dtype)?), "sidscript_attention", PTX)?;
+        Ok((f.into_cuda_function(), bq, bk))
+    }
+
+    fn blocks(len: usize, tile: u32, g: &Geom) -> LaunchConfig {
+        let tiles = len.div_ceil(tile as usize).max(1) as u32;
+        LaunchConfig { grid_dim: (tiles, g.tasks() as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// The sizes every kernel takes after its tensors: n, m, heads, d and the scale.
+    fn dims(g: &Geom) -> [i32; 4] {
+        [g.n as i32, g.m as i32, g.heads as i32, g.d as i32]
+    }
+
+    fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &candle_core::CudaDevice) -> CudaStorage {
+        CudaStorage::wrap_cuda_slice(s, dev.clone())
+    }
+
+    /// The output [batch, n, heads·d] and the log-sum-exp.
+    pub(super) fn forward(
+        g: &Geom,
+        q: Operand,
+        k: Operand,
+        v: Operand,
+    ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+        match q.0.dtype() {
+            DType::F32 => forward_as::<f32>(g, q, k, v),
+            DType::BF16 => forward_as::<half::bf16>(g, q, k, v),
+            other => candle_core::bail!("flash attention: no kernel for {other:?}"),
+        }
+    }
+
+    fn forward_as<T: CudaDType + DeviceRepr>(
+        g: &Geom,
+        q: Operand,
+        k: Operand,
+        v: Operand,
+    ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+        let dev = q.0.device.clone();
+        let (f, bq, _) = kernel(&dev, "flash_fwd", g, q.0.dtype())?;
+        let stream = dev.cuda_stream();
+        // SAFETY: the kernel writes every output element and every row's lse.
+        let mut out = unsafe { stream.alloc::<T>(g.batch * g.n * g.width()) }.map_err(candle_core::Error::wrap)?;
+        let mut lse = unsafe { stream.alloc::<f32>(g.tasks() * g.n) }.map_err(candle_core::Error::wrap)?;
+        let (qv, kv, vv) = (view::<T>(q.0, q.1)?, view::<T>(k.0, k.1)?, view::<T>(v.0, v.1)?);
+        let ([n, m, heads, d], scale) = (dims(g), g.scale as f32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qv).arg(&kv).arg(&vv).arg(&mut out).arg(&mut lse).arg(&n).arg(&m).arg(&heads).arg(&d).arg(&scale);
+        // SAFETY: arguments as flash_fwd(q, k, v, o, lse, n, m, heads, d, scale); q holds
+        // batch·n rows and k, v batch·m rows of heads·d values.
+        unsafe { b.launch(blocks(g.n, bq, g)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        Ok((wrap(out, &dev), wrap(lse, &dev)))
+    }
+
+    /// [dq | dk | dv] for the output gradient `go`, each in its input's layout.
+    pub(super) fn backward(op: &SdpaGrad, go: Operand) -> candle_core::Result<(CudaStorage, Shape)> {
+        let Some(lse) = op.lse.as_deref() else {
+            candle_core::bail!("flash attention backward: the forward left no log-sum-exp")
+        };
+        let (qs, ql) = op.q.storage_and_layout();
+        let (ks, kl) = op.k.storage_and_layout();
+        let (vs, vl) = op.v.storage_and_layout();
+        let (os, ol) = op.out.storage_and_layout();
+        fn cuda(s: &Storage) -> candle_core::Result<&CudaStorage> {
+            match s {
+                Storage::Cuda(c) => Ok(c),
+                _ => candle_core::bail!("flash attention backward: operands must be on CUDA"),
+            }
+        }
+        let ops = [(cuda(&qs)?, &*ql), (cuda(&ks)?, &*kl), (cuda(&vs)?, &*vl), (cuda(&os)?, &*ol), go];
+        let lse = (lse, &Layout::contiguous(op.geom.tasks() * op.geom.n));
+        match go.0.dtype() {
+            DType::F32 => backward_as::<f32>(&op.geom, ops, lse),
+            DType::BF16 => backward_as::<half::bf16>(&op.geom, ops, lse),
+            other => candle_core::bail!("flash attention: no kernel for {other:?}"),
+        }
+    }
+
+    fn backward_as<T: CudaDType + DeviceRepr>(
+        g: &Geom,
+        [q, k, v, o, go]: [Operand; 5],
+        lse: Operand,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = q.0.device.clone();
+        let dtype = q.0.dtype();
+        let stream = dev.cuda_stream();
+        let (qv, kv, vv, ov, gv) = (
+            view::<T>(q.0, q.1)?,
+            view::<T>(k.0, k.1)?,
+            view::<T>(v.0, v.1)?,
+            view::<T>(o.0, o.1)?,
+            view::<T>(go.0, go.1)?,
+        );
+        let lv = view::<f32>(lse.0, lse.1)?;
+        let ([n, m, heads, d], scale) = (dims(g), g.scale as f32);
+        let rows = g.tasks() * g.n;
+        // D = Σ dO∘O per query row.
+        let f =
+            dev.get_or_load_custom_func(&format!("flash_rowdot_{}", dtype_name(dtype)?), "sidscript_attention", PTX)?;
+        // SAFETY: flash_rowdot writes every row.
+        let mut rowdot = unsafe { stream.alloc::<f32>(rows) }.map_err(candle_core::Error::wrap)?;
+        let rows32 = rows as i32;
+        let mut b = f.builder();
+        b.arg(&ov).arg(&gv).arg(&mut rowdot).arg(&n).arg(&heads).arg(&d).arg(&rows32);
+        // SAFETY: arguments as flash_rowdot(o, dout, rowdot, n, heads, d, rows).
+        unsafe { b.launch(grid_stride(rows)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        let (lq, lk) = (g.batch * g.n * g.width(), g.batch * g.m * g.width());
+        // SAFETY: the two kernels below write every element of dq, dk and dv.
+        let mut packed = unsafe { stream.alloc::<T>(lq + 2 * lk) }.map_err(candle_core::Error::wrap)?;
+        let (mut dq, mut rest) = packed.split_at_mut(lq);
+        let (mut dk, mut dv) = rest.split_at_mut(lk);
+        let (f, _, bk) = kernel(&dev, "flash_dkdv", g, dtype)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&rowdot).arg(&mut dk).arg(&mut dv);
+        b.arg(&n).arg(&m).arg(&heads).arg(&d).arg(&scale);
+        // SAFETY: arguments as flash_dkdv(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale).
+        unsafe { b.launch(blocks(g.m, bk, g)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        let (f, bq, _) = kernel(&dev, "flash_dq", g, dtype)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&rowdot).arg(&mut dq);
+        b.arg(&n).arg(&m).arg(&heads).arg(&d).arg(&scale);
+        // SAFETY: arguments as flash_dq(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale).
+        unsafe { b.launch(blocks(g.n, bq, g)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        Ok((wrap(packed, &dev), Shape::from(lq + 2 * lk)))
+    }
 }
 
 #[cfg(test)]
@@ -474,6 +726,25 @@ mod tests {
             assert!(err < 5e-2, "bf16 gradient differs by {err}");
         }
         Ok(())
+    }
+
+    /// The head dims and tiles picked here are the ones `attention.cu` builds.
+    #[test]
+    fn flash_tiles_match_the_kernels() {
+        let src = include_str!("cuda/attention.cu");
+        let line = src.lines().find(|l| l.starts_with("#define FLASH_TILES(X)")).expect("FLASH_TILES in attention.cu");
+        let built: Vec<(usize, u32, u32)> = line
+            .split("X(")
+            .skip(1)
+            .map(|t| {
+                let v: Vec<u32> = t.split(')').next().unwrap().split(',').map(|x| x.trim().parse().unwrap()).collect();
+                (v[0] as usize, v[1], v[2])
+            })
+            .collect();
+        assert_eq!(built, FLASH_TILES);
+        assert_eq!(flash_tiles(8), Some((32, 32, 32)));
+        assert_eq!(flash_tiles(100), Some((128, 16, 16)));
+        assert_eq!(flash_tiles(161), None);
     }
 
     #[test]

@@ -9,6 +9,8 @@ use candle_core::{CudaStorage, Layout, Shape};
 pub(crate) const ADAM: &str = include_str!(concat!(env!("OUT_DIR"), "/adam.ptx"));
 /// Group/layer norm each way (`cuda/norm.cu`).
 pub(crate) const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+/// Flash attention forward and backward (`cuda/attention.cu`).
+pub(crate) const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 /// SiLU and GEGLU each way (`cuda/activation.cu`).
 pub(crate) const ACTIVATION: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
 

@@ -1,0 +1,336 @@
+// Attention on CUDA, flash style: softmax(s·Q Kᵀ)·V per head without ever holding
+// an N×M score matrix, forward and backward, for f32 and bf16 storage (compute and
+// all sums in f32). The CUDA side of ops::attention; the CPU kernel there is the
+// same algorithm (blocks of query rows, probabilities recomputed in backward).
+//
+// Layout: q and the output o are [B, N, heads·d], k and v [B, M, heads·d] (the
+// projections as the UNet makes them; head h of row i is the d elements at
+// i·heads·d + h·d); lse and rowdot are f32 [B·heads, N]. Every kernel runs 128
+// threads per block on tiles in shared memory: BQ query rows × BK keys × DM head
+// channels (DM ≥ d, padded with zeros; rows past N or M likewise).
+//
+//   flash_fwd:    o = softmax(s·Q Kᵀ) V, lse = log Σⱼ exp(s·q·kⱼ) per query row;
+//                 one block per (BQ query rows, b·heads + h), online softmax over key tiles
+//   flash_rowdot: D = Σ dO∘O per query row
+//   flash_dkdv:   dV = Σ Pᵀ dO, dK = Σ dSᵀ (s·Q) with P = exp(s·Q Kᵀ − lse) and
+//                 dS = P∘(dO Vᵀ − D); one block per (BK keys, b·heads + h)
+//   flash_dq:     dQ = s·Σ dS K; one block per (BQ query rows, b·heads + h)
+//
+// dQ has its own kernel rather than atomic adds from flash_dkdv, so every result
+// is the same from run to run. The scale goes on Q as it is loaded (the scores of
+// s·Q are the scaled scores, and dK = dSᵀ (s·Q)).
+//
+// tools/cuda_emu runs these kernels on the CPU (threads as coroutines, each
+// __syncthreads a barrier) against a double-precision reference: built as plain
+// C++ there, so this file keeps to what that shim provides (no warp intrinsics).
+#ifndef SIDSCRIPT_CPU_EMULATION
+#include <cuda_bf16.h>
+#endif
+#include <math.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define FLASH_THREADS 128
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16(x); }
+
+// Threads along the columns of an M×N output tile shared by FLASH_THREADS threads,
+// each owning RM rows × RN columns: the split (a power of two up to 32) with the
+// fewest shared-memory loads per multiply-add, (RM + RN) / (RM·RN).
+__host__ __device__ constexpr int pick_cols(int m, int n) {
+    int best = 0, best_cost = 1 << 30;
+    for (int tc = 1; tc <= 32; tc *= 2) {
+        const int tr = FLASH_THREADS / tc;
+        if (n % tc != 0 || m % tr != 0) continue;
+        const int rm = m / tr, rn = n / tc, cost = (rm + rn) * 1024 / (rm * rn);
+        if (cost < best_cost) best = tc, best_cost = cost;
+    }
+    return best;
+}
+
+// Thread t's share of an M×N tile: rows tr·RM + i, columns tc + j·TC (consecutive
+// threads read consecutive columns of the right operand).
+template <int M, int N> struct Tile {
+    static constexpr int TC = pick_cols(M, N);
+    static_assert(TC > 0, "no thread split for this tile");
+    static constexpr int TR = FLASH_THREADS / TC, RM = M / TR, RN = N / TC;
+    static __device__ __forceinline__ int row(int i) { return (int)(threadIdx.x / TC) * RM + i; }
+    static __device__ __forceinline__ int col(int j) { return (int)(threadIdx.x % TC) + j * TC; }
+};
+
+// acc[i][j] += Σₖ A(row i, k)·B(k, col j) over k < K, for this thread's share of an
+// M×N tile; A(r, k) = a[r·ar + k·ak] and B(k, c) = b[k·bk + c·bc] in shared memory.
+template <int M, int N, int K>
+__device__ __forceinline__ void tile_product(float (&acc)[Tile<M, N>::RM][Tile<M, N>::RN], const float *a, int ar,
+                                             int ak, const float *b, int bk, int bc) {
+    typedef Tile<M, N> Tl;
+#pragma unroll 4
+    for (int k = 0; k < K; ++k) {
+        float av[Tl::RM], bv[Tl::RN];
+#pragma unroll
+        for (int i = 0; i < Tl::RM; ++i) av[i] = a[Tl::row(i) * ar + k * ak];
+#pragma unroll
+        for (int j = 0; j < Tl::RN; ++j) bv[j] = b[k * bk + Tl::col(j) * bc];
+#pragma unroll
+        for (int i = 0; i < Tl::RM; ++i)
+#pragma unroll
+            for (int j = 0; j < Tl::RN; ++j) acc[i][j] += av[i] * bv[j];
+    }
+}
+
+template <int M, int N> __device__ __forceinline__ void zero(float (&acc)[Tile<M, N>::RM][Tile<M, N>::RN]) {
+#pragma unroll
+    for (int i = 0; i < Tile<M, N>::RM; ++i)
+#pragma unroll
+        for (int j = 0; j < Tile<M, N>::RN; ++j) acc[i][j] = 0.0f;
+}
+
+// Rows r0 .. r0 + R of one head (row i at src[i·w], d channels) into dst [R][DM + 1]
+// as f32 times `scale`, zeros past `rows` and past d.
+template <typename T, int R, int DM>
+__device__ __forceinline__ void load_rows(float *dst, const T *src, int r0, int rows, long w, int d, float scale) {
+    for (int e = threadIdx.x; e < R * DM; e += FLASH_THREADS) {
+        const int r = e / DM, c = e % DM;
+        dst[r * (DM + 1) + c] = (r0 + r < rows && c < d) ? to_f32(src[(long)(r0 + r) * w + c]) * scale : 0.0f;
+    }
+}
+
+// This thread's share of an R×DM accumulator, times `scale`, into rows r0 .. of one head.
+template <typename T, int R, int DM>
+__device__ __forceinline__ void store_rows(T *dst, const float (&acc)[Tile<R, DM>::RM][Tile<R, DM>::RN], int r0,
+                                           int rows, long w, int d, float scale) {
+    typedef Tile<R, DM> Tl;
+#pragma unroll
+    for (int i = 0; i < Tl::RM; ++i) {
+        const int r = r0 + Tl::row(i);
+        if (r >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < Tl::RN; ++j) {
+            const int c = Tl::col(j);
+            if (c < d) dst[(long)r * w + c] = from_f32<T>(acc[i][j] * scale);
+        }
+    }
+}
+
+// Where head h of batch row b starts in a [B, len, heads·d] tensor.
+__device__ __forceinline__ long head_offset(int bh, int len, int heads, int d) {
+    const long w = (long)heads * d;
+    return (long)(bh / heads) * len * w + (long)(bh % heads) * d;
+}
+
+template <typename T, int DM, int BQ, int BK>
+__device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
+                          float scale) {
+    constexpr int LD = DM + 1, LS = BK + 1;
+    __shared__ float qs[BQ * LD], ks[BK * LD], vs[BK * LD], ss[BQ * LS];
+    __shared__ float row_max[BQ], row_sum[BQ], row_rescale[BQ];
+    typedef Tile<BQ, BK> St;
+    typedef Tile<BQ, DM> Ot;
+    const int t = threadIdx.x, bh = blockIdx.y, q0 = blockIdx.x * BQ;
+    const long w = (long)heads * d;
+    const T *qh = q + head_offset(bh, n, heads, d), *kh = k + head_offset(bh, m, heads, d),
+            *vh = v + head_offset(bh, m, heads, d);
+    load_rows<T, BQ, DM>(qs, qh, q0, n, w, d, scale);
+    if (t < BQ) row_max[t] = -INFINITY, row_sum[t] = 0.0f;
+    float acc[Ot::RM][Ot::RN];
+    zero<BQ, DM>(acc);
+    for (int k0 = 0; k0 < m; k0 += BK) {
+        load_rows<T, BK, DM>(ks, kh, k0, m, w, d, 1.0f);
+        load_rows<T, BK, DM>(vs, vh, k0, m, w, d, 1.0f);
+        __syncthreads();
+        {
+            float s[St::RM][St::RN];
+            zero<BQ, BK>(s);
+            tile_product<BQ, BK, DM>(s, qs, LD, 1, ks, 1, LD);
+#pragma unroll
+            for (int i = 0; i < St::RM; ++i)
+#pragma unroll
+                for (int j = 0; j < St::RN; ++j)
+                    ss[St::row(i) * LS + St::col(j)] = k0 + St::col(j) < m ? s[i][j] : -INFINITY;
+        }
+        __syncthreads();
+        // The online softmax, a row per thread: every tile has a key below m, so the
+        // new maximum is finite; exp(−inf) = 0 rescales the empty start.
+        if (t < BQ) {
+            float mx = row_max[t];
+            for (int c = 0; c < BK; ++c) mx = fmaxf(mx, ss[t * LS + c]);
+            float sum = 0.0f;
+            for (int c = 0; c < BK; ++c) {
+                const float p = expf(ss[t * LS + c] - mx);
+                ss[t * LS + c] = p;
+                sum += p;
+            }
+            const float rescale = expf(row_max[t] - mx);
+            row_sum[t] = row_sum[t] * rescale + sum;
+            row_max[t] = mx;
+            row_rescale[t] = rescale;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < Ot::RM; ++i) {
+            const float r = row_rescale[Ot::row(i)];
+#pragma unroll
+            for (int j = 0; j < Ot::RN; ++j) acc[i][j] *= r;
+        }
+        tile_product<BQ, DM, BK>(acc, ss, LS, 1, vs, LD, 1);
+        __syncthreads();  // ks, vs and ss are read before the next tile overwrites them
+    }
+#pragma unroll
+    for (int i = 0; i < Ot::RM; ++i) {
+        const float inv = 1.0f / row_sum[Ot::row(i)];
+#pragma unroll
+        for (int j = 0; j < Ot::RN; ++j) acc[i][j] *= inv;
+    }
+    store_rows<T, BQ, DM>(o + head_offset(bh, n, heads, d), acc, q0, n, w, d, 1.0f);
+    if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] + logf(row_sum[t]);
+}
+
+// One thread per (b·heads + h, query row): D = Σ dO∘O over the head's d channels.
+template <typename T>
+__device__ void flash_rowdot(const T *o, const T *dout, float *rowdot, int n, int heads, int d, int rows) {
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+        const int bh = r / n, i = r % n;
+        const long at = head_offset(bh, n, heads, d) + (long)i * heads * d;
+        float s = 0.0f;
+        for (int c = 0; c < d; ++c) s += to_f32(o[at + c]) * to_f32(dout[at + c]);
+        rowdot[r] = s;
+    }
+}
+
+// P = exp(s·Q Kᵀ − lse) into ps and dS = P∘(dO Vᵀ − D) into dss for one BQ×BK pair of
+// tiles in shared memory (qs scaled); zero for keys at or past `keys_left` and for
+// padded query rows (their lse is +inf).
+template <int DM, int BQ, int BK>
+__device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, const float *qs, const float *dos,
+                                                      const float *ks, const float *vs, const float *lse_s,
+                                                      const float *rowdot_s, int keys_left) {
+    constexpr int LD = DM + 1, LS = BK + 1;
+    typedef Tile<BQ, BK> St;
+    float s[St::RM][St::RN], dp[St::RM][St::RN];
+    zero<BQ, BK>(s);
+    zero<BQ, BK>(dp);
+    tile_product<BQ, BK, DM>(s, qs, LD, 1, ks, 1, LD);
+    tile_product<BQ, BK, DM>(dp, dos, LD, 1, vs, 1, LD);
+#pragma unroll
+    for (int i = 0; i < St::RM; ++i) {
+        const int r = St::row(i);
+#pragma unroll
+        for (int j = 0; j < St::RN; ++j) {
+            const int c = St::col(j);
+            const float p = c < keys_left ? expf(s[i][j] - lse_s[r]) : 0.0f;
+            ps[r * LS + c] = p;
+            dss[r * LS + c] = p * (dp[i][j] - rowdot_s[r]);
+        }
+    }
+}
+
+// The query tile's lse (+inf past n, so that P = 0 there) and D (0 past n).
+template <int BQ>
+__device__ __forceinline__ void load_row_stats(float *lse_s, float *rowdot_s, const float *lse, const float *rowdot,
+                                               int bh, int q0, int n) {
+    for (int r = threadIdx.x; r < BQ; r += FLASH_THREADS) {
+        const bool in = q0 + r < n;
+        lse_s[r] = in ? lse[(long)bh * n + q0 + r] : INFINITY;
+        rowdot_s[r] = in ? rowdot[(long)bh * n + q0 + r] : 0.0f;
+    }
+}
+
+template <typename T, int DM, int BQ, int BK>
+__device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
+                           T *dk, T *dv, int n, int m, int heads, int d, float scale) {
+    constexpr int LD = DM + 1, LS = BK + 1;
+    __shared__ float qs[BQ * LD], dos[BQ * LD], ks[BK * LD], vs[BK * LD], ps[BQ * LS], dss[BQ * LS];
+    __shared__ float lse_s[BQ], rowdot_s[BQ];
+    typedef Tile<BK, DM> Kt;
+    const int bh = blockIdx.y, k0 = blockIdx.x * BK;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d, 1.0f);
+    load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d, 1.0f);
+    float dk_acc[Kt::RM][Kt::RN], dv_acc[Kt::RM][Kt::RN];
+    zero<BK, DM>(dk_acc);
+    zero<BK, DM>(dv_acc);
+    for (int q0 = 0; q0 < n; q0 += BQ) {
+        load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d, scale);
+        load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d, 1.0f);
+        load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+        __syncthreads();
+        probs_and_score_grads<DM, BQ, BK>(ps, dss, qs, dos, ks, vs, lse_s, rowdot_s, m - k0);
+        __syncthreads();
+        // dV += Pᵀ dO and dK += dSᵀ (s·Q): A(key, query) read down the columns of ps, dss.
+        tile_product<BK, DM, BQ>(dv_acc, ps, 1, LS, dos, LD, 1);
+        tile_product<BK, DM, BQ>(dk_acc, dss, 1, LS, qs, LD, 1);
+        __syncthreads();
+    }
+    store_rows<T, BK, DM>(dk + ko, dk_acc, k0, m, w, d, 1.0f);
+    store_rows<T, BK, DM>(dv + ko, dv_acc, k0, m, w, d, 1.0f);
+}
+
+template <typename T, int DM, int BQ, int BK>
+__device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
+                         T *dq, int n, int m, int heads, int d, float scale) {
+    constexpr int LD = DM + 1, LS = BK + 1;
+    __shared__ float qs[BQ * LD], dos[BQ * LD], ks[BK * LD], vs[BK * LD], ps[BQ * LS], dss[BQ * LS];
+    __shared__ float lse_s[BQ], rowdot_s[BQ];
+    typedef Tile<BQ, DM> Qt;
+    const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d, scale);
+    load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d, 1.0f);
+    load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+    float dq_acc[Qt::RM][Qt::RN];
+    zero<BQ, DM>(dq_acc);
+    for (int k0 = 0; k0 < m; k0 += BK) {
+        load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d, 1.0f);
+        load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d, 1.0f);
+        __syncthreads();
+        probs_and_score_grads<DM, BQ, BK>(ps, dss, qs, dos, ks, vs, lse_s, rowdot_s, m - k0);
+        __syncthreads();
+        tile_product<BQ, DM, BK>(dq_acc, dss, LS, 1, ks, LD, 1);
+        __syncthreads();
+    }
+    store_rows<T, BQ, DM>(dq + qo, dq_acc, q0, n, w, d, scale);
+}
+
+// The padded head dims DM with their tiles (BQ query rows, BK keys), sized so that
+// each kernel's static shared memory stays under 48 KB: X(DM, BQ, BK) for each.
+// sidscript picks the smallest DM >= d (ops::attention::FLASH_TILES, which a test
+// holds equal to this list).
+#define FLASH_TILES(X) X(32, 32, 32) X(40, 32, 32) X(64, 32, 32) X(80, 32, 16) X(128, 16, 16) X(160, 16, 16)
+
+// The entry points: flash_{fwd,dkdv,dq}_{f32,bf16}_d{DM} and flash_rowdot_{f32,bf16}.
+#define FLASH_KERNELS(T, TN, DM, BQ, BK)                                                                             \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_fwd_##TN##_d##DM(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d, \
+                               float scale) {                                                                        \
+        flash_fwd<T, DM, BQ, BK>(q, k, v, o, lse, n, m, heads, d, scale);                                            \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_dkdv_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,                  \
+                                const float *rowdot, T *dk, T *dv, int n, int m, int heads, int d, float scale) {    \
+        flash_dkdv<T, DM, BQ, BK>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                        \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_dq_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,                   \
+                              const float *rowdot, T *dq, int n, int m, int heads, int d, float scale) {             \
+        flash_dq<T, DM, BQ, BK>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                              \
+    }
+
+#define FLASH_F32(DM, BQ, BK) FLASH_KERNELS(float, f32, DM, BQ, BK)
+#define FLASH_BF16(DM, BQ, BK) FLASH_KERNELS(bf16, bf16, DM, BQ, BK)
+FLASH_TILES(FLASH_F32)
+FLASH_TILES(FLASH_BF16)
+
+extern "C" __global__ void flash_rowdot_f32(const float *o, const float *dout, float *rowdot, int n, int heads, int d,
+                                            int rows) {
+    flash_rowdot<float>(o, dout, rowdot, n, heads, d, rows);
+}
+extern "C" __global__ void flash_rowdot_bf16(const bf16 *o, const bf16 *dout, float *rowdot, int n, int heads, int d,
+                                             int rows) {
+    flash_rowdot<bf16>(o, dout, rowdot, n, heads, d, rows);
+}
