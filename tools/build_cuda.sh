@@ -9,7 +9,8 @@
 #
 # Add `--features cudnn` to the cargo args for convolutions on cuDNN (the wheel
 # nvidia-cudnn-cu13 is then installed too; on the GPU machine libcudnn.so.9 comes
-# from its PyTorch's nvidia/cudnn/lib).
+# from its PyTorch's nvidia/cudnn/lib), `--features nccl` for NCCL collectives
+# (likewise nvidia-nccl-cu13).
 #
 # WORKDIR (default ../cuda-toolchain) keeps the wheels and target-cuda/ between runs;
 # a cold build took about 7 minutes on 2 cores. Binaries land in WORKDIR/target-cuda.
@@ -33,6 +34,15 @@ if [[ " $* " == *cudnn* ]]; then
     D=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/cudnn)
     for f in "$D"/lib/*; do ln -sf "$f" cuda/lib64/; done
     ln -sf libcudnn.so.9 cuda/lib64/libcudnn.so
+fi
+# NCCL for the `nccl` feature (cudarc links libnccl.so at build time; on the GPU machine
+# libnccl.so.2 comes from its PyTorch's nvidia/nccl/lib).
+if [[ " $* " == *nccl* ]]; then
+    ls "$work"/venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2 >/dev/null 2>&1 ||
+        venv/bin/pip install -q "nvidia-nccl-cu13"
+    N=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/nccl)
+    for f in "$N"/lib/*; do ln -sf "$f" cuda/lib64/; done
+    ln -sf libnccl.so.2 cuda/lib64/libnccl.so
 fi
 ln -sfn "$T/bin" cuda/bin; ln -sfn "$T/include" cuda/include; ln -sfn "$T/nvvm" cuda/nvvm
 for f in "$T"/lib/*; do ln -sf "$f" cuda/lib64/; done

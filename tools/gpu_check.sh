@@ -8,7 +8,7 @@
 #                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come,
 #                                       # every step's whole output to $OUT/gpu_full.log
 #
-# PARTs run in the order given (default: tests ops bench runs-sd15 eval runs-sdxl) within
+# PARTs run in the order given (default: tests nccl ops bench runs-sd15 eval runs-sdxl) within
 # GPU_CHECK_BUDGET seconds (default 570, one device call): steps are cut to the time left.
 #   tests   (GPU_TESTS picks) the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
@@ -16,8 +16,10 @@
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
 #           tf32, bf16 and f32 (BENCH_MODES); sdxl-full in bf16 with checkpointing (the < 80 GB
 #           target; BENCH_SDXL=0 skips it); ms/iteration, images/s and peak GB each
-#   ops     benches/op_costs.rs on the GPU: single ops and backward cost per graph node,
-#           sidscript against PyTorch
+#   nccl    a one-rank NCCL communicator's all-reduce and broadcast (tests/nccl.rs, built with
+#           the nccl feature on its own)
+#   ops     benches/op_costs.rs on the GPU: single ops and backward cost per graph node, and
+#           attention (flash kernels) forward and backward at 4096 tokens, sidscript against PyTorch
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
 #           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
 #   runs-sd15, runs-sdxl
@@ -49,6 +51,11 @@ pack)
     for b in "${bins[@]}"; do
         strip -o "$stage/bin-$(basename "$b" | sed 's/-[0-9a-f]\{16\}$//')" "$b"
     done
+    # NCCL (issue 16) in a build of its own, so that a missing or old libnccl on the GPU
+    # machine stops only the nccl part.
+    nccl=$(tools/build_cuda.sh "$work" test --release --no-run --test nccl --features cudnn,nccl --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]')
+    strip -o "$stage/bin-nccl" "$nccl"
     tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=512MiB > .gpu/bins.tar.xz
     rm -rf "$stage"
     echo "$repo" > .gpu/built-at
@@ -64,7 +71,9 @@ run)
     [ -f "$lib/libcublas.so.13" ] || lib=$(dirname "$(find / -name 'libcublas.so.13' 2>/dev/null | head -1)")
     dnn=$(python3 -c 'import nvidia.cudnn as m; print(m.__path__[0] + "/lib")' 2>/dev/null)
     [ -f "$dnn/libcudnn.so.9" ] || dnn=$(dirname "$(find / -name 'libcudnn.so.9' 2>/dev/null | head -1)")
-    export LD_LIBRARY_PATH=$lib:$dnn:${LD_LIBRARY_PATH:-}
+    nccl=$(python3 -c 'import nvidia.nccl as m; print(m.__path__[0] + "/lib")' 2>/dev/null)
+    [ -f "$nccl/libnccl.so.2" ] || nccl=$(dirname "$(find / -name 'libnccl.so.2' 2>/dev/null | head -1)")
+    export LD_LIBRARY_PATH=$lib:$dnn:$nccl:${LD_LIBRARY_PATH:-}
     # The binaries find tests/fixtures and tools/ through the build machine's checkout path.
     built=$(cat .gpu/built-at 2>/dev/null)
     [ -n "$built" ] && [ "$built" != "$repo" ] && mkdir -p "$(dirname "$built")" && ln -sfn "$repo" "$built"
@@ -87,7 +96,7 @@ run)
     }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >> "$results"
     parts=("${@:2}")
-    [ ${#parts[@]} -eq 0 ] && parts=(tests ops bench runs-sd15 eval runs-sdxl)
+    [ ${#parts[@]} -eq 0 ] && parts=(tests nccl ops bench runs-sd15 eval runs-sdxl)
     for part in "${parts[@]}"; do
     case $part in
     tests)
@@ -106,6 +115,11 @@ run)
         export SIDSCRIPT_BENCH_PRECISION=bf16 SIDSCRIPT_BENCH_CHECKPOINT=1
         [ "${BENCH_SDXL:-1}" = 1 ] && step 180 .gpu/bin-sid_iteration sdxl-full
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT SIDSCRIPT_BENCH_PROFILE KEEP
+        ;;
+    nccl)
+        # A one-rank NCCL communicator's collectives (the API path of a multi-GPU job).
+        python3 -c 'import nvidia.nccl, importlib.metadata as m; print("nvidia-nccl", m.version("nvidia-nccl-cu13"))' >> "$results" 2>&1
+        step 60 .gpu/bin-nccl
         ;;
     ops)
         # One op at a time, forward and per backward node, against PyTorch's (where the

@@ -4,8 +4,9 @@
 //! `mpi` feature, or in a process not started by a launcher, the world is one rank
 //! and every collective returns its input.
 //!
-//! Tensors travel through host memory for now (device tensors are copied to the
-//! CPU and back); NCCL for GPU tensors is the next step (../shared/notes/GPU.md §5).
+//! CPU tensors travel over MPI through host memory. CUDA tensors, with the `nccl`
+//! feature, are reduced device to device over NCCL ([`nccl`], its communicator's id
+//! handed out over MPI); without it they are copied to the host and back.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -19,6 +20,9 @@
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::OnceLock;
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// This process's place in the job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +124,10 @@ pub fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
     if size == 1 || ts.is_empty() {
         return Ok(ts.to_vec());
     }
+    #[cfg(feature = "nccl")]
+    if nccl::serves(ts) {
+        return nccl::all_reduce_many(ts, op);
+    }
     // f64 tensors travel as f64, every other dtype as f32.
     let (summed, lens): (Vec<f64>, Vec<usize>) = if ts.iter().any(|t| t.dtype() == DType::F64) {
         let (buf, lens) = concat::<f64>(ts)?;
@@ -159,6 +167,10 @@ pub fn broadcast(t: &Tensor, root: usize) -> Result<Tensor> {
     }
     if w.size == 1 {
         return Ok(t.clone());
+    }
+    #[cfg(feature = "nccl")]
+    if nccl::serves(std::slice::from_ref(t)) {
+        return nccl::broadcast(t, root);
     }
     let (v, _) = concat::<f64>(std::slice::from_ref(t))?;
     let v = transport::broadcast_f64(v, root)?;
