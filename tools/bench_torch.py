@@ -32,6 +32,9 @@ if PRECISION not in ("f32", "tf32", "bf16"):
 # Explicit either way, so that a change of PyTorch's defaults cannot move the baseline.
 torch.backends.cudnn.allow_tf32 = PRECISION != "f32"
 torch.backends.cuda.matmul.allow_tf32 = False
+# cuDNN's algorithm by timing, as sidscript does by default (SIDSCRIPT_CUDNN_BENCHMARK=0 turns
+# both off): SiD's and EDM's training code set it; PyTorch's default is the heuristic.
+torch.backends.cudnn.benchmark = os.environ.get("SIDSCRIPT_CUDNN_BENCHMARK", "1") != "0"
 
 
 def flags():

@@ -6,8 +6,13 @@
 //! weight gradient (../shared/notes/GPU.md §1.1).
 //!
 //! Per shape (and dtype and precision mode) the descriptors, the three algorithms
-//! (cuDNN's heuristic choice) and their workspace sizes are made once and cached;
-//! one workspace per device grows to the largest need. The math type is set
+//! and their workspace sizes are made once and cached; one workspace per device
+//! grows to the largest need. Each pass's algorithm is cuDNN's heuristic choice
+//! until the pass first runs, when every algorithm cuDNN offers for the shape
+//! (with a workspace up to `BENCHMARK_WORKSPACE`) is timed on the real operands
+//! and the fastest kept — what PyTorch's `cudnn.benchmark = True` does, and what
+//! SiD's and EDM's training code turn on; `SIDSCRIPT_CUDNN_BENCHMARK=0` keeps the
+//! heuristic's choice (the bench sets PyTorch's flag from the same variable). The math type is set
 //! explicitly per precision mode: f32 → `CUDNN_FMA_MATH` (no TF32), tf32 →
 //! `CUDNN_DEFAULT_MATH` (TF32 tensor cores, as PyTorch with `cudnn.allow_tf32`),
 //! half dtypes → `CUDNN_TENSOR_OP_MATH` with f32 accumulation. cuDNN handles and
@@ -23,7 +28,7 @@ use candle_core::cuda::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda::{CudaDType, DeviceId};
 use candle_core::{CpuStorage, CudaDevice, CudaStorage, DType, Layout, Shape, Tensor, WithDType};
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -80,9 +85,115 @@ struct Plan<T: CudnnDataType, C: CudnnDataType> {
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
     conv: ConvDescriptor<C>,
-    fwd: (sys::cudnnConvolutionFwdAlgo_t, usize),
-    data: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
-    filter: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+    fwd: Cell<Choice<sys::cudnnConvolutionFwdAlgo_t>>,
+    data: Cell<Choice<sys::cudnnConvolutionBwdDataAlgo_t>>,
+    filter: Cell<Choice<sys::cudnnConvolutionBwdFilterAlgo_t>>,
+}
+
+/// A pass's algorithm and its workspace in bytes; `timed` once the benchmark chose it.
+#[derive(Clone, Copy, Debug)]
+struct Choice<A> {
+    algo: A,
+    workspace: usize,
+    timed: bool,
+}
+
+impl<A> Choice<A> {
+    fn heuristic((algo, workspace): (A, usize)) -> Cell<Self> {
+        Cell::new(Self { algo, workspace, timed: false })
+    }
+}
+
+/// The largest workspace an algorithm may take to be timed (FFT algorithms can ask
+/// for gigabytes; they are rarely the fastest at UNet shapes).
+const BENCHMARK_WORKSPACE: usize = 512 << 20;
+
+const FWD_ALGOS: [sys::cudnnConvolutionFwdAlgo_t; 8] = {
+    use sys::cudnnConvolutionFwdAlgo_t::*;
+    [
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+const DATA_ALGOS: [sys::cudnnConvolutionBwdDataAlgo_t; 6] = {
+    use sys::cudnnConvolutionBwdDataAlgo_t::*;
+    [
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+    ]
+};
+const FILTER_ALGOS: [sys::cudnnConvolutionBwdFilterAlgo_t; 6] = {
+    use sys::cudnnConvolutionBwdFilterAlgo_t::*;
+    [
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+    ]
+};
+
+/// Whether passes time cuDNN's algorithms on first use (`SIDSCRIPT_CUDNN_BENCHMARK`, default on).
+fn benchmark() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SIDSCRIPT_CUDNN_BENCHMARK").map_or(true, |v| v != "0"))
+}
+
+/// The pass's algorithm: the cached choice, or on the first run (benchmark on) the
+/// fastest of `candidates` by `run` on the real operands, each launched once to warm
+/// up and once timed. Candidates whose workspace query or launch fails (not supported
+/// for the shape), or whose workspace is over `BENCHMARK_WORKSPACE` or cannot be
+/// allocated, are skipped; if none runs the heuristic's choice stays.
+fn choose<A: Copy>(
+    dev: &CudaDevice,
+    cell: &Cell<Choice<A>>,
+    candidates: &[A],
+    workspace: impl Fn(A) -> Option<usize>,
+    mut run: impl FnMut(A, Option<&mut CudaSlice<u8>>) -> bool,
+) -> candle_core::Result<Choice<A>> {
+    let current = cell.get();
+    if current.timed || !benchmark() {
+        return Ok(current);
+    }
+    let stream = dev.cuda_stream();
+    let sync = || stream.synchronize().map_err(candle_core::Error::wrap);
+    let mut best: Option<(f64, Choice<A>)> = None;
+    for &algo in candidates {
+        let Some(bytes) = workspace(algo).filter(|&b| b <= BENCHMARK_WORKSPACE) else { continue };
+        let mut ws = match bytes {
+            0 => None,
+            _ => match stream.alloc_zeros::<u8>(bytes) {
+                Ok(ws) => Some(ws),
+                Err(_) => continue,
+            },
+        };
+        sync()?;
+        if !run(algo, ws.as_mut()) {
+            continue;
+        }
+        sync()?;
+        let t = std::time::Instant::now();
+        let ok = run(algo, ws.as_mut());
+        sync()?;
+        let secs = t.elapsed().as_secs_f64();
+        if ok && best.as_ref().is_none_or(|(b, _)| secs < *b) {
+            best = Some((secs, Choice { algo, workspace: bytes, timed: true }));
+        }
+    }
+    let chosen = best.map_or(Choice { timed: true, ..current }, |(_, c)| c);
+    cell.set(chosen);
+    Ok(chosen)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,13 +253,13 @@ fn plan<T: CudnnDataType + 'static, C: CudnnDataType + 'static>(
     conv.set_math_type(math_type(dtype, mode)).map_err(e)?;
     let f = ConvForward { conv: &conv, x: &x, w: &w, y: &y };
     let fa = f.pick_algorithm().map_err(e)?;
-    let fwd = (fa, f.get_workspace_size(fa).map_err(e)?);
+    let fwd = Choice::heuristic((fa, f.get_workspace_size(fa).map_err(e)?));
     let d = ConvBackwardData { conv: &conv, dx: &x, w: &w, dy: &y };
     let da = d.pick_algorithm().map_err(e)?;
-    let data = (da, d.get_workspace_size(da).map_err(e)?);
+    let data = Choice::heuristic((da, d.get_workspace_size(da).map_err(e)?));
     let b = ConvBackwardFilter { conv: &conv, x: &x, dw: &w, dy: &y };
     let ba = b.pick_algorithm().map_err(e)?;
-    let filter = (ba, b.get_workspace_size(ba).map_err(e)?);
+    let filter = Choice::heuristic((ba, b.get_workspace_size(ba).map_err(e)?));
     let plan = Rc::new(Plan { x, w, y, conv, fwd, data, filter });
     PLANS.with(|m| m.borrow_mut().insert(key, plan.clone() as Rc<dyn Any>));
     Ok(plan)
@@ -200,22 +311,54 @@ impl CudnnConv {
         let mut out = unsafe { stream.alloc::<T>(out_dims.iter().product()) }.map_err(candle_core::Error::wrap)?;
         let (one, zero) = (T::one(), T::zero());
         let e = candle_core::Error::wrap;
+        // Each pass as `launch(algo, workspace, out)`; the benchmark writes `out` too, and
+        // the chosen algorithm's launch last overwrites it (beta = 0).
         match self.pass {
-            Pass::Forward => with_workspace(&dev, p.fwd.1, |ws| {
+            Pass::Forward => {
                 let op = ConvForward { conv: &p.conv, x: &p.x, w: &p.w, y: &p.y };
                 // SAFETY: the descriptors were made for these shapes and dtype.
-                unsafe { op.launch(p.fwd.0, ws, (one, zero), &av, &bv, &mut out) }.map_err(e)
-            })?,
-            Pass::InputGrad => with_workspace(&dev, p.data.1, |ws| {
+                let launch = |algo, ws: Option<&mut CudaSlice<u8>>, out: &mut CudaSlice<T>| unsafe {
+                    op.launch(algo, ws, (one, zero), &av, &bv, out)
+                };
+                let c = choose(
+                    &dev,
+                    &p.fwd,
+                    &FWD_ALGOS,
+                    |a| op.get_workspace_size(a).ok(),
+                    |a, ws| launch(a, ws, &mut out).is_ok(),
+                )?;
+                with_workspace(&dev, c.workspace, |ws| launch(c.algo, ws, &mut out).map_err(e))?
+            }
+            Pass::InputGrad => {
                 let op = ConvBackwardData { conv: &p.conv, dx: &p.x, w: &p.w, dy: &p.y };
                 // SAFETY: as above; a is dy, b is w.
-                unsafe { op.launch(p.data.0, ws, (one, zero), &mut out, &bv, &av) }.map_err(e)
-            })?,
-            Pass::WeightGrad => with_workspace(&dev, p.filter.1, |ws| {
+                let launch = |algo, ws: Option<&mut CudaSlice<u8>>, out: &mut CudaSlice<T>| unsafe {
+                    op.launch(algo, ws, (one, zero), out, &bv, &av)
+                };
+                let c = choose(
+                    &dev,
+                    &p.data,
+                    &DATA_ALGOS,
+                    |a| op.get_workspace_size(a).ok(),
+                    |a, ws| launch(a, ws, &mut out).is_ok(),
+                )?;
+                with_workspace(&dev, c.workspace, |ws| launch(c.algo, ws, &mut out).map_err(e))?
+            }
+            Pass::WeightGrad => {
                 let op = ConvBackwardFilter { conv: &p.conv, x: &p.x, dw: &p.w, dy: &p.y };
                 // SAFETY: as above; a is x, b is dy.
-                unsafe { op.launch(p.filter.0, ws, (one, zero), &av, &mut out, &bv) }.map_err(e)
-            })?,
+                let launch = |algo, ws: Option<&mut CudaSlice<u8>>, out: &mut CudaSlice<T>| unsafe {
+                    op.launch(algo, ws, (one, zero), &av, out, &bv)
+                };
+                let c = choose(
+                    &dev,
+                    &p.filter,
+                    &FILTER_ALGOS,
+                    |a| op.get_workspace_size(a).ok(),
+                    |a, ws| launch(a, ws, &mut out).is_ok(),
+                )?;
+                with_workspace(&dev, c.workspace, |ws| launch(c.algo, ws, &mut out).map_err(e))?
+            }
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(out_dims.to_vec())))
     }
