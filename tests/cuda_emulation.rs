@@ -1,35 +1,72 @@
 //! sidscript's CUDA kernels checked on the CPU: `tools/cuda_emu` compiles a
-//! kernel file as C++ (each block's threads as coroutines, `__syncthreads` a
-//! barrier, blocks in turn) and runs it against a double-precision reference, with
-//! each block's threads visited in forward and in reverse order so that a missing
-//! barrier shows. This runs in every build, GPU or not; the same kernels run on the
-//! GPU in `tests/kernels.rs` (cuda builds).
+//! kernel file as C++ (each block's threads as coroutines, warp after warp, with
+//! `__syncthreads`, `__syncwarp` and WMMA calls as barriers; blocks in turn) and
+//! runs it against a double-precision reference, with warps and lanes visited in
+//! forward and in reverse order so that a missing barrier shows. This runs in every
+//! build, GPU or not; the same kernels run on the GPU in `tests/kernels.rs` (cuda
+//! builds).
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
-/// Builds `tools/cuda_emu/{name}.cpp` with the C++ compiler (`CXX`, else `c++`:
-/// the tokenizers crate needs one to build) and runs it.
-fn build_and_run(name: &str) {
+/// Builds `tools/cuda_emu/{name}.cpp` (with `defines`) into `exe` with the C++
+/// compiler (`CXX`, else `c++`: the tokenizers crate needs one to build) and runs it.
+fn build_and_run(name: &str, exe: &Path, defines: &[String]) -> Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let built = Command::new(&cxx)
-        .args(["-std=c++17", "-O2", "-w", "-DSIDSCRIPT_CPU_EMULATION", "-o"])
-        .arg(&exe)
+        .args(["-std=c++17", "-O2", "-w", "-DSIDSCRIPT_CPU_EMULATION"])
+        .args(defines)
+        .arg("-o")
+        .arg(exe)
         .arg(root.join(format!("tools/cuda_emu/{name}.cpp")))
         .output()
         .unwrap_or_else(|e| panic!("{cxx}: {e}"));
     assert!(built.status.success(), "{cxx} failed:\n{}", String::from_utf8_lossy(&built.stderr));
-    let run = Command::new(&exe).output().expect("run the emulated kernels");
-    let out = String::from_utf8_lossy(&run.stdout);
-    println!("{out}{}", String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "{name}: kernels off on the CPU emulation:\n{out}");
+    Command::new(exe).output().expect("run the emulated kernels")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
 /// Flash attention forward and backward (`src/ops/cuda/attention.cu`): output,
-/// log-sum-exp, dQ, dK, dV for every padded head dim, f32 and bf16.
+/// log-sum-exp, dQ, dK, dV for every padded head dim, f32, bf16 and bf16 on tensor
+/// cores (WMMA).
 #[test]
 fn flash_attention_kernels() {
-    build_and_run("attention_check");
+    let run = build_and_run("attention_check", &tmp("attention_check"), &[]);
+    let out = String::from_utf8_lossy(&run.stdout);
+    println!("{out}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "flash attention off on the CPU emulation:\n{out}");
+    assert!(out.contains("bf16-tc") && out.contains("f32 "), "not every kernel family ran:\n{out}");
+}
+
+/// The check has teeth: a copy of `attention.cu` with one barrier removed — between
+/// the rescaling of the output rows and the tensor-core product that reads them, or
+/// after the plain kernel's online softmax — fails it.
+#[test]
+fn a_missing_barrier_fails_the_emulated_check() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
+    let cuts = [
+        (
+            "tensor-core forward",
+            "os[e / DM * LO + e % DM] *= row_rescale[e / DM];\n        __syncthreads();",
+            "os[e / DM * LO + e % DM] *= row_rescale[e / DM];\n",
+        ),
+        (
+            "plain forward",
+            "row_rescale[t] = rescale;\n        }\n        __syncthreads();",
+            "row_rescale[t] = rescale;\n        }\n",
+        ),
+    ];
+    for (i, (what, with, without)) in cuts.iter().enumerate() {
+        // The first match: the plain kernels come before the tensor-core ones in the file.
+        assert!(src.contains(with), "{what}: the barrier to remove is not where this test expects it");
+        let cut = tmp(&format!("attention_cut{i}.cu"));
+        std::fs::write(&cut, src.replacen(with, without, 1)).unwrap();
+        let define = format!("-DATTENTION_CU=\"{}\"", cut.display());
+        let run = build_and_run("attention_check", &tmp(&format!("attention_cut{i}")), &[define]);
+        assert!(!run.status.success(), "{what}: a barrier removed, yet the emulated check passed");
+    }
 }

@@ -416,6 +416,11 @@ pub fn supported(x: &Tensor) -> bool {
 const FLASH_TILES: [(usize, u32, u32); 6] =
     [(32, 32, 32), (40, 32, 32), (64, 32, 32), (80, 32, 16), (128, 16, 16), (160, 16, 16)];
 
+/// The padded head dims of the tensor-core flash kernels (bf16, tiles of 32 query
+/// rows and 32 keys), as `FLASH_TC_DIMS` in `cuda/attention.cu` builds them.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_TC_DIMS: [usize; 4] = [32, 48, 64, 80];
+
 /// The smallest padded head dim of the flash kernels that holds `d`, with its tiles.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn flash_tiles(d: usize) -> Option<(usize, u32, u32)> {
@@ -506,18 +511,22 @@ mod flash {
         }
     }
 
-    /// The kernel `{name}_{dtype}_d{DM}` for this head dim, with its tiles (query rows, keys).
+    /// The kernel for this head dim and dtype, with its tiles (query rows, keys):
+    /// `{name}_tc_bf16_d{DM}` on tensor cores for bf16 with d ≤ 80, else
+    /// `{name}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
         name: &str,
         g: &Geom,
         dtype: DType,
     ) -> candle_core::Result<(CudaFunction, u32, u32)> {
-        let Some((dm, bq, bk)) = super::flash_tiles(g.d) else {
-            candle_core::bail!("flash attention: head dim {} over 160", g.d)
+        let tc = super::FLASH_TC_DIMS.iter().find(|&&dm| g.d <= dm).filter(|_| dtype == DType::BF16);
+        let (full, bq, bk) = match (tc, super::flash_tiles(g.d)) {
+            (Some(dm), _) => (format!("{name}_tc_bf16_d{dm}"), 32, 32),
+            (None, Some((dm, bq, bk))) => (format!("{name}_{}_d{dm}", dtype_name(dtype)?), bq, bk),
+            (None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
         };
-        let f =
-            dev.get_or_load_custom_func(&format!("{name}_{}_d{dm}", dtype_name(dtype)?), "sidscript_attention", PTX)?;
+        let f = dev.get_or_load_custom_func(&full, "sidscript_attention", PTX)?;
         Ok((f.into_cuda_function(), bq, bk))
     }
 
@@ -728,7 +737,8 @@ mod tests {
         Ok(())
     }
 
-    /// The head dims and tiles picked here are the ones `attention.cu` builds.
+    /// The head dims and tiles picked here are the ones `attention.cu` builds (plain
+    /// and tensor-core kernels).
     #[test]
     fn flash_tiles_match_the_kernels() {
         let src = include_str!("cuda/attention.cu");
@@ -742,6 +752,9 @@ mod tests {
             })
             .collect();
         assert_eq!(built, FLASH_TILES);
+        let line = src.lines().find(|l| l.starts_with("#define FLASH_TC_DIMS(X)")).expect("FLASH_TC_DIMS");
+        let tc: Vec<usize> = line.split("X(").skip(1).map(|t| t.split(')').next().unwrap().parse().unwrap()).collect();
+        assert_eq!(tc, FLASH_TC_DIMS);
         assert_eq!(flash_tiles(8), Some((32, 32, 32)));
         assert_eq!(flash_tiles(100), Some((128, 16, 16)));
         assert_eq!(flash_tiles(161), None);

@@ -1,26 +1,35 @@
 // Runs sidscript's CUDA kernels (src/ops/cuda/*.cu) on the CPU, so that a kernel's
 // indexing, tiling, masking and barriers are checked before a GPU ever runs it.
 //
-// Each thread of a block is a coroutine (ucontext) on one OS thread. The threads of
-// a block run in turn until each reaches __syncthreads() or returns; then the
-// barrier opens and the next round starts. Blocks run one after another, so
-// __shared__ becomes a static (one copy, reused by each block in turn). The order
-// in which a round visits the threads is a parameter: a kernel that reads another
-// thread's shared-memory write without a barrier in between gives different
-// results in forward and reverse order, so the checks run both. A barrier some
-// threads skip (CUDA: undefined behaviour) is an error here.
+// Each thread of a block is a coroutine (ucontext) on one OS thread. Blocks run one
+// after another, so __shared__ becomes a static (one copy, reused by each block in
+// turn). Within a block, warp after warp runs as far as it can: its lanes in turn
+// until each reaches a barrier; a warp barrier (__syncwarp, and every WMMA call,
+// which is warp-collective) opens as soon as the warp's lanes meet, so the warp
+// goes on to its next __syncthreads() or its end before the next warp starts; then
+// the block barrier opens. The order of warps and of lanes is a parameter: a warp
+// that reads another's shared-memory writes without a block barrier between, or a
+// lane that reads a tile another lane stored without a warp barrier between, sees
+// stale values in forward or in reverse order, so the checks run both. A barrier
+// some threads skip (CUDA: undefined behaviour) is an error here.
 //
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
-// __syncthreads, __launch_bounds__, bf16 conversions, math functions). Not warp
-// intrinsics, atomics or timing. Include this, then the .cu file, in a C++17 program
+// __syncthreads, __launch_bounds__, bf16 conversions, math functions) and the WMMA
+// fragments of nvcuda::wmma for bf16 16×16×16 products. A fragment here holds the
+// whole 16×16 tile in every thread (on the GPU each lane holds a share in an
+// unspecified layout), so kernels may touch `x[i]` only uniformly over all i
+// (a scale), which both layouts give the same meaning. Not warp shuffles, atomics
+// or timing. Include this, then the .cu file, in a C++17 program
 // compiled with -DSIDSCRIPT_CPU_EMULATION.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <ucontext.h>
 #include <vector>
 
@@ -30,6 +39,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -64,8 +74,10 @@ enum class Order { Forward, Reverse };
 struct Thread {
     ucontext_t context;
     std::vector<char> stack;
-    bool done = false, waiting = false;
+    bool done = false;
+    int waiting = 0;  // 0: runnable; BLOCK or WARP: at that barrier
 };
+constexpr int BLOCK = 1, WARP = 2;
 
 inline ucontext_t scheduler;
 inline std::vector<Thread> threads;
@@ -79,9 +91,14 @@ inline void run_thread() {
     swapcontext(&threads[current].context, &scheduler);
 }
 
-// A thread's stack: the kernels keep their register tiles (a few hundred floats)
-// and locals there.
-constexpr size_t STACK = 1 << 18;
+// Parks the current thread at a block (__syncthreads) or warp barrier.
+inline void wait_at(int barrier) {
+    threads[current].waiting = barrier;
+    swapcontext(&threads[current].context, &scheduler);
+}
+
+// A thread's stack: the kernels keep their register tiles and fragments there.
+constexpr size_t STACK = 1 << 20;
 
 // Runs `kernel` (a callable taking no arguments that calls the kernel function)
 // over `grid` blocks of `block` threads. Returns false on a barrier divergence.
@@ -98,40 +115,126 @@ inline bool launch(dim3 grid, dim3 block, std::function<void()> kernel, Order or
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 for (int i = 0; i < count; ++i) {
                     Thread &t = threads[i];
-                    t.done = t.waiting = false;
+                    t.done = false;
+                    t.waiting = 0;
                     getcontext(&t.context);
                     t.context.uc_stack.ss_sp = t.stack.data();
                     t.context.uc_stack.ss_size = t.stack.size();
                     t.context.uc_link = nullptr;
                     makecontext(&t.context, run_thread, 0);
                 }
+                // Warp after warp, each run as far as it goes (its own warp barriers
+                // open as soon as its lanes meet) before the next starts: a warp that
+                // reads another's shared-memory writes without a block barrier between
+                // sees stale values in one of the two orders.
+                const int warps = (count + 31) / 32;
                 for (;;) {
-                    int finished = 0, waiting = 0;
-                    for (int k = 0; k < count; ++k) {
-                        const int i = order == Order::Forward ? k : count - 1 - k;
-                        Thread &t = threads[i];
-                        if (t.done) continue;
-                        current = i;
-                        threadIdx = {(unsigned)i % block.x, (unsigned)i / block.x % block.y,
-                                     (unsigned)i / (block.x * block.y)};
-                        blockIdx = {bx, by, bz};
-                        swapcontext(&scheduler, &t.context);
+                    for (int k = 0; k < warps; ++k) {
+                        const int w = order == Order::Forward ? k : warps - 1 - k;
+                        const int w0 = 32 * w, w1 = std::min(count, w0 + 32);
+                        for (;;) {
+                            for (int j = 0; j < w1 - w0; ++j) {
+                                const int i = order == Order::Forward ? w0 + j : w1 - 1 - j;
+                                Thread &t = threads[i];
+                                if (t.done || t.waiting) continue;
+                                current = i;
+                                threadIdx = {(unsigned)i % block.x, (unsigned)i / block.x % block.y,
+                                             (unsigned)i / (block.x * block.y)};
+                                blockIdx = {bx, by, bz};
+                                swapcontext(&scheduler, &t.context);
+                            }
+                            int live = 0, at_warp = 0;
+                            for (int i = w0; i < w1; ++i) live += !threads[i].done, at_warp += threads[i].waiting == WARP;
+                            if (at_warp == 0 || at_warp != live) break;
+                            for (int i = w0; i < w1; ++i) threads[i].waiting = 0;
+                        }
                     }
-                    for (auto &t : threads) finished += t.done, waiting += t.waiting;
-                    if (finished == count) break;
-                    if (finished + waiting == count && finished > 0) {
-                        std::fprintf(stderr, "block (%u,%u,%u): %d threads returned while %d wait at a barrier\n", bx,
-                                     by, bz, finished, waiting);
+                    int done = 0, at_block = 0;
+                    for (auto &t : threads) done += t.done, at_block += t.waiting == BLOCK;
+                    if (done == count) break;
+                    if (done > 0 || at_block != count) {
+                        std::fprintf(stderr, "block (%u,%u,%u): %d threads returned and %d wait at __syncthreads while the rest wait at a warp barrier\n",
+                                     bx, by, bz, done, at_block);
                         failed = true;
                         return false;
                     }
-                    for (auto &t : threads) t.waiting = false;
+                    for (auto &t : threads) t.waiting = 0;
                 }
             }
     return true;
 }
 
 }  // namespace emu
+
+// nvcuda::wmma for bf16 inputs and f32 accumulators, 16×16×16.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static constexpr int num_elements = 256;
+    float x[256];  // row-major 16×16, values as f32 (bf16 inputs are exact in f32)
+};
+
+inline float load_value(const float &v) { return v; }
+inline float load_value(const __nv_bfloat16 &v) { return __bfloat162float(v); }
+
+// A or B operand: element (r, c) at p[r·ldm + c] (row_major) or p[c·ldm + r] (col_major).
+// Every WMMA call is warp-collective: the lanes meet first, so that no lane's store
+// lands before another lane's load of the same tile (as on the GPU, where the warp
+// loads and stores a tile once).
+void warp_meets();
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout> &f, const T *p, unsigned ldm) {
+    warp_meets();
+    constexpr bool row = std::is_same<Layout, row_major>::value;
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = load_value(row ? p[r * ldm + c] : p[c * ldm + r]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ldm,
+                             layout_t layout) {
+    warp_meets();
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+// Written by lane 0 alone (every lane holds the whole tile here): the other lanes
+// see the tile only after a warp or block barrier, as on the GPU, where each lane
+// writes its own share.
+int lane();
+inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ldm,
+                              layout_t layout) {
+    warp_meets();
+    if (lane() != 0) return;
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
+}
+template <typename T> void fill_fragment(fragment<accumulator, 16, 16, 16, T> &f, T v) {
+    for (float &e : f.x) e = v;
+}
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, T, LA> &a,
+              const fragment<matrix_b, 16, 16, 16, T, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
+    float out[256];
+    for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < 16; ++n) {
+            float s = c.x[r * 16 + n];
+            for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + n];
+            out[r * 16 + n] = s;
+        }
+    std::memcpy(d.x, out, sizeof out);
+}
+inline void warp_meets() { emu::wait_at(emu::WARP); }
+inline int lane() { return emu::current % 32; }
+}  // namespace wmma
+}  // namespace nvcuda
+
+inline void __syncwarp() { emu::wait_at(emu::WARP); }
 
 inline void __syncthreads() {
     emu::threads[emu::current].waiting = true;

@@ -16,6 +16,11 @@
 //                 dS = P∘(dO Vᵀ − D); one block per (BK keys, b·heads + h)
 //   flash_dq:     dQ = s·Σ dS K; one block per (BQ query rows, b·heads + h)
 //
+// bf16 with d ≤ 80 takes the same three passes on tensor cores (flash_*_tc, WMMA
+// 16×16×16 products of bf16 tiles into f32; softmax, rescaling and the row sums in
+// f32 in shared memory; P and dS rounded to bf16 for their products, as flash
+// attention does in half precision).
+//
 // dQ has its own kernel rather than atomic adds from flash_dkdv, so every result
 // is the same from run to run. The scale goes on Q as it is loaded (the scores of
 // s·Q are the scaled scores, and dK = dSᵀ (s·Q)).
@@ -25,8 +30,10 @@
 // C++ there, so this file keeps to what that shim provides (no warp intrinsics).
 #ifndef SIDSCRIPT_CPU_EMULATION
 #include <cuda_bf16.h>
+#include <mma.h>
 #endif
 #include <math.h>
+#include <type_traits>
 
 typedef __nv_bfloat16 bf16;
 
@@ -297,6 +304,231 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     store_rows<T, BQ, DM>(dq + qo, dq_acc, q0, n, w, d, scale);
 }
 
+// ---- Tensor-core kernels (bf16; DM a multiple of 16 up to 80; BQ = BK = 32) ----
+
+namespace tc {
+using namespace nvcuda;
+
+// Row strides in shared memory: bf16 rows padded by 8 and f32 rows by 4, which keeps
+// every 16×16 tile 32-byte aligned (WMMA's requirement) and staggers the banks.
+template <int W> struct Pad {
+    static constexpr int H = W + 8, F = W + 4;
+};
+
+// Rows r0 .. r0 + R of one head into dst [R][Pad<DM>::H] as bf16, zeros past `rows` and d.
+template <int R, int DM>
+__device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, int r0, int rows, long w, int d) {
+    for (int e = threadIdx.x; e < R * DM; e += FLASH_THREADS) {
+        const int r = e / DM, c = e % DM;
+        dst[r * Pad<DM>::H + c] = (r0 + r < rows && c < d) ? src[(long)(r0 + r) * w + c] : __float2bfloat16(0.0f);
+    }
+}
+
+// Where the 16×16 tile at (row r0, col c0) of an operand starts: element (r, c) at
+// p[r·ld + c] for row_major, p[c·ld + r] for col_major.
+template <typename L> __device__ __forceinline__ const bf16 *at(const bf16 *p, int ld, int r0, int c0) {
+    return std::is_same<L, wmma::row_major>::value ? p + r0 * ld + c0 : p + c0 * ld + r0;
+}
+
+// C = A·B (or C += A·B) into f32 shared memory [M][ldc], over K, a 16×16 tile of C
+// per warp at a time; A is M×K, B is K×N, in the layouts LA, LB.
+template <typename LA, typename LB, int M, int N, int K>
+__device__ void product_to_shared(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
+    const int warp = threadIdx.x / 32;
+    for (int t = warp; t < (M / 16) * (N / 16); t += FLASH_THREADS / 32) {
+        const int m0 = t / (N / 16) * 16, n0 = t % (N / 16) * 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        if (accumulate)
+            wmma::load_matrix_sync(acc, c + m0 * ldc + n0, ldc, wmma::mem_row_major);
+        else
+            wmma::fill_fragment(acc, 0.0f);
+        for (int k0 = 0; k0 < K; k0 += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+            wmma::load_matrix_sync(fa, at<LA>(a, lda, m0, k0), lda);
+            wmma::load_matrix_sync(fb, at<LB>(b, ldb, k0, n0), ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(c + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
+    }
+}
+
+// An M×N f32 accumulator held in registers across a loop: warp w owns tiles w, w + 4, …
+template <int M, int N> struct Accumulator {
+    static constexpr int TILES = (M / 16) * (N / 16), PER_WARP = (TILES + 3) / 4;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[PER_WARP];
+
+    __device__ void zero() {
+        for (int i = 0; i < PER_WARP; ++i) wmma::fill_fragment(acc[i], 0.0f);
+    }
+
+    // += A·B over K (A M×K in layout LA, B K×N in LB, both bf16 in shared memory).
+    template <typename LA, typename LB, int K>
+    __device__ void add(const bf16 *a, int lda, const bf16 *b, int ldb) {
+        const int warp = threadIdx.x / 32;
+        for (int i = 0; i < PER_WARP; ++i) {
+            const int t = warp + 4 * i;
+            if (t >= TILES) break;
+            const int m0 = t / (N / 16) * 16, n0 = t % (N / 16) * 16;
+            for (int k0 = 0; k0 < K; k0 += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+                wmma::load_matrix_sync(fa, at<LA>(a, lda, m0, k0), lda);
+                wmma::load_matrix_sync(fb, at<LB>(b, ldb, k0, n0), ldb);
+                wmma::mma_sync(acc[i], fa, fb, acc[i]);
+            }
+        }
+    }
+
+    // Rows r0 .. of one head (row i at dst[i·w]) times `scale`, through each warp's
+    // 16×16 f32 scratch tile; rows past `rows` and columns past d are not written.
+    __device__ void store(bf16 *dst, float *scratch, int r0, int rows, long w, int d, float scale) {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        float *mine = scratch + warp * 256;
+        for (int i = 0; i < PER_WARP; ++i) {
+            const int t = warp + 4 * i;
+            if (t >= TILES) break;
+            const int m0 = t / (N / 16) * 16, n0 = t % (N / 16) * 16;
+            wmma::store_matrix_sync(mine, acc[i], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                const int r = r0 + m0 + e / 16, c = n0 + e % 16;
+                if (r < rows && c < d) dst[(long)r * w + c] = __float2bfloat16(mine[e] * scale);
+            }
+            __syncwarp();
+        }
+    }
+};
+
+typedef wmma::row_major Row;
+typedef wmma::col_major Col;
+
+template <int DM, int BQ, int BK>
+__device__ void flash_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int n, int m, int heads,
+                          int d, float scale) {
+    constexpr int LH = Pad<DM>::H, LO = Pad<DM>::F, LS = Pad<BK>::F, LP = Pad<BK>::H;
+    __shared__ __align__(32) bf16 qs[BQ * LH], ks[BK * LH], vs[BK * LH], ps[BQ * LP];
+    __shared__ __align__(32) float ss[BQ * LS], os[BQ * LO];
+    __shared__ float row_max[BQ], row_sum[BQ], row_rescale[BQ];
+    const int t = threadIdx.x, bh = blockIdx.y, q0 = blockIdx.x * BQ;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    load_rows<BQ, DM>(qs, q + qo, q0, n, w, d);
+    for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] = 0.0f;
+    if (t < BQ) row_max[t] = -INFINITY, row_sum[t] = 0.0f;
+    for (int k0 = 0; k0 < m; k0 += BK) {
+        load_rows<BK, DM>(ks, k + ko, k0, m, w, d);
+        load_rows<BK, DM>(vs, v + ko, k0, m, w, d);
+        __syncthreads();
+        product_to_shared<Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
+        __syncthreads();
+        // The online softmax of s·Q Kᵀ, a row per thread (as in the f32 kernel).
+        if (t < BQ) {
+            float mx = row_max[t];
+            for (int c = 0; c < BK && k0 + c < m; ++c) mx = fmaxf(mx, ss[t * LS + c] * scale);
+            float sum = 0.0f;
+            for (int c = 0; c < BK; ++c) {
+                const float p = k0 + c < m ? expf(ss[t * LS + c] * scale - mx) : 0.0f;
+                ps[t * LP + c] = __float2bfloat16(p);
+                sum += p;
+            }
+            const float rescale = expf(row_max[t] - mx);
+            row_sum[t] = row_sum[t] * rescale + sum;
+            row_max[t] = mx;
+            row_rescale[t] = rescale;
+        }
+        __syncthreads();
+        for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] *= row_rescale[e / DM];
+        __syncthreads();
+        product_to_shared<Row, Row, BQ, DM, BK>(os, LO, ps, LP, vs, LH, true);
+        __syncthreads();
+    }
+    for (int e = t; e < BQ * DM; e += FLASH_THREADS) {
+        const int r = e / DM, c = e % DM;
+        if (q0 + r < n && c < d) o[qo + (long)(q0 + r) * w + c] = __float2bfloat16(os[r * LO + c] / row_sum[r]);
+    }
+    if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] + logf(row_sum[t]);
+}
+
+// S = Q Kᵀ and dP = dO Vᵀ into ss and dps, then P = exp(s·S − lse) into ps and
+// dS = P∘(dP − D) into dss (bf16), zero for keys at or past `keys_left` and for
+// padded query rows (lse +inf).
+template <int DM, int BQ, int BK>
+__device__ __forceinline__ void probs_and_score_grads(bf16 *ps, bf16 *dss, float *ss, float *dps, const bf16 *qs,
+                                                      const bf16 *dos, const bf16 *ks, const bf16 *vs,
+                                                      const float *lse_s, const float *rowdot_s, int keys_left,
+                                                      float scale) {
+    constexpr int LH = Pad<DM>::H, LS = Pad<BK>::F, LP = Pad<BK>::H;
+    product_to_shared<Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
+    product_to_shared<Row, Col, BQ, BK, DM>(dps, LS, dos, LH, vs, LH, false);
+    __syncthreads();
+    for (int e = threadIdx.x; e < BQ * BK; e += FLASH_THREADS) {
+        const int r = e / BK, c = e % BK;
+        const float p = c < keys_left ? expf(ss[r * LS + c] * scale - lse_s[r]) : 0.0f;
+        if (ps) ps[r * LP + c] = __float2bfloat16(p);
+        dss[r * LP + c] = __float2bfloat16(p * (dps[r * LS + c] - rowdot_s[r]));
+    }
+}
+
+template <int DM, int BQ, int BK>
+__device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                           const float *rowdot, bf16 *dk, bf16 *dv, int n, int m, int heads, int d, float scale) {
+    constexpr int LH = Pad<DM>::H, LS = Pad<BK>::F, LP = Pad<BK>::H;
+    __shared__ __align__(32) bf16 qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH], ps[BQ * LP], dss[BQ * LP];
+    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS], scratch[4 * 256];
+    __shared__ float lse_s[BQ], rowdot_s[BQ];
+    const int bh = blockIdx.y, k0 = blockIdx.x * BK;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    load_rows<BK, DM>(ks, k + ko, k0, m, w, d);
+    load_rows<BK, DM>(vs, v + ko, k0, m, w, d);
+    Accumulator<BK, DM> dk_acc, dv_acc;
+    dk_acc.zero();
+    dv_acc.zero();
+    for (int q0 = 0; q0 < n; q0 += BQ) {
+        load_rows<BQ, DM>(qs, q + qo, q0, n, w, d);
+        load_rows<BQ, DM>(dos, dout + qo, q0, n, w, d);
+        load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+        __syncthreads();
+        probs_and_score_grads<DM, BQ, BK>(ps, dss, ss, dps, qs, dos, ks, vs, lse_s, rowdot_s, m - k0, scale);
+        __syncthreads();
+        // dV += Pᵀ dO, dK += dSᵀ Q (·s at the end): Pᵀ and dSᵀ read column-major.
+        dv_acc.template add<Col, Row, BQ>(ps, LP, dos, LH);
+        dk_acc.template add<Col, Row, BQ>(dss, LP, qs, LH);
+        __syncthreads();
+    }
+    dk_acc.store(dk + ko, scratch, k0, m, w, d, scale);
+    dv_acc.store(dv + ko, scratch, k0, m, w, d, 1.0f);
+}
+
+template <int DM, int BQ, int BK>
+__device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
+                         const float *rowdot, bf16 *dq, int n, int m, int heads, int d, float scale) {
+    constexpr int LH = Pad<DM>::H, LS = Pad<BK>::F, LP = Pad<BK>::H;
+    __shared__ __align__(32) bf16 qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH], dss[BQ * LP];
+    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS], scratch[4 * 256];
+    __shared__ float lse_s[BQ], rowdot_s[BQ];
+    const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    load_rows<BQ, DM>(qs, q + qo, q0, n, w, d);
+    load_rows<BQ, DM>(dos, dout + qo, q0, n, w, d);
+    load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+    Accumulator<BQ, DM> dq_acc;
+    dq_acc.zero();
+    for (int k0 = 0; k0 < m; k0 += BK) {
+        load_rows<BK, DM>(ks, k + ko, k0, m, w, d);
+        load_rows<BK, DM>(vs, v + ko, k0, m, w, d);
+        __syncthreads();
+        probs_and_score_grads<DM, BQ, BK>(nullptr, dss, ss, dps, qs, dos, ks, vs, lse_s, rowdot_s, m - k0, scale);
+        __syncthreads();
+        dq_acc.template add<Row, Row, BK>(dss, LP, ks, LH);
+        __syncthreads();
+    }
+    dq_acc.store(dq + qo, scratch, q0, n, w, d, scale);
+}
+}  // namespace tc
+
 // The padded head dims DM with their tiles (BQ query rows, BK keys), sized so that
 // each kernel's static shared memory stays under 48 KB: X(DM, BQ, BK) for each.
 // sidscript picks the smallest DM >= d (ops::attention::FLASH_TILES, which a test
@@ -325,6 +557,28 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 #define FLASH_BF16(DM, BQ, BK) FLASH_KERNELS(bf16, bf16, DM, BQ, BK)
 FLASH_TILES(FLASH_F32)
 FLASH_TILES(FLASH_BF16)
+
+// The tensor-core entry points: flash_{fwd,dkdv,dq}_tc_bf16_d{DM} for DM in
+// FLASH_TC_DIMS (sidscript: ops::attention::FLASH_TC_DIMS; query and key tiles 32).
+#define FLASH_TC_DIMS(X) X(32) X(48) X(64) X(80)
+#define FLASH_TC_KERNELS(DM)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_fwd_tc_bf16_d##DM(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int n, int m,     \
+                                int heads, int d, float scale) {                                                     \
+        tc::flash_fwd<DM, 32, 32>(q, k, v, o, lse, n, m, heads, d, scale);                                           \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_dkdv_tc_bf16_d##DM(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,    \
+                                 const float *rowdot, bf16 *dk, bf16 *dv, int n, int m, int heads, int d,            \
+                                 float scale) {                                                                      \
+        tc::flash_dkdv<DM, 32, 32>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                       \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_dq_tc_bf16_d##DM(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,      \
+                               const float *rowdot, bf16 *dq, int n, int m, int heads, int d, float scale) {         \
+        tc::flash_dq<DM, 32, 32>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                             \
+    }
+FLASH_TC_DIMS(FLASH_TC_KERNELS)
 
 extern "C" __global__ void flash_rowdot_f32(const float *o, const float *dout, float *rowdot, int n, int heads, int d,
                                             int rows) {
