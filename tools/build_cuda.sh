@@ -27,23 +27,16 @@ if ! ls venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1; th
 fi
 T=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/cu13)
 mkdir -p cuda/lib64/stubs
-# cuDNN for the `cudnn` feature (cudarc links libcudnn.so at build time).
-if [[ " $* " == *cudnn* ]]; then
-    ls "$work"/venv/lib/python3*/site-packages/nvidia/cudnn/lib/libcudnn.so.9 >/dev/null 2>&1 ||
-        venv/bin/pip install -q "nvidia-cudnn-cu13==9.28.1.4"
-    D=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/cudnn)
-    for f in "$D"/lib/*; do ln -sf "$f" cuda/lib64/; done
-    ln -sf libcudnn.so.9 cuda/lib64/libcudnn.so
-fi
-# NCCL for the `nccl` feature (cudarc links libnccl.so at build time; on the GPU machine
-# libnccl.so.2 comes from its PyTorch's nvidia/nccl/lib).
-if [[ " $* " == *nccl* ]]; then
-    ls "$work"/venv/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2 >/dev/null 2>&1 ||
-        venv/bin/pip install -q "nvidia-nccl-cu13"
-    N=$(ls -d "$work"/venv/lib/python3*/site-packages/nvidia/nccl)
-    for f in "$N"/lib/*; do ln -sf "$f" cuda/lib64/; done
-    ln -sf libnccl.so.2 cuda/lib64/libnccl.so
-fi
+# A PyPI wheel's libraries linked into cuda/lib64 (cudarc links them at build time; on the GPU
+# machine they come from its PyTorch's nvidia/ folders): wheel PACKAGE FOLDER LIBRARY.
+wheel() {
+    ls "$work"/venv/lib/python3*/site-packages/nvidia/"$2"/lib/"$3" >/dev/null 2>&1 || venv/bin/pip install -q "$1"
+    for f in "$work"/venv/lib/python3*/site-packages/nvidia/"$2"/lib/*; do ln -sf "$f" cuda/lib64/; done
+    ln -sf "$3" "cuda/lib64/${3%%.so.*}.so"
+}
+# cuDNN for the `cudnn` feature, NCCL for the `nccl` feature.
+if [[ " $* " == *cudnn* ]]; then wheel "nvidia-cudnn-cu13==9.28.1.4" cudnn libcudnn.so.9; fi
+if [[ " $* " == *nccl* ]]; then wheel nvidia-nccl-cu13 nccl libnccl.so.2; fi
 ln -sfn "$T/bin" cuda/bin; ln -sfn "$T/include" cuda/include; ln -sfn "$T/nvvm" cuda/nvvm
 for f in "$T"/lib/*; do ln -sf "$f" cuda/lib64/; done
 (cd cuda/lib64 && for l in cudart.so.13 cublas.so.13 cublasLt.so.13 curand.so.10 nvrtc.so.13; do ln -sf "lib$l" "lib${l%.so.*}.so"; done)

@@ -129,6 +129,27 @@ __device__ __forceinline__ long head_offset(int bh, int len, int heads, int d) {
     return (long)(bh / heads) * len * w + (long)(bh % heads) * d;
 }
 
+// One query row's online-softmax step over a tile of BK scores s[c]·scale, keys at
+// or past `keys_left` masked: p = exp(s·scale − max) goes to put(c, p) (0 where
+// masked), and the row's running max, sum and rescale factor of the earlier
+// output are updated. Every tile has a key below m, so the new max is finite;
+// exp(−inf) = 0 rescales the empty start.
+template <int BK, typename Put>
+__device__ __forceinline__ void online_softmax_row(const float *s, float scale, int keys_left, float &row_max,
+                                                   float &row_sum, float &row_rescale, Put put) {
+    float mx = row_max;
+    for (int c = 0; c < BK && c < keys_left; ++c) mx = fmaxf(mx, s[c] * scale);
+    float sum = 0.0f;
+    for (int c = 0; c < BK; ++c) {
+        const float p = c < keys_left ? expf(s[c] * scale - mx) : 0.0f;
+        put(c, p);
+        sum += p;
+    }
+    row_rescale = expf(row_max - mx);
+    row_sum = row_sum * row_rescale + sum;
+    row_max = mx;
+}
+
 template <typename T, int DM, int BQ, int BK>
 __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
                           float scale) {
@@ -157,25 +178,13 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
             for (int i = 0; i < St::RM; ++i)
 #pragma unroll
                 for (int j = 0; j < St::RN; ++j)
-                    ss[St::row(i) * LS + St::col(j)] = k0 + St::col(j) < m ? s[i][j] : -INFINITY;
+                    ss[St::row(i) * LS + St::col(j)] = s[i][j];
         }
         __syncthreads();
-        // The online softmax, a row per thread: every tile has a key below m, so the
-        // new maximum is finite; exp(−inf) = 0 rescales the empty start.
-        if (t < BQ) {
-            float mx = row_max[t];
-            for (int c = 0; c < BK; ++c) mx = fmaxf(mx, ss[t * LS + c]);
-            float sum = 0.0f;
-            for (int c = 0; c < BK; ++c) {
-                const float p = expf(ss[t * LS + c] - mx);
-                ss[t * LS + c] = p;
-                sum += p;
-            }
-            const float rescale = expf(row_max[t] - mx);
-            row_sum[t] = row_sum[t] * rescale + sum;
-            row_max[t] = mx;
-            row_rescale[t] = rescale;
-        }
+        // The online softmax, a row per thread.
+        if (t < BQ)
+            online_softmax_row<BK>(ss + t * LS, 1.0f, m - k0, row_max[t], row_sum[t], row_rescale[t],
+                                   [&](int c, float p) { ss[t * LS + c] = p; });
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < Ot::RM; ++i) {
@@ -423,20 +432,9 @@ __device__ void flash_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, 
         product_to_shared<Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
         __syncthreads();
         // The online softmax of s·Q Kᵀ, a row per thread (as in the f32 kernel).
-        if (t < BQ) {
-            float mx = row_max[t];
-            for (int c = 0; c < BK && k0 + c < m; ++c) mx = fmaxf(mx, ss[t * LS + c] * scale);
-            float sum = 0.0f;
-            for (int c = 0; c < BK; ++c) {
-                const float p = k0 + c < m ? expf(ss[t * LS + c] * scale - mx) : 0.0f;
-                ps[t * LP + c] = __float2bfloat16(p);
-                sum += p;
-            }
-            const float rescale = expf(row_max[t] - mx);
-            row_sum[t] = row_sum[t] * rescale + sum;
-            row_max[t] = mx;
-            row_rescale[t] = rescale;
-        }
+        if (t < BQ)
+            online_softmax_row<BK>(ss + t * LS, scale, m - k0, row_max[t], row_sum[t], row_rescale[t],
+                                   [&](int c, float p) { ps[t * LP + c] = __float2bfloat16(p); });
         __syncthreads();
         for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] *= row_rescale[e / DM];
         __syncthreads();
