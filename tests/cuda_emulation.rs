@@ -56,8 +56,8 @@ fn a_missing_barrier_fails_the_emulated_check() {
         ),
         (
             "plain forward",
-            "row_rescale[t] = rescale;\n        }\n        __syncthreads();",
-            "row_rescale[t] = rescale;\n        }\n",
+            "ss[t * LS + c] = p; });\n        __syncthreads();",
+            "ss[t * LS + c] = p; });\n",
         ),
     ];
     for (i, (what, with, without)) in cuts.iter().enumerate() {
