@@ -16,8 +16,8 @@
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
 #           tf32, bf16 and f32 (BENCH_MODES); sdxl-full in bf16 with checkpointing (the < 80 GB
 #           target; BENCH_SDXL=0 skips it); ms/iteration, images/s and peak GB each
-#   nccl    a one-rank NCCL communicator's all-reduce and broadcast (tests/nccl.rs, built with
-#           the nccl feature on its own)
+#   nccl    NCCL all-reduce and broadcast: a one-rank communicator, and two ranks (threads) on
+#           one GPU where NCCL >= 2.30 allows it (tests/nccl.rs, built with the nccl feature on its own)
 #   ops     benches/op_costs.rs on the GPU: single ops and backward cost per graph node, and
 #           attention (flash kernels) forward and backward at 4096 tokens, sidscript against PyTorch
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
@@ -117,9 +117,10 @@ run)
         unset SIDSCRIPT_BENCH_DEVICE SIDSCRIPT_BENCH_PRECISION SIDSCRIPT_BENCH_CHECKPOINT SIDSCRIPT_BENCH_PROFILE KEEP
         ;;
     nccl)
-        # A one-rank NCCL communicator's collectives (the API path of a multi-GPU job).
+        # A one-rank NCCL communicator's collectives (the API path of a multi-GPU job), and two
+        # ranks as two threads on the one GPU where its NCCL allows it (>= 2.30).
         python3 -c 'import nvidia.nccl, importlib.metadata as m; print("nvidia-nccl", m.version("nvidia-nccl-cu13"))' >> "$results" 2>&1
-        step 60 .gpu/bin-nccl
+        NCCL_DEBUG=VERSION KEEP=30 step 60 .gpu/bin-nccl --nocapture
         ;;
     ops)
         # One op at a time, forward and per backward node, against PyTorch's (where the

@@ -11,41 +11,92 @@
 use super::{transport, world, ReduceOp};
 use crate::error::{Error, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp as NcclOp};
+pub use candle_core::cuda::cudarc::nccl::safe::Id;
+use candle_core::cuda::cudarc::nccl::safe::{Comm, ReduceOp as NcclOp};
 use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use std::sync::Mutex;
 
-/// The process's communicator and the device it serves.
-struct Communicator {
+/// An NCCL communicator on one CUDA device's stream: this process's rank of a group.
+pub struct Nccl {
     comm: Comm,
     device: candle_core::DeviceLocation,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as its calls do
-// not overlap; every use goes through the mutex below.
-unsafe impl Send for Communicator {}
+// not overlap; the job's one communicator is used under the mutex below, and any
+// other is owned by one thread at a time.
+unsafe impl Send for Nccl {}
 
-static COMMUNICATOR: Mutex<Option<Communicator>> = Mutex::new(None);
+impl Nccl {
+    /// Joins group `id` as `rank` of `size` on `dev`'s stream; returns once every rank
+    /// has joined.
+    pub fn new(dev: &Device, rank: usize, size: usize, id: Id) -> Result<Self> {
+        let Device::Cuda(cuda) = dev else { return Err(Error::msg("NCCL: not a CUDA device")) };
+        let stream = cuda.cuda_stream();
+        // NCCL takes the device of the calling thread's current context.
+        stream.context().bind_to_thread().map_err(|e| Error::msg(format!("CUDA context: {e:?}")))?;
+        let comm = Comm::from_rank(stream, rank, size, id).map_err(nccl_error)?;
+        Ok(Self { comm, device: dev.location() })
+    }
+
+    /// `ts` (on this communicator's device) combined over the group's ranks.
+    pub fn all_reduce_many(&self, ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
+        let Some(first) = ts.first() else { return Ok(vec![]) };
+        self.check_device(first.device())?;
+        let dtype = if ts.iter().all(|t| t.dtype() == first.dtype()) { first.dtype() } else { DType::F32 };
+        let flat = ts.iter().map(|t| t.flatten_all()?.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
+        // A fresh buffer (cat copies), so that reducing in place changes no caller's tensor.
+        let buf = Tensor::cat(&flat, 0)?;
+        let op = match op {
+            ReduceOp::Sum => NcclOp::Sum,
+            ReduceOp::Mean => NcclOp::Avg,
+        };
+        buf.inplace_op1(&InPlace { comm: &self.comm, what: What::AllReduce(op) })?;
+        let mut at = 0;
+        ts.iter()
+            .map(|t| {
+                let n = t.elem_count();
+                let part = buf.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?;
+                at += n;
+                Ok(part)
+            })
+            .collect()
+    }
+
+    /// `t` as rank `root` holds it.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        self.check_device(t.device())?;
+        let buf = t.flatten_all()?.copy()?;
+        buf.inplace_op1(&InPlace { comm: &self.comm, what: What::Broadcast(root) })?;
+        Ok(buf.reshape(t.shape())?)
+    }
+
+    fn check_device(&self, dev: &Device) -> Result<()> {
+        if dev.location() != self.device {
+            return Err(Error::msg(format!(
+                "NCCL: this rank's communicator serves {:?}, not {:?} (one device per rank)",
+                self.device,
+                dev.location()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The job's communicator, made by the first collective on CUDA tensors.
+static COMMUNICATOR: Mutex<Option<Nccl>> = Mutex::new(None);
 
 /// Whether `ts` take the NCCL path: all on one CUDA device.
 pub(super) fn serves(ts: &[Tensor]) -> bool {
     ts.first().is_some_and(|t| t.device().is_cuda() && ts.iter().all(|u| u.device().same_device(t.device())))
 }
 
-/// Runs `f` with the communicator for `dev`, made on the first call (a collective
-/// call: every rank makes it at the same point of the job).
-fn with_comm<R>(dev: &Device, f: impl FnOnce(&Comm) -> Result<R>) -> Result<R> {
-    let Device::Cuda(cuda) = dev else { return Err(Error::msg("NCCL: not a CUDA device")) };
+/// Runs `f` with the job's communicator, made on `dev` by the first call (a
+/// collective call: every rank makes it at the same point of the job) with the id
+/// rank 0 makes and hands to the others over MPI.
+fn with_job<R>(dev: &Device, f: impl FnOnce(&Nccl) -> Result<R>) -> Result<R> {
     let mut slot = COMMUNICATOR.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(c) = slot.as_ref() {
-        if c.device != dev.location() {
-            return Err(Error::msg(format!(
-                "NCCL: this rank's communicator serves {:?}, not {:?} (one device per rank)",
-                c.device,
-                dev.location()
-            )));
-        }
-    } else {
+    if slot.is_none() {
         let w = world();
         let id = if w.rank == 0 { Id::new().map_err(nccl_error)? } else { Id::uninit([0; 128]) };
         let id = if w.size > 1 {
@@ -59,47 +110,28 @@ fn with_comm<R>(dev: &Device, f: impl FnOnce(&Comm) -> Result<R>) -> Result<R> {
         } else {
             id
         };
-        let stream = cuda.cuda_stream();
-        // NCCL takes the device of the calling thread's current context.
-        stream.context().bind_to_thread().map_err(|e| Error::msg(format!("CUDA context: {e:?}")))?;
-        let comm = Comm::from_rank(stream, w.rank, w.size, id).map_err(nccl_error)?;
-        *slot = Some(Communicator { comm, device: dev.location() });
+        *slot = Some(Nccl::new(dev, w.rank, w.size, id)?);
     }
-    let c = slot.as_ref().expect("communicator made above");
-    f(&c.comm)
+    f(slot.as_ref().expect("communicator made above"))
 }
 
 fn nccl_error(e: candle_core::cuda::cudarc::nccl::result::NcclError) -> Error {
     Error::msg(format!("NCCL: {e:?}"))
 }
 
-/// `ts` combined over all ranks, on their CUDA device.
-pub(super) fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
-    let dtype = if ts.iter().all(|t| t.dtype() == ts[0].dtype()) { ts[0].dtype() } else { DType::F32 };
-    let flat = ts.iter().map(|t| t.flatten_all()?.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
-    // A fresh buffer (cat copies), so that reducing in place changes no caller's tensor.
-    let buf = Tensor::cat(&flat, 0)?;
-    let nccl_op = match op {
-        ReduceOp::Sum => NcclOp::Sum,
-        ReduceOp::Mean => NcclOp::Avg,
-    };
-    with_comm(buf.device(), |comm| Ok(buf.inplace_op1(&InPlace { comm, what: What::AllReduce(nccl_op) })?))?;
-    let mut at = 0;
-    ts.iter()
-        .map(|t| {
-            let n = t.elem_count();
-            let part = buf.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?;
-            at += n;
-            Ok(part)
-        })
-        .collect()
+/// A fresh group id (rank 0 makes it; the other ranks need the same bytes).
+pub fn new_id() -> Result<Id> {
+    Id::new().map_err(nccl_error)
 }
 
-/// `t` as rank `root` holds it, on its CUDA device.
+/// `ts` combined over all ranks of the job, on their CUDA device.
+pub(super) fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
+    with_job(ts[0].device(), |c| c.all_reduce_many(ts, op))
+}
+
+/// `t` as rank `root` of the job holds it, on its CUDA device.
 pub(super) fn broadcast(t: &Tensor, root: usize) -> Result<Tensor> {
-    let buf = t.flatten_all()?.copy()?;
-    with_comm(buf.device(), |comm| Ok(buf.inplace_op1(&InPlace { comm, what: What::Broadcast(root) })?))?;
-    Ok(buf.reshape(t.shape())?)
+    with_job(t.device(), |c| c.broadcast(t, root))
 }
 
 enum What {
@@ -148,20 +180,20 @@ impl InplaceOp1 for InPlace<'_> {
     }
 }
 
-/// A one-rank communicator's all-reduce and broadcast on `dev` (the API path that a
-/// multi-rank job takes, checkable on one GPU): sums and averages of one rank are the
-/// input itself, so the result must equal it. Returns the largest difference.
+/// The job's one-rank communicator's all-reduce and broadcast on `dev` (the path a
+/// multi-rank job takes, checkable on one GPU): sums and averages of one rank are
+/// the input itself, so the result must equal it. Returns the largest difference.
 pub fn self_check(dev: &Device) -> Result<f64> {
     let t = Tensor::arange(0f32, 1000.0, dev)?.reshape((10, 100))?;
     let mut worst = 0f64;
     let inputs = [t.clone(), t.to_dtype(DType::BF16)?];
     for op in [ReduceOp::Sum, ReduceOp::Mean] {
-        for (x, want) in all_reduce_many(&inputs, op)?.iter().zip(&inputs) {
+        for (x, want) in with_job(dev, |c| c.all_reduce_many(&inputs, op))?.iter().zip(&inputs) {
             let d = (x.to_dtype(DType::F64)? - want.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
             worst = worst.max(d);
         }
     }
-    let b = broadcast(&t, 0)?;
+    let b = with_job(dev, |c| c.broadcast(&t, 0))?;
     worst = worst.max((b - &t)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
     Ok(worst)
 }
