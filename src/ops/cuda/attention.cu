@@ -217,9 +217,9 @@ __device__ void flash_rowdot(const T *o, const T *dout, float *rowdot, int n, in
     }
 }
 
-// P = exp(s·Q Kᵀ − lse) into ps and dS = P∘(dO Vᵀ − D) into dss for one BQ×BK pair of
-// tiles in shared memory (qs scaled); zero for keys at or past `keys_left` and for
-// padded query rows (their lse is +inf).
+// P = exp(s·Q Kᵀ − lse) into ps (unless null: dQ needs only dS) and dS = P∘(dO Vᵀ − D)
+// into dss for one BQ×BK pair of tiles in shared memory (qs scaled); zero for keys at
+// or past `keys_left` and for padded query rows (their lse is +inf).
 template <int DM, int BQ, int BK>
 __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, const float *qs, const float *dos,
                                                       const float *ks, const float *vs, const float *lse_s,
@@ -238,7 +238,7 @@ __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, con
         for (int j = 0; j < St::RN; ++j) {
             const int c = St::col(j);
             const float p = c < keys_left ? expf(s[i][j] - lse_s[r]) : 0.0f;
-            ps[r * LS + c] = p;
+            if (ps) ps[r * LS + c] = p;
             dss[r * LS + c] = p * (dp[i][j] - rowdot_s[r]);
         }
     }
@@ -290,7 +290,7 @@ template <typename T, int DM, int BQ, int BK>
 __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
                          T *dq, int n, int m, int heads, int d, float scale) {
     constexpr int LD = DM + 1, LS = BK + 1;
-    __shared__ float qs[BQ * LD], dos[BQ * LD], ks[BK * LD], vs[BK * LD], ps[BQ * LS], dss[BQ * LS];
+    __shared__ float qs[BQ * LD], dos[BQ * LD], ks[BK * LD], vs[BK * LD], dss[BQ * LS];
     __shared__ float lse_s[BQ], rowdot_s[BQ];
     typedef Tile<BQ, DM> Qt;
     const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
@@ -305,7 +305,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
         load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d, 1.0f);
         load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d, 1.0f);
         __syncthreads();
-        probs_and_score_grads<DM, BQ, BK>(ps, dss, qs, dos, ks, vs, lse_s, rowdot_s, m - k0);
+        probs_and_score_grads<DM, BQ, BK>(nullptr, dss, qs, dos, ks, vs, lse_s, rowdot_s, m - k0);
         __syncthreads();
         tile_product<BQ, DM, BK>(dq_acc, dss, LS, 1, ks, LD, 1);
         __syncthreads();
