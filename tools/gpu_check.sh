@@ -8,7 +8,7 @@
 #                                       # $OUT/gpu_check.txt (or ./gpu_check.txt) as they come,
 #                                       # every step's whole output to $OUT/gpu_full.log
 #
-# PARTs run in the order given (default: tests nccl ops bench runs-sd15 eval runs-sdxl) within
+# PARTs run in the order given (default: tests nccl ops bench toy-bf16 runs-sd15 eval runs-sdxl) within
 # GPU_CHECK_BUDGET seconds (default 570, one device call): steps are cut to the time left.
 #   tests   (GPU_TESTS picks) the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
@@ -22,6 +22,8 @@
 #           attention (flash kernels) forward and backward at 4096 tokens, sidscript against PyTorch
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
 #           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
+#   toy-bf16 the toy job in f32 and in bf16 on cuda:0 (TOY_ITERATIONS, default 600): the 1-step
+#           generator's alignment in each (bf16 should be within 0.03)
 #   runs-sd15, runs-sdxl
 #           real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
 #           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
@@ -96,7 +98,7 @@ run)
     }
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >> "$results"
     parts=("${@:2}")
-    [ ${#parts[@]} -eq 0 ] && parts=(tests nccl ops bench runs-sd15 eval runs-sdxl)
+    [ ${#parts[@]} -eq 0 ] && parts=(tests nccl ops bench toy-bf16 runs-sd15 eval runs-sdxl)
     for part in "${parts[@]}"; do
     case $part in
     tests)
@@ -121,6 +123,15 @@ run)
         # ranks as two threads on the one GPU where its NCCL allows it (>= 2.30).
         python3 -c 'import nvidia.nccl, importlib.metadata as m; print("nvidia-nccl", m.version("nvidia-nccl-cu13"))' >> "$results" 2>&1
         NCCL_DEBUG=VERSION KEEP=30 step 60 .gpu/bin-nccl --nocapture
+        ;;
+    toy-bf16)
+        # bf16 that trains (issue 13, item 4): the toy job in f32 and in bf16 on the GPU, same seed;
+        # the 1-step generator's alignment (240 samples) should agree within 0.03.
+        for mode in f32 bf16; do
+            step 150 .gpu/bin-sidscript run --device cuda:0 --precision $mode scripts/distill_toy.rhai \
+                --set iterations=${TOY_ITERATIONS:-600} --set teacher_eval=false --set out=/tmp/toy-$mode
+            grep -E "^\| generator \| 1 \|" /tmp/toy-$mode/report.md | sed "s/^/$mode: /" | tee -a "$results"
+        done
         ;;
     ops)
         # One op at a time, forward and per backward node, against PyTorch's (where the
