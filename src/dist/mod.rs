@@ -117,8 +117,9 @@ pub fn all_reduce(t: &Tensor, op: ReduceOp) -> Result<Tensor> {
     Ok(all_reduce_many(std::slice::from_ref(t), op)?.remove(0))
 }
 
-/// Several tensors combined over all ranks in one collective (flattened into one
-/// buffer: f64 when any is f64, else f32).
+/// Several tensors combined over all ranks in one collective, flattened into one
+/// buffer: on the host, f64 when any is f64, else f32; CUDA tensors with the `nccl`
+/// feature on the device, in their dtype when they share one, else f32.
 pub fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
     let size = world().size;
     if size == 1 || ts.is_empty() {
