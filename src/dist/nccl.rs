@@ -1,7 +1,8 @@
-//! Collectives of CUDA tensors over NCCL (the `nccl` feature): one communicator per
-//! process on candle's stream of the device the first collective sees, its id made
-//! by rank 0 and handed to the other ranks over MPI (one rank needs no exchange), so
-//! that gradients are summed device to device instead of through host memory.
+//! Collectives of CUDA tensors over NCCL (the `nccl` feature). [`Nccl`] is one rank
+//! of a group on one device's stream; the job's own is made by its first collective
+//! on CUDA tensors, on candle's stream of their device, with an id made by rank 0
+//! and handed to the other ranks over MPI (one rank needs no exchange), so that
+//! gradients are summed device to device instead of through host memory.
 //!
 //! The tensors of one call are laid out in one contiguous device buffer (in their
 //! own dtype when they share one, else f32) and reduced in place there: one NCCL
