@@ -1,6 +1,7 @@
 //! sidscript's CUDA kernels checked on the CPU: `tools/cuda_emu` compiles a
 //! kernel file as C++ (each block's threads as coroutines, warp after warp, with
-//! `__syncthreads`, `__syncwarp` and WMMA calls as barriers; blocks in turn) and
+//! `__syncthreads`, `__syncwarp`, warp shuffles and WMMA calls as barriers; blocks
+//! in turn) and
 //! runs it against a double-precision reference, with warps and lanes visited in
 //! forward and in reverse order so that a missing barrier shows. This runs in every
 //! build, GPU or not; the same kernels run on the GPU in `tests/kernels.rs` (cuda
@@ -30,16 +31,31 @@ fn tmp(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
+/// Runs `tools/cuda_emu/{name}.cpp` and returns its report, failing if any case is off.
+fn passes(name: &str) -> String {
+    let run = build_and_run(name, &tmp(name), &[]);
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    println!("{out}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "{name}: kernels off on the CPU emulation:\n{out}");
+    out
+}
+
 /// Flash attention forward and backward (`src/ops/cuda/attention.cu`): output,
 /// log-sum-exp, dQ, dK, dV for every padded head dim, f32, bf16 and bf16 on tensor
 /// cores (WMMA).
 #[test]
 fn flash_attention_kernels() {
-    let run = build_and_run("attention_check", &tmp("attention_check"), &[]);
-    let out = String::from_utf8_lossy(&run.stdout);
-    println!("{out}{}", String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "flash attention off on the CPU emulation:\n{out}");
+    let out = passes("attention_check");
     assert!(out.contains("bf16-tc") && out.contains("f32 "), "not every kernel family ran:\n{out}");
+}
+
+/// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp
+/// shuffles): statistics, forward, input and affine gradients, rows for 256 and for
+/// 1,024 threads.
+#[test]
+fn norm_kernels() {
+    let out = passes("norm_check");
+    assert!(out.contains("1024 threads"), "no row long enough for 1,024 threads:\n{out}");
 }
 
 /// The check has teeth: a copy of `attention.cu` with one barrier removed — between

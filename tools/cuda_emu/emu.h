@@ -14,12 +14,12 @@
 // some threads skip (CUDA: undefined behaviour) is an error here.
 //
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
-// __syncthreads, __launch_bounds__, bf16 conversions, math functions) and the WMMA
+// __syncthreads, __launch_bounds__, bf16 conversions, math functions,
+// __shfl_xor_sync over a full warp) and the WMMA
 // fragments of nvcuda::wmma for bf16 16×16×16 products. A fragment here holds the
 // whole 16×16 tile in every thread (on the GPU each lane holds a share in an
 // unspecified layout), so kernels may touch `x[i]` only uniformly over all i
-// (a scale), which both layouts give the same meaning. Not warp shuffles, atomics
-// or timing. Include this, then the .cu file, in a C++17 program
+// (a scale), which both layouts give the same meaning. Not atomics or timing. Include this, then the .cu file, in a C++17 program
 // compiled with -DSIDSCRIPT_CPU_EMULATION.
 #pragma once
 #include <algorithm>
@@ -234,7 +234,21 @@ inline int lane() { return emu::current % 32; }
 }  // namespace wmma
 }  // namespace nvcuda
 
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
 inline void __syncwarp() { emu::wait_at(emu::WARP); }
+
+// A full warp's exchange: every lane posts its value, the warp meets, each reads its
+// partner's, and the warp meets again before the slots are reused.
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+    static std::vector<float> slots;
+    if (slots.size() < emu::threads.size()) slots.resize(emu::threads.size());
+    slots[emu::current] = v;
+    emu::wait_at(emu::WARP);
+    const float r = slots[(emu::current & ~31) | ((emu::current & 31) ^ lane_mask)];
+    emu::wait_at(emu::WARP);
+    return r;
+}
 
 inline void __syncthreads() {
     emu::threads[emu::current].waiting = true;

@@ -1,0 +1,92 @@
+// The normalisation kernels (src/ops/cuda/norm.cu) run on the CPU through emu.h,
+// against group/layer norm with a per-channel affine in double precision: row
+// statistics, the forward, the input gradient and the affine gradients, launched
+// as ops::norm launches them (one block per row, 1,024 threads for rows of 8,192 or
+// more; the forward split over row chunks), warps and lanes in both orders. Prints
+// one line per case and exits 1 if any is off.
+#include "emu.h"
+#include "../../src/ops/cuda/norm.cu"
+
+#include <algorithm>
+#include <random>
+
+struct Case {
+    int batch, channels, spatial, groups;
+};
+
+double rel_err(const std::vector<float> &got, const std::vector<double> &want) {
+    double e = 0, s = 1e-30;
+    for (size_t i = 0; i < want.size(); ++i) e = std::max(e, std::fabs(got[i] - want[i])), s = std::max(s, std::fabs(want[i]));
+    return e / s;
+}
+
+bool check(const Case &c, std::mt19937 &rng) {
+    const int rows = c.batch * c.groups, n = c.channels / c.groups * c.spatial, len = c.batch * c.channels * c.spatial;
+    const float eps = 1e-5f;
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    auto randn = [&](int count, float mean) {
+        std::vector<float> x(count);
+        for (auto &e : x) e = mean + normal(rng);
+        return x;
+    };
+    const std::vector<float> x = randn(len, 0.5f), w = randn(c.channels, 1.0f), b = randn(c.channels, 0.0f),
+                             dy = randn(len, 0.0f);
+    // The reference, in double.
+    std::vector<double> y(len), dx(len), dw(c.channels), db(c.channels);
+    for (int r = 0; r < rows; ++r) {
+        const int c0 = r % c.groups * (c.channels / c.groups);
+        const float *row = &x[(size_t)r * n];
+        double mean = 0, var = 0;
+        for (int i = 0; i < n; ++i) mean += row[i];
+        mean /= n;
+        for (int i = 0; i < n; ++i) var += (row[i] - mean) * (row[i] - mean);
+        const double rstd = 1.0 / std::sqrt(var / n + eps);
+        double mg = 0, mgx = 0;
+        for (int i = 0; i < n; ++i) {
+            const int ch = c0 + i / c.spatial;
+            const double xh = (row[i] - mean) * rstd, g = dy[(size_t)r * n + i] * w[ch];
+            y[(size_t)r * n + i] = xh * w[ch] + b[ch];
+            mg += g, mgx += g * xh;
+            dw[ch] += dy[(size_t)r * n + i] * xh, db[ch] += dy[(size_t)r * n + i];
+        }
+        mg /= n, mgx /= n;
+        for (int i = 0; i < n; ++i) {
+            const double xh = (row[i] - mean) * rstd, g = dy[(size_t)r * n + i] * w[c0 + i / c.spatial];
+            dx[(size_t)r * n + i] = rstd * (g - mg - xh * mgx);
+        }
+    }
+    bool ok = true;
+    for (emu::Order order : {emu::Order::Forward, emu::Order::Reverse}) {
+        std::vector<float> stats(2 * rows), gy(len), gdx(len), gdw(c.channels), gdb(c.channels);
+        const unsigned threads = n >= 8192 ? 1024 : 256, chunks = std::clamp((n + 1023) / 1024, 1, 64);
+        ok &= emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { norm_stats_f32(x.data(), stats.data(), n, eps); }, order);
+        ok &= emu::launch({(unsigned)rows, chunks, 1}, {256, 1, 1}, [&] {
+            norm_fwd_f32(x.data(), w.data(), b.data(), stats.data(), gy.data(), n, c.channels, c.spatial, c.groups);
+        }, order);
+        ok &= emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] {
+            norm_dx_f32(x.data(), w.data(), dy.data(), stats.data(), gdx.data(), n, c.channels, c.spatial, c.groups);
+        }, order);
+        ok &= emu::launch({(unsigned)c.channels, 1, 1}, {256, 1, 1}, [&] {
+            norm_dwdb_f32(x.data(), dy.data(), stats.data(), gdw.data(), gdb.data(), c.batch, c.channels, c.spatial, c.groups);
+        }, order);
+        const double errs[] = {rel_err(gy, y), rel_err(gdx, dx), rel_err(gdw, dw), rel_err(gdb, db)};
+        const double worst = *std::max_element(std::begin(errs), std::end(errs));
+        ok &= worst < 1e-5;
+        std::printf("batch %d channels %3d spatial %5d groups %2d (row %5d, %4u threads) %-7s: y %.1e dx %.1e dw %.1e db %.1e %s\n",
+                    c.batch, c.channels, c.spatial, c.groups, n, threads,
+                    order == emu::Order::Forward ? "forward" : "reverse", errs[0], errs[1], errs[2], errs[3],
+                    worst < 1e-5 ? "ok" : "OFF");
+    }
+    return ok && !emu::failed;
+}
+
+int main() {
+    std::mt19937 rng(11);
+    // Group norm (SD's 32 groups; a row under one block, over several chunks, and long
+    // enough for 1,024 threads) and layer norm as [rows, D, 1] with one group.
+    const Case cases[] = {{2, 8, 5, 4}, {1, 64, 1024, 32}, {1, 8, 8192, 8}, {6, 77, 1, 1}};
+    bool ok = true;
+    for (const Case &c : cases) ok &= check(c, rng);
+    std::printf("%s\n", ok ? "all cases within tolerance" : "SOME CASES OFF");
+    return ok ? 0 : 1;
+}
