@@ -12,11 +12,13 @@
 //! (with a workspace up to `BENCHMARK_WORKSPACE`) is timed on the real operands
 //! and the fastest kept — what PyTorch's `cudnn.benchmark = True` does, and what
 //! SiD's and EDM's training code turn on; `SIDSCRIPT_CUDNN_BENCHMARK=0` keeps the
-//! heuristic's choice (the bench sets PyTorch's flag from the same variable). The math type is set
-//! explicitly per precision mode: f32 → `CUDNN_FMA_MATH` (no TF32), tf32 →
-//! `CUDNN_DEFAULT_MATH` (TF32 tensor cores, as PyTorch with `cudnn.allow_tf32`),
-//! half dtypes → `CUDNN_TENSOR_OP_MATH` with f32 accumulation. cuDNN handles and
-//! descriptors are neither Send nor Sync, so the caches are per thread, as candle's.
+//! heuristic's choice (the bench sets PyTorch's flag from the same variable).
+//!
+//! The math type is set explicitly per precision mode: f32 → `CUDNN_FMA_MATH` (no
+//! TF32), tf32 → `CUDNN_DEFAULT_MATH` (TF32 tensor cores, as PyTorch with
+//! `cudnn.allow_tf32`), half dtypes → `CUDNN_TENSOR_OP_MATH` with f32 accumulation.
+//! cuDNN handles and descriptors are neither Send nor Sync, so the caches are per
+//! thread, as candle's.
 
 use super::precision::{precision, Precision};
 use candle_core::backend::BackendStorage;
