@@ -56,7 +56,8 @@ pack)
     # NCCL (issue 16) in a build of its own, so that a missing or old libnccl on the GPU
     # machine stops only the nccl part.
     nccl=$(tools/build_cuda.sh "$work" test --release --no-run --test nccl --features cudnn,nccl --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]')
+        python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]' |
+        grep '/deps/nccl-')
     strip -o "$stage/bin-nccl" "$nccl"
     tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=512MiB > .gpu/bins.tar.xz
     rm -rf "$stage"
