@@ -15,12 +15,14 @@
 //
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
 // __syncthreads, __launch_bounds__, bf16 conversions, math functions,
-// __shfl_xor_sync over a full warp) and the WMMA
-// fragments of nvcuda::wmma for bf16 16×16×16 products. A fragment here holds the
-// whole 16×16 tile in every thread (on the GPU each lane holds a share in an
-// unspecified layout), so kernels may touch `x[i]` only uniformly over all i
-// (a scale), which both layouts give the same meaning. Not atomics or timing. Include this, then the .cu file, in a C++17 program
-// compiled with -DSIDSCRIPT_CPU_EMULATION.
+// __shfl_xor_sync over a full warp) and the WMMA fragments of nvcuda::wmma for bf16
+// 16×16×16 products. A fragment here holds the whole 16×16 tile in every thread (on
+// the GPU each lane holds a share in an unspecified layout), so kernels may touch
+// `x[i]` only uniformly over all i (a scale), which both layouts give the same
+// meaning. Not atomics or timing.
+//
+// Use: include this, then the .cu file, in a C++17 program compiled with
+// -DSIDSCRIPT_CPU_EMULATION (attention_check.cpp, norm_check.cpp).
 #pragma once
 #include <algorithm>
 #include <cmath>
