@@ -22,12 +22,13 @@
 // attention does in half precision).
 //
 // dQ has its own kernel rather than atomic adds from flash_dkdv, so every result
-// is the same from run to run. The scale goes on Q as it is loaded (the scores of
-// s·Q are the scaled scores, and dK = dSᵀ (s·Q)).
+// is the same from run to run. The plain kernels put the scale on Q as it is loaded
+// (the scores of s·Q are the scaled scores, and dK = dSᵀ (s·Q)); the tensor-core
+// ones keep Q in bf16 as given and scale the f32 scores (and dK) instead.
 //
-// tools/cuda_emu runs these kernels on the CPU (threads as coroutines, each
-// __syncthreads a barrier) against a double-precision reference: built as plain
-// C++ there, so this file keeps to what that shim provides (no warp intrinsics).
+// tools/cuda_emu runs these kernels on the CPU (threads as coroutines, barriers
+// and WMMA calls as meeting points) against a double-precision reference: built as
+// plain C++ there, so this file keeps to what that shim provides.
 #ifndef SIDSCRIPT_CPU_EMULATION
 #include <cuda_bf16.h>
 #include <mma.h>
