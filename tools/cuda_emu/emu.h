@@ -192,8 +192,20 @@ inline float load_value(const __nv_bfloat16 &v) { return __bfloat162float(v); }
 // loads and stores a tile once).
 void warp_meets();
 
+// What the GPU requires of a tile's address and stride (CUDA C++ Programming Guide,
+// "Warp Matrix Functions"): a 256-bit aligned pointer and a stride that is a multiple
+// of 16 bytes. A kernel that breaks either faults or misreads there; here it stops.
+template <typename T> void check_tile(const T *p, unsigned ldm) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) {
+        std::fprintf(stderr, "WMMA: tile at %p with stride %u elements of %zu bytes is misaligned\n",
+                     static_cast<const void *>(p), ldm, sizeof(T));
+        std::abort();
+    }
+}
+
 template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout> &f, const T *p, unsigned ldm) {
+    check_tile(p, ldm);
     warp_meets();
     constexpr bool row = std::is_same<Layout, row_major>::value;
     for (int r = 0; r < 16; ++r)
@@ -201,6 +213,7 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout> &f, const T *p, unsig
 }
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ldm,
                              layout_t layout) {
+    check_tile(p, ldm);
     warp_meets();
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
@@ -211,6 +224,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const 
 int lane();
 inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ldm,
                               layout_t layout) {
+    check_tile(p, ldm);
     warp_meets();
     if (lane() != 0) return;
     for (int r = 0; r < 16; ++r)
