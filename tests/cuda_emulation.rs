@@ -10,21 +10,26 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Builds `tools/cuda_emu/{name}.cpp` (with `defines`) into `exe` with the C++
+/// Builds `tools/cuda_emu/{name}.cpp` (with `flags`) into `exe` with the C++
 /// compiler (`CXX`, else `c++`: the tokenizers crate needs one to build) and runs it.
-fn build_and_run(name: &str, exe: &Path, defines: &[String]) -> Output {
+fn build_and_run(name: &str, exe: &Path, flags: &[String]) -> Output {
+    build_and_run_with(name, exe, flags, &[])
+}
+
+/// `build_and_run` with arguments for the program.
+fn build_and_run_with(name: &str, exe: &Path, flags: &[String], args: &[&str]) -> Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let built = Command::new(&cxx)
         .args(["-std=c++17", "-O2", "-w", "-DSIDSCRIPT_CPU_EMULATION"])
-        .args(defines)
+        .args(flags)
         .arg("-o")
         .arg(exe)
         .arg(root.join(format!("tools/cuda_emu/{name}.cpp")))
         .output()
         .unwrap_or_else(|e| panic!("{cxx}: {e}"));
     assert!(built.status.success(), "{cxx} failed:\n{}", String::from_utf8_lossy(&built.stderr));
-    Command::new(exe).output().expect("run the emulated kernels")
+    Command::new(exe).args(args).output().expect("run the emulated kernels")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -47,6 +52,21 @@ fn passes(name: &str) -> String {
 fn flash_attention_kernels() {
     let out = passes("attention_check");
     assert!(out.contains("bf16-tc") && out.contains("f32 "), "not every kernel family ran:\n{out}");
+}
+
+/// Every memory access of the flash-attention kernels in bounds and no undefined
+/// behaviour: the check built with AddressSanitizer and UBSan, on one case or two per
+/// kernel family (`--quick`; the sanitizers make the emulation slow). A read one row
+/// past a head's last makes this fail; on the GPU it would read a neighbour's memory
+/// or fault.
+#[test]
+fn flash_attention_kernels_stay_in_bounds() {
+    let exe = tmp("attention_check_asan");
+    let flags = ["-fsanitize=address,undefined".to_string(), "-fno-sanitize-recover=all".to_string(), "-g".to_string()];
+    let run = build_and_run_with("attention_check", &exe, &flags, &["--quick"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    println!("{}{err}", String::from_utf8_lossy(&run.stdout));
+    assert!(run.status.success() && !err.contains("ERROR: AddressSanitizer"), "sanitizers report:\n{err}");
 }
 
 /// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <random>
+#include <string>
+#include <vector>
 
 struct Case {
     int batch, channels, spatial, groups;
@@ -80,11 +82,14 @@ bool check(const Case &c, std::mt19937 &rng) {
     return ok && !emu::failed;
 }
 
-int main() {
+// `--quick`: one row of each kind (the sanitizer build, which is slow).
+int main(int argc, char **argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     std::mt19937 rng(11);
     // Group norm (SD's 32 groups; a row under one block, over several chunks, and long
     // enough for 1,024 threads) and layer norm as [rows, D, 1] with one group.
-    const Case cases[] = {{2, 8, 5, 4}, {1, 64, 1024, 32}, {1, 8, 8192, 8}, {6, 77, 1, 1}};
+    const std::vector<Case> cases = quick ? std::vector<Case>{{2, 8, 5, 4}, {1, 1, 8192, 1}, {6, 77, 1, 1}}
+                                          : std::vector<Case>{{2, 8, 5, 4}, {1, 64, 1024, 32}, {1, 8, 8192, 8}, {6, 77, 1, 1}};
     bool ok = true;
     for (const Case &c : cases) ok &= check(c, rng);
     std::printf("%s\n", ok ? "all cases within tolerance" : "SOME CASES OFF");
