@@ -39,13 +39,14 @@ pack)
     grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
     mkdir -p .gpu && rm -f .gpu/bin-* .gpu/bins.tar.xz
     tools/build_cuda.sh "$work" build --release --features cudnn
-    list() { tools/build_cuda.sh "$work" "$@" --features cudnn --message-format=json 2>/dev/null |
+    # The executables a cargo build (with its --features) makes.
+    list() { tools/build_cuda.sh "$work" "$@" --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]'; }
     bins=("$(cd "$work" && pwd)/target-cuda/release/sidscript")
     # The tests that exercise the GPU path of this work (autograd and the VAE/text/sampler
     # parity ran on a GPU before and are unchanged by it).
-    bins+=($(list test --release --no-run --test sid_reference --test checkpointing --test kernels --test optim --test unet_parity) \
-        $(list bench --no-run --bench sid_iteration --bench eval --bench op_costs))
+    bins+=($(list test --release --no-run --features cudnn --test sid_reference --test checkpointing --test kernels \
+        --test optim --test unet_parity) $(list bench --no-run --features cudnn --bench sid_iteration --bench eval --bench op_costs))
     # One archive with a dictionary larger than all binaries together: they share most of
     # their code (candle, the PTX, sidscript), so 8 binaries of 50-75 MB pack into ~14 MB
     # (each alone: 6-10 MB). Single-threaded on purpose: xz's threads split the dictionary.
@@ -55,9 +56,7 @@ pack)
     done
     # NCCL (issue 16) in a build of its own, so that a missing or old libnccl on the GPU
     # machine stops only the nccl part.
-    nccl=$(tools/build_cuda.sh "$work" test --release --no-run --test nccl --features cudnn,nccl --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]' |
-        grep '/deps/nccl-')
+    nccl=$(list test --release --no-run --test nccl --features cudnn,nccl | grep '/deps/nccl-')
     strip -o "$stage/bin-nccl" "$nccl"
     tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=512MiB > .gpu/bins.tar.xz
     rm -rf "$stage"

@@ -44,26 +44,13 @@ template <typename T, size_t N> const Kernels<T> *pick(const Kernels<T> (&table)
     return nullptr;
 }
 
-float to_float(float x) { return x; }
-float to_float(bf16 x) { return __bfloat162float(x); }
-template <typename T> T from_float(float x);
-template <> float from_float<float>(float x) { return x; }
-template <> bf16 from_float<bf16>(float x) { return __float2bfloat16(x); }
-
 struct Case {
     int batch, heads, n, m, d;
 };
 
-// The largest |got − want| over the largest |want|.
-double rel_err(const std::vector<double> &got, const std::vector<double> &want) {
-    double e = 0, s = 1e-30;
-    for (size_t i = 0; i < want.size(); ++i) e = std::max(e, std::fabs(got[i] - want[i])), s = std::max(s, std::fabs(want[i]));
-    return e / s;
-}
-
 template <typename T> std::vector<double> widen(const std::vector<T> &x) {
     std::vector<double> y(x.size());
-    for (size_t i = 0; i < x.size(); ++i) y[i] = to_float(x[i]);
+    for (size_t i = 0; i < x.size(); ++i) y[i] = to_f32(x[i]);
     return y;
 }
 
@@ -123,7 +110,7 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
     std::normal_distribution<float> normal(0.0f, 1.0f);
     auto randn = [&](size_t len) {
         std::vector<T> x(len);
-        for (auto &e : x) e = from_float<T>(normal(rng));
+        for (auto &e : x) e = from_f32<T>(normal(rng));
         return x;
     };
     const std::vector<T> q = randn((size_t)c.batch * c.n * w), k = randn((size_t)c.batch * c.m * w),
@@ -139,9 +126,8 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
         ok &= emu::launch({(unsigned)(rows + 127) / 128, 1, 1}, {128, 1, 1}, [&] { flash_rowdot<T>(o.data(), go.data(), rowdot.data(), c.n, c.heads, c.d, rows); }, order);
         ok &= emu::launch({kt, bh, 1}, block, [&] { kern->dkdv(q.data(), k.data(), v.data(), go.data(), lse.data(), rowdot.data(), dk.data(), dv.data(), c.n, c.m, c.heads, c.d, scale); }, order);
         ok &= emu::launch({qt, bh, 1}, block, [&] { kern->dq(q.data(), k.data(), v.data(), go.data(), lse.data(), rowdot.data(), dq.data(), c.n, c.m, c.heads, c.d, scale); }, order);
-        std::vector<double> lse_d(lse.begin(), lse.end());
-        const double errs[] = {rel_err(widen(o), want.o), rel_err(lse_d, want.lse), rel_err(widen(dq), want.dq),
-                               rel_err(widen(dk), want.dk), rel_err(widen(dv), want.dv)};
+        const double errs[] = {emu::rel_err(widen(o), want.o), emu::rel_err(lse, want.lse), emu::rel_err(widen(dq), want.dq),
+                               emu::rel_err(widen(dk), want.dk), emu::rel_err(widen(dv), want.dv)};
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < tol;
         std::printf("%-7s d=%-3d (DM %3d, tiles %dx%d) batch %d heads %d n %3d m %3d %-7s: o %.1e lse %.1e dq %.1e dk %.1e dv %.1e %s\n",

@@ -166,6 +166,14 @@ inline bool launch(dim3 grid, dim3 block, std::function<void()> kernel, Order or
     return true;
 }
 
+// For the checks: the largest |got − want| over the largest |want|.
+template <typename T> double rel_err(const std::vector<T> &got, const std::vector<double> &want) {
+    double e = 0, s = 1e-30;
+    for (size_t i = 0; i < want.size(); ++i)
+        e = std::max(e, std::fabs((double)got[i] - want[i])), s = std::max(s, std::fabs(want[i]));
+    return e / s;
+}
+
 }  // namespace emu
 
 // nvcuda::wmma for bf16 inputs and f32 accumulators, 16×16×16.

@@ -16,12 +16,6 @@ struct Case {
     int batch, channels, spatial, groups;
 };
 
-double rel_err(const std::vector<float> &got, const std::vector<double> &want) {
-    double e = 0, s = 1e-30;
-    for (size_t i = 0; i < want.size(); ++i) e = std::max(e, std::fabs(got[i] - want[i])), s = std::max(s, std::fabs(want[i]));
-    return e / s;
-}
-
 bool check(const Case &c, std::mt19937 &rng) {
     const int rows = c.batch * c.groups, n = c.channels / c.groups * c.spatial, len = c.batch * c.channels * c.spatial;
     const float eps = 1e-5f;
@@ -71,7 +65,7 @@ bool check(const Case &c, std::mt19937 &rng) {
         ok &= emu::launch({(unsigned)c.channels, 1, 1}, {256, 1, 1}, [&] {
             norm_dwdb_f32(x.data(), dy.data(), stats.data(), gdw.data(), gdb.data(), c.batch, c.channels, c.spatial, c.groups);
         }, order);
-        const double errs[] = {rel_err(gy, y), rel_err(gdx, dx), rel_err(gdw, dw), rel_err(gdb, db)};
+        const double errs[] = {emu::rel_err(gy, y), emu::rel_err(gdx, dx), emu::rel_err(gdw, dw), emu::rel_err(gdb, db)};
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < 1e-5;
         std::printf("batch %d channels %3d spatial %5d groups %2d (row %5d, %4u threads) %-7s: y %.1e dx %.1e dw %.1e db %.1e %s\n",
