@@ -70,12 +70,13 @@ fn flash_attention_kernels_stay_in_bounds() {
 }
 
 /// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp
-/// shuffles): statistics, forward, input and affine gradients, rows for 256 and for
-/// 1,024 threads.
+/// shuffles), alone and fused with SiLU: statistics, forward, input and affine
+/// gradients, rows for 256 and for 1,024 threads.
 #[test]
 fn norm_kernels() {
     let out = passes("norm_check");
     assert!(out.contains("1024 threads"), "no row long enough for 1,024 threads:\n{out}");
+    assert!(out.contains("+silu"), "no case of group norm + SiLU:\n{out}");
 }
 
 /// The check has teeth: a copy of `attention.cu` with one barrier removed — between

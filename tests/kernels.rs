@@ -1,10 +1,10 @@
 //! The fused ops on each device against their composed forms in f64 on the CPU:
 //! forward and every input's gradient, for the shapes the SD1.5/SDXL UNets use at
 //! a small size (convolutions 3×3 / stride 2 / 1×1, attention head dims 40, 64,
-//! 80 and 160, group and layer norm, SiLU, GEGLU, linear). On the CPU this checks the
-//! f32 kernels; in cuda builds the same test runs the CUDA forms (cuDNN
-//! convolutions with the `cudnn` feature, flash attention) and, for convolutions
-//! and attention, bf16.
+//! 80 and 160, group and layer norm, group norm + SiLU, SiLU, GEGLU, linear). On
+//! the CPU this checks the f32 kernels; in cuda builds the same test runs the CUDA
+//! forms (cuDNN convolutions with the `cudnn` feature, flash attention) and, for
+//! convolutions and attention, bf16.
 
 mod common;
 
@@ -144,6 +144,15 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
             &inputs,
             &move |t| ops::norm_affine(&t[0], groups, &t[1], &t[2], 1e-5),
             &move |t| ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5),
+            1e-4,
+        );
+        compare(
+            &format!("norm + silu {dims:?} in {groups} groups"),
+            dev,
+            DType::F32,
+            &inputs,
+            &move |t| ops::norm_affine_silu(&t[0], groups, &t[1], &t[2], 1e-5),
+            &move |t| Ok(ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5)?.silu()?),
             1e-4,
         );
     }

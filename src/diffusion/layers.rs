@@ -5,7 +5,7 @@
 
 use super::weights::Weights;
 use crate::error::Result;
-use crate::ops::{self, attention as attn, norm_affine, silu, softmax_last_dim, upcast};
+use crate::ops::{self, attention as attn, norm_affine, norm_affine_silu, silu, softmax_last_dim, upcast};
 use candle_core::{DType, Tensor, D};
 
 /// A weight in the dtype of the activations `x` it meets: mixed precision keeps
@@ -101,6 +101,13 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c) = (x.dim(0)?, x.dim(1)?);
         Ok(norm_affine(&x.reshape((b, c, ()))?, self.groups, &self.weight, &self.bias, self.eps)?.reshape(x.shape())?)
+    }
+
+    /// `silu(self.forward(x))` as one fused op each way (resnet blocks' pair).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c) = (x.dim(0)?, x.dim(1)?);
+        let y = norm_affine_silu(&x.reshape((b, c, ()))?, self.groups, &self.weight, &self.bias, self.eps)?;
+        Ok(y.reshape(x.shape())?)
     }
 }
 

@@ -452,10 +452,10 @@ impl ResnetBlock {
     }
 
     fn forward_timed(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -947,7 +947,7 @@ impl Unet {
                 h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
             }
         }
-        let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
+        let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
         Ok(UnetOutput { sample: out.to_dtype(x.dtype())?, mid: mid.to_dtype(x.dtype())? })
     }
 }

@@ -6,7 +6,6 @@ use super::layers::{Attention, Conv2d, GroupNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::Result;
-use crate::ops::silu;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -167,8 +166,8 @@ impl Resnet {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -348,7 +347,7 @@ impl Vae {
             }
         }
         h = self.enc_mid.forward(&h)?;
-        h = self.enc_out.forward(&silu(&self.enc_norm.forward(&h)?)?)?;
+        h = self.enc_out.forward(&self.enc_norm.forward_silu(&h)?)?;
         if let Some(q) = &self.quant {
             h = q.forward(&h)?;
         }
@@ -377,6 +376,6 @@ impl Vae {
                 h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
             }
         }
-        self.dec_out.forward(&silu(&self.dec_norm.forward(&h)?)?)
+        self.dec_out.forward(&self.dec_norm.forward_silu(&h)?)
     }
 }

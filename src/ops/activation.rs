@@ -48,16 +48,29 @@ fn geglu_bwd<T: Real>(h: &[T], g: &[T], n2: usize) -> Vec<T> {
 /// Elements per parallel task of the elementwise kernels.
 const ELEMENTWISE_CHUNK: usize = 4096;
 
+/// SiLU of one value, x·σ(x) (also the fused group norm + SiLU's).
+#[inline(always)]
+pub(crate) fn silu_at<T: Real>(x: T) -> T {
+    x / (T::from_usize(1) + (T::ZERO - x).exp())
+}
+
+/// g·d silu(x)/dx = g·σ(x)·(1 + x·(1 − σ(x))) for one value.
+#[inline(always)]
+pub(crate) fn silu_grad_at<T: Real>(x: T, g: T) -> T {
+    let one = T::from_usize(1);
+    let sig = one / (one + (T::ZERO - x).exp());
+    g * sig * (one + x * (one - sig))
+}
+
 /// SiLU, x·σ(x) (the row length is not used: the op is elementwise).
 fn silu_fwd<T: Real>(x: &[T], _: usize) -> Vec<T> {
-    let one = T::from_usize(1);
     let mut out = vec![T::ZERO; x.len()];
     for_rows(&mut out, ELEMENTWISE_CHUNK, |r, o| {
         vectorized(
             #[inline(always)]
             || {
                 for (o, &v) in o.iter_mut().zip(&x[r * ELEMENTWISE_CHUNK..]) {
-                    *o = v / (one + (T::ZERO - v).exp());
+                    *o = silu_at(v);
                 }
             },
         )
@@ -65,9 +78,8 @@ fn silu_fwd<T: Real>(x: &[T], _: usize) -> Vec<T> {
     out
 }
 
-/// d silu(x)/dx = σ(x)·(1 + x·(1 − σ(x))).
+/// The input gradient of SiLU.
 fn silu_bwd<T: Real>(x: &[T], g: &[T], _: usize) -> Vec<T> {
-    let one = T::from_usize(1);
     let mut out = vec![T::ZERO; x.len()];
     for_rows(&mut out, ELEMENTWISE_CHUNK, |r, o| {
         let at = r * ELEMENTWISE_CHUNK;
@@ -75,8 +87,7 @@ fn silu_bwd<T: Real>(x: &[T], g: &[T], _: usize) -> Vec<T> {
             #[inline(always)]
             || {
                 for ((o, &v), &g) in o.iter_mut().zip(&x[at..]).zip(&g[at..]) {
-                    let sig = one / (one + (T::ZERO - v).exp());
-                    *o = g * sig * (one + v * (one - sig));
+                    *o = silu_grad_at(v, g);
                 }
             },
         )

@@ -41,7 +41,7 @@ pub use activation::{geglu, silu, softmax_last_dim};
 pub use attention::attention;
 pub use conv::conv2d;
 pub use linear::linear;
-pub use norm::norm_affine;
+pub use norm::{norm_affine, norm_affine_silu};
 
 use candle_core::{DType, Layout, Tensor};
 use rayon::prelude::*;

@@ -1,7 +1,10 @@
-//! Group and layer normalisation with their per-channel affine, one pass each way
-//! on the CPU (composed from candle ops they cost 5–9 kernels and as many buffers
-//! forward, more backward; the affine's gradients are summed in the same pass).
+//! Group and layer normalisation with their per-channel affine, and group norm +
+//! SiLU (every UNet and VAE resnet block's pair), one pass each way on the CPU and
+//! on CUDA (composed from candle ops they cost 5–9 kernels and as many buffers
+//! forward, more backward; the affine's gradients are summed in the same pass; the
+//! fused SiLU keeps only x for the backward, not the norm's output as well).
 
+use super::activation::{silu_at, silu_grad_at};
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::Real;
 use super::{contiguous, for_rows, has_fused_kernel, upcast, PAR_MIN};
@@ -19,12 +22,14 @@ fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
 /// How a `[B, C, S]` tensor is normalised: `groups` groups of C/G channels per
 /// image, each group one row of (C/G)·S values; the affine is per channel.
 /// Group norm is `[B, C, H·W]` with G groups, layer norm `[rows, D, 1]` with one.
+/// `silu`: SiLU applied to the affine's output.
 #[derive(Clone, Copy, Debug)]
 struct NormGeom {
     channels: usize,
     spatial: usize,
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
 impl NormGeom {
@@ -36,7 +41,8 @@ impl NormGeom {
     }
 }
 
-/// y = x̂·w[c] + b[c], x̂ the row normalised to zero mean and unit variance.
+/// y = x̂·w[c] + b[c] (then SiLU'd when `g.silu`), x̂ the row normalised to zero
+/// mean and unit variance.
 fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T> {
     let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
     let mut out = vec![T::ZERO; x.len()];
@@ -50,14 +56,18 @@ fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T
                 *o = v * scale + shift;
             }
         }
+        if g.silu {
+            o.iter_mut().for_each(|z| *z = silu_at(*z));
+        }
     });
     out
 }
 
 /// The gradients of `norm_affine_fwd` packed in one vector: dx (as x), then dw and
-/// db (C each). With ĝ = g·w[c]: dx = inv·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) per row,
-/// dw[c] = Σ g·x̂ and db[c] = Σ g over images and positions.
-fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> {
+/// db (C each). With dz the gradient at the affine's output (gy, or gy·silu′(z)
+/// with z recomputed from x) and ĝ = dz·w[c]: dx = inv·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))
+/// per row, dw[c] = Σ dz·x̂ and db[c] = Σ dz over images and positions.
+fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom) -> Vec<T> {
     let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
     let nt = T::from_usize(n);
     let mut out = Vec::with_capacity(x.len() + 2 * g.channels);
@@ -65,12 +75,22 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> 
     // Per row: Σ g·x̂ and Σ g for each of its channels, summed over images below.
     let mut partial = vec![T::ZERO; x.len() / n * 2 * cpg];
     let body = |r: usize, o: &mut [T], p: &mut [T]| {
-        let (row, gr) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n]);
+        let row = &x[r * n..(r + 1) * n];
         let (mean, inv) = mean_inv_std(row, eps);
         let c0 = (r % g.groups) * cpg;
+        // o holds dz until the last loop turns it into dx.
+        o.copy_from_slice(&gy[r * n..(r + 1) * n]);
+        if g.silu {
+            for ci in 0..cpg {
+                let (scale, shift) = (inv * w[c0 + ci], bias[c0 + ci] - mean * inv * w[c0 + ci]);
+                for (d, &v) in o[ci * s..(ci + 1) * s].iter_mut().zip(&row[ci * s..(ci + 1) * s]) {
+                    *d = silu_grad_at(v * scale + shift, *d);
+                }
+            }
+        }
         let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
         for ci in 0..cpg {
-            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
+            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &o[ci * s..(ci + 1) * s]);
             let (mut sg, mut sgx) = (T::ZERO, T::ZERO);
             for (&v, &gv) in xc.iter().zip(gc) {
                 sg += gv;
@@ -84,9 +104,8 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], gy: &[T], g: &NormGeom) -> Vec<T> 
         let (m1, m2) = (sum_g / nt, sum_gx / nt);
         for ci in 0..cpg {
             let wc = w[c0 + ci];
-            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &gr[ci * s..(ci + 1) * s]);
-            for ((o, &v), &gv) in o[ci * s..(ci + 1) * s].iter_mut().zip(xc).zip(gc) {
-                *o = inv * (gv * wc - m1 - (v - mean) * inv * m2);
+            for (o, &v) in o[ci * s..(ci + 1) * s].iter_mut().zip(&row[ci * s..(ci + 1) * s]) {
+                *o = inv * (*o * wc - m1 - (v - mean) * inv * m2);
             }
         }
     };
@@ -118,12 +137,14 @@ impl Kernel for NormAffine {
     }
 }
 
+/// Operands: x, [w | b] (2C) and the output gradient.
 impl Kernel for NormAffineGrad {
     const NAME: &'static str = "norm-affine-grad";
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
-        let &[(x, xl), (w, wl), (g, gl)] = ops else { candle_core::bail!("norm-affine-grad: three operands") };
+        let &[(x, xl), (wb, wbl), (g, gl)] = ops else { candle_core::bail!("norm-affine-grad: three operands") };
         let shape = Shape::from(xl.shape().elem_count() + 2 * self.0.channels);
-        Ok((norm_affine_bwd(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(g, gl)?, &self.0), shape))
+        let (w, b) = contiguous(wb, wbl)?.split_at(self.0.channels);
+        Ok((norm_affine_bwd(contiguous(x, xl)?, w, b, contiguous(g, gl)?, &self.0), shape))
     }
 }
 
@@ -148,12 +169,13 @@ impl candle_core::CustomOp3 for NormAffine {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = crate::profile::span("norm.backward", x.device(), || {
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &NormAffineGrad(self.0))
+            let wb = Tensor::cat(&[w, b], 0)?;
+            x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &NormAffineGrad(self.0))
         })?;
         let (len, c) = (x.elem_count(), self.0.channels);
         let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
@@ -171,12 +193,12 @@ impl candle_core::CustomOp3 for NormAffineGrad {
         &self,
         x: &candle_core::CudaStorage,
         xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
+        wb: &candle_core::CudaStorage,
+        wbl: &Layout,
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(&self.0, (x, xl), (w, wl), (g, gl))
+        cuda::backward(&self.0, (x, xl), (wb, wbl), (g, gl))
     }
 }
 
@@ -223,22 +245,22 @@ mod cuda {
         // SAFETY: norm_fwd writes every entry.
         let mut y = unsafe { dev.cuda_stream().alloc::<f32>(rows * n) }.map_err(candle_core::Error::wrap)?;
         let (xv, wv, bv) = (view(x)?, view(w)?, view(bias)?);
-        let dims = [n as i32, g.channels as i32, g.spatial as i32, g.groups as i32];
+        let dims = [n as i32, g.channels as i32, g.spatial as i32, g.groups as i32, g.silu.into()];
         let mut b = func.builder();
         b.arg(&xv).arg(&wv).arg(&bv).arg(&st).arg(&mut y);
         for d in &dims {
             b.arg(d);
         }
-        // SAFETY: arguments as norm_fwd_f32(x, w, b, stats, y, n, channels, spatial, groups).
+        // SAFETY: arguments as norm_fwd_f32(x, w, b, stats, y, n, channels, spatial, groups, silu).
         unsafe { b.launch(row_chunks(rows, n)) }.map_err(candle_core::Error::wrap)?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
     }
 
-    /// [dx | dw | db], as the CPU kernel packs them.
+    /// [dx | dw | db], as the CPU kernel packs them; `wb` is [w | b].
     pub(super) fn backward(
         g: &NormGeom,
         x: Operand,
-        w: Operand,
+        wb: Operand,
         dy: Operand,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = x.0.device.clone();
@@ -246,14 +268,16 @@ mod cuda {
         let (len, c) = (rows * n, g.channels);
         // SAFETY: the two kernels write every entry.
         let mut out = unsafe { dev.cuda_stream().alloc::<f32>(len + 2 * c) }.map_err(candle_core::Error::wrap)?;
-        let (xv, wv, gv) = (view(x)?, view(w)?, view(dy)?);
-        let (n32, c32, s32, g32) = (n as i32, c as i32, g.spatial as i32, g.groups as i32);
+        let (xv, wbv, gv) = (view(x)?, view(wb)?, view(dy)?);
+        let (wv, bv) = (wbv.slice(0..c), wbv.slice(c..2 * c));
+        let (n32, c32, s32, g32, silu) = (n as i32, c as i32, g.spatial as i32, g.groups as i32, i32::from(g.silu));
         let dx_func = dev.get_or_load_custom_func("norm_dx_f32", "sidscript_norm", PTX)?;
         {
             let mut dx = out.slice_mut(0..len);
             let mut b = dx_func.builder();
-            b.arg(&xv).arg(&wv).arg(&gv).arg(&st).arg(&mut dx).arg(&n32).arg(&c32).arg(&s32).arg(&g32);
-            // SAFETY: arguments as norm_dx_f32(x, w, dy, stats, dx, n, channels, spatial, groups).
+            b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(&st).arg(&mut dx);
+            b.arg(&n32).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
+            // SAFETY: arguments as norm_dx_f32(x, w, b, dy, stats, dx, n, channels, spatial, groups, silu).
             unsafe { b.launch(per_row(rows, n)) }.map_err(candle_core::Error::wrap)?;
         }
         let dwdb_func = dev.get_or_load_custom_func("norm_dwdb_f32", "sidscript_norm", PTX)?;
@@ -261,8 +285,9 @@ mod cuda {
         let mut rest = out.slice_mut(len..);
         let (mut dw, mut db) = rest.split_at_mut(c);
         let mut b = dwdb_func.builder();
-        b.arg(&xv).arg(&gv).arg(&st).arg(&mut dw).arg(&mut db).arg(&batch).arg(&c32).arg(&s32).arg(&g32);
-        // SAFETY: arguments as norm_dwdb_f32(x, dy, stats, dw, db, batch, channels, spatial, groups).
+        b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(&st).arg(&mut dw).arg(&mut db);
+        b.arg(&batch).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
+        // SAFETY: arguments as norm_dwdb_f32(x, w, b, dy, stats, dw, db, batch, channels, spatial, groups, silu).
         unsafe { b.launch(blocks(c)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + 2 * c)))
@@ -278,6 +303,21 @@ mod cuda {
 /// # Shapes
 /// - x: `[B, C, S]`, w and b: `[C]`; the output is x's shape and dtype.
 pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    norm_affine_then(x, groups, w, b, eps, false)
+}
+
+/// `silu(norm_affine(x, …))` as one op each way: group norm + SiLU, as every UNet
+/// and VAE resnet block applies them. Its backward recomputes the norm's output
+/// from x, so it keeps one tensor (x) where the pair keeps two.
+///
+/// # Shapes
+/// As [`norm_affine`].
+pub fn norm_affine_silu(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    norm_affine_then(x, groups, w, b, eps, true)
+}
+
+/// `norm_affine`, then SiLU when `silu`.
+fn norm_affine_then(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64, silu: bool) -> Result<Tensor> {
     let (_, channels, spatial) = x.dims3()?;
     if groups == 0 || channels % groups != 0 {
         crate::bail!("norm: {channels} channels do not split into {groups} groups");
@@ -286,10 +326,12 @@ pub fn norm_affine(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64) 
     let x = upcast(x)?;
     let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
     let y = if has_fused_kernel(&x) {
-        let geom = NormGeom { channels, spatial, groups, eps };
+        let geom = NormGeom { channels, spatial, groups, eps, silu };
         crate::profile::span("norm.forward", x.device(), || {
             x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))
         })?
+    } else if silu {
+        super::activation::silu(&norm_affine_composed(&x, groups, &w, &b, eps)?)?
     } else {
         norm_affine_composed(&x, groups, &w, &b, eps)?
     };
@@ -324,14 +366,21 @@ mod tests {
             let w = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
             let bias = candle_core::Var::randn(0f64, 1.0, c, &dev)?;
             let probe = Tensor::randn(0f64, 1.0, (b, c, s), &dev)?;
-            let fused = norm_affine(&x, groups, &w, &bias, 1e-5)?;
-            let composed = norm_affine_composed(&x, groups, &w, &bias, 1e-5)?;
-            assert!(max_diff(&fused, &composed)? < 1e-12, "values, shape {b}×{c}×{s} in {groups} groups");
-            let g1 = (fused * &probe)?.sum_all()?.backward()?;
-            let g2 = (composed * &probe)?.sum_all()?.backward()?;
-            for (name, v) in [("x", x.as_tensor()), ("w", w.as_tensor()), ("b", bias.as_tensor())] {
-                let (Some(a), Some(e)) = (g1.get(v), g2.get(v)) else { panic!("no gradient for {name}") };
-                assert!(max_diff(a, e)? < 1e-10, "gradient of {name}, shape {b}×{c}×{s} in {groups} groups");
+            for silu in [false, true] {
+                let (fused, composed) = if silu {
+                    let composed = norm_affine_composed(&x, groups, &w, &bias, 1e-5)?;
+                    (norm_affine_silu(&x, groups, &w, &bias, 1e-5)?, composed.silu()?)
+                } else {
+                    (norm_affine(&x, groups, &w, &bias, 1e-5)?, norm_affine_composed(&x, groups, &w, &bias, 1e-5)?)
+                };
+                let case = format!("shape {b}×{c}×{s} in {groups} groups, silu {silu}");
+                assert!(max_diff(&fused, &composed)? < 1e-12, "values, {case}");
+                let g1 = (fused * &probe)?.sum_all()?.backward()?;
+                let g2 = (composed * &probe)?.sum_all()?.backward()?;
+                for (name, v) in [("x", x.as_tensor()), ("w", w.as_tensor()), ("b", bias.as_tensor())] {
+                    let (Some(a), Some(e)) = (g1.get(v), g2.get(v)) else { panic!("no gradient for {name}") };
+                    assert!(max_diff(a, e)? < 1e-10, "gradient of {name}, {case}");
+                }
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
 // The normalisation kernels (src/ops/cuda/norm.cu) run on the CPU through emu.h,
-// against group/layer norm with a per-channel affine in double precision: row
-// statistics, the forward, the input gradient and the affine gradients, launched
+// against group/layer norm with a per-channel affine, alone and followed by SiLU,
+// in double precision: row statistics, the forward, the input gradient and the
+// affine gradients, launched
 // as ops::norm launches them (one block per row, 1,024 threads for rows of 8,192 or
 // more; the forward split over row chunks), warps and lanes in both orders. Prints
 // one line per case and exits 1 if any is off.
@@ -16,7 +17,7 @@ struct Case {
     int batch, channels, spatial, groups;
 };
 
-bool check(const Case &c, std::mt19937 &rng) {
+bool check(const Case &c, bool silu, std::mt19937 &rng) {
     const int rows = c.batch * c.groups, n = c.channels / c.groups * c.spatial, len = c.batch * c.channels * c.spatial;
     const float eps = 1e-5f;
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -37,17 +38,21 @@ bool check(const Case &c, std::mt19937 &rng) {
         mean /= n;
         for (int i = 0; i < n; ++i) var += (row[i] - mean) * (row[i] - mean);
         const double rstd = 1.0 / std::sqrt(var / n + eps);
+        // The affine's output z, then SiLU; dz the gradient at z.
+        std::vector<double> dz(n);
         double mg = 0, mgx = 0;
         for (int i = 0; i < n; ++i) {
             const int ch = c0 + i / c.spatial;
-            const double xh = (row[i] - mean) * rstd, g = dy[(size_t)r * n + i] * w[ch];
-            y[(size_t)r * n + i] = xh * w[ch] + b[ch];
+            const double xh = (row[i] - mean) * rstd, z = xh * w[ch] + b[ch], sig = 1.0 / (1.0 + std::exp(-z));
+            y[(size_t)r * n + i] = silu ? z * sig : z;
+            dz[i] = silu ? dy[(size_t)r * n + i] * sig * (1.0 + z * (1.0 - sig)) : dy[(size_t)r * n + i];
+            const double g = dz[i] * w[ch];
             mg += g, mgx += g * xh;
-            dw[ch] += dy[(size_t)r * n + i] * xh, db[ch] += dy[(size_t)r * n + i];
+            dw[ch] += dz[i] * xh, db[ch] += dz[i];
         }
         mg /= n, mgx /= n;
         for (int i = 0; i < n; ++i) {
-            const double xh = (row[i] - mean) * rstd, g = dy[(size_t)r * n + i] * w[c0 + i / c.spatial];
+            const double xh = (row[i] - mean) * rstd, g = dz[i] * w[c0 + i / c.spatial];
             dx[(size_t)r * n + i] = rstd * (g - mg - xh * mgx);
         }
     }
@@ -57,19 +62,21 @@ bool check(const Case &c, std::mt19937 &rng) {
         const unsigned threads = n >= 8192 ? 1024 : 256, chunks = std::clamp((n + 1023) / 1024, 1, 64);
         ok &= emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { norm_stats_f32(x.data(), stats.data(), n, eps); }, order);
         ok &= emu::launch({(unsigned)rows, chunks, 1}, {256, 1, 1}, [&] {
-            norm_fwd_f32(x.data(), w.data(), b.data(), stats.data(), gy.data(), n, c.channels, c.spatial, c.groups);
+            norm_fwd_f32(x.data(), w.data(), b.data(), stats.data(), gy.data(), n, c.channels, c.spatial, c.groups, silu);
         }, order);
         ok &= emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] {
-            norm_dx_f32(x.data(), w.data(), dy.data(), stats.data(), gdx.data(), n, c.channels, c.spatial, c.groups);
+            norm_dx_f32(x.data(), w.data(), b.data(), dy.data(), stats.data(), gdx.data(), n, c.channels, c.spatial,
+                        c.groups, silu);
         }, order);
         ok &= emu::launch({(unsigned)c.channels, 1, 1}, {256, 1, 1}, [&] {
-            norm_dwdb_f32(x.data(), dy.data(), stats.data(), gdw.data(), gdb.data(), c.batch, c.channels, c.spatial, c.groups);
+            norm_dwdb_f32(x.data(), w.data(), b.data(), dy.data(), stats.data(), gdw.data(), gdb.data(), c.batch,
+                          c.channels, c.spatial, c.groups, silu);
         }, order);
         const double errs[] = {emu::rel_err(gy, y), emu::rel_err(gdx, dx), emu::rel_err(gdw, dw), emu::rel_err(gdb, db)};
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < 1e-5;
-        std::printf("batch %d channels %3d spatial %5d groups %2d (row %5d, %4u threads) %-7s: y %.1e dx %.1e dw %.1e db %.1e %s\n",
-                    c.batch, c.channels, c.spatial, c.groups, n, threads,
+        std::printf("batch %d channels %3d spatial %5d groups %2d%s (row %5d, %4u threads) %-7s: y %.1e dx %.1e dw %.1e db %.1e %s\n",
+                    c.batch, c.channels, c.spatial, c.groups, silu ? " +silu" : "      ", n, threads,
                     order == emu::Order::Forward ? "forward" : "reverse", errs[0], errs[1], errs[2], errs[3],
                     worst < 1e-5 ? "ok" : "OFF");
     }
@@ -85,7 +92,8 @@ int main(int argc, char **argv) {
     const std::vector<Case> cases = quick ? std::vector<Case>{{2, 8, 5, 4}, {1, 1, 8192, 1}, {6, 77, 1, 1}}
                                           : std::vector<Case>{{2, 8, 5, 4}, {1, 64, 1024, 32}, {1, 8, 8192, 8}, {6, 77, 1, 1}};
     bool ok = true;
-    for (const Case &c : cases) ok &= check(c, rng);
+    for (const Case &c : cases)
+        for (bool silu : {false, true}) ok &= check(c, silu, rng);
     std::printf("%s\n", ok ? "all cases within tolerance" : "SOME CASES OFF");
     return ok ? 0 : 1;
 }

@@ -4,18 +4,17 @@
 // kernels take (saved input, dy, dx, count, n): count elements of dy.
 #include <stddef.h>
 
+#include "silu.cuh"
+
 #define GRID_STRIDE(i, count) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (count); i += (size_t)blockDim.x * gridDim.x)
 
 extern "C" __global__ void silu_fwd_f32(const float *x, float *y, size_t count, int n) {
-    GRID_STRIDE(i, count) { y[i] = x[i] / (1.0f + expf(-x[i])); }
+    GRID_STRIDE(i, count) { y[i] = silu_f32(x[i]); }
 }
 
 extern "C" __global__ void silu_bwd_f32(const float *x, const float *dy, float *dx, size_t count, int n) {
-    GRID_STRIDE(i, count) {
-        const float s = 1.0f / (1.0f + expf(-x[i]));
-        dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
-    }
+    GRID_STRIDE(i, count) { dx[i] = silu_grad_f32(x[i], dy[i]); }
 }
 
 // Rows of 2m inputs [a | gate] give rows of m outputs a·gelu(gate); n = 2m.
