@@ -4,8 +4,8 @@
 //! in turn) and
 //! runs it against a double-precision reference, with warps and lanes visited in
 //! forward and in reverse order so that a missing barrier shows. This runs in every
-//! build, GPU or not; the same kernels run on the GPU in `tests/kernels.rs` (cuda
-//! builds).
+//! build, GPU or not; the same kernels run on the GPU in `tests/kernels.rs` and, for
+//! Adam, `tests/optim.rs` (cuda builds).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -102,4 +102,27 @@ fn a_missing_barrier_fails_the_emulated_check() {
         let run = build_and_run("attention_check", &tmp(&format!("attention_cut{i}")), &[define]);
         assert!(!run.status.success(), "{what}: a barrier removed, yet the emulated check passed");
     }
+}
+
+/// Adam over a whole parameter group in one launch (`src/ops/cuda/adam.cu`): every
+/// tensor's update, tensors under, at and over a block's chunk, each with its own
+/// bias corrections, with and without a first moment, L2 decay and AdamW.
+#[test]
+fn multi_tensor_adam_kernel() {
+    let out = passes("adam_check");
+    assert!(out.contains("first moment 1") && out.contains("first moment 0"), "not every case ran:\n{out}");
+}
+
+/// The Adam check has teeth: a block that takes the tensor before its own at a
+/// chunk boundary (`<` for `<=` in the offset search) fails it.
+#[test]
+fn a_wrong_tensor_lookup_fails_the_emulated_adam_check() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/adam.cu")).unwrap();
+    let (with, without) = ("if (first[mid] <= block) lo = mid;", "if (first[mid] < block) lo = mid;");
+    assert!(src.contains(with), "the offset search is not where this test expects it");
+    let cut = tmp("adam_cut.cu");
+    std::fs::write(&cut, src.replacen(with, without, 1)).unwrap();
+    let define = format!("-DADAM_CU=\"{}\"", cut.display());
+    let run = build_and_run("adam_check", &tmp("adam_cut"), &[define]);
+    assert!(!run.status.success(), "a wrong offset search, yet the emulated Adam check passed");
 }

@@ -132,41 +132,63 @@ fn renamed_parameter_functions_and_their_old_names_agree() {
 }
 
 /// Adam, Adam with L2 decay and AdamW (β1 = 0 and 0.9) over three steps on `dev` in
-/// f32 — on CUDA the fused one-launch kernel — against the formula in f64.
+/// f32 — on CUDA the one-launch-per-group kernel — against the formula in f64, for
+/// a group of three parameters (one under, one over a CUDA block's 4,096-element
+/// chunk, one of three elements) where the second has no gradient at step 2, so
+/// that the group's parameters sit at different step counts (bias corrections).
 fn adam_on_device_matches_the_formula(dev: &candle_core::Device) -> TestResult {
     use candle_core::{DType, Tensor};
     use sidscript::train::{Method, Optimizer, Param, ParamGroup};
-    let p0: Vec<f64> = (0..1000).map(|i| ((i as f64) * 0.37).sin()).collect();
-    let grad_at = |t: usize, p: &[f64]| -> Vec<f64> {
-        p.iter().enumerate().map(|(i, x)| x * 0.5 + ((i * (t + 1)) as f64 * 0.11).cos()).collect()
+    let sizes = [1000usize, 9000, 3];
+    let start: Vec<Vec<f64>> =
+        sizes.iter().enumerate().map(|(k, &n)| (0..n).map(|i| ((i + 7 * k) as f64 * 0.37).sin()).collect()).collect();
+    let grad_at = |t: usize, k: usize, p: &[f64]| -> Vec<f64> {
+        p.iter().enumerate().map(|(i, x)| x * 0.5 + ((i * (t + 1) + k) as f64 * 0.11).cos()).collect()
     };
     for (beta1, wd, decoupled) in [(0.0, 0.0, false), (0.9, 0.1, false), (0.9, 0.1, true), (0.0, 0.05, true)] {
         let (lr, beta2, eps) = (0.01, 0.99, 1e-8);
-        let param = Param::new(&Tensor::new(p0.as_slice(), dev)?.to_dtype(DType::F32)?, "w")?;
+        let params = start
+            .iter()
+            .enumerate()
+            .map(|(k, p0)| Param::new(&Tensor::new(p0.as_slice(), dev)?.to_dtype(DType::F32)?, &format!("w{k}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let method = Method::Adam { beta1, beta2, eps, decoupled };
-        let mut opt = Optimizer::new(method, vec![ParamGroup { params: vec![param.clone()], lr, weight_decay: wd }])?;
-        let (mut p, mut m, mut v) = (p0.clone(), vec![0.0; p0.len()], vec![0.0; p0.len()]);
+        let mut opt = Optimizer::new(method, vec![ParamGroup { params: params.clone(), lr, weight_decay: wd }])?;
+        let mut p = start.clone();
+        let (mut m, mut v): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+            (sizes.iter().map(|&n| vec![0.0; n]).collect(), sizes.iter().map(|&n| vec![0.0; n]).collect());
+        let mut steps = [0i32; 3];
         for t in 1..=3 {
-            // The gradient at the current (f32) parameter, for both sides.
-            let now: Vec<f64> = param.tensor().to_dtype(DType::F64)?.to_vec1()?;
-            let g = grad_at(t, &now);
-            param.zero_grad();
-            param.accumulate_grad(&Tensor::new(g.as_slice(), dev)?.to_dtype(DType::F32)?)?;
-            opt.step()?;
-            for i in 0..p.len() {
-                let gi = g[i] + if decoupled { 0.0 } else { wd * p[i] };
-                if decoupled {
-                    p[i] *= 1.0 - lr * wd;
+            for (k, param) in params.iter().enumerate() {
+                param.zero_grad();
+                if k == 1 && t == 2 {
+                    continue; // no gradient: no update, no step
                 }
-                m[i] = if beta1 > 0.0 { beta1 * m[i] + (1.0 - beta1) * gi } else { gi };
-                v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
-                let denom = (v[i] / (1.0 - beta2.powi(t as i32))).sqrt() + eps;
-                p[i] -= lr / (1.0 - beta1.powi(t as i32)) * m[i] / denom;
+                // The gradient at the current (f32) parameter, for both sides.
+                let now: Vec<f64> = param.tensor().to_dtype(DType::F64)?.to_vec1()?;
+                let g = grad_at(t, k, &now);
+                param.accumulate_grad(&Tensor::new(g.as_slice(), dev)?.to_dtype(DType::F32)?)?;
+                steps[k] += 1;
+                let (p, m, v, s) = (&mut p[k], &mut m[k], &mut v[k], steps[k]);
+                for i in 0..p.len() {
+                    let gi = g[i] + if decoupled { 0.0 } else { wd * p[i] };
+                    if decoupled {
+                        p[i] *= 1.0 - lr * wd;
+                    }
+                    m[i] = if beta1 > 0.0 { beta1 * m[i] + (1.0 - beta1) * gi } else { gi };
+                    v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+                    let denom = (v[i] / (1.0 - beta2.powi(s))).sqrt() + eps;
+                    p[i] -= lr / (1.0 - beta1.powi(s)) * m[i] / denom;
+                }
             }
+            opt.step()?;
         }
-        let got: Vec<f64> = param.tensor().to_dtype(DType::F64)?.to_vec1()?;
-        let err = got.iter().zip(&p).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(err < 1e-5, "β1 {beta1}, wd {wd}, decoupled {decoupled}: off by {err:e}");
+        assert_eq!(opt.step_counts(), [3, 2, 3], "step counts");
+        for (k, param) in params.iter().enumerate() {
+            let got: Vec<f64> = param.tensor().to_dtype(DType::F64)?.to_vec1()?;
+            let err = got.iter().zip(&p[k]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(err < 1e-5, "β1 {beta1}, wd {wd}, decoupled {decoupled}, parameter {k}: off by {err:e}");
+        }
     }
     Ok(())
 }

@@ -155,10 +155,13 @@ impl Optimizer {
         self.states.iter().flatten().map(|s| s.step).max().unwrap_or(0)
     }
 
-    /// Applies one update to every parameter that has a gradient.
+    /// Applies one update to every parameter that has a gradient. On CUDA, Adam
+    /// updates each group's f32 parameters in one launch.
     pub fn step(&mut self) -> Result<()> {
         for (group, states) in self.groups.iter().zip(self.states.iter_mut()) {
-            for (p, st) in group.params.iter().zip(states.iter_mut()) {
+            // Adam's CUDA parameters, gathered for one launch over the group.
+            let mut on_device: Vec<(usize, Tensor, AdamHp, crate::ops::adam::AdamTensor)> = vec![];
+            for (i, (p, st)) in group.params.iter().zip(states.iter_mut()).enumerate() {
                 let Some(grad) = p.grad() else { continue };
                 st.step += 1;
                 match self.method {
@@ -173,9 +176,26 @@ impl Optimizer {
                             bias1: 1.0 - beta1.powi(st.step as i32),
                             bias2_sqrt: (1.0 - beta2.powi(st.step as i32)).sqrt(),
                         };
-                        adam_update(p, &grad, st, hp)?;
+                        match adam_device_item(p, &grad, st, hp)? {
+                            Some(item) => on_device.push((i, grad, hp, item)),
+                            None => adam_update(p, &grad, st, hp)?,
+                        }
                     }
                     Method::Sgd { momentum } => sgd_update(p, &grad, st, group.lr, group.weight_decay, momentum)?,
+                }
+            }
+            let Some((_, _, hp, _)) = on_device.first() else { continue };
+            let shared = crate::ops::adam::AdamShared {
+                beta1: hp.beta1,
+                beta2: hp.beta2,
+                eps: hp.eps,
+                l2: if hp.decoupled { 0.0 } else { hp.weight_decay },
+                shrink: if hp.decoupled { 1.0 - hp.lr * hp.weight_decay } else { 1.0 },
+            };
+            let items: Vec<_> = on_device.iter().map(|(_, _, _, item)| item.clone()).collect();
+            if !crate::ops::adam::adam_step_group(&items, shared)? {
+                for (i, grad, hp, _) in on_device {
+                    adam_update(&group.params[i], &grad, &mut states[i], hp)?;
                 }
             }
         }
@@ -260,38 +280,56 @@ fn state_dtype(dtype: DType) -> DType {
     }
 }
 
-fn adam_update(p: &Param, grad: &Tensor, st: &mut ParamState, hp: AdamHp) -> Result<()> {
-    let value = p.tensor();
+/// Allocates a parameter's moments on its first update.
+fn ensure_adam_state(value: &Tensor, st: &mut ParamState, hp: AdamHp) -> Result<()> {
     if st.v.is_none() {
         st.v = Some(zeros_like_buf(value)?);
         if hp.beta1 > 0.0 {
             st.m = Some(zeros_like_buf(value)?);
         }
     }
+    Ok(())
+}
+
+/// The parameter's part of its group's one-launch CUDA update, if it can take part
+/// (an f32 CUDA parameter with its moments on the device; see `ops::adam`).
+fn adam_device_item(
+    p: &Param,
+    grad: &Tensor,
+    st: &mut ParamState,
+    hp: AdamHp,
+) -> Result<Option<crate::ops::adam::AdamTensor>> {
+    let value = p.tensor();
+    if !value.device().is_cuda() || value.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    ensure_adam_state(&value, st, hp)?;
+    let (Some(Buf::Tensor(v)), m) = (&st.v, &st.m) else { return Ok(None) };
+    let m = match m {
+        Some(Buf::Tensor(m)) => Some(m.clone()),
+        Some(_) => return Ok(None),
+        None if hp.beta1 > 0.0 => return Ok(None),
+        None => None,
+    };
+    let item = crate::ops::adam::AdamTensor {
+        p: value.clone(),
+        g: grad.to_dtype(DType::F32)?.contiguous()?,
+        m,
+        v: v.clone(),
+        lr_hat: hp.lr / hp.bias1,
+        bias2_sqrt: hp.bias2_sqrt,
+    };
+    Ok(item.fits().then_some(item))
+}
+
+fn adam_update(p: &Param, grad: &Tensor, st: &mut ParamState, hp: AdamHp) -> Result<()> {
+    let value = p.tensor();
+    ensure_adam_state(&value, st, hp)?;
     let grad = grad.to_dtype(value.dtype())?.contiguous()?;
     let fused = matches!(st.v, Some(Buf::F32(_)) | Some(Buf::F64(_))) && value.is_contiguous();
     if fused {
         let kernel = AdamKernel { state: RefCell::new(st), hp };
         return Ok(value.inplace_op2(&grad, &kernel)?);
-    }
-    // CUDA, f32: one fused launch per parameter.
-    if let Some(Buf::Tensor(v)) = &st.v {
-        let m = match &st.m {
-            Some(Buf::Tensor(m)) => Some(m),
-            _ => None,
-        };
-        let step = crate::ops::adam::AdamStep {
-            lr_hat: hp.lr / hp.bias1,
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-            bias2_sqrt: hp.bias2_sqrt,
-            l2: if hp.decoupled { 0.0 } else { hp.weight_decay },
-            shrink: if hp.decoupled { 1.0 - hp.lr * hp.weight_decay } else { 1.0 },
-        };
-        if (hp.beta1 == 0.0 || m.is_some()) && crate::ops::adam::adam_step_in_place(value, &grad, m, v, step)? {
-            return Ok(());
-        }
     }
     // Tensor path (other accelerators, half precision): the same formula, op by op.
     let compute = state_dtype(value.dtype());

@@ -22,7 +22,7 @@
 // meaning. Not atomics or timing.
 //
 // Use: include this, then the .cu file, in a C++17 program compiled with
-// -DSIDSCRIPT_CPU_EMULATION (attention_check.cpp, norm_check.cpp).
+// -DSIDSCRIPT_CPU_EMULATION (attention_check.cpp, norm_check.cpp, adam_check.cpp).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -259,6 +259,12 @@ inline int lane() { return emu::current % 32; }
 }  // namespace nvcuda
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 inline void __syncwarp() { emu::wait_at(emu::WARP); }
 
