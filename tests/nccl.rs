@@ -2,7 +2,8 @@
 //! - the job's communicator as a one-rank job makes it, whose all-reduce (sum and
 //!   mean, f32 and bf16 tensors in one buffer) and broadcast must return the input;
 //! - two ranks as two threads on one GPU, each on its own stream, whose sums, means
-//!   and broadcast must combine both ranks' tensors. NCCL refuses two ranks on one
+//!   and broadcast must combine both ranks' tensors, also for collectives started
+//!   while the device computes (the overlapped gradient all-reduce). NCCL refuses two ranks on one
 //!   GPU before 2.30, and from 2.30 allows them with `NCCL_MULTI_RANK_GPU_ENABLE=1`
 //!   (set here); where the machine's NCCL is older the test says so and passes only
 //!   the one-rank part — two ranks then wait for a machine with two GPUs.
@@ -60,6 +61,25 @@ fn two_ranks_on_one_gpu() {
                 }
                 let b = comm.broadcast(&mine[0], 1).map_err(|e| e.to_string())?;
                 worst = worst.max(max_diff(&b, &tensors(&dev, 1)[0]));
+                // Started collectives, as a backward pass overlaps them: each bucket
+                // is computed on the device right before it starts (NCCL must wait
+                // for it), and the device computes more while the buckets reduce.
+                let e = |e: candle_core::Error| e.to_string();
+                let scaled = |ts: &[Tensor], k: usize| -> Vec<Tensor> {
+                    ts.iter().map(|t| t.to_dtype(DType::F32).unwrap().affine(k as f64 + 1.0, 0.0).unwrap()).collect()
+                };
+                let mut started = vec![];
+                for k in 0..3 {
+                    started.push(comm.start_all_reduce_many(&scaled(&mine, k), ReduceOp::Sum).map_err(|e| e.to_string())?);
+                    let busy = Tensor::randn(0f32, 1.0, (512, 512), &dev).map_err(e)?;
+                    busy.matmul(&busy).map_err(e)?.sum_all().map_err(e)?;
+                }
+                for (k, pending) in started.into_iter().enumerate() {
+                    let got = pending.wait().map_err(|e| e.to_string())?;
+                    for ((g, a), b) in got.iter().zip(scaled(&mine, k)).zip(scaled(&other, k)) {
+                        worst = worst.max(max_diff(g, &(a + b).unwrap()));
+                    }
+                }
                 Ok(worst)
             })
         })

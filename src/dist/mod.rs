@@ -121,14 +121,51 @@ pub fn all_reduce(t: &Tensor, op: ReduceOp) -> Result<Tensor> {
 /// buffer: on the host, f64 when any is f64, else f32; CUDA tensors with the `nccl`
 /// feature on the device, in their dtype when they share one, else f32.
 pub fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
+    start_all_reduce_many(ts, op)?.wait()
+}
+
+/// An all-reduce under way ([`start_all_reduce_many`]); [`wait`](Self::wait) gives
+/// its result.
+pub struct PendingReduce(Pending);
+
+enum Pending {
+    Done(Vec<Tensor>),
+    #[cfg(feature = "nccl")]
+    Nccl(nccl::Pending),
+}
+
+impl PendingReduce {
+    /// The combined tensors. On CUDA, work queued after this call on the tensors'
+    /// device runs after the collective.
+    pub fn wait(self) -> Result<Vec<Tensor>> {
+        match self.0 {
+            Pending::Done(ts) => Ok(ts),
+            #[cfg(feature = "nccl")]
+            Pending::Nccl(p) => p.wait(),
+        }
+    }
+}
+
+/// [`all_reduce_many`], started: CUDA tensors with the `nccl` feature are reduced on
+/// the communicator's own stream, after the work already queued on their device,
+/// and the call returns at once, so that the device goes on computing meanwhile
+/// (a backward pass overlapping its gradients' all-reduce); host collectives are
+/// done before it returns. Every rank must start the same collectives in the same
+/// order.
+pub fn start_all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<PendingReduce> {
     let size = world().size;
     if size == 1 || ts.is_empty() {
-        return Ok(ts.to_vec());
+        return Ok(PendingReduce(Pending::Done(ts.to_vec())));
     }
     #[cfg(feature = "nccl")]
     if nccl::serves(ts) {
-        return nccl::all_reduce_many(ts, op);
+        return Ok(PendingReduce(Pending::Nccl(nccl::start_all_reduce_many(ts, op)?)));
     }
+    Ok(PendingReduce(Pending::Done(host_all_reduce_many(ts, op, size)?)))
+}
+
+/// [`all_reduce_many`] through host memory over MPI.
+fn host_all_reduce_many(ts: &[Tensor], op: ReduceOp, size: usize) -> Result<Vec<Tensor>> {
     // f64 tensors travel as f64, every other dtype as f32.
     let (summed, lens): (Vec<f64>, Vec<usize>) = if ts.iter().any(|t| t.dtype() == DType::F64) {
         let (buf, lens) = concat::<f64>(ts)?;

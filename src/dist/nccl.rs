@@ -6,21 +6,73 @@
 //!
 //! The tensors of one call are laid out in one contiguous device buffer (in their
 //! own dtype when they share one, else f32) and reduced in place there: one NCCL
-//! launch per bucket of gradients. NCCL runs on candle's stream, ordered after the
-//! kernels that made the gradients and before the optimizer's.
+//! launch per bucket of gradients. NCCL runs on a stream of its own, ordered by
+//! events after the work queued on candle's stream when the call is made (the
+//! kernels that made the gradients, the copy into the buffer) and before the work
+//! queued after [`Pending::wait`] (the optimizer's), so that kernels queued in
+//! between — the rest of a backward pass — run alongside the collective.
 
 use super::{transport, world, ReduceOp};
 use crate::error::{Error, Result};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{CudaEvent, CudaStream, DriverError};
 pub use candle_core::cuda::cudarc::nccl::safe::Id;
 use candle_core::cuda::cudarc::nccl::safe::{Comm, ReduceOp as NcclOp};
-use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex};
 
-/// An NCCL communicator on one CUDA device's stream: this process's rank of a group.
+/// An NCCL communicator for one CUDA device: this process's rank of a group. Its
+/// collectives run on a stream of its own, ordered against the device's (candle's)
+/// stream by events.
 pub struct Nccl {
     comm: Comm,
     device: candle_core::DeviceLocation,
+    /// candle's stream of the device: where the operands are made and the results used.
+    compute: Arc<CudaStream>,
+    /// The communicator's stream.
+    comm_stream: Arc<CudaStream>,
+}
+
+/// A collective under way on the communicator's stream: [`wait`](Self::wait) orders
+/// the device's later work after it and gives the result.
+pub struct Pending {
+    buf: Tensor,
+    parts: Vec<(Shape, DType)>,
+    done: CudaEvent,
+    compute: Arc<CudaStream>,
+    waited: bool,
+}
+
+impl Pending {
+    /// The combined tensors, in the caller's shapes and dtypes.
+    pub fn wait(mut self) -> Result<Vec<Tensor>> {
+        self.compute.wait(&self.done).map_err(driver_error)?;
+        self.waited = true;
+        let mut at = 0;
+        self.parts
+            .iter()
+            .map(|(shape, dtype)| {
+                let n = shape.elem_count();
+                let part = self.buf.narrow(0, at, n)?.reshape(shape)?.to_dtype(*dtype)?;
+                at += n;
+                Ok(part)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Pending {
+    /// A collective dropped unawaited (an error on the way) still orders the device's
+    /// stream after it, so that its buffer is not freed and reused while NCCL writes it.
+    fn drop(&mut self) {
+        if !self.waited {
+            let _ = self.compute.wait(&self.done);
+        }
+    }
+}
+
+fn driver_error(e: DriverError) -> Error {
+    Error::msg(format!("CUDA: {e:?}"))
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as its calls do
@@ -29,20 +81,32 @@ pub struct Nccl {
 unsafe impl Send for Nccl {}
 
 impl Nccl {
-    /// Joins group `id` as `rank` of `size` on `dev`'s stream; returns once every rank
-    /// has joined.
+    /// Joins group `id` as `rank` of `size` for `dev`; returns once every rank has
+    /// joined.
     pub fn new(dev: &Device, rank: usize, size: usize, id: Id) -> Result<Self> {
         let Device::Cuda(cuda) = dev else { return Err(Error::msg("NCCL: not a CUDA device")) };
-        let stream = cuda.cuda_stream();
+        let compute = cuda.cuda_stream();
         // NCCL takes the device of the calling thread's current context.
-        stream.context().bind_to_thread().map_err(|e| Error::msg(format!("CUDA context: {e:?}")))?;
-        let comm = Comm::from_rank(stream, rank, size, id).map_err(nccl_error)?;
-        Ok(Self { comm, device: dev.location() })
+        compute.context().bind_to_thread().map_err(driver_error)?;
+        let comm_stream = compute.fork().map_err(driver_error)?;
+        let comm = Comm::from_rank(comm_stream.clone(), rank, size, id).map_err(nccl_error)?;
+        Ok(Self { comm, device: dev.location(), compute, comm_stream })
     }
 
     /// `ts` (on this communicator's device) combined over the group's ranks.
     pub fn all_reduce_many(&self, ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
-        let Some(first) = ts.first() else { return Ok(vec![]) };
+        self.start_all_reduce_many(ts, op)?.wait()
+    }
+
+    /// `all_reduce_many`, started: the collective is queued on the communicator's
+    /// stream after the work queued so far on the device's, and the call returns.
+    pub fn start_all_reduce_many(&self, ts: &[Tensor], op: ReduceOp) -> Result<Pending> {
+        let parts: Vec<(Shape, DType)> = ts.iter().map(|t| (t.shape().clone(), t.dtype())).collect();
+        let Some(first) = ts.first() else {
+            let buf = Tensor::zeros(0, DType::F32, &Device::Cpu)?;
+            let done = self.compute.record_event(None).map_err(driver_error)?;
+            return Ok(Pending { buf, parts, done, compute: self.compute.clone(), waited: false });
+        };
         self.check_device(first.device())?;
         let dtype = if ts.iter().all(|t| t.dtype() == first.dtype()) { first.dtype() } else { DType::F32 };
         let flat = ts.iter().map(|t| t.flatten_all()?.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -52,23 +116,19 @@ impl Nccl {
             ReduceOp::Sum => NcclOp::Sum,
             ReduceOp::Mean => NcclOp::Avg,
         };
+        self.comm_stream.join(&self.compute).map_err(driver_error)?;
         buf.inplace_op1(&InPlace { comm: &self.comm, what: What::AllReduce(op) })?;
-        let mut at = 0;
-        ts.iter()
-            .map(|t| {
-                let n = t.elem_count();
-                let part = buf.narrow(0, at, n)?.reshape(t.shape())?.to_dtype(t.dtype())?;
-                at += n;
-                Ok(part)
-            })
-            .collect()
+        let done = self.comm_stream.record_event(None).map_err(driver_error)?;
+        Ok(Pending { buf, parts, done, compute: self.compute.clone(), waited: false })
     }
 
     /// `t` as rank `root` holds it.
     pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
         self.check_device(t.device())?;
         let buf = t.flatten_all()?.copy()?;
+        self.comm_stream.join(&self.compute).map_err(driver_error)?;
         buf.inplace_op1(&InPlace { comm: &self.comm, what: What::Broadcast(root) })?;
+        self.compute.join(&self.comm_stream).map_err(driver_error)?;
         Ok(buf.reshape(t.shape())?)
     }
 
@@ -125,9 +185,9 @@ pub fn new_id() -> Result<Id> {
     Id::new().map_err(nccl_error)
 }
 
-/// `ts` combined over all ranks of the job, on their CUDA device.
-pub(super) fn all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Vec<Tensor>> {
-    with_job(ts[0].device(), |c| c.all_reduce_many(ts, op))
+/// `ts` combined over all ranks of the job, on their CUDA device: started.
+pub(super) fn start_all_reduce_many(ts: &[Tensor], op: ReduceOp) -> Result<Pending> {
+    with_job(ts[0].device(), |c| c.start_all_reduce_many(ts, op))
 }
 
 /// `t` as rank `root` of the job holds it, on its CUDA device.

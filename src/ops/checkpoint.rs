@@ -9,6 +9,9 @@
 //! backward hands them to the [`backward`] that is running on this thread, which
 //! adds them to the gradients it returns. A plain `Tensor::backward` over a
 //! checkpointed segment is therefore an error, never silently missing gradients.
+//! [`backward_with`] also reports each gradient as the pass finishes it — a
+//! variable's when the walk reaches it, a segment's weight gradients when its
+//! backward has run — for a data-parallel trainer to reduce them meanwhile.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -28,8 +31,8 @@
 
 use super::contiguous;
 use crate::error::Result;
-use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, Layout, Shape, Tensor, Var};
+use candle_core::backprop::{BackwardEvent, GradStore};
+use candle_core::{CpuStorage, Layout, Shape, Tensor, TensorId, Var};
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
@@ -37,20 +40,50 @@ use std::sync::{Arc, Mutex};
 /// ones) to one output. It must be deterministic — it runs twice.
 pub type Segment = Arc<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
+/// The weight gradients of checkpointed segments for one running backward: summed
+/// in `store`, and each segment's as it came, until the backward's event handler
+/// takes them (`fresh`).
+#[derive(Default)]
+struct Pending {
+    store: GradStore,
+    fresh: Vec<(TensorId, Tensor)>,
+}
+
 thread_local! {
-    /// Weight gradients of checkpointed segments, one store per [`backward`] running
-    /// on this thread (candle's backward runs the ops' `bwd` on the calling thread).
-    static PENDING: RefCell<Vec<GradStore>> = const { RefCell::new(Vec::new()) };
+    /// One entry per [`backward`] running on this thread (candle's backward runs the
+    /// ops' `bwd` on the calling thread).
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `loss.backward()` that also collects the weight gradients of checkpointed
-/// segments. Every backward in sidscript goes through it.
+/// segments. Every backward in sidscript goes through it (or [`backward_with`]).
 pub fn backward(loss: &Tensor) -> Result<GradStore> {
-    PENDING.with(|p| p.borrow_mut().push(GradStore::default()));
-    let grads = loss.backward();
+    backward_with(loss, &mut |_, _| Ok(()))
+}
+
+/// [`backward`], handing `on_grad` each gradient as soon as the pass has finished
+/// it: a variable's total from the graph when the reverse walk reaches the variable,
+/// and a checkpointed segment's weight gradients right after the segment's backward
+/// has run. A tensor used in several segments (or in a segment and the graph) is
+/// handed over once per use; the returned store holds the sums.
+pub fn backward_with(loss: &Tensor, on_grad: &mut dyn FnMut(TensorId, &Tensor) -> Result<()>) -> Result<GradStore> {
+    PENDING.with(|p| p.borrow_mut().push(Pending::default()));
+    let mut on_event = |event: BackwardEvent| -> candle_core::Result<()> {
+        match event {
+            BackwardEvent::VariableDone { var, grad } => on_grad(var.id(), grad).map_err(to_candle),
+            BackwardEvent::NodeDone => {
+                let fresh = PENDING.with(|p| p.borrow_mut().last_mut().map(|p| std::mem::take(&mut p.fresh)));
+                for (id, g) in fresh.unwrap_or_default() {
+                    on_grad(id, &g).map_err(to_candle)?;
+                }
+                Ok(())
+            }
+        }
+    };
+    let grads = loss.backward_with(&mut on_event);
     let pending = PENDING.with(|p| p.borrow_mut().pop()).unwrap_or_default();
     let mut grads = grads?;
-    grads.extend(pending)?;
+    grads.extend(pending.store)?;
     Ok(grads)
 }
 
@@ -181,7 +214,11 @@ impl candle_core::CustomOp3 for Checkpointed {
             }
         }
         PENDING.with(|p| match p.borrow_mut().last_mut() {
-            Some(pending) => pending.extend(store),
+            Some(pending) => {
+                let ids: Vec<_> = store.get_ids().copied().collect();
+                pending.fresh.extend(ids.into_iter().filter_map(|id| Some((id, store.get_id(id)?.clone()))));
+                pending.store.extend(store)
+            }
             None => candle_core::bail!(
                 "checkpointed network: run backward through sidscript's backward \
                  (ops::checkpoint::backward), or its weight gradients would be lost"

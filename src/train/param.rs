@@ -129,7 +129,7 @@ fn check_same_shape(p: &Tensor, t: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_scalar(loss: &Tensor) -> Result<()> {
+pub(crate) fn check_scalar(loss: &Tensor) -> Result<()> {
     if loss.elem_count() != 1 {
         return Err(Error::msg(format!(
             "backward needs a scalar loss, got shape {:?} (reduce it with sum() or mean())",
@@ -167,6 +167,17 @@ pub fn backward(loss: &Tensor) -> Result<usize> {
     check_scalar(loss)?;
     // Spans (sidscript::profile) part candle's backward pass from the hand-over.
     let grads = crate::profile::span("backward.graph", loss.device(), || crate::ops::checkpoint::backward(loss))?;
+    hand_over(loss, &grads, |_| false)
+}
+
+/// Adds each gradient in `grads` to its live parameter's slot, except the
+/// parameters `skip` names (their caller sets their slots). Returns how many
+/// parameters `grads` reached.
+pub(crate) fn hand_over(
+    loss: &Tensor,
+    grads: &candle_core::backprop::GradStore,
+    skip: impl Fn(TensorId) -> bool,
+) -> Result<usize> {
     crate::profile::span("backward.hand_over", loss.device(), || {
         // Upgrade under the lock, work after releasing it: dropping an upgraded Arc
         // may run Param::drop, which takes the lock again.
@@ -175,7 +186,7 @@ pub fn backward(loss: &Tensor) -> Result<usize> {
             grads.get_ids().filter_map(|id| reg.get(id).and_then(Weak::upgrade).map(|p| (p, *id))).collect()
         };
         for (p, id) in &reached {
-            if let Some(g) = grads.get_id(*id) {
+            if let Some(g) = grads.get_id(*id).filter(|_| !skip(*id)) {
                 p.accumulate_grad(g)?;
             }
         }

@@ -5,45 +5,35 @@
 //! loss.backward();
 //! all_reduce_grads(opt.parameters());    // the mean gradient over ranks, then
 //! opt.step();                            // the same step on every rank
+//!
+//! loss.backward_all_reduce(opt.parameters());  // the same, the all-reduce
+//! opt.step();                                  // overlapping the backward pass
 //! ```
 
 use super::tensor::autograd::params_of;
 use crate::dist::{self, ReduceOp};
+use crate::train::grad_sync;
 use crate::host::docs::Api;
-use crate::host::error::{ScriptResult, ToScript};
+use crate::host::error::{script_err, ScriptResult, ToScript};
+use crate::host::options::{check_opts, opt_num};
 use crate::host::tensor::TensorHandle;
 use rhai::{Dynamic, Map};
 
-/// Elements per all-reduce of gradients (100 MB of f32): one collective per bucket.
-const BUCKET: usize = 25 << 20;
-
-/// The mean gradient over ranks for every parameter in `params` (a parameter
-/// without a gradient takes part as zeros, so every rank sends the same buffer).
-fn all_reduce_grads(params: &Dynamic) -> ScriptResult<()> {
-    if dist::world().size == 1 {
-        return Ok(());
+/// `loss.backward_all_reduce(params, opts)`: the pass's report as a map.
+fn backward_all_reduce(loss: &TensorHandle, params: &Dynamic, opts: &Map) -> ScriptResult<Map> {
+    check_opts(opts, &["bucket_mb"], "backward_all_reduce")?;
+    let mb = opt_num(opts, "bucket_mb", 25.0)?;
+    if !(mb > 0.0 && mb.is_finite()) {
+        return Err(script_err(format!("backward_all_reduce: bucket_mb must be positive, got {mb}")));
     }
-    let params = params_of(params)?;
-    let mut start = 0;
-    while start < params.len() {
-        let mut end = start;
-        let mut elements = 0;
-        while end < params.len() && (end == start || elements + params[end].tensor().elem_count() <= BUCKET) {
-            elements += params[end].tensor().elem_count();
-            end += 1;
-        }
-        let grads: Vec<candle_core::Tensor> = params[start..end]
-            .iter()
-            .map(|p| p.grad().map_or_else(|| p.tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()
-            .script()?;
-        let reduced = dist::all_reduce_many(&grads, ReduceOp::Mean).script()?;
-        for (p, g) in params[start..end].iter().zip(reduced) {
-            p.set_grad(Some(g)).script()?;
-        }
-        start = end;
-    }
-    Ok(())
+    let bucket = (mb * (1 << 20) as f64 / 4.0).ceil() as usize;
+    let r = grad_sync::backward_all_reduce(loss.tensor(), &params_of(params)?, bucket).script()?;
+    let mut m = Map::new();
+    m.insert("reached".into(), (r.reached as i64).into());
+    m.insert("buckets".into(), (r.buckets as i64).into());
+    m.insert("started_early".into(), (r.started_early as i64).into());
+    m.insert("split".into(), r.split.into());
+    Ok(m)
 }
 
 /// Registers the functions of this file.
@@ -75,7 +65,19 @@ pub fn register(api: &mut Api) {
         "all_reduce_grads",
         ["params"],
         "Replaces each parameter's gradient by its mean over ranks, in buckets of 25 M elements (one collective each); before an optimizer step.",
-        |p: Dynamic| all_reduce_grads(&p),
+        |p: Dynamic| -> ScriptResult<()> { grad_sync::all_reduce_grads(&params_of(&p)?, grad_sync::SYNC_BUCKET).script() },
+    );
+    api.method(
+        "backward_all_reduce",
+        ["loss", "params"],
+        "backward(), then each parameter in `params` holds the mean over ranks of its accumulated gradient (as all_reduce_grads), each 25 MB bucket's all-reduce started as soon as the pass has finished its gradients, overlapping the rest of the pass (the last backward before a step; every rank must run the same graph). Returns #{ reached, buckets, started_early (buckets started before the pass's last gradient: those that overlap it), split (a gradient came in parts — a network used twice with checkpointing — so all were reduced after the pass) }.",
+        |loss: &mut TensorHandle, p: Dynamic| backward_all_reduce(loss, &p, &Map::new()),
+    );
+    api.method(
+        "backward_all_reduce",
+        ["loss", "params", "opts"],
+        "backward_all_reduce with options: bucket_mb (25: megabytes of f32 gradients per all-reduce).",
+        |loss: &mut TensorHandle, p: Dynamic, o: Map| backward_all_reduce(loss, &p, &o),
     );
     api.func(
         "broadcast",

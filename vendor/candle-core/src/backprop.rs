@@ -163,11 +163,23 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
+        self.backward_with(&mut |_| Ok(()))
+    }
+
+    /// `backward`, telling `on_event` as the pass goes: a variable's gradient as
+    /// soon as it is final (the reverse topological walk reaches the variable only
+    /// after every node that uses it), and the end of each other node's step. A
+    /// data-parallel trainer starts reducing gradients from these while the rest of
+    /// the pass runs. (sidscript patch.)
+    pub fn backward_with(&self, on_event: &mut dyn FnMut(BackwardEvent) -> Result<()>) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
         for node in sorted_nodes.iter() {
             if node.is_variable() {
+                if let Some(grad) = grads.get(node) {
+                    on_event(BackwardEvent::VariableDone { var: node, grad })?;
+                }
                 continue;
             }
             let grad = grads
@@ -677,9 +689,23 @@ impl Tensor {
                     }
                 };
             }
+            on_event(BackwardEvent::NodeDone)?;
         }
         Ok(grads)
     }
+}
+
+/// What [`Tensor::backward_with`] reports during the pass. (sidscript patch.)
+pub enum BackwardEvent<'a> {
+    /// A variable's gradient, final: no node left in the pass adds to it.
+    VariableDone {
+        /// The variable.
+        var: &'a Tensor,
+        /// Its gradient.
+        grad: &'a Tensor,
+    },
+    /// One non-variable node's gradients have been passed on to its inputs.
+    NodeDone,
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
