@@ -23,7 +23,9 @@ pub fn for_training(device: &Device) -> RunSettings {
     if let Device::Cuda(d) = device {
         // SAFETY: sidscript launches everything on the device's one stream
         // (candle's ops, its custom kernels, cuDNN on the same stream), so the
-        // events that order buffers across streams are never needed.
+        // events that order buffers across streams are never needed — except by
+        // NCCL's collectives on their own stream, which order their buffers with
+        // events of their own (dist::nccl: the stream waits before, candle's after).
         unsafe { d.disable_event_tracking() };
         guards.push(Box::new(d.enable_cuda_graph_htod_cache()));
         if let Err(e) = crate::memory::keep_freed_memory(device) {
