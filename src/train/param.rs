@@ -210,10 +210,16 @@ mod tests {
     #[test]
     fn backward_accumulates_until_zeroed() -> Result<()> {
         let w = Param::new(&Tensor::new(&[1.0f64, 2.0, 3.0], &Device::Cpu)?, "w")?;
-        let loss = w.tensor().sqr()?.sum_all()?; // d/dw = 2w
-        assert_eq!(backward(&loss)?, 1);
+        let loss = || w.tensor().sqr()?.sum_all(); // d/dw = 2w
+        assert_eq!(backward(&loss()?)?, 1);
         assert_eq!(w.grad().unwrap().to_vec1::<f64>()?, vec![2.0, 4.0, 6.0]);
-        backward(&loss)?;
+        let second = loss()?;
+        backward(&second)?;
+        assert_eq!(w.grad().unwrap().to_vec1::<f64>()?, vec![4.0, 8.0, 12.0]);
+        // The pass freed that graph's activations: a second pass over it is an error
+        // that says so, and leaves the slot as it was.
+        let err = backward(&second).unwrap_err().to_string();
+        assert!(err.contains("compute the loss again"), "{err}");
         assert_eq!(w.grad().unwrap().to_vec1::<f64>()?, vec![4.0, 8.0, 12.0]);
         w.zero_grad();
         assert!(w.grad().is_none());

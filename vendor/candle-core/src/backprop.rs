@@ -24,7 +24,10 @@ thread_local! {
             },
             Err(_) => false,
         }
-    }
+    };
+    /// sidscript patch: keep every activation until the pass ends, as candle did
+    /// (`SIDSCRIPT_KEEP_ACTIVATIONS=1`, for comparison).
+    static KEEP_ACTIVATIONS: bool = std::env::var("SIDSCRIPT_KEEP_ACTIVATIONS").is_ok_and(|s| !s.is_empty() && s != "0");
 }
 
 impl Tensor {
@@ -171,10 +174,35 @@ impl Tensor {
     /// after every node that uses it), and the end of each other node's step. A
     /// data-parallel trainer starts reducing gradients from these while the rest of
     /// the pass runs. (sidscript patch.)
+    ///
+    /// The pass also frees each activation's memory as soon as it is done with it
+    /// (sidscript patch; PyTorch frees saved tensors likewise): after a node's own
+    /// step, when the graph's edges are its only handles — its consumers, all
+    /// processed before it — and every tensor sharing its storage is likewise done,
+    /// the storage is released. A tensor the caller still holds, or a view of one,
+    /// keeps its memory.
     pub fn backward_with(&self, on_event: &mut dyn FnMut(BackwardEvent) -> Result<()>) -> Result<GradStore> {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        let release = !CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) && !KEEP_ACTIVATIONS.with(|b| *b);
+        // How many of the graph's op operands hold each node, and, per storage, how
+        // many of the tensors sharing it are done.
+        let mut graph_refs: HashMap<TensorId, usize> = HashMap::new();
+        if release {
+            for node in sorted_nodes.iter() {
+                for arg in node.op().as_ref().map(|op| op.inputs()).unwrap_or_default() {
+                    *graph_refs.entry(arg.id()).or_default() += 1;
+                }
+            }
+        }
+        if sorted_nodes.iter().any(|n| n.storage_released()) {
+            crate::bail!(
+                "backward: this graph has been through a backward pass already, which freed its \
+                 activations; compute the loss again (SIDSCRIPT_KEEP_ACTIVATIONS=1 keeps them)"
+            )
+        }
+        let mut done_per_storage: HashMap<usize, usize> = HashMap::new();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 if let Some(grad) = grads.get(node) {
@@ -689,6 +717,13 @@ impl Tensor {
                     }
                 };
             }
+            if release && node.handle_count() == graph_refs.get(&node.id()).copied().unwrap_or(0) {
+                let done = done_per_storage.entry(node.storage_key()).or_default();
+                *done += 1;
+                if *done == node.storage_share_count() {
+                    node.release_storage()?;
+                }
+            }
             on_event(BackwardEvent::NodeDone)?;
         }
         Ok(grads)
@@ -761,17 +796,22 @@ impl GradStore {
             }
             .bt())?
         }
+        // Stored detached (unless gradients are kept on the graph for higher orders):
+        // a gradient computed from a node (g·y for x in x·y) would otherwise hold that
+        // node, and its memory, until the gradient is used.
+        let keep_graph = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
+        let store = |g: Tensor| if keep_graph { g } else { g.detach() };
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
-                *entry.get_mut() = sum;
+                *entry.get_mut() = store(sum);
             }
             Entry::Vacant(entry) => {
                 // A strided view (a transpose's gradient) is laid out densely, as the
                 // add to zeros did: the binary kernels read strided operands faster
                 // than the strided copy does on the CPU.
                 let grad = if grad.is_contiguous() { grad.clone() } else { tensor.zeros_like()?.add(grad)? };
-                entry.insert(grad);
+                entry.insert(store(grad));
             }
         }
         Ok(())

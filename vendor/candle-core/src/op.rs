@@ -189,6 +189,52 @@ pub enum Op {
     ),
 }
 
+impl Op {
+    /// The tensors this op was applied to, each once per operand slot (a tensor used
+    /// twice appears twice). sidscript patch: the backward pass counts the graph's
+    /// references to each node with it.
+    pub(crate) fn inputs(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Binary(a, b, _)
+            | Op::Matmul(a, b)
+            | Op::Gather(a, b, _)
+            | Op::IndexSelect(a, b, _)
+            | Op::SliceScatter0(a, b, _)
+            | Op::CustomOp2(a, b, _) => vec![a, b],
+            Op::Scatter(a, b, c, _)
+            | Op::ScatterAdd(a, b, c, _)
+            | Op::IndexAdd(a, b, c, _)
+            | Op::WhereCond(a, b, c)
+            | Op::CustomOp3(a, b, c, _) => vec![a, b, c],
+            Op::Conv1D { arg, kernel, .. }
+            | Op::ConvTranspose1D { arg, kernel, .. }
+            | Op::Conv2D { arg, kernel, .. }
+            | Op::ConvTranspose2D { arg, kernel, .. } => vec![arg, kernel],
+            Op::Unary(a, _)
+            | Op::Cmp(a, _)
+            | Op::Reduce(a, _, _)
+            | Op::AvgPool2D { arg: a, .. }
+            | Op::MaxPool2D { arg: a, .. }
+            | Op::UpsampleNearest1D { arg: a, .. }
+            | Op::UpsampleNearest2D { arg: a, .. }
+            | Op::UpsampleBilinear2D { arg: a, .. }
+            | Op::Affine { arg: a, .. }
+            | Op::ToDType(a)
+            | Op::Copy(a)
+            | Op::Broadcast(a)
+            | Op::Narrow(a, _, _, _)
+            | Op::Reshape(a)
+            | Op::ToDevice(a)
+            | Op::Transpose(a, _, _)
+            | Op::Permute(a, _)
+            | Op::Elu(a, _)
+            | Op::Powf(a, _)
+            | Op::CustomOp1(a, _) => vec![a],
+            Op::Cat(args, _) => args.iter().collect(),
+        }
+    }
+}
+
 pub trait UnaryOpT {
     const NAME: &'static str;
     const KERNEL: &'static str;

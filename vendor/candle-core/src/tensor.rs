@@ -2781,6 +2781,32 @@ impl Tensor {
         (storage, &self.layout)
     }
 
+    /// How many handles hold this tensor (graph edges included). sidscript patch.
+    pub(crate) fn handle_count(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
+
+    /// How many tensors share this tensor's storage (views included). sidscript patch.
+    pub(crate) fn storage_share_count(&self) -> usize {
+        Arc::strong_count(&self.storage)
+    }
+
+    /// Frees this tensor's memory, leaving a one-element u8 storage in its place: for
+    /// the backward pass, on a storage it has proved nothing will read again (every
+    /// tensor sharing it is held by the graph alone and past its backward step). The
+    /// dtype marks it ([`Self::storage_released`]); an op reaching it anyway fails
+    /// on the dtype mismatch. sidscript patch.
+    pub(crate) fn release_storage(&self) -> Result<()> {
+        let empty = self.device().zeros(&Shape::from(1), DType::U8)?;
+        *self.storage.write() = empty;
+        Ok(())
+    }
+
+    /// Whether [`Self::release_storage`] freed this (float) tensor's memory. sidscript patch.
+    pub(crate) fn storage_released(&self) -> bool {
+        self.dtype() != DType::U8 && self.storage.read().dtype() == DType::U8
+    }
+
     /// Unique key for this tensor's storage. Equal keys mean the tensors share the same allocation.
     #[inline]
     pub(crate) fn storage_key(&self) -> usize {

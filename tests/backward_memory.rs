@@ -1,0 +1,74 @@
+//! The backward pass frees each activation once it is done with it (the vendored
+//! candle's patch, `vendor/candle-core/SIDSCRIPT.md`): measured by the allocator
+//! (every CPU tensor is a heap allocation) on SD1.5's topology at a small width,
+//! against the same pass keeping every activation to its end
+//! (`SIDSCRIPT_KEEP_ACTIVATIONS=1`, candle's behaviour), with the same gradients.
+//! One test in its own binary, so that no other test's allocations count.
+
+use candle_core::{DType, Device, Tensor};
+use peak_alloc::PeakAlloc;
+use sidscript::diffusion::condition::Condition;
+use sidscript::diffusion::unet::{Unet, UnetConfig};
+use sidscript::train::param::backward;
+use sidscript::train::Model;
+
+#[global_allocator]
+static ALLOCATOR: PeakAlloc = PeakAlloc;
+
+const SD15_TOPOLOGY: &str = r#"{"in_channels": 4, "out_channels": 4,
+ "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+ "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+ "block_out_channels": [32, 64, 128, 128], "layers_per_block": 2, "cross_attention_dim": 64,
+ "attention_head_dim": 8, "norm_num_groups": 8}"#;
+
+/// One forward + backward of a fresh copy of the UNet: the bytes live at the end of
+/// the forward (weights and activations), the peak during the backward above
+/// that, and the input gradient.
+fn step() -> (usize, usize, Vec<f32>) {
+    let cfg = UnetConfig::from_json(SD15_TOPOLOGY).unwrap();
+    let model = Model::<Unet>::random(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+    let mut rng = sidscript::rng::Generator::new(1);
+    let x = candle_core::Var::from_tensor(&rng.randn((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let cond = Condition::new(rng.randn((1, 77, 64), DType::F32, &Device::Cpu).unwrap());
+    let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let loss = model.net.forward(&x, &t, &cond).unwrap().sample.sqr().unwrap().mean_all().unwrap();
+    let after_forward = ALLOCATOR.current_usage();
+    ALLOCATOR.reset_peak_usage();
+    let grads = sidscript::ops::checkpoint::backward(&loss).unwrap();
+    let extra = ALLOCATOR.peak_usage().saturating_sub(after_forward);
+    // A second pass over the same graph: an error naming the cause where the first
+    // freed the activations (PyTorch's retain_graph=False), the same gradients where
+    // it kept them.
+    match backward(&loss) {
+        Err(e) => assert!(e.to_string().contains("compute the loss again"), "{e}"),
+        Ok(_) => assert!(std::env::var_os("SIDSCRIPT_KEEP_ACTIVATIONS").is_some(), "a second backward after freeing"),
+    }
+    let gx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (after_forward, extra, gx)
+}
+
+#[test]
+fn backward_frees_activations_as_it_goes() {
+    let (_, freed_extra, freed_grad) = step();
+    // The other mode is read once per thread: a fresh thread with the variable set.
+    // SAFETY (set_var): this binary's one test; no other thread reads the
+    // environment meanwhile.
+    unsafe { std::env::set_var("SIDSCRIPT_KEEP_ACTIVATIONS", "1") };
+    let (forward, kept_extra, kept_grad) = std::thread::spawn(step).join().unwrap();
+    let mb = |b: usize| b as f64 / 1e6;
+    println!(
+        "live after the forward {:.1} MB; peak above it during the backward: {:.1} MB freeing activations, \
+         {:.1} MB keeping them ({:.2}×)",
+        mb(forward),
+        mb(freed_extra),
+        mb(kept_extra),
+        freed_extra as f64 / kept_extra as f64
+    );
+    assert_eq!(freed_grad, kept_grad, "freeing activations changed the gradient");
+    assert!(
+        (freed_extra as f64) < 0.6 * kept_extra as f64,
+        "freeing activations should cut the backward's growth well below keeping them: {:.1} MB vs {:.1} MB",
+        mb(freed_extra),
+        mb(kept_extra)
+    );
+}
