@@ -70,7 +70,8 @@ fn two_ranks_on_one_gpu() {
                 };
                 let mut started = vec![];
                 for k in 0..3 {
-                    started.push(comm.start_all_reduce_many(&scaled(&mine, k), ReduceOp::Sum).map_err(|e| e.to_string())?);
+                    started
+                        .push(comm.start_all_reduce_many(&scaled(&mine, k), ReduceOp::Sum).map_err(|e| e.to_string())?);
                     let busy = Tensor::randn(0f32, 1.0, (512, 512), &dev).map_err(e)?;
                     busy.matmul(&busy).map_err(e)?.sum_all().map_err(e)?;
                 }

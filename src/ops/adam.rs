@@ -63,7 +63,8 @@ impl AdamTensor {
 pub fn adam_step_group(group: &[AdamTensor], shared: AdamShared) -> crate::Result<bool> {
     let Some(first) = group.first() else { return Ok(true) };
     let has_m = first.m.is_some();
-    let uniform = group.iter().all(|t| t.fits() && t.m.is_some() == has_m && t.p.device().same_device(first.p.device()));
+    let uniform =
+        group.iter().all(|t| t.fits() && t.m.is_some() == has_m && t.p.device().same_device(first.p.device()));
     if !uniform {
         return Ok(false);
     }
@@ -114,12 +115,14 @@ fn launch(group: &[AdamTensor], s: AdamShared) -> crate::Result<bool> {
         return Ok(true);
     }
     let table = stream.clone_htod(&table).map_err(candle_core::Error::wrap)?;
-    let func = first_storage.device.get_or_load_custom_func("adam_many_f32", "sidscript_adam", super::kernels_cuda::ADAM)?;
+    let func =
+        first_storage.device.get_or_load_custom_func("adam_many_f32", "sidscript_adam", super::kernels_cuda::ADAM)?;
     let f = |x: f64| x as f32;
     let (b1, b2, eps, l2, shrink) = (f(s.beta1), f(s.beta2), f(s.eps), f(s.l2), f(s.shrink));
     let (count, has_m) = (group.len() as i32, i32::from(first.m.is_some()));
     let grid = u32::try_from(blocks).map_err(|_| crate::Error::msg(format!("Adam: {blocks} blocks in one group")))?;
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (super::kernels_cuda::THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg =
+        LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (super::kernels_cuda::THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut b = func.builder();
     b.arg(&table).arg(&count).arg(&b1).arg(&b2).arg(&eps).arg(&l2).arg(&shrink).arg(&has_m);
     // SAFETY: the arguments match adam_many_f32(table, count, b1, b2, eps, l2, shrink,

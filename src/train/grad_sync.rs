@@ -277,8 +277,10 @@ mod tests {
     #[test]
     fn buckets_hold_whole_parameters_up_to_the_cap() -> Result<()> {
         let sizes = [4usize, 3, 5, 1, 9, 2];
-        let params: Vec<_> =
-            sizes.iter().map(|&n| Param::new(&Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu)?, "p")).collect::<Result<_>>()?;
+        let params: Vec<_> = sizes
+            .iter()
+            .map(|&n| Param::new(&Tensor::zeros(n, candle_core::DType::F32, &Device::Cpu)?, "p"))
+            .collect::<Result<_>>()?;
         let order: Vec<usize> = (0..sizes.len()).rev().collect();
         // 2+9 > 8 starts a new bucket; a parameter over the cap (9) has one to itself.
         assert_eq!(buckets(&params, &order, 8), vec![vec![5], vec![4], vec![3, 2], vec![1, 0]]);

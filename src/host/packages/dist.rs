@@ -12,11 +12,11 @@
 
 use super::tensor::autograd::params_of;
 use crate::dist::{self, ReduceOp};
-use crate::train::grad_sync;
 use crate::host::docs::Api;
 use crate::host::error::{script_err, ScriptResult, ToScript};
 use crate::host::options::{check_opts, opt_num};
 use crate::host::tensor::TensorHandle;
+use crate::train::grad_sync;
 use rhai::{Dynamic, Map};
 
 /// `loss.backward_all_reduce(params, opts)`: the pass's report as a map.
