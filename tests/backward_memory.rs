@@ -15,11 +15,8 @@ use sidscript::train::Model;
 #[global_allocator]
 static ALLOCATOR: PeakAlloc = PeakAlloc;
 
-const SD15_TOPOLOGY: &str = r#"{"in_channels": 4, "out_channels": 4,
- "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
- "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
- "block_out_channels": [32, 64, 128, 128], "layers_per_block": 2, "cross_attention_dim": 64,
- "attention_head_dim": 8, "norm_num_groups": 8}"#;
+/// SD1.5's topology (4 levels, 2 resnets per level, cross-attention) at a small width.
+const SD15_TOPOLOGY: &str = include_str!("common/sd15_small_topology.json");
 
 /// One forward + backward of a fresh copy of the UNet: the bytes live at the end of
 /// the forward (weights and activations), the peak during the backward above
