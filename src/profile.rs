@@ -64,12 +64,71 @@ pub fn span<R>(name: &'static str, dev: &Device, f: impl FnOnce() -> R) -> R {
     let start = Instant::now();
     let r = f();
     let _ = dev.synchronize();
-    let secs = start.elapsed().as_secs_f64();
+    add(name, start.elapsed().as_secs_f64());
+    r
+}
+
+/// Adds one call of `secs` seconds to `name`'s total.
+fn add(name: &'static str, secs: f64) {
     let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let e = totals.get_or_insert_with(HashMap::new).entry(name).or_insert((0, 0.0));
     e.0 += 1;
     e.1 += secs;
-    r
+}
+
+/// A backward pass timed node by node, each node's step (its op's backward and the
+/// accumulation of what it passes on) totalled under `bwd:<op kind>` — where
+/// candle's own backward ops spend their time, which the spans around sidscript's
+/// kernels cannot show. Nodes run inside the pass, so the census is fed from its
+/// events: [`BackwardCensus::start`] before it, [`BackwardCensus::lap`] after each
+/// step. `ops::checkpoint::backward_with`, which every backward in sidscript goes
+/// through, keeps one.
+///
+/// ```
+/// use candle_core::{Device, Var};
+/// let x = Var::new(&[1.0f32, 2.0, 3.0], &Device::Cpu)?;
+/// sidscript::profile::set_enabled(true);
+/// let loss = x.as_tensor().sqr()?.sum_all()?;
+/// sidscript::ops::checkpoint::backward(&loss)?;
+/// sidscript::profile::set_enabled(false);
+/// let rows: Vec<_> = sidscript::profile::report().iter().map(|r| (r.name, r.calls)).collect();
+/// assert!(rows.contains(&("bwd:sqr", 1)) && rows.contains(&("bwd:sum", 1)), "{rows:?}");
+/// # Ok::<(), sidscript::Error>(())
+/// ```
+pub struct BackwardCensus {
+    dev: Device,
+    last: Instant,
+}
+
+impl BackwardCensus {
+    /// A census of the pass about to run on `dev`, or `None` when not profiling.
+    pub fn start(dev: &Device) -> Option<Self> {
+        if !enabled() {
+            return None;
+        }
+        let _ = dev.synchronize();
+        Some(Self { dev: dev.clone(), last: Instant::now() })
+    }
+
+    /// Ends a lap: the device work and host time since the previous lap go to
+    /// `bwd:<kind>`.
+    pub fn lap(&mut self, kind: &str) {
+        let _ = self.dev.synchronize();
+        let now = Instant::now();
+        add(census_name(kind), (now - self.last).as_secs_f64());
+        self.last = now;
+    }
+}
+
+/// `bwd:<kind>` as a span name; each distinct kind is allocated once (there are a
+/// few dozen op kinds).
+fn census_name(kind: &str) -> &'static str {
+    static NAMES: Mutex<Option<HashMap<String, &'static str>>> = Mutex::new(None);
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    names
+        .get_or_insert_with(HashMap::new)
+        .entry(kind.to_string())
+        .or_insert_with(|| Box::leak(format!("bwd:{kind}").into_boxed_str()))
 }
 
 /// One span's totals.
@@ -94,10 +153,12 @@ pub fn report() -> Vec<SpanTotal> {
 
 /// [`report`] as a table, each span's share taken of `whole` seconds.
 pub fn table(whole: f64) -> String {
-    let mut s = format!("  {:<28} {:>7} {:>10} {:>7}\n", "span (children included)", "calls", "ms", "share");
-    for r in report() {
+    let rows = report();
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(28);
+    let mut s = format!("  {:<w$} {:>7} {:>10} {:>7}\n", "span (children included)", "calls", "ms", "share");
+    for r in rows {
         s += &format!(
-            "  {:<28} {:>7} {:>10.1} {:>6.1}%\n",
+            "  {:<w$} {:>7} {:>10.1} {:>6.1}%\n",
             r.name,
             r.calls,
             r.seconds * 1e3,

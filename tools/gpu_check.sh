@@ -109,7 +109,7 @@ run)
     bench)
         # Each with one more iteration timed span by span on both sides (sidscript::profile,
         # torch.profiler): the tables go to the results file.
-        export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 SIDSCRIPT_BENCH_PROFILE=1 KEEP=80
+        export SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 SIDSCRIPT_BENCH_PROFILE=1 KEEP=140
         for mode in ${BENCH_MODES:-tf32 bf16 f32}; do
             export SIDSCRIPT_BENCH_PRECISION=$mode
             step 150 .gpu/bin-sid_iteration sd15-full

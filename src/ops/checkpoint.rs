@@ -68,13 +68,29 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
 /// handed over once per use; the returned store holds the sums.
 pub fn backward_with(loss: &Tensor, on_grad: &mut dyn FnMut(TensorId, &Tensor) -> Result<()>) -> Result<GradStore> {
     PENDING.with(|p| p.borrow_mut().push(Pending::default()));
+    let mut census = crate::profile::BackwardCensus::start(loss.device());
     let mut on_event = |event: BackwardEvent| -> candle_core::Result<()> {
         match event {
-            BackwardEvent::VariableDone { var, grad } => on_grad(var.id(), grad).map_err(to_candle),
-            BackwardEvent::NodeDone => {
+            BackwardEvent::VariableDone { var, grad } => {
+                on_grad(var.id(), grad).map_err(to_candle)?;
+                if let Some(c) = census.as_mut() {
+                    c.lap("(gradient handed over)");
+                }
+                Ok(())
+            }
+            BackwardEvent::NodeDone { node } => {
+                if let Some(c) = census.as_mut() {
+                    c.lap(&node.op_kind().unwrap_or_default());
+                }
                 let fresh = PENDING.with(|p| p.borrow_mut().last_mut().map(|p| std::mem::take(&mut p.fresh)));
-                for (id, g) in fresh.unwrap_or_default() {
-                    on_grad(id, &g).map_err(to_candle)?;
+                let fresh = fresh.unwrap_or_default();
+                if !fresh.is_empty() {
+                    for (id, g) in fresh {
+                        on_grad(id, &g).map_err(to_candle)?;
+                    }
+                    if let Some(c) = census.as_mut() {
+                        c.lap("(gradient handed over)");
+                    }
                 }
                 Ok(())
             }

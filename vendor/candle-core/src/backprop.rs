@@ -724,7 +724,7 @@ impl Tensor {
                     node.release_storage()?;
                 }
             }
-            on_event(BackwardEvent::NodeDone)?;
+            on_event(BackwardEvent::NodeDone { node })?;
         }
         Ok(grads)
     }
@@ -739,8 +739,12 @@ pub enum BackwardEvent<'a> {
         /// Its gradient.
         grad: &'a Tensor,
     },
-    /// One non-variable node's gradients have been passed on to its inputs.
-    NodeDone,
+    /// One non-variable node's gradients have been passed on to its inputs (its
+    /// storage may have been released: read its shape and op, not its data).
+    NodeDone {
+        /// The node.
+        node: &'a Tensor,
+    },
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.

@@ -190,6 +190,51 @@ pub enum Op {
 }
 
 impl Op {
+    /// The op's kind, as a short name ("add", "reshape", "sum", a custom op's own
+    /// name). sidscript patch: a profile of the backward pass totals each node's time
+    /// under its kind.
+    pub(crate) fn kind(&self) -> String {
+        let name = match self {
+            Op::Binary(_, _, op) => return format!("{op:?}").to_lowercase(),
+            Op::Unary(_, op) => return format!("{op:?}").to_lowercase(),
+            Op::Reduce(_, op, _) => op.name(),
+            Op::CustomOp1(_, c) => c.name(),
+            Op::CustomOp2(_, _, c) => c.name(),
+            Op::CustomOp3(_, _, _, c) => c.name(),
+            Op::Cmp(..) => "cmp",
+            Op::Matmul(..) => "matmul",
+            Op::Gather(..) => "gather",
+            Op::Scatter(..) => "scatter",
+            Op::ScatterAdd(..) => "scatter_add",
+            Op::IndexSelect(..) => "index_select",
+            Op::IndexAdd(..) => "index_add",
+            Op::WhereCond(..) => "where_cond",
+            Op::Conv1D { .. } => "conv1d",
+            Op::ConvTranspose1D { .. } => "conv_transpose1d",
+            Op::Conv2D { .. } => "conv2d",
+            Op::ConvTranspose2D { .. } => "conv_transpose2d",
+            Op::AvgPool2D { .. } => "avg_pool2d",
+            Op::MaxPool2D { .. } => "max_pool2d",
+            Op::UpsampleNearest1D { .. } => "upsample_nearest1d",
+            Op::UpsampleNearest2D { .. } => "upsample_nearest2d",
+            Op::UpsampleBilinear2D { .. } => "upsample_bilinear2d",
+            Op::Cat(..) => "cat",
+            Op::Affine { .. } => "affine",
+            Op::ToDType(..) => "to_dtype",
+            Op::Copy(..) => "copy",
+            Op::Broadcast(..) => "broadcast",
+            Op::Narrow(..) => "narrow",
+            Op::SliceScatter0(..) => "slice_scatter0",
+            Op::Reshape(..) => "reshape",
+            Op::ToDevice(..) => "to_device",
+            Op::Transpose(..) => "transpose",
+            Op::Permute(..) => "permute",
+            Op::Elu(..) => "elu",
+            Op::Powf(..) => "powf",
+        };
+        name.to_string()
+    }
+
     /// The tensors this op was applied to, each once per operand slot (a tensor used
     /// twice appears twice). sidscript patch: the backward pass counts the graph's
     /// references to each node with it.

@@ -2112,6 +2112,13 @@ impl Tensor {
         &self.op
     }
 
+    /// The kind of op that made this tensor ("add", "reshape", a custom op's name),
+    /// `None` for a variable or a tensor off the graph. (sidscript patch: the
+    /// backward's profile totals time per kind.)
+    pub fn op_kind(&self) -> Option<String> {
+        self.op.as_ref().map(|op| op.kind())
+    }
+
     /// Computes the max of all the elements in this tensor and returns a tensor holding this
     /// scalar with zero dimensions.
     ///
