@@ -186,3 +186,38 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
     Ok(())
 }
 test_device!(norms_geglu_linear, norms_geglu_linear_cpu, norms_geglu_linear_cuda);
+
+/// On CUDA a tracked linear map, convolution or checkpointed segment computes its
+/// output beforehand, off the graph, and the op takes that memory over: the output
+/// is held once while the graph lives, not once by the op and once more as a copy
+/// (which made every such output cost twice its size until the backward).
+#[cfg(feature = "cuda")]
+#[test]
+fn precomputed_outputs_are_held_once_cuda() -> common::TestResult {
+    let dev = Device::new_cuda(0)?;
+    sidscript::memory::keep_freed_memory(&dev)?;
+    let var = |dims: &[usize]| -> candle_core::Result<Var> { Var::from_tensor(&Tensor::randn(0f32, 1., dims, &dev)?) };
+    let used = || -> sidscript::Result<u64> { Ok(sidscript::memory::used_bytes(&dev)?.unwrap_or(0)) };
+    let (x, w, b) = (var(&[1024, 512])?, var(&[1024, 512])?, var(&[1024])?);
+    let (xc, wc, bc) = (var(&[1, 64, 64, 64])?, var(&[64, 64, 3, 3])?, var(&[64])?);
+    let seg: ops::checkpoint::Segment = std::sync::Arc::new(|x: &Tensor, _: &Tensor, _: &Tensor| Ok((x.sqr()? * 3.0)?));
+    let none = Tensor::zeros(1, DType::F32, &dev)?;
+    type Case<'a> = (&'a str, Box<dyn Fn() -> sidscript::Result<Tensor> + 'a>);
+    let cases: [Case; 3] = [
+        ("linear", Box::new(|| ops::linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())))),
+        ("conv2d", Box::new(|| ops::conv2d(xc.as_tensor(), wc.as_tensor(), Some(bc.as_tensor()), 1, 1))),
+        ("checkpoint", Box::new(|| ops::checkpoint::checkpoint(seg.clone(), x.as_tensor(), &none, &none))),
+    ];
+    for (name, f) in &cases {
+        // The first call sets up what stays (cuDNN's plans and workspace, kernels).
+        drop(f()?);
+        let before = used()?;
+        let y = f()?;
+        assert!(y.track_op(), "{name}: the output is on the graph");
+        let grown = used()? - before;
+        let y_bytes = (y.elem_count() * 4) as u64;
+        assert!((grown as f64) < 1.5 * y_bytes as f64, "{name}: {grown} bytes held for a {y_bytes}-byte output");
+        drop(y);
+    }
+    Ok(())
+}

@@ -22,7 +22,7 @@ use super::activation::{softmax_grad_row, softmax_row};
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
-use super::{contiguous, has_cpu_kernel, precomputed_cuda_fwd, upcast};
+use super::{contiguous, has_cpu_kernel, precomputed_cuda_fwd, upcast, Precomputed};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
@@ -370,7 +370,7 @@ impl Blockwise {
 struct BlockwiseOp {
     form: Blockwise,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    out: Tensor,
+    out: Precomputed,
 }
 
 impl CustomOp3 for BlockwiseOp {
@@ -388,7 +388,7 @@ impl CustomOp3 for BlockwiseOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         candle_core::bail!("blockwise attention is for devices without a kernel (CPU tensors take the fused one)")
     }
-    precomputed_cuda_fwd!(|op| Some(&op.out); q ql, k kl, v vl);
+    precomputed_cuda_fwd!(|op| &op.out; q ql, k kl, v vl);
     fn bwd(
         &self,
         q: &Tensor,
@@ -454,7 +454,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         let block = (BATCH_BLOCK_SCORES / (b * heads * m).max(1)).clamp(1, n.max(1));
         let form = Blockwise { heads, scale, block };
         let out = form.forward(q, k, v)?;
-        Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, BlockwiseOp { form, out })?)
+        Ok(q.contiguous()?.apply_op3(
+            &k.contiguous()?,
+            &v.contiguous()?,
+            BlockwiseOp { form, out: Precomputed::new("attention", Some(out)) },
+        )?)
     })
 }
 

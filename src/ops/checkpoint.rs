@@ -29,12 +29,12 @@
 //! # Ok::<(), sidscript::Error>(())
 //! ```
 
-use super::contiguous;
+use super::Precomputed;
 use crate::error::Result;
 use candle_core::backprop::{BackwardEvent, GradStore};
 use candle_core::{CpuStorage, Layout, Shape, Tensor, TensorId, Var};
 use std::cell::RefCell;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A checkpointed segment: three inputs (pass an untracked placeholder for unused
 /// ones) to one output. It must be deterministic — it runs twice.
@@ -112,8 +112,12 @@ pub fn checkpoint(segment: Segment, a: &Tensor, b: &Tensor, c: &Tensor) -> Resul
     if !inputs_tracked && !y.track_op() {
         return Ok(y);
     }
-    // The graph built above (to the weights) is dropped here with its activations.
-    let y = y.detach();
+    // The graph built above (to the weights) is dropped here with its activations,
+    // and y's memory is then held by one handle alone, for the op to take over.
+    let y = {
+        let with_graph = y;
+        with_graph.detach()
+    };
     // The op joins the graph only through a tracked operand: with untracked inputs
     // (and tracked weights), a tracked copy of `a` stands in.
     let anchor;
@@ -123,21 +127,14 @@ pub fn checkpoint(segment: Segment, a: &Tensor, b: &Tensor, c: &Tensor) -> Resul
         anchor = Var::from_tensor(&a.detach())?.into_inner();
         &anchor
     };
-    let op = Checkpointed { segment, y: Mutex::new(Some(y)) };
+    let op = Checkpointed { segment, y: Precomputed::new("checkpoint", Some(y)) };
     Ok(a.apply_op3(b, c, op)?)
 }
 
 struct Checkpointed {
     segment: Segment,
     /// The forward result, handed over to (and taken by) the op's forward.
-    y: Mutex<Option<Tensor>>,
-}
-
-impl Checkpointed {
-    fn take(&self) -> candle_core::Result<Tensor> {
-        let y = self.y.lock().map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?.take();
-        y.ok_or_else(|| candle_core::Error::Msg("checkpoint: the segment's forward ran twice".into()))
-    }
+    y: Precomputed,
 }
 
 /// A crate error as a candle error (a custom op's methods return candle's).
@@ -158,22 +155,6 @@ fn leaf(t: &Tensor) -> candle_core::Result<(Tensor, Option<Var>)> {
     }
 }
 
-fn cpu_copy(y: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (s, l) = y.storage_and_layout();
-    let l: &Layout = l;
-    let storage = match &*s {
-        candle_core::Storage::Cpu(c) => match c {
-            CpuStorage::F32(v) => CpuStorage::F32(contiguous(v, l)?.to_vec()),
-            CpuStorage::F64(v) => CpuStorage::F64(contiguous(v, l)?.to_vec()),
-            CpuStorage::BF16(v) => CpuStorage::BF16(contiguous(v, l)?.to_vec()),
-            CpuStorage::F16(v) => CpuStorage::F16(contiguous(v, l)?.to_vec()),
-            _ => candle_core::bail!("checkpoint: segment output of dtype {:?}", y.dtype()),
-        },
-        _ => candle_core::bail!("checkpoint: segment output on another device"),
-    };
-    Ok((storage, l.shape().clone()))
-}
-
 impl candle_core::CustomOp3 for Checkpointed {
     fn name(&self) -> &'static str {
         "checkpointed-segment"
@@ -188,21 +169,13 @@ impl candle_core::CustomOp3 for Checkpointed {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cpu_copy(&self.take()?.contiguous()?)
+        match self.y.take_storage()? {
+            (candle_core::Storage::Cpu(c), shape) => Ok((c, shape)),
+            _ => candle_core::bail!("checkpoint: segment output on another device"),
+        }
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_copy(Some(&self.take()?))
-    }
+    super::precomputed_cuda_fwd!(|op| &op.y; a al, b bl, c cl);
 
     fn bwd(
         &self,
@@ -241,5 +214,39 @@ impl candle_core::CustomOp3 for Checkpointed {
             ),
         })?;
         Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Storage};
+
+    fn data_ptr(t: &Tensor) -> usize {
+        match &*t.storage_and_layout().0 {
+            Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr() as usize,
+            _ => panic!("an f32 CPU tensor"),
+        }
+    }
+
+    /// The segment's output becomes the op's output without a copy (its memory is
+    /// handed over), with the gradients of the recomputation.
+    #[test]
+    fn segment_output_is_handed_over_not_copied() -> Result<()> {
+        let dev = Device::Cpu;
+        let produced = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = produced.clone();
+        let seg: Segment = Arc::new(move |x: &Tensor, _: &Tensor, _: &Tensor| {
+            let y = (x.sqr()? * 3.0)?;
+            record.lock().unwrap().push(data_ptr(&y));
+            Ok(y)
+        });
+        let x = Var::new(&[1f32, 2., 3.], &dev)?;
+        let none = Tensor::zeros(1, DType::F32, &dev)?;
+        let y = checkpoint(seg, x.as_tensor(), &none, &none)?;
+        assert_eq!(vec![data_ptr(&y)], *produced.lock().unwrap());
+        let grads = backward(&y.sum_all()?)?;
+        assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec1::<f32>()?, [6., 12., 18.]);
+        Ok(())
     }
 }

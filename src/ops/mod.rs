@@ -96,33 +96,59 @@ fn for_rows<T: Send + Sync>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T])
     }
 }
 
-/// A copy of a result precomputed on CUDA, as a custom op's output storage: the
-/// ops whose CUDA form is built from candle's ops compute it off the graph and
-/// hand it over, so that their own backward applies.
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_copy(y: Option<&Tensor>) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-    let Some(y) = y else { candle_core::bail!("fused op: no precomputed result for this device") };
-    // CUDA storage clones whole: a view that does not start its buffer or is
-    // strided is first copied out on its own.
-    let owned;
-    let y = if y.layout().start_offset() == 0 && y.layout().is_contiguous() {
-        y
-    } else {
-        owned = y.force_contiguous()?;
-        &owned
-    };
-    let (s, l) = y.storage_and_layout();
-    match &*s {
-        candle_core::Storage::Cuda(c) => {
-            Ok((candle_core::backend::BackendStorage::try_clone(c, l)?, l.shape().clone()))
+/// A custom op's output computed beforehand, off the graph, and handed over once:
+/// the ops whose CUDA form is built from candle's ops (and checkpointed segments)
+/// compute their result first, so that their own backward applies. The op's forward
+/// takes it, moving its memory over when nothing else holds it — no copy, and the op
+/// keeps no second copy for as long as the graph lives.
+pub(crate) struct Precomputed {
+    /// What the op is, for errors.
+    what: &'static str,
+    y: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl Precomputed {
+    pub(crate) fn new(what: &'static str, y: Option<Tensor>) -> Self {
+        Self { what, y: std::sync::Mutex::new(y) }
+    }
+
+    /// The result, once: a second forward of the same op is an error.
+    pub(crate) fn take(&self) -> candle_core::Result<Tensor> {
+        let y = self.y.lock().unwrap_or_else(|e| e.into_inner()).take();
+        y.ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: no precomputed result (or its forward ran twice)", self.what))
+        })
+    }
+
+    /// The result as an op's output storage ([`into_storage`]).
+    pub(crate) fn take_storage(&self) -> candle_core::Result<(candle_core::Storage, candle_core::Shape)> {
+        into_storage(self.take()?)
+    }
+}
+
+/// `y`'s elements as a storage of its shape, laid out densely from its start: moved
+/// out of `y` when `y` is that already and its only holder, else copied.
+pub(crate) fn into_storage(y: Tensor) -> candle_core::Result<(candle_core::Storage, candle_core::Shape)> {
+    use candle_core::{backend::BackendStorage, Storage};
+    let shape = y.shape().clone();
+    let y = if y.layout().start_offset() == 0 && y.is_contiguous() { y } else { y.force_contiguous()? };
+    match y.try_into_storage() {
+        Ok((storage, _)) => Ok((storage, shape)),
+        Err(shared) => {
+            let (s, l) = shared.storage_and_layout();
+            let copy = match &*s {
+                Storage::Cpu(c) => Storage::Cpu(c.try_clone(l)?),
+                Storage::Cuda(c) => Storage::Cuda(c.try_clone(l)?),
+                Storage::Metal(c) => Storage::Metal(c.try_clone(l)?),
+            };
+            Ok((copy, shape))
         }
-        _ => candle_core::bail!("fused op: result on another device"),
     }
 }
 
 /// The `cuda_fwd` of a custom op whose CUDA result was computed beforehand with
-/// candle's ops and handed over: `$get` (a closure from the op to its
-/// `Option<&Tensor>`) picks it out; one storage and layout name per operand, as
+/// candle's ops ([`Precomputed`]): `$get` (a closure from the op to its
+/// `&Precomputed`) picks it out; one storage and layout name per operand, as
 /// in `dispatch::kernel_cpu_fwd!`.
 macro_rules! precomputed_cuda_fwd {
     ($get:expr; $($s:ident $l:ident),+) => {
@@ -132,8 +158,11 @@ macro_rules! precomputed_cuda_fwd {
             &self,
             $($s: &candle_core::CudaStorage, $l: &candle_core::Layout),+
         ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-            let get: fn(&Self) -> Option<&candle_core::Tensor> = $get;
-            $crate::ops::cuda_copy(get(self))
+            let get: fn(&Self) -> &$crate::ops::Precomputed = $get;
+            match get(self).take_storage()? {
+                (candle_core::Storage::Cuda(c), shape) => Ok((c, shape)),
+                _ => candle_core::bail!("fused op: precomputed result on another device"),
+            }
         }
     };
 }
@@ -142,4 +171,59 @@ use precomputed_cuda_fwd;
 #[cfg(test)]
 fn max_diff(a: &Tensor, b: &Tensor) -> crate::Result<f64> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{CpuStorage, Device, Storage};
+
+    fn data_ptr(s: &Storage) -> *const f32 {
+        match s {
+            Storage::Cpu(CpuStorage::F32(v)) => v.as_ptr(),
+            _ => panic!("an f32 CPU storage"),
+        }
+    }
+
+    fn values(s: Storage, shape: candle_core::Shape) -> Vec<f32> {
+        match s {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                assert_eq!(v.len(), shape.elem_count());
+                v
+            }
+            _ => panic!("an f32 CPU storage"),
+        }
+    }
+
+    /// A precomputed result held by nothing else is moved into the op's output, not
+    /// copied; one that something else holds is copied, leaving it intact; a strided
+    /// view comes out dense in its own order.
+    #[test]
+    fn into_storage_moves_a_result_held_once() -> crate::Result<()> {
+        let dev = Device::Cpu;
+        let y = Tensor::arange(0f32, 6., &dev)?.reshape((2, 3))?;
+        let ptr = data_ptr(&y.storage_and_layout().0);
+        let (s, shape) = into_storage(y)?;
+        assert_eq!(data_ptr(&s), ptr, "moved");
+        assert_eq!((shape.dims(), values(s, shape.clone())), (&[2, 3][..], vec![0., 1., 2., 3., 4., 5.]));
+
+        let kept = Tensor::arange(0f32, 6., &dev)?.reshape((2, 3))?;
+        let (s, _) = into_storage(kept.clone())?;
+        assert_ne!(data_ptr(&s), data_ptr(&kept.storage_and_layout().0), "copied");
+        assert_eq!(kept.flatten_all()?.to_vec1::<f32>()?, [0., 1., 2., 3., 4., 5.]);
+
+        let (s, shape) = into_storage(kept.t()?)?;
+        assert_eq!(values(s, shape), [0., 3., 1., 4., 2., 5.]);
+        Ok(())
+    }
+
+    /// A precomputed result is handed over once; a second forward is an error.
+    #[test]
+    fn precomputed_is_taken_once() -> crate::Result<()> {
+        let p = Precomputed::new("test op", Some(Tensor::zeros(3, DType::F32, &Device::Cpu)?));
+        assert_eq!(p.take_storage()?.1.dims(), &[3]);
+        let e = p.take().unwrap_err().to_string();
+        assert!(e.contains("test op") && e.contains("ran twice"), "{e}");
+        Ok(())
+    }
 }

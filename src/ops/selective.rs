@@ -8,7 +8,7 @@
 //! are used as they are.
 
 use super::reduce::bias_sums;
-use super::{conv, has_cpu_kernel, linear, precomputed_cuda_fwd};
+use super::{conv, has_cpu_kernel, linear, precomputed_cuda_fwd, Precomputed};
 use crate::error::Result;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
@@ -27,7 +27,7 @@ pub(super) enum Kind {
 struct SelectiveBackward {
     /// The forward result precomputed on CUDA.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    y: Option<Tensor>,
+    y: Precomputed,
     kind: Kind,
 }
 
@@ -76,7 +76,7 @@ impl candle_core::CustomOp3 for SelectiveBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.cpu_forward((x, xl), (w, wl), Some((b, bl)))
     }
-    precomputed_cuda_fwd!(|op| op.y.as_ref(); x xl, w wl, b bl);
+    precomputed_cuda_fwd!(|op| &op.y; x xl, w wl, b bl);
     fn bwd(
         &self,
         x: &Tensor,
@@ -105,7 +105,7 @@ impl candle_core::CustomOp2 for SelectiveBackwardNoBias {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.0.cpu_forward((x, xl), (w, wl), None)
     }
-    precomputed_cuda_fwd!(|op| op.0.y.as_ref(); x xl, w wl);
+    precomputed_cuda_fwd!(|op| &op.0.y; x xl, w wl);
     fn bwd(
         &self,
         x: &Tensor,
@@ -141,7 +141,7 @@ pub(super) fn apply(
             return composed(x, w, b);
         }
     };
-    let op = SelectiveBackward { y, kind };
+    let op = SelectiveBackward { y: Precomputed::new("linear or conv", y), kind };
     Ok(match b {
         Some(b) => x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?,
         None => x.contiguous()?.apply_op2(&w.contiguous()?, SelectiveBackwardNoBias(op))?,

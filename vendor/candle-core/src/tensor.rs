@@ -2809,6 +2809,22 @@ impl Tensor {
         Ok(())
     }
 
+    /// This tensor's storage and layout, moved out without a copy when this handle is
+    /// the tensor's only one and no other tensor shares the storage; the tensor back
+    /// otherwise. sidscript patch: a custom op whose result was computed beforehand
+    /// hands that result's memory over as its output instead of copying it.
+    pub fn try_into_storage(self) -> std::result::Result<(Storage, Layout), Tensor> {
+        let inner = match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner,
+            Err(shared) => return Err(Tensor(shared)),
+        };
+        let Tensor_ { id, storage, layout, op, is_variable, dtype, device } = inner;
+        match Arc::try_unwrap(storage) {
+            Ok(lock) => Ok((lock.into_inner(), layout)),
+            Err(storage) => Err(Tensor(Arc::new(Tensor_ { id, storage, layout, op, is_variable, dtype, device }))),
+        }
+    }
+
     /// Whether [`Self::release_storage`] freed this (float) tensor's memory. sidscript patch.
     pub(crate) fn storage_released(&self) -> bool {
         self.dtype() != DType::U8 && self.storage.read().dtype() == DType::U8
