@@ -115,6 +115,21 @@ fn benches() {
         "bwd/node: silu (sidscript kernel) [1,320,64,64]",
         backward_per_node(&dev, &img, &|y| sidscript::ops::activation::silu(y).unwrap()),
     );
+    // Nearest upsampling ×2 at SD1.5's widest upsampler, forward + backward of Σ y:
+    // candle's own (its backward one convolution per channel) and sidscript's.
+    let up_in = Var::from_tensor(&randn(&[1, 1280, 16, 16])).unwrap();
+    for (name, f) in [
+        (
+            "upsample ×2 fwd+bwd [1,1280,16,16] (candle)",
+            sidscript::ops::upsample::upsample_nearest_composed as fn(&Tensor, usize) -> sidscript::Result<Tensor>,
+        ),
+        ("upsample ×2 fwd+bwd [1,1280,16,16]", sidscript::ops::upsample_nearest),
+    ] {
+        row(
+            name,
+            per_call(&dev, HEAVY_OPS, || drop(f(up_in.as_tensor(), 2).unwrap().sum_all().unwrap().backward().unwrap())),
+        );
+    }
     if dev.is_cuda() {
         // Attention at the UNets' largest shapes (64×64 tokens): SD1.5's first level
         // (8 heads of 40) in f32 and SDXL's second (10 heads of 64) in bf16; forward,

@@ -1,7 +1,8 @@
 //! The fused ops on each device against their composed forms in f64 on the CPU:
 //! forward and every input's gradient, for the shapes the SD1.5/SDXL UNets use at
 //! a small size (convolutions 3×3 / stride 2 / 1×1, attention head dims 40, 64,
-//! 80 and 160, group and layer norm, group norm + SiLU, SiLU, GEGLU, linear). On
+//! 80 and 160, group and layer norm, group norm + SiLU, SiLU, GEGLU, linear, nearest
+//! upsampling). On
 //! the CPU this checks the f32 kernels; in cuda builds the same test runs the CUDA
 //! forms (cuDNN convolutions with the `cudnn` feature, flash attention) and, for
 //! convolutions and attention, bf16.
@@ -183,6 +184,18 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
         &move |t| ops::linear::linear_composed(&t[0], &t[1], Some(&t[2])),
         1e-4,
     );
+    // Nearest upsampling ×2 (the UNet's and VAE's) and ×3, odd sides and batch 2.
+    for (dims, factor) in [([2, 6, 5, 7], 2), ([1, 3, 4, 4], 3)] {
+        compare(
+            &format!("upsample ×{factor} {dims:?}"),
+            dev,
+            DType::F32,
+            &[randn(&mut rng, &dims)],
+            &move |t| ops::upsample_nearest(&t[0], factor),
+            &move |t| ops::upsample::upsample_nearest_composed(&t[0], factor),
+            1e-5,
+        );
+    }
     Ok(())
 }
 test_device!(norms_geglu_linear, norms_geglu_linear_cpu, norms_geglu_linear_cuda);

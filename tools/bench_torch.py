@@ -304,6 +304,11 @@ def op_costs(ops, nodes, reps):
             timings.append((time.perf_counter() - t) / nodes * 1e6)
         return min(timings[1:])
 
+    up_in = torch.randn(1, 1280, 16, 16, device=DEVICE, requires_grad=True)
+
+    def upsample_fwd_bwd():
+        f.interpolate(up_in, scale_factor=2.0, mode="nearest").sum().backward()
+
     heavy = {}
     if DEVICE.type == "cuda":
         heavy = {
@@ -329,6 +334,7 @@ def op_costs(ops, nodes, reps):
         "bwd/node: transpose+contiguous [1,4096,320]": backward_per_node(
             tokens, lambda y: y.transpose(1, 2).contiguous().reshape(1, 320, 4096).transpose(1, 2)) / 2,
         "bwd/node: silu (sidscript kernel) [1,320,64,64]": backward_per_node(img, f.silu),
+        "upsample ×2 fwd+bwd [1,1280,16,16]": per_call(upsample_fwd_bwd, 20),
     }
 
 

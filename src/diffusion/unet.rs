@@ -943,8 +943,7 @@ impl Unet {
                 h = self.resnet_attention(r, blk.attentions.get(j), &Tensor::cat(&[&h, &skip], 1)?, &emb, &context)?;
             }
             if let Some(u) = &blk.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+                h = u.forward(&crate::ops::upsample_nearest(&h, 2)?)?;
             }
         }
         let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;

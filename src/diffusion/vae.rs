@@ -372,8 +372,7 @@ impl Vae {
                 h = r.forward(&h)?;
             }
             if let Some(u) = &lvl.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+                h = u.forward(&crate::ops::upsample_nearest(&h, 2)?)?;
             }
         }
         self.dec_out.forward(&self.dec_norm.forward_silu(&h)?)

@@ -5,8 +5,8 @@
 //! One file per op family: normalisation ([`norm`]), activations ([`activation`]:
 //! SiLU, GEGLU, softmax), attention ([`mod@attention`]), convolution ([`conv`]: patch
 //! matrix, col2im, input/weight gradients), linear maps ([`mod@linear`]), matrix
-//! products on slices ([`gemm`]), gradient reductions ([`reduce`]) and vectorised
-//! math ([`simd`]: exp, erf, wide loops). [`dispatch`] is the one f32/f64 dispatch
+//! products on slices ([`gemm`]), gradient reductions ([`reduce`]), nearest upsampling
+//! ([`upsample`]) and vectorised math ([`simd`]: exp, erf, wide loops). [`dispatch`] is the one f32/f64 dispatch
 //! every CPU kernel goes through. Beside the kernels: gradient checkpointing
 //! ([`checkpoint`], whose `backward` every caller uses) and the precision mode
 //! ([`precision`]: f32, tf32, bf16).
@@ -36,12 +36,14 @@ pub mod precision;
 pub mod reduce;
 mod selective;
 pub mod simd;
+pub mod upsample;
 
 pub use activation::{geglu, silu, softmax_last_dim};
 pub use attention::attention;
 pub use conv::conv2d;
 pub use linear::linear;
 pub use norm::{norm_affine, norm_affine_silu};
+pub use upsample::upsample_nearest;
 
 use candle_core::{DType, Layout, Tensor};
 use rayon::prelude::*;
