@@ -721,7 +721,7 @@ impl Tensor {
                 let done = done_per_storage.entry(node.storage_key()).or_default();
                 *done += 1;
                 if *done == node.storage_share_count() {
-                    node.release_storage()?;
+                    node.release_storage();
                 }
             }
             on_event(BackwardEvent::NodeDone { node })?;

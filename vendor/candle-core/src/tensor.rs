@@ -2798,15 +2798,15 @@ impl Tensor {
         Arc::strong_count(&self.storage)
     }
 
-    /// Frees this tensor's memory, leaving a one-element u8 storage in its place: for
+    /// Frees this tensor's memory, leaving an empty u8 host storage in its place: for
     /// the backward pass, on a storage it has proved nothing will read again (every
     /// tensor sharing it is held by the graph alone and past its backward step). The
     /// dtype marks it ([`Self::storage_released`]); an op reaching it anyway fails
-    /// on the dtype mismatch. sidscript patch.
-    pub(crate) fn release_storage(&self) -> Result<()> {
-        let empty = self.device().zeros(&Shape::from(1), DType::U8)?;
-        *self.storage.write() = empty;
-        Ok(())
+    /// on the dtype (and, for a GPU tensor, device) mismatch. The marker is an empty
+    /// `Vec` on the host on every device, so releasing allocates nothing and, on a
+    /// GPU, queues no allocation or memset. sidscript patch.
+    pub(crate) fn release_storage(&self) {
+        *self.storage.write() = Storage::Cpu(crate::CpuStorage::U8(Vec::new()));
     }
 
     /// This tensor's storage and layout, moved out without a copy when this handle is
