@@ -5,11 +5,11 @@
 //! One file per op family: normalisation ([`norm`]), activations ([`activation`]:
 //! SiLU, GEGLU, softmax), attention ([`mod@attention`]), convolution ([`conv`]: patch
 //! matrix, col2im, input/weight gradients), linear maps ([`mod@linear`]), matrix
-//! products on slices ([`gemm`]), gradient reductions ([`reduce`]), nearest upsampling
-//! ([`upsample`]) and vectorised math ([`simd`]: exp, erf, wide loops). [`dispatch`] is the one f32/f64 dispatch
-//! every CPU kernel goes through. Beside the kernels: gradient checkpointing
-//! ([`checkpoint`], whose `backward` every caller uses) and the precision mode
-//! ([`precision`]: f32, tf32, bf16).
+//! products on slices ([`gemm`]), gradient reductions ([`reduce`]), nearest
+//! upsampling ([`upsample`]) and vectorised math ([`simd`]: exp, erf, wide loops).
+//! [`dispatch`] is the one f32/f64 dispatch every CPU kernel goes through. Beside
+//! the kernels: gradient checkpointing ([`checkpoint`], whose `backward` every
+//! caller uses) and the precision mode ([`precision`]: f32, tf32, bf16).
 //!
 //! Each op's public function picks its implementation by device: the CPU kernel
 //! for CPU f32/f64 tensors ([`has_cpu_kernel`]); elsewhere a form built from
