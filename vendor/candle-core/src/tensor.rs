@@ -2801,8 +2801,9 @@ impl Tensor {
     /// Frees this tensor's memory, leaving an empty u8 host storage in its place: for
     /// the backward pass, on a storage it has proved nothing will read again (every
     /// tensor sharing it is held by the graph alone and past its backward step). The
-    /// dtype marks it ([`Self::storage_released`]); an op reaching it anyway fails
-    /// on the dtype (and, for a GPU tensor, device) mismatch. The marker is an empty
+    /// dtype marks it ([`Self::storage_released`]), which `backward` checks before a
+    /// pass; beyond that, only a binary op would catch a stray read (dtype or, for a
+    /// GPU tensor, device mismatch), so the proof is what guards it. The marker is an empty
     /// `Vec` on the host on every device, so releasing allocates nothing and, on a
     /// GPU, queues no allocation or memset. sidscript patch.
     pub(crate) fn release_storage(&self) {
