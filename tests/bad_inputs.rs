@@ -51,6 +51,8 @@ fn unet_configs_that_would_panic_mislead_or_be_ignored_are_refused_by_name() {
         (r#""num_class_embeds": 10"#, "num_class_embeds"),
         (r#""class_embeddings_concat": true"#, "class_embeddings_concat"),
         (r#""encoder_hid_dim_type": "text_proj""#, "encoder_hid_dim_type"),
+        // null is diffusers' "no mid block", unlike a key left out (the cross-attention one).
+        (r#""mid_block_type": null"#, "mid_block_type null"),
     ];
     for (fragment, key) in cases {
         match host.eval(&unet_script(fragment)) {

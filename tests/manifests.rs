@@ -8,6 +8,7 @@ use sidscript::diffusion::model::Component;
 use sidscript::diffusion::unet::{Unet, UnetConfig};
 use sidscript::diffusion::vae::{Vae, VaeConfig};
 use sidscript::diffusion::weights::Weights;
+use sidscript::eval::clip::VisionConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -38,17 +39,18 @@ fn compare(built: Vec<(String, candle_core::Tensor)>, manifest: &serde_json::Val
     assert_eq!(total as u64, manifest["params"].as_u64().unwrap(), "{what}: parameter total");
 }
 
-#[test]
-fn real_checkpoint_layouts_are_reproduced_exactly() {
+/// Builds every published config (passed through `config`, given the library class
+/// whose defaults apply) on the shape-only path and compares it with its manifest.
+fn check_layouts(config: impl Fn(&serde_json::Value, &str) -> serde_json::Value) {
     let m = manifests();
     let cfgs = &m["configs"];
     for (cfg_key, man_key) in [("sd15/unet", "sd15/unet"), ("sdxl/unet", "sdxl/unet")] {
-        let cfg: UnetConfig = serde_json::from_value(cfgs[cfg_key].clone()).unwrap();
+        let cfg: UnetConfig = serde_json::from_value(config(&cfgs[cfg_key], "UNet2DConditionModel")).unwrap();
         let built = Unet::build(&cfg, Weights::shapes_only(DType::F32)).unwrap();
         compare(built.named_weights().to_vec(), &m["manifests"][man_key], man_key);
     }
     for key in ["sd15/vae", "sdxl/vae"] {
-        let cfg: VaeConfig = serde_json::from_value(cfgs["vae"].clone()).unwrap();
+        let cfg: VaeConfig = serde_json::from_value(config(&cfgs["vae"], "AutoencoderKL")).unwrap();
         let w = Weights::shapes_only(DType::F32);
         Vae::new(&cfg, &w).unwrap();
         compare(w.finish("vae").unwrap(), &m["manifests"][key], key);
@@ -58,11 +60,75 @@ fn real_checkpoint_layouts_are_reproduced_exactly() {
         ("clip_l", "sdxl/text_encoder", "CLIPTextModel"),
         ("clip_g", "sdxl/text_encoder_2", "CLIPTextModelWithProjection"),
     ] {
-        let mut v = cfgs[cfg_key].clone();
+        let mut v = config(&cfgs[cfg_key], "CLIPTextConfig");
         v["architectures"] = serde_json::json!([arch]);
         let cfg: ClipConfig = serde_json::from_value(v).unwrap();
         let w = Weights::shapes_only(DType::F32);
         ClipTextModel::new(&cfg, &w).unwrap();
         compare(w.finish("text encoder").unwrap(), &m["manifests"][man_key], man_key);
     }
+}
+
+#[test]
+fn real_checkpoint_layouts_are_reproduced_exactly() {
+    check_layouts(|cfg, _| cfg.clone());
+}
+
+/// diffusers' and transformers' defaults per config class, as their sources declare
+/// them (tools/library_defaults.py wrote the file); a missing file fails.
+fn library_defaults(class: &str) -> serde_json::Map<String, serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/library_defaults.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let all: serde_json::Value = serde_json::from_str(&text).expect("library defaults JSON");
+    all[class]["defaults"].as_object().unwrap_or_else(|| panic!("no defaults for {class}")).clone()
+}
+
+/// Equal as config values: numbers by value (diffusers writes `1` where sidscript has 1.0).
+fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+#[test]
+fn configs_default_each_key_as_diffusers_and_transformers_do() {
+    // (class, sidscript's default config, its keys that knowingly differ, and why)
+    let cases = [
+        (
+            "UNet2DConditionModel",
+            serde_json::to_value(UnetConfig::default()).unwrap(),
+            vec!["sample_size"], // diffusers: null; 64 here, so that a saved config states it
+        ),
+        (
+            "AutoencoderKL",
+            serde_json::to_value(VaeConfig::default()).unwrap(),
+            vec!["down_block_types", "up_block_types"], // unlisted here: one per level
+        ),
+        (
+            "CLIPTextConfig",
+            serde_json::to_value(ClipConfig::default()).unwrap(),
+            vec!["architectures"], // a model's class names, not a config field
+        ),
+        ("CLIPVisionConfig", serde_json::to_value(VisionConfig::default()).unwrap(), vec![]),
+    ];
+    for (class, ours, differ) in cases {
+        let theirs = library_defaults(class);
+        for (key, value) in ours.as_object().unwrap() {
+            if differ.contains(&key.as_str()) {
+                continue;
+            }
+            let want = theirs.get(key).unwrap_or_else(|| panic!("{class}: `{key}` has no default in the library"));
+            assert!(same_value(value, want), "{class}: `{key}` defaults to {value} here, {want} in the library");
+        }
+    }
+}
+
+#[test]
+fn real_checkpoint_layouts_build_from_their_keys_that_differ_from_the_defaults() {
+    check_layouts(|cfg, class| {
+        let defaults = library_defaults(class);
+        let kept = cfg.as_object().unwrap().iter().filter(|(k, v)| !defaults.get(*k).is_some_and(|d| same_value(v, d)));
+        serde_json::Value::Object(kept.map(|(k, v)| (k.clone(), v.clone())).collect())
+    });
 }

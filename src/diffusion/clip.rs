@@ -8,15 +8,10 @@ use crate::error::Result;
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_act() -> String {
-    "quick_gelu".into()
-}
-
-/// The fields of a text encoder's `config.json` that shape it.
+/// The fields of a text encoder's `config.json` that shape it. A key the config
+/// leaves out takes transformers' default ([`Default`]), as `from_pretrained` does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClipConfig {
     /// Token ids.
     pub vocab_size: usize,
@@ -31,20 +26,35 @@ pub struct ClipConfig {
     /// Longest token row.
     pub max_position_embeddings: usize,
     /// The MLP activation ("quick_gelu", "gelu").
-    #[serde(default = "d_act")]
     pub hidden_act: String,
     /// Layer-norm epsilon.
-    #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
     /// Width of the text projection (CLIPTextModelWithProjection, SDXL's second encoder).
-    #[serde(default)]
     pub projection_dim: Option<usize>,
-    /// The end-of-text token whose hidden state is pooled (else the highest id in the row).
-    #[serde(default)]
+    /// The end-of-text token whose hidden state is pooled (2 or null: the highest id
+    /// in the row, as transformers reads old configs).
     pub eos_token_id: Option<i64>,
     /// transformers' class names, which say whether there is a projection.
-    #[serde(default)]
     pub architectures: Vec<String>,
+}
+
+impl Default for ClipConfig {
+    /// transformers' `CLIPTextConfig()` (version 5).
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(512),
+            eos_token_id: Some(49407),
+            architectures: vec![],
+        }
+    }
 }
 
 /// One pre-norm transformer layer of CLIP's text and image towers (transformers'

@@ -42,186 +42,165 @@ impl PerBlock {
     }
 }
 
-fn d_in() -> usize {
-    4
-}
-fn d_true() -> bool {
-    true
-}
-fn d_one_f() -> f64 {
-    1.0
-}
-fn d_one() -> usize {
-    1
-}
-fn d_three() -> usize {
-    3
-}
-fn d_groups() -> usize {
-    32
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_layers() -> usize {
-    2
-}
-fn d_heads() -> PerBlock {
-    PerBlock::One(8)
-}
-fn d_tlayers() -> PerBlock {
-    PerBlock::One(1)
-}
-fn d_xattn() -> usize {
-    1280
-}
-fn d_act() -> String {
-    "silu".into()
-}
-fn d_sample() -> usize {
-    64
-}
-
-/// The fields of a diffusers `unet/config.json` that shape the network.
+/// The fields of a diffusers `unet/config.json` that shape the network. A key the
+/// config leaves out takes diffusers' default ([`Default`]), as `from_config` does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct UnetConfig {
     /// Latent side the model was trained at.
-    #[serde(default = "d_sample")]
     pub sample_size: usize,
     /// Latent channels in.
-    #[serde(default = "d_in")]
     pub in_channels: usize,
     /// Channels predicted.
-    #[serde(default = "d_in")]
     pub out_channels: usize,
     /// Cosine before sine in the timestep embedding.
-    #[serde(default = "d_true")]
     pub flip_sin_to_cos: bool,
     /// Shift of the timestep embedding's frequencies.
-    #[serde(default)]
     pub freq_shift: f64,
     /// Down blocks, in order ("CrossAttnDownBlock2D", "DownBlock2D").
     pub down_block_types: Vec<String>,
     /// Up blocks, in order.
     pub up_block_types: Vec<String>,
     /// The mid block ("UNetMidBlock2DCrossAttn").
-    #[serde(default)]
     pub mid_block_type: Option<String>,
     /// Channels of each level.
     pub block_out_channels: Vec<usize>,
     /// ResNet layers per down block (one more per up block).
-    #[serde(default = "d_layers")]
     pub layers_per_block: usize,
     /// Output scale of the mid block.
-    #[serde(default = "d_one_f")]
     pub mid_block_scale_factor: f64,
     /// The activation ("silu").
-    #[serde(default = "d_act")]
     pub act_fn: String,
     /// Groups of the group norms.
-    #[serde(default = "d_groups")]
     pub norm_num_groups: usize,
     /// Epsilon of the group norms.
-    #[serde(default = "d_eps")]
     pub norm_eps: f64,
     /// Width of the text context.
-    #[serde(default = "d_xattn")]
     pub cross_attention_dim: usize,
     /// Transformer layers per attention block (SDXL: 1, 2, 10).
-    #[serde(default = "d_tlayers")]
     pub transformer_layers_per_block: PerBlock,
     /// Per up block, when it differs from the down blocks.
-    #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<usize>>,
     /// diffusers' `attention_head_dim` (for SD1.5 really the head count).
-    #[serde(default = "d_heads")]
     pub attention_head_dim: PerBlock,
     /// Heads per block, when given.
-    #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
     /// Linear (SDXL) rather than 1×1-conv (SD1.5) projections around transformers.
-    #[serde(default)]
     pub use_linear_projection: bool,
     /// Attention scores in f32 whatever the dtype.
-    #[serde(default)]
     pub upcast_attention: bool,
     /// "text_time" for SDXL's pooled text and size ids.
-    #[serde(default)]
     pub addition_embed_type: Option<String>,
     /// Width of each size id's embedding (SDXL).
-    #[serde(default)]
     pub addition_time_embed_dim: Option<usize>,
     /// Input width of the added embedding (SDXL).
-    #[serde(default)]
     pub projection_class_embeddings_input_dim: Option<usize>,
     /// Class embeddings (not supported; must be absent).
-    #[serde(default)]
     pub class_embed_type: Option<String>,
     /// Timestep-condition projection (not supported; must be absent).
-    #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     /// Maps the input to [−1, 1] first (not supported; must be false).
-    #[serde(default)]
     pub center_input_sample: bool,
     /// ResNet time embedding mode (only "default").
-    #[serde(default)]
     pub resnet_time_scale_shift: Option<String>,
     /// Cross-attention only (not supported; must be false).
-    #[serde(default)]
     pub only_cross_attention: Option<serde_json::Value>,
     /// Two cross-attentions (not supported; must be false).
-    #[serde(default)]
     pub dual_cross_attention: bool,
     /// Timestep embedding (only "positional").
-    #[serde(default)]
     pub time_embedding_type: Option<String>,
     /// A projection of the text context (not supported; must be absent).
-    #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     /// Its kind (not supported; must be absent).
-    #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     /// diffusers passes it only to the ResnetDownsample/SimpleCrossAttn block types,
     /// which this implementation refuses: for the supported blocks it changes nothing
     /// (checked against diffusers by tests/unet_parity.rs).
-    #[serde(default = "d_one_f")]
     pub resnet_out_scale_factor: f64,
     /// Padding of the downsamplers' stride-2 convs (0: pad right and bottom by one first).
-    #[serde(default = "d_one")]
     pub downsample_padding: usize,
     /// Kernel of conv_in (odd).
-    #[serde(default = "d_three")]
     pub conv_in_kernel: usize,
     /// Kernel of conv_out (odd).
-    #[serde(default = "d_three")]
     pub conv_out_kernel: usize,
     /// Width of the time embedding (default 4 × the first level's channels).
-    #[serde(default)]
     pub time_embedding_dim: Option<usize>,
     /// An activation after the time embedding (not supported; must be absent).
-    #[serde(default)]
     pub time_embedding_act_fn: Option<String>,
     /// An activation inside the time embedding (not supported; must be absent).
-    #[serde(default)]
     pub timestep_post_act: Option<String>,
     /// Activation of the time embedding inside resnets skipped (not supported; must be false).
-    #[serde(default)]
     pub resnet_skip_time_act: bool,
     /// Attention kind (only "default"; "gated" is not supported).
-    #[serde(default)]
     pub attention_type: Option<String>,
     /// A norm of the cross-attention context (not supported; must be absent).
-    #[serde(default)]
     pub cross_attention_norm: Option<String>,
     /// Dropout in the resnets (training would differ: must be 0).
-    #[serde(default)]
     pub dropout: f64,
     /// Class-conditioning table size (not supported; must be absent).
-    #[serde(default)]
     pub num_class_embeds: Option<usize>,
     /// Class embeddings concatenated (not supported; must be false).
-    #[serde(default)]
     pub class_embeddings_concat: bool,
+}
+
+impl Default for UnetConfig {
+    /// diffusers' `UNet2DConditionModel()` (SD1.5's layout), but for `sample_size`,
+    /// which diffusers leaves unset (64 here, SD1.5's).
+    fn default() -> Self {
+        let text = |s: &str| Some(s.to_string());
+        Self {
+            sample_size: 64,
+            in_channels: 4,
+            out_channels: 4,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+                .map(String::from)
+                .into(),
+            up_block_types: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+                .map(String::from)
+                .into(),
+            mid_block_type: text("UNetMidBlock2DCrossAttn"),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            mid_block_scale_factor: 1.0,
+            act_fn: "silu".into(),
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            cross_attention_dim: 1280,
+            transformer_layers_per_block: PerBlock::One(1),
+            reverse_transformer_layers_per_block: None,
+            attention_head_dim: PerBlock::One(8),
+            num_attention_heads: None,
+            use_linear_projection: false,
+            upcast_attention: false,
+            addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
+            class_embed_type: None,
+            time_cond_proj_dim: None,
+            center_input_sample: false,
+            resnet_time_scale_shift: text("default"),
+            only_cross_attention: Some(serde_json::Value::Bool(false)),
+            dual_cross_attention: false,
+            time_embedding_type: text("positional"),
+            encoder_hid_dim: None,
+            encoder_hid_dim_type: None,
+            resnet_out_scale_factor: 1.0,
+            downsample_padding: 1,
+            conv_in_kernel: 3,
+            conv_out_kernel: 3,
+            time_embedding_dim: None,
+            time_embedding_act_fn: None,
+            timestep_post_act: None,
+            resnet_skip_time_act: false,
+            attention_type: text("default"),
+            cross_attention_norm: None,
+            dropout: 0.0,
+            num_class_embeds: None,
+            class_embeddings_concat: false,
+        }
+    }
 }
 
 /// The most layers per block a config may ask for (SDXL has 10 transformer
@@ -332,10 +311,11 @@ impl UnetConfig {
                 crate::bail!("unet config: block type '{t}' is not supported");
             }
         }
-        if let Some(m) = &self.mid_block_type {
-            if m != "UNetMidBlock2DCrossAttn" {
-                crate::bail!("unet config: mid block '{m}' is not supported");
-            }
+        match self.mid_block_type.as_deref() {
+            Some("UNetMidBlock2DCrossAttn") => {}
+            Some(m) => crate::bail!("unet config: mid block '{m}' is not supported"),
+            // diffusers reads null as "no mid block"; absent is the cross-attention one.
+            None => crate::bail!("unet config: mid_block_type null (a UNet without a mid block) is not supported"),
         }
         let unsupported = [
             (self.class_embed_type.is_some(), "class_embed_type"),

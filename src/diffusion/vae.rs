@@ -9,79 +9,70 @@ use crate::error::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-fn d_groups() -> usize {
-    32
-}
-fn d_layers() -> usize {
-    2
-}
-fn d_latent() -> usize {
-    4
-}
-fn d_scale() -> f64 {
-    0.18215
-}
-fn d_true() -> bool {
-    true
-}
-fn d_three() -> usize {
-    3
-}
-
-/// diffusers' `AutoencoderKL` config.
+/// diffusers' `AutoencoderKL` config. A key the config leaves out takes diffusers'
+/// default ([`Default`]), as `from_config` does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct VaeConfig {
     /// Image channels in.
-    #[serde(default = "d_three")]
     pub in_channels: usize,
     /// Image channels out.
-    #[serde(default = "d_three")]
     pub out_channels: usize,
     /// Channels of each level.
     pub block_out_channels: Vec<usize>,
     /// ResNet layers per encoder block (one more per decoder block).
-    #[serde(default = "d_layers")]
     pub layers_per_block: usize,
     /// Latent channels.
-    #[serde(default = "d_latent")]
     pub latent_channels: usize,
     /// Groups of the group norms.
-    #[serde(default = "d_groups")]
     pub norm_num_groups: usize,
     /// Latents are scaled by this for the UNet.
-    #[serde(default = "d_scale")]
     pub scaling_factor: f64,
     /// Latents are shifted by this before scaling, when given.
-    #[serde(default)]
     pub shift_factor: Option<f64>,
     /// A 1×1 conv after the encoder.
-    #[serde(default = "d_true")]
     pub use_quant_conv: bool,
     /// A 1×1 conv before the decoder.
-    #[serde(default = "d_true")]
     pub use_post_quant_conv: bool,
     /// Attention in the mid blocks.
-    #[serde(default = "d_true")]
     pub mid_block_add_attention: bool,
     /// The activation (only SiLU, as every SD/SDXL VAE).
-    #[serde(default = "d_silu")]
     pub act_fn: String,
     /// Encoder block types, when the config lists them (one per level).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down_block_types: Option<Vec<String>>,
     /// Decoder block types, when the config lists them (one per level).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub up_block_types: Option<Vec<String>>,
     /// Per-channel latent statistics (not supported: must be absent or null).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latents_mean: Option<serde_json::Value>,
     /// Per-channel latent statistics (not supported: must be absent or null).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub latents_std: Option<serde_json::Value>,
 }
 
-fn d_silu() -> String {
-    "silu".into()
+impl Default for VaeConfig {
+    /// diffusers' `AutoencoderKL()`, but for the block types, left unlisted (one
+    /// standard encoder and decoder block per level, whatever the level count).
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            act_fn: "silu".into(),
+            down_block_types: None,
+            up_block_types: None,
+            latents_mean: None,
+            latents_std: None,
+        }
+    }
 }
 
 impl VaeConfig {
@@ -144,6 +135,18 @@ impl VaeConfig {
             }
         }
         Ok(())
+    }
+
+    /// This config with its block types listed, one per level, where it left them
+    /// out: what it means here, and what diffusers needs to read a saved folder
+    /// (its default is one block whatever the levels).
+    pub fn with_block_types_listed(&self) -> Self {
+        let list = |name: &str| Some(vec![name.to_string(); self.block_out_channels.len()]);
+        Self {
+            down_block_types: self.down_block_types.clone().or_else(|| list("DownEncoderBlock2D")),
+            up_block_types: self.up_block_types.clone().or_else(|| list("UpDecoderBlock2D")),
+            ..self.clone()
+        }
     }
 }
 
@@ -297,7 +300,7 @@ impl Component for Vae {
             dec_levels.push(Level { resnets, resample });
         }
         Ok(Self {
-            config: cfg.clone(),
+            config: cfg.with_block_types_listed(),
             enc_in: Conv2d::new(&e.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             enc_levels,
             enc_mid: Mid::new(&e.pp("mid_block"), top, g, cfg.mid_block_add_attention)?,

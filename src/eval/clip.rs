@@ -24,7 +24,7 @@ use crate::diffusion::weights::Weights;
 use crate::error::{Error, Result};
 use crate::eval::resample::{map_planes, pil_resize_u8, torch_bicubic, Filter};
 use candle_core::{DType, Device, Tensor, D};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -102,8 +102,10 @@ pub fn gigagan_round_trip(v: u8) -> u8 {
     ((t + 1.0) * 127.5).clamp(0.0, 255.0) as u8
 }
 
-/// transformers' `CLIPVisionConfig` fields that shape the image tower.
-#[derive(Clone, Debug, Deserialize)]
+/// transformers' `CLIPVisionConfig` fields that shape the image tower; a key the
+/// config leaves out takes transformers' default ([`Default`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct VisionConfig {
     /// Width of the hidden states.
     pub hidden_size: usize,
@@ -114,34 +116,45 @@ pub struct VisionConfig {
     /// Attention heads per layer.
     pub num_attention_heads: usize,
     /// Input side in pixels.
-    #[serde(default = "d_image")]
     pub image_size: usize,
     /// Patch side in pixels.
     pub patch_size: usize,
     /// The MLP activation ("quick_gelu", "gelu").
-    #[serde(default = "d_act")]
     pub hidden_act: String,
     /// Layer-norm epsilon.
-    #[serde(default = "d_eps")]
     pub layer_norm_eps: f64,
 }
 
-fn d_image() -> usize {
-    IMAGE
-}
-fn d_act() -> String {
-    "quick_gelu".into()
-}
-fn d_eps() -> f64 {
-    1e-5
+impl Default for VisionConfig {
+    /// transformers' `CLIPVisionConfig()` (ViT-B/32).
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            image_size: IMAGE,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
 }
 
-/// transformers' `CLIPConfig`: both towers and the shared embedding width.
+/// transformers' `CLIPConfig`: both towers and the shared embedding width (each
+/// key defaults as in transformers).
 #[derive(Clone, Debug, Deserialize)]
+#[serde(default)]
 struct ModelConfig {
     text_config: ClipConfig,
     vision_config: VisionConfig,
     projection_dim: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { text_config: ClipConfig::default(), vision_config: VisionConfig::default(), projection_dim: 512 }
+    }
 }
 
 /// The image tower up to the projected embedding (transformers' `CLIPVisionModel`
@@ -227,43 +240,40 @@ struct OpenClipConfig {
     quick_gelu: bool,
 }
 
+/// open_clip's `CLIPVisionCfg`, with its defaults.
 #[derive(Deserialize)]
+#[serde(default)]
 struct OpenClipVision {
-    #[serde(default = "d_image")]
     image_size: usize,
     layers: usize,
     width: usize,
-    #[serde(default = "d_head_width")]
     head_width: usize,
-    #[serde(default = "d_mlp_ratio")]
     mlp_ratio: f64,
     patch_size: usize,
 }
 
+/// open_clip's `CLIPTextCfg`, with its defaults.
 #[derive(Deserialize)]
+#[serde(default)]
 struct OpenClipText {
-    #[serde(default = "d_context")]
     context_length: usize,
-    #[serde(default = "d_vocab")]
     vocab_size: usize,
     width: usize,
     heads: usize,
     layers: usize,
-    #[serde(default = "d_mlp_ratio")]
     mlp_ratio: f64,
 }
 
-fn d_head_width() -> usize {
-    64
+impl Default for OpenClipVision {
+    fn default() -> Self {
+        Self { image_size: IMAGE, layers: 12, width: 768, head_width: 64, mlp_ratio: 4.0, patch_size: 16 }
+    }
 }
-fn d_mlp_ratio() -> f64 {
-    4.0
-}
-fn d_context() -> usize {
-    77
-}
-fn d_vocab() -> usize {
-    49408
+
+impl Default for OpenClipText {
+    fn default() -> Self {
+        Self { context_length: 77, vocab_size: 49408, width: 512, heads: 8, layers: 12, mlp_ratio: 4.0 }
+    }
 }
 
 impl OpenClipConfig {

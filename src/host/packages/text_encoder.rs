@@ -46,7 +46,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         rt,
         ModelDocs {
             name: "text_encoder",
-            config: " (a transformers CLIPTextConfig)",
+            config: " (a transformers CLIPTextConfig; keys left out take its defaults)",
             what: "text encoder",
             arg: "encoder",
             trainable_copy: true,

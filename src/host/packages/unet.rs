@@ -181,7 +181,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         rt,
         ModelDocs {
             name: "unet",
-            config: " (as a diffusers config.json holds it)",
+            config: " (as a diffusers config.json holds it; keys left out take diffusers' defaults)",
             what: "UNet",
             arg: "unet",
             trainable_copy: true,

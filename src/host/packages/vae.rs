@@ -66,7 +66,7 @@ pub fn register(api: &mut Api, rt: &Arc<RunState>) {
         rt,
         ModelDocs {
             name: "vae",
-            config: " (as a diffusers config.json holds it)",
+            config: " (as a diffusers config.json holds it; keys left out take diffusers' defaults)",
             what: "VAE",
             arg: "vae",
             trainable_copy: true,
