@@ -118,6 +118,6 @@ impl DrivenScript {
 
     /// An error about this script as a whole (no line).
     pub fn error(&self, message: String) -> ScriptError {
-        ScriptError { location: self.file.clone(), file: self.file.clone(), line: None, message, trace: vec![] }
+        ScriptError::at(&self.file, message)
     }
 }

@@ -57,10 +57,6 @@ impl<T, E: ErrorText> ToScript<T> for Result<T, E> {
 pub struct ScriptError {
     /// `file:line:col` of the innermost failing expression (or just the file).
     pub location: String,
-    /// The file name alone, and line, where known.
-    pub file: String,
-    /// Its line, when known.
-    pub line: Option<usize>,
     /// One-line reason.
     pub message: String,
     /// Outer calls, innermost first: `in fn 'name' called at file:line:col`.
@@ -88,15 +84,14 @@ fn locate(file: &str, pos: Position) -> String {
 }
 
 impl ScriptError {
+    /// An error at `location` (a file, or `<repl>`) with no call trace.
+    pub fn at(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { location: location.into(), message: message.into(), trace: vec![] }
+    }
+
     /// A syntax error in `file`.
     pub fn from_parse(err: &ParseError, file: &str) -> Self {
-        Self {
-            location: locate(file, err.position()),
-            file: file.to_string(),
-            line: err.position().line(),
-            message: format!("syntax error: {}", err.err_type()),
-            trace: vec![],
-        }
+        Self::at(locate(file, err.position()), format!("syntax error: {}", err.err_type()))
     }
 
     /// Unwraps Rhai's nesting of function-call and module errors. `file` is the
@@ -141,6 +136,6 @@ impl ScriptError {
                 text.strip_suffix(&suffix).map(str::to_string).unwrap_or(text)
             }
         };
-        Self { location: locate(&file, err.position()), file, line: err.position().line(), message, trace }
+        Self { location: locate(&file, err.position()), message, trace }
     }
 }

@@ -120,13 +120,8 @@ impl Host {
     /// Compiles a script file (syntax check only; imports are resolved when run).
     pub fn compile_file(&self, path: &Path) -> Result<AST, ScriptError> {
         let name = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ScriptError {
-            location: name.clone(),
-            file: name.clone(),
-            line: None,
-            message: format!("cannot read script: {e}"),
-            trace: vec![],
-        })?;
+        let src =
+            std::fs::read_to_string(path).map_err(|e| ScriptError::at(&name, format!("cannot read script: {e}")))?;
         self.compile_str(&src, &name)
     }
 
@@ -285,8 +280,7 @@ impl<'h> Session<'h> {
     }
 
     fn error(&self, message: &str) -> ScriptError {
-        let at = "<repl>".to_string();
-        ScriptError { location: at.clone(), file: at, line: None, message: message.into(), trace: vec![] }
+        ScriptError::at("<repl>", message)
     }
 
     /// Loads a script file into the session: its top level runs once (its `let`s

@@ -17,8 +17,14 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 static REGISTRY: LazyLock<Mutex<HashMap<TensorId, Weak<Param>>>> = LazyLock::new(Default::default);
 
 fn registry() -> MutexGuard<'static, HashMap<TensorId, Weak<Param>>> {
-    // A panic while holding this lock cannot leave the map inconsistent.
-    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&REGISTRY)
+}
+
+/// Locks `m`, poisoned or not: every write under these locks is one move of a whole
+/// value (a map entry, a name, a gradient computed before the slot is touched), so a
+/// panic elsewhere while one was held cannot have left it half-written.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A trainable tensor and its accumulated gradient.
@@ -62,19 +68,17 @@ impl Param {
 
     /// Its name (a weight name in a model).
     pub fn name(&self) -> String {
-        self.name.lock().map(|n| n.clone()).unwrap_or_default()
+        lock(&self.name).clone()
     }
 
     /// Renames it.
     pub fn set_name(&self, name: &str) {
-        if let Ok(mut n) = self.name.lock() {
-            *n = name.to_string();
-        }
+        *lock(&self.name) = name.to_string();
     }
 
     /// The accumulated gradient, if any backward reached this parameter.
     pub fn grad(&self) -> Option<Tensor> {
-        self.grad.lock().ok().and_then(|g| g.clone())
+        lock(&self.grad).clone()
     }
 
     /// Replaces the accumulated gradient.
@@ -82,25 +86,25 @@ impl Param {
         if let Some(g) = &grad {
             check_same_shape(self.tensor(), g, "gradient")?;
         }
-        *self.grad.lock().map_err(|_| Error::msg("gradient slot poisoned"))? = grad;
+        *lock(&self.grad) = grad;
         Ok(())
     }
 
     /// Clears the accumulated gradient.
     pub fn zero_grad(&self) {
-        if let Ok(mut g) = self.grad.lock() {
-            *g = None;
-        }
+        *lock(&self.grad) = None;
     }
 
     /// Adds `g` to the gradient slot.
     pub fn accumulate_grad(&self, g: &Tensor) -> Result<()> {
         let g = g.detach();
-        let mut slot = self.grad.lock().map_err(|_| Error::msg("gradient slot poisoned"))?;
-        *slot = Some(match slot.take() {
+        let mut slot = lock(&self.grad);
+        // The sum first: a failed add leaves the slot as it was.
+        let sum = match slot.as_ref() {
             Some(old) => (old + g)?,
             None => g,
-        });
+        };
+        *slot = Some(sum);
         Ok(())
     }
 
