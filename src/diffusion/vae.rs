@@ -9,6 +9,11 @@ use crate::error::Result;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+/// The one encoder block type every SD/SDXL VAE level is (and all this implementation builds).
+const ENCODER_BLOCK: &str = "DownEncoderBlock2D";
+/// The one decoder block type, likewise.
+const DECODER_BLOCK: &str = "UpDecoderBlock2D";
+
 /// diffusers' `AutoencoderKL` config. A key the config leaves out takes diffusers'
 /// default ([`Default`]), as `from_config` does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,8 +122,8 @@ impl VaeConfig {
             crate::bail!("vae config: act_fn '{}' is not supported (only silu)", self.act_fn);
         }
         for (types, key, want) in [
-            (&self.down_block_types, "down_block_types", "DownEncoderBlock2D"),
-            (&self.up_block_types, "up_block_types", "UpDecoderBlock2D"),
+            (&self.down_block_types, "down_block_types", ENCODER_BLOCK),
+            (&self.up_block_types, "up_block_types", DECODER_BLOCK),
         ] {
             if let Some(t) = types {
                 if t.len() != n {
@@ -143,8 +148,8 @@ impl VaeConfig {
     pub fn with_block_types_listed(&self) -> Self {
         let list = |name: &str| Some(vec![name.to_string(); self.block_out_channels.len()]);
         Self {
-            down_block_types: self.down_block_types.clone().or_else(|| list("DownEncoderBlock2D")),
-            up_block_types: self.up_block_types.clone().or_else(|| list("UpDecoderBlock2D")),
+            down_block_types: self.down_block_types.clone().or_else(|| list(ENCODER_BLOCK)),
+            up_block_types: self.up_block_types.clone().or_else(|| list(DECODER_BLOCK)),
             ..self.clone()
         }
     }
