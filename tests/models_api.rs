@@ -340,30 +340,30 @@ fn a_unet_loads_with_a_checkpoints_weights_and_frozen_params_are_an_error() {
 
 #[test]
 fn saved_components_state_every_key_diffusers_would_read_otherwise() {
-    let host = host();
+    // tools/saved_components_reference.rhai saves components made from maps that leave the
+    // mid block and the VAE's block types out (tools/check_saved_components.py loads them
+    // in diffusers). diffusers would read a written null mid_block_type as "no mid block",
+    // and unlisted VAE block types as one block whatever the levels.
     let tmp = std::env::temp_dir().join(format!("sidscript-saved-configs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
+    let config: rhai::Map = [("out".into(), rhai::Dynamic::from(tmp.display().to_string()))].into_iter().collect();
+    let host = sidscript::host::Host::new(sidscript::host::HostOptions { config, ..Default::default() }).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/saved_components_reference.rhai");
+    host.run_file(&script).map(drop).unwrap_or_else(|e| panic!("{e}"));
     let t = tmp.display();
-    // Maps that leave the mid block and the VAE's block types out: diffusers would
-    // read a written null mid_block_type as "no mid block", and unlisted VAE block
-    // types as one block whatever the levels.
     let r = eval(
         &host,
         &format!(
-            r#"let u = new_unet(#{{ block_out_channels: [8, 16], norm_num_groups: 4, cross_attention_dim: 8,
-                   attention_head_dim: 2, down_block_types: ["CrossAttnDownBlock2D", "DownBlock2D"],
-                   up_block_types: ["UpBlock2D", "CrossAttnUpBlock2D"] }}, 1);
-               let v = new_vae(#{{ block_out_channels: [8, 16, 16], norm_num_groups: 4 }}, 2);
-               save_component(u, "{t}/unet");
-               save_component(v, "{t}/vae");
-               let uc = read_json("{t}/unet/config.json");
+            r#"let uc = read_json("{t}/unet/config.json");
                let vc = read_json("{t}/vae/config.json");
-               let x = randn([1, 4, 8, 8]);
-               let c = #{{ context: randn([1, 3, 8]) }};
-               let z = randn([1, 4, 2, 2]);
+               let r = load_safetensors("{t}/reference.safetensors");
+               let c = #{{ context: r.context }};
+               let xl = #{{ context: r.context, pooled: r.pooled, time_ids: r.time_ids }};
                [uc.mid_block_type, uc.resnet_time_scale_shift, vc.down_block_types.len(), vc.up_block_types.len(),
-                (load_unet("{t}/unet").forward(x, 500, c) - u.forward(x, 500, c)).abs().max().item(),
-                (load_vae("{t}/vae").decode(z) - v.decode(z)).abs().max().item()]"#
+                (load_unet("{t}/unet").forward(r.x, r.t, c) - r.unet_out).abs().max().item(),
+                (load_unet("{t}/unet_xl").forward(r.x, r.t, xl) - r.unet_xl_out).abs().max().item(),
+                (load_vae("{t}/vae").decode(r.z) - r.vae_decoded).abs().max().item(),
+                (load_text_encoder("{t}/text_encoder_2").encode_ids(r.ids).text_embeds - r.text_2_embeds).abs().max().item()]"#
         ),
     )
     .into_array()
@@ -371,6 +371,8 @@ fn saved_components_state_every_key_diffusers_would_read_otherwise() {
     assert_eq!(r[0].clone().into_string().unwrap(), "UNetMidBlock2DCrossAttn");
     assert_eq!(r[1].clone().into_string().unwrap(), "default");
     assert_eq!((r[2].as_int().unwrap(), r[3].as_int().unwrap()), (3, 3), "one VAE block type per level");
-    assert_eq!((r[4].as_float().unwrap(), r[5].as_float().unwrap()), (0.0, 0.0), "the saved folders load as saved");
+    for (i, what) in [(4, "unet"), (5, "unet_xl"), (6, "vae"), (7, "text_encoder_2")] {
+        assert_eq!(r[i].as_float().unwrap(), 0.0, "{what}: the saved folder loads as saved");
+    }
     std::fs::remove_dir_all(tmp).ok();
 }
