@@ -74,13 +74,17 @@ fn real_checkpoint_layouts_are_reproduced_exactly() {
     check_layouts(|cfg, _| cfg.clone());
 }
 
-/// diffusers' and transformers' defaults per config class, as their sources declare
-/// them (tools/library_defaults.py wrote the file); a missing file fails.
-fn library_defaults(class: &str) -> serde_json::Map<String, serde_json::Value> {
+/// diffusers' and transformers' defaults, class → `{ defaults, from }`, as their sources
+/// declare them (tools/library_defaults.py wrote the file); a missing file fails.
+fn library_defaults() -> serde_json::Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/library_defaults.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let all: serde_json::Value = serde_json::from_str(&text).expect("library defaults JSON");
-    all[class]["defaults"].as_object().unwrap_or_else(|| panic!("no defaults for {class}")).clone()
+    serde_json::from_str(&text).expect("library defaults JSON")
+}
+
+/// One class's defaults out of [`library_defaults`].
+fn defaults_of<'a>(all: &'a serde_json::Value, class: &str) -> &'a serde_json::Map<String, serde_json::Value> {
+    all[class]["defaults"].as_object().unwrap_or_else(|| panic!("no defaults for {class}"))
 }
 
 /// Equal as config values: numbers by value (diffusers writes `1` where sidscript has 1.0).
@@ -112,8 +116,9 @@ fn configs_default_each_key_as_diffusers_and_transformers_do() {
         ),
         ("CLIPVisionConfig", serde_json::to_value(VisionConfig::default()).unwrap(), vec![]),
     ];
+    let all = library_defaults();
     for (class, ours, differ) in cases {
-        let theirs = library_defaults(class);
+        let theirs = defaults_of(&all, class);
         for (key, value) in ours.as_object().unwrap() {
             if differ.contains(&key.as_str()) {
                 continue;
@@ -126,8 +131,9 @@ fn configs_default_each_key_as_diffusers_and_transformers_do() {
 
 #[test]
 fn real_checkpoint_layouts_build_from_their_keys_that_differ_from_the_defaults() {
+    let all = library_defaults();
     check_layouts(|cfg, class| {
-        let defaults = library_defaults(class);
+        let defaults = defaults_of(&all, class);
         let kept = cfg.as_object().unwrap().iter().filter(|(k, v)| !defaults.get(*k).is_some_and(|d| same_value(v, d)));
         serde_json::Value::Object(kept.map(|(k, v)| (k.clone(), v.clone())).collect())
     });
