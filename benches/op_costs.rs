@@ -130,6 +130,27 @@ fn benches() {
             per_call(&dev, HEAVY_OPS, || drop(f(up_in.as_tensor(), 2).unwrap().sum_all().unwrap().backward().unwrap())),
         );
     }
+    // Group norm + SiLU at SD1.5's first level (32 rows of 40,960 values at batch 1),
+    // and layer norm over a transformer's tokens, forward, and forward + backward of Σ y.
+    let (nx, lx) = (Var::from_tensor(&img).unwrap(), Var::from_tensor(&randn(&[4096, 320])).unwrap());
+    let [nw, nb, lw, lb] = [320; 4].map(|c| Var::from_tensor(&randn(&[c])).unwrap());
+    let group_norm_silu = || {
+        let x = nx.as_tensor().reshape((1, 320, 4096)).unwrap();
+        sidscript::ops::norm_affine_silu(&x, 32, nw.as_tensor(), nb.as_tensor(), 1e-5).unwrap()
+    };
+    let layer_norm = || {
+        let x = lx.as_tensor().reshape((4096, 320, 1)).unwrap();
+        sidscript::ops::norm_affine(&x, 1, lw.as_tensor(), lb.as_tensor(), 1e-5).unwrap()
+    };
+    row("group norm+silu fwd [1,320,64,64] 32 groups", per_call(&dev, OPS, || drop(group_norm_silu())));
+    row(
+        "group norm+silu fwd+bwd [1,320,64,64] 32 groups",
+        per_call(&dev, OPS, || drop(group_norm_silu().sum_all().unwrap().backward().unwrap())),
+    );
+    row(
+        "layer norm fwd+bwd [4096,320]",
+        per_call(&dev, OPS, || drop(layer_norm().sum_all().unwrap().backward().unwrap())),
+    );
     if dev.is_cuda() {
         // Attention at the UNets' largest shapes (64×64 tokens): SD1.5's first level
         // (8 heads of 40) in f32 and SDXL's second (10 heads of 64) in bf16; forward,

@@ -71,12 +71,28 @@ fn flash_attention_kernels_stay_in_bounds() {
 
 /// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp
 /// shuffles), alone and fused with SiLU: statistics, forward, input and affine
-/// gradients, rows for 256 and for 1,024 threads.
+/// gradients, rows in one chunk, in several, and over the 64-chunk cap with a short
+/// last chunk.
 #[test]
 fn norm_kernels() {
     let out = passes("norm_check");
-    assert!(out.contains("1024 threads"), "no row long enough for 1,024 threads:\n{out}");
+    assert!(out.contains(" 5 chunks") && out.contains("64 chunks"), "no row split into several chunks:\n{out}");
     assert!(out.contains("+silu"), "no case of group norm + SiLU:\n{out}");
+}
+
+/// The norm check has teeth: merging a row's chunk statistics as if every chunk were
+/// full (the last one is shorter) fails it.
+#[test]
+fn a_wrong_chunk_merge_fails_the_emulated_norm_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda");
+    let src = std::fs::read_to_string(dir.join("norm.cu")).unwrap();
+    let (with, without) = ("(float)(min(n, (k + 1) * len) - k * len)", "(float)len");
+    assert!(src.contains(with), "the chunk's count is not where this test expects it");
+    let cut = tmp("norm_cut.cu");
+    std::fs::write(&cut, src.replacen(with, without, 1)).unwrap();
+    let flags = [format!("-DNORM_CU=\"{}\"", cut.display()), format!("-I{}", dir.display())];
+    let run = build_and_run("norm_check", &tmp("norm_cut"), &flags);
+    assert!(!run.status.success(), "a wrong chunk merge, yet the emulated norm check passed");
 }
 
 /// The check has teeth: a copy of `attention.cu` with one barrier removed — between

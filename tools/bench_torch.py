@@ -309,6 +309,19 @@ def op_costs(ops, nodes, reps):
     def upsample_fwd_bwd():
         f.interpolate(up_in, scale_factor=2.0, mode="nearest").sum().backward()
 
+    def norm_parameters(x, channels):
+        return [t.requires_grad_(True) for t in (x.clone(), torch.randn(channels, device=DEVICE),
+                                                   torch.randn(channels, device=DEVICE))]
+
+    gx, gw, gb = norm_parameters(img, 320)
+    lx, lw, lb = norm_parameters(torch.randn(4096, 320, device=DEVICE), 320)
+
+    def group_norm_silu():
+        return f.silu(f.group_norm(gx, 32, gw, gb, 1e-5))
+
+    def layer_norm():
+        return f.layer_norm(lx, (320,), lw, lb, 1e-5)
+
     heavy = {}
     if DEVICE.type == "cuda":
         heavy = {
@@ -335,6 +348,9 @@ def op_costs(ops, nodes, reps):
             tokens, lambda y: y.transpose(1, 2).contiguous().reshape(1, 320, 4096).transpose(1, 2)) / 2,
         "bwd/node: silu (sidscript kernel) [1,320,64,64]": backward_per_node(img, f.silu),
         "upsample ×2 fwd+bwd [1,1280,16,16]": per_call(upsample_fwd_bwd, 20),
+        "group norm+silu fwd [1,320,64,64] 32 groups": per_call(group_norm_silu),
+        "group norm+silu fwd+bwd [1,320,64,64] 32 groups": per_call(lambda: group_norm_silu().sum().backward()),
+        "layer norm fwd+bwd [4096,320]": per_call(lambda: layer_norm().sum().backward()),
     }
 
 

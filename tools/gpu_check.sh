@@ -136,7 +136,7 @@ run)
     ops)
         # One op at a time, forward and per backward node, against PyTorch's (where the
         # backward time goes: benches/op_costs.rs).
-        SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 KEEP=40 step 90 .gpu/bin-op_costs
+        SIDSCRIPT_BENCH_DEVICE=cuda:0 SIDSCRIPT_TORCH_PYTHON=python3 KEEP=60 step 90 .gpu/bin-op_costs
         ;;
     eval)
         # Evaluation (issue 15): 1,000 images at 512 px, gigagan-coco256: the Inception, then

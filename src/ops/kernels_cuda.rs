@@ -22,19 +22,22 @@ pub(crate) fn per_block(items: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (items.max(1) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One block per row of `n` elements for row reductions: long rows (group norm's,
-/// tens of thousands of elements in 32 rows per image) get 1,024 threads, since a
-/// few dozen blocks of 256 leave most of the GPU idle.
-pub(crate) fn per_row(rows: usize, n: usize) -> LaunchConfig {
-    let threads = if n >= 8192 { 1024 } else { THREADS };
-    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+/// How the row kernels split a row of `n` values: `(chunks, len)`, chunks of `len`
+/// values (about 1,024; at most 64 chunks), the last possibly shorter, none empty.
+/// A batch-1 group norm has only 32 rows of tens of thousands of values: one block
+/// per row would leave most of the GPU idle.
+pub(crate) fn row_split(n: usize) -> (usize, usize) {
+    let len = n.div_ceil(n.div_ceil(1024).clamp(1, 64)).max(1);
+    (n.div_ceil(len).max(1), len)
 }
 
-/// Rows of `n` elements along x and each row's chunks of 1,024 elements along y
-/// (at most 64): an elementwise pass over rows that share per-row values.
-pub(crate) fn row_chunks(rows: usize, n: usize) -> LaunchConfig {
-    let chunks = n.div_ceil(1024).clamp(1, 64) as u32;
-    LaunchConfig { grid_dim: (rows.max(1) as u32, chunks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+/// One block per (row, chunk): `rows` along x, `chunks` along y.
+pub(crate) fn row_chunks(rows: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, chunks.max(1) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A grid-stride launch over `count` elements.

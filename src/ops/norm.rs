@@ -126,14 +126,43 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
     out
 }
 
-struct NormAffine(NormGeom);
-struct NormAffineGrad(NormGeom);
+/// x's row statistics [rows, 2] (mean, 1/std) on CUDA, which the forward leaves
+/// for the backward so that it does not read x once more to compute them.
+#[cfg(feature = "cuda")]
+type RowStats = Option<std::sync::Arc<candle_core::cuda::cudarc::driver::CudaSlice<f32>>>;
+
+/// The forward op.
+struct NormAffine {
+    geom: NormGeom,
+    #[cfg(feature = "cuda")]
+    stats: std::sync::Mutex<RowStats>,
+}
+
+impl NormAffine {
+    fn new(geom: NormGeom) -> Self {
+        Self {
+            geom,
+            #[cfg(feature = "cuda")]
+            stats: Default::default(),
+        }
+    }
+}
+
+/// The backward op.
+struct NormAffineGrad {
+    geom: NormGeom,
+    #[cfg(feature = "cuda")]
+    stats: RowStats,
+}
 
 impl Kernel for NormAffine {
     const NAME: &'static str = "norm-affine";
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
         let &[(x, xl), (w, wl), (b, bl)] = ops else { candle_core::bail!("norm-affine: three operands") };
-        Ok((norm_affine_fwd(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?, &self.0), xl.shape().clone()))
+        Ok((
+            norm_affine_fwd(contiguous(x, xl)?, contiguous(w, wl)?, contiguous(b, bl)?, &self.geom),
+            xl.shape().clone(),
+        ))
     }
 }
 
@@ -142,9 +171,9 @@ impl Kernel for NormAffineGrad {
     const NAME: &'static str = "norm-affine-grad";
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
         let &[(x, xl), (wb, wbl), (g, gl)] = ops else { candle_core::bail!("norm-affine-grad: three operands") };
-        let shape = Shape::from(xl.shape().elem_count() + 2 * self.0.channels);
-        let (w, b) = contiguous(wb, wbl)?.split_at(self.0.channels);
-        Ok((norm_affine_bwd(contiguous(x, xl)?, w, b, contiguous(g, gl)?, &self.0), shape))
+        let shape = Shape::from(xl.shape().elem_count() + 2 * self.geom.channels);
+        let (w, b) = contiguous(wb, wbl)?.split_at(self.geom.channels);
+        Ok((norm_affine_bwd(contiguous(x, xl)?, w, b, contiguous(g, gl)?, &self.geom), shape))
     }
 }
 
@@ -163,7 +192,9 @@ impl candle_core::CustomOp3 for NormAffine {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(&self.0, (x, xl), (w, wl), (b, bl))
+        let (y, stats) = cuda::forward(&self.geom, (x, xl), (w, wl), (b, bl))?;
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(stats));
+        Ok(y)
     }
     fn bwd(
         &self,
@@ -175,9 +206,14 @@ impl candle_core::CustomOp3 for NormAffine {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = crate::profile::span("norm.backward", x.device(), || {
             let wb = Tensor::cat(&[w, b], 0)?;
-            x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &NormAffineGrad(self.0))
+            let op = NormAffineGrad {
+                geom: self.geom,
+                #[cfg(feature = "cuda")]
+                stats: self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            };
+            x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &op)
         })?;
-        let (len, c) = (x.elem_count(), self.0.channels);
+        let (len, c) = (x.elem_count(), self.geom.channels);
         let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
         Ok((Some(gx), Some(packed.narrow(0, len, c)?), Some(packed.narrow(0, len + c, c)?)))
     }
@@ -198,15 +234,16 @@ impl candle_core::CustomOp3 for NormAffineGrad {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(&self.0, (x, xl), (wb, wbl), (g, gl))
+        cuda::backward(&self.geom, self.stats.as_deref(), (x, xl), (wb, wbl), (g, gl))
     }
 }
 
 /// The CUDA kernels (`cuda/norm.cu`): row statistics, then the forward, or the input
-/// gradient and the per-channel affine gradients.
+/// gradient and the per-channel affine gradients; every row pass one block per
+/// (row, chunk) of `row_split`'s chunks.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::kernels_cuda::{per_block as blocks, per_row, row_chunks, NORM as PTX};
+    use super::super::kernels_cuda::{grid_stride, per_block, row_chunks, row_split, NORM as PTX};
     use super::NormGeom;
     use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::{CudaStorage, Layout, Shape};
@@ -217,78 +254,122 @@ mod cuda {
         super::super::kernels_cuda::view::<f32>(s, l)
     }
 
-    /// Row count, row length and the statistics [rows, 2] of x.
-    fn stats(g: &NormGeom, x: Operand) -> candle_core::Result<(usize, usize, CudaSlice<f32>)> {
-        let dev = &x.0.device;
-        let rows = x.1.dims()[0] * g.groups;
-        let n = g.row();
-        let func = dev.get_or_load_custom_func("norm_stats_f32", "sidscript_norm", PTX)?;
-        // SAFETY: norm_stats writes every entry.
-        let mut st = unsafe { dev.cuda_stream().alloc::<f32>(2 * rows) }.map_err(candle_core::Error::wrap)?;
-        let (xv, n32, eps) = (view(x)?, n as i32, g.eps as f32);
-        let mut b = func.builder();
-        b.arg(&xv).arg(&mut st).arg(&n32).arg(&eps);
-        // SAFETY: arguments as norm_stats_f32(x, stats, n, eps); x holds rows·n values.
-        unsafe { b.launch(per_row(rows, n)) }.map_err(candle_core::Error::wrap)?;
-        Ok((rows, n, st))
+    /// An uninitialised f32 buffer of `len`, for a kernel that writes all of it.
+    fn alloc(dev: &candle_core::CudaDevice, len: usize) -> candle_core::Result<CudaSlice<f32>> {
+        // SAFETY: every caller's kernels write each entry before anything reads it.
+        unsafe { dev.cuda_stream().alloc::<f32>(len) }.map_err(candle_core::Error::wrap)
     }
 
+    /// How x's rows are laid out and split: rows, row length, chunks, chunk length.
+    struct Rows {
+        rows: usize,
+        n: usize,
+        chunks: usize,
+        len: usize,
+    }
+
+    impl Rows {
+        fn of(g: &NormGeom, x: Operand) -> Self {
+            let n = g.row();
+            let (chunks, len) = row_split(n);
+            Rows { rows: x.1.dims()[0] * g.groups, n, chunks, len }
+        }
+    }
+
+    /// The statistics [rows, 2] of x: each chunk's partials, then merged per row.
+    fn stats(g: &NormGeom, x: Operand, at: &Rows) -> candle_core::Result<CudaSlice<f32>> {
+        let dev = &x.0.device;
+        let (n, len, chunks, rows) = (at.n as i32, at.len as i32, at.chunks as i32, at.rows as i32);
+        let mut partial = alloc(dev, 2 * at.rows * at.chunks)?;
+        let xv = view(x)?;
+        let func = dev.get_or_load_custom_func("norm_chunk_stats_f32", "sidscript_norm", PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&mut partial).arg(&n).arg(&len);
+        // SAFETY: arguments as norm_chunk_stats_f32(x, partial, n, len); x holds rows·n
+        // values, partial one pair per (row, chunk) of the grid.
+        unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        let mut st = alloc(dev, 2 * at.rows)?;
+        let (func, eps) = (dev.get_or_load_custom_func("norm_stats_f32", "sidscript_norm", PTX)?, g.eps as f32);
+        let mut b = func.builder();
+        b.arg(&partial).arg(&mut st).arg(&rows).arg(&chunks).arg(&n).arg(&len).arg(&eps);
+        // SAFETY: arguments as norm_stats_f32(partial, stats, rows, chunks, n, len, eps).
+        unsafe { b.launch(grid_stride(at.rows)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        Ok(st)
+    }
+
+    /// y, and the statistics [rows, 2] for the backward.
     pub(super) fn forward(
         g: &NormGeom,
         x: Operand,
         w: Operand,
         bias: Operand,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
+    ) -> candle_core::Result<((CudaStorage, Shape), CudaSlice<f32>)> {
         let dev = x.0.device.clone();
-        let (rows, n, st) = stats(g, x)?;
+        let at = Rows::of(g, x);
+        let st = stats(g, x, &at)?;
         let func = dev.get_or_load_custom_func("norm_fwd_f32", "sidscript_norm", PTX)?;
-        // SAFETY: norm_fwd writes every entry.
-        let mut y = unsafe { dev.cuda_stream().alloc::<f32>(rows * n) }.map_err(candle_core::Error::wrap)?;
+        let mut y = alloc(&dev, at.rows * at.n)?;
         let (xv, wv, bv) = (view(x)?, view(w)?, view(bias)?);
-        let dims = [n as i32, g.channels as i32, g.spatial as i32, g.groups as i32, g.silu.into()];
+        let dims = [at.n as i32, g.channels as i32, g.spatial as i32, g.groups as i32, g.silu.into()];
         let mut b = func.builder();
         b.arg(&xv).arg(&wv).arg(&bv).arg(&st).arg(&mut y);
         for d in &dims {
             b.arg(d);
         }
         // SAFETY: arguments as norm_fwd_f32(x, w, b, stats, y, n, channels, spatial, groups, silu).
-        unsafe { b.launch(row_chunks(rows, n)) }.map_err(candle_core::Error::wrap)?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()))
+        unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        Ok(((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()), st))
     }
 
-    /// [dx | dw | db], as the CPU kernel packs them; `wb` is [w | b].
+    /// [dx | dw | db], as the CPU kernel packs them; `wb` is [w | b]; `saved`, x's
+    /// statistics as the forward left them.
     pub(super) fn backward(
         g: &NormGeom,
+        saved: Option<&CudaSlice<f32>>,
         x: Operand,
         wb: Operand,
         dy: Operand,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = x.0.device.clone();
-        let (rows, n, st) = stats(g, x)?;
-        let (len, c) = (rows * n, g.channels);
-        // SAFETY: the two kernels write every entry.
-        let mut out = unsafe { dev.cuda_stream().alloc::<f32>(len + 2 * c) }.map_err(candle_core::Error::wrap)?;
+        let at = Rows::of(g, x);
+        let Some(st) = saved else { candle_core::bail!("norm backward: the forward left no statistics") };
+        let (len, c) = (at.rows * at.n, g.channels);
+        let mut out = alloc(&dev, len + 2 * c)?;
+        let mut partial = alloc(&dev, 2 * at.rows * at.chunks)?;
         let (xv, wbv, gv) = (view(x)?, view(wb)?, view(dy)?);
         let (wv, bv) = (wbv.slice(0..c), wbv.slice(c..2 * c));
-        let (n32, c32, s32, g32, silu) = (n as i32, c as i32, g.spatial as i32, g.groups as i32, i32::from(g.silu));
-        let dx_func = dev.get_or_load_custom_func("norm_dx_f32", "sidscript_norm", PTX)?;
+        let (n32, chunk_len, chunks) = (at.n as i32, at.len as i32, at.chunks as i32);
+        let (c32, s32, g32, silu) = (c as i32, g.spatial as i32, g.groups as i32, i32::from(g.silu));
+        let func = dev.get_or_load_custom_func("norm_dx_partial_f32", "sidscript_norm", PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&mut partial);
+        b.arg(&n32).arg(&chunk_len).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
+        // SAFETY: arguments as norm_dx_partial_f32(x, w, b, dy, stats, partial, n, len,
+        // channels, spatial, groups, silu); partial one pair per (row, chunk) of the grid.
+        unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
+        drop(b);
+        let func = dev.get_or_load_custom_func("norm_dx_f32", "sidscript_norm", PTX)?;
         {
             let mut dx = out.slice_mut(0..len);
-            let mut b = dx_func.builder();
-            b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(&st).arg(&mut dx);
-            b.arg(&n32).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
-            // SAFETY: arguments as norm_dx_f32(x, w, b, dy, stats, dx, n, channels, spatial, groups, silu).
-            unsafe { b.launch(per_row(rows, n)) }.map_err(candle_core::Error::wrap)?;
+            let mut b = func.builder();
+            b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&partial).arg(&mut dx);
+            b.arg(&n32).arg(&chunks).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
+            // SAFETY: arguments as norm_dx_f32(x, w, b, dy, stats, partial, dx, n, chunks,
+            // channels, spatial, groups, silu).
+            unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         }
-        let dwdb_func = dev.get_or_load_custom_func("norm_dwdb_f32", "sidscript_norm", PTX)?;
-        let batch = (rows / g.groups) as i32;
+        let func = dev.get_or_load_custom_func("norm_dwdb_f32", "sidscript_norm", PTX)?;
+        let batch = (at.rows / g.groups) as i32;
         let mut rest = out.slice_mut(len..);
         let (mut dw, mut db) = rest.split_at_mut(c);
-        let mut b = dwdb_func.builder();
-        b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(&st).arg(&mut dw).arg(&mut db);
+        let mut b = func.builder();
+        b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&mut dw).arg(&mut db);
         b.arg(&batch).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
         // SAFETY: arguments as norm_dwdb_f32(x, w, b, dy, stats, dw, db, batch, channels, spatial, groups, silu).
-        unsafe { b.launch(blocks(c)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(per_block(c)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + 2 * c)))
     }
@@ -328,7 +409,7 @@ fn norm_affine_then(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64,
     let y = if has_fused_kernel(&x) {
         let geom = NormGeom { channels, spatial, groups, eps, silu };
         crate::profile::span("norm.forward", x.device(), || {
-            x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine(geom))
+            x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, NormAffine::new(geom))
         })?
     } else if silu {
         super::activation::silu(&norm_affine_composed(&x, groups, &w, &b, eps)?)?

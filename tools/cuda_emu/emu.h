@@ -14,7 +14,7 @@
 // some threads skip (CUDA: undefined behaviour) is an error here.
 //
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
-// __syncthreads, __launch_bounds__, bf16 conversions, math functions,
+// __syncthreads, __launch_bounds__, bf16 conversions, math functions, integer min/max,
 // __shfl_xor_sync over a full warp) and the WMMA fragments of nvcuda::wmma for bf16
 // 16×16×16 products. A fragment here holds the whole 16×16 tile in every thread (on
 // the GPU each lane holds a share in an unspecified layout), so kernels may touch
@@ -68,6 +68,10 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     u += 0x7fff + ((u >> 16) & 1);
     return {(uint16_t)(u >> 16)};
 }
+
+// CUDA's integer min and max (device functions there, unqualified).
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 namespace emu {
 

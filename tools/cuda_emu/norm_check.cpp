@@ -1,12 +1,16 @@
 // The normalisation kernels (src/ops/cuda/norm.cu) run on the CPU through emu.h,
 // against group/layer norm with a per-channel affine, alone and followed by SiLU,
 // in double precision: row statistics, the forward, the input gradient and the
-// affine gradients, launched
-// as ops::norm launches them (one block per row, 1,024 threads for rows of 8,192 or
-// more; the forward split over row chunks), warps and lanes in both orders. Prints
-// one line per case and exits 1 if any is off.
+// affine gradients, launched as ops::norm launches them (one block of 256 threads
+// per (row, chunk), the chunks as kernels_cuda::row_split makes them; the row
+// merges one thread per row), warps and lanes in both orders. Prints one line per
+// case and exits 1 if any is off. NORM_CU names another copy of the kernel file (the
+// test that shows the check has teeth; add -I src/ops/cuda for its include).
 #include "emu.h"
-#include "../../src/ops/cuda/norm.cu"
+#ifndef NORM_CU
+#define NORM_CU "../../src/ops/cuda/norm.cu"
+#endif
+#include NORM_CU
 
 #include <algorithm>
 #include <random>
@@ -18,7 +22,8 @@ struct Case {
 };
 
 bool check(const Case &c, bool silu, std::mt19937 &rng) {
-    const int rows = c.batch * c.groups, n = c.channels / c.groups * c.spatial, len = c.batch * c.channels * c.spatial;
+    const int rows = c.batch * c.groups, n = c.channels / c.groups * c.spatial,
+              len_total = c.batch * c.channels * c.spatial;
     const float eps = 1e-5f;
     std::normal_distribution<float> normal(0.0f, 1.0f);
     auto randn = [&](int count, float mean) {
@@ -26,10 +31,10 @@ bool check(const Case &c, bool silu, std::mt19937 &rng) {
         for (auto &e : x) e = mean + normal(rng);
         return x;
     };
-    const std::vector<float> x = randn(len, 0.5f), w = randn(c.channels, 1.0f), b = randn(c.channels, 0.0f),
-                             dy = randn(len, 0.0f);
+    const std::vector<float> x = randn(len_total, 0.5f), w = randn(c.channels, 1.0f), b = randn(c.channels, 0.0f),
+                             dy = randn(len_total, 0.0f);
     // The reference, in double.
-    std::vector<double> y(len), dx(len), dw(c.channels), db(c.channels);
+    std::vector<double> y(len_total), dx(len_total), dw(c.channels), db(c.channels);
     for (int r = 0; r < rows; ++r) {
         const int c0 = r % c.groups * (c.channels / c.groups);
         const float *row = &x[(size_t)r * n];
@@ -58,25 +63,37 @@ bool check(const Case &c, bool silu, std::mt19937 &rng) {
     }
     bool ok = true;
     for (emu::Order order : {emu::Order::Forward, emu::Order::Reverse}) {
-        std::vector<float> stats(2 * rows), gy(len), gdx(len), gdw(c.channels), gdb(c.channels);
-        const unsigned threads = n >= 8192 ? 1024 : 256, chunks = std::clamp((n + 1023) / 1024, 1, 64);
-        ok &= emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] { norm_stats_f32(x.data(), stats.data(), n, eps); }, order);
-        ok &= emu::launch({(unsigned)rows, chunks, 1}, {256, 1, 1}, [&] {
+        // kernels_cuda::row_split: chunks of about 1,024 values, at most 64, none empty.
+        const int want = std::clamp((n + 1023) / 1024, 1, 64), len = std::max(1, (n + want - 1) / want);
+        const int chunks = std::max(1, (n + len - 1) / len);
+        std::vector<float> partial(2 * rows * chunks), dpartial(2 * rows * chunks), stats(2 * rows), gy(len_total),
+            gdx(len_total), gdw(c.channels), gdb(c.channels);
+        const dim3 grid{(unsigned)rows, (unsigned)chunks, 1}, block{256, 1, 1};
+        ok &= emu::launch(grid, block, [&] { norm_chunk_stats_f32(x.data(), partial.data(), n, len); }, order);
+        const unsigned merge_blocks = (rows + 255) / 256;
+        ok &= emu::launch({merge_blocks, 1, 1}, block, [&] {
+            norm_stats_f32(partial.data(), stats.data(), rows, chunks, n, len, eps);
+        }, order);
+        ok &= emu::launch(grid, block, [&] {
             norm_fwd_f32(x.data(), w.data(), b.data(), stats.data(), gy.data(), n, c.channels, c.spatial, c.groups, silu);
         }, order);
-        ok &= emu::launch({(unsigned)rows, 1, 1}, {threads, 1, 1}, [&] {
-            norm_dx_f32(x.data(), w.data(), b.data(), dy.data(), stats.data(), gdx.data(), n, c.channels, c.spatial,
-                        c.groups, silu);
+        ok &= emu::launch(grid, block, [&] {
+            norm_dx_partial_f32(x.data(), w.data(), b.data(), dy.data(), stats.data(), dpartial.data(), n, len,
+                                c.channels, c.spatial, c.groups, silu);
         }, order);
-        ok &= emu::launch({(unsigned)c.channels, 1, 1}, {256, 1, 1}, [&] {
+        ok &= emu::launch(grid, block, [&] {
+            norm_dx_f32(x.data(), w.data(), b.data(), dy.data(), stats.data(), dpartial.data(), gdx.data(), n, chunks,
+                        c.channels, c.spatial, c.groups, silu);
+        }, order);
+        ok &= emu::launch({(unsigned)c.channels, 1, 1}, block, [&] {
             norm_dwdb_f32(x.data(), w.data(), b.data(), dy.data(), stats.data(), gdw.data(), gdb.data(), c.batch,
                           c.channels, c.spatial, c.groups, silu);
         }, order);
         const double errs[] = {emu::rel_err(gy, y), emu::rel_err(gdx, dx), emu::rel_err(gdw, dw), emu::rel_err(gdb, db)};
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < 1e-5;
-        std::printf("batch %d channels %3d spatial %5d groups %2d%s (row %5d, %4u threads) %-7s: y %.1e dx %.1e dw %.1e db %.1e %s\n",
-                    c.batch, c.channels, c.spatial, c.groups, silu ? " +silu" : "      ", n, threads,
+        std::printf("batch %d channels %3d spatial %5d groups %2d%s (row %5d, %2d chunks) %-7s: y %.1e dx %.1e dw %.1e db %.1e %s\n",
+                    c.batch, c.channels, c.spatial, c.groups, silu ? " +silu" : "      ", n, chunks,
                     order == emu::Order::Forward ? "forward" : "reverse", errs[0], errs[1], errs[2], errs[3],
                     worst < 1e-5 ? "ok" : "OFF");
     }
@@ -87,10 +104,12 @@ bool check(const Case &c, bool silu, std::mt19937 &rng) {
 int main(int argc, char **argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     std::mt19937 rng(11);
-    // Group norm (SD's 32 groups; a row under one block, over several chunks, and long
-    // enough for 1,024 threads) and layer norm as [rows, D, 1] with one group.
+    // Group norm (SD's 32 groups; rows within one chunk, over several (5,000 values:
+    // five chunks of 1,000), and over the 64-chunk cap with a short last chunk
+    // (70,000: 63 of 1,094 and one of 1,078)) and layer norm as [rows, D, 1] with one group.
     const std::vector<Case> cases = quick ? std::vector<Case>{{2, 8, 5, 4}, {1, 1, 8192, 1}, {6, 77, 1, 1}}
-                                          : std::vector<Case>{{2, 8, 5, 4}, {1, 64, 1024, 32}, {1, 8, 8192, 8}, {6, 77, 1, 1}};
+                                          : std::vector<Case>{{2, 8, 5, 4},     {1, 64, 1024, 32}, {1, 64, 2500, 32},
+                                                              {1, 8, 8192, 8},  {1, 2, 35000, 1},  {6, 77, 1, 1}};
     bool ok = true;
     for (const Case &c : cases)
         for (bool silu : {false, true}) ok &= check(c, silu, rng);

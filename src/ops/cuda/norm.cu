@@ -3,10 +3,18 @@
 // channels form G groups of C/G channels, and group r = b·G + g is the contiguous
 // row x[r·n .. (r+1)·n] with n = (C/G)·S. Layer norm is [rows, D, 1] with G = 1.
 //
-//   norm_stats:  mean and 1/sqrt(var + eps) of each row (biased variance)
-//   norm_fwd:    z = (x − mean)·rstd·w[c] + b[c]; y = z, or silu(z) when `silu`
-//   norm_dx:     dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = dz·w[c], per row
-//   norm_dwdb:   dw[c] = Σ dz·x̂, db[c] = Σ dz over images and positions
+// A batch-1 group norm has 32 rows of tens of thousands of values: one block per
+// row would leave most of the GPU idle, so each row is split into `chunks` chunks of
+// `len` values (the last may be shorter; ops::norm picks them) and every pass runs
+// one block per (row, chunk); a row's reductions are per-chunk partials, merged in
+// a fixed order (so the results do not depend on scheduling).
+//
+//   norm_chunk_stats:  each chunk's mean and sum of squared deviations
+//   norm_stats:        merged per row (Chan et al.): mean and 1/sqrt(var + eps)
+//   norm_fwd:          z = (x − mean)·rstd·w[c] + b[c]; y = z, or silu(z) when `silu`
+//   norm_dx_partial:   each chunk's Σĝ and Σĝ·x̂, ĝ = dz·w[c]
+//   norm_dx:           dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), the means from the partials
+//   norm_dwdb:         dw[c] = Σ dz·x̂, db[c] = Σ dz over images and positions
 // with dz = dy, or dy·silu′(z) when `silu` (z recomputed from x: the fused
 // group norm + SiLU keeps no tensor but x for its backward).
 #include <stddef.h>
@@ -29,21 +37,50 @@ __device__ float block_sum(float v, float *shared) {
     return shared[0];
 }
 
-extern "C" __global__ void norm_stats_f32(const float *x, float *stats, int n, float eps) {
+// The values [begin, end) of chunk blockIdx.y of a row of n split into chunks of len.
+__device__ __forceinline__ void chunk_range(int n, int len, int *begin, int *end) {
+    *begin = blockIdx.y * len;
+    *end = min(n, *begin + len);
+}
+
+// Block (r, k): partial[2·(r·chunks + k) ..] = the chunk's mean and Σ(x − mean)².
+extern "C" __global__ void norm_chunk_stats_f32(const float *x, float *partial, int n, int len) {
     __shared__ float shared[32];
     const float *row = x + (size_t)blockIdx.x * n;
+    int begin, end;
+    chunk_range(n, len, &begin, &end);
     float s = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += row[i];
-    const float mean = block_sum(s, shared) / n;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) s += row[i];
+    const float mean = block_sum(s, shared) / (end - begin);
     float q = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
         const float d = row[i] - mean;
         q += d * d;
     }
-    const float var = block_sum(q, shared) / n;
+    q = block_sum(q, shared);
     if (threadIdx.x == 0) {
-        stats[2 * blockIdx.x] = mean;
-        stats[2 * blockIdx.x + 1] = rsqrtf(var + eps);
+        float *p = partial + 2 * ((size_t)blockIdx.x * gridDim.y + blockIdx.y);
+        p[0] = mean;
+        p[1] = q;
+    }
+}
+
+// One thread per row: the chunks' partials merged in order (Chan, Golub and
+// LeVeque's pairwise update), stats[2r] = mean, stats[2r + 1] = 1/sqrt(var + eps).
+extern "C" __global__ void norm_stats_f32(const float *partial, float *stats, int rows, int chunks, int n, int len,
+                                          float eps) {
+    for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+        const float *p = partial + 2 * (size_t)r * chunks;
+        float count = 0.0f, mean = 0.0f, m2 = 0.0f;
+        for (int k = 0; k < chunks; ++k) {
+            const float nk = (float)(min(n, (k + 1) * len) - k * len), total = count + nk;
+            const float delta = p[2 * k] - mean;
+            mean += delta * (nk / total);
+            m2 += p[2 * k + 1] + delta * delta * (count * nk / total);
+            count = total;
+        }
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rsqrtf(m2 / n + eps);
     }
 }
 
@@ -63,27 +100,57 @@ extern "C" __global__ void norm_fwd_f32(const float *x, const float *w, const fl
     }
 }
 
-extern "C" __global__ void norm_dx_f32(const float *x, const float *w, const float *b, const float *dy,
-                                       const float *stats, float *dx, int n, int channels, int spatial, int groups,
-                                       int silu) {
+// ĝ = dz·w[c] at element i of row r, and x̂ there.
+__device__ __forceinline__ float scaled_grad(const float *x, const float *w, const float *b, const float *dy, size_t r,
+                                             int i, int n, float mean, float rstd, int c, int silu, float *xh) {
+    *xh = (x[r * n + i] - mean) * rstd;
+    return affine_grad(*xh * w[c] + b[c], dy[r * n + i], silu) * w[c];
+}
+
+// Block (r, k): partial[2·(r·chunks + k) ..] = the chunk's Σĝ and Σĝ·x̂.
+extern "C" __global__ void norm_dx_partial_f32(const float *x, const float *w, const float *b, const float *dy,
+                                               const float *stats, float *partial, int n, int len, int channels,
+                                               int spatial, int groups, int silu) {
     __shared__ float shared[32];
     const size_t r = blockIdx.x;
     const float mean = stats[2 * r], rstd = stats[2 * r + 1];
     const int c0 = (int)(r % groups) * (channels / groups);
-    float a = 0.0f, bsum = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int c = c0 + i / spatial;
-        const float xh = (x[r * n + i] - mean) * rstd;
-        const float g = affine_grad(xh * w[c] + b[c], dy[r * n + i], silu) * w[c];
+    int begin, end;
+    chunk_range(n, len, &begin, &end);
+    float a = 0.0f, ax = 0.0f;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        float xh;
+        const float g = scaled_grad(x, w, b, dy, r, i, n, mean, rstd, c0 + i / spatial, silu, &xh);
         a += g;
-        bsum += g * xh;
+        ax += g * xh;
     }
-    const float mg = block_sum(a, shared) / n;
-    const float mgx = block_sum(bsum, shared) / n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const int c = c0 + i / spatial;
-        const float xh = (x[r * n + i] - mean) * rstd;
-        const float g = affine_grad(xh * w[c] + b[c], dy[r * n + i], silu) * w[c];
+    a = block_sum(a, shared);
+    ax = block_sum(ax, shared);
+    if (threadIdx.x == 0) {
+        float *p = partial + 2 * (r * gridDim.y + blockIdx.y);
+        p[0] = a;
+        p[1] = ax;
+    }
+}
+
+// Row r = blockIdx.x, its elements strided over the row's gridDim.y blocks; the
+// row's means of ĝ and ĝ·x̂ from its `chunks` partials, summed in order.
+extern "C" __global__ void norm_dx_f32(const float *x, const float *w, const float *b, const float *dy,
+                                       const float *stats, const float *partial, float *dx, int n, int chunks,
+                                       int channels, int spatial, int groups, int silu) {
+    const size_t r = blockIdx.x;
+    const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+    const int c0 = (int)(r % groups) * (channels / groups);
+    float mg = 0.0f, mgx = 0.0f;
+    for (int k = 0; k < chunks; ++k) {
+        mg += partial[2 * (r * chunks + k)];
+        mgx += partial[2 * (r * chunks + k) + 1];
+    }
+    mg /= n;
+    mgx /= n;
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < n; i += gridDim.y * blockDim.x) {
+        float xh;
+        const float g = scaled_grad(x, w, b, dy, r, i, n, mean, rstd, c0 + i / spatial, silu, &xh);
         dx[r * n + i] = rstd * (g - mg - xh * mgx);
     }
 }
