@@ -147,6 +147,7 @@ fn benches() {
         "group norm+silu fwd+bwd [1,320,64,64] 32 groups",
         per_call(&dev, OPS, || drop(group_norm_silu().sum_all().unwrap().backward().unwrap())),
     );
+    row("layer norm fwd [4096,320]", per_call(&dev, OPS, || drop(layer_norm())));
     row(
         "layer norm fwd+bwd [4096,320]",
         per_call(&dev, OPS, || drop(layer_norm().sum_all().unwrap().backward().unwrap())),

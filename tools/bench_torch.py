@@ -350,6 +350,7 @@ def op_costs(ops, nodes, reps):
         "upsample ×2 fwd+bwd [1,1280,16,16]": per_call(upsample_fwd_bwd, 20),
         "group norm+silu fwd [1,320,64,64] 32 groups": per_call(group_norm_silu),
         "group norm+silu fwd+bwd [1,320,64,64] 32 groups": per_call(lambda: group_norm_silu().sum().backward()),
+        "layer norm fwd [4096,320]": per_call(layer_norm),
         "layer norm fwd+bwd [4096,320]": per_call(lambda: layer_norm().sum().backward()),
     }
 

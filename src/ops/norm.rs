@@ -6,17 +6,36 @@
 
 use super::activation::{silu_at, silu_grad_at};
 use super::dispatch::{kernel_cpu_fwd, Kernel};
-use super::simd::Real;
+use super::simd::{lane_sum, lane_sum2, vectorized, Real};
 use super::{contiguous, for_rows, has_fused_kernel, upcast, PAR_MIN};
 use crate::error::Result;
 use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+#[inline(always)]
 fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
     let n = T::from_usize(row.len());
-    let mean = row.iter().fold(T::ZERO, |a, &b| a + b) / n;
-    let var = row.iter().fold(T::ZERO, |a, &b| a + (b - mean) * (b - mean)) / n;
+    let mean = lane_sum(row, |v| v) / n;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
     (mean, T::from_usize(1) / (var + eps).sqrt())
+}
+
+/// f(out, x, w[c], b[c]) for each element of a row and its channel c: `s` values per
+/// channel. Layer norm's rows (s = 1) are one loop along the row, since a loop per
+/// channel of one value would not vectorise.
+#[inline(always)]
+fn each_with_channel<T: Real>(o: &mut [T], row: &[T], w: &[T], b: &[T], s: usize, f: impl Fn(&mut T, T, T, T)) {
+    if s == 1 {
+        for (((o, &v), &wc), &bc) in o.iter_mut().zip(row).zip(w).zip(b) {
+            f(o, v, wc, bc);
+        }
+    } else {
+        for (((o, xc), &wc), &bc) in o.chunks_mut(s).zip(row.chunks(s)).zip(w).zip(b) {
+            for (o, &v) in o.iter_mut().zip(xc) {
+                f(o, v, wc, bc);
+            }
+        }
+    }
 }
 
 /// How a `[B, C, S]` tensor is normalised: `groups` groups of C/G channels per
@@ -46,21 +65,57 @@ impl NormGeom {
 fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T> {
     let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
     let mut out = vec![T::ZERO; x.len()];
+    if n == 0 {
+        return out;
+    }
     for_rows(&mut out, n, |r, o| {
-        let row = &x[r * n..(r + 1) * n];
-        let (mean, inv) = mean_inv_std(row, eps);
-        let c0 = (r % g.groups) * cpg;
-        for (c, (o, xc)) in (c0..).zip(o.chunks_mut(s).zip(row.chunks(s))) {
-            let (scale, shift) = (inv * w[c], bias[c] - mean * inv * w[c]);
-            for (o, &v) in o.iter_mut().zip(xc) {
-                *o = v * scale + shift;
-            }
-        }
-        if g.silu {
-            o.iter_mut().for_each(|z| *z = silu_at(*z));
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let row = &x[r * n..(r + 1) * n];
+                let (mean, inv) = mean_inv_std(row, eps);
+                let c0 = (r % g.groups) * cpg;
+                let (w, bias) = (&w[c0..c0 + cpg], &bias[c0..c0 + cpg]);
+                each_with_channel(o, row, w, bias, s, |o, v, wc, bc| *o = (v - mean) * inv * wc + bc);
+                if g.silu {
+                    o.iter_mut().for_each(|z| *z = silu_at(*z));
+                }
+            },
+        )
     });
     out
+}
+
+/// One row's part of `norm_affine_bwd`: dx into `o`, and Σ dz·x̂ and Σ dz per channel
+/// added to `sums`; `w`, `bias` and `sums` are the row's channels.
+#[inline(always)]
+fn row_grads<T: Real>(row: &[T], gy: &[T], w: &[T], bias: &[T], g: &NormGeom, o: &mut [T], sums: (&mut [T], &mut [T])) {
+    let (s, nt) = (g.spatial, T::from_usize(row.len()));
+    let (mean, inv) = mean_inv_std(row, T::from_f64(g.eps));
+    let (p_gx, p_g) = sums;
+    // o holds dz, then ĝ, until the last pass turns it into dx.
+    o.copy_from_slice(gy);
+    if g.silu {
+        each_with_channel(o, row, w, bias, s, |d, v, wc, bc| *d = silu_grad_at((v - mean) * inv * wc + bc, *d));
+    }
+    if s == 1 {
+        for (((pgx, pg), &d), &v) in p_gx.iter_mut().zip(p_g.iter_mut()).zip(&*o).zip(row) {
+            *pgx += d * (v - mean) * inv;
+            *pg += d;
+        }
+    } else {
+        for (((xc, dc), pgx), pg) in row.chunks(s).zip(o.chunks(s)).zip(p_gx.iter_mut()).zip(p_g.iter_mut()) {
+            let (sg, sgx) = lane_sum2(xc, dc, |v, d| (d, d * (v - mean) * inv));
+            *pgx += sgx;
+            *pg += sg;
+        }
+    }
+    each_with_channel(o, row, w, bias, s, |d, _, wc, _| *d *= wc);
+    let (sum_g, sum_gx) = lane_sum2(o, row, |gh, v| (gh, gh * (v - mean) * inv));
+    let (m1, m2) = (sum_g / nt, sum_gx / nt);
+    for (d, &v) in o.iter_mut().zip(row) {
+        *d = inv * (*d - m1 - (v - mean) * inv * m2);
+    }
 }
 
 /// The gradients of `norm_affine_fwd` packed in one vector: dx (as x), then dw and
@@ -68,58 +123,41 @@ fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T
 /// with z recomputed from x) and ĝ = dz·w[c]: dx = inv·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))
 /// per row, dw[c] = Σ dz·x̂ and db[c] = Σ dz over images and positions.
 fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom) -> Vec<T> {
-    let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
-    let nt = T::from_usize(n);
-    let mut out = Vec::with_capacity(x.len() + 2 * g.channels);
+    let (n, cpg, channels) = (g.row(), g.per_group(), g.channels);
+    let mut out = Vec::with_capacity(x.len() + 2 * channels);
     out.resize(x.len(), T::ZERO);
-    // Per row: Σ g·x̂ and Σ g for each of its channels, summed over images below.
-    let mut partial = vec![T::ZERO; x.len() / n * 2 * cpg];
-    let body = |r: usize, o: &mut [T], p: &mut [T]| {
-        let row = &x[r * n..(r + 1) * n];
-        let (mean, inv) = mean_inv_std(row, eps);
-        let c0 = (r % g.groups) * cpg;
-        // o holds dz until the last loop turns it into dx.
-        o.copy_from_slice(&gy[r * n..(r + 1) * n]);
-        if g.silu {
-            for ci in 0..cpg {
-                let (scale, shift) = (inv * w[c0 + ci], bias[c0 + ci] - mean * inv * w[c0 + ci]);
-                for (d, &v) in o[ci * s..(ci + 1) * s].iter_mut().zip(&row[ci * s..(ci + 1) * s]) {
-                    *d = silu_grad_at(v * scale + shift, *d);
-                }
-            }
-        }
-        let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
-        for ci in 0..cpg {
-            let (xc, gc) = (&row[ci * s..(ci + 1) * s], &o[ci * s..(ci + 1) * s]);
-            let (mut sg, mut sgx) = (T::ZERO, T::ZERO);
-            for (&v, &gv) in xc.iter().zip(gc) {
-                sg += gv;
-                sgx += gv * (v - mean) * inv;
-            }
-            p[ci] = sgx;
-            p[cpg + ci] = sg;
-            sum_g += w[c0 + ci] * sg;
-            sum_gx += w[c0 + ci] * sgx;
-        }
-        let (m1, m2) = (sum_g / nt, sum_gx / nt);
-        for ci in 0..cpg {
-            let wc = w[c0 + ci];
-            for (o, &v) in o[ci * s..(ci + 1) * s].iter_mut().zip(&row[ci * s..(ci + 1) * s]) {
-                *o = inv * (*o * wc - m1 - (v - mean) * inv * m2);
-            }
+    if n == 0 {
+        out.resize(x.len() + 2 * channels, T::ZERO);
+        return out;
+    }
+    // The rows in at most 64 blocks, each summing its rows' dw and db as it goes
+    // (then the blocks' sums in order): little to add up at the end, however many
+    // rows (layer norm has one per token), and a fixed order whatever the threads.
+    let rows = x.len() / n;
+    let per_block = rows.div_ceil(64);
+    let mut partial = vec![T::ZERO; rows.div_ceil(per_block) * 2 * channels];
+    let block = |b: usize, o: &mut [T], p: &mut [T]| {
+        let (p_gx, p_g) = p.split_at_mut(channels);
+        for (i, o) in o.chunks_mut(n).enumerate() {
+            let (r, c0) = (b * per_block + i, (b * per_block + i) % g.groups * cpg);
+            let (row, gy, cs) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n], c0..c0 + cpg);
+            let sums = (&mut p_gx[cs.clone()], &mut p_g[cs.clone()]);
+            vectorized(
+                #[inline(always)]
+                || row_grads(row, gy, &w[cs.clone()], &bias[cs.clone()], g, o, sums),
+            );
         }
     };
+    let (o_len, p_len) = (per_block * n, 2 * channels);
     if x.len() >= PAR_MIN {
-        out.par_chunks_mut(n).zip(partial.par_chunks_mut(2 * cpg)).enumerate().for_each(|(r, (o, p))| body(r, o, p));
+        out.par_chunks_mut(o_len).zip(partial.par_chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
     } else {
-        out.chunks_mut(n).zip(partial.chunks_mut(2 * cpg)).enumerate().for_each(|(r, (o, p))| body(r, o, p));
+        out.chunks_mut(o_len).zip(partial.chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
     }
-    let mut dw_db = vec![T::ZERO; 2 * g.channels];
-    for (r, p) in partial.chunks(2 * cpg).enumerate() {
-        let c0 = (r % g.groups) * cpg;
-        for ci in 0..cpg {
-            dw_db[c0 + ci] += p[ci];
-            dw_db[g.channels + c0 + ci] += p[cpg + ci];
+    let mut dw_db = vec![T::ZERO; 2 * channels];
+    for p in partial.chunks(p_len) {
+        for (s, &v) in dw_db.iter_mut().zip(p) {
+            *s += v;
         }
     }
     out.extend_from_slice(&dw_db);
