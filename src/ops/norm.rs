@@ -130,11 +130,15 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
         out.resize(x.len() + 2 * channels, T::ZERO);
         return out;
     }
-    // The rows in at most 64 blocks, each summing its rows' dw and db as it goes
-    // (then the blocks' sums in order): little to add up at the end, however many
-    // rows (layer norm has one per token), and a fixed order whatever the threads.
+    // The rows in blocks of `per_block`, each summing its rows' dw and db as it
+    // goes, then the blocks' sums in order: little to add up at the end however
+    // many rows (layer norm has one per token), and a fixed order whatever the
+    // threads. The block size depends on the row length alone — a power of two, so
+    // that blocks start where images do (their token counts are powers of two) —
+    // and the sum over a batch begins with the same additions as the sum over its
+    // first image: data-parallel ranks match one process up to the final all-reduce.
     let rows = x.len() / n;
-    let per_block = rows.div_ceil(64);
+    let per_block = 16384usize.div_ceil(n).next_power_of_two().min(64);
     let mut partial = vec![T::ZERO; rows.div_ceil(per_block) * 2 * channels];
     let block = |b: usize, o: &mut [T], p: &mut [T]| {
         let (p_gx, p_g) = p.split_at_mut(channels);
