@@ -205,18 +205,24 @@ fn losses(dir: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Iteration 1 computes the same samples in another grouping (batch 2 against two
-/// batches of 1 and a mean over ranks): equal to f32 rounding (seen: the fake-score
-/// loss bit for bit, the generator loss, a sum with much cancellation, within
-/// 2.6e-5 relative). Later iterations
-/// follow weights updated from gradients summed in another order, and the generator
-/// loss is a small difference of large terms, so it drifts most (as between the
-/// checkpointed and plain runs of tests/distill_scripts.rs).
+/// Iteration 1's fake-score loss is the same samples through the same weights in
+/// another grouping (batch 2 against two batches of 1 and a mean over ranks): equal
+/// to f32 rounding (seen: bit for bit). Everything else follows an update from
+/// gradients summed in another order — the generator loss of iteration 1 too, since
+/// the fake net it reads has taken its first Adam step, and that loss is dominated
+/// by the fake net's difference from the teacher, which at iteration 1 is that one
+/// step alone: a step of ±lr wherever |gradient| ≫ eps, so the few weights whose
+/// gradients are near zero (rounding decides their step; 0.2% differ beyond f32
+/// rounding) carry into it almost undiluted. Seen: generator loss at iteration 1
+/// within 2.6e-5 to 7.2e-4 relative from one build to another as the rounding of
+/// unrelated kernels changed, later iterations within 2.6e-4; fake-score losses
+/// within 6.2e-7 (as between the checkpointed and plain runs of
+/// tests/distill_scripts.rs).
 fn assert_same_losses(a: &[(f64, f64)], b: &[(f64, f64)], what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: iterations logged");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let tol = if i == 0 { 1e-4 } else { 1e-3 };
         for (name, p, q) in [("loss_fake", x.0, y.0), ("loss_gen", x.1, y.1)] {
+            let tol = if i == 0 && name == "loss_fake" { 1e-4 } else { 1e-3 };
             assert!((p - q).abs() <= tol * p.abs().max(1e-3), "{what}: iteration {} {name}: {p} against {q}", i + 1);
         }
     }
