@@ -143,7 +143,8 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
     let block = |b: usize, o: &mut [T], p: &mut [T]| {
         let (p_gx, p_g) = p.split_at_mut(channels);
         for (i, o) in o.chunks_mut(n).enumerate() {
-            let (r, c0) = (b * per_block + i, (b * per_block + i) % g.groups * cpg);
+            let r = b * per_block + i;
+            let c0 = r % g.groups * cpg;
             let (row, gy, cs) = (&x[r * n..(r + 1) * n], &gy[r * n..(r + 1) * n], c0..c0 + cpg);
             let sums = (&mut p_gx[cs.clone()], &mut p_g[cs.clone()]);
             vectorized(
