@@ -14,9 +14,10 @@
 //! SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets
 //! on both sides; SIDSCRIPT_BENCH_PROFILE=1 adds one iteration timed span by span
 //! (sidscript::profile: the steps' phases, convolutions, norms, attention, …). Peak memory: the CUDA pool's high-water mark against
-//! `torch.cuda.max_memory_allocated`; on the CPU this binary's allocator against
-//! the process's peak RSS growth in PyTorch (not the same measure: read it as a
-//! bound).
+//! `torch.cuda.max_memory_allocated`; on the CPU this binary's allocator (its peak
+//! above what was allocated before the iteration) against how far PyTorch's resident
+//! set rises above what is live (freed heap trimmed, then the kernel's high-water
+//! mark reset and read): close measures, not the same one.
 
 use candle_core::{DType, Device, Tensor};
 use peak_alloc::PeakAlloc;
@@ -216,7 +217,8 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
             println!("  pytorch flags: {flags}");
         }
         line("pytorch", ts, tp);
-        println!("  ratio sidscript/pytorch: time {:.2}×, peak memory {:.2}×", best / ts, peak / tp);
+        let memory = if tp > 0.0 { format!("{:.2}×", peak / tp) } else { "not measured".into() };
+        println!("  ratio sidscript/pytorch: time {:.2}×, peak memory {memory}", best / ts);
     }
     if profile {
         println!("  sidscript profile of one iteration with synchronised spans ({:.1} ms):", profiled * 1e3);

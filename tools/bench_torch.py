@@ -56,9 +56,29 @@ def flags():
     return ", ".join(parts)
 
 
-def peak_rss_bytes():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def proc_status_bytes(key):
+    """A /proc/self/status memory line (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def cpu_peak_growth_bytes(fn):
+    """How far the resident set rises above what is live while `fn` runs, on the CPU
+    (Linux): freed heap handed back to the system first (malloc_trim, else the
+    allocator's cached blocks hide the growth), the high-water mark reset (writing 5
+    to /proc/self/clear_refs), then VmHWM after `fn` less VmRSS before it."""
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return max(proc_status_bytes("VmHWM") - before, 0)
 
 
 def best(fn, reps):
@@ -127,9 +147,7 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(DEVICE)
     else:
-        before = peak_rss_bytes()
-        iteration()
-        peak = max(peak_rss_bytes() - before, 0)
+        peak = cpu_peak_growth_bytes(iteration)
     out = {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
     if os.environ.get("SIDSCRIPT_BENCH_PROFILE") in ("1", "true"):
         out["profile"] = profile_table(iteration)
