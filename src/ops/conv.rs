@@ -12,12 +12,12 @@
 //! `reduce::bias_sums`.
 
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
-use super::gemm::weight_product;
+use super::gemm::{product, weight_product, Product};
 use super::selective::{self, Kind, Operand};
 use super::simd::Real;
 use super::{contiguous, for_rows, has_cpu_kernel};
 use crate::error::Result;
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// The shape of one convolution: NCHW input, kernel kh × kw, one stride and padding
 /// for both axes, dilation 1, one group.
@@ -250,7 +250,8 @@ pub(super) fn cpu_forward(
         candle_core::bail!("conv2d: the kernel must be contiguous");
     }
     let wm = Layout::contiguous_with_offset((cout, g.rows()), wl.start_offset());
-    let y = w.0.matmul(&cols, (1, cout, g.cols(), g.rows()), &wm, &Layout::contiguous((g.rows(), g.cols())))?;
+    let cl = Layout::contiguous((g.rows(), g.cols()));
+    let (y, _) = dispatch::cpu(&Product { split_reduction: false }, &[(w.0, &wm), (&cols, &cl)])?;
     let yl = Layout::contiguous((cout, g.cols()));
     let pixels = g.out_h() * g.out_w();
     let mut operands = vec![(&y, &yl)];
@@ -268,7 +269,7 @@ pub fn grad_matrix(grad: &Tensor) -> candle_core::Result<Tensor> {
 /// d conv2d / d x for the output gradient `gm` (from `grad_matrix`): col2im(Wᵀ · G).
 pub fn input_grad(gm: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
     let cout = w.dim(0)?;
-    w.reshape((cout, g.rows()))?.t()?.matmul(gm)?.apply_op1_no_bwd(&Col2Im(*g))
+    product(&w.reshape((cout, g.rows()))?.t()?, gm)?.apply_op1_no_bwd(&Col2Im(*g))
 }
 
 /// d conv2d / d w for the output gradient `gm`: G · colsᵀ, in the kernel's shape.

@@ -1,12 +1,18 @@
 //! Matrix products on slices, for the CPU kernels: `Mat` (a strided view whose
 //! extent is checked when it is made), `product_into` (gemm into a slice) and
-//! `split_product`, which splits a long inner dim across threads.
+//! `split_product`, which gives each thread its own part of the work.
 //!
-//! A weight gradient is a matrix product whose inner dim runs over every batch
-//! row and pixel (G·Xᵀ): few outputs and a long reduction, the shape that candle's
-//! matmul runs on one core (gemm splits the outputs across threads, and a 48 × 432
-//! weight gradient has too few). `weight_product` splits the reduction instead and
-//! adds the partial results.
+//! Two shapes leave threads idle in candle's matmul (gemm with its own threading).
+//! A weight gradient's inner dim runs over every batch row and pixel (G·Xᵀ): few
+//! outputs and a long reduction, which gemm runs on one core (it splits the
+//! outputs, and a 48 × 432 weight gradient has too few); `split_product` splits the
+//! reduction instead and adds the partial results. And the mid-sized products of a
+//! UNet at small latents (a convolution's 80 × 720 · 720 × 1024, a linear map's
+//! 1024 × 80 · 80 × 640) barely gain from gemm's second thread — measured on 2
+//! cores: 80 × 720 × 1024 in 576 µs on two threads against 741 on one, 160 × 1440
+//! × 256 slower on two — while each half of the output on its own thread runs at
+//! one thread's full speed; `parallel_product` splits the outputs into one block of
+//! rows or columns per thread, each a serial gemm.
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::has_cpu_kernel;
@@ -144,15 +150,34 @@ pub fn product_into<T: Real>(
         }
         return;
     }
-    // Safety: `a` and `b` lie inside their slices (every `Mat` constructor checks
-    // its extent), the asserts above keep dst's m × n elements inside `dst`, and
-    // dst is borrowed exclusively.
+    // Safety: the asserts above keep dst's m × n elements inside `dst`, which is
+    // borrowed exclusively.
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, a, b, scale, accumulate, par) }
+}
+
+/// gemm of a (m × k) by b (k × n) into the m × n matrix at `dst` (row stride
+/// `dst_rs`), k ≥ 1.
+///
+/// # Safety
+/// The m × n elements at `dst` must be valid for writes and not read or written by
+/// anyone else during the call. `a` and `b` lie inside their slices (every `Mat`
+/// constructor checks its extent).
+unsafe fn gemm_raw<T: Real>(
+    dst: *mut T,
+    dst_rs: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    scale: T,
+    accumulate: bool,
+    par: Parallelism,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             accumulate,
@@ -172,17 +197,71 @@ pub fn product_into<T: Real>(
     }
 }
 
-/// a·b as a row-major m × n matrix, the inner dim split across threads when it is
-/// long and the outputs few.
-pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
+/// The row-major m × n destination of an output-split product, written by several
+/// threads, each its own block of rows or columns.
+#[derive(Clone, Copy)]
+struct SharedDst<T>(*mut T);
+
+// Safety: threads given a SharedDst write disjoint elements (see `output_split_into`).
+unsafe impl<T: Send> Send for SharedDst<T> {}
+unsafe impl<T: Send> Sync for SharedDst<T> {}
+
+impl<T> SharedDst<T> {
+    /// The pointer (a method, so that closures capture the whole Send + Sync value
+    /// and not its raw-pointer field).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
+/// dst = a·b (dst row-major m × n, row stride n) with the outputs split into one
+/// block of rows (when m ≥ n) or of columns per thread, each a serial gemm; blocks
+/// are multiples of 16 (gemm's register tiles) but for the last.
+fn output_split_into<T: Real>(dst: &mut [T], a: Mat<T>, b: Mat<T>, parts: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && k > 0 && dst.len() >= m * n, "output-split product: shapes");
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
+    let step = len.div_ceil(parts).next_multiple_of(16);
+    let shared = SharedDst(dst.as_mut_ptr());
+    (0..len.div_ceil(step)).into_par_iter().for_each(|p| {
+        let (start, count) = (p * step, step.min(len - p * step));
+        let dst = shared.ptr();
+        // Safety: block p is rows (or columns) start..start + count of the m × n
+        // matrix inside `dst` (asserted above), which no other block touches; `dst`
+        // is borrowed exclusively for the whole loop.
+        unsafe {
+            if by_rows {
+                gemm_raw(dst.add(start * n), n, a.rows(start, count), b, T::from_usize(1), false, Parallelism::None);
+            } else {
+                gemm_raw(dst.add(start), n, a, b.cols(start, count), T::from_usize(1), false, Parallelism::None);
+            }
+        }
+    });
+}
+
+/// a·b as a row-major m × n matrix, on the calling thread when the product is small,
+/// else with the outputs split across threads (`output_split_into`).
+pub fn parallel_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let mut out = vec![T::ZERO; m * n];
     let threads = rayon::current_num_threads();
+    if m * n * k < SERIAL_WORK || threads == 1 || k == 0 {
+        product_into(&mut out, n, a, b, T::from_usize(1), false, Parallelism::None);
+    } else {
+        output_split_into(&mut out, a, b, threads);
+    }
+    out
+}
+
+/// a·b as a row-major m × n matrix, the inner dim split across threads when it is
+/// long (a weight gradient's), else as `parallel_product`.
+pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let threads = rayon::current_num_threads();
     let parts = threads.min(k / MIN_SPLIT).min(MAX_PARTIALS / (m * n).max(1)).max(1);
     if parts == 1 || m * n * k < SERIAL_WORK {
-        let par = if m * n * k < SERIAL_WORK { Parallelism::None } else { Parallelism::Rayon(threads) };
-        product_into(&mut out, n, a, b, T::from_usize(1), false, par);
-        return out;
+        return parallel_product(a, b);
     }
     let step = k.div_ceil(parts);
     let inner = Parallelism::Rayon((threads / parts).max(1));
@@ -195,6 +274,7 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
             part
         })
         .collect();
+    let mut out = vec![T::ZERO; m * n];
     out.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
         for part in &partials {
             for (o, &v) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
@@ -205,36 +285,55 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     out
 }
 
-/// a·b for 2-D tensors (any strides, views such as `t()` included).
-struct SplitProduct;
+/// a·b for 2-D operands (any strides, views such as `t()` included): the CPU kernel
+/// of `product` (outputs split) and of `weight_product` (`split_reduction`).
+pub(super) struct Product {
+    /// Split a long inner dim across threads (`split_product`).
+    pub split_reduction: bool,
+}
 
-impl Kernel for SplitProduct {
-    const NAME: &'static str = "split-product";
+impl Kernel for Product {
+    const NAME: &'static str = "product";
     fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
-        let &[(a, al), (b, bl)] = ops else { candle_core::bail!("split-product: two operands") };
-        let shape = Shape::from((al.dims()[0], bl.dims()[1]));
-        Ok((split_product(Mat::of(a, al)?, Mat::of(b, bl)?), shape))
+        let &[(a, al), (b, bl)] = ops else { candle_core::bail!("product: two operands") };
+        let (a, b) = (Mat::of(a, al)?, Mat::of(b, bl)?);
+        if a.cols != b.rows {
+            candle_core::bail!("product: shapes {:?} and {:?} do not multiply", al.dims(), bl.dims());
+        }
+        let out = if self.split_reduction { split_product(a, b) } else { parallel_product(a, b) };
+        Ok((out, Shape::from((a.rows, b.cols))))
     }
 }
 
-impl CustomOp2 for SplitProduct {
+impl CustomOp2 for Product {
     fn name(&self) -> &'static str {
         Self::NAME
     }
     kernel_cpu_fwd!(s1 l1, s2 l2);
 }
 
-/// a·b for 2-D `a` [m, k] and `b` [k, n] (transposed views welcome), without a
-/// backward: for weight gradients, whose reduction over k (batch × pixels) is long.
-pub fn weight_product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+/// a·b for 2-D `a` [m, k] and `b` [k, n] without a backward, by `kernel` on the CPU
+/// (f32/f64), by candle's matmul elsewhere.
+fn product_with(a: &Tensor, b: &Tensor, kernel: Product) -> candle_core::Result<Tensor> {
     if has_cpu_kernel(a) && a.dtype() == b.dtype() && b.device().is_cpu() {
-        let (_, k) = a.dims2()?;
-        if b.dims2()?.0 != k {
-            candle_core::bail!("weight product: shapes {:?} and {:?} do not multiply", a.dims(), b.dims());
-        }
-        return a.apply_op2_no_bwd(b, &SplitProduct);
+        a.dims2()?;
+        b.dims2()?;
+        return a.apply_op2_no_bwd(b, &kernel);
     }
     a.matmul(b)
+}
+
+/// a·b for 2-D `a` [m, k] and `b` [k, n] (transposed views welcome), without a
+/// backward, the outputs split across threads: for the products inside a backward
+/// (input gradients).
+pub fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    product_with(a, b, Product { split_reduction: false })
+}
+
+/// `product` for weight gradients, whose reduction over k (batch × pixels) is long
+/// and split across threads.
+pub fn weight_product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    product_with(a, b, Product { split_reduction: true })
 }
 
 #[cfg(test)]
@@ -262,6 +361,34 @@ mod tests {
             let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
             assert!(err < 1e-4 * scale, "f32 ({m}, {k}, {n}): error {err}");
         }
+        Ok(())
+    }
+
+    /// Output-split products equal candle's matmul when the rows are split (m ≥ n)
+    /// and when the columns are, for blocks that are not multiples of 16, strided
+    /// views, and products too small to split.
+    #[test]
+    fn parallel_product_equals_matmul() -> Result<()> {
+        // Three threads whatever the machine: blocks of 64, 64 and the rest.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().map_err(candle_core::Error::wrap)?;
+        pool.install(parallel_products_on_this_pool)
+    }
+
+    fn parallel_products_on_this_pool() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(150, 200, 33), (33, 200, 150), (97, 300, 97), (5, 7, 3), (64, 0, 64)] {
+            let a = Tensor::randn(0f64, 1., (m, k), &dev)?;
+            let bt = Tensor::randn(0f64, 1., (n, k), &dev)?;
+            let want = a.matmul(&bt.t()?)?;
+            let got = product(&a, &bt.t()?)?;
+            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            assert!(err < 1e-10, "({m}, {k}, {n}): error {err}");
+            // Both factors transposed views.
+            let got = product(&a.t()?.contiguous()?.t()?, &bt.t()?)?;
+            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+            assert!(err < 1e-10, "({m}, {k}, {n}) from views: error {err}");
+        }
+        assert!(product(&Tensor::ones((3, 4), DType::F32, &dev)?, &Tensor::ones((5, 2), DType::F32, &dev)?).is_err());
         Ok(())
     }
 

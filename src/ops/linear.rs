@@ -3,11 +3,11 @@
 
 use super::contiguous;
 use super::dispatch::{self, KernelInPlace};
-use super::gemm::weight_product;
+use super::gemm::{product, weight_product, Product};
 use super::selective::{self, Kind, Operand};
 use super::simd::Real;
 use crate::error::Result;
-use candle_core::{backend::BackendStorage, CpuStorage, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
 /// y[r, j] += b[j] in place.
 struct AddRowBias;
@@ -29,20 +29,20 @@ impl KernelInPlace for AddRowBias {
     }
 }
 
-/// y = x·wᵀ + b on the CPU for 2-D x: candle's matmul, then the bias added in place.
+/// y = x·wᵀ + b on the CPU for 2-D x: the product with its outputs split across
+/// threads, then the bias added in place.
 pub(super) fn cpu_forward(x: Operand, w: Operand, b: Option<Operand>) -> candle_core::Result<(CpuStorage, Shape)> {
-    let ((rows, k), (out, _)) = (x.1.shape().dims2()?, w.1.shape().dims2()?);
-    let mut y = x.0.matmul(w.0, (1, rows, out, k), x.1, &w.1.transpose(0, 1)?)?;
+    let (mut y, shape) = dispatch::cpu(&Product { split_reduction: false }, &[x, (w.0, &w.1.transpose(0, 1)?)])?;
     if let Some(b) = b {
         dispatch::cpu_in_place(&AddRowBias, &mut y, &[b])?;
     }
-    Ok((y, Shape::from((rows, out))))
+    Ok((y, shape))
 }
 
 /// The input and weight gradients of x·wᵀ for the output gradient `g`, each only
 /// when its tensor is tracked.
 pub(super) fn grads(x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let gx = if x.track_op() { Some(g.matmul(&w.detach())?) } else { None };
+    let gx = if x.track_op() { Some(product(g, &w.detach())?) } else { None };
     let gw = if w.track_op() { Some(weight_product(&g.t()?, &x.detach())?) } else { None };
     Ok((gx, gw))
 }
