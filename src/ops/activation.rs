@@ -5,7 +5,7 @@
 //! CUDA (f32, `cuda/activation.cu`).
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
-use super::simd::{lane_fold, vectorized, Real};
+use super::simd::{lane_fold, lane_sum2, vectorized, Real};
 use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
@@ -123,14 +123,21 @@ fn softmax_fwd<T: Real>(x: &[T], n: usize) -> Vec<T> {
 /// dx = y·(g − Σ g·y).
 fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
     let mut out = g.to_vec();
-    for_rows(&mut out, n, |r, o| softmax_grad_row(&y[r * n..(r + 1) * n], o));
+    for_rows(&mut out, n, |r, o| {
+        vectorized(
+            #[inline(always)]
+            || softmax_grad_row(&y[r * n..(r + 1) * n], o),
+        )
+    });
     out
 }
 
 /// The softmax gradient of one row in place: g ← y·(g − Σ y·g), for the softmax
-/// output `y` and the output gradient `g`.
+/// output `y` and the output gradient `g` (the sum in lanes, so that it vectorises
+/// inside `vectorized`).
+#[inline(always)]
 pub(crate) fn softmax_grad_row<T: Real>(y: &[T], g: &mut [T]) {
-    let dot = y.iter().zip(g.iter()).fold(T::ZERO, |a, (&yv, &gv)| a + yv * gv);
+    let dot = lane_sum2(y, g, |yv, gv| (yv * gv, T::ZERO)).0;
     for (gv, &yv) in g.iter_mut().zip(y) {
         *gv = yv * (*gv - dot);
     }

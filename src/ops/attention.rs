@@ -145,10 +145,16 @@ fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
             // dV += Pᵀ·dO; dP = dO·Vᵀ.
             product_into(dv, d, pm.t(), gh.rows(r0, rows), one, !first, Serial);
             product_into(&mut ds, m, gh.rows(r0, rows), vh.t(), one, false, Serial);
-            // dS = P ∘ (dP − Σⱼ P·dP), row by row.
-            for (dsr, pr) in ds.chunks_mut(m).zip(p.chunks(m)).take(rows) {
-                softmax_grad_row(pr, dsr);
-            }
+            // dS = P ∘ (dP − Σⱼ P·dP), row by row (a `for` loop inside `vectorized`,
+            // as in `probs`).
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (dsr, pr) in ds.chunks_mut(m).zip(p.chunks(m)).take(rows) {
+                        softmax_grad_row(pr, dsr);
+                    }
+                },
+            );
             // dQ = s·dS·K; dK += s·dSᵀ·Q.
             let dsm = Mat::dense(&ds, rows, m);
             product_into(&mut dq[r0 * d..], d, dsm, kh, scale, false, Serial);
