@@ -152,30 +152,38 @@ fn benches() {
         "layer norm fwd+bwd [4096,320]",
         per_call(&dev, OPS, || drop(layer_norm().sum_all().unwrap().backward().unwrap())),
     );
-    if dev.is_cuda() {
-        // Attention at the UNets' largest shapes (64×64 tokens): SD1.5's first level
-        // (8 heads of 40) in f32 and SDXL's second (10 heads of 64) in bf16; forward,
-        // and forward + backward of Σ out·w. CUDA only: on the CPU one call takes seconds.
-        for (name, fwd_bwd, heads, d, dtype) in [
-            ("attention fwd [1,4096,8×40] f32", false, 8, 40, candle_core::DType::F32),
-            ("attention fwd+bwd [1,4096,8×40] f32", true, 8, 40, candle_core::DType::F32),
-            ("attention fwd [1,4096,10×64] bf16", false, 10, 64, candle_core::DType::BF16),
-            ("attention fwd+bwd [1,4096,10×64] bf16", true, 10, 64, candle_core::DType::BF16),
-        ] {
-            let [q, k, v, w] = [0; 4].map(|_| randn(&[1, 4096, heads * d]).to_dtype(dtype).unwrap());
-            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
-            let scale = 1.0 / (d as f64).sqrt();
-            row(
-                name,
-                per_call(&dev, HEAVY_OPS, || {
-                    let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
-                    let out = sidscript::ops::attention(q, k, v, heads, scale).unwrap();
-                    if fwd_bwd {
-                        drop((out * &w).unwrap().sum_all().unwrap().backward().unwrap());
-                    }
-                }),
-            );
-        }
+    // Attention, forward and forward + backward of Σ out·w. On CUDA at the UNets'
+    // largest shapes (64×64 tokens): SD1.5's first level (8 heads of 40) in f32 and
+    // SDXL's second (10 heads of 64) in bf16 (on the CPU one such call takes seconds);
+    // on the CPU at the first level of the ¼-width SD1.5 bench (32×32 tokens, 8 heads
+    // of 10).
+    let attention_rows = if dev.is_cuda() {
+        vec![
+            ("attention fwd [1,4096,8×40] f32", false, 4096, 8, 40, candle_core::DType::F32),
+            ("attention fwd+bwd [1,4096,8×40] f32", true, 4096, 8, 40, candle_core::DType::F32),
+            ("attention fwd [1,4096,10×64] bf16", false, 4096, 10, 64, candle_core::DType::BF16),
+            ("attention fwd+bwd [1,4096,10×64] bf16", true, 4096, 10, 64, candle_core::DType::BF16),
+        ]
+    } else {
+        vec![
+            ("attention fwd [1,1024,8×10] f32", false, 1024, 8, 10, candle_core::DType::F32),
+            ("attention fwd+bwd [1,1024,8×10] f32", true, 1024, 8, 10, candle_core::DType::F32),
+        ]
+    };
+    for (name, fwd_bwd, tokens, heads, d, dtype) in attention_rows {
+        let [q, k, v, w] = [0; 4].map(|_| randn(&[1, tokens, heads * d]).to_dtype(dtype).unwrap());
+        let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+        let scale = 1.0 / (d as f64).sqrt();
+        row(
+            name,
+            per_call(&dev, HEAVY_OPS, || {
+                let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+                let out = sidscript::ops::attention(q, k, v, heads, scale).unwrap();
+                if fwd_bwd {
+                    drop((out * &w).unwrap().sum_all().unwrap().backward().unwrap());
+                }
+            }),
+        );
     }
     let torch = unet_bench::torch(&["ops".into(), OPS.to_string(), NODES.to_string(), REPS.to_string()]);
     if let Some(t) = torch {

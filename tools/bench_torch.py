@@ -290,14 +290,14 @@ def op_costs(ops, nodes, reps):
                 fn()
         return best(run, reps) / calls * 1e6
 
-    def attention(heads, d, dtype, backward):
-        """SDPA on [1, 4096, heads·d] projections, split into heads as diffusers does."""
-        q, k, v, w = (torch.randn(1, 4096, heads * d, device=DEVICE, dtype=dtype) for _ in range(4))
+    def attention(heads, d, dtype, backward, tokens=4096):
+        """SDPA on [1, tokens, heads·d] projections, split into heads as diffusers does."""
+        q, k, v, w = (torch.randn(1, tokens, heads * d, device=DEVICE, dtype=dtype) for _ in range(4))
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
 
         def call():
-            split = [t.view(1, 4096, heads, d).transpose(1, 2) for t in (q, k, v)]
-            out = f.scaled_dot_product_attention(*split).transpose(1, 2).reshape(1, 4096, heads * d)
+            split = [t.view(1, tokens, heads, d).transpose(1, 2) for t in (q, k, v)]
+            out = f.scaled_dot_product_attention(*split).transpose(1, 2).reshape(1, tokens, heads * d)
             if backward:
                 (out * w).sum().backward()
         return per_call(call, 20)
@@ -340,13 +340,17 @@ def op_costs(ops, nodes, reps):
     def layer_norm():
         return f.layer_norm(lx, (320,), lw, lb, 1e-5)
 
-    heavy = {}
     if DEVICE.type == "cuda":
         heavy = {
             "attention fwd [1,4096,8×40] f32": attention(8, 40, torch.float32, False),
             "attention fwd+bwd [1,4096,8×40] f32": attention(8, 40, torch.float32, True),
             "attention fwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, False),
             "attention fwd+bwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, True),
+        }
+    else:
+        heavy = {
+            "attention fwd [1,1024,8×10] f32": attention(8, 10, torch.float32, False, 1024),
+            "attention fwd+bwd [1,1024,8×10] f32": attention(8, 10, torch.float32, True, 1024),
         }
     return heavy | {
         "add [64] (launch floor)": per_call(lambda: small + small),
