@@ -1,6 +1,7 @@
 //! Matrix products on slices, for the CPU kernels: `Mat` (a strided view whose
-//! extent is checked when it is made), `product_into` (gemm into a slice) and
-//! `split_product`, which gives each thread its own part of the work.
+//! extent is checked when it is made), `product_into` (gemm into a slice), and
+//! `parallel_product` and `split_product`, which give each thread its own part of
+//! the work.
 //!
 //! Two shapes leave threads idle in candle's matmul (gemm with its own threading).
 //! A weight gradient's inner dim runs over every batch row and pixel (G·Xᵀ): few
@@ -342,53 +343,48 @@ mod tests {
     use crate::error::Result;
     use candle_core::{DType, Device};
 
-    /// Split products equal candle's matmul for transposed views and for inner dims
-    /// long enough to split, short, and not a multiple of the split.
-    #[test]
-    fn split_product_equals_matmul() -> Result<()> {
+    /// `product` (a `product` or `weight_product`) equals candle's matmul at each
+    /// (m, k, n): in f64 with the right factor a transposed view, and in f32 with
+    /// both factors transposed views.
+    fn assert_equals_matmul(
+        product: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+        shapes: &[(usize, usize, usize)],
+    ) -> Result<()> {
         let dev = Device::Cpu;
-        for &(m, k, n) in &[(3, 5, 4), (48, 1030, 40), (7, 4097, 3), (1, 600, 1), (20, 0, 3)] {
+        let max_abs = |t: Tensor| -> Result<f64> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?) };
+        for &(m, k, n) in shapes {
             let a = Tensor::randn(0f64, 1., (m, k), &dev)?;
             let bt = Tensor::randn(0f64, 1., (n, k), &dev)?;
             let want = a.matmul(&bt.t()?)?;
-            let got = weight_product(&a, &bt.t()?)?;
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            assert!(err < 1e-9, "({m}, {k}, {n}): error {err}");
-            // f32, and the left factor a transposed view too.
+            let err = max_abs((product(&a, &bt.t()?)? - &want)?)?;
+            assert!(err < 1e-10, "({m}, {k}, {n}): error {err}");
             let at = a.t()?.contiguous()?.to_dtype(DType::F32)?;
-            let got = weight_product(&at.t()?, &bt.t()?.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?;
-            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?.max(1.0);
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            assert!(err < 1e-4 * scale, "f32 ({m}, {k}, {n}): error {err}");
+            let got = product(&at.t()?, &bt.t()?.to_dtype(DType::F32)?)?.to_dtype(DType::F64)?;
+            let err = max_abs((got - &want)?)?;
+            assert!(err < 1e-4 * max_abs(want)?.max(1.0), "f32 ({m}, {k}, {n}) from views: error {err}");
         }
         Ok(())
     }
 
+    /// Split products equal candle's matmul for inner dims long enough to split,
+    /// short, and not a multiple of the split.
+    #[test]
+    fn split_product_equals_matmul() -> Result<()> {
+        assert_equals_matmul(weight_product, &[(3, 5, 4), (48, 1030, 40), (7, 4097, 3), (1, 600, 1), (20, 0, 3)])
+    }
+
     /// Output-split products equal candle's matmul when the rows are split (m ≥ n)
-    /// and when the columns are, for blocks that are not multiples of 16, strided
-    /// views, and products too small to split.
+    /// and when the columns are, for blocks that are not multiples of 16, and for
+    /// products too small to split; operands that do not multiply are refused.
     #[test]
     fn parallel_product_equals_matmul() -> Result<()> {
         // Three threads whatever the machine: blocks of 64, 64 and the rest.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().map_err(candle_core::Error::wrap)?;
-        pool.install(parallel_products_on_this_pool)
-    }
-
-    fn parallel_products_on_this_pool() -> Result<()> {
-        let dev = Device::Cpu;
-        for &(m, k, n) in &[(150, 200, 33), (33, 200, 150), (97, 300, 97), (5, 7, 3), (64, 0, 64)] {
-            let a = Tensor::randn(0f64, 1., (m, k), &dev)?;
-            let bt = Tensor::randn(0f64, 1., (n, k), &dev)?;
-            let want = a.matmul(&bt.t()?)?;
-            let got = product(&a, &bt.t()?)?;
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            assert!(err < 1e-10, "({m}, {k}, {n}): error {err}");
-            // Both factors transposed views.
-            let got = product(&a.t()?.contiguous()?.t()?, &bt.t()?)?;
-            let err = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
-            assert!(err < 1e-10, "({m}, {k}, {n}) from views: error {err}");
-        }
-        assert!(product(&Tensor::ones((3, 4), DType::F32, &dev)?, &Tensor::ones((5, 2), DType::F32, &dev)?).is_err());
+        pool.install(|| {
+            assert_equals_matmul(product, &[(150, 200, 33), (33, 200, 150), (97, 300, 97), (5, 7, 3), (64, 0, 64)])
+        })?;
+        let ones = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu);
+        assert!(product(&ones((3, 4))?, &ones((5, 2))?).is_err());
         Ok(())
     }
 
