@@ -18,6 +18,7 @@ use super::simd::Real;
 use super::{contiguous, for_rows, has_cpu_kernel};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::mem::MaybeUninit;
 
 /// The shape of one convolution: NCHW input, kernel kh × kw, one stride and padding
 /// for both axes, dilation 1, one group.
@@ -100,29 +101,48 @@ impl ConvGeom {
 }
 
 /// The patch matrix, `rows × cols` row-major, of a contiguous NCHW input.
+///
+/// Every element is written exactly once — the input's values, zeros where a tap
+/// reads padding — into the vector's spare capacity, so the matrix (the largest
+/// buffer of a small-channel convolution) is not zero-filled first on one thread.
 fn im2col<T: Real>(x: &[T], g: &ConvGeom) -> Vec<T> {
     let (oh, ow, n) = (g.out_h(), g.out_w(), g.cols());
-    let mut out = vec![T::ZERO; g.rows() * n];
-    let fill = |r: usize, row: &mut [T]| {
+    let len = g.rows() * n;
+    let mut out = Vec::with_capacity(len);
+    let zero = |d: &mut MaybeUninit<T>| {
+        d.write(T::ZERO);
+    };
+    let fill = |r: usize, row: &mut [MaybeUninit<T>]| {
         let (c, i, j) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
         let (lo, hi) = g.valid_x(j);
         for b in 0..g.batch {
             let plane = &x[(b * g.channels + c) * g.h * g.w..][..g.h * g.w];
             for oy in 0..oh {
-                let Some(iy) = g.input_y(oy, i) else { continue };
-                let (src, dst) = (&plane[iy * g.w..][..g.w], &mut row[(b * oh + oy) * ow..][..ow]);
+                let dst = &mut row[(b * oh + oy) * ow..][..ow];
+                let Some(iy) = g.input_y(oy, i) else {
+                    dst.iter_mut().for_each(zero);
+                    continue;
+                };
+                let src = &plane[iy * g.w..][..g.w];
+                dst[..lo].iter_mut().for_each(zero);
+                dst[hi..].iter_mut().for_each(zero);
                 if g.stride == 1 {
                     let shift = lo + j - g.padding;
-                    dst[lo..hi].copy_from_slice(&src[shift..shift + hi - lo]);
+                    for (d, &v) in dst[lo..hi].iter_mut().zip(&src[shift..shift + hi - lo]) {
+                        d.write(v);
+                    }
                 } else {
                     for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                        *d = src[ox * g.stride + j - g.padding];
+                        d.write(src[ox * g.stride + j - g.padding]);
                     }
                 }
             }
         }
     };
-    for_rows(&mut out, n, fill);
+    for_rows(&mut out.spare_capacity_mut()[..len], n, fill);
+    // Safety: `fill` wrote every element of every row: the columns [0, lo) and
+    // [hi, ow) and the rows without an input row as zeros, [lo, hi) from the input.
+    unsafe { out.set_len(len) };
     out
 }
 

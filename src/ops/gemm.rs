@@ -198,12 +198,12 @@ unsafe fn gemm_raw<T: Real>(
     }
 }
 
-/// The row-major m × n destination of an output-split product, written by several
-/// threads, each its own block of rows or columns.
+/// The row-major m × n destination of an output-split product (`parallel_product`),
+/// written by several threads, each its own block of rows or columns.
 #[derive(Clone, Copy)]
 struct SharedDst<T>(*mut T);
 
-// Safety: threads given a SharedDst write disjoint elements (see `output_split_into`).
+// Safety: threads given a SharedDst write disjoint elements (see `parallel_product`).
 unsafe impl<T: Send> Send for SharedDst<T> {}
 unsafe impl<T: Send> Sync for SharedDst<T> {}
 
@@ -215,43 +215,40 @@ impl<T> SharedDst<T> {
     }
 }
 
-/// dst = a·b (dst row-major m × n, row stride n) with the outputs split into one
-/// block of rows (when m ≥ n) or of columns per thread, each a serial gemm; blocks
-/// are multiples of 16 (gemm's register tiles) but for the last.
-fn output_split_into<T: Real>(dst: &mut [T], a: Mat<T>, b: Mat<T>, parts: usize) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(b.rows == k && k > 0 && dst.len() >= m * n, "output-split product: shapes");
-    let by_rows = m >= n;
-    let len = if by_rows { m } else { n };
-    let step = len.div_ceil(parts).next_multiple_of(16);
-    let shared = SharedDst(dst.as_mut_ptr());
-    (0..len.div_ceil(step)).into_par_iter().for_each(|p| {
-        let (start, count) = (p * step, step.min(len - p * step));
-        let dst = shared.ptr();
-        // Safety: block p is rows (or columns) start..start + count of the m × n
-        // matrix inside `dst` (asserted above), which no other block touches; `dst`
-        // is borrowed exclusively for the whole loop.
-        unsafe {
-            if by_rows {
-                gemm_raw(dst.add(start * n), n, a.rows(start, count), b, T::from_usize(1), false, Parallelism::None);
-            } else {
-                gemm_raw(dst.add(start), n, a, b.cols(start, count), T::from_usize(1), false, Parallelism::None);
-            }
-        }
-    });
-}
-
 /// a·b as a row-major m × n matrix, on the calling thread when the product is small,
-/// else with the outputs split across threads (`output_split_into`).
+/// else with the outputs split into one block of rows (when m ≥ n) or of columns per
+/// thread, each a serial gemm (blocks of a multiple of 16 elements, gemm's register
+/// tiles, but for the last). gemm writes every output without reading it, into the
+/// vector's spare capacity: no zero fill first.
 pub fn parallel_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut out = vec![T::ZERO; m * n];
-    let threads = rayon::current_num_threads();
-    if m * n * k < SERIAL_WORK || threads == 1 || k == 0 {
-        product_into(&mut out, n, a, b, T::from_usize(1), false, Parallelism::None);
-    } else {
-        output_split_into(&mut out, a, b, threads);
+    assert!(b.rows == k, "product: inner dims {k} and {} differ", b.rows);
+    if k == 0 || m == 0 || n == 0 {
+        return vec![T::ZERO; m * n];
     }
+    let threads = rayon::current_num_threads();
+    let mut out = Vec::with_capacity(m * n);
+    let shared = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
+    if m * n * k < SERIAL_WORK || threads == 1 {
+        // Safety: the m × n outputs (row stride n) are the vector's capacity, and
+        // nothing else holds it.
+        unsafe { gemm_raw(shared.ptr(), n, a, b, T::from_usize(1), false, Parallelism::None) };
+    } else {
+        let by_rows = m >= n;
+        let len = if by_rows { m } else { n };
+        let step = len.div_ceil(threads).next_multiple_of(16);
+        (0..len.div_ceil(step)).into_par_iter().for_each(|p| {
+            let (start, count) = (p * step, step.min(len - p * step));
+            let (at, a, b) =
+                if by_rows { (start * n, a.rows(start, count), b) } else { (start, a, b.cols(start, count)) };
+            // Safety: block p is rows (or columns) start..start + count of the m × n
+            // outputs in the vector's capacity, which no other block touches.
+            unsafe { gemm_raw(shared.ptr().add(at), n, a, b, T::from_usize(1), false, Parallelism::None) };
+        });
+    }
+    // Safety: gemm (read_dst off) wrote all m × n outputs: the blocks cover every row
+    // (or column).
+    unsafe { out.set_len(m * n) };
     out
 }
 
