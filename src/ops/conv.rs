@@ -128,9 +128,7 @@ fn im2col<T: Real>(x: &[T], g: &ConvGeom) -> Vec<T> {
                 dst[hi..].iter_mut().for_each(zero);
                 if g.stride == 1 {
                     let shift = lo + j - g.padding;
-                    for (d, &v) in dst[lo..hi].iter_mut().zip(&src[shift..shift + hi - lo]) {
-                        d.write(v);
-                    }
+                    dst[lo..hi].write_copy_of_slice(&src[shift..shift + hi - lo]);
                 } else {
                     for (ox, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
                         d.write(src[ox * g.stride + j - g.padding]);
