@@ -262,19 +262,17 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
         return parallel_product(a, b);
     }
     let step = k.div_ceil(parts);
-    let inner = Parallelism::Rayon((threads / parts).max(1));
-    let partials: Vec<Vec<T>> = (0..parts)
+    let mut partials: Vec<Vec<T>> = (0..parts)
         .into_par_iter()
         .map(|p| {
             let (k0, len) = (p * step, step.min(k - (p * step).min(k)));
-            let mut part = vec![T::ZERO; m * n];
-            product_into(&mut part, n, a.cols(k0, len), b.rows(k0, len), T::from_usize(1), false, inner);
-            part
+            parallel_product(a.cols(k0, len), b.rows(k0, len))
         })
         .collect();
-    let mut out = vec![T::ZERO; m * n];
+    // The first part's products are the sum's first terms: the others are added to it.
+    let mut out = std::mem::take(&mut partials[0]);
     out.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-        for part in &partials {
+        for part in &partials[1..] {
             for (o, &v) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
                 *o += v;
             }
