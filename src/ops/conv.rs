@@ -269,7 +269,7 @@ pub(super) fn cpu_forward(
     }
     let wm = Layout::contiguous_with_offset((cout, g.rows()), wl.start_offset());
     let cl = Layout::contiguous((g.rows(), g.cols()));
-    let (y, _) = dispatch::cpu(&Product { split_reduction: false }, &[(w.0, &wm), (&cols, &cl)])?;
+    let (y, _) = dispatch::cpu(&Product::SplitOutputs, &[(w.0, &wm), (&cols, &cl)])?;
     let yl = Layout::contiguous((cout, g.cols()));
     let pixels = g.out_h() * g.out_w();
     let mut operands = vec![(&y, &yl)];

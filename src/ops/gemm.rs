@@ -282,10 +282,12 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
 }
 
 /// a·b for 2-D operands (any strides, views such as `t()` included): the CPU kernel
-/// of `product` (outputs split) and of `weight_product` (`split_reduction`).
-pub(super) struct Product {
-    /// Split a long inner dim across threads (`split_product`).
-    pub split_reduction: bool,
+/// of `product` and of `weight_product`, by how it shares the work among threads.
+pub(super) enum Product {
+    /// The outputs split (`parallel_product`).
+    SplitOutputs,
+    /// A long inner dim split, else the outputs (`split_product`).
+    SplitReduction,
 }
 
 impl Kernel for Product {
@@ -296,7 +298,10 @@ impl Kernel for Product {
         if a.cols != b.rows {
             candle_core::bail!("product: shapes {:?} and {:?} do not multiply", al.dims(), bl.dims());
         }
-        let out = if self.split_reduction { split_product(a, b) } else { parallel_product(a, b) };
+        let out = match self {
+            Product::SplitOutputs => parallel_product(a, b),
+            Product::SplitReduction => split_product(a, b),
+        };
         Ok((out, Shape::from((a.rows, b.cols))))
     }
 }
@@ -323,13 +328,13 @@ fn product_with(a: &Tensor, b: &Tensor, kernel: Product) -> candle_core::Result<
 /// backward, the outputs split across threads: for the products inside a backward
 /// (input gradients).
 pub fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    product_with(a, b, Product { split_reduction: false })
+    product_with(a, b, Product::SplitOutputs)
 }
 
 /// `product` for weight gradients, whose reduction over k (batch × pixels) is long
 /// and split across threads.
 pub fn weight_product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    product_with(a, b, Product { split_reduction: true })
+    product_with(a, b, Product::SplitReduction)
 }
 
 #[cfg(test)]
@@ -338,9 +343,9 @@ mod tests {
     use crate::error::Result;
     use candle_core::{DType, Device};
 
-    /// `product` (a `product` or `weight_product`) equals candle's matmul at each
-    /// (m, k, n): in f64 with the right factor a transposed view, and in f32 with
-    /// both factors transposed views.
+    /// `product` (the function `product` or `weight_product`) equals candle's matmul
+    /// at each (m, k, n): in f64 with the right factor a transposed view, and in f32
+    /// with both factors transposed views.
     fn assert_equals_matmul(
         product: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
         shapes: &[(usize, usize, usize)],

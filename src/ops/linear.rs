@@ -32,7 +32,7 @@ impl KernelInPlace for AddRowBias {
 /// y = x·wᵀ + b on the CPU for 2-D x: the product with its outputs split across
 /// threads, then the bias added in place.
 pub(super) fn cpu_forward(x: Operand, w: Operand, b: Option<Operand>) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (mut y, shape) = dispatch::cpu(&Product { split_reduction: false }, &[x, (w.0, &w.1.transpose(0, 1)?)])?;
+    let (mut y, shape) = dispatch::cpu(&Product::SplitOutputs, &[x, (w.0, &w.1.transpose(0, 1)?)])?;
     if let Some(b) = b {
         dispatch::cpu_in_place(&AddRowBias, &mut y, &[b])?;
     }
