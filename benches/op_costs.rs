@@ -185,6 +185,31 @@ fn benches() {
             }),
         );
     }
+    // 3×3 convolutions (padding 1, with bias), forward and forward + backward of
+    // Σ y·w with x, W and b tracked. On CUDA at SD1.5's first level; on the CPU at the
+    // tiny bench's two levels (64 and 128 channels, batch 4), where the patch matrix
+    // and a matrix product stand against PyTorch's direct (oneDNN) convolution.
+    let conv_rows: &[(&'static str, &'static str, [usize; 4])] = if dev.is_cuda() {
+        &[("conv3×3 fwd [1,320,64,64]", "conv3×3 fwd+bwd [1,320,64,64]", [1, 320, 64, 64])]
+    } else {
+        &[
+            ("conv3×3 fwd [4,64,16,16]", "conv3×3 fwd+bwd [4,64,16,16]", [4, 64, 16, 16]),
+            ("conv3×3 fwd [4,128,8,8]", "conv3×3 fwd+bwd [4,128,8,8]", [4, 128, 8, 8]),
+        ]
+    };
+    for &(fwd_name, bwd_name, dims) in conv_rows {
+        let c = dims[1];
+        let x = Var::from_tensor(&randn(&dims)).unwrap();
+        let w = Var::from_tensor(&(randn(&[c, c, 3, 3]) * 0.05).unwrap()).unwrap();
+        let b = Var::from_tensor(&randn(&[c])).unwrap();
+        let dy = randn(&dims);
+        let conv = || sidscript::ops::conv2d(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), 1, 1).unwrap();
+        row(fwd_name, per_call(&dev, HEAVY_OPS, || drop(conv())));
+        row(
+            bwd_name,
+            per_call(&dev, HEAVY_OPS, || drop((conv() * &dy).unwrap().sum_all().unwrap().backward().unwrap())),
+        );
+    }
     let torch = unet_bench::torch(&["ops".into(), OPS.to_string(), NODES.to_string(), REPS.to_string()]);
     if let Some(t) = torch {
         println!("  PyTorch, same rows (µs), and the ratio sidscript/PyTorch:");

@@ -340,8 +340,24 @@ def op_costs(ops, nodes, reps):
     def layer_norm():
         return f.layer_norm(lx, (320,), lw, lb, 1e-5)
 
+    def conv(dims, backward):
+        """A 3×3 convolution (padding 1, bias) with x, weight and bias tracked."""
+        c = dims[1]
+        x = torch.randn(*dims, device=DEVICE, requires_grad=True)
+        w = (torch.randn(c, c, 3, 3, device=DEVICE) * 0.05).requires_grad_(True)
+        b = torch.randn(c, device=DEVICE, requires_grad=True)
+        dy = torch.randn(*dims, device=DEVICE)
+
+        def call():
+            y = f.conv2d(x, w, b, padding=1)
+            if backward:
+                (y * dy).sum().backward()
+        return per_call(call, 20)
+
     if DEVICE.type == "cuda":
         heavy = {
+            "conv3×3 fwd [1,320,64,64]": conv((1, 320, 64, 64), False),
+            "conv3×3 fwd+bwd [1,320,64,64]": conv((1, 320, 64, 64), True),
             "attention fwd [1,4096,8×40] f32": attention(8, 40, torch.float32, False),
             "attention fwd+bwd [1,4096,8×40] f32": attention(8, 40, torch.float32, True),
             "attention fwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, False),
@@ -349,6 +365,10 @@ def op_costs(ops, nodes, reps):
         }
     else:
         heavy = {
+            "conv3×3 fwd [4,64,16,16]": conv((4, 64, 16, 16), False),
+            "conv3×3 fwd+bwd [4,64,16,16]": conv((4, 64, 16, 16), True),
+            "conv3×3 fwd [4,128,8,8]": conv((4, 128, 8, 8), False),
+            "conv3×3 fwd+bwd [4,128,8,8]": conv((4, 128, 8, 8), True),
             "attention fwd [1,1024,8×10] f32": attention(8, 10, torch.float32, False, 1024),
             "attention fwd+bwd [1,1024,8×10] f32": attention(8, 10, torch.float32, True, 1024),
         }

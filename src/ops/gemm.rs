@@ -26,9 +26,9 @@ use rayon::prelude::*;
 /// threading threshold).
 const SERIAL_WORK: usize = 48 * 48 * 256;
 /// Fewest inner-dim steps one thread's share of a split reduction gets.
-const MIN_SPLIT: usize = 256;
+pub(super) const MIN_SPLIT: usize = 256;
 /// Most elements held by the partial results of a split reduction together.
-const MAX_PARTIALS: usize = 1 << 25;
+pub(super) const MAX_PARTIALS: usize = 1 << 25;
 
 /// A matrix inside a slice: element (i, j) is `data[i·rs + j·cs]`. Every
 /// constructor checks that the elements lie inside `data`, which is what makes
@@ -163,7 +163,7 @@ pub fn product_into<T: Real>(
 /// The m × n elements at `dst` must be valid for writes and not read or written by
 /// anyone else during the call. `a` and `b` lie inside their slices (every `Mat`
 /// constructor checks its extent).
-unsafe fn gemm_raw<T: Real>(
+pub(super) unsafe fn gemm_raw<T: Real>(
     dst: *mut T,
     dst_rs: usize,
     a: Mat<T>,
@@ -201,7 +201,7 @@ unsafe fn gemm_raw<T: Real>(
 /// The row-major m × n destination of an output-split product (`parallel_product`),
 /// written by several threads, each its own block of rows or columns.
 #[derive(Clone, Copy)]
-struct SharedDst<T>(*mut T);
+pub(super) struct SharedDst<T>(pub(super) *mut T);
 
 // Safety: threads given a SharedDst write disjoint elements (see `parallel_product`).
 unsafe impl<T: Send> Send for SharedDst<T> {}
@@ -210,7 +210,7 @@ unsafe impl<T: Send> Sync for SharedDst<T> {}
 impl<T> SharedDst<T> {
     /// The pointer (a method, so that closures capture the whole Send + Sync value
     /// and not its raw-pointer field).
-    fn ptr(self) -> *mut T {
+    pub(super) fn ptr(self) -> *mut T {
         self.0
     }
 }
