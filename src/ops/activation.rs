@@ -17,9 +17,14 @@ fn geglu_fwd<T: Real>(h: &[T], n2: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; h.len() / 2];
     for_rows(&mut out, n, |r, o| {
         let (a, gate) = h[r * n2..(r + 1) * n2].split_at(n);
-        for ((o, &a), &x) in o.iter_mut().zip(a).zip(gate) {
-            *o = a * half * x * (T::from_usize(1) + (x * rsqrt2).erf());
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for ((o, &a), &x) in o.iter_mut().zip(a).zip(gate) {
+                    *o = a * half * x * (T::from_usize(1) + (x * rsqrt2).erf());
+                }
+            },
+        )
     });
     out
 }
@@ -34,13 +39,17 @@ fn geglu_bwd<T: Real>(h: &[T], g: &[T], n2: usize) -> Vec<T> {
         let (a, gate) = h[r * n2..(r + 1) * n2].split_at(n);
         let gr = &g[r * n..(r + 1) * n];
         let (da, dgate) = o.split_at_mut(n);
-        for i in 0..n {
-            let x = gate[i];
-            let cdf = half * (T::from_usize(1) + (x * rsqrt2).erf());
-            let pdf = inv_sqrt_2pi * (T::ZERO - half * x * x).exp();
-            da[i] = gr[i] * x * cdf;
-            dgate[i] = gr[i] * a[i] * (cdf + x * pdf);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for ((((da, dgate), &x), &a), &g) in da.iter_mut().zip(dgate).zip(gate).zip(a).zip(gr) {
+                    let cdf = half * (T::from_usize(1) + (x * rsqrt2).erf());
+                    let pdf = inv_sqrt_2pi * (T::ZERO - half * x * x).exp();
+                    *da = g * x * cdf;
+                    *dgate = g * a * (cdf + x * pdf);
+                }
+            },
+        )
     });
     out
 }

@@ -1,11 +1,11 @@
 //! Linear maps, y = x·wᵀ + b, with a backward that computes only the gradients
 //! that are needed (see `selective`).
 
-use super::contiguous;
 use super::dispatch::{self, KernelInPlace};
 use super::gemm::{product, weight_product, Product};
 use super::selective::{self, Kind, Operand};
-use super::simd::Real;
+use super::simd::{vectorized, Real};
+use super::{contiguous, for_rows};
 use crate::error::Result;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
@@ -20,11 +20,16 @@ impl KernelInPlace for AddRowBias {
         if b.is_empty() {
             return Ok(());
         }
-        for row in y.chunks_mut(b.len()) {
-            for (v, &c) in row.iter_mut().zip(b) {
-                *v += c;
-            }
-        }
+        for_rows(y, b.len(), |_, row| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (v, &c) in row.iter_mut().zip(b) {
+                        *v += c;
+                    }
+                },
+            )
+        });
         Ok(())
     }
 }
