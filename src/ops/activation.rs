@@ -6,7 +6,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, lane_sum2, vectorized, Real};
-use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of};
+use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of, rows_written};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
@@ -14,19 +14,20 @@ use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 fn geglu_fwd<T: Real>(h: &[T], n2: usize) -> Vec<T> {
     let n = n2 / 2;
     let (half, rsqrt2) = (T::from_f64(0.5), T::from_f64(std::f64::consts::FRAC_1_SQRT_2));
-    let mut out = vec![T::ZERO; h.len() / 2];
-    for_rows(&mut out, n, |r, o| {
-        let (a, gate) = h[r * n2..(r + 1) * n2].split_at(n);
-        vectorized(
-            #[inline(always)]
-            || {
-                for ((o, &a), &x) in o.iter_mut().zip(a).zip(gate) {
-                    *o = a * half * x * (T::from_usize(1) + (x * rsqrt2).erf());
-                }
-            },
-        )
-    });
-    out
+    // Safety: each row of n outputs is written from its n (a, gate) pairs.
+    unsafe {
+        rows_written(h.len() / 2, n, |r, o| {
+            let (a, gate) = h[r * n2..(r + 1) * n2].split_at(n);
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, &a), &x) in o.iter_mut().zip(a).zip(gate) {
+                        o.write(a * half * x * (T::from_usize(1) + (x * rsqrt2).erf()));
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// d/da = g·gelu(gate), d/dgate = g·a·gelu′(gate), gelu′(x) = Φ(x) + x·φ(x).
@@ -34,24 +35,25 @@ fn geglu_bwd<T: Real>(h: &[T], g: &[T], n2: usize) -> Vec<T> {
     let n = n2 / 2;
     let (half, rsqrt2) = (T::from_f64(0.5), T::from_f64(std::f64::consts::FRAC_1_SQRT_2));
     let inv_sqrt_2pi = T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
-    let mut out = vec![T::ZERO; h.len()];
-    for_rows(&mut out, n2, |r, o| {
-        let (a, gate) = h[r * n2..(r + 1) * n2].split_at(n);
-        let gr = &g[r * n..(r + 1) * n];
-        let (da, dgate) = o.split_at_mut(n);
-        vectorized(
-            #[inline(always)]
-            || {
-                for ((((da, dgate), &x), &a), &g) in da.iter_mut().zip(dgate).zip(gate).zip(a).zip(gr) {
-                    let cdf = half * (T::from_usize(1) + (x * rsqrt2).erf());
-                    let pdf = inv_sqrt_2pi * (T::ZERO - half * x * x).exp();
-                    *da = g * x * cdf;
-                    *dgate = g * a * (cdf + x * pdf);
-                }
-            },
-        )
-    });
-    out
+    // Safety: each row's n `da` and n `dgate` are written, one pair per gate value.
+    unsafe {
+        rows_written(h.len(), n2, |r, o| {
+            let (a, gate) = h[r * n2..(r + 1) * n2].split_at(n);
+            let gr = &g[r * n..(r + 1) * n];
+            let (da, dgate) = o.split_at_mut(n);
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((((da, dgate), &x), &a), &g) in da.iter_mut().zip(dgate).zip(gate).zip(a).zip(gr) {
+                        let cdf = half * (T::from_usize(1) + (x * rsqrt2).erf());
+                        let pdf = inv_sqrt_2pi * (T::ZERO - half * x * x).exp();
+                        da.write(g * x * cdf);
+                        dgate.write(g * a * (cdf + x * pdf));
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// Elements per parallel task of the elementwise kernels.
@@ -73,35 +75,40 @@ pub(crate) fn silu_grad_at<T: Real>(x: T, g: T) -> T {
 
 /// SiLU, x·σ(x) (the row length is not used: the op is elementwise).
 fn silu_fwd<T: Real>(x: &[T], _: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
-    for_rows(&mut out, ELEMENTWISE_CHUNK, |r, o| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (o, &v) in o.iter_mut().zip(&x[r * ELEMENTWISE_CHUNK..]) {
-                    *o = silu_at(v);
-                }
-            },
-        )
-    });
-    out
+    // Safety: each chunk is written from the input's elements at the same places.
+    unsafe {
+        rows_written(x.len(), ELEMENTWISE_CHUNK, |r, o| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &v) in o.iter_mut().zip(&x[r * ELEMENTWISE_CHUNK..]) {
+                        o.write(silu_at(v));
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// The input gradient of SiLU.
 fn silu_bwd<T: Real>(x: &[T], g: &[T], _: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len()];
-    for_rows(&mut out, ELEMENTWISE_CHUNK, |r, o| {
-        let at = r * ELEMENTWISE_CHUNK;
-        vectorized(
-            #[inline(always)]
-            || {
-                for ((o, &v), &g) in o.iter_mut().zip(&x[at..]).zip(&g[at..]) {
-                    *o = silu_grad_at(v, g);
-                }
-            },
-        )
-    });
-    out
+    // Every output element is written only if the gradient is as long as x.
+    assert_eq!(g.len(), x.len(), "silu backward: gradient and input lengths differ");
+    // Safety: each chunk is written from the input's and the gradient's elements at
+    // the same places (both as long as the output).
+    unsafe {
+        rows_written(x.len(), ELEMENTWISE_CHUNK, |r, o| {
+            let at = r * ELEMENTWISE_CHUNK;
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, &v), &g) in o.iter_mut().zip(&x[at..]).zip(&g[at..]) {
+                        o.write(silu_grad_at(v, g));
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// Softmax of one row, in place.

@@ -27,6 +27,7 @@ use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Most attention scores (query rows × keys) one CPU task holds at a time.
 const BLOCK_SCORES: usize = 1 << 17;
@@ -97,16 +98,41 @@ pub fn merge_heads(t: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Writes per-task blocks `src[task·stride + offset ..][.. len·d]` (one head's
-/// len × d rows) into `dst` as [batch, len, heads·d].
-fn merge_head_blocks<T: Real>(src: &[T], stride: usize, offset: usize, len: usize, g: &Geom, dst: &mut [T]) {
+/// len × d rows) into `dst` as [batch, len, heads·d]: every element of `dst`, which
+/// needs no zero fill first.
+fn merge_head_blocks<T: Real>(
+    src: &[T],
+    stride: usize,
+    offset: usize,
+    len: usize,
+    g: &Geom,
+    dst: &mut [MaybeUninit<T>],
+) {
     let (w, d) = (g.width(), g.d);
-    dst.par_chunks_mut(w).enumerate().for_each(|(row, out)| {
+    dst.par_chunks_mut(w.max(1)).enumerate().for_each(|(row, out)| {
         let (b, i) = (row / len, row % len);
         for h in 0..g.heads {
             let at = (b * g.heads + h) * stride + offset + i * d;
-            out[h * d..(h + 1) * d].copy_from_slice(&src[at..at + d]);
+            out[h * d..(h + 1) * d].write_copy_of_slice(&src[at..at + d]);
         }
     });
+}
+
+/// The [batch, len, heads·d] tensors that `merge_head_blocks` makes of the per-task
+/// blocks at each offset in `offsets`, one after another in one vector.
+fn merged_heads<T: Real>(src: &[T], stride: usize, offsets: &[(usize, usize)], g: &Geom) -> Vec<T> {
+    let total = offsets.iter().map(|&(_, len)| g.batch * len * g.width()).sum();
+    let mut out = Vec::with_capacity(total);
+    let mut rest = &mut out.spare_capacity_mut()[..total];
+    for &(offset, len) in offsets {
+        let (part, tail) = rest.split_at_mut(g.batch * len * g.width());
+        merge_head_blocks(src, stride, offset, len, g, part);
+        rest = tail;
+    }
+    // Safety: each part is [batch, len, heads·d] and merge_head_blocks writes every
+    // row's every head; the parts add up to `total`.
+    unsafe { out.set_len(total) };
+    out
 }
 
 fn forward<T: Real>(q: &[T], k: &[T], v: &[T], g: &Geom) -> Vec<T> {
@@ -120,9 +146,7 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], g: &Geom) -> Vec<T> {
             product_into(&mut o[r0 * d..], d, Mat::dense(&p, rows, m), vh, T::from_usize(1), false, Serial);
         }
     });
-    let mut out = vec![T::ZERO; g.batch * n * g.width()];
-    merge_head_blocks(&heads, n * d, 0, n, g, &mut out);
-    out
+    merged_heads(&heads, n * d, &[(0, n)], g)
 }
 
 /// dQ, dK and dV for the output gradient `go`, packed as [dq | dk | dv], each in
@@ -161,14 +185,7 @@ fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
             product_into(dk, d, dsm.t(), qh.rows(r0, rows), scale, !first, Serial);
         }
     });
-    let (lq, lk) = (g.batch * n * g.width(), g.batch * m * g.width());
-    let mut out = vec![T::ZERO; lq + 2 * lk];
-    let (oq, rest) = out.split_at_mut(lq);
-    let (ok, ov) = rest.split_at_mut(lk);
-    merge_head_blocks(&parts, stride, 0, n, g, oq);
-    merge_head_blocks(&parts, stride, n * d, m, g, ok);
-    merge_head_blocks(&parts, stride, (n + m) * d, m, g, ov);
-    out
+    merged_heads(&parts, stride, &[(0, n), (n * d, m), ((n + m) * d, m)], g)
 }
 
 /// The attention op: the CPU kernel, or on CUDA the flash kernels, whose forward

@@ -7,10 +7,11 @@
 use super::activation::{silu_at, silu_grad_at};
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_sum, lane_sum2, vectorized, Real};
-use super::{contiguous, for_rows, has_fused_kernel, upcast, PAR_MIN};
+use super::{contiguous, has_fused_kernel, rows_written, upcast, PAR_MIN};
 use crate::error::Result;
 use candle_core::{Layout, Shape, Tensor, D};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 #[inline(always)]
 fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
@@ -24,7 +25,7 @@ fn mean_inv_std<T: Real>(row: &[T], eps: T) -> (T, T) {
 /// channel. Layer norm's rows (s = 1) are one loop along the row, since a loop per
 /// channel of one value would not vectorise.
 #[inline(always)]
-fn each_with_channel<T: Real>(o: &mut [T], row: &[T], w: &[T], b: &[T], s: usize, f: impl Fn(&mut T, T, T, T)) {
+fn each_with_channel<T: Real, O>(o: &mut [O], row: &[T], w: &[T], b: &[T], s: usize, f: impl Fn(&mut O, T, T, T)) {
     if s == 1 {
         for (((o, &v), &wc), &bc) in o.iter_mut().zip(row).zip(w).zip(b) {
             f(o, v, wc, bc);
@@ -64,37 +65,52 @@ impl NormGeom {
 /// mean and unit variance.
 fn norm_affine_fwd<T: Real>(x: &[T], w: &[T], bias: &[T], g: &NormGeom) -> Vec<T> {
     let (n, cpg, s, eps) = (g.row(), g.per_group(), g.spatial, T::from_f64(g.eps));
-    let mut out = vec![T::ZERO; x.len()];
     if n == 0 {
-        return out;
+        return vec![T::ZERO; x.len()];
     }
-    for_rows(&mut out, n, |r, o| {
-        vectorized(
-            #[inline(always)]
-            || {
-                let row = &x[r * n..(r + 1) * n];
-                let (mean, inv) = mean_inv_std(row, eps);
-                let c0 = (r % g.groups) * cpg;
-                let (w, bias) = (&w[c0..c0 + cpg], &bias[c0..c0 + cpg]);
-                each_with_channel(o, row, w, bias, s, |o, v, wc, bc| *o = (v - mean) * inv * wc + bc);
-                if g.silu {
-                    o.iter_mut().for_each(|z| *z = silu_at(*z));
-                }
-            },
-        )
-    });
-    out
+    // Safety: `each_with_channel` writes every element of the row (one per input
+    // value).
+    unsafe {
+        rows_written(x.len(), n, |r, o| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let row = &x[r * n..(r + 1) * n];
+                    let (mean, inv) = mean_inv_std(row, eps);
+                    let c0 = (r % g.groups) * cpg;
+                    let (w, bias) = (&w[c0..c0 + cpg], &bias[c0..c0 + cpg]);
+                    if g.silu {
+                        each_with_channel(o, row, w, bias, s, |o, v, wc, bc| {
+                            o.write(silu_at((v - mean) * inv * wc + bc));
+                        });
+                    } else {
+                        each_with_channel(o, row, w, bias, s, |o, v, wc, bc| {
+                            o.write((v - mean) * inv * wc + bc);
+                        });
+                    }
+                },
+            )
+        })
+    }
 }
 
 /// One row's part of `norm_affine_bwd`: dx into `o`, and Σ dz·x̂ and Σ dz per channel
 /// added to `sums`; `w`, `bias` and `sums` are the row's channels.
 #[inline(always)]
-fn row_grads<T: Real>(row: &[T], gy: &[T], w: &[T], bias: &[T], g: &NormGeom, o: &mut [T], sums: (&mut [T], &mut [T])) {
+fn row_grads<T: Real>(
+    row: &[T],
+    gy: &[T],
+    w: &[T],
+    bias: &[T],
+    g: &NormGeom,
+    o: &mut [MaybeUninit<T>],
+    sums: (&mut [T], &mut [T]),
+) {
     let (s, nt) = (g.spatial, T::from_usize(row.len()));
     let (mean, inv) = mean_inv_std(row, T::from_f64(g.eps));
     let (p_gx, p_g) = sums;
     // o holds dz, then ĝ, until the last pass turns it into dx.
-    o.copy_from_slice(gy);
+    let o = o.write_copy_of_slice(gy);
     if g.silu {
         each_with_channel(o, row, w, bias, s, |d, v, wc, bc| *d = silu_grad_at((v - mean) * inv * wc + bc, *d));
     }
@@ -124,12 +140,10 @@ fn row_grads<T: Real>(row: &[T], gy: &[T], w: &[T], bias: &[T], g: &NormGeom, o:
 /// per row, dw[c] = Σ dz·x̂ and db[c] = Σ dz over images and positions.
 fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom) -> Vec<T> {
     let (n, cpg, channels) = (g.row(), g.per_group(), g.channels);
-    let mut out = Vec::with_capacity(x.len() + 2 * channels);
-    out.resize(x.len(), T::ZERO);
     if n == 0 {
-        out.resize(x.len() + 2 * channels, T::ZERO);
-        return out;
+        return vec![T::ZERO; x.len() + 2 * channels];
     }
+    let mut out = Vec::with_capacity(x.len() + 2 * channels);
     // The rows in blocks of `per_block`, each summing its rows' dw and db as it
     // goes, then the blocks' sums in order: little to add up at the end however
     // many rows (layer norm has one per token), and a fixed order whatever the
@@ -140,7 +154,7 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
     let rows = x.len() / n;
     let per_block = 16384usize.div_ceil(n).next_power_of_two().min(64);
     let mut partial = vec![T::ZERO; rows.div_ceil(per_block) * 2 * channels];
-    let block = |b: usize, o: &mut [T], p: &mut [T]| {
+    let block = |b: usize, o: &mut [MaybeUninit<T>], p: &mut [T]| {
         let (p_gx, p_g) = p.split_at_mut(channels);
         for (i, o) in o.chunks_mut(n).enumerate() {
             let r = b * per_block + i;
@@ -154,11 +168,15 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
         }
     };
     let (o_len, p_len) = (per_block * n, 2 * channels);
+    let dx = &mut out.spare_capacity_mut()[..x.len()];
     if x.len() >= PAR_MIN {
-        out.par_chunks_mut(o_len).zip(partial.par_chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
+        dx.par_chunks_mut(o_len).zip(partial.par_chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
     } else {
-        out.chunks_mut(o_len).zip(partial.chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
+        dx.chunks_mut(o_len).zip(partial.chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
     }
+    // Safety: every row of dx was written (`row_grads` first copies the row's output
+    // gradient into it).
+    unsafe { out.set_len(x.len()) };
     let mut dw_db = vec![T::ZERO; 2 * channels];
     for p in partial.chunks(p_len) {
         for (s, &v) in dw_db.iter_mut().zip(p) {
