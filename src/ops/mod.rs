@@ -67,7 +67,9 @@ pub fn has_fused_kernel(x: &Tensor) -> bool {
 /// device instead of copying `x` to the host.
 pub fn non_finite_probe(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.detach();
-    &x - &x
+    #[allow(clippy::eq_op)] // x − x is the probe: NaN exactly where x is not finite.
+    let probe = &x - &x;
+    probe
 }
 
 /// Half-precision tensors as f32 (norms and attention scores compute in at least f32).
