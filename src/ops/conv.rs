@@ -383,7 +383,8 @@ impl CustomOp2 for ConvInputGrad {
 
 /// d conv2d / d x for the output gradient `grad` ([B, C_out, H_out, W_out]).
 pub fn input_grad(grad: &Tensor, w: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
-    grad.apply_op2_no_bwd(w, &ConvInputGrad(*g))
+    // The kernels read dense operands (a gradient can arrive as a strided view).
+    grad.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &ConvInputGrad(*g))
 }
 
 /// d conv2d / d w for the output gradient `grad` (NCHW): Σ G_t · patches_tᵀ over
@@ -481,7 +482,7 @@ impl CustomOp2 for ConvWeightGrad {
 
 /// d conv2d / d w for the output gradient `grad` ([B, C_out, H_out, W_out]).
 pub fn weight_grad(grad: &Tensor, x: &Tensor, g: &ConvGeom) -> candle_core::Result<Tensor> {
-    x.apply_op2_no_bwd(grad, &ConvWeightGrad(*g))
+    x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &ConvWeightGrad(*g))
 }
 
 /// d conv2d / d x for the output gradient `g` with candle's ops, for devices without
@@ -667,6 +668,24 @@ mod tests {
             }
             Ok(())
         })
+    }
+
+    /// A gradient (or input) that arrives as a strided view gives the gradients its
+    /// dense copy gives.
+    #[test]
+    fn strided_operands_give_the_dense_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1., (2, 3, 6, 5), &dev)?;
+        let k = Tensor::randn(0f64, 1., (4, 3, 3, 3), &dev)?;
+        let geom = ConvGeom::of(&x, &k, 1, 1)?;
+        let g = Tensor::randn(0f64, 1., (2, 4, 6, 5), &dev)?;
+        // The same values in a transposed layout.
+        let strided = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(2, 3)?.contiguous()?.transpose(2, 3)?) };
+        assert!(!strided(&g)?.is_contiguous());
+        let dx = max_diff(&input_grad(&strided(&g)?, &k, &geom)?, &input_grad(&g, &k, &geom)?)?;
+        let dw = max_diff(&weight_grad(&strided(&g)?, &strided(&x)?, &geom)?, &weight_grad(&g, &x, &geom)?)?;
+        assert!(dx == 0.0 && dw == 0.0, "dx {dx}, dw {dw}");
+        Ok(())
     }
 
     /// The input gradient from candle's ops (what CUDA runs) equals the patch-matrix
