@@ -17,7 +17,7 @@
 //! `reduce::bias_sums`.
 
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
-use super::gemm::{gemm_raw, Mat, SharedDst, MAX_PARTIALS, MIN_SPLIT};
+use super::gemm::{gemm_raw, sum_partials, Mat, SharedDst, MAX_PARTIALS, MIN_SPLIT};
 use super::selective::{self, Kind, Operand};
 use super::simd::{vectorized, Real};
 use super::{contiguous, has_cpu_kernel, PAR_MIN};
@@ -437,8 +437,8 @@ impl Kernel for ConvWeightGrad {
                 unsafe { gemm_raw(dst, k, gt, pt, T::from_usize(1), i > 0, Parallelism::None) };
             }
         };
-        let mut out = Vec::with_capacity(cout * k);
         if !by_tasks {
+            let mut out = Vec::with_capacity(cout * k);
             let shared = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
             // Safety: part p writes columns p·column_step.. of the outputs, no other
             // part's.
@@ -447,7 +447,7 @@ impl Kernel for ConvWeightGrad {
             unsafe { out.set_len(cout * k) };
             return Ok((out, shape));
         }
-        let mut partials = (0..parts)
+        let partials = (0..parts)
             .into_par_iter()
             .map(|p| {
                 let mut partial = Vec::with_capacity(cout * k);
@@ -457,19 +457,8 @@ impl Kernel for ConvWeightGrad {
                 unsafe { partial.set_len(cout * k) };
                 partial
             })
-            .collect::<Vec<Vec<T>>>()
-            .into_iter();
-        // The first part's products are the sum's first terms: the others are added to it.
-        out = partials.next().unwrap_or_default();
-        let rest: Vec<Vec<T>> = partials.collect();
-        out.par_chunks_mut(k).enumerate().for_each(|(c, row)| {
-            for partial in &rest {
-                for (o, &v) in row.iter_mut().zip(&partial[c * k..(c + 1) * k]) {
-                    *o += v;
-                }
-            }
-        });
-        Ok((out, shape))
+            .collect();
+        Ok((sum_partials(partials, k), shape))
     }
 }
 

@@ -262,17 +262,24 @@ pub fn split_product<T: Real>(a: Mat<T>, b: Mat<T>) -> Vec<T> {
         return parallel_product(a, b);
     }
     let step = k.div_ceil(parts);
-    let mut partials: Vec<Vec<T>> = (0..parts)
+    let partials: Vec<Vec<T>> = (0..parts)
         .into_par_iter()
         .map(|p| {
             let (k0, len) = (p * step, step.min(k - (p * step).min(k)));
             parallel_product(a.cols(k0, len), b.rows(k0, len))
         })
         .collect();
-    // The first part's products are the sum's first terms: the others are added to it.
-    let mut out = std::mem::take(&mut partials[0]);
+    sum_partials(partials, n)
+}
+
+/// The elementwise sum of equal-length partial results, in their order, rows of `n`
+/// in parallel: the first partial becomes the sum, the others are added to it.
+pub(super) fn sum_partials<T: Real>(partials: Vec<Vec<T>>, n: usize) -> Vec<T> {
+    let mut partials = partials.into_iter();
+    let mut out = partials.next().unwrap_or_default();
+    let rest: Vec<Vec<T>> = partials.collect();
     out.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-        for part in &partials[1..] {
+        for part in &rest {
             for (o, &v) in row.iter_mut().zip(&part[i * n..(i + 1) * n]) {
                 *o += v;
             }
