@@ -190,8 +190,8 @@ const PATCH_BLOCK_BYTES: usize = 512 << 10;
 const MIN_BLOCK_COLS: usize = 64;
 
 /// The threads a blocked kernel of `work` multiply-adds shares its tasks among:
-/// one below gemm's own threading threshold (its tasks then run in turn on the
-/// calling thread).
+/// one for small convolutions (about a million multiply-adds; their tasks then
+/// run in turn on the calling thread).
 fn threads_for(work: usize) -> usize {
     if work < PAR_MIN * 64 {
         1
@@ -209,18 +209,37 @@ fn run_tasks(tasks: usize, threads: usize, task: impl Fn(usize) + Send + Sync) {
     }
 }
 
-/// How the blocked kernels split each image's output rows: (rows per block, blocks
-/// per image), blocks small enough for `PATCH_BLOCK_BYTES` at `row_bytes` bytes of
-/// patches per output row but at least `MIN_BLOCK_COLS` wide, and two blocks per
-/// thread over the batch where there are rows enough, so that shares even out.
-fn row_blocks(g: &ConvGeom, row_bytes: usize, threads: usize) -> (usize, usize) {
-    let (oh, ow) = (g.out_h().max(1), g.out_w().max(1));
-    let per_image = (2 * threads).div_ceil(g.batch.max(1));
-    let widest = (PATCH_BLOCK_BYTES / row_bytes.max(1)).min(oh.div_ceil(per_image));
-    let rows = widest.max(MIN_BLOCK_COLS.div_ceil(ow)).clamp(1, oh);
-    // Blocks of equal height, not a full set and a remainder.
-    let blocks = oh.div_ceil(rows);
-    (oh.div_ceil(blocks), blocks)
+/// How the forward and the weight gradient split each image's output rows into
+/// blocks, their tasks being (image, block).
+#[derive(Clone, Copy)]
+struct RowBlocks {
+    /// Output rows per block (the last block may have fewer).
+    rows: usize,
+    /// Blocks per image.
+    blocks: usize,
+    /// Output rows per image.
+    oh: usize,
+}
+
+impl RowBlocks {
+    /// Blocks small enough for `PATCH_BLOCK_BYTES` at `row_bytes` bytes of patches
+    /// per output row but at least `MIN_BLOCK_COLS` wide, and two per thread over
+    /// the batch where there are rows enough, so that shares even out.
+    fn new(g: &ConvGeom, row_bytes: usize, threads: usize) -> Self {
+        let (oh, ow) = (g.out_h().max(1), g.out_w().max(1));
+        let per_image = (2 * threads).div_ceil(g.batch.max(1));
+        let widest = (PATCH_BLOCK_BYTES / row_bytes.max(1)).min(oh.div_ceil(per_image));
+        let rows = widest.max(MIN_BLOCK_COLS.div_ceil(ow)).clamp(1, oh);
+        // Blocks of equal height, not a full set and a remainder.
+        let blocks = oh.div_ceil(rows);
+        Self { rows: oh.div_ceil(blocks), blocks, oh: g.out_h() }
+    }
+
+    /// Task t's image and output rows (tasks run over images, then blocks).
+    fn task(&self, t: usize) -> (usize, Range<usize>) {
+        let block = t % self.blocks;
+        (t / self.blocks, block * self.rows..((block + 1) * self.rows).min(self.oh))
+    }
 }
 
 /// conv2d(x, w) (+ b) into NCHW, one task per (image, block of output rows): the
@@ -251,15 +270,14 @@ impl Kernel for ConvForward {
         let mut out = Vec::with_capacity(len);
         let dst = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
         let threads = threads_for(len * k);
-        let (rows, blocks) = row_blocks(g, k * ow * std::mem::size_of::<T>(), threads);
+        let row_blocks = RowBlocks::new(g, k * ow * std::mem::size_of::<T>(), threads);
+        let tasks = g.batch * row_blocks.blocks;
         // Too few blocks for the threads (one small image): the output channels are
         // split too, each task making its block's patches itself.
-        let channel_step = cout.div_ceil(threads.div_ceil(g.batch * blocks)).next_multiple_of(16).min(cout);
+        let channel_step = cout.div_ceil(threads.div_ceil(tasks)).next_multiple_of(16).min(cout);
         let channel_blocks = cout.div_ceil(channel_step);
         let task = |t: usize| {
-            let (b, block, c0) =
-                (t / blocks / channel_blocks, t / channel_blocks % blocks, t % channel_blocks * channel_step);
-            let oys = block * rows..((block + 1) * rows).min(g.out_h());
+            let ((b, oys), c0) = (row_blocks.task(t / channel_blocks), t % channel_blocks * channel_step);
             let (n, channels) = (oys.len() * ow, c0..(c0 + channel_step).min(cout));
             let patches = patch_block(x, g, b, oys.clone(), 0..k);
             let at = (b * cout + c0) * pixels + oys.start * ow;
@@ -288,7 +306,7 @@ impl Kernel for ConvForward {
                 }
             }
         };
-        run_tasks(g.batch * blocks * channel_blocks, threads, task);
+        run_tasks(tasks * channel_blocks, threads, task);
         // Safety: the tasks cover every image and output row: gemm (read_dst off)
         // wrote all `len` outputs.
         unsafe { out.set_len(len) };
@@ -409,8 +427,8 @@ impl Kernel for ConvWeightGrad {
             return Ok((vec![T::ZERO; cout * k], shape));
         }
         let threads = threads_for(cout * k * g.batch * pixels);
-        let (rows, blocks) = row_blocks(g, k * ow * std::mem::size_of::<T>(), threads);
-        let tasks = g.batch * blocks;
+        let row_blocks = RowBlocks::new(g, k * ow * std::mem::size_of::<T>(), threads);
+        let tasks = g.batch * row_blocks.blocks;
         let by_tasks =
             tasks >= threads && g.batch * pixels >= threads * MIN_SPLIT && threads * cout * k <= MAX_PARTIALS;
         let column_step = if by_tasks { k } else { k.div_ceil(threads).next_multiple_of(16).min(k) };
@@ -426,8 +444,7 @@ impl Kernel for ConvWeightGrad {
             };
             let columns = k0..(k0 + column_step).min(k);
             for (i, t) in ts.enumerate() {
-                let (b, block) = (t / blocks, t % blocks);
-                let oys = block * rows..((block + 1) * rows).min(g.out_h());
+                let (b, oys) = row_blocks.task(t);
                 let n = oys.len() * ow;
                 let patches = patch_block(x, g, b, oys.clone(), columns.clone());
                 let gt = Mat::new(&grad[b * cout * pixels + oys.start * ow..], cout, n, pixels, 1);

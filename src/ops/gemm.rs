@@ -198,12 +198,13 @@ pub(super) unsafe fn gemm_raw<T: Real>(
     }
 }
 
-/// The row-major m × n destination of an output-split product (`parallel_product`),
-/// written by several threads, each its own block of rows or columns.
+/// A destination written by several threads at once, each its own disjoint
+/// elements (`parallel_product`'s blocks of rows or columns, the blocked
+/// convolution kernels' tasks); every user says why its writes do not overlap.
 #[derive(Clone, Copy)]
 pub(super) struct SharedDst<T>(pub(super) *mut T);
 
-// Safety: threads given a SharedDst write disjoint elements (see `parallel_product`).
+// Safety: threads given a SharedDst write disjoint elements (each user's Safety comment).
 unsafe impl<T: Send> Send for SharedDst<T> {}
 unsafe impl<T: Send> Sync for SharedDst<T> {}
 
