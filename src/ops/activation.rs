@@ -5,7 +5,7 @@
 //! CUDA (f32, `cuda/activation.cu`).
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
-use super::simd::{lane_fold, lane_sum2, vectorized, Real};
+use super::simd::{lane_fold, lane_sum_zip, vectorized, Real};
 use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of, rows_written};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
@@ -153,7 +153,7 @@ fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
 /// inside `vectorized`).
 #[inline(always)]
 pub(crate) fn softmax_grad_row<T: Real>(y: &[T], g: &mut [T]) {
-    let dot = lane_sum2(y, g, |yv, gv| (yv * gv, T::ZERO)).0;
+    let dot = lane_sum_zip(y, g, |yv, gv| yv * gv);
     for (gv, &yv) in g.iter_mut().zip(y) {
         *gv = yv * (*gv - dot);
     }

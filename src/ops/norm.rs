@@ -6,7 +6,7 @@
 
 use super::activation::{silu_at, silu_grad_at};
 use super::dispatch::{kernel_cpu_fwd, Kernel};
-use super::simd::{lane_sum, lane_sum2, vectorized, Real};
+use super::simd::{lane_sum, lane_sum_zip, vectorized, Real};
 use super::{contiguous, has_fused_kernel, rows_written, upcast, PAR_MIN};
 use crate::error::Result;
 use candle_core::{Layout, Shape, Tensor, D};
@@ -121,13 +121,12 @@ fn row_grads<T: Real>(
         }
     } else {
         for (((xc, dc), pgx), pg) in row.chunks(s).zip(o.chunks(s)).zip(p_gx.iter_mut()).zip(p_g.iter_mut()) {
-            let (sg, sgx) = lane_sum2(xc, dc, |v, d| (d, d * (v - mean) * inv));
-            *pgx += sgx;
-            *pg += sg;
+            *pgx += lane_sum_zip(xc, dc, |v, d| d * (v - mean) * inv);
+            *pg += lane_sum(dc, |d| d);
         }
     }
     each_with_channel(o, row, w, bias, s, |d, _, wc, _| *d *= wc);
-    let (sum_g, sum_gx) = lane_sum2(o, row, |gh, v| (gh, gh * (v - mean) * inv));
+    let (sum_g, sum_gx) = (lane_sum(o, |gh| gh), lane_sum_zip(o, row, |gh, v| gh * (v - mean) * inv));
     let (m1, m2) = (sum_g / nt, sum_gx / nt);
     for (d, &v) in o.iter_mut().zip(row) {
         *d = inv * (*d - m1 - (v - mean) * inv * m2);
