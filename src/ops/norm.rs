@@ -114,22 +114,37 @@ fn row_grads<T: Real>(
     if g.silu {
         each_with_channel(o, row, w, bias, s, |d, v, wc, bc| *d = silu_grad_at((v - mean) * inv * wc + bc, *d));
     }
-    if s == 1 {
+    let (sum_g, sum_gx) = if s == 1 {
         for (((pgx, pg), &d), &v) in p_gx.iter_mut().zip(p_g.iter_mut()).zip(&*o).zip(row) {
             *pgx += d * (v - mean) * inv;
             *pg += d;
         }
+        each_with_channel(o, row, w, bias, s, |d, _, wc, _| *d *= wc);
+        (lane_sum(o, |gh| gh), lane_sum_zip(o, row, |gh, v| gh * (v - mean) * inv))
     } else {
-        for (((xc, dc), pgx), pg) in row.chunks(s).zip(o.chunks(s)).zip(p_gx.iter_mut()).zip(p_g.iter_mut()) {
-            *pgx += lane_sum_zip(xc, dc, |v, d| d * (v - mean) * inv);
-            *pg += lane_sum(dc, |d| d);
+        // w is constant over a channel, so the channels' Σ dz and Σ dz·x̂ give the row's
+        // Σ ĝ = Σ_c w[c]·Σ dz and Σ ĝ·x̂: no pass to make ĝ, none to sum it.
+        let mut row_sums = (T::ZERO, T::ZERO);
+        for ((((xc, dc), pgx), pg), &wc) in
+            row.chunks(s).zip(o.chunks(s)).zip(p_gx.iter_mut()).zip(p_g.iter_mut()).zip(w)
+        {
+            let (sgx, sg) = (lane_sum_zip(xc, dc, |v, d| d * (v - mean) * inv), lane_sum(dc, |d| d));
+            *pgx += sgx;
+            *pg += sg;
+            row_sums = (row_sums.0 + wc * sg, row_sums.1 + wc * sgx);
         }
-    }
-    each_with_channel(o, row, w, bias, s, |d, _, wc, _| *d *= wc);
-    let (sum_g, sum_gx) = (lane_sum(o, |gh| gh), lane_sum_zip(o, row, |gh, v| gh * (v - mean) * inv));
+        row_sums
+    };
     let (m1, m2) = (sum_g / nt, sum_gx / nt);
-    for (d, &v) in o.iter_mut().zip(row) {
-        *d = inv * (*d - m1 - (v - mean) * inv * m2);
+    // dx = inv·(ĝ − m1 − x̂·m2): layer norm's rows hold ĝ already, group norm's dz.
+    let dx = |d: &mut T, v: T, wc: T| *d = inv * (*d * wc - m1 - (v - mean) * inv * m2);
+    if s == 1 {
+        let one = T::from_usize(1);
+        for (d, &v) in o.iter_mut().zip(row) {
+            dx(d, v, one);
+        }
+    } else {
+        each_with_channel(o, row, w, bias, s, |d, v, wc, _| dx(d, v, wc));
     }
 }
 
