@@ -194,6 +194,13 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 ///   parking, and on a 2-core machine that spinning took a core from the rayon
 ///   workers running the next matrix product (18% of all CPU samples; the toy SiD
 ///   iteration ran about 8% faster with 1,000).
+/// - RAYON_ROUNDS_UNTIL_SLEEPY is raised to 3,000 when unset (read by the vendored
+///   rayon-core, `vendor/rayon-core/SIDSCRIPT.md`): an idle rayon worker looked for
+///   work for 32 rounds (~15 µs) before sleeping, so between two parallel sections
+///   of a UNet pass it was usually asleep, and each section began by waking it (a
+///   futex call and, in a VM, a halted vCPU to restart). 3,000 rounds (~1–1.5 ms of
+///   sched_yield) keep it awake through a pass, as OpenMP's threads spin under
+///   PyTorch; the toy SiD iteration ran 16% faster, the tiny one 9%.
 /// - RUST_MIN_STACK is set to 8 MiB when unset, so that scripts run by
 ///   [`crate::on_compute_pool`] on a pool thread have the main thread's usual stack.
 pub fn tune_runtime() {
@@ -213,6 +220,7 @@ pub fn tune_runtime() {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         default("RAYON_NUM_THREADS", cores.to_string());
         default("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000".into());
+        default("RAYON_ROUNDS_UNTIL_SLEEPY", "3000".into());
         default("RUST_MIN_STACK", (8 << 20).to_string());
     });
 }
