@@ -6,6 +6,7 @@
 
 use super::activation::{silu_at, silu_grad_at};
 use super::dispatch::{kernel_cpu_fwd, Kernel};
+use super::gemm::sum_partials;
 use super::simd::{lane_sum, lane_sum_zip, vectorized, Real};
 use super::{contiguous, has_fused_kernel, rows_written, upcast, PAR_MIN};
 use crate::error::Result;
@@ -167,7 +168,7 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
     // first image: data-parallel ranks match one process up to the final all-reduce.
     let rows = x.len() / n;
     let per_block = 16384usize.div_ceil(n).next_power_of_two().min(64);
-    let mut partial = vec![T::ZERO; rows.div_ceil(per_block) * 2 * channels];
+    let mut partials = vec![vec![T::ZERO; 2 * channels]; rows.div_ceil(per_block)];
     let block = |b: usize, o: &mut [MaybeUninit<T>], p: &mut [T]| {
         let (p_gx, p_g) = p.split_at_mut(channels);
         for (i, o) in o.chunks_mut(n).enumerate() {
@@ -181,23 +182,17 @@ fn norm_affine_bwd<T: Real>(x: &[T], w: &[T], bias: &[T], gy: &[T], g: &NormGeom
             );
         }
     };
-    let (o_len, p_len) = (per_block * n, 2 * channels);
+    let o_len = per_block * n;
     let dx = &mut out.spare_capacity_mut()[..x.len()];
     if x.len() >= PAR_MIN {
-        dx.par_chunks_mut(o_len).zip(partial.par_chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
+        dx.par_chunks_mut(o_len).zip(partials.par_iter_mut()).enumerate().for_each(|(b, (o, p))| block(b, o, p));
     } else {
-        dx.chunks_mut(o_len).zip(partial.chunks_mut(p_len)).enumerate().for_each(|(b, (o, p))| block(b, o, p));
+        dx.chunks_mut(o_len).zip(partials.iter_mut()).enumerate().for_each(|(b, (o, p))| block(b, o, p));
     }
     // Safety: every row of dx was written (`row_grads` first copies the row's output
     // gradient into it).
     unsafe { out.set_len(x.len()) };
-    let mut dw_db = vec![T::ZERO; 2 * channels];
-    for p in partial.chunks(p_len) {
-        for (s, &v) in dw_db.iter_mut().zip(p) {
-            *s += v;
-        }
-    }
-    out.extend_from_slice(&dw_db);
+    out.extend_from_slice(&sum_partials(partials, 2 * channels));
     out
 }
 
