@@ -1,5 +1,6 @@
 //! The distillation scripts on the tiny fixtures: a resumed run repeats an
-//! uninterrupted one bit for bit; SDXL with Zero-CFG and the Diffusion-GAN runs;
+//! uninterrupted one bit for bit (also SDXL in bf16 with checkpointing); SDXL with
+//! Zero-CFG and the Diffusion-GAN runs;
 //! the exported generator loads as a diffusers folder.
 
 use sidscript::diffusion::model::Component;
@@ -142,6 +143,50 @@ fn sdxl_with_zero_cfg_and_the_diffusion_gan_runs() {
     }
     std::fs::remove_dir_all(out).ok();
     std::fs::remove_dir_all(real).ok();
+}
+
+/// The GPU check's SDXL run (tools/gpu_check.sh, runs-sdxl: bf16 mixed precision,
+/// gradient checkpointing, a checkpoint, a resume and the export) on the tiny SDXL
+/// fixture on the CPU: the resumed run repeats the uninterrupted one bit for bit, and
+/// bf16 is in effect (the first fake-score loss differs from f32's by rounding only).
+#[test]
+fn sdxl_in_bf16_with_checkpointing_resumes_bit_identically_and_exports() {
+    let model = root().join("tests/fixtures/tiny-sdxl").display().to_string();
+    let (f32_run, a, b) = (scratch("sdxl-f32"), scratch("sdxl-bf16-straight"), scratch("sdxl-bf16-split"));
+    let args = |out: &Path, iters: usize, precision: &str| -> Vec<String> {
+        [
+            set("model", &model),
+            set("out", out.display()),
+            set("iterations", iters),
+            set("ckpt_every", 2),
+            set("grid_every", 100),
+            set("checkpoint", true),
+        ]
+        .concat()
+        .into_iter()
+        .chain(["--precision".into(), precision.into()])
+        .collect()
+    };
+    run("scripts/distill_sdxl.rhai", &args(&f32_run, 1, "f32"));
+    run("scripts/distill_sdxl.rhai", &args(&a, 4, "bf16"));
+    run("scripts/distill_sdxl.rhai", &args(&b, 2, "bf16"));
+    let mut resume = args(&b, 4, "bf16");
+    resume.extend(["--resume".to_string(), b.join("checkpoint").display().to_string()]);
+    run("scripts/distill_sdxl.rhai", &resume);
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!((ma.len(), mb.len()), (4, 4), "4 iterations; 2, then 2 more after resuming");
+    assert_eq!(ma, mb, "losses must repeat bit for bit");
+    let first = |m: &[serde_json::Value]| m[0]["loss_fake"].as_f64().unwrap();
+    let (full, half) = (first(&metrics(&f32_run)), first(&ma));
+    // bf16 rounds to 8 significant bits (u = 2⁻⁹): a loss of ~390 moves by a few u.
+    let rel = (half - full).abs() / full.abs();
+    assert!(rel > 0.0 && rel < 5.0 * 2f64.powi(-9), "first fake-score loss: f32 {full}, bf16 {half}");
+    for f in ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder_2/config.json"] {
+        assert!(a.join("generator").join(f).is_file(), "export lacks {f}");
+    }
+    for d in [f32_run, a, b] {
+        std::fs::remove_dir_all(d).ok();
+    }
 }
 
 fn report(dir: &Path) -> serde_json::Value {

@@ -4,8 +4,9 @@
 //! 80 and 160, group and layer norm, group norm + SiLU, SiLU, GEGLU, linear, nearest
 //! upsampling). On
 //! the CPU this checks the f32 kernels; in cuda builds the same test runs the CUDA
-//! forms (cuDNN convolutions with the `cudnn` feature, flash attention) and, for
-//! convolutions and attention, bf16.
+//! forms (cuDNN convolutions with the `cudnn` feature, flash attention). The
+//! convolutions, attention and linear maps are also checked in bf16, on the CPU
+//! through the f32 kernels with bf16 operands and results (`ops::is_half_on_cpu`).
 
 mod common;
 
@@ -54,11 +55,11 @@ fn randn(rng: &mut sidscript::rng::Generator, dims: &[usize]) -> Tensor {
     rng.randn(dims, DType::F64, &Device::Cpu).unwrap()
 }
 
-/// The dtypes to test on `dev` with their tolerances: f32 everywhere; bf16 on CUDA
-/// (8 significant bits; sums of a few hundred products).
-fn dtypes(dev: &Device, half: bool) -> Vec<(DType, f64)> {
+/// The dtypes to test with their tolerances: f32; and bf16 for the ops that have
+/// a half-precision path (8 significant bits; sums of a few hundred products).
+fn dtypes(half: bool) -> Vec<(DType, f64)> {
     let mut v = vec![(DType::F32, 1e-4)];
-    if half && dev.is_cuda() {
+    if half {
         v.push((DType::BF16, 3e-2));
     }
     v
@@ -77,7 +78,7 @@ fn convolutions(dev: &Device) -> common::TestResult {
         (1, 4, 8, (10, 14), 3, 1, 2),
     ] {
         let inputs = [randn(&mut rng, &[b, cin, h, w]), randn(&mut rng, &[cout, cin, k, k]), randn(&mut rng, &[cout])];
-        for (dtype, tol) in dtypes(dev, true) {
+        for (dtype, tol) in dtypes(true) {
             compare(
                 &format!("conv2d {cin}→{cout} k{k} s{stride} on {h}×{w}"),
                 dev,
@@ -115,7 +116,7 @@ fn attention(dev: &Device) -> common::TestResult {
             randn(&mut rng, &[2, m, heads * d]),
         ];
         let scale = 1.0 / (d as f64).sqrt();
-        for (dtype, tol) in dtypes(dev, true) {
+        for (dtype, tol) in dtypes(true) {
             compare(
                 &format!("attention {heads}×{d}, {n}×{m}"),
                 dev,
@@ -175,15 +176,18 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
         &move |t| ops::activation::geglu_composed(&t[0]),
         1e-4,
     );
-    compare(
-        "linear",
-        dev,
-        DType::F32,
-        &[randn(&mut rng, &[18, 40]), randn(&mut rng, &[24, 40]), randn(&mut rng, &[24])],
-        &move |t| ops::linear(&t[0], &t[1], Some(&t[2])),
-        &move |t| ops::linear::linear_composed(&t[0], &t[1], Some(&t[2])),
-        1e-4,
-    );
+    let inputs = [randn(&mut rng, &[18, 40]), randn(&mut rng, &[24, 40]), randn(&mut rng, &[24])];
+    for (dtype, tol) in dtypes(true) {
+        compare(
+            "linear",
+            dev,
+            dtype,
+            &inputs,
+            &move |t| ops::linear(&t[0], &t[1], Some(&t[2])),
+            &move |t| ops::linear::linear_composed(&t[0], &t[1], Some(&t[2])),
+            tol,
+        );
+    }
     // Nearest upsampling ×2 (the UNet's and VAE's) and ×3, odd sides and batch 2.
     for (dims, factor) in [([2, 6, 5, 7], 2), ([1, 3, 4, 4], 3)] {
         compare(

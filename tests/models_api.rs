@@ -254,15 +254,14 @@ fn gradient_checkpointing_is_an_option_of_loading_and_copying() {
 
 #[test]
 fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
-    // f16 stands in for bf16 here: candle has no bf16 matmul on the CPU.
     let host = host();
     let dir = fx("tiny-sd15");
     let r = eval(
         &host,
         &format!(
             r#"let teacher = load_unet("{dir}");
-               let gen = teacher.trainable_copy(#{{ dtype: "f32", compute: "f16" }});
-               let half_teacher = teacher.to_dtype("f16");
+               let gen = teacher.trainable_copy(#{{ dtype: "f32", compute: "bf16" }});
+               let half_teacher = teacher.to_dtype("bf16");
                let c = load_text_conditioner("{dir}").encode(["a red circle"]);
                let x = randn([1, 4, 8, 8], 5);
                let full = teacher.forward(x, 500, c);
@@ -277,12 +276,17 @@ fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
     .into_array()
     .unwrap();
     let s = |i: usize| r[i].clone().into_string().unwrap();
-    assert_eq!(s(0), "f16", "the copy computes in f16");
+    assert_eq!(s(0), "bf16", "the copy computes in bf16");
     assert_eq!((s(1), s(2)), ("f32".into(), "f32".into()), "f32 master weights with f32 gradients");
     assert_eq!(s(3), "f32", "outputs come back in the input's dtype");
-    assert_eq!((s(4), s(5)), ("f16".into(), "f32".into()));
+    assert_eq!((s(4), s(5)), ("bf16".into(), "f32".into()));
     let rel = r[6].as_float().unwrap();
-    assert!(rel > 0.0 && rel < 1e-2, "f16 compute is f32's within rounding: {rel:e}");
+    println!("bf16 compute against f32: largest difference {rel:e} of the largest output");
+    // bf16 rounds to 8 significant bits (unit roundoff u = 2⁻⁹); through the UNet's
+    // layers the output drifts by a few u (1.8e-2 ≈ 9u measured), and f16's old
+    // bound here was 20 of its u: the same 20u for bf16.
+    let u = 2f64.powi(-9);
+    assert!(rel > 0.0 && rel < 20.0 * u, "bf16 compute is f32's within rounding: {rel:e}");
     assert_eq!(s(7), "f32", "the default precision mode");
 }
 

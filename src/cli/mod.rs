@@ -138,10 +138,6 @@ impl RunArgs {
         }
         let device = args::parse_device(&self.device).map_err(|e| anyhow::anyhow!("--device: {}", error_text(&e)))?;
         let precision = self.precision.parse().map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
-        if precision == crate::ops::precision::Precision::Bf16 && device.is_cpu() {
-            // candle 0.11.1 has no bf16 matmul on the CPU.
-            anyhow::bail!("--precision bf16 needs a CUDA device (--device cuda:0): the CPU has no bf16 matmul");
-        }
         Ok(HostOptions { seed: self.seed, device, config, precision })
     }
 }

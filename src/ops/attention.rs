@@ -22,7 +22,7 @@ use super::activation::{softmax_grad_row, softmax_row};
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
-use super::{contiguous, has_cpu_kernel, precomputed_cuda_fwd, upcast, Precomputed};
+use super::{contiguous, has_cpu_kernel, in_f32, is_half_on_cpu, precomputed_cuda_fwd, upcast, Precomputed};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
@@ -426,11 +426,11 @@ impl CustomOp3 for BlockwiseOp {
     }
 }
 
-/// Whether `attention` takes tensors like `x`: CPU f32/f64 (the fused kernel) and
-/// CUDA (flash kernels, else candle ops in blocks); elsewhere callers compose
-/// attention themselves.
+/// Whether `attention` takes tensors like `x`: CPU f32/f64 (the fused kernel), CPU
+/// bf16/f16 (the same kernel in f32, `is_half_on_cpu`) and CUDA (flash kernels,
+/// else candle ops in blocks); elsewhere callers compose attention themselves.
 pub fn supported(x: &Tensor) -> bool {
-    has_cpu_kernel(x) || x.device().is_cuda()
+    has_cpu_kernel(x) || is_half_on_cpu(x) || x.device().is_cuda()
 }
 
 /// The flash kernels' padded head dims with their tiles (query rows, keys), as
@@ -467,6 +467,9 @@ fn takes_flash(_: &Tensor, _: usize) -> bool {
 /// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
 /// as [B, N, heads·d], on the devices `supported` names.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if is_half_on_cpu(q) {
+        return in_f32(&[q, k, v], |t| attention(&t[0], &t[1], &t[2], heads, scale));
+    }
     crate::profile::span("attention.forward", q.device(), || {
         let (b, n, width) = q.dims3()?;
         let same_dtype = k.dtype() == q.dtype() && v.dtype() == q.dtype();

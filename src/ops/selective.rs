@@ -8,7 +8,7 @@
 //! are used as they are.
 
 use super::reduce::bias_sums;
-use super::{conv, has_cpu_kernel, linear, precomputed_cuda_fwd, Precomputed};
+use super::{conv, has_cpu_kernel, in_f32, is_half_on_cpu, linear, precomputed_cuda_fwd, Precomputed};
 use crate::error::Result;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 
@@ -118,9 +118,10 @@ impl candle_core::CustomOp2 for SelectiveBackwardNoBias {
     }
 }
 
-/// Applies the op; `composed` computes the forward with candle's ops where the op
-/// has no kernel of its own (not the CPU, or not f32/f64): on CUDA off the graph,
-/// handed to the op; elsewhere with candle's own graph.
+/// Applies the op; half-precision CPU tensors go through the f32 kernels
+/// ([`in_f32`]); `composed` computes the forward with candle's ops where the op has
+/// no kernel of its own (not the CPU, or not f32/f64): on CUDA off the graph, handed
+/// to the op; elsewhere with candle's own graph.
 pub(super) fn apply(
     kind: Kind,
     x: &Tensor,
@@ -128,6 +129,10 @@ pub(super) fn apply(
     b: Option<&Tensor>,
     composed: impl FnOnce(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    if is_half_on_cpu(x) {
+        let operands: Vec<&Tensor> = [x, w].into_iter().chain(b).collect();
+        return in_f32(&operands, |t| apply(kind, &t[0], &t[1], t.get(2), composed));
+    }
     let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
     let y = if has_cpu_kernel(x) && w.dtype() == x.dtype() {
         None
