@@ -12,8 +12,10 @@
 //! caller uses) and the precision mode ([`precision`]: f32, tf32, bf16).
 //!
 //! Each op's public function picks its implementation by device: the CPU kernel
-//! for CPU f32/f64 tensors ([`has_cpu_kernel`]); elsewhere a form built from
-//! candle's ops, shaped for that device (the CUDA forms sit beside the CPU ones).
+//! for CPU f32/f64 tensors ([`has_cpu_kernel`]), and for CPU bf16/f16 ones where
+//! the op is a product (linear, conv, attention: [`is_half_on_cpu`]); elsewhere a
+//! form built from candle's ops, shaped for that device (the CUDA forms sit beside
+//! the CPU ones).
 //! Each op also exports its composed reference form (`*_composed`): the fallback
 //! on other devices and dtypes, and the oracle its tests compare against.
 //!
