@@ -8,11 +8,11 @@
 //! | `bf16` | bf16, f32 accumulate | bf16, f32 accumulate | f32 masters, bf16 teacher | bf16; norms and losses f32 (autocast, as SiD-DiT and DMD2) |
 //!
 //! The mode is process-wide (one training loop per process). TF32 exists only on
-//! CUDA (sm80+): on the CPU `tf32` computes as `f32`. `bf16` works on the CPU too,
-//! its matrix products in f32 from bf16 operands (`super::is_half_on_cpu`). What `bf16` means for the
-//! networks (which dtype each is stored and computed in) is set where they are
-//! made — scripts read the mode with `precision()` — so this module only holds
-//! the mode and scopes the TF32 convolutions.
+//! CUDA (sm80+): on the CPU `tf32` computes as `f32`. `bf16` works on the CPU
+//! too, its matrix products in f32 from bf16 operands (`super::is_half_on_cpu`).
+//! What `bf16` means for the networks (which dtype each is stored and computed in)
+//! is set where they are made — scripts read the mode with `precision()` — so this
+//! module only holds the mode and scopes the TF32 convolutions.
 //!
 //! ```
 //! use sidscript::ops::precision::{precision, set_precision, Precision};
