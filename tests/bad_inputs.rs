@@ -113,6 +113,7 @@ fn job_settings_are_checked_by_name_before_anything_loads() {
         ("lr=0", "setting lr must be positive"),
         ("kappa=nan", "setting kappa must be a finite number"),
         ("t_init=5000", "setting t_init must be an integer in [steps, 999]"),
+        ("score_compute=f16", "setting score_compute must be bf16 or f32"),
     ];
     for (setting, want) in cases {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_sidscript"))
