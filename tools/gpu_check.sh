@@ -22,8 +22,9 @@
 #           attention (flash kernels) forward and backward at 4096 tokens, sidscript against PyTorch
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
 #           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
-#   toy-bf16 the toy job in f32 and in bf16 on cuda:0 (TOY_ITERATIONS, default 600): the 1-step
-#           generator's alignment in each (bf16 should be within 0.03)
+#   toy-bf16 the toy job in f32 and in bf16 on cuda:0 (TOY_ITERATIONS, default 600; TOY_MODES,
+#           default "f32 bf16", may add bf16-f32scores): the 1-step generator's alignment in each
+#           (bf16 should be within 0.03)
 #   runs-sd15, runs-sdxl
 #           real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
 #           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
@@ -127,9 +128,12 @@ run)
     toy-bf16)
         # bf16 that trains (issue 13, item 4): the toy job in f32 and in bf16 on the GPU, same seed;
         # the 1-step generator's alignment (240 samples) should agree within 0.03.
-        for mode in f32 bf16; do
-            step 150 .gpu/bin-sidscript run --device cuda:0 --precision $mode scripts/distill_toy.rhai \
-                --set iterations=${TOY_ITERATIONS:-600} --set teacher_eval=false --set out=/tmp/toy-$mode
+        # TOY_MODES may add bf16-f32scores: the generator in bf16, the fake net and teacher in f32
+        # (score_compute=f32; on the CPU it closed bf16's gap: benches/GPU_RUNS.md).
+        for mode in ${TOY_MODES:-f32 bf16}; do
+            extra=(); [ $mode = bf16-f32scores ] && extra=(--set score_compute=f32)
+            step 150 .gpu/bin-sidscript run --device cuda:0 --precision ${mode%%-*} scripts/distill_toy.rhai \
+                --set iterations=${TOY_ITERATIONS:-600} --set teacher_eval=false --set out=/tmp/toy-$mode "${extra[@]}"
             grep -E "^\| generator \| 1 \|" /tmp/toy-$mode/report.md | sed "s/^/$mode: /" | tee -a "$results"
         done
         ;;
