@@ -55,15 +55,10 @@ fn randn(rng: &mut sidscript::rng::Generator, dims: &[usize]) -> Tensor {
     rng.randn(dims, DType::F64, &Device::Cpu).unwrap()
 }
 
-/// The dtypes to test with their tolerances: f32; and bf16 for the ops that have
-/// a half-precision path (8 significant bits; sums of a few hundred products).
-fn dtypes(half: bool) -> Vec<(DType, f64)> {
-    let mut v = vec![(DType::F32, 1e-4)];
-    if half {
-        v.push((DType::BF16, 3e-2));
-    }
-    v
-}
+/// The dtypes the ops with a half-precision path (convolution, attention, linear)
+/// are tested in, with their tolerances: f32, and bf16 (8 significant bits; sums of
+/// a few hundred products).
+const DTYPES: [(DType, f64); 2] = [(DType::F32, 1e-4), (DType::BF16, 3e-2)];
 
 fn convolutions(dev: &Device) -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(11);
@@ -78,7 +73,7 @@ fn convolutions(dev: &Device) -> common::TestResult {
         (1, 4, 8, (10, 14), 3, 1, 2),
     ] {
         let inputs = [randn(&mut rng, &[b, cin, h, w]), randn(&mut rng, &[cout, cin, k, k]), randn(&mut rng, &[cout])];
-        for (dtype, tol) in dtypes(true) {
+        for (dtype, tol) in DTYPES {
             compare(
                 &format!("conv2d {cin}→{cout} k{k} s{stride} on {h}×{w}"),
                 dev,
@@ -116,7 +111,7 @@ fn attention(dev: &Device) -> common::TestResult {
             randn(&mut rng, &[2, m, heads * d]),
         ];
         let scale = 1.0 / (d as f64).sqrt();
-        for (dtype, tol) in dtypes(true) {
+        for (dtype, tol) in DTYPES {
             compare(
                 &format!("attention {heads}×{d}, {n}×{m}"),
                 dev,
@@ -177,7 +172,7 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
         1e-4,
     );
     let inputs = [randn(&mut rng, &[18, 40]), randn(&mut rng, &[24, 40]), randn(&mut rng, &[24])];
-    for (dtype, tol) in dtypes(true) {
+    for (dtype, tol) in DTYPES {
         compare(
             "linear",
             dev,
