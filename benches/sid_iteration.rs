@@ -12,7 +12,9 @@
 //! f32) picks the mode on both sides (ops::precision; PyTorch: TF32 flags off, its
 //! defaults, bf16 autocast with f32 masters and a bf16 teacher);
 //! SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets
-//! on both sides; SIDSCRIPT_BENCH_PROFILE=1 adds one iteration timed span by span
+//! on both sides; SIDSCRIPT_BENCH_SCORES=f32 (with bf16) keeps the fake net and the
+//! teacher in f32 on both sides, the generator in bf16 (the distill scripts'
+//! `score_compute=f32`); SIDSCRIPT_BENCH_PROFILE=1 adds one iteration timed span by span
 //! (sidscript::profile: the steps' phases, convolutions, norms, attention, …). Peak memory: the CUDA pool's high-water mark against
 //! `torch.cuda.max_memory_allocated`; on the CPU this binary's allocator (its peak
 //! above what was allocated before the iteration) against how far PyTorch's resident
@@ -41,12 +43,19 @@ static ALLOCATOR: PeakAlloc = PeakAlloc;
 #[allow(dead_code)]
 mod unet_bench;
 
-/// The mode and checkpointing from the environment.
-fn settings() -> (Precision, bool) {
+/// The mode, checkpointing and whether the score nets compute in f32 under bf16, from
+/// the environment.
+fn settings() -> (Precision, bool, bool) {
     let p = std::env::var("SIDSCRIPT_BENCH_PRECISION").unwrap_or_else(|_| "f32".into());
     let p: Precision = p.parse().unwrap_or_else(|e| panic!("SIDSCRIPT_BENCH_PRECISION: {e}"));
     let ckpt = std::env::var("SIDSCRIPT_BENCH_CHECKPOINT").is_ok_and(|v| v == "1" || v == "true");
-    (p, ckpt)
+    let scores = std::env::var("SIDSCRIPT_BENCH_SCORES").unwrap_or_else(|_| "bf16".into());
+    let scores_f32 = match scores.as_str() {
+        "bf16" => false,
+        "f32" => true,
+        other => panic!("SIDSCRIPT_BENCH_SCORES: bf16 or f32, got {other:?}"),
+    };
+    (p, ckpt, scores_f32)
 }
 
 /// The condition of `batch` prompts: random text states, and for SDXL-type nets
@@ -82,16 +91,18 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         tokens.to_string(),
     ]);
     let dev = unet_bench::bench_device();
-    let (precision, ckpt) = settings();
+    let (precision, ckpt, scores_f32) = settings();
     set_precision(precision);
     let _settings = sidscript::device::for_training(&dev);
-    // bf16: f32 masters computing in bf16, the frozen teacher stored in bf16.
+    // bf16: f32 masters computing in bf16, the frozen teacher stored in bf16; with
+    // scores_f32 the fake net and the teacher stay in f32.
     let compute = (precision == Precision::Bf16).then_some(DType::BF16);
-    let teacher = unet_bench::random_unet(&cfg, &dev).with_checkpointing(ckpt).with_compute_dtype(compute);
-    let (gen, gparams) = trainable_copy(&teacher).unwrap();
-    let (fake, fparams) = trainable_copy(&teacher).unwrap();
-    let teacher = match compute {
-        Some(dt) => teacher.to_dtype(dt).unwrap(),
+    let score_compute = compute.filter(|_| !scores_f32);
+    let teacher = unet_bench::random_unet(&cfg, &dev).with_checkpointing(ckpt);
+    let (gen, gparams) = trainable_copy(&teacher.with_compute_dtype(compute)).unwrap();
+    let (fake, fparams) = trainable_copy(&teacher.with_compute_dtype(score_compute)).unwrap();
+    let teacher = match score_compute {
+        Some(dt) => teacher.with_compute_dtype(Some(dt)).to_dtype(dt).unwrap(),
         None => teacher,
     };
     let (gen_frozen, fake_frozen) = (gen.frozen_view().unwrap(), fake.frozen_view().unwrap());
@@ -196,10 +207,11 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         sidscript::profile::set_enabled(false);
     }
     println!(
-        "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}, precision {precision}{}",
+        "{name}: {} params per UNet, batch {batch}, {size}×{size} latents, {tokens} tokens, on {}, precision {precision}{}{}",
         teacher.num_params(),
         sidscript::host::args::device_name(&dev),
-        if ckpt { ", checkpointing" } else { "" }
+        if ckpt { ", checkpointing" } else { "" },
+        if scores_f32 && compute.is_some() { ", fake net and teacher in f32" } else { "" }
     );
     let line = |who: &str, s: f64, peak: f64| {
         println!(

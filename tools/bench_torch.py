@@ -13,6 +13,8 @@ SIDSCRIPT_BENCH_PRECISION picks the precision mode, as sidscript's --precision:
   tf32  PyTorch's defaults: TF32 cuDNN convolutions, IEEE fp32 matmuls, SDPA attention;
   bf16  bf16 autocast with fp32 master weights and a bf16 teacher (SiD-DiT, DMD2).
 SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets.
+SIDSCRIPT_BENCH_SCORES=f32 (with bf16) keeps the fake net and the teacher out of autocast
+and the teacher in fp32; the generator stays under autocast.
 The sid bench prints the flags it ran under and the peak memory of one iteration
 (torch.cuda.max_memory_allocated; on the CPU, the growth of the process's peak RSS).
 """
@@ -29,6 +31,10 @@ PRECISION = os.environ.get("SIDSCRIPT_BENCH_PRECISION", "f32")
 CHECKPOINT = os.environ.get("SIDSCRIPT_BENCH_CHECKPOINT", "0") in ("1", "true")
 if PRECISION not in ("f32", "tf32", "bf16"):
     sys.exit(f"SIDSCRIPT_BENCH_PRECISION: unknown mode {PRECISION!r} (f32, tf32 or bf16)")
+SCORES = os.environ.get("SIDSCRIPT_BENCH_SCORES", "bf16")
+if SCORES not in ("bf16", "f32"):
+    sys.exit(f"SIDSCRIPT_BENCH_SCORES: bf16 or f32, got {SCORES!r}")
+SCORES_BF16 = PRECISION == "bf16" and SCORES == "bf16"
 # Explicit either way, so that a change of PyTorch's defaults cannot move the baseline.
 torch.backends.cudnn.allow_tf32 = PRECISION != "f32"
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -46,6 +52,7 @@ def flags():
         f"float32_matmul_precision={torch.get_float32_matmul_precision()}",
         f"cudnn.benchmark={torch.backends.cudnn.benchmark}",
         f"autocast={'bf16' if PRECISION == 'bf16' else 'off'}",
+        f"scores_autocast={'bf16' if SCORES_BF16 else 'off'}",
         f"checkpointing={CHECKPOINT}",
         f"torch={torch.__version__}",
     ]
@@ -172,7 +179,9 @@ def sid_setup(cfg, batch, size, tokens=77, k=2, K=4, kappa=1.5, ddp=False):
             net.enable_gradient_checkpointing()
         teacher.train()  # diffusers checkpoints only in training mode; the UNet has no dropout
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
-    if PRECISION == "bf16":
+    # The fake net and the teacher under their own autocast: off with SIDSCRIPT_BENCH_SCORES=f32.
+    score_autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=SCORES_BF16)
+    if SCORES_BF16:
         teacher.to(torch.bfloat16)  # DMD2: "we move real unet to half precision"
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-6, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-6, betas=(0.0, 0.999))
@@ -206,7 +215,7 @@ def sid_setup(cfg, batch, size, tokens=77, k=2, K=4, kappa=1.5, ddp=False):
         return (x - s * eps.float()) / a
 
     def guided_eps(net, x, t, scale):
-        with autocast:
+        with score_autocast:
             out = net(torch.cat([x, x]), torch.cat([t, t]).float(), encoder_hidden_states=torch.cat([null, c]),
                       added_cond_kwargs=added2).sample
         eu, ec = out.float().chunk(2)
