@@ -268,9 +268,13 @@ fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
                let mixed = gen.forward(x, 500, c);
                let w = gen.params["conv_in.weight"];
                mixed.square().mean().backward();
+               let half = half_teacher.forward(x, 500, c);
                [gen.compute_dtype, w.dtype, w.grad.dtype, mixed.dtype, half_teacher.compute_dtype,
-                half_teacher.forward(x, 500, c).dtype, (mixed - full).abs().max().item() / full.abs().max().item(),
-                precision()]"#
+                half.dtype, (mixed - full).abs().max().item() / full.abs().max().item(),
+                precision(), (half - gen.frozen_view().forward(x, 500, c)).abs().max().item(),
+                half_teacher.weights()["conv_norm_out.weight"].dtype,
+                half_teacher.weights()["down_blocks.0.resnets.0.norm1.bias"].dtype,
+                half_teacher.weights()["conv_out.weight"].dtype]"#
         ),
     )
     .into_array()
@@ -288,6 +292,14 @@ fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
     let u = 2f64.powi(-9);
     assert!(rel > 0.0 && rel < 20.0 * u, "bf16 compute is f32's within rounding: {rel:e}");
     assert_eq!(s(7), "f32", "the default precision mode");
+    // The generator loss compares the bf16 teacher with the fake net, a mixed copy of
+    // the same weights: until the fake net moves they must agree exactly, or the loss
+    // reads their rounding as signal (norm scales and shifts once differed: the
+    // teacher's were rounded to bf16, the fake net's not).
+    assert_eq!(r[8].as_float().unwrap(), 0.0, "a bf16-stored copy computes as the mixed copy does");
+    // That holds because norms keep their scales and shifts in f32 in a bf16 net
+    // (Weights::get_norm), as the mixed copy's masters are.
+    assert_eq!((s(9), s(10), s(11)), ("f32".into(), "f32".into(), "bf16".into()), "a bf16 net's norms in f32");
 }
 
 /// A UNet with other weights over a folder's config: a training checkpoint's

@@ -94,7 +94,7 @@ impl GroupNorm {
         if groups == 0 || channels % groups != 0 {
             crate::bail!("group norm: {channels} channels do not split into {groups} groups");
         }
-        Ok(Self { weight: w.get(channels, "weight")?, bias: w.get(channels, "bias")?, groups, eps })
+        Ok(Self { weight: w.get_norm(channels, "weight")?, bias: w.get_norm(channels, "bias")?, groups, eps })
     }
 
     /// The layer applied to `x`.
@@ -125,7 +125,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Layer norm over the last dim of size `dim`, from `w`.
     pub fn new(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: w.get(dim, "weight")?, bias: w.get(dim, "bias")?, eps })
+        Ok(Self { weight: w.get_norm(dim, "weight")?, bias: w.get_norm(dim, "bias")?, eps })
     }
 
     /// The layer applied to `x`.

@@ -130,25 +130,33 @@ pub trait Component: Sized {
             .map_err(|e| Error::file(source, None, e))
     }
 
-    /// The same network over other tensors with the same names (in their dtype).
+    /// The same network over other tensors with the same names (in their dtype: the
+    /// one most of their elements have, with a half-precision network's norms in f32,
+    /// see [`Weights::get_norm`]).
     fn with_weights(&self, tensors: HashMap<String, Tensor>) -> Result<Self> {
-        let (dtype, device) = match tensors.values().next().or(self.named_weights().first().map(|(_, t)| t)) {
-            Some(t) => (t.dtype(), t.device().clone()),
-            None => (DType::F32, Device::Cpu),
+        let dtype = match dominant(tensors.values()).or(dominant(self.named_weights().iter().map(|(_, t)| t))) {
+            Some(t) => t.dtype(),
+            None => DType::F32,
         };
-        let mut m = Self::build(self.config(), Weights::from_tensors(tensors, dtype, &device))?;
-        m.keep_settings(self);
-        Ok(m)
+        self.rebuilt(tensors, dtype)
     }
 
     /// The same network with its weights converted to `dtype` (new tensors, cut
-    /// from the graph): f32 master weights from a bf16 or f16 checkpoint.
+    /// from the graph): f32 master weights from a bf16 or f16 checkpoint, or a bf16
+    /// teacher (whose norms keep f32, see [`Weights::get_norm`]).
     fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let mut tensors = HashMap::with_capacity(self.named_weights().len());
-        for (n, t) in self.named_weights() {
-            tensors.insert(n.clone(), t.detach().to_dtype(dtype)?);
-        }
-        self.with_weights(tensors)
+        let tensors = self.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        self.rebuilt(tensors, dtype)
+    }
+
+    /// The same network, settings kept, over `tensors` converted to `dtype` as they
+    /// are taken (on the tensors' device).
+    fn rebuilt(&self, tensors: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        let first = tensors.values().next().or(self.named_weights().first().map(|(_, t)| t));
+        let device = first.map_or(Device::Cpu, |t| t.device().clone());
+        let mut m = Self::build(self.config(), Weights::from_tensors(tensors, dtype, &device))?;
+        m.keep_settings(self);
+        Ok(m)
     }
 
     /// The same weights cut from the graph: shares their storage (so it sees every
@@ -193,6 +201,19 @@ pub trait Component: Sized {
             self.named_weights().iter().map(|(n, t)| (n.clone(), t.detach())).collect();
         crate::io::safetensors::save(&dir.join(Self::WEIGHTS_FILE), &weights)
     }
+}
+
+/// A tensor of the dtype most elements of `tensors` have (ties: the first such
+/// dtype met), or None if there are none.
+fn dominant<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Option<&'a Tensor> {
+    let mut counts: Vec<(&Tensor, usize)> = vec![];
+    for t in tensors {
+        match counts.iter_mut().find(|(s, _)| s.dtype() == t.dtype()) {
+            Some((_, n)) => *n += t.elem_count(),
+            None => counts.push((t, t.elem_count())),
+        }
+    }
+    counts.into_iter().rev().max_by_key(|&(_, n)| n).map(|(t, _)| t)
 }
 
 /// PyTorch-like initialisation by weight name: norm scales 1 and shifts 0,

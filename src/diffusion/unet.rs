@@ -790,8 +790,10 @@ impl Unet {
     /// The same network computing in `dtype` (None: its weights' dtype). With f32
     /// weights and bf16 this is mixed precision as in PyTorch's autocast: each
     /// weight is cast where it is used, convolutions, matmuls and attention run in
-    /// bf16, norms in f32, and the f32 weights get f32 gradients; the output comes
-    /// back in the input's dtype, so that losses are computed in f32.
+    /// bf16, norms in f32 (a bf16-stored copy keeps its norms' scales and shifts in
+    /// f32 too, so that the two compute alike: `Weights::get_norm`), and the f32
+    /// weights get f32 gradients; the output comes back in the input's dtype, so that
+    /// losses are computed in f32.
     pub fn with_compute_dtype(&self, dtype: Option<DType>) -> Self {
         Self { compute: dtype.filter(|&d| d != self.dtype()), ..self.clone() }
     }
