@@ -150,7 +150,7 @@ fn sdxl_with_zero_cfg_and_the_diffusion_gan_runs() {
 /// fixture on the CPU: the resumed run repeats the uninterrupted one bit for bit, and
 /// bf16 is in effect (the first fake-score loss differs from f32's by rounding only).
 /// With `score_compute=f32` (fake net and teacher in f32, the generator in bf16) the
-/// first generator loss comes within 10% of f32's. In bf16 it does not (0.74 against
+/// first generator loss comes within 10% of f32's. In bf16 it does not (−1.21 against
 /// 0.019 on 2026-12-03): it is a small difference of the two nets' predictions after the
 /// fake net's first Adam step, which moves each weight by far less than bf16's spacing,
 /// so that in bf16 a few weights move by a whole step and the rest not at all — as under

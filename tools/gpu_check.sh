@@ -134,7 +134,8 @@ run)
         # bf16 that trains (issue 13, item 4): the toy job in f32 and in bf16 on the GPU, same seed;
         # the 1-step generator's alignment (240 samples) should agree within 0.03.
         # TOY_MODES may add bf16-f32scores: the generator in bf16, the fake net and teacher in f32
-        # (score_compute=f32; on the CPU it closed bf16's gap: benches/GPU_RUNS.md).
+        # (score_compute=f32, for comparison; on the CPU bf16 alone reached f32's alignment once a
+        # bf16 net's norms stayed in f32: benches/GPU_RUNS.md).
         for mode in ${TOY_MODES:-f32 bf16}; do
             extra=(); [ $mode = bf16-f32scores ] && extra=(--set score_compute=f32)
             step 150 .gpu/bin-sidscript run --device cuda:0 --precision ${mode%%-*} scripts/distill_toy.rhai \
