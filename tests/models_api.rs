@@ -302,6 +302,47 @@ fn mixed_precision_copies_keep_f32_masters_and_compute_in_half() {
     assert_eq!((s(9), s(10), s(11)), ("f32".into(), "f32".into(), "bf16".into()), "a bf16 net's norms in f32");
 }
 
+/// A trainable copy in bf16 (no f32 masters): its norms' scales and shifts are f32
+/// parameters (`Weights::get_norm`), the rest bf16; one Adam step trains both kinds,
+/// and the frozen view shares them all (the dtype a rebuilt net takes is the one most
+/// of its weights have, whatever order they come in).
+#[test]
+fn bf16_trainable_copies_keep_norms_in_f32_and_train_them() {
+    let host = host();
+    let dir = fx("tiny-sd15");
+    let r = eval(
+        &host,
+        &format!(
+            r#"let gen = load_unet("{dir}").trainable_copy(#{{ dtype: "bf16" }});
+               let c = load_text_conditioner("{dir}").encode(["a red circle"]);
+               let x = randn([1, 4, 8, 8], 3).to_dtype("bf16");
+               let ps = gen.params;
+               let norm = ps["conv_norm_out.weight"];
+               let conv = ps["conv_in.weight"];
+               // Values, not views (detach shares storage): the step updates in place.
+               let norm0 = norm.detach().to_dtype("f32") + 0.0;
+               let conv0 = conv.detach().to_dtype("f32") + 0.0;
+               let opt = adam(ps, #{{ lr: 1e-2, betas: [0.0, 0.999] }});
+               gen.forward(x, 500, c).to_dtype("f32").square().mean().backward();
+               opt.step();
+               let view = gen.frozen_view();
+               [norm.dtype, conv.dtype, norm.grad.dtype, gen.forward(x, 500, c).dtype,
+                (norm.detach().to_dtype("f32") - norm0).abs().max().item(),
+                (conv.detach().to_dtype("f32") - conv0).abs().max().item(),
+                (view.forward(x, 500, c) - gen.forward(x, 500, c)).to_dtype("f32").abs().max().item(),
+                view.weights()["conv_norm_out.weight"].dtype, view.weights()["conv_in.weight"].dtype]"#
+        ),
+    )
+    .into_array()
+    .unwrap();
+    let s = |i: usize| r[i].clone().into_string().unwrap();
+    assert_eq!((s(0), s(1), s(2), s(3)), ("f32".into(), "bf16".into(), "f32".into(), "bf16".into()));
+    assert!(r[4].as_float().unwrap() > 0.0, "the f32 norm parameter trained");
+    assert!(r[5].as_float().unwrap() > 0.0, "the bf16 convolution trained");
+    assert_eq!(r[6].as_float().unwrap(), 0.0, "the frozen view computes as the net");
+    assert_eq!((s(7), s(8)), ("f32".into(), "bf16".into()), "the view keeps each weight's dtype");
+}
+
 /// A UNet with other weights over a folder's config: a training checkpoint's
 /// generator loads in one call (`weights` + `prefix`), equal to the trained copy;
 /// a frozen UNet's `.params` is an error, not an empty map.
