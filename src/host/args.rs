@@ -2,7 +2,7 @@
 //! the end), numbers, shapes, dtypes and devices by name, tensors from nested
 //! arrays and back; each error names the argument.
 
-use super::error::{script_err, ScriptResult, ToScript};
+use super::error::{script_err, ErrorText, ScriptResult, ToScript};
 use candle_core::{DType, Device, Tensor};
 use rhai::{Array, Dynamic, Map};
 
@@ -148,7 +148,11 @@ pub fn parse_device(s: &str) -> ScriptResult<Device> {
                     "device '{s}' needs a build with the cuda feature (cargo build --release --features cuda)"
                 )));
             }
-            Device::new_cuda(ordinal).script()
+            // The driver's words (CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_NO_DEVICE) with what to check.
+            Device::new_cuda(ordinal).map_err(|e| {
+                let e = e.text();
+                script_err(format!("cannot open {s}: {e} (`nvidia-smi` lists this machine's GPUs and their numbers)"))
+            })
         }
     }
 }
