@@ -72,10 +72,10 @@ fn benches() {
     let bias = randn(&[1, 320, 1, 1]);
     let tokens = randn(&[1, 4096, 320]);
     let wide = randn(&[4096, 2560]);
-    let mut rows: Vec<(&str, f64)> = vec![];
-    let mut row = |name: &'static str, us: f64| {
+    let mut rows: Vec<(String, f64)> = vec![];
+    let mut row = |name: &str, us: f64| {
         println!("  {name:48} {us:9.1} µs");
-        rows.push((name, us));
+        rows.push((name.to_string(), us));
     };
     println!("op costs on {dev:?} ({OPS} calls per row, backward: {NODES}-node chains)");
     row("add [64] (launch floor)", per_call(&dev, OPS, || drop(&small + &small)));
@@ -170,21 +170,29 @@ fn benches() {
             ("attention fwd+bwd [1,1024,8×10] f32", true, 1024, 8, 10, candle_core::DType::F32),
         ]
     };
-    for (name, fwd_bwd, tokens, heads, d, dtype) in attention_rows {
-        let [q, k, v, w] = [0; 4].map(|_| randn(&[1, tokens, heads * d]).to_dtype(dtype).unwrap());
-        let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
-        let scale = 1.0 / (d as f64).sqrt();
-        row(
-            name,
-            per_call(&dev, HEAVY_OPS, || {
-                let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
-                let out = sidscript::ops::attention(q, k, v, heads, scale).unwrap();
-                if fwd_bwd {
-                    drop((out * &w).unwrap().sum_all().unwrap().backward().unwrap());
-                }
-            }),
-        );
+    // On CUDA each row also without tensor cores ("… plain": the FMA kernels), the
+    // difference the tensor-core paths (bf16, and f32 as 3xTF32) make.
+    let tensor_core_modes: &[bool] = if dev.is_cuda() { &[true, false] } else { &[true] };
+    for &tensor_cores in tensor_core_modes {
+        sidscript::ops::attention::set_flash_tensor_cores(tensor_cores);
+        for &(name, fwd_bwd, tokens, heads, d, dtype) in &attention_rows {
+            let [q, k, v, w] = [0; 4].map(|_| randn(&[1, tokens, heads * d]).to_dtype(dtype).unwrap());
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let scale = 1.0 / (d as f64).sqrt();
+            let label = if tensor_cores { name.to_string() } else { format!("{name} plain") };
+            row(
+                &label,
+                per_call(&dev, HEAVY_OPS, || {
+                    let [q, k, v] = vars.each_ref().map(|v| v.as_tensor());
+                    let out = sidscript::ops::attention(q, k, v, heads, scale).unwrap();
+                    if fwd_bwd {
+                        drop((out * &w).unwrap().sum_all().unwrap().backward().unwrap());
+                    }
+                }),
+            );
+        }
     }
+    sidscript::ops::attention::set_flash_tensor_cores(true);
     // 3×3 convolutions (padding 1, with bias), forward and forward + backward of
     // Σ y·w with x, W and b tracked. On CUDA at SD1.5's first level; on the CPU at the
     // tiny bench's two levels (64 and 128 channels, batch 4), where the patch matrix
@@ -214,7 +222,7 @@ fn benches() {
     if let Some(t) = torch {
         println!("  PyTorch, same rows (µs), and the ratio sidscript/PyTorch:");
         for (name, us) in &rows {
-            if let Some(p) = t[*name].as_f64() {
+            if let Some(p) = t[name.as_str()].as_f64() {
                 println!("  {name:48} {p:9.1} µs   {:6.2}×", us / p);
             }
         }

@@ -46,12 +46,14 @@ fn passes(name: &str) -> String {
 }
 
 /// Flash attention forward and backward (`src/ops/cuda/attention.cu`): output,
-/// log-sum-exp, dQ, dK, dV for every padded head dim, f32, bf16 and bf16 on tensor
-/// cores (WMMA).
+/// log-sum-exp, dQ, dK, dV for every padded head dim, f32, bf16, and both on tensor
+/// cores (WMMA: bf16, and f32 as 3xTF32, held to f32's tolerance).
 #[test]
 fn flash_attention_kernels() {
     let out = passes("attention_check");
-    assert!(out.contains("bf16-tc") && out.contains("f32 "), "not every kernel family ran:\n{out}");
+    for family in ["f32 ", "bf16 ", "bf16-tc", "f32-tc"] {
+        assert!(out.contains(family), "the {family:?} kernels did not run:\n{out}");
+    }
 }
 
 /// Every memory access of the flash-attention kernels in bounds and no undefined
@@ -118,6 +120,23 @@ fn a_missing_barrier_fails_the_emulated_check() {
         let run = build_and_run("attention_check", &tmp(&format!("attention_cut{i}")), &[define]);
         assert!(!run.status.success(), "{what}: a barrier removed, yet the emulated check passed");
     }
+}
+
+/// The f32 tensor-core kernels keep f32's accuracy only through the 3xTF32 split: a
+/// copy of `attention.cu` that multiplies the rounded (big) parts alone — 1xTF32,
+/// operands of 11 significant bits — fails the check's f32 tolerance.
+#[test]
+fn one_pass_tf32_fails_the_emulated_check() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
+    let small_terms = "wmma::mma_sync(acc, a_small, b_big, acc);\n        wmma::mma_sync(acc, a_big, b_small, acc);\n";
+    assert!(src.contains(small_terms), "the 3xTF32 products are not where this test expects them");
+    let cut = tmp("attention_1xtf32.cu");
+    std::fs::write(&cut, src.replacen(small_terms, "", 1)).unwrap();
+    let define = format!("-DATTENTION_CU=\"{}\"", cut.display());
+    let run = build_and_run("attention_check", &tmp("attention_1xtf32"), &[define]);
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "1xTF32 products, yet the emulated check passed:\n{out}");
+    assert!(out.lines().any(|l| l.starts_with("f32-tc") && l.ends_with("OFF")), "no f32-tc case off:\n{out}");
 }
 
 /// Adam over a whole parameter group in one launch (`src/ops/cuda/adam.cu`): every

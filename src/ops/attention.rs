@@ -10,7 +10,10 @@
 //! On CUDA, f32 and bf16 with head dims up to 160 take flash-attention kernels
 //! (`cuda/attention.cu`, the `flash` module below): the forward keeps each query
 //! row's log-sum-exp, the backward recomputes the probabilities tile by tile, and
-//! no score matrix is ever stored. Other dtypes and head dims, or all of them with
+//! no score matrix is ever stored. bf16 with d ≤ 80 and f32 with d ≤ 64 (SD1.5's
+//! 40, SDXL's 64) run on tensor cores, f32 as 3xTF32 (f32's accuracy; PyTorch's
+//! fused attention does the same for f32); `SIDSCRIPT_FLASH_TENSOR_CORES=0` keeps
+//! them on the plain kernels, to compare. Other dtypes and head dims, or all of them with
 //! `SIDSCRIPT_FLASH_ATTENTION=0`, take a form built from candle ops (`Blockwise`):
 //! the forward runs off the graph in blocks of query rows and is handed to the op,
 //! and the backward recomputes each block's probabilities. Composed attention keeps
@@ -439,10 +442,51 @@ pub fn supported(x: &Tensor) -> bool {
 const FLASH_TILES: [(usize, u32, u32); 6] =
     [(32, 32, 32), (40, 32, 32), (64, 32, 32), (80, 32, 16), (128, 16, 16), (160, 16, 16)];
 
-/// The padded head dims of the tensor-core flash kernels (bf16, tiles of 32 query
-/// rows and 32 keys), as `FLASH_TC_DIMS` in `cuda/attention.cu` builds them.
+/// The padded head dims of the tensor-core flash kernels (tiles of 32 query rows
+/// and 32 keys) for bf16 and for f32 (3xTF32), as `FLASH_TC_DIMS` and
+/// `FLASH_TC_F32_DIMS` in `cuda/attention.cu` build them.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_TC_DIMS: [usize; 4] = [32, 48, 64, 80];
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_TC_F32_DIMS: [usize; 3] = [32, 48, 64];
+
+/// The smallest padded head dim of the tensor-core flash kernels that holds `d` in
+/// `dtype`, if any.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn flash_tc_dim(d: usize, dtype: DType) -> Option<usize> {
+    let dims: &[usize] = match dtype {
+        DType::BF16 => &FLASH_TC_DIMS,
+        DType::F32 => &FLASH_TC_F32_DIMS,
+        _ => &[],
+    };
+    dims.iter().copied().find(|&dm| d <= dm)
+}
+
+/// Whether the flash kernels take tensor cores where they have them (bf16 with
+/// d ≤ 80, f32 with d ≤ 64 as 3xTF32): on unless `SIDSCRIPT_FLASH_TENSOR_CORES=0`,
+/// which keeps every head dim on the plain (FMA) kernels, to compare; the benches
+/// switch it with `set_flash_tensor_cores`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn flash_tensor_cores() -> bool {
+    match FLASH_TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => false,
+        1 => true,
+        _ => {
+            let on = std::env::var("SIDSCRIPT_FLASH_TENSOR_CORES").map_or(true, |v| v != "0");
+            FLASH_TENSOR_CORES.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+            on
+        }
+    }
+}
+/// 0 off, 1 on, 2 not yet read from the environment.
+static FLASH_TENSOR_CORES: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Turns the flash kernels' tensor-core paths on or off for the rest of the process
+/// (the `ops` bench times both; `SIDSCRIPT_FLASH_TENSOR_CORES=0` is the same from
+/// the environment).
+pub fn set_flash_tensor_cores(on: bool) {
+    FLASH_TENSOR_CORES.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// The smallest padded head dim of the flash kernels that holds `d`, with its tiles.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -542,17 +586,17 @@ mod flash {
     }
 
     /// The kernel for this head dim and dtype, with its tiles (query rows, keys):
-    /// `{name}_tc_bf16_d{DM}` on tensor cores for bf16 with d ≤ 80, else
-    /// `{name}_{dtype}_d{DM}`.
+    /// `{name}_tc_{dtype}_d{DM}` on tensor cores for bf16 with d ≤ 80 and f32 with
+    /// d ≤ 64 (unless `flash_tensor_cores` is off), else `{name}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
         name: &str,
         g: &Geom,
         dtype: DType,
     ) -> candle_core::Result<(CudaFunction, u32, u32)> {
-        let tc = super::FLASH_TC_DIMS.iter().find(|&&dm| g.d <= dm).filter(|_| dtype == DType::BF16);
+        let tc = super::flash_tc_dim(g.d, dtype).filter(|_| super::flash_tensor_cores());
         let (full, bq, bk) = match (tc, super::flash_tiles(g.d)) {
-            (Some(dm), _) => (format!("{name}_tc_bf16_d{dm}"), 32, 32),
+            (Some(dm), _) => (format!("{name}_tc_{}_d{dm}", dtype_name(dtype)?), 32, 32),
             (None, Some((dm, bq, bk))) => (format!("{name}_{}_d{dm}", dtype_name(dtype)?), bq, bk),
             (None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
         };
@@ -782,9 +826,17 @@ mod tests {
             })
             .collect();
         assert_eq!(built, FLASH_TILES);
-        let line = src.lines().find(|l| l.starts_with("#define FLASH_TC_DIMS(X)")).expect("FLASH_TC_DIMS");
-        let tc: Vec<usize> = line.split("X(").skip(1).map(|t| t.split(')').next().unwrap().parse().unwrap()).collect();
-        assert_eq!(tc, FLASH_TC_DIMS);
+        let dims = |name: &str| -> Vec<usize> {
+            let line = src.lines().find(|l| l.starts_with(&format!("#define {name}(X)"))).expect(name);
+            line.split("X(").skip(1).map(|t| t.split(')').next().unwrap().parse().unwrap()).collect()
+        };
+        assert_eq!(dims("FLASH_TC_DIMS"), FLASH_TC_DIMS);
+        assert_eq!(dims("FLASH_TC_F32_DIMS"), FLASH_TC_F32_DIMS);
+        assert_eq!(flash_tc_dim(40, DType::BF16), Some(48));
+        assert_eq!(flash_tc_dim(40, DType::F32), Some(48));
+        assert_eq!(flash_tc_dim(80, DType::BF16), Some(80));
+        assert_eq!(flash_tc_dim(80, DType::F32), None);
+        assert_eq!(flash_tc_dim(40, DType::F16), None);
         assert_eq!(flash_tiles(8), Some((32, 32, 32)));
         assert_eq!(flash_tiles(100), Some((128, 16, 16)));
         assert_eq!(flash_tiles(161), None);

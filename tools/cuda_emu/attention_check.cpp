@@ -1,6 +1,7 @@
 // The flash-attention kernels (src/ops/cuda/attention.cu) run on the CPU through
 // emu.h, against attention in double precision: the output, the log-sum-exp and
-// dQ, dK, dV, for every padded head dim, f32 and bf16, query and key counts that
+// dQ, dK, dV, for every padded head dim, f32 and bf16 (plain and on tensor cores),
+// query and key counts that
 // do and do not fill the tiles, each block's threads visited in forward and in
 // reverse order. Prints one line per case and exits 1 if any is off.
 //
@@ -33,9 +34,11 @@ template <typename T> struct Kernels {
 #define ENTRY_F32(DM, BQ, BK) Kernels<float>{DM, BQ, BK, flash_fwd_f32_d##DM, flash_dkdv_f32_d##DM, flash_dq_f32_d##DM},
 #define ENTRY_BF16(DM, BQ, BK) Kernels<bf16>{DM, BQ, BK, flash_fwd_bf16_d##DM, flash_dkdv_bf16_d##DM, flash_dq_bf16_d##DM},
 #define ENTRY_TC(DM) Kernels<bf16>{DM, 32, 32, flash_fwd_tc_bf16_d##DM, flash_dkdv_tc_bf16_d##DM, flash_dq_tc_bf16_d##DM},
+#define ENTRY_TC_F32(DM) Kernels<float>{DM, 32, 32, flash_fwd_tc_f32_d##DM, flash_dkdv_tc_f32_d##DM, flash_dq_tc_f32_d##DM},
 const Kernels<float> F32[] = {FLASH_TILES(ENTRY_F32)};
 const Kernels<bf16> BF16[] = {FLASH_TILES(ENTRY_BF16)};
 const Kernels<bf16> TC[] = {FLASH_TC_DIMS(ENTRY_TC)};
+const Kernels<float> TC_F32[] = {FLASH_TC_F32_DIMS(ENTRY_TC_F32)};
 
 // The kernels for head dim d from a table (the smallest DM >= d, as sidscript picks).
 template <typename T, size_t N> const Kernels<T> *pick(const Kernels<T> (&table)[N], int d) {
@@ -154,10 +157,14 @@ int main(int argc, char **argv) {
     // The tensor-core kernels (bf16, d <= 80): P and dS rounded to bf16 for their
     // products, so a little further from the reference.
     const Picks tc = quick ? Picks{1, 4} : Picks{0, 1, 2, 3, 4, 7};
+    // The f32 tensor-core kernels (d <= 64, 3xTF32): f32's tolerance, which 1xTF32
+    // (operands rounded to 11 significant bits) would miss by two orders.
+    const Picks tc_f32 = quick ? Picks{2} : Picks{0, 1, 2, 3, 7};
     bool ok = true;
     for (int i : f32) ok &= check(pick(F32, cases[i].d), cases[i], "f32", 1e-5, rng);
     for (int i : bf16) ok &= check(pick(BF16, cases[i].d), cases[i], "bf16", 1e-2, rng);
     for (int i : tc) ok &= check(pick(TC, cases[i].d), cases[i], "bf16-tc", 1e-2, rng);
+    for (int i : tc_f32) ok &= check(pick(TC_F32, cases[i].d), cases[i], "f32-tc", 1e-5, rng);
     std::printf("%s\n", ok ? "all cases within tolerance" : "SOME CASES OFF");
     return ok ? 0 : 1;
 }

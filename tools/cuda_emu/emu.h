@@ -16,10 +16,10 @@
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
 // __syncthreads, __launch_bounds__, bf16 conversions, math functions, integer min/max,
 // __shfl_xor_sync over a full warp) and the WMMA fragments of nvcuda::wmma for bf16
-// 16×16×16 products. A fragment here holds the whole 16×16 tile in every thread (on
-// the GPU each lane holds a share in an unspecified layout), so kernels may touch
-// `x[i]` only uniformly over all i (a scale), which both layouts give the same
-// meaning. Not atomics or timing.
+// 16×16×16 and tf32 16×16×8 products. A fragment here holds its whole tile in every
+// thread (on the GPU each lane holds a share in an unspecified layout), so kernels
+// may touch `x[i]` only uniformly over all i (a scale, a rounding), which both
+// layouts give the same meaning. Not atomics or timing.
 //
 // Use: include this, then the .cu file, in a C++17 program compiled with
 // -DSIDSCRIPT_CPU_EMULATION (attention_check.cpp, norm_check.cpp, adam_check.cpp).
@@ -180,7 +180,10 @@ template <typename T> double rel_err(const std::vector<T> &got, const std::vecto
 
 }  // namespace emu
 
-// nvcuda::wmma for bf16 inputs and f32 accumulators, 16×16×16.
+// nvcuda::wmma for f32 accumulators over bf16 inputs (16×16×16) and tf32 inputs
+// (16×16×8, `precision::tf32`: f32 values that __float_to_tf32 has rounded to
+// tf32's 10 fraction bits; mma_sync stops on an operand that was not so rounded,
+// since the tensor cores would ignore its low bits).
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -188,15 +191,45 @@ struct matrix_b {};
 struct accumulator {};
 struct row_major {};
 struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
 enum layout_t { mem_row_major, mem_col_major };
 
+// A fragment's tile: rows × cols of A (16×K), B (K×16) or the accumulator (16×16).
+template <typename Use, int K> struct Dims {
+    static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : 16;
+    static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : 16;
+};
+
 template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
-    static constexpr int num_elements = 256;
-    float x[256];  // row-major 16×16, values as f32 (bf16 inputs are exact in f32)
+    static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "the shapes sidscript's kernels use");
+    static constexpr int rows = Dims<Use, K>::rows, cols = Dims<Use, K>::cols, num_elements = rows * cols;
+    float x[num_elements];  // row-major rows × cols, values as f32 (bf16 and tf32 inputs are exact in f32)
+};
+
+// The operand element types a tile is loaded from: bf16 for bf16 fragments, f32
+// for tf32 and accumulator ones.
+template <typename T> struct stored {
+    typedef T type;
+};
+template <> struct stored<precision::tf32> {
+    typedef float type;
 };
 
 inline float load_value(const float &v) { return v; }
 inline float load_value(const __nv_bfloat16 &v) { return __bfloat162float(v); }
+
+// f32 rounded to tf32 (sign, 8 exponent bits, 10 fraction bits), to nearest with
+// ties away from zero, as cvt.rna.tf32.f32; the low 13 bits come back zero.
+inline float __float_to_tf32(float f) {
+    if (!std::isfinite(f)) return f;
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u = (u + 0x1000u) & 0xffffe000u;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
 
 // A or B operand: element (r, c) at p[r·ldm + c] (row_major) or p[c·ldm + r] (col_major).
 // Every WMMA call is warp-collective: the lanes meet first, so that no lane's store
@@ -215,16 +248,17 @@ template <typename T> void check_tile(const T *p, unsigned ldm) {
     }
 }
 
-template <typename Use, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout> &f, const T *p, unsigned ldm) {
+template <typename Use, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, K, T, Layout> &f, const typename stored<T>::type *p, unsigned ldm) {
     check_tile(p, ldm);
     warp_meets();
     constexpr bool row = std::is_same<Layout, row_major>::value;
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = load_value(row ? p[r * ldm + c] : p[c * ldm + r]);
+    constexpr int R = fragment<Use, 16, 16, K, T, Layout>::rows, C = fragment<Use, 16, 16, K, T, Layout>::cols;
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) f.x[r * C + c] = load_value(row ? p[r * ldm + c] : p[c * ldm + r]);
 }
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const float *p, unsigned ldm,
-                             layout_t layout) {
+template <int K>
+void load_matrix_sync(fragment<accumulator, 16, 16, K, float> &f, const float *p, unsigned ldm, layout_t layout) {
     check_tile(p, ldm);
     warp_meets();
     for (int r = 0; r < 16; ++r)
@@ -234,25 +268,37 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float> &f, const 
 // see the tile only after a warp or block barrier, as on the GPU, where each lane
 // writes its own share.
 int lane();
-inline void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, 16, float> &f, unsigned ldm,
-                              layout_t layout) {
+template <int K>
+void store_matrix_sync(float *p, const fragment<accumulator, 16, 16, K, float> &f, unsigned ldm, layout_t layout) {
     check_tile(p, ldm);
     warp_meets();
     if (lane() != 0) return;
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
 }
-template <typename T> void fill_fragment(fragment<accumulator, 16, 16, 16, T> &f, T v) {
+template <int K, typename T> void fill_fragment(fragment<accumulator, 16, 16, K, T> &f, T v) {
     for (float &e : f.x) e = v;
 }
-template <typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float> &d, const fragment<matrix_a, 16, 16, 16, T, LA> &a,
-              const fragment<matrix_b, 16, 16, 16, T, LB> &b, const fragment<accumulator, 16, 16, 16, float> &c) {
+// A tf32 operand must hold tf32 values (low 13 bits zero).
+template <typename Frag> void check_tf32(const Frag &f) {
+    for (float e : f.x) {
+        uint32_t u;
+        std::memcpy(&u, &e, 4);
+        if (std::isfinite(e) && (u & 0x1fffu) != 0) {
+            std::fprintf(stderr, "WMMA: a tf32 operand holds %.9g, not rounded by __float_to_tf32\n", e);
+            std::abort();
+        }
+    }
+}
+template <int K, typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, K, float> &d, const fragment<matrix_a, 16, 16, K, T, LA> &a,
+              const fragment<matrix_b, 16, 16, K, T, LB> &b, const fragment<accumulator, 16, 16, K, float> &c) {
+    if (std::is_same<T, precision::tf32>::value) check_tf32(a), check_tf32(b);
     float out[256];
     for (int r = 0; r < 16; ++r)
         for (int n = 0; n < 16; ++n) {
             float s = c.x[r * 16 + n];
-            for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + n];
+            for (int k = 0; k < K; ++k) s += a.x[r * K + k] * b.x[k * 16 + n];
             out[r * 16 + n] = s;
         }
     std::memcpy(d.x, out, sizeof out);

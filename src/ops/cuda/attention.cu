@@ -16,15 +16,15 @@
 //                 dS = P∘(dO Vᵀ − D); one block per (BK keys, b·heads + h)
 //   flash_dq:     dQ = s·Σ dS K; one block per (BQ query rows, b·heads + h)
 //
-// bf16 with d ≤ 80 takes the same three passes on tensor cores (flash_*_tc, WMMA
-// 16×16×16 products of bf16 tiles into f32; softmax, rescaling and the row sums in
-// f32 in shared memory; P and dS rounded to bf16 for their products, as flash
-// attention does in half precision).
+// bf16 with d ≤ 80 and f32 with d ≤ 64 take the same three passes on tensor cores
+// (flash_*_tc: WMMA products of bf16 tiles, or of f32 tiles as 3xTF32, into f32;
+// softmax, rescaling and the row sums in f32 in shared memory; in bf16, P and dS
+// rounded to bf16 for their products, as flash attention does in half precision).
 //
 // dQ has its own kernel rather than atomic adds from flash_dkdv, so every result
 // is the same from run to run. The plain kernels put the scale on Q as it is loaded
 // (the scores of s·Q are the scaled scores, and dK = dSᵀ (s·Q)); the tensor-core
-// ones keep Q in bf16 as given and scale the f32 scores (and dK) instead.
+// ones keep Q as given and scale the f32 scores (and dK) instead.
 //
 // tools/cuda_emu runs these kernels on the CPU (threads as coroutines, barriers
 // and WMMA calls as meeting points) against a double-precision reference: built as
@@ -314,217 +314,287 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     store_rows<T, BQ, DM>(dq + qo, dq_acc, q0, n, w, d, scale);
 }
 
-// ---- Tensor-core kernels (bf16; DM a multiple of 16 up to 80; BQ = BK = 32) ----
+// ---- Tensor-core kernels (BQ = BK = 32; DM a multiple of 16) ----
+//
+// bf16 (DM ≤ 80): WMMA 16×16×16 products of bf16 tiles into f32. f32 (DM ≤ 64):
+// 3xTF32, the split that PyTorch's fused attention uses for f32 on these GPUs
+// (CUTLASS's OpMultiplyAddFastF32): each operand x = big + small, both tf32, and
+// A·B ≈ A_small·B_big + A_big·B_small + A_big·B_big in 16×16×8 products, which keeps
+// f32's accuracy (the dropped small·small term is ~2⁻²² of the product) at tensor-core
+// speed. Softmax, rescaling and the row sums in f32 in shared memory either way.
 
 namespace tc {
 using namespace nvcuda;
 
-// Row strides in shared memory: bf16 rows padded by 8 and f32 rows by 4, which keeps
-// every 16×16 tile 32-byte aligned (WMMA's requirement) and staggers the banks.
-template <int W> struct Pad {
-    static constexpr int H = W + 8, F = W + 4;
+// Row strides in shared memory, in elements of T: rows padded by 16 bytes, which
+// keeps every 16×16 (and 16×8) tile 32-byte aligned (WMMA's requirement) and
+// staggers the banks.
+template <typename T, int W> __host__ __device__ constexpr int padded() { return W + 16 / (int)sizeof(T); }
+
+// One storage type's WMMA: the depth K of a product, its f32 accumulator fragment,
+// and acc += A·B for one 16×16 tile of C over K (A 16×K at a in layout LA, B K×16 at
+// b in LB, both in shared memory).
+template <typename T> struct Mma;
+
+template <> struct Mma<bf16> {
+    static constexpr int K = 16;
+    typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> Acc;
+    template <typename LA, typename LB>
+    static __device__ __forceinline__ void add(Acc &acc, const bf16 *a, int lda, const bf16 *b, int ldb) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
+        wmma::load_matrix_sync(fa, a, lda);
+        wmma::load_matrix_sync(fb, b, ldb);
+        wmma::mma_sync(acc, fa, fb, acc);
+    }
 };
 
-// Rows r0 .. r0 + R of one head into dst [R][Pad<DM>::H] as bf16, zeros past `rows` and d.
-template <int R, int DM>
-__device__ __forceinline__ void load_rows(bf16 *dst, const bf16 *src, int r0, int rows, long w, int d) {
+template <> struct Mma<float> {
+    static constexpr int K = 8;
+    typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> Acc;
+    // big ← tf32(x), small ← tf32(x − big), element by element (the same for every
+    // lane's share, whatever the fragment layout).
+    template <typename F> static __device__ __forceinline__ void split(F &big, F &small) {
+#pragma unroll
+        for (int i = 0; i < big.num_elements; ++i) {
+            const float x = big.x[i];
+            big.x[i] = wmma::__float_to_tf32(x);
+            small.x[i] = wmma::__float_to_tf32(x - big.x[i]);
+        }
+    }
+    template <typename LA, typename LB>
+    static __device__ __forceinline__ void add(Acc &acc, const float *a, int lda, const float *b, int ldb) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> a_big, a_small;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> b_big, b_small;
+        wmma::load_matrix_sync(a_big, a, lda);
+        wmma::load_matrix_sync(b_big, b, ldb);
+        split(a_big, a_small);
+        split(b_big, b_small);
+        // The small terms first, as CUTLASS does: they are added while acc is small.
+        wmma::mma_sync(acc, a_small, b_big, acc);
+        wmma::mma_sync(acc, a_big, b_small, acc);
+        wmma::mma_sync(acc, a_big, b_big, acc);
+    }
+};
+
+// Rows r0 .. r0 + R of one head into dst [R][padded<T, DM>] as T, zeros past `rows` and d.
+template <typename T, int R, int DM>
+__device__ __forceinline__ void load_rows(T *dst, const T *src, int r0, int rows, long w, int d) {
     for (int e = threadIdx.x; e < R * DM; e += FLASH_THREADS) {
         const int r = e / DM, c = e % DM;
-        dst[r * Pad<DM>::H + c] = (r0 + r < rows && c < d) ? src[(long)(r0 + r) * w + c] : __float2bfloat16(0.0f);
+        dst[r * padded<T, DM>() + c] = (r0 + r < rows && c < d) ? src[(long)(r0 + r) * w + c] : from_f32<T>(0.0f);
     }
 }
 
-// Where the 16×16 tile at (row r0, col c0) of an operand starts: element (r, c) at
+// Where the tile at (row r0, col c0) of an operand starts: element (r, c) at
 // p[r·ld + c] for row_major, p[c·ld + r] for col_major.
-template <typename L> __device__ __forceinline__ const bf16 *at(const bf16 *p, int ld, int r0, int c0) {
+template <typename L, typename T> __device__ __forceinline__ const T *at(const T *p, int ld, int r0, int c0) {
     return std::is_same<L, wmma::row_major>::value ? p + r0 * ld + c0 : p + c0 * ld + r0;
 }
 
 // C = A·B (or C += A·B) into f32 shared memory [M][ldc], over K, a 16×16 tile of C
 // per warp at a time; A is M×K, B is K×N, in the layouts LA, LB.
-template <typename LA, typename LB, int M, int N, int K>
-__device__ void product_to_shared(float *c, int ldc, const bf16 *a, int lda, const bf16 *b, int ldb, bool accumulate) {
+template <typename T, typename LA, typename LB, int M, int N, int K>
+__device__ void product_to_shared(float *c, int ldc, const T *a, int lda, const T *b, int ldb, bool accumulate) {
     const int warp = threadIdx.x / 32;
     for (int t = warp; t < (M / 16) * (N / 16); t += FLASH_THREADS / 32) {
         const int m0 = t / (N / 16) * 16, n0 = t % (N / 16) * 16;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        typename Mma<T>::Acc acc;
         if (accumulate)
             wmma::load_matrix_sync(acc, c + m0 * ldc + n0, ldc, wmma::mem_row_major);
         else
             wmma::fill_fragment(acc, 0.0f);
-        for (int k0 = 0; k0 < K; k0 += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-            wmma::load_matrix_sync(fa, at<LA>(a, lda, m0, k0), lda);
-            wmma::load_matrix_sync(fb, at<LB>(b, ldb, k0, n0), ldb);
-            wmma::mma_sync(acc, fa, fb, acc);
-        }
+        for (int k0 = 0; k0 < K; k0 += Mma<T>::K)
+            Mma<T>::template add<LA, LB>(acc, at<LA>(a, lda, m0, k0), lda, at<LB>(b, ldb, k0, n0), ldb);
         wmma::store_matrix_sync(c + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
     }
 }
 
 // An M×N f32 accumulator held in registers across a loop: warp w owns tiles w, w + 4, …
-template <int M, int N> struct Accumulator {
+template <typename T, int M, int N> struct Accumulator {
     static constexpr int TILES = (M / 16) * (N / 16), PER_WARP = (TILES + 3) / 4;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[PER_WARP];
+    typename Mma<T>::Acc acc[PER_WARP];
 
+    // Every loop over acc[] unrolls (no early exit), so that the fragments stay in
+    // registers: indexed at run time they would live in local memory.
     __device__ void zero() {
+#pragma unroll
         for (int i = 0; i < PER_WARP; ++i) wmma::fill_fragment(acc[i], 0.0f);
     }
 
-    // += A·B over K (A M×K in layout LA, B K×N in LB, both bf16 in shared memory).
-    template <typename LA, typename LB, int K>
-    __device__ void add(const bf16 *a, int lda, const bf16 *b, int ldb) {
+    // += A·B over K (A M×K in layout LA, B K×N in LB, both T in shared memory).
+    template <typename LA, typename LB, int K> __device__ void add(const T *a, int lda, const T *b, int ldb) {
         const int warp = threadIdx.x / 32;
+#pragma unroll
         for (int i = 0; i < PER_WARP; ++i) {
             const int t = warp + 4 * i;
-            if (t >= TILES) break;
+            if (t >= TILES) continue;
             const int m0 = t / (N / 16) * 16, n0 = t % (N / 16) * 16;
-            for (int k0 = 0; k0 < K; k0 += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-                wmma::load_matrix_sync(fa, at<LA>(a, lda, m0, k0), lda);
-                wmma::load_matrix_sync(fb, at<LB>(b, ldb, k0, n0), ldb);
-                wmma::mma_sync(acc[i], fa, fb, acc[i]);
-            }
+            for (int k0 = 0; k0 < K; k0 += Mma<T>::K)
+                Mma<T>::template add<LA, LB>(acc[i], at<LA>(a, lda, m0, k0), lda, at<LB>(b, ldb, k0, n0), ldb);
         }
     }
 
     // Rows r0 .. of one head (row i at dst[i·w]) times `scale`, through each warp's
-    // 16×16 f32 scratch tile; rows past `rows` and columns past d are not written.
-    __device__ void store(bf16 *dst, float *scratch, int r0, int rows, long w, int d, float scale) {
+    // 16×16 f32 scratch tile (4 KB in all); rows past `rows` and columns past d are
+    // not written.
+    __device__ void store(T *dst, float *scratch, int r0, int rows, long w, int d, float scale) {
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
         float *mine = scratch + warp * 256;
+#pragma unroll
         for (int i = 0; i < PER_WARP; ++i) {
             const int t = warp + 4 * i;
-            if (t >= TILES) break;
+            if (t >= TILES) continue;
             const int m0 = t / (N / 16) * 16, n0 = t % (N / 16) * 16;
             wmma::store_matrix_sync(mine, acc[i], 16, wmma::mem_row_major);
             __syncwarp();
             for (int e = lane; e < 256; e += 32) {
                 const int r = r0 + m0 + e / 16, c = n0 + e % 16;
-                if (r < rows && c < d) dst[(long)r * w + c] = __float2bfloat16(mine[e] * scale);
+                if (r < rows && c < d) dst[(long)r * w + c] = from_f32<T>(mine[e] * scale);
             }
             __syncwarp();
         }
     }
 };
 
+// Where P (and dS) go for their products: bf16 tiles of their own (rounded, as flash
+// attention does in half precision); for f32, the f32 scores they are computed from,
+// element by element in place (same index, same thread), which keeps the f32 kernels'
+// shared memory under 48 KB.
+template <typename T> __device__ __forceinline__ T *probs_tile(float *scores, T *own) {
+    if constexpr (std::is_same<T, float>::value)
+        return scores;
+    else
+        return own;
+}
+// The size of a P tile of its own: none needed for f32.
+template <typename T, int N> __host__ __device__ constexpr int own_probs() {
+    return std::is_same<T, float>::value ? 8 : N;
+}
+
 typedef wmma::row_major Row;
 typedef wmma::col_major Col;
 
-template <int DM, int BQ, int BK>
-__device__ void flash_fwd(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int n, int m, int heads,
-                          int d, float scale) {
-    constexpr int LH = Pad<DM>::H, LO = Pad<DM>::F, LS = Pad<BK>::F, LP = Pad<BK>::H;
-    __shared__ __align__(32) bf16 qs[BQ * LH], ks[BK * LH], vs[BK * LH], ps[BQ * LP];
+template <typename T, int DM, int BQ, int BK>
+__device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
+                          float scale) {
+    constexpr int LH = padded<T, DM>(), LO = padded<float, DM>(), LS = padded<float, BK>(), LP = padded<T, BK>();
+    __shared__ __align__(32) T qs[BQ * LH], ks[BK * LH], vs[BK * LH], ps_own[own_probs<T, BQ * LP>()];
     __shared__ __align__(32) float ss[BQ * LS], os[BQ * LO];
     __shared__ float row_max[BQ], row_sum[BQ], row_rescale[BQ];
+    T *ps = probs_tile<T>(ss, ps_own);
     const int t = threadIdx.x, bh = blockIdx.y, q0 = blockIdx.x * BQ;
     const long w = (long)heads * d;
     const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
-    load_rows<BQ, DM>(qs, q + qo, q0, n, w, d);
+    load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
     for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] = 0.0f;
     if (t < BQ) row_max[t] = -INFINITY, row_sum[t] = 0.0f;
     for (int k0 = 0; k0 < m; k0 += BK) {
-        load_rows<BK, DM>(ks, k + ko, k0, m, w, d);
-        load_rows<BK, DM>(vs, v + ko, k0, m, w, d);
+        load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+        load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
         __syncthreads();
-        product_to_shared<Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
+        product_to_shared<T, Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
         __syncthreads();
-        // The online softmax of s·Q Kᵀ, a row per thread (as in the f32 kernel).
+        // The online softmax of s·Q Kᵀ, a row per thread (as in the plain kernel).
         if (t < BQ)
             online_softmax_row<BK>(ss + t * LS, scale, m - k0, row_max[t], row_sum[t], row_rescale[t],
-                                   [&](int c, float p) { ps[t * LP + c] = __float2bfloat16(p); });
+                                   [&](int c, float p) { ps[t * LP + c] = from_f32<T>(p); });
         __syncthreads();
         for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] *= row_rescale[e / DM];
         __syncthreads();
-        product_to_shared<Row, Row, BQ, DM, BK>(os, LO, ps, LP, vs, LH, true);
+        product_to_shared<T, Row, Row, BQ, DM, BK>(os, LO, ps, LP, vs, LH, true);
         __syncthreads();
     }
     for (int e = t; e < BQ * DM; e += FLASH_THREADS) {
         const int r = e / DM, c = e % DM;
-        if (q0 + r < n && c < d) o[qo + (long)(q0 + r) * w + c] = __float2bfloat16(os[r * LO + c] / row_sum[r]);
+        if (q0 + r < n && c < d) o[qo + (long)(q0 + r) * w + c] = from_f32<T>(os[r * LO + c] / row_sum[r]);
     }
     if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] + logf(row_sum[t]);
 }
 
-// S = Q Kᵀ and dP = dO Vᵀ into ss and dps, then P = exp(s·S − lse) into ps and
-// dS = P∘(dP − D) into dss (bf16), zero for keys at or past `keys_left` and for
-// padded query rows (lse +inf).
-template <int DM, int BQ, int BK>
-__device__ __forceinline__ void probs_and_score_grads(bf16 *ps, bf16 *dss, float *ss, float *dps, const bf16 *qs,
-                                                      const bf16 *dos, const bf16 *ks, const bf16 *vs,
-                                                      const float *lse_s, const float *rowdot_s, int keys_left,
-                                                      float scale) {
-    constexpr int LH = Pad<DM>::H, LS = Pad<BK>::F, LP = Pad<BK>::H;
-    product_to_shared<Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
-    product_to_shared<Row, Col, BQ, BK, DM>(dps, LS, dos, LH, vs, LH, false);
+// S = Q Kᵀ and dP = dO Vᵀ into ss and dps, then P = exp(s·S − lse) into ps (unless
+// null: dQ needs only dS) and dS = P∘(dP − D) into dss, zero for keys at or past
+// `keys_left` and for padded query rows (lse +inf). For f32, ps and dss are ss and
+// dps themselves (probs_tile).
+template <typename T, int DM, int BQ, int BK>
+__device__ __forceinline__ void probs_and_score_grads(T *ps, T *dss, float *ss, float *dps, const T *qs, const T *dos,
+                                                      const T *ks, const T *vs, const float *lse_s,
+                                                      const float *rowdot_s, int keys_left, float scale) {
+    constexpr int LH = padded<T, DM>(), LS = padded<float, BK>(), LP = padded<T, BK>();
+    product_to_shared<T, Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
+    product_to_shared<T, Row, Col, BQ, BK, DM>(dps, LS, dos, LH, vs, LH, false);
     __syncthreads();
     for (int e = threadIdx.x; e < BQ * BK; e += FLASH_THREADS) {
         const int r = e / BK, c = e % BK;
         const float p = c < keys_left ? expf(ss[r * LS + c] * scale - lse_s[r]) : 0.0f;
-        if (ps) ps[r * LP + c] = __float2bfloat16(p);
-        dss[r * LP + c] = __float2bfloat16(p * (dps[r * LS + c] - rowdot_s[r]));
+        const float ds = p * (dps[r * LS + c] - rowdot_s[r]);
+        if (ps) ps[r * LP + c] = from_f32<T>(p);
+        dss[r * LP + c] = from_f32<T>(ds);
     }
 }
 
-template <int DM, int BQ, int BK>
-__device__ void flash_dkdv(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
-                           const float *rowdot, bf16 *dk, bf16 *dv, int n, int m, int heads, int d, float scale) {
-    constexpr int LH = Pad<DM>::H, LS = Pad<BK>::F, LP = Pad<BK>::H;
-    __shared__ __align__(32) bf16 qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH], ps[BQ * LP], dss[BQ * LP];
-    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS], scratch[4 * 256];
+template <typename T, int DM, int BQ, int BK>
+__device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
+                           T *dk, T *dv, int n, int m, int heads, int d, float scale) {
+    constexpr int LH = padded<T, DM>(), LS = padded<float, BK>(), LP = padded<T, BK>();
+    __shared__ __align__(32) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
+    __shared__ __align__(32) T ps_own[own_probs<T, BQ * LP>()], dss_own[own_probs<T, BQ * LP>()];
+    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS];
     __shared__ float lse_s[BQ], rowdot_s[BQ];
+    static_assert(BQ * LS >= 4 * 256, "the scores' tile is the stores' scratch");
+    T *ps = probs_tile<T>(ss, ps_own), *dss = probs_tile<T>(dps, dss_own);
     const int bh = blockIdx.y, k0 = blockIdx.x * BK;
     const long w = (long)heads * d;
     const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
-    load_rows<BK, DM>(ks, k + ko, k0, m, w, d);
-    load_rows<BK, DM>(vs, v + ko, k0, m, w, d);
-    Accumulator<BK, DM> dk_acc, dv_acc;
+    load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+    load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
+    Accumulator<T, BK, DM> dk_acc, dv_acc;
     dk_acc.zero();
     dv_acc.zero();
     for (int q0 = 0; q0 < n; q0 += BQ) {
-        load_rows<BQ, DM>(qs, q + qo, q0, n, w, d);
-        load_rows<BQ, DM>(dos, dout + qo, q0, n, w, d);
+        load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+        load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
         load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
         __syncthreads();
-        probs_and_score_grads<DM, BQ, BK>(ps, dss, ss, dps, qs, dos, ks, vs, lse_s, rowdot_s, m - k0, scale);
+        probs_and_score_grads<T, DM, BQ, BK>(ps, dss, ss, dps, qs, dos, ks, vs, lse_s, rowdot_s, m - k0, scale);
         __syncthreads();
         // dV += Pᵀ dO, dK += dSᵀ Q (·s at the end): Pᵀ and dSᵀ read column-major.
         dv_acc.template add<Col, Row, BQ>(ps, LP, dos, LH);
         dk_acc.template add<Col, Row, BQ>(dss, LP, qs, LH);
         __syncthreads();
     }
-    dk_acc.store(dk + ko, scratch, k0, m, w, d, scale);
-    dv_acc.store(dv + ko, scratch, k0, m, w, d, 1.0f);
+    // The loop's last barrier has passed: ss is free for the stores' scratch.
+    dk_acc.store(dk + ko, ss, k0, m, w, d, scale);
+    dv_acc.store(dv + ko, ss, k0, m, w, d, 1.0f);
 }
 
-template <int DM, int BQ, int BK>
-__device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,
-                         const float *rowdot, bf16 *dq, int n, int m, int heads, int d, float scale) {
-    constexpr int LH = Pad<DM>::H, LS = Pad<BK>::F, LP = Pad<BK>::H;
-    __shared__ __align__(32) bf16 qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH], dss[BQ * LP];
-    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS], scratch[4 * 256];
+template <typename T, int DM, int BQ, int BK>
+__device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
+                         T *dq, int n, int m, int heads, int d, float scale) {
+    constexpr int LH = padded<T, DM>(), LS = padded<float, BK>(), LP = padded<T, BK>();
+    __shared__ __align__(32) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH], dss_own[own_probs<T, BQ * LP>()];
+    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS];
     __shared__ float lse_s[BQ], rowdot_s[BQ];
+    static_assert(BQ * LS >= 4 * 256, "the scores' tile is the store's scratch");
+    T *dss = probs_tile<T>(dps, dss_own);
     const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
     const long w = (long)heads * d;
     const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
-    load_rows<BQ, DM>(qs, q + qo, q0, n, w, d);
-    load_rows<BQ, DM>(dos, dout + qo, q0, n, w, d);
+    load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
     load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
-    Accumulator<BQ, DM> dq_acc;
+    Accumulator<T, BQ, DM> dq_acc;
     dq_acc.zero();
     for (int k0 = 0; k0 < m; k0 += BK) {
-        load_rows<BK, DM>(ks, k + ko, k0, m, w, d);
-        load_rows<BK, DM>(vs, v + ko, k0, m, w, d);
+        load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+        load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
         __syncthreads();
-        probs_and_score_grads<DM, BQ, BK>(nullptr, dss, ss, dps, qs, dos, ks, vs, lse_s, rowdot_s, m - k0, scale);
+        probs_and_score_grads<T, DM, BQ, BK>(nullptr, dss, ss, dps, qs, dos, ks, vs, lse_s, rowdot_s, m - k0, scale);
         __syncthreads();
         dq_acc.template add<Row, Row, BK>(dss, LP, ks, LH);
         __syncthreads();
     }
-    dq_acc.store(dq + qo, scratch, q0, n, w, d, scale);
+    dq_acc.store(dq + qo, ss, q0, n, w, d, scale);
 }
 }  // namespace tc
 
@@ -557,27 +627,32 @@ __device__ void flash_dq(const bf16 *q, const bf16 *k, const bf16 *v, const bf16
 FLASH_TILES(FLASH_F32)
 FLASH_TILES(FLASH_BF16)
 
-// The tensor-core entry points: flash_{fwd,dkdv,dq}_tc_bf16_d{DM} for DM in
-// FLASH_TC_DIMS (sidscript: ops::attention::FLASH_TC_DIMS; query and key tiles 32).
+// The tensor-core entry points: flash_{fwd,dkdv,dq}_tc_{bf16,f32}_d{DM} for DM in
+// FLASH_TC_DIMS (bf16) and FLASH_TC_F32_DIMS (f32, whose tiles take twice the
+// shared memory: DM 80 would pass 48 KB); query and key tiles 32. sidscript:
+// ops::attention::FLASH_TC_DIMS and FLASH_TC_F32_DIMS.
 #define FLASH_TC_DIMS(X) X(32) X(48) X(64) X(80)
-#define FLASH_TC_KERNELS(DM)                                                                                         \
+#define FLASH_TC_F32_DIMS(X) X(32) X(48) X(64)
+#define FLASH_TC_KERNELS(T, TN, DM)                                                                                  \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
-        flash_fwd_tc_bf16_d##DM(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *lse, int n, int m,     \
-                                int heads, int d, float scale) {                                                     \
-        tc::flash_fwd<DM, 32, 32>(q, k, v, o, lse, n, m, heads, d, scale);                                           \
+        flash_fwd_tc_##TN##_d##DM(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads,     \
+                                  int d, float scale) {                                                              \
+        tc::flash_fwd<T, DM, 32, 32>(q, k, v, o, lse, n, m, heads, d, scale);                                        \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
-        flash_dkdv_tc_bf16_d##DM(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,    \
-                                 const float *rowdot, bf16 *dk, bf16 *dv, int n, int m, int heads, int d,            \
-                                 float scale) {                                                                      \
-        tc::flash_dkdv<DM, 32, 32>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                       \
+        flash_dkdv_tc_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,              \
+                                   const float *rowdot, T *dk, T *dv, int n, int m, int heads, int d, float scale) { \
+        tc::flash_dkdv<T, DM, 32, 32>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                    \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
-        flash_dq_tc_bf16_d##DM(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *dout, const float *lse,      \
-                               const float *rowdot, bf16 *dq, int n, int m, int heads, int d, float scale) {         \
-        tc::flash_dq<DM, 32, 32>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                             \
+        flash_dq_tc_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,                \
+                                 const float *rowdot, T *dq, int n, int m, int heads, int d, float scale) {          \
+        tc::flash_dq<T, DM, 32, 32>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                          \
     }
-FLASH_TC_DIMS(FLASH_TC_KERNELS)
+#define FLASH_TC_BF16(DM) FLASH_TC_KERNELS(bf16, bf16, DM)
+#define FLASH_TC_F32(DM) FLASH_TC_KERNELS(float, f32, DM)
+FLASH_TC_DIMS(FLASH_TC_BF16)
+FLASH_TC_F32_DIMS(FLASH_TC_F32)
 
 extern "C" __global__ void flash_rowdot_f32(const float *o, const float *dout, float *rowdot, int n, int heads, int d,
                                             int rows) {
