@@ -109,7 +109,7 @@ fn a_missing_barrier_fails_the_emulated_check() {
             "os[e / DM * LO + e % DM] *= row_rescale[e / DM];\n        __syncthreads();",
             "os[e / DM * LO + e % DM] *= row_rescale[e / DM];\n",
         ),
-        ("plain forward", "ss[t * LS + c] = p; });\n        __syncthreads();", "ss[t * LS + c] = p; });\n"),
+        ("plain forward", "ss[r * LS + c] = p; });\n        __syncthreads();", "ss[r * LS + c] = p; });\n"),
     ];
     for (i, (what, with, without)) in cuts.iter().enumerate() {
         // The first match: the plain kernels come before the tensor-core ones in the file.

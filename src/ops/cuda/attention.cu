@@ -130,25 +130,49 @@ __device__ __forceinline__ long head_offset(int bh, int len, int heads, int d) {
     return (long)(bh / heads) * len * w + (long)(bh % heads) * d;
 }
 
-// One query row's online-softmax step over a tile of BK scores s[c]·scale, keys at
-// or past `keys_left` masked: p = exp(s·scale − max) goes to put(c, p) (0 where
-// masked), and the row's running max, sum and rescale factor of the earlier
-// output are updated. Every tile has a key below m, so the new max is finite;
-// exp(−inf) = 0 rescales the empty start.
-template <int BK, typename Put>
-__device__ __forceinline__ void online_softmax_row(const float *s, float scale, int keys_left, float &row_max,
-                                                   float &row_sum, float &row_rescale, Put put) {
-    float mx = row_max;
-    for (int c = 0; c < BK && c < keys_left; ++c) mx = fmaxf(mx, s[c] * scale);
+// One online-softmax step over a BQ×BK tile of scores (row r at ss[r·ls]) times
+// `scale`, keys at or past `keys_left` masked. FLASH_THREADS / BQ threads share a
+// row (consecutive lanes of one warp, so that all 128 threads work rather than one
+// per row): each takes every TPR-th column, and the row's max and sum are reduced
+// over them with warp shuffles. p = exp(s·scale − max) goes to put(r, c, p) (0
+// where masked; put may overwrite the score it came from: each score is read and
+// written by its own thread alone), and the row's first thread updates its running
+// max, sum and the rescale factor of the earlier output. Every tile has a key below
+// m, so the new max is finite; exp(−inf) = 0 rescales the empty start.
+template <int BQ, int BK, typename Put>
+__device__ __forceinline__ void online_softmax(const float *ss, int ls, float scale, int keys_left, float *row_max,
+                                               float *row_sum, float *row_rescale, Put put) {
+    constexpr int TPR = FLASH_THREADS / BQ, COLS = BK / TPR;
+    static_assert(FLASH_THREADS % BQ == 0 && TPR <= 32 && BK % TPR == 0, "threads per row must split the row");
+    const int r = threadIdx.x / TPR, part = threadIdx.x % TPR;
+    const float *s = ss + r * ls;
+    const float old_max = row_max[r];
+    float mx = old_max;
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+        const int c = part + j * TPR;
+        if (c < keys_left) mx = fmaxf(mx, s[c] * scale);
+    }
+#pragma unroll
+    for (int lanes = 1; lanes < TPR; lanes *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, lanes));
     float sum = 0.0f;
-    for (int c = 0; c < BK; ++c) {
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+        const int c = part + j * TPR;
         const float p = c < keys_left ? expf(s[c] * scale - mx) : 0.0f;
-        put(c, p);
+        put(r, c, p);
         sum += p;
     }
-    row_rescale = expf(row_max - mx);
-    row_sum = row_sum * row_rescale + sum;
-    row_max = mx;
+#pragma unroll
+    for (int lanes = 1; lanes < TPR; lanes *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, lanes);
+    // Every thread of the row read old_max before the shuffles, which the row's
+    // lanes pass together: the write below cannot overtake a read.
+    if (part == 0) {
+        const float rescale = expf(old_max - mx);
+        row_rescale[r] = rescale;
+        row_sum[r] = row_sum[r] * rescale + sum;
+        row_max[r] = mx;
+    }
 }
 
 template <typename T, int DM, int BQ, int BK>
@@ -182,10 +206,9 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
                     ss[St::row(i) * LS + St::col(j)] = s[i][j];
         }
         __syncthreads();
-        // The online softmax, a row per thread.
-        if (t < BQ)
-            online_softmax_row<BK>(ss + t * LS, 1.0f, m - k0, row_max[t], row_sum[t], row_rescale[t],
-                                   [&](int c, float p) { ss[t * LS + c] = p; });
+        // The online softmax, in place.
+        online_softmax<BQ, BK>(ss, LS, 1.0f, m - k0, row_max, row_sum, row_rescale,
+                               [&](int r, int c, float p) { ss[r * LS + c] = p; });
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < Ot::RM; ++i) {
@@ -495,10 +518,9 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         __syncthreads();
         product_to_shared<T, Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
         __syncthreads();
-        // The online softmax of s·Q Kᵀ, a row per thread (as in the plain kernel).
-        if (t < BQ)
-            online_softmax_row<BK>(ss + t * LS, scale, m - k0, row_max[t], row_sum[t], row_rescale[t],
-                                   [&](int c, float p) { ps[t * LP + c] = from_f32<T>(p); });
+        // The online softmax of s·Q Kᵀ (as in the plain kernel).
+        online_softmax<BQ, BK>(ss, LS, scale, m - k0, row_max, row_sum, row_rescale,
+                               [&](int r, int c, float p) { ps[r * LP + c] = from_f32<T>(p); });
         __syncthreads();
         for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] *= row_rescale[e / DM];
         __syncthreads();
