@@ -7,6 +7,11 @@
 //! | `tf32` | TF32 tensor cores | IEEE f32 | f32 | f32 (PyTorch's defaults) |
 //! | `bf16` | bf16, f32 accumulate | bf16, f32 accumulate | f32 masters, bf16 teacher | bf16; norms and losses f32 (autocast, as SiD-DiT and DMD2) |
 //!
+//! f32 attention on CUDA with head dims to 64 runs on tensor cores in both f32 modes
+//! as 3xTF32 (operands split into two TF32 parts, three products: f32's accuracy),
+//! as PyTorch's fused attention does for f32 whatever its TF32 flags
+//! (`ops::attention`).
+//!
 //! The mode is process-wide (one training loop per process). TF32 exists only on
 //! CUDA (sm80+): on the CPU `tf32` computes as `f32`. `bf16` works on the CPU
 //! too, its matrix products in f32 from bf16 operands (`super::is_half_on_cpu`).
