@@ -127,6 +127,39 @@ fn attention(dev: &Device) -> common::TestResult {
 }
 test_device!(attention, attention_cpu, attention_cuda);
 
+/// Sums of bf16 and f16 tensors accumulate in f32 and round once, as PyTorch's do
+/// (candle's backends accumulate in the tensor's own dtype, where a running sum stops
+/// growing: vendor/candle-core patches `sum`): a sum over 4,096 values, and the
+/// gradient of a bias broadcast over batch and pixels — a broadcast's backward is
+/// such a sum, and a bf16 network's bias and time-embedding gradients are broadcast
+/// ones. Each within 2⁻⁸ of the f64 sum of the same half-precision values (the
+/// result's own rounding is 2⁻⁹ in bf16); accumulated in bf16 the CPU's sum was 40% off.
+fn half_precision_sums(dev: &Device) -> common::TestResult {
+    let mut rng = sidscript::rng::Generator::new(13);
+    let x = (randn(&mut rng, &[2, 32, 4096]) + 0.3)?;
+    let rel = |got: &Tensor, want: &Tensor| -> candle_core::Result<f64> {
+        let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        let err = (&got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        Ok(err / want.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?)
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        let xh = x.to_dtype(dtype)?.to_device(dev)?;
+        // The exact sums of the rounded values.
+        let xr = xh.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+        let e = rel(&xh.sum(2)?, &xr.sum(2)?)?;
+        assert!(e < 1.0 / 256.0, "{dtype:?} sum over 4,096 values off by {e:e}");
+        // y = x + bias (broadcast over batch and pixels); loss Σ y∘x, so ∂loss/∂bias = Σ x.
+        let bias = Var::from_tensor(&Tensor::zeros((32, 1), dtype, dev)?)?;
+        let y = xh.broadcast_add(bias.as_tensor())?;
+        let grads = (y * &xh)?.sum_all()?.backward()?;
+        let g = grads.get(bias.as_tensor()).expect("the bias got no gradient");
+        let e = rel(&g.flatten_all()?, &xr.sum(2)?.sum(0)?)?;
+        assert!(e < 1.0 / 256.0, "{dtype:?} broadcast gradient off by {e:e}");
+    }
+    Ok(())
+}
+test_device!(half_precision_sums, half_precision_sums_cpu, half_precision_sums_cuda);
+
 fn norms_geglu_linear(dev: &Device) -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(13);
     // Group norm [B, C, H·W] in 4 groups (short rows, and rows long enough for the

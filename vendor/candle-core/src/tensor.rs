@@ -961,13 +961,24 @@ impl Tensor {
 
     fn sum_impl<D: Dims>(&self, sum_dims: D, keepdim: bool) -> Result<Self> {
         let sum_dims = sum_dims.to_indexes(self.shape(), "sum")?;
-        let storage = self
-            .storage()
-            .reduce_op(ReduceOp::Sum, self.layout(), &sum_dims)?;
         let mut dims = self.dims().to_vec();
         for &sum_dim in sum_dims.iter() {
             dims[sum_dim] = 1
         }
+        // sidscript: half-precision sums accumulate in f32 (as PyTorch's do) and round
+        // once at the end. The backends accumulate in the tensor's own dtype, where a
+        // running sum stops growing once it is 2^8 times the terms (bf16: the sum of
+        // 4,096 values off by ~40% on the CPU); the bias and broadcast gradients of a
+        // bf16 network are such sums.
+        let storage = if matches!(self.dtype(), DType::BF16 | DType::F16) {
+            let wide = self.storage().to_dtype(self.layout(), DType::F32)?;
+            let wide_layout = Layout::contiguous(self.shape());
+            wide.reduce_op(ReduceOp::Sum, &wide_layout, &sum_dims)?
+                .to_dtype(&Layout::contiguous(dims.as_slice()), self.dtype())?
+        } else {
+            self.storage()
+                .reduce_op(ReduceOp::Sum, self.layout(), &sum_dims)?
+        };
         let op = BackpropOp::new1(self, |a| Op::Reduce(a, ReduceOp::Sum, dims.to_vec()));
         let sum = from_storage(storage, dims, op, false);
         if keepdim {
