@@ -21,7 +21,7 @@ fn build_and_run_with(name: &str, exe: &Path, flags: &[String], args: &[&str]) -
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let built = Command::new(&cxx)
-        .args(["-std=c++17", "-O2", "-w", "-DSIDSCRIPT_CPU_EMULATION"])
+        .args(["-std=c++17", "-O2", "-w", "-fno-strict-aliasing", "-DSIDSCRIPT_CPU_EMULATION"])
         .args(flags)
         .arg("-o")
         .arg(exe)
@@ -63,12 +63,36 @@ fn flash_attention_kernels() {
 /// or fault.
 #[test]
 fn flash_attention_kernels_stay_in_bounds() {
-    let exe = tmp("attention_check_asan");
-    let flags = ["-fsanitize=address,undefined".to_string(), "-fno-sanitize-recover=all".to_string(), "-g".to_string()];
-    let run = build_and_run_with("attention_check", &exe, &flags, &["--quick"]);
+    let run = sanitized_attention_check("attention_check_asan", &[], "--quick");
     let err = String::from_utf8_lossy(&run.stderr);
     println!("{}{err}", String::from_utf8_lossy(&run.stdout));
     assert!(run.status.success() && !err.contains("ERROR: AddressSanitizer"), "sanitizers report:\n{err}");
+}
+
+/// `attention_check` built with AddressSanitizer and UBSan (and `flags`) into `exe`,
+/// run with `mode` (`--quick`, or `--shifted` for the misaligned cases alone).
+fn sanitized_attention_check(exe: &str, flags: &[String], mode: &str) -> Output {
+    let mut all =
+        vec!["-fsanitize=address,undefined".to_string(), "-fno-sanitize-recover=all".to_string(), "-g".into()];
+    all.extend_from_slice(flags);
+    build_and_run_with("attention_check", &tmp(exe), &all, &[mode])
+}
+
+/// The tile loads take their 16-byte path only for aligned tensors: a copy of
+/// `attention.cu` without the alignment test, run under the sanitizers on tensors one
+/// element into their buffers, reports a misaligned 16-byte access (on the GPU, a
+/// fault).
+#[test]
+fn an_unaligned_16_byte_load_fails_the_sanitized_check() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
+    let test = " && reinterpret_cast<uintptr_t>(src) % 16 == 0) {";
+    assert!(src.contains(test), "the alignment test is not where this test expects it");
+    let cut = tmp("attention_unaligned.cu");
+    std::fs::write(&cut, src.replacen(test, ") {", 1)).unwrap();
+    let define = format!("-DATTENTION_CU=\"{}\"", cut.display());
+    let run = sanitized_attention_check("attention_unaligned", &[define], "--shifted");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("misaligned address"), "no misaligned access reported:\n{err}");
 }
 
 /// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp
@@ -106,8 +130,8 @@ fn a_missing_barrier_fails_the_emulated_check() {
     let cuts = [
         (
             "tensor-core forward",
-            "os[e / DM * LO + e % DM] *= row_rescale[e / DM];\n        __syncthreads();",
-            "os[e / DM * LO + e % DM] *= row_rescale[e / DM];\n",
+            "if (r != 1.0f) os[e / DM * LO + e % DM] *= r;\n        }\n        __syncthreads();",
+            "if (r != 1.0f) os[e / DM * LO + e % DM] *= r;\n        }\n",
         ),
         ("plain forward", "ss[r * LS + c] = p; });\n        __syncthreads();", "ss[r * LS + c] = p; });\n"),
     ];

@@ -14,15 +14,16 @@
 // some threads skip (CUDA: undefined behaviour) is an error here.
 //
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
-// __syncthreads, __launch_bounds__, bf16 conversions, math functions, integer min/max,
-// __shfl_xor_sync over a full warp) and the WMMA fragments of nvcuda::wmma for bf16
+// __syncthreads, __launch_bounds__, bf16 conversions, uint4, math functions, integer
+// min/max, __shfl_xor_sync over a full warp) and the WMMA fragments of nvcuda::wmma for bf16
 // 16×16×16 and tf32 16×16×8 products. A fragment here holds its whole tile in every
 // thread (on the GPU each lane holds a share in an unspecified layout), so kernels
 // may touch `x[i]` only uniformly over all i (a scale, a rounding), which both
 // layouts give the same meaning. Not atomics or timing.
 //
 // Use: include this, then the .cu file, in a C++17 program compiled with
-// -DSIDSCRIPT_CPU_EMULATION (attention_check.cpp, norm_check.cpp, adam_check.cpp).
+// -DSIDSCRIPT_CPU_EMULATION -fno-strict-aliasing (attention_check.cpp, norm_check.cpp,
+// adam_check.cpp).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -68,6 +69,14 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     u += 0x7fff + ((u >> 16) & 1);
     return {(uint16_t)(u >> 16)};
 }
+
+// CUDA's 16-byte vector, 16-byte aligned as there: UBSan (the check's sanitizer
+// build) reports a load or store of one at a misaligned address, which faults on
+// the GPU. Kernels that move other types through it need -fno-strict-aliasing here.
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 // CUDA's integer min and max (device functions there, unqualified).
 inline int min(int a, int b) { return a < b ? a : b; }

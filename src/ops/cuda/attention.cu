@@ -34,6 +34,7 @@
 #include <mma.h>
 #endif
 #include <math.h>
+#include <stdint.h>
 #include <type_traits>
 
 typedef __nv_bfloat16 bf16;
@@ -401,8 +402,23 @@ template <> struct Mma<float> {
 };
 
 // Rows r0 .. r0 + R of one head into dst [R][padded<T, DM>] as T, zeros past `rows` and d.
+// In 16-byte pieces (8 bf16 or 4 f32 values per load and store) when the head's rows
+// allow it — d and the row stride w multiples of a piece, the head 16-byte aligned,
+// the same for every thread of the block — else value by value: loading the tiles
+// is most of these kernels' instructions, and a piece is one instruction.
 template <typename T, int R, int DM>
 __device__ __forceinline__ void load_rows(T *dst, const T *src, int r0, int rows, long w, int d) {
+    constexpr int V = 16 / (int)sizeof(T), PIECES = DM / V;
+    static_assert(DM % V == 0, "padded rows hold whole pieces");
+    if (d % V == 0 && w % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+        for (int e = threadIdx.x; e < R * PIECES; e += FLASH_THREADS) {
+            const int r = e / PIECES, c = e % PIECES * V;
+            uint4 piece = make_uint4(0u, 0u, 0u, 0u);  // zero bits: 0.0 in bf16 and f32
+            if (r0 + r < rows && c < d) piece = *reinterpret_cast<const uint4 *>(src + (long)(r0 + r) * w + c);
+            *reinterpret_cast<uint4 *>(dst + r * padded<T, DM>() + c) = piece;
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < R * DM; e += FLASH_THREADS) {
         const int r = e / DM, c = e % DM;
         dst[r * padded<T, DM>() + c] = (r0 + r < rows && c < d) ? src[(long)(r0 + r) * w + c] : from_f32<T>(0.0f);
@@ -522,7 +538,11 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         online_softmax<BQ, BK>(ss, LS, scale, m - k0, row_max, row_sum, row_rescale,
                                [&](int r, int c, float p) { ps[r * LP + c] = from_f32<T>(p); });
         __syncthreads();
-        for (int e = t; e < BQ * DM; e += FLASH_THREADS) os[e / DM * LO + e % DM] *= row_rescale[e / DM];
+        // Rows whose max did not move (most, after the first tiles) keep their values.
+        for (int e = t; e < BQ * DM; e += FLASH_THREADS) {
+            const float r = row_rescale[e / DM];
+            if (r != 1.0f) os[e / DM * LO + e % DM] *= r;
+        }
         __syncthreads();
         product_to_shared<T, Row, Row, BQ, DM, BK>(os, LO, ps, LP, vs, LH, true);
         __syncthreads();
