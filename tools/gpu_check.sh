@@ -24,8 +24,8 @@
 #   eval    the evaluation bench (1,000 images at 512 px through gigagan-coco256
 #           preprocessing and the FID Inception; CLIP score at ViT-g-14's size)
 #   toy-bf16 the toy job in f32 and in bf16 on cuda:0 (TOY_ITERATIONS, default 600; TOY_MODES,
-#           default "f32 bf16", may add bf16-f32scores): the 1-step generator's alignment in each
-#           (bf16 should be within 0.03)
+#           default "f32 bf16", may add bf16-f32scores; TOY_SEEDS, default "0", e.g. "0 1"):
+#           the 1-step generator's alignment in each (bf16 should be within 0.03)
 #   runs-sd15, runs-sdxl
 #           real-size random-weight pipelines (scripts/make_random_pipeline.rhai), then
 #           distill_sd15 (tf32) and distill_sdxl (bf16, checkpointing) for 20 iterations
@@ -136,11 +136,17 @@ run)
         # TOY_MODES may add bf16-f32scores: the generator in bf16, the fake net and teacher in f32
         # (score_compute=f32, for comparison; on the CPU bf16 alone reached f32's alignment once a
         # bf16 net's norms stayed in f32: benches/GPU_RUNS.md).
-        for mode in ${TOY_MODES:-f32 bf16}; do
-            extra=(); [ $mode = bf16-f32scores ] && extra=(--set score_compute=f32)
-            step 150 .gpu/bin-sidscript run --device cuda:0 --precision ${mode%%-*} scripts/distill_toy.rhai \
-                --set iterations=${TOY_ITERATIONS:-600} --set teacher_eval=false --set out=/tmp/toy-$mode "${extra[@]}"
-            grep -E "^\| generator \| 1 \|" /tmp/toy-$mode/report.md | sed "s/^/$mode: /" | tee -a "$results"
+        # One seed's gap is mostly noise (on the CPU f32 itself moved 0.07 between seeds 0 and 1):
+        # TOY_SEEDS="0 1" compares the average.
+        for seed in ${TOY_SEEDS:-0}; do
+            for mode in ${TOY_MODES:-f32 bf16}; do
+                extra=(); [ $mode = bf16-f32scores ] && extra=(--set score_compute=f32)
+                step 150 .gpu/bin-sidscript run --device cuda:0 --seed $seed --precision ${mode%%-*} \
+                    scripts/distill_toy.rhai --set iterations=${TOY_ITERATIONS:-600} --set teacher_eval=false \
+                    --set out=/tmp/toy-$mode-$seed "${extra[@]}"
+                grep -E "^\| generator \| 1 \|" /tmp/toy-$mode-$seed/report.md | sed "s/^/$mode seed $seed: /" \
+                    | tee -a "$results"
+            done
         done
         ;;
     ops)
