@@ -36,6 +36,17 @@ fn tmp(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
+/// A copy of `attention.cu` with its first `with` (`what`, for the message) replaced by
+/// `without`, written as `{name}.cu`: the `-DATTENTION_CU=…` flag that builds
+/// `attention_check` against it.
+fn altered_attention(name: &str, what: &str, with: &str, without: &str) -> String {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
+    assert!(src.contains(with), "{what} is not where this test expects it");
+    let cut = tmp(&format!("{name}.cu"));
+    std::fs::write(&cut, src.replacen(with, without, 1)).unwrap();
+    format!("-DATTENTION_CU=\"{}\"", cut.display())
+}
+
 /// Runs `tools/cuda_emu/{name}.cpp` and returns its report, failing if any case is off.
 fn passes(name: &str) -> String {
     let run = build_and_run(name, &tmp(name), &[]);
@@ -84,12 +95,8 @@ fn sanitized_attention_check(exe: &str, flags: &[String], mode: &str) -> Output 
 /// fault).
 #[test]
 fn an_unaligned_16_byte_load_fails_the_sanitized_check() {
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
     let test = " && reinterpret_cast<uintptr_t>(src) % 16 == 0) {";
-    assert!(src.contains(test), "the alignment test is not where this test expects it");
-    let cut = tmp("attention_unaligned.cu");
-    std::fs::write(&cut, src.replacen(test, ") {", 1)).unwrap();
-    let define = format!("-DATTENTION_CU=\"{}\"", cut.display());
+    let define = altered_attention("attention_unaligned", "the alignment test", test, ") {");
     let run = sanitized_attention_check("attention_unaligned", &[define], "--shifted");
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && err.contains("misaligned address"), "no misaligned access reported:\n{err}");
@@ -126,7 +133,6 @@ fn a_wrong_chunk_merge_fails_the_emulated_norm_check() {
 /// after the plain kernel's online softmax — fails it.
 #[test]
 fn a_missing_barrier_fails_the_emulated_check() {
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
     let cuts = [
         (
             "tensor-core forward",
@@ -137,10 +143,7 @@ fn a_missing_barrier_fails_the_emulated_check() {
     ];
     for (i, (what, with, without)) in cuts.iter().enumerate() {
         // The first match: the plain kernels come before the tensor-core ones in the file.
-        assert!(src.contains(with), "{what}: the barrier to remove is not where this test expects it");
-        let cut = tmp(&format!("attention_cut{i}.cu"));
-        std::fs::write(&cut, src.replacen(with, without, 1)).unwrap();
-        let define = format!("-DATTENTION_CU=\"{}\"", cut.display());
+        let define = altered_attention(&format!("attention_cut{i}"), &format!("{what}: the barrier"), with, without);
         let run = build_and_run("attention_check", &tmp(&format!("attention_cut{i}")), &[define]);
         assert!(!run.status.success(), "{what}: a barrier removed, yet the emulated check passed");
     }
@@ -151,12 +154,8 @@ fn a_missing_barrier_fails_the_emulated_check() {
 /// operands of 11 significant bits — fails the check's f32 tolerance.
 #[test]
 fn one_pass_tf32_fails_the_emulated_check() {
-    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ops/cuda/attention.cu")).unwrap();
     let small_terms = "wmma::mma_sync(acc, a_small, b_big, acc);\n        wmma::mma_sync(acc, a_big, b_small, acc);\n";
-    assert!(src.contains(small_terms), "the 3xTF32 products are not where this test expects them");
-    let cut = tmp("attention_1xtf32.cu");
-    std::fs::write(&cut, src.replacen(small_terms, "", 1)).unwrap();
-    let define = format!("-DATTENTION_CU=\"{}\"", cut.display());
+    let define = altered_attention("attention_1xtf32", "the 3xTF32 products", small_terms, "");
     let run = build_and_run("attention_check", &tmp("attention_1xtf32"), &[define]);
     let out = String::from_utf8_lossy(&run.stdout);
     assert!(!run.status.success(), "1xTF32 products, yet the emulated check passed:\n{out}");
