@@ -12,6 +12,7 @@ pub mod cli;
 pub mod device;
 pub mod diffusion;
 pub mod dist;
+pub mod env_switch;
 pub mod error;
 pub mod eval;
 pub mod host;

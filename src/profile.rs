@@ -20,31 +20,23 @@
 //! sidscript::profile::set_enabled(false);
 //! ```
 
+use crate::env_switch::EnvSwitch;
 use candle_core::Device;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// 0: not yet read from the environment; 1: off; 2: on.
-static STATE: AtomicU8 = AtomicU8::new(0);
+static ENABLED: EnvSwitch = EnvSwitch::new("SIDSCRIPT_PROFILE", false);
 static TOTALS: Mutex<Option<HashMap<&'static str, (u64, f64)>>> = Mutex::new(None);
 
 /// Whether spans are timed: [`set_enabled`]'s last value, else `SIDSCRIPT_PROFILE=1`.
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("SIDSCRIPT_PROFILE").is_ok_and(|v| v == "1" || v == "true");
-            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-        s => s == 2,
-    }
+    ENABLED.on()
 }
 
 /// Turns timing on or off (what has been gathered stays until [`reset`]).
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Forgets the gathered totals.

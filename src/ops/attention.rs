@@ -26,6 +26,7 @@ use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
 use super::{contiguous, has_cpu_kernel, in_f32, is_half_on_cpu, precomputed_cuda_fwd, upcast, Precomputed};
+use crate::env_switch::EnvSwitch;
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
 use gemm::Parallelism::None as Serial;
@@ -468,24 +469,15 @@ fn flash_tc_dim(d: usize, dtype: DType) -> Option<usize> {
 /// switch it with `set_flash_tensor_cores`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn flash_tensor_cores() -> bool {
-    match FLASH_TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => false,
-        1 => true,
-        _ => {
-            let on = std::env::var("SIDSCRIPT_FLASH_TENSOR_CORES").map_or(true, |v| v != "0");
-            FLASH_TENSOR_CORES.store(on as u8, std::sync::atomic::Ordering::Relaxed);
-            on
-        }
-    }
+    FLASH_TENSOR_CORES.on()
 }
-/// 0 off, 1 on, 2 not yet read from the environment.
-static FLASH_TENSOR_CORES: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+static FLASH_TENSOR_CORES: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_TENSOR_CORES", true);
 
 /// Turns the flash kernels' tensor-core paths on or off for the rest of the process
 /// (the `ops` bench times both; `SIDSCRIPT_FLASH_TENSOR_CORES=0` is the same from
 /// the environment).
 pub fn set_flash_tensor_cores(on: bool) {
-    FLASH_TENSOR_CORES.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+    FLASH_TENSOR_CORES.set(on);
 }
 
 /// The smallest padded head dim of the flash kernels that holds `d`, with its tiles.
@@ -499,9 +491,8 @@ fn flash_tiles(d: usize) -> Option<(usize, u32, u32)> {
 /// compare).
 #[cfg(feature = "cuda")]
 fn takes_flash(q: &Tensor, d: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("SIDSCRIPT_FLASH_ATTENTION").map_or(true, |v| v != "0"));
-    on && q.device().is_cuda() && matches!(q.dtype(), DType::F32 | DType::BF16) && flash_tiles(d).is_some()
+    static ON: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_ATTENTION", true);
+    ON.on() && q.device().is_cuda() && matches!(q.dtype(), DType::F32 | DType::BF16) && flash_tiles(d).is_some()
 }
 #[cfg(not(feature = "cuda"))]
 fn takes_flash(_: &Tensor, _: usize) -> bool {

@@ -148,8 +148,8 @@ const FILTER_ALGOS: [sys::cudnnConvolutionBwdFilterAlgo_t; 6] = {
 
 /// Whether passes time cuDNN's algorithms on first use (`SIDSCRIPT_CUDNN_BENCHMARK`, default on).
 fn benchmark() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SIDSCRIPT_CUDNN_BENCHMARK").map_or(true, |v| v != "0"))
+    static ON: crate::env_switch::EnvSwitch = crate::env_switch::EnvSwitch::new("SIDSCRIPT_CUDNN_BENCHMARK", true);
+    ON.on()
 }
 
 /// The pass's algorithm: the cached choice, or on the first run (benchmark on) the
