@@ -7,58 +7,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{expected_as, fixture, max_abs};
-use sidscript::diffusion::condition::Condition;
+use common::{fixture, max_abs, UnetInputs};
 use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::unet::Unet;
 use sidscript::train::param::{backward, params_from, Param};
 use std::sync::Arc;
 
-struct Inputs {
-    x: Arc<Param>,
-    ctx: Arc<Param>,
-    pooled: Option<Arc<Param>>,
-    time_ids: Option<Tensor>,
-    t: Tensor,
-    weight: Tensor,
-}
-
-impl Inputs {
-    fn new(fx: &str, dev: &Device) -> Self {
-        let e: std::collections::HashMap<String, Tensor> =
-            expected_as(fx, Some(DType::F64)).into_iter().map(|(k, v)| (k, v.to_device(dev).unwrap())).collect();
-        let x = e["unet.x"].clone();
-        let weight = sidscript::rng::Generator::new(3).randn(x.dims(), DType::F64, dev).unwrap();
-        Self {
-            x: Param::new(&x, "x").unwrap(),
-            ctx: Param::new(&e["unet.context"], "context").unwrap(),
-            pooled: e.get("unet.text_embeds").map(|p| Param::new(p, "pooled").unwrap()),
-            time_ids: e.get("unet.time_ids").cloned(),
-            t: e["unet.t"].clone(),
-            weight,
-        }
-    }
-
-    fn all(&self) -> Vec<&Arc<Param>> {
-        [Some(&self.x), Some(&self.ctx), self.pooled.as_ref()].into_iter().flatten().collect()
-    }
-
-    fn output(&self, unet: &Unet) -> Tensor {
-        let cond = Condition {
-            context: self.ctx.tensor().clone(),
-            pooled: self.pooled.as_ref().map(|p| p.tensor().clone()),
-            time_ids: self.time_ids.clone(),
-        };
-        unet.forward(self.x.tensor(), &self.t, &cond).unwrap().sample
-    }
-
-    fn loss(&self, unet: &Unet) -> Tensor {
-        (self.output(unet) * &self.weight).unwrap().sum_all().unwrap()
-    }
-}
-
 /// Backpropagates through `unet` and returns the gradients of `params`, then clears them.
-fn grads(unet: &Unet, inputs: &Inputs, params: &[&Arc<Param>]) -> Vec<Tensor> {
+fn grads(unet: &Unet, inputs: &UnetInputs, params: &[&Arc<Param>]) -> Vec<Tensor> {
     backward(&inputs.loss(unet)).unwrap();
     let g = params.iter().map(|p| p.grad().unwrap_or_else(|| panic!("{}: no gradient", p.name()))).collect();
     params.iter().for_each(|p| p.zero_grad());
@@ -81,7 +37,7 @@ fn same_gradients(fx: &str, dev: &Device) {
     let plain = base.with_weights(map).unwrap();
     let checkpointed = plain.with_checkpointing(true);
     assert!(checkpointed.checkpointing() && !plain.checkpointing());
-    let inputs = Inputs::new(fx, dev);
+    let inputs = UnetInputs::new(fx, dev);
 
     // The forward is the same computation.
     assert_eq!(max_abs(&inputs.output(&plain), &inputs.output(&checkpointed)), 0.0, "{fx}: outputs differ");
@@ -120,7 +76,7 @@ fn plain_candle_backward_over_a_checkpointed_net_is_an_error() {
     let base = Unet::load(&fixture("tiny-sd15"), &LoadOptions::new(DType::F64, &Device::Cpu)).unwrap();
     let (map, _weights) = params_from(base.named_weights()).unwrap();
     let unet = base.with_weights(map).unwrap().with_checkpointing(true);
-    let inputs = Inputs::new("tiny-sd15", &Device::Cpu);
+    let inputs = UnetInputs::new("tiny-sd15", &Device::Cpu);
     let err = inputs.loss(&unet).backward().unwrap_err().to_string();
     assert!(err.contains("checkpoint"), "unexpected error: {err}");
 }

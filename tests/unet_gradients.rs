@@ -5,8 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{expected_as, fixture};
-use sidscript::diffusion::condition::Condition;
+use common::{fixture, UnetInputs};
 use sidscript::diffusion::model::{Component, LoadOptions};
 use sidscript::diffusion::unet::Unet;
 use sidscript::train::param::{backward, params_from, Param};
@@ -16,37 +15,20 @@ use std::sync::Arc;
 struct Setup {
     unet: Unet,
     params: HashMap<String, Arc<Param>>,
-    x: Arc<Param>,
-    ctx: Arc<Param>,
-    pooled: Option<Arc<Param>>,
-    time_ids: Option<Tensor>,
-    t: Tensor,
-    weight: Tensor,
+    inputs: UnetInputs,
 }
 
 impl Setup {
     fn new(fx: &str) -> Self {
-        let e = expected_as(fx, Some(DType::F64));
         let base = Unet::load(&fixture(fx), &LoadOptions::new(DType::F64, &Device::Cpu)).unwrap();
         let (map, params) = params_from(base.named_weights()).unwrap();
         let unet = base.with_weights(map).unwrap();
         let params = params.into_iter().map(|p| (p.name(), p)).collect();
-        let x = Param::new(&e["unet.x"], "x").unwrap();
-        let ctx = Param::new(&e["unet.context"], "context").unwrap();
-        let pooled = e.get("unet.text_embeds").map(|p| Param::new(p, "pooled").unwrap());
-        let time_ids = e.get("unet.time_ids").cloned();
-        let weight = sidscript::rng::Generator::new(3).randn(e["unet.x"].dims(), DType::F64, &Device::Cpu).unwrap();
-        Self { unet, params, x, ctx, pooled, time_ids, t: e["unet.t"].clone(), weight }
+        Self { unet, params, inputs: UnetInputs::new(fx, &Device::Cpu) }
     }
 
     fn loss(&self) -> Tensor {
-        let cond = Condition {
-            context: self.ctx.tensor().clone(),
-            pooled: self.pooled.as_ref().map(|p| p.tensor().clone()),
-            time_ids: self.time_ids.clone(),
-        };
-        let out = self.unet.forward(self.x.tensor(), &self.t, &cond).unwrap();
-        (out.sample * &self.weight).unwrap().sum_all().unwrap()
+        self.inputs.loss(&self.unet)
     }
 
     fn value(&self) -> f64 {
@@ -88,9 +70,9 @@ fn run(fx: &str, names: &[&str]) {
         let p = s.params.get(*name).unwrap_or_else(|| panic!("no weight {name}"));
         s.check(p, name);
     }
-    s.check(&s.x, "latent input");
-    s.check(&s.ctx, "text condition");
-    if let Some(p) = &s.pooled {
+    s.check(&s.inputs.x, "latent input");
+    s.check(&s.inputs.ctx, "text condition");
+    if let Some(p) = &s.inputs.pooled {
         s.check(p, "pooled text");
     }
     // Every weight receives a gradient, and not only zeros.

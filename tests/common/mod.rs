@@ -3,8 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use rhai::{Dynamic, Scope};
+use sidscript::diffusion::condition::Condition;
+use sidscript::diffusion::unet::Unet;
 use sidscript::host::{Host, HostOptions, TensorHandle};
 use sidscript::train::Param;
+use std::sync::Arc;
 
 /// Writes a test once and instantiates it per device: `name_cpu` always,
 /// `name_cuda` in builds with the cuda feature (as candle's `test_device!`).
@@ -242,4 +245,55 @@ pub fn tiny_open_clip_folder(tag: &str) -> std::path::PathBuf {
         ("open_clip_config.json", &meta["open_clip_config"]),
         ("open_clip_model.safetensors", procedural_clip(&meta["open_clip_shapes"])),
     )
+}
+
+/// A UNet fixture's inputs (`unet.*` of its expected.safetensors) in f64 on `dev`,
+/// the latent, text condition and pooled text as parameters (their gradients are
+/// read), and a fixed random weight: the loss sum(weight · output) has a gradient
+/// that is no simple function of the output.
+pub struct UnetInputs {
+    pub x: Arc<Param>,
+    pub ctx: Arc<Param>,
+    pub pooled: Option<Arc<Param>>,
+    pub time_ids: Option<Tensor>,
+    pub t: Tensor,
+    pub weight: Tensor,
+}
+
+impl UnetInputs {
+    /// Reads fixture `fx`'s inputs onto `dev`.
+    pub fn new(fx: &str, dev: &Device) -> Self {
+        let e: std::collections::HashMap<String, Tensor> =
+            expected_as(fx, Some(DType::F64)).into_iter().map(|(k, v)| (k, v.to_device(dev).unwrap())).collect();
+        let x = e["unet.x"].clone();
+        let weight = sidscript::rng::Generator::new(3).randn(x.dims(), DType::F64, dev).unwrap();
+        Self {
+            x: Param::new(&x, "x").unwrap(),
+            ctx: Param::new(&e["unet.context"], "context").unwrap(),
+            pooled: e.get("unet.text_embeds").map(|p| Param::new(p, "pooled").unwrap()),
+            time_ids: e.get("unet.time_ids").cloned(),
+            t: e["unet.t"].clone(),
+            weight,
+        }
+    }
+
+    /// The inputs that are parameters.
+    pub fn all(&self) -> Vec<&Arc<Param>> {
+        [Some(&self.x), Some(&self.ctx), self.pooled.as_ref()].into_iter().flatten().collect()
+    }
+
+    /// The UNet's prediction for these inputs.
+    pub fn output(&self, unet: &Unet) -> Tensor {
+        let cond = Condition {
+            context: self.ctx.tensor().clone(),
+            pooled: self.pooled.as_ref().map(|p| p.tensor().clone()),
+            time_ids: self.time_ids.clone(),
+        };
+        unet.forward(self.x.tensor(), &self.t, &cond).unwrap().sample
+    }
+
+    /// sum(weight · output).
+    pub fn loss(&self, unet: &Unet) -> Tensor {
+        (self.output(unet) * &self.weight).unwrap().sum_all().unwrap()
+    }
 }
