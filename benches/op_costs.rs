@@ -154,13 +154,15 @@ fn benches() {
     );
     // Attention, forward and forward + backward of Σ out·w. On CUDA at the UNets'
     // largest shapes (64×64 tokens): SD1.5's first level (8 heads of 40) in f32 and
-    // SDXL's second (10 heads of 64) in bf16 (on the CPU one such call takes seconds);
+    // SDXL's second (10 heads of 64) in bf16 (on the CPU one such call takes seconds),
+    // and SD1.5's second level (32×32 tokens, 8 heads of 80: f32's key tiles of 16);
     // on the CPU at the first level of the ¼-width SD1.5 bench (32×32 tokens, 8 heads
     // of 10).
     let attention_rows = if dev.is_cuda() {
         vec![
             ("attention fwd [1,4096,8×40] f32", false, 4096, 8, 40, candle_core::DType::F32),
             ("attention fwd+bwd [1,4096,8×40] f32", true, 4096, 8, 40, candle_core::DType::F32),
+            ("attention fwd+bwd [1,1024,8×80] f32", true, 1024, 8, 80, candle_core::DType::F32),
             ("attention fwd [1,4096,10×64] bf16", false, 4096, 10, 64, candle_core::DType::BF16),
             ("attention fwd+bwd [1,4096,10×64] bf16", true, 4096, 10, 64, candle_core::DType::BF16),
         ]

@@ -369,6 +369,7 @@ def op_costs(ops, nodes, reps):
             "conv3×3 fwd+bwd [1,320,64,64]": conv((1, 320, 64, 64), True),
             "attention fwd [1,4096,8×40] f32": attention(8, 40, torch.float32, False),
             "attention fwd+bwd [1,4096,8×40] f32": attention(8, 40, torch.float32, True),
+            "attention fwd+bwd [1,1024,8×80] f32": attention(8, 80, torch.float32, True, 1024),
             "attention fwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, False),
             "attention fwd+bwd [1,4096,10×64] bf16": attention(10, 64, torch.bfloat16, True),
         }

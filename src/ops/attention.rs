@@ -10,8 +10,8 @@
 //! On CUDA, f32 and bf16 with head dims up to 160 take flash-attention kernels
 //! (`cuda/attention.cu`, the `flash` module below): the forward keeps each query
 //! row's log-sum-exp, the backward recomputes the probabilities tile by tile, and
-//! no score matrix is ever stored. bf16 with d ≤ 80 and f32 with d ≤ 64 (SD1.5's
-//! 40, SDXL's 64) run on tensor cores, f32 as 3xTF32 (f32's accuracy; PyTorch's
+//! no score matrix is ever stored. bf16 and f32 with d ≤ 80 (SD1.5's 40 and 80,
+//! SDXL's 64) run on tensor cores, f32 as 3xTF32 (f32's accuracy; PyTorch's
 //! fused attention does the same for f32); `SIDSCRIPT_FLASH_TENSOR_CORES=0` keeps
 //! them on the plain kernels, to compare. Other dtypes and head dims, or all of them with
 //! `SIDSCRIPT_FLASH_ATTENTION=0`, take a form built from candle ops (`Blockwise`):
@@ -443,28 +443,28 @@ pub fn supported(x: &Tensor) -> bool {
 const FLASH_TILES: [(usize, u32, u32); 6] =
     [(32, 32, 32), (40, 32, 32), (64, 32, 32), (80, 32, 16), (128, 16, 16), (160, 16, 16)];
 
-/// The padded head dims of the tensor-core flash kernels (tiles of 32 query rows
-/// and 32 keys) for bf16 and for f32 (3xTF32), as `FLASH_TC_DIMS` and
-/// `FLASH_TC_F32_DIMS` in `cuda/attention.cu` build them.
+/// The padded head dims of the tensor-core flash kernels with their tiles (query
+/// rows, keys), for bf16 and for f32 (3xTF32), as `FLASH_TC_TILES` and
+/// `FLASH_TC_F32_TILES` in `cuda/attention.cu` build them.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_TC_DIMS: [usize; 4] = [32, 48, 64, 80];
+const FLASH_TC_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), (64, 32, 32), (80, 32, 32)];
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_TC_F32_DIMS: [usize; 3] = [32, 48, 64];
+const FLASH_TC_F32_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), (64, 32, 32), (80, 32, 16)];
 
 /// The smallest padded head dim of the tensor-core flash kernels that holds `d` in
-/// `dtype`, if any.
+/// `dtype`, with its tiles, if any.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn flash_tc_dim(d: usize, dtype: DType) -> Option<usize> {
-    let dims: &[usize] = match dtype {
-        DType::BF16 => &FLASH_TC_DIMS,
-        DType::F32 => &FLASH_TC_F32_DIMS,
+fn flash_tc_tiles(d: usize, dtype: DType) -> Option<(usize, u32, u32)> {
+    let tiles: &[(usize, u32, u32)] = match dtype {
+        DType::BF16 => &FLASH_TC_TILES,
+        DType::F32 => &FLASH_TC_F32_TILES,
         _ => &[],
     };
-    dims.iter().copied().find(|&dm| d <= dm)
+    tiles.iter().copied().find(|&(dm, ..)| d <= dm)
 }
 
-/// Whether the flash kernels take tensor cores where they have them (bf16 with
-/// d ≤ 80, f32 with d ≤ 64 as 3xTF32): on unless `SIDSCRIPT_FLASH_TENSOR_CORES=0`,
+/// Whether the flash kernels take tensor cores where they have them (bf16 and f32
+/// with d ≤ 80, f32 as 3xTF32): on unless `SIDSCRIPT_FLASH_TENSOR_CORES=0`,
 /// which keeps every head dim on the plain (FMA) kernels, to compare; the benches
 /// switch it with `set_flash_tensor_cores`.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -577,20 +577,21 @@ mod flash {
     }
 
     /// The kernel for this head dim and dtype, with its tiles (query rows, keys):
-    /// `{name}_tc_{dtype}_d{DM}` on tensor cores for bf16 with d ≤ 80 and f32 with
-    /// d ≤ 64 (unless `flash_tensor_cores` is off), else `{name}_{dtype}_d{DM}`.
+    /// `{name}_tc_{dtype}_d{DM}` on tensor cores for bf16 and f32 with d ≤ 80 (unless
+    /// `flash_tensor_cores` is off), else `{name}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
         name: &str,
         g: &Geom,
         dtype: DType,
     ) -> candle_core::Result<(CudaFunction, u32, u32)> {
-        let tc = super::flash_tc_dim(g.d, dtype).filter(|_| super::flash_tensor_cores());
-        let (full, bq, bk) = match (tc, super::flash_tiles(g.d)) {
-            (Some(dm), _) => (format!("{name}_tc_{}_d{dm}", dtype_name(dtype)?), 32, 32),
-            (None, Some((dm, bq, bk))) => (format!("{name}_{}_d{dm}", dtype_name(dtype)?), bq, bk),
+        let tc = super::flash_tc_tiles(g.d, dtype).filter(|_| super::flash_tensor_cores());
+        let (kind, (dm, bq, bk)) = match (tc, super::flash_tiles(g.d)) {
+            (Some(tiles), _) => ("tc_", tiles),
+            (None, Some(tiles)) => ("", tiles),
             (None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
         };
+        let full = format!("{name}_{kind}{}_d{dm}", dtype_name(dtype)?);
         let f = dev.get_or_load_custom_func(&full, "sidscript_attention", PTX)?;
         Ok((f.into_cuda_function(), bq, bk))
     }
@@ -807,27 +808,26 @@ mod tests {
     #[test]
     fn flash_tiles_match_the_kernels() {
         let src = include_str!("cuda/attention.cu");
-        let line = src.lines().find(|l| l.starts_with("#define FLASH_TILES(X)")).expect("FLASH_TILES in attention.cu");
-        let built: Vec<(usize, u32, u32)> = line
-            .split("X(")
-            .skip(1)
-            .map(|t| {
-                let v: Vec<u32> = t.split(')').next().unwrap().split(',').map(|x| x.trim().parse().unwrap()).collect();
-                (v[0] as usize, v[1], v[2])
-            })
-            .collect();
-        assert_eq!(built, FLASH_TILES);
-        let dims = |name: &str| -> Vec<usize> {
+        let built = |name: &str| -> Vec<(usize, u32, u32)> {
             let line = src.lines().find(|l| l.starts_with(&format!("#define {name}(X)"))).expect(name);
-            line.split("X(").skip(1).map(|t| t.split(')').next().unwrap().parse().unwrap()).collect()
+            line.split("X(")
+                .skip(1)
+                .map(|t| {
+                    let v: Vec<u32> =
+                        t.split(')').next().unwrap().split(',').map(|x| x.trim().parse().unwrap()).collect();
+                    (v[0] as usize, v[1], v[2])
+                })
+                .collect()
         };
-        assert_eq!(dims("FLASH_TC_DIMS"), FLASH_TC_DIMS);
-        assert_eq!(dims("FLASH_TC_F32_DIMS"), FLASH_TC_F32_DIMS);
-        assert_eq!(flash_tc_dim(40, DType::BF16), Some(48));
-        assert_eq!(flash_tc_dim(40, DType::F32), Some(48));
-        assert_eq!(flash_tc_dim(80, DType::BF16), Some(80));
-        assert_eq!(flash_tc_dim(80, DType::F32), None);
-        assert_eq!(flash_tc_dim(40, DType::F16), None);
+        assert_eq!(built("FLASH_TILES"), FLASH_TILES);
+        assert_eq!(built("FLASH_TC_TILES"), FLASH_TC_TILES);
+        assert_eq!(built("FLASH_TC_F32_TILES"), FLASH_TC_F32_TILES);
+        assert_eq!(flash_tc_tiles(40, DType::BF16), Some((48, 32, 32)));
+        assert_eq!(flash_tc_tiles(40, DType::F32), Some((48, 32, 32)));
+        assert_eq!(flash_tc_tiles(80, DType::BF16), Some((80, 32, 32)));
+        assert_eq!(flash_tc_tiles(80, DType::F32), Some((80, 32, 16)));
+        assert_eq!(flash_tc_tiles(81, DType::F32), None);
+        assert_eq!(flash_tc_tiles(40, DType::F16), None);
         assert_eq!(flash_tiles(8), Some((32, 32, 32)));
         assert_eq!(flash_tiles(100), Some((128, 16, 16)));
         assert_eq!(flash_tiles(161), None);

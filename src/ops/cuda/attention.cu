@@ -16,7 +16,7 @@
 //                 dS = P∘(dO Vᵀ − D); one block per (BK keys, b·heads + h)
 //   flash_dq:     dQ = s·Σ dS K; one block per (BQ query rows, b·heads + h)
 //
-// bf16 with d ≤ 80 and f32 with d ≤ 64 take the same three passes on tensor cores
+// bf16 and f32 with d ≤ 80 take the same three passes on tensor cores
 // (flash_*_tc: WMMA products of bf16 tiles, or of f32 tiles as 3xTF32, into f32;
 // softmax, rescaling and the row sums in f32 in shared memory; in bf16, P and dS
 // rounded to bf16 for their products, as flash attention does in half precision).
@@ -338,9 +338,9 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     store_rows<T, BQ, DM>(dq + qo, dq_acc, q0, n, w, d, scale);
 }
 
-// ---- Tensor-core kernels (BQ = BK = 32; DM a multiple of 16) ----
+// ---- Tensor-core kernels (BQ, BK and DM multiples of 16) ----
 //
-// bf16 (DM ≤ 80): WMMA 16×16×16 products of bf16 tiles into f32. f32 (DM ≤ 64):
+// bf16 (DM ≤ 80): WMMA 16×16×16 products of bf16 tiles into f32. f32 (DM ≤ 80):
 // 3xTF32, the split that PyTorch's fused attention uses for f32 on these GPUs
 // (CUTLASS's OpMultiplyAddFastF32): each operand x = big + small, both tf32, and
 // A·B ≈ A_small·B_big + A_big·B_small + A_big·B_big in 16×16×8 products, which keeps
@@ -581,9 +581,11 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     constexpr int LH = padded<T, DM>(), LS = padded<float, BK>(), LP = padded<T, BK>();
     __shared__ __align__(32) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
     __shared__ __align__(32) T ps_own[own_probs<T, BQ * LP>()], dss_own[own_probs<T, BQ * LP>()];
-    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS];
+    // S and dP, one after the other: together the stores' scratch (4 KB) at the end.
+    __shared__ __align__(32) float scores[2 * BQ * LS];
     __shared__ float lse_s[BQ], rowdot_s[BQ];
-    static_assert(BQ * LS >= 4 * 256, "the scores' tile is the stores' scratch");
+    static_assert(2 * BQ * LS >= 4 * 256, "the scores' tiles are the stores' scratch");
+    float *ss = scores, *dps = scores + BQ * LS;
     T *ps = probs_tile<T>(ss, ps_own), *dss = probs_tile<T>(dps, dss_own);
     const int bh = blockIdx.y, k0 = blockIdx.x * BK;
     const long w = (long)heads * d;
@@ -605,9 +607,9 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
         dk_acc.template add<Col, Row, BQ>(dss, LP, qs, LH);
         __syncthreads();
     }
-    // The loop's last barrier has passed: ss is free for the stores' scratch.
-    dk_acc.store(dk + ko, ss, k0, m, w, d, scale);
-    dv_acc.store(dv + ko, ss, k0, m, w, d, 1.0f);
+    // The loop's last barrier has passed: the scores' tiles are free for the stores' scratch.
+    dk_acc.store(dk + ko, scores, k0, m, w, d, scale);
+    dv_acc.store(dv + ko, scores, k0, m, w, d, 1.0f);
 }
 
 template <typename T, int DM, int BQ, int BK>
@@ -615,9 +617,11 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
                          T *dq, int n, int m, int heads, int d, float scale) {
     constexpr int LH = padded<T, DM>(), LS = padded<float, BK>(), LP = padded<T, BK>();
     __shared__ __align__(32) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH], dss_own[own_probs<T, BQ * LP>()];
-    __shared__ __align__(32) float ss[BQ * LS], dps[BQ * LS];
+    // S and dP, one after the other: together the store's scratch (4 KB) at the end.
+    __shared__ __align__(32) float scores[2 * BQ * LS];
     __shared__ float lse_s[BQ], rowdot_s[BQ];
-    static_assert(BQ * LS >= 4 * 256, "the scores' tile is the store's scratch");
+    static_assert(2 * BQ * LS >= 4 * 256, "the scores' tiles are the store's scratch");
+    float *ss = scores, *dps = scores + BQ * LS;
     T *dss = probs_tile<T>(dps, dss_own);
     const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
     const long w = (long)heads * d;
@@ -636,7 +640,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
         dq_acc.template add<Row, Row, BK>(dss, LP, ks, LH);
         __syncthreads();
     }
-    dq_acc.store(dq + qo, ss, q0, n, w, d, scale);
+    dq_acc.store(dq + qo, scores, q0, n, w, d, scale);
 }
 }  // namespace tc
 
@@ -669,32 +673,33 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 FLASH_TILES(FLASH_F32)
 FLASH_TILES(FLASH_BF16)
 
-// The tensor-core entry points: flash_{fwd,dkdv,dq}_tc_{bf16,f32}_d{DM} for DM in
-// FLASH_TC_DIMS (bf16) and FLASH_TC_F32_DIMS (f32, whose tiles take twice the
-// shared memory: DM 80 would pass 48 KB); query and key tiles 32. sidscript:
-// ops::attention::FLASH_TC_DIMS and FLASH_TC_F32_DIMS.
-#define FLASH_TC_DIMS(X) X(32) X(48) X(64) X(80)
-#define FLASH_TC_F32_DIMS(X) X(32) X(48) X(64)
-#define FLASH_TC_KERNELS(T, TN, DM)                                                                                  \
+// The tensor-core entry points: flash_{fwd,dkdv,dq}_tc_{bf16,f32}_d{DM}, X(DM, BQ, BK)
+// for each padded head dim of FLASH_TC_TILES (bf16) and FLASH_TC_F32_TILES (f32,
+// whose tiles take twice the shared memory: at DM 80 the key tiles are 16, as 32
+// would pass 48 KB in the backward). sidscript: ops::attention::FLASH_TC_TILES and
+// FLASH_TC_F32_TILES.
+#define FLASH_TC_TILES(X) X(32, 32, 32) X(48, 32, 32) X(64, 32, 32) X(80, 32, 32)
+#define FLASH_TC_F32_TILES(X) X(32, 32, 32) X(48, 32, 32) X(64, 32, 32) X(80, 32, 16)
+#define FLASH_TC_KERNELS(T, TN, DM, BQ, BK)                                                                          \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
         flash_fwd_tc_##TN##_d##DM(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads,     \
                                   int d, float scale) {                                                              \
-        tc::flash_fwd<T, DM, 32, 32>(q, k, v, o, lse, n, m, heads, d, scale);                                        \
+        tc::flash_fwd<T, DM, BQ, BK>(q, k, v, o, lse, n, m, heads, d, scale);                                        \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
         flash_dkdv_tc_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,              \
                                    const float *rowdot, T *dk, T *dv, int n, int m, int heads, int d, float scale) { \
-        tc::flash_dkdv<T, DM, 32, 32>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                    \
+        tc::flash_dkdv<T, DM, BQ, BK>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                    \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
         flash_dq_tc_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,                \
                                  const float *rowdot, T *dq, int n, int m, int heads, int d, float scale) {          \
-        tc::flash_dq<T, DM, 32, 32>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                          \
+        tc::flash_dq<T, DM, BQ, BK>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                          \
     }
-#define FLASH_TC_BF16(DM) FLASH_TC_KERNELS(bf16, bf16, DM)
-#define FLASH_TC_F32(DM) FLASH_TC_KERNELS(float, f32, DM)
-FLASH_TC_DIMS(FLASH_TC_BF16)
-FLASH_TC_F32_DIMS(FLASH_TC_F32)
+#define FLASH_TC_BF16(DM, BQ, BK) FLASH_TC_KERNELS(bf16, bf16, DM, BQ, BK)
+#define FLASH_TC_F32(DM, BQ, BK) FLASH_TC_KERNELS(float, f32, DM, BQ, BK)
+FLASH_TC_TILES(FLASH_TC_BF16)
+FLASH_TC_F32_TILES(FLASH_TC_F32)
 
 extern "C" __global__ void flash_rowdot_f32(const float *o, const float *dout, float *rowdot, int n, int heads, int d,
                                             int rows) {
