@@ -172,16 +172,22 @@ fn benches() {
             ("attention fwd+bwd [1,1024,8×10] f32", true, 1024, 8, 10, candle_core::DType::F32),
         ]
     };
-    // On CUDA each row also without tensor cores ("… plain": the FMA kernels), the
-    // difference the tensor-core paths (bf16, and f32 as 3xTF32) make.
-    let tensor_core_modes: &[bool] = if dev.is_cuda() { &[true, false] } else { &[true] };
-    for &tensor_cores in tensor_core_modes {
+    // On CUDA each row also with the forward on WMMA through shared memory ("… wmma",
+    // as the backward) rather than mma.sync with the scores in registers, and without
+    // tensor cores ("… plain": the FMA kernels): the difference each path makes.
+    let kernel_modes: &[(&str, bool, bool)] = if dev.is_cuda() {
+        &[("", true, true), (" wmma", true, false), (" plain", false, false)]
+    } else {
+        &[("", true, true)]
+    };
+    for &(suffix, tensor_cores, mma) in kernel_modes {
         sidscript::ops::attention::set_flash_tensor_cores(tensor_cores);
+        sidscript::ops::attention::set_flash_mma(mma);
         for &(name, fwd_bwd, tokens, heads, d, dtype) in &attention_rows {
             let [q, k, v, w] = [0; 4].map(|_| randn(&[1, tokens, heads * d]).to_dtype(dtype).unwrap());
             let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
             let scale = 1.0 / (d as f64).sqrt();
-            let label = if tensor_cores { name.to_string() } else { format!("{name} plain") };
+            let label = format!("{name}{suffix}");
             row(
                 &label,
                 per_call(&dev, HEAVY_OPS, || {
@@ -195,6 +201,7 @@ fn benches() {
         }
     }
     sidscript::ops::attention::set_flash_tensor_cores(true);
+    sidscript::ops::attention::set_flash_mma(true);
     // 3×3 convolutions (padding 1, with bias), forward and forward + backward of
     // Σ y·w with x, W and b tracked. On CUDA at SD1.5's first level; on the CPU at the
     // tiny bench's two levels (64 and 128 channels, batch 4), where the patch matrix

@@ -58,11 +58,12 @@ fn passes(name: &str) -> String {
 
 /// Flash attention forward and backward (`src/ops/cuda/attention.cu`): output,
 /// log-sum-exp, dQ, dK, dV for every padded head dim, f32, bf16, and both on tensor
-/// cores (WMMA: bf16, and f32 as 3xTF32, held to f32's tolerance).
+/// cores (WMMA: bf16, and f32 as 3xTF32, held to f32's tolerance; and the forward on
+/// mma.sync with the scores in registers).
 #[test]
 fn flash_attention_kernels() {
     let out = passes("attention_check");
-    for family in ["f32 ", "bf16 ", "bf16-tc", "f32-tc"] {
+    for family in ["f32 ", "bf16 ", "bf16-tc", "f32-tc", "bf16-mma", "f32-mma"] {
         assert!(out.contains(family), "the {family:?} kernels did not run:\n{out}");
     }
 }
@@ -160,6 +161,45 @@ fn one_pass_tf32_fails_the_emulated_check() {
     let out = String::from_utf8_lossy(&run.stdout);
     assert!(!run.status.success(), "1xTF32 products, yet the emulated check passed:\n{out}");
     assert!(out.lines().any(|l| l.starts_with("f32-tc") && l.ends_with("OFF")), "no f32-tc case off:\n{out}");
+}
+
+/// A copy of `attention.cu` with `with` replaced by `without` fails the check of the
+/// mma.sync forwards (`--mma`), in `family`.
+fn fails_the_mma_check(exe: &str, family: &str, what: &str, with: &str, without: &str) {
+    let define = altered_attention(exe, what, with, without);
+    let run = build_and_run_with("attention_check", &tmp(exe), &[define], &["--mma"]);
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "{what} altered, yet the emulated check passed:\n{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with(family) && l.ends_with("OFF")),
+        "{what} altered: no {family} case off:\n{out}"
+    );
+}
+
+/// The mma.sync forward depends on the fragment layouts that the PTX ISA gives (the
+/// emulator's tables, written apart from the kernels' index arithmetic): with P·V's
+/// keys in plain order for tf32 (whose A operand holds columns t and t + 4, not the
+/// accumulator's 2t and 2t + 1) the f32 forward fails the check.
+#[test]
+fn the_tf32_key_order_matters_to_the_emulated_check() {
+    let key_order = "return k < 4 ? 2 * k : 2 * (k - 4) + 1;";
+    fails_the_mma_check("attention_mma_keys", "f32-mma", "the tf32 key order", key_order, "return k;");
+}
+
+/// Likewise with bf16's A rows taken from the wrong bit of the element index (rows and
+/// column halves swapped).
+#[test]
+fn the_bf16_fragment_rows_matter_to_the_emulated_check() {
+    let rows = "return g + ((i >> 1) & 1) * 8;";
+    fails_the_mma_check("attention_mma_rows", "bf16-mma", "bf16's A rows", rows, "return g + (i >> 2) * 8;");
+}
+
+/// The four threads that hold a row must agree on its max: without the second max
+/// shuffle the f32 forward fails the check.
+#[test]
+fn a_missing_max_shuffle_fails_the_emulated_check() {
+    let shuffle = "mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));\n";
+    fails_the_mma_check("attention_mma_shuffle", "f32-mma", "the second max shuffle", shuffle, "");
 }
 
 /// Adam over a whole parameter group in one launch (`src/ops/cuda/adam.cu`): every

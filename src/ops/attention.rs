@@ -12,7 +12,9 @@
 //! row's log-sum-exp, the backward recomputes the probabilities tile by tile, and
 //! no score matrix is ever stored. bf16 and f32 with d ≤ 80 (SD1.5's 40 and 80,
 //! SDXL's 64) run on tensor cores, f32 as 3xTF32 (f32's accuracy; PyTorch's
-//! fused attention does the same for f32); `SIDSCRIPT_FLASH_TENSOR_CORES=0` keeps
+//! fused attention does the same for f32); their forward runs on warp-level
+//! products (mma.sync) with the scores in registers (`SIDSCRIPT_FLASH_MMA=0`: on
+//! WMMA through shared memory, as the backward); `SIDSCRIPT_FLASH_TENSOR_CORES=0` keeps
 //! them on the plain kernels, to compare. Other dtypes and head dims, or all of them with
 //! `SIDSCRIPT_FLASH_ATTENTION=0`, take a form built from candle ops (`Blockwise`):
 //! the forward runs off the graph in blocks of query rows and is handed to the op,
@@ -451,6 +453,29 @@ const FLASH_TC_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), (64,
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_TC_F32_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), (64, 32, 32), (80, 32, 16)];
 
+/// The padded head dims of the forward on warp-level tensor-core products
+/// (mma.sync, scores in registers; query tiles of 64) with their key tiles, for bf16
+/// and f32 (3xTF32), as `FLASH_MMA_TILES` and `FLASH_MMA_F32_TILES` in
+/// `cuda/attention.cu` build them.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_MMA_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 64), (80, 64)];
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_MMA_F32_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 32), (80, 32)];
+/// The mma.sync forward's query rows per block (4 warps of 16).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_MMA_QUERY_TILE: u32 = 64;
+
+/// The smallest padded head dim of the mma.sync forward that holds `d` in `dtype`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn flash_mma_dim(d: usize, dtype: DType) -> Option<usize> {
+    let tiles: &[(usize, u32)] = match dtype {
+        DType::BF16 => &FLASH_MMA_TILES,
+        DType::F32 => &FLASH_MMA_F32_TILES,
+        _ => &[],
+    };
+    tiles.iter().map(|&(dm, _)| dm).find(|&dm| d <= dm)
+}
+
 /// The smallest padded head dim of the tensor-core flash kernels that holds `d` in
 /// `dtype`, with its tiles, if any.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -472,6 +497,21 @@ fn flash_tensor_cores() -> bool {
     FLASH_TENSOR_CORES.on()
 }
 static FLASH_TENSOR_CORES: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_TENSOR_CORES", true);
+
+/// Whether the forward takes the mma.sync kernels where tensor cores are on and
+/// they have the head dim (on unless `SIDSCRIPT_FLASH_MMA=0`, which keeps the
+/// forward on the WMMA kernels, to compare).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn flash_mma() -> bool {
+    FLASH_MMA.on()
+}
+static FLASH_MMA: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_MMA", true);
+
+/// Turns the mma.sync forward on or off for the rest of the process (the `ops`
+/// bench times both).
+pub fn set_flash_mma(on: bool) {
+    FLASH_MMA.set(on);
+}
 
 /// Turns the flash kernels' tensor-core paths on or off for the rest of the process
 /// (the `ops` bench times both; `SIDSCRIPT_FLASH_TENSOR_CORES=0` is the same from
@@ -596,6 +636,23 @@ mod flash {
         Ok((f.into_cuda_function(), bq, bk))
     }
 
+    /// The forward's kernel and query tile: `flash_fwd_mma_{dtype}_d{DM}` where
+    /// tensor cores and `flash_mma` are on and it has the head dim, else as `kernel`.
+    fn forward_kernel(
+        dev: &candle_core::CudaDevice,
+        g: &Geom,
+        dtype: DType,
+    ) -> candle_core::Result<(CudaFunction, u32)> {
+        match super::flash_mma_dim(g.d, dtype).filter(|_| super::flash_tensor_cores() && super::flash_mma()) {
+            Some(dm) => {
+                let name = format!("flash_fwd_mma_{}_d{dm}", dtype_name(dtype)?);
+                let f = dev.get_or_load_custom_func(&name, "sidscript_attention", PTX)?;
+                Ok((f.into_cuda_function(), super::FLASH_MMA_QUERY_TILE))
+            }
+            None => kernel(dev, "flash_fwd", g, dtype).map(|(f, bq, _)| (f, bq)),
+        }
+    }
+
     fn blocks(len: usize, tile: u32, g: &Geom) -> LaunchConfig {
         let tiles = len.div_ceil(tile as usize).max(1) as u32;
         LaunchConfig { grid_dim: (tiles, g.tasks() as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
@@ -631,7 +688,7 @@ mod flash {
         v: Operand,
     ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
         let dev = q.0.device.clone();
-        let (f, bq, _) = kernel(&dev, "flash_fwd", g, q.0.dtype())?;
+        let (f, bq) = forward_kernel(&dev, g, q.0.dtype())?;
         let stream = dev.cuda_stream();
         // SAFETY: the kernel writes every output element and every row's lse.
         let mut out = unsafe { stream.alloc::<T>(g.batch * g.n * g.width()) }.map_err(candle_core::Error::wrap)?;
@@ -808,20 +865,25 @@ mod tests {
     #[test]
     fn flash_tiles_match_the_kernels() {
         let src = include_str!("cuda/attention.cu");
-        let built = |name: &str| -> Vec<(usize, u32, u32)> {
+        // The numbers of each X(…) of `#define name(X)`.
+        let lists = |name: &str| -> Vec<Vec<u32>> {
             let line = src.lines().find(|l| l.starts_with(&format!("#define {name}(X)"))).expect(name);
-            line.split("X(")
-                .skip(1)
-                .map(|t| {
-                    let v: Vec<u32> =
-                        t.split(')').next().unwrap().split(',').map(|x| x.trim().parse().unwrap()).collect();
-                    (v[0] as usize, v[1], v[2])
-                })
-                .collect()
+            let list = |t: &str| t.split(')').next().unwrap().split(',').map(|x| x.trim().parse().unwrap()).collect();
+            line.split("X(").skip(1).map(list).collect()
         };
-        assert_eq!(built("FLASH_TILES"), FLASH_TILES);
-        assert_eq!(built("FLASH_TC_TILES"), FLASH_TC_TILES);
-        assert_eq!(built("FLASH_TC_F32_TILES"), FLASH_TC_F32_TILES);
+        let triples = |name: &str| -> Vec<(usize, u32, u32)> {
+            lists(name).iter().map(|v| (v[0] as usize, v[1], v[2])).collect()
+        };
+        let pairs = |name: &str| -> Vec<(usize, u32)> { lists(name).iter().map(|v| (v[0] as usize, v[1])).collect() };
+        assert_eq!(triples("FLASH_TILES"), FLASH_TILES);
+        assert_eq!(triples("FLASH_TC_TILES"), FLASH_TC_TILES);
+        assert_eq!(triples("FLASH_TC_F32_TILES"), FLASH_TC_F32_TILES);
+        assert_eq!(pairs("FLASH_MMA_TILES"), FLASH_MMA_TILES);
+        assert_eq!(pairs("FLASH_MMA_F32_TILES"), FLASH_MMA_F32_TILES);
+        assert!(src.contains(&format!("constexpr int BQ = {FLASH_MMA_QUERY_TILE};")), "the mma forward's query tile");
+        assert_eq!(flash_mma_dim(40, DType::F32), Some(48));
+        assert_eq!(flash_mma_dim(80, DType::BF16), Some(80));
+        assert_eq!(flash_mma_dim(81, DType::BF16), None);
         assert_eq!(flash_tc_tiles(40, DType::BF16), Some((48, 32, 32)));
         assert_eq!(flash_tc_tiles(40, DType::F32), Some((48, 32, 32)));
         assert_eq!(flash_tc_tiles(80, DType::BF16), Some((80, 32, 32)));

@@ -29,6 +29,7 @@ template <typename T> struct Kernels {
                  int, float);
     void (*dq)(const T *, const T *, const T *, const T *, const float *, const float *, T *, int, int, int, int,
                float);
+    int fwd_bq = 0;  // the forward's query tile, when not bq
 };
 
 #define ENTRY_F32(DM, BQ, BK) Kernels<float>{DM, BQ, BK, flash_fwd_f32_d##DM, flash_dkdv_f32_d##DM, flash_dq_f32_d##DM},
@@ -44,6 +45,33 @@ const Kernels<float> TC_F32[] = {FLASH_TC_F32_TILES(ENTRY_TC_F32)};
 template <typename T, size_t N> const Kernels<T> *pick(const Kernels<T> (&table)[N], int d) {
     for (auto &k : table)
         if (d <= k.dm) return &k;
+    return nullptr;
+}
+
+// The forwards on mma.sync (query tiles of 64), each checked with the tensor-core
+// backward of its head dim.
+template <typename T> struct Forward {
+    int dm;
+    void (*fwd)(const T *, const T *, const T *, T *, float *, int, int, int, int, float);
+};
+#define ENTRY_MMA(DM, BK) Forward<bf16>{DM, flash_fwd_mma_bf16_d##DM},
+#define ENTRY_MMA_F32(DM, BK) Forward<float>{DM, flash_fwd_mma_f32_d##DM},
+const Forward<bf16> MMA[] = {FLASH_MMA_TILES(ENTRY_MMA)};
+const Forward<float> MMA_F32[] = {FLASH_MMA_F32_TILES(ENTRY_MMA_F32)};
+
+// The tensor-core kernels for head dim d with the forward from `forwards`.
+template <typename T, size_t N, size_t M>
+const Kernels<T> *with_mma(const Kernels<T> (&tc)[N], const Forward<T> (&forwards)[M], int d) {
+    static std::vector<Kernels<T>> kept;  // the returned pointers stay valid (reserve below)
+    kept.reserve(64);
+    Kernels<T> k = *pick(tc, d);
+    for (auto &f : forwards)
+        if (d <= f.dm) {
+            if (f.dm != k.dm) std::abort();  // the two tables pad d alike
+            k.fwd = f.fwd, k.fwd_bq = 64;
+            kept.push_back(k);
+            return &kept.back();
+        }
     return nullptr;
 }
 
@@ -134,7 +162,9 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
         std::vector<float> lse(rows), rowdot(rows);
         const dim3 block{FLASH_THREADS, 1, 1};
         const unsigned bh = c.batch * c.heads, qt = (c.n + kern->bq - 1) / kern->bq, kt = (c.m + kern->bk - 1) / kern->bk;
-        ok &= emu::launch({qt, bh, 1}, block, [&] { kern->fwd(qp, kp, vp, o.data(), lse.data(), c.n, c.m, c.heads, c.d, scale); }, order);
+        const int fwd_bq = kern->fwd_bq ? kern->fwd_bq : kern->bq;
+        const unsigned fwd_qt = (c.n + fwd_bq - 1) / fwd_bq;
+        ok &= emu::launch({fwd_qt, bh, 1}, block, [&] { kern->fwd(qp, kp, vp, o.data(), lse.data(), c.n, c.m, c.heads, c.d, scale); }, order);
         ok &= emu::launch({(unsigned)(rows + 127) / 128, 1, 1}, {128, 1, 1}, [&] { flash_rowdot<T>(o.data(), gop, rowdot.data(), c.n, c.heads, c.d, rows); }, order);
         ok &= emu::launch({kt, bh, 1}, block, [&] { kern->dkdv(qp, kp, vp, gop, lse.data(), rowdot.data(), dk.data(), dv.data(), c.n, c.m, c.heads, c.d, scale); }, order);
         ok &= emu::launch({qt, bh, 1}, block, [&] { kern->dq(qp, kp, vp, gop, lse.data(), rowdot.data(), dq.data(), c.n, c.m, c.heads, c.d, scale); }, order);
@@ -142,8 +172,8 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
                                emu::rel_err(widen(dk), want.dk), emu::rel_err(widen(dv), want.dv)};
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < tol;
-        std::printf("%-7s d=%-3d (DM %3d, tiles %dx%d) batch %d heads %d n %3d m %3d%s %-7s: o %.1e lse %.1e dq %.1e dk %.1e dv %.1e %s\n",
-                    dtype, c.d, kern->dm, kern->bq, kern->bk, c.batch, c.heads, c.n, c.m, shift ? " +1" : "",
+        std::printf("%-8s d=%-3d (DM %3d, tiles %dx%d%s) batch %d heads %d n %3d m %3d%s %-7s: o %.1e lse %.1e dq %.1e dk %.1e dv %.1e %s\n",
+                    dtype, c.d, kern->dm, kern->bq, kern->bk, kern->fwd_bq ? ", fwd 64" : "", c.batch, c.heads, c.n, c.m, shift ? " +1" : "",
                     order == emu::Order::Forward ? "forward" : "reverse", errs[0], errs[1], errs[2], errs[3], errs[4],
                     worst < tol ? "ok" : "OFF");
     }
@@ -151,10 +181,11 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
 }
 
 // `--quick`: one case or two per kernel family (the sanitizer build, which is slow);
-// `--shifted`: only the cases of tensors one element into their buffers.
+// `--shifted`: only the cases of tensors one element into their buffers; `--mma`: only
+// the forwards on mma.sync.
 int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
-    const bool quick = mode == "--quick", shifted_only = mode == "--shifted";
+    const bool quick = mode == "--quick", shifted_only = mode == "--shifted", mma_only = mode == "--mma";
     std::mt19937 rng(7);
     // Every padded head dim (SD1.5's 40/80/160, SDXL's 64, 8 and 100 padded), self-
     // and cross-attention (77 text tokens), rows that fill no tile, one tile, several.
@@ -162,28 +193,41 @@ int main(int argc, char **argv) {
                           {1, 1, 45, 77, 80}, {2, 1, 17, 17, 160}, {1, 1, 5, 40, 160}, {1, 3, 20, 9, 8},
                           {1, 1, 19, 21, 100}, {1, 2, 25, 30, 18}};
     using Picks = std::vector<int>;
-    auto picks = [&](Picks quick_ones, Picks all) { return shifted_only ? Picks{} : quick ? quick_ones : all; };
+    auto picks = [&](Picks quick_ones, Picks all) {
+        return shifted_only || mma_only ? Picks{} : quick ? quick_ones : all;
+    };
     const Picks f32 = picks({1, 4, 6}, {0, 1, 2, 3, 4, 5, 6, 7, 8});
     // bf16 storage: inputs and outputs rounded to 8 significant bits (2^-9 relative).
     const Picks bf16 = picks({2}, {1, 2, 4, 5});
     // The tensor-core kernels (bf16, d <= 80): P and dS rounded to bf16 for their
     // products, so a little further from the reference.
     // (d = 18: rows of whole 16-byte pieces neither in bf16 nor in f32.)
-    const Picks tc = picks({1, 4}, {0, 1, 2, 3, 4, 7, 9});
+    const Picks all_tc = {0, 1, 2, 3, 4, 7, 9};
+    const Picks tc = picks({1, 4}, all_tc);
     // The f32 tensor-core kernels (d <= 80, 3xTF32): f32's tolerance, which 1xTF32
     // (operands rounded to 11 significant bits) would miss by two orders. (--quick:
     // d = 80, whose key tiles are 16; d = 64 runs below, shifted.)
-    const Picks tc_f32 = picks({4}, {0, 1, 2, 3, 4, 7, 9});
+    const Picks tc_f32 = picks({4}, all_tc);
     bool ok = true;
     for (int i : f32) ok &= check(pick(F32, cases[i].d), cases[i], "f32", 1e-5, rng);
     for (int i : bf16) ok &= check(pick(BF16, cases[i].d), cases[i], "bf16", 1e-2, rng);
     for (int i : tc) ok &= check(pick(TC, cases[i].d), cases[i], "bf16-tc", 1e-2, rng);
     for (int i : tc_f32) ok &= check(pick(TC_F32, cases[i].d), cases[i], "f32-tc", 1e-5, rng);
+    // The forward on mma.sync (d <= 80), bf16 and f32 as 3xTF32, with the tensor-core
+    // backward (which reads its log-sum-exp).
+    // (--quick: only the shifted cases below, whose tiles are the other head dims'.)
+    const Picks mma = mma_only ? all_tc : picks({}, all_tc);
+    for (int i : mma) ok &= check(with_mma(TC, MMA, cases[i].d), cases[i], "bf16-mma", 1e-2, rng);
+    for (int i : mma) ok &= check(with_mma(TC_F32, MMA_F32, cases[i].d), cases[i], "f32-mma", 1e-5, rng);
     // Tensors one element into their buffers (also --quick): the tile loads' alignment
     // test must send them value by value (the sanitizer build reports a misaligned
     // 16-byte access).
-    ok &= check(pick(TC, cases[2].d), cases[2], "bf16-tc", 1e-2, rng, 1);
-    ok &= check(pick(TC_F32, cases[2].d), cases[2], "f32-tc", 1e-5, rng, 1);
+    if (!mma_only) {
+        ok &= check(pick(TC, cases[2].d), cases[2], "bf16-tc", 1e-2, rng, 1);
+        ok &= check(pick(TC_F32, cases[2].d), cases[2], "f32-tc", 1e-5, rng, 1);
+        ok &= check(with_mma(TC, MMA, cases[2].d), cases[2], "bf16-mma", 1e-2, rng, 1);
+        ok &= check(with_mma(TC_F32, MMA_F32, cases[2].d), cases[2], "f32-mma", 1e-5, rng, 1);
+    }
     std::printf("%s\n", ok ? "all cases within tolerance" : "SOME CASES OFF");
     return ok ? 0 : 1;
 }

@@ -15,8 +15,9 @@
 //
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
 // __syncthreads, __launch_bounds__, bf16 conversions, uint4, math functions, integer
-// min/max, __shfl_xor_sync over a full warp) and the WMMA fragments of nvcuda::wmma for bf16
-// 16×16×16 and tf32 16×16×8 products. A fragment here holds its whole tile in every
+// min/max, __shfl_xor_sync over a full warp), the WMMA fragments of nvcuda::wmma for bf16
+// 16×16×16 and tf32 16×16×8 products, and the warp-level mma.sync m16n8k16 (bf16) and
+// m16n8k8 (tf32) products with their register layouts (mma_bf16_m16n8k16, mma_tf32_m16n8k8). A fragment here holds its whole tile in every
 // thread (on the GPU each lane holds a share in an unspecified layout), so kernels
 // may touch `x[i]` only uniformly over all i (a scale, a rounding), which both
 // layouts give the same meaning. Not atomics or timing.
@@ -112,8 +113,10 @@ inline void wait_at(int barrier) {
     swapcontext(&threads[current].context, &scheduler);
 }
 
-// A thread's stack: the kernels keep their register tiles and fragments there.
-constexpr size_t STACK = 1 << 20;
+// A thread's stack: the kernels keep their register tiles and fragments there
+// (every check, also under AddressSanitizer, fits in 256 KB; with 1 MB the sanitizer
+// build spent two thirds of its time in the kernel, on the larger stacks' shadow).
+constexpr size_t STACK = 1 << 18;
 
 // Runs `kernel` (a callable taking no arguments that calls the kernel function)
 // over `grid` blocks of `block` threads. Returns false on a barrier divergence.
@@ -326,6 +329,96 @@ inline float __uint_as_float(unsigned u) {
 }
 
 inline void __syncwarp() { emu::wait_at(emu::WARP); }
+
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 and ….m16n8k8….f32.tf32.tf32.f32:
+// D = A·B + C for one warp, A 16×K, B K×8, C and D 16×8, each lane holding its share
+// in registers. The shares as the PTX ISA lays them out ("Matrix Fragments for
+// mma.m16n8k16 / mma.m16n8k8", floating-point types), written here from its tables
+// and not from the kernels' own index arithmetic, with g = lane / 4, t = lane % 4:
+//   A, bf16 (a0..a7, two to a register, low half first): row g + 8 for a2, a3, a6, a7
+//     (else g); col 2t + (i & 1), + 8 for a4..a7.
+//   A, tf32 (a0..a3): row g + 8 for a1, a3; col t, + 4 for a2, a3.
+//   B, bf16 (b0..b3, two to a register): row 2t + (i & 1), + 8 for b2, b3; col g.
+//   B, tf32 (b0, b1): row t, + 4 for b1; col g.
+//   C and D (c0..c3, f32): row g, + 8 for c2, c3; col 2t + (i & 1).
+namespace emu {
+struct MmaShare {
+    uint32_t a[4], b[2];
+    float c[4];
+};
+inline void mma_a_coord(bool bf16, int lane, int i, int &r, int &c) {
+    const int g = lane / 4, t = lane % 4;
+    if (bf16) {
+        r = g + ((i == 2 || i == 3 || i == 6 || i == 7) ? 8 : 0);
+        c = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+    } else {
+        r = g + ((i == 1 || i == 3) ? 8 : 0);
+        c = t + (i >= 2 ? 4 : 0);
+    }
+}
+inline void mma_b_coord(bool bf16, int lane, int i, int &r, int &c) {
+    const int g = lane / 4, t = lane % 4;
+    r = bf16 ? 2 * t + (i & 1) + (i >= 2 ? 8 : 0) : t + (i == 1 ? 4 : 0);
+    c = g;
+}
+inline void mma_c_coord(int lane, int i, int &r, int &c) {
+    r = lane / 4 + (i >= 2 ? 8 : 0);
+    c = 2 * (lane % 4) + (i & 1);
+}
+// Element i of a share: a bf16 half of register i / 2, or the f32 of register i
+// (which must hold a tf32 value: the tensor cores ignore the low 13 bits).
+inline float mma_element(bool bf16, const uint32_t *regs, int i) {
+    if (bf16) return __bfloat162float({(uint16_t)(regs[i / 2] >> (16 * (i & 1)))});
+    const float f = __uint_as_float(regs[i]);
+    if (std::isfinite(f) && (regs[i] & 0x1fffu) != 0) {
+        std::fprintf(stderr, "mma: a tf32 operand holds %.9g, not rounded to tf32\n", f);
+        std::abort();
+    }
+    return f;
+}
+// The warp posts its shares, meets, and each lane computes its share of D from the
+// whole of A, B and C; the warp meets again before the slots are reused.
+inline void mma_sync(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    static std::vector<MmaShare> slots;
+    if (slots.size() < threads.size()) slots.resize(threads.size());
+    MmaShare &mine = slots[current];
+    std::memcpy(mine.a, a, sizeof mine.a);
+    std::memcpy(mine.b, b, sizeof mine.b);
+    std::memcpy(mine.c, d, sizeof mine.c);
+    wait_at(WARP);
+    const int w0 = current & ~31, K = bf16 ? 16 : 8;
+    float A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
+    for (int l = 0; l < 32; ++l) {
+        const MmaShare &s = slots[w0 + l];
+        int r, c;
+        for (int i = 0; i < (bf16 ? 8 : 4); ++i) mma_a_coord(bf16, l, i, r, c), A[r][c] = mma_element(bf16, s.a, i);
+        for (int i = 0; i < (bf16 ? 4 : 2); ++i) mma_b_coord(bf16, l, i, r, c), B[r][c] = mma_element(bf16, s.b, i);
+        for (int i = 0; i < 4; ++i) mma_c_coord(l, i, r, c), C[r][c] = s.c[i];
+    }
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        int r, c;
+        mma_c_coord(current & 31, i, r, c);
+        float acc = C[r][c];
+        for (int k = 0; k < K; ++k) acc += A[r][k] * B[k][c];
+        out[i] = acc;
+    }
+    wait_at(WARP);
+    std::memcpy(d, out, sizeof out);
+}
+}  // namespace emu
+inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    emu::mma_sync(true, d, a, b);
+}
+inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    emu::mma_sync(false, d, a, b);
+}
 
 // A full warp's exchange: every lane posts its value, the warp meets, each reads its
 // partner's, and the warp meets again before the slots are reused.

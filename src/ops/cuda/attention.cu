@@ -644,6 +644,212 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 }
 }  // namespace tc
 
+// ---- Forward on warp-level tensor-core products (mma.sync), scores in registers ----
+//
+// The tensor-core forward above passes every tile through shared memory: the scores
+// out of WMMA, the probabilities back in, the output accumulator loaded and stored
+// each key tile, four block barriers per tile. Here (as FlashAttention-2 does) each
+// warp owns 16 query rows, 64 to a block, and keeps its scores, probabilities and
+// output in registers, in the layouts that the PTX ISA gives mma.sync's fragments
+// (m16n8k16 for bf16, m16n8k8 for tf32; g = lane / 4, t = lane % 4): an accumulator
+// holds rows g and g + 8, columns 2t and 2t + 1 of each 8-column tile, which is
+// (nearly) the layout of the next product's A operand, so the probabilities go from
+// one product to the next without leaving the thread. The warps share only the key
+// and value tiles (two barriers per tile); a row's max and sum are combined across
+// the four threads that hold it with shuffles. f32 is 3xTF32 as above. One layout
+// difference remains for tf32: its A operand holds columns t and t + 4, the
+// accumulator 2t and 2t + 1, so the product P·V takes its keys in the order
+// 0, 2, 4, 6, 1, 3, 5, 7 within each 8 (the same order for P's columns and V's rows,
+// which leaves the sum over keys unchanged).
+#ifndef SIDSCRIPT_CPU_EMULATION
+__device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+namespace mma {
+constexpr int BQ = 64;  // 4 warps × 16 query rows
+
+// One storage type's product d += a·b over K (a 16×K, b K×8; fragments as values of
+// T, element i where the PTX ISA puts it: `a_at`, `b_at`; d as in `c_at`).
+template <typename T> struct Frag;
+
+__device__ __forceinline__ uint32_t bits16(bf16 x) { return *reinterpret_cast<const unsigned short *>(&x); }
+
+template <> struct Frag<bf16> {
+    static constexpr int K = 16, NA = 8, NB = 4;
+    // (row, col) of A's element i, (row, col) of B's, for lane (g, t).
+    static __device__ __forceinline__ int a_row(int i, int g) { return g + ((i >> 1) & 1) * 8; }
+    static __device__ __forceinline__ int a_col(int i, int t) { return 2 * t + (i & 1) + (i >> 2) * 8; }
+    static __device__ __forceinline__ int b_row(int i, int t) { return 2 * t + (i & 1) + (i >> 1) * 8; }
+    // The key that P·V's depth index k stands for (in order for bf16).
+    static __device__ __forceinline__ int key(int k) { return k; }
+    static __device__ __forceinline__ void mma(float (&d)[4], const bf16 (&a)[NA], const bf16 (&b)[NB]) {
+        uint32_t ra[4], rb[2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ra[i] = bits16(a[2 * i]) | bits16(a[2 * i + 1]) << 16;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) rb[i] = bits16(b[2 * i]) | bits16(b[2 * i + 1]) << 16;
+        mma_bf16_m16n8k16(d, ra, rb);
+    }
+};
+
+template <> struct Frag<float> {
+    static constexpr int K = 8, NA = 4, NB = 2;
+    static __device__ __forceinline__ int a_row(int i, int g) { return g + (i & 1) * 8; }
+    static __device__ __forceinline__ int a_col(int i, int t) { return t + (i >> 1) * 4; }
+    static __device__ __forceinline__ int b_row(int i, int t) { return t + i * 4; }
+    // Depth index k of P·V stands for key 2k (k < 4) or 2(k − 4) + 1: columns t and
+    // t + 4 of A are then the accumulator's 2t and 2t + 1.
+    static __device__ __forceinline__ int key(int k) { return k < 4 ? 2 * k : 2 * (k - 4) + 1; }
+    // 3xTF32: x = big + small, both tf32; the small·small product is dropped.
+    static __device__ __forceinline__ void mma(float (&d)[4], const float (&a)[NA], const float (&b)[NB]) {
+        uint32_t a_big[4], a_small[4], b_big[2], b_small[2];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float big = nvcuda::wmma::__float_to_tf32(a[i]);
+            a_big[i] = __float_as_uint(big), a_small[i] = __float_as_uint(nvcuda::wmma::__float_to_tf32(a[i] - big));
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float big = nvcuda::wmma::__float_to_tf32(b[i]);
+            b_big[i] = __float_as_uint(big), b_small[i] = __float_as_uint(nvcuda::wmma::__float_to_tf32(b[i] - big));
+        }
+        mma_tf32_m16n8k8(d, a_small, b_big);
+        mma_tf32_m16n8k8(d, a_big, b_small);
+        mma_tf32_m16n8k8(d, a_big, b_big);
+    }
+};
+
+// An accumulator's element c (0..3) of an 8-column tile: row g + 8 for c ≥ 2,
+// column 2t + (c & 1).
+__device__ __forceinline__ int c_row(int c, int g) { return g + (c >> 1) * 8; }
+__device__ __forceinline__ int c_col(int c, int t) { return 2 * t + (c & 1); }
+
+template <typename T, int DM, int BK>
+__device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
+                          float scale) {
+    typedef Frag<T> F;
+    constexpr int LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
+    static_assert(DM % F::K == 0 && BK % F::K == 0 && BK % 8 == 0, "whole products");
+    __shared__ __align__(16) T qs[BQ * LH], ks[BK * LH], vs[BK * LH];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    const T *qw = qs + warp * 16 * LH;  // this warp's 16 rows
+    float acc[OT][4];                   // O, rows g and g + 8
+#pragma unroll
+    for (int j = 0; j < OT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    // Running max and sum of rows g and g + 8 (the sum this thread's columns only,
+    // combined with the other three threads' at the end).
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    for (int k0 = 0; k0 < m; k0 += BK) {
+        __syncthreads();  // every warp is done with the last tiles (and Q is in)
+        tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+        tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
+        __syncthreads();
+        // S = Q Kᵀ: A is Q's rows, B(k, n) = K[key n][channel k].
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DM; kk += F::K) {
+            T a[F::NA];
+#pragma unroll
+            for (int i = 0; i < F::NA; ++i) a[i] = qw[F::a_row(i, g) * LH + kk + F::a_col(i, t)];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                T b[F::NB];
+#pragma unroll
+                for (int i = 0; i < F::NB; ++i) b[i] = ks[(8 * j + g) * LH + kk + F::b_row(i, t)];
+                F::mma(s[j], a, b);
+            }
+        }
+        // The online softmax of s·S over this tile's keys (past m: none).
+        const int keys_left = m - k0;
+        float mx[2] = {row_max[0], row_max[1]};
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float x = 8 * j + c_col(c, t) < keys_left ? s[j][c] * scale : -INFINITY;
+                s[j][c] = x;
+                mx[c >> 1] = fmaxf(mx[c >> 1], x);
+            }
+        float rescale[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            rescale[h] = expf(row_max[h] - mx[h]);  // the first tile: exp(−inf) = 0
+            row_max[h] = mx[h];
+            row_sum[h] *= rescale[h];
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const float p = expf(s[j][c] - mx[c >> 1]);  // masked keys: 0
+                s[j][c] = p;
+                row_sum[c >> 1] += p;
+            }
+#pragma unroll
+        for (int j = 0; j < OT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[j][c] *= rescale[c >> 1];
+        // O += P·V: A is P from the registers (depth index k: key kk + F::key(k)), B(k, n)
+        // = V[that key][channel n].
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += F::K) {
+            T a[F::NA];
+#pragma unroll
+            for (int i = 0; i < F::NA; ++i) {
+                // P[row][key]: the accumulator tile of that key, element (row half, key & 1).
+                const int key = kk + F::key(F::a_col(i, t)), half = F::a_row(i, g) >= 8 ? 2 : 0;
+                a[i] = from_f32<T>(s[key / 8][half + (key & 1)]);
+            }
+#pragma unroll
+            for (int j = 0; j < OT; ++j) {
+                T b[F::NB];
+#pragma unroll
+                for (int i = 0; i < F::NB; ++i) b[i] = vs[(kk + F::key(F::b_row(i, t))) * LH + 8 * j + g];
+                F::mma(acc[j], a, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+    }
+    const int r0 = q0 + warp * 16;
+#pragma unroll
+    for (int j = 0; j < OT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int r = r0 + c_row(c, g), col = 8 * j + c_col(c, t);
+            if (r < n && col < d) o[qo + (long)r * w + col] = from_f32<T>(acc[j][c] / row_sum[c >> 1]);
+        }
+    if (t == 0)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + g + 8 * h;
+            if (r < n) lse[(long)bh * n + r] = row_max[h] + logf(row_sum[h]);
+        }
+}
+}  // namespace mma
+
 // The padded head dims DM with their tiles (BQ query rows, BK keys), sized so that
 // each kernel's static shared memory stays under 48 KB: X(DM, BQ, BK) for each.
 // sidscript picks the smallest DM >= d (ops::attention::FLASH_TILES, which a test
@@ -700,6 +906,22 @@ FLASH_TILES(FLASH_BF16)
 #define FLASH_TC_F32(DM, BQ, BK) FLASH_TC_KERNELS(float, f32, DM, BQ, BK)
 FLASH_TC_TILES(FLASH_TC_BF16)
 FLASH_TC_F32_TILES(FLASH_TC_F32)
+
+// The forward on mma.sync (query tiles of 64): flash_fwd_mma_{bf16,f32}_d{DM}, X(DM, BK)
+// for each padded head dim of FLASH_MMA_TILES (bf16) and FLASH_MMA_F32_TILES (f32).
+// sidscript: ops::attention::FLASH_MMA_TILES and FLASH_MMA_F32_TILES.
+#define FLASH_MMA_TILES(X) X(32, 64) X(48, 64) X(64, 64) X(80, 64)
+#define FLASH_MMA_F32_TILES(X) X(32, 64) X(48, 64) X(64, 32) X(80, 32)
+#define FLASH_MMA_FWD(T, TN, DM, BK)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_fwd_mma_##TN##_d##DM(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads,    \
+                                   int d, float scale) {                                                             \
+        mma::flash_fwd<T, DM, BK>(q, k, v, o, lse, n, m, heads, d, scale);                                           \
+    }
+#define FLASH_MMA_BF16(DM, BK) FLASH_MMA_FWD(bf16, bf16, DM, BK)
+#define FLASH_MMA_F32(DM, BK) FLASH_MMA_FWD(float, f32, DM, BK)
+FLASH_MMA_TILES(FLASH_MMA_BF16)
+FLASH_MMA_F32_TILES(FLASH_MMA_F32)
 
 extern "C" __global__ void flash_rowdot_f32(const float *o, const float *dout, float *rowdot, int n, int heads, int d,
                                             int rows) {
