@@ -12,9 +12,9 @@
 //! row's log-sum-exp, the backward recomputes the probabilities tile by tile, and
 //! no score matrix is ever stored. bf16 and f32 with d ≤ 80 (SD1.5's 40 and 80,
 //! SDXL's 64) run on tensor cores, f32 as 3xTF32 (f32's accuracy; PyTorch's
-//! fused attention does the same for f32); their forward runs on warp-level
-//! products (mma.sync) with the scores in registers (`SIDSCRIPT_FLASH_MMA=0`: on
-//! WMMA through shared memory, as the backward); `SIDSCRIPT_FLASH_TENSOR_CORES=0` keeps
+//! fused attention does the same for f32), on warp-level products (mma.sync) with
+//! the scores in registers (the f32 backward at d 80 on WMMA through shared memory;
+//! `SIDSCRIPT_FLASH_MMA=0`: every pass on WMMA); `SIDSCRIPT_FLASH_TENSOR_CORES=0` keeps
 //! them on the plain kernels, to compare. Other dtypes and head dims, or all of them with
 //! `SIDSCRIPT_FLASH_ATTENTION=0`, take a form built from candle ops (`Blockwise`):
 //! the forward runs off the graph in blocks of query rows and is handed to the op,
@@ -461,16 +461,27 @@ const FLASH_TC_F32_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), 
 const FLASH_MMA_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 64), (80, 64)];
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_MMA_F32_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 32), (80, 32)];
-/// The mma.sync forward's query rows per block (4 warps of 16).
+/// The padded head dims of the backward on mma.sync with the tile of the other side
+/// (query rows for dK/dV, keys for dQ), for bf16 and f32 (not d 80, which keeps the
+/// WMMA backward), as `FLASH_MMA_BWD_TILES` and `FLASH_MMA_BWD_F32_TILES` build them.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_MMA_QUERY_TILE: u32 = 64;
+const FLASH_MMA_BWD_TILES: [(usize, u32); 4] = [(32, 32), (48, 32), (64, 32), (80, 32)];
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_MMA_BWD_F32_TILES: [(usize, u32); 3] = [(32, 32), (48, 32), (64, 16)];
+/// The mma.sync kernels' rows per block (4 warps of 16): query rows in the forward
+/// and dQ, keys in dK/dV.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const FLASH_MMA_TILE: u32 = 64;
 
-/// The smallest padded head dim of the mma.sync forward that holds `d` in `dtype`.
+/// The smallest padded head dim of the mma.sync kernels that holds `d` in `dtype`,
+/// for the forward (`backward` false) or the backward.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn flash_mma_dim(d: usize, dtype: DType) -> Option<usize> {
-    let tiles: &[(usize, u32)] = match dtype {
-        DType::BF16 => &FLASH_MMA_TILES,
-        DType::F32 => &FLASH_MMA_F32_TILES,
+fn flash_mma_dim(d: usize, dtype: DType, backward: bool) -> Option<usize> {
+    let tiles: &[(usize, u32)] = match (dtype, backward) {
+        (DType::BF16, false) => &FLASH_MMA_TILES,
+        (DType::F32, false) => &FLASH_MMA_F32_TILES,
+        (DType::BF16, true) => &FLASH_MMA_BWD_TILES,
+        (DType::F32, true) => &FLASH_MMA_BWD_F32_TILES,
         _ => &[],
     };
     tiles.iter().map(|&(dm, _)| dm).find(|&dm| d <= dm)
@@ -498,16 +509,16 @@ fn flash_tensor_cores() -> bool {
 }
 static FLASH_TENSOR_CORES: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_TENSOR_CORES", true);
 
-/// Whether the forward takes the mma.sync kernels where tensor cores are on and
-/// they have the head dim (on unless `SIDSCRIPT_FLASH_MMA=0`, which keeps the
-/// forward on the WMMA kernels, to compare).
+/// Whether the passes take the mma.sync kernels where tensor cores are on and they
+/// have the head dim (on unless `SIDSCRIPT_FLASH_MMA=0`, which keeps them on the
+/// WMMA kernels, to compare).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn flash_mma() -> bool {
     FLASH_MMA.on()
 }
 static FLASH_MMA: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_MMA", true);
 
-/// Turns the mma.sync forward on or off for the rest of the process (the `ops`
+/// Turns the mma.sync kernels on or off for the rest of the process (the `ops`
 /// bench times both).
 pub fn set_flash_mma(on: bool) {
     FLASH_MMA.set(on);
@@ -616,41 +627,30 @@ mod flash {
         }
     }
 
-    /// The kernel for this head dim and dtype, with its tiles (query rows, keys):
-    /// `{name}_tc_{dtype}_d{DM}` on tensor cores for bf16 and f32 with d ≤ 80 (unless
-    /// `flash_tensor_cores` is off), else `{name}_{dtype}_d{DM}`.
+    /// The kernel for this pass (`flash_fwd`, `flash_dkdv`, `flash_dq`), head dim and
+    /// dtype, with its tiles (query rows, keys): with tensor cores on (`flash_tensor_cores`),
+    /// `{name}_mma_{dtype}_d{DM}` where the mma.sync kernels have the head dim and
+    /// `flash_mma` is on (64 rows a block), else `{name}_tc_{dtype}_d{DM}` for bf16
+    /// and f32 with d ≤ 80; else `{name}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
         name: &str,
         g: &Geom,
         dtype: DType,
     ) -> candle_core::Result<(CudaFunction, u32, u32)> {
-        let tc = super::flash_tc_tiles(g.d, dtype).filter(|_| super::flash_tensor_cores());
-        let (kind, (dm, bq, bk)) = match (tc, super::flash_tiles(g.d)) {
-            (Some(tiles), _) => ("tc_", tiles),
-            (None, Some(tiles)) => ("", tiles),
-            (None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
+        let tensor_cores = super::flash_tensor_cores();
+        let mma = super::flash_mma_dim(g.d, dtype, name != "flash_fwd").filter(|_| tensor_cores && super::flash_mma());
+        let tc = super::flash_tc_tiles(g.d, dtype).filter(|_| tensor_cores);
+        let rows = super::FLASH_MMA_TILE;
+        let (kind, (dm, bq, bk)) = match (mma, tc, super::flash_tiles(g.d)) {
+            (Some(dm), ..) => ("mma_", (dm, rows, rows)),
+            (None, Some(tiles), _) => ("tc_", tiles),
+            (None, None, Some(tiles)) => ("", tiles),
+            (None, None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
         };
         let full = format!("{name}_{kind}{}_d{dm}", dtype_name(dtype)?);
         let f = dev.get_or_load_custom_func(&full, "sidscript_attention", PTX)?;
         Ok((f.into_cuda_function(), bq, bk))
-    }
-
-    /// The forward's kernel and query tile: `flash_fwd_mma_{dtype}_d{DM}` where
-    /// tensor cores and `flash_mma` are on and it has the head dim, else as `kernel`.
-    fn forward_kernel(
-        dev: &candle_core::CudaDevice,
-        g: &Geom,
-        dtype: DType,
-    ) -> candle_core::Result<(CudaFunction, u32)> {
-        match super::flash_mma_dim(g.d, dtype).filter(|_| super::flash_tensor_cores() && super::flash_mma()) {
-            Some(dm) => {
-                let name = format!("flash_fwd_mma_{}_d{dm}", dtype_name(dtype)?);
-                let f = dev.get_or_load_custom_func(&name, "sidscript_attention", PTX)?;
-                Ok((f.into_cuda_function(), super::FLASH_MMA_QUERY_TILE))
-            }
-            None => kernel(dev, "flash_fwd", g, dtype).map(|(f, bq, _)| (f, bq)),
-        }
     }
 
     fn blocks(len: usize, tile: u32, g: &Geom) -> LaunchConfig {
@@ -688,7 +688,7 @@ mod flash {
         v: Operand,
     ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
         let dev = q.0.device.clone();
-        let (f, bq) = forward_kernel(&dev, g, q.0.dtype())?;
+        let (f, bq, _) = kernel(&dev, "flash_fwd", g, q.0.dtype())?;
         let stream = dev.cuda_stream();
         // SAFETY: the kernel writes every output element and every row's lse.
         let mut out = unsafe { stream.alloc::<T>(g.batch * g.n * g.width()) }.map_err(candle_core::Error::wrap)?;
@@ -880,10 +880,15 @@ mod tests {
         assert_eq!(triples("FLASH_TC_F32_TILES"), FLASH_TC_F32_TILES);
         assert_eq!(pairs("FLASH_MMA_TILES"), FLASH_MMA_TILES);
         assert_eq!(pairs("FLASH_MMA_F32_TILES"), FLASH_MMA_F32_TILES);
-        assert!(src.contains(&format!("constexpr int BQ = {FLASH_MMA_QUERY_TILE};")), "the mma forward's query tile");
-        assert_eq!(flash_mma_dim(40, DType::F32), Some(48));
-        assert_eq!(flash_mma_dim(80, DType::BF16), Some(80));
-        assert_eq!(flash_mma_dim(81, DType::BF16), None);
+        assert_eq!(pairs("FLASH_MMA_BWD_TILES"), FLASH_MMA_BWD_TILES);
+        assert_eq!(pairs("FLASH_MMA_BWD_F32_TILES"), FLASH_MMA_BWD_F32_TILES);
+        assert!(src.contains(&format!("constexpr int BQ = {FLASH_MMA_TILE};")), "the mma kernels' query tile");
+        assert!(src.contains(&format!("constexpr int BK = {FLASH_MMA_TILE},")), "the mma dK/dV key tile");
+        assert_eq!(flash_mma_dim(40, DType::F32, false), Some(48));
+        assert_eq!(flash_mma_dim(80, DType::BF16, true), Some(80));
+        assert_eq!(flash_mma_dim(80, DType::F32, false), Some(80));
+        assert_eq!(flash_mma_dim(80, DType::F32, true), None);
+        assert_eq!(flash_mma_dim(81, DType::BF16, false), None);
         assert_eq!(flash_tc_tiles(40, DType::BF16), Some((48, 32, 32)));
         assert_eq!(flash_tc_tiles(40, DType::F32), Some((48, 32, 32)));
         assert_eq!(flash_tc_tiles(80, DType::BF16), Some((80, 32, 32)));

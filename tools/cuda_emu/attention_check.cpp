@@ -6,7 +6,8 @@
 // reverse order. Prints one line per case and exits 1 if any is off.
 //
 //   c++ -std=c++17 -O2 -fno-strict-aliasing -DSIDSCRIPT_CPU_EMULATION -o attention_check attention_check.cpp && ./attention_check
-//   (add -fsanitize=address,undefined and run with --quick to check every memory access)
+//   (add -O1 -fsanitize=address,alignment,signed-integer-overflow,shift,bounds,null and run
+//   with --quick to check every memory access; tests/cuda_emulation.rs does)
 //
 // (tests/cuda_emulation.rs builds and runs it, and checks that it catches a missing
 // barrier.)
@@ -48,8 +49,9 @@ template <typename T, size_t N> const Kernels<T> *pick(const Kernels<T> (&table)
     return nullptr;
 }
 
-// The forwards on mma.sync (query tiles of 64), each checked with the tensor-core
-// backward of its head dim.
+// The kernels on mma.sync (blocks of 64 query rows or keys): the forward for every
+// head dim to 80, the backward where its tiles fit (f32: not d 80, which keeps the
+// tensor-core backward).
 template <typename T> struct Forward {
     int dm;
     void (*fwd)(const T *, const T *, const T *, T *, float *, int, int, int, int, float);
@@ -58,16 +60,23 @@ template <typename T> struct Forward {
 #define ENTRY_MMA_F32(DM, BK) Forward<float>{DM, flash_fwd_mma_f32_d##DM},
 const Forward<bf16> MMA[] = {FLASH_MMA_TILES(ENTRY_MMA)};
 const Forward<float> MMA_F32[] = {FLASH_MMA_F32_TILES(ENTRY_MMA_F32)};
+#define ENTRY_MMA_BWD(DM, BT) Kernels<bf16>{DM, 64, 64, nullptr, flash_dkdv_mma_bf16_d##DM, flash_dq_mma_bf16_d##DM},
+#define ENTRY_MMA_BWD_F32(DM, BT) Kernels<float>{DM, 64, 64, nullptr, flash_dkdv_mma_f32_d##DM, flash_dq_mma_f32_d##DM},
+const Kernels<bf16> MMA_BWD[] = {FLASH_MMA_BWD_TILES(ENTRY_MMA_BWD)};
+const Kernels<float> MMA_BWD_F32[] = {FLASH_MMA_BWD_F32_TILES(ENTRY_MMA_BWD_F32)};
 
-// The tensor-core kernels for head dim d with the forward from `forwards`.
-template <typename T, size_t N, size_t M>
-const Kernels<T> *with_mma(const Kernels<T> (&tc)[N], const Forward<T> (&forwards)[M], int d) {
+// The kernels sidscript takes for head dim d with tensor cores and mma.sync on: the
+// mma.sync forward, and the mma.sync backward where it has d, else the tensor-core one.
+template <typename T, size_t N, size_t M, size_t B>
+const Kernels<T> *with_mma(const Kernels<T> (&tc)[N], const Forward<T> (&forwards)[M], const Kernels<T> (&backwards)[B],
+                           int d) {
     static std::vector<Kernels<T>> kept;  // the returned pointers stay valid (reserve below)
     kept.reserve(64);
-    Kernels<T> k = *pick(tc, d);
+    const Kernels<T> *bwd = pick(backwards, d);
+    Kernels<T> k = bwd ? *bwd : *pick(tc, d);
     for (auto &f : forwards)
         if (d <= f.dm) {
-            if (f.dm != k.dm) std::abort();  // the two tables pad d alike
+            if (f.dm != k.dm) std::abort();  // the tables pad d alike
             k.fwd = f.fwd, k.fwd_bq = 64;
             kept.push_back(k);
             return &kept.back();
@@ -173,7 +182,7 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < tol;
         std::printf("%-8s d=%-3d (DM %3d, tiles %dx%d%s) batch %d heads %d n %3d m %3d%s %-7s: o %.1e lse %.1e dq %.1e dk %.1e dv %.1e %s\n",
-                    dtype, c.d, kern->dm, kern->bq, kern->bk, kern->fwd_bq ? ", fwd 64" : "", c.batch, c.heads, c.n, c.m, shift ? " +1" : "",
+                    dtype, c.d, kern->dm, kern->bq, kern->bk, kern->fwd_bq ? " fwd 64" : "", c.batch, c.heads, c.n, c.m, shift ? " +1" : "",
                     order == emu::Order::Forward ? "forward" : "reverse", errs[0], errs[1], errs[2], errs[3], errs[4],
                     worst < tol ? "ok" : "OFF");
     }
@@ -181,11 +190,12 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
 }
 
 // `--quick`: one case or two per kernel family (the sanitizer build, which is slow);
-// `--shifted`: only the cases of tensors one element into their buffers; `--mma`: only
-// the forwards on mma.sync.
+// `--shifted`: only the cases of tensors one element into their buffers; `--mma`: two
+// cases of the mma.sync kernels alone; `--no-mma`: all but the mma.sync kernels.
 int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
-    const bool quick = mode == "--quick", shifted_only = mode == "--shifted", mma_only = mode == "--mma";
+    const bool quick = mode == "--quick", shifted_only = mode == "--shifted", mma_only = mode == "--mma",
+               no_mma = mode == "--no-mma";
     std::mt19937 rng(7);
     // Every padded head dim (SD1.5's 40/80/160, SDXL's 64, 8 and 100 padded), self-
     // and cross-attention (77 text tokens), rows that fill no tile, one tile, several.
@@ -196,14 +206,14 @@ int main(int argc, char **argv) {
     auto picks = [&](Picks quick_ones, Picks all) {
         return shifted_only || mma_only ? Picks{} : quick ? quick_ones : all;
     };
-    const Picks f32 = picks({1, 4, 6}, {0, 1, 2, 3, 4, 5, 6, 7, 8});
+    const Picks f32 = picks({4, 6}, {0, 1, 2, 3, 4, 5, 6, 7, 8});
     // bf16 storage: inputs and outputs rounded to 8 significant bits (2^-9 relative).
     const Picks bf16 = picks({2}, {1, 2, 4, 5});
     // The tensor-core kernels (bf16, d <= 80): P and dS rounded to bf16 for their
     // products, so a little further from the reference.
     // (d = 18: rows of whole 16-byte pieces neither in bf16 nor in f32.)
     const Picks all_tc = {0, 1, 2, 3, 4, 7, 9};
-    const Picks tc = picks({1, 4}, all_tc);
+    const Picks tc = picks({4}, all_tc);
     // The f32 tensor-core kernels (d <= 80, 3xTF32): f32's tolerance, which 1xTF32
     // (operands rounded to 11 significant bits) would miss by two orders. (--quick:
     // d = 80, whose key tiles are 16; d = 64 runs below, shifted.)
@@ -213,20 +223,24 @@ int main(int argc, char **argv) {
     for (int i : bf16) ok &= check(pick(BF16, cases[i].d), cases[i], "bf16", 1e-2, rng);
     for (int i : tc) ok &= check(pick(TC, cases[i].d), cases[i], "bf16-tc", 1e-2, rng);
     for (int i : tc_f32) ok &= check(pick(TC_F32, cases[i].d), cases[i], "f32-tc", 1e-5, rng);
-    // The forward on mma.sync (d <= 80), bf16 and f32 as 3xTF32, with the tensor-core
-    // backward (which reads its log-sum-exp).
+    // The kernels on mma.sync (d <= 80), bf16 and f32 as 3xTF32 (the f32 backward at
+    // d 80 on tensor cores through WMMA).
     // (--quick: only the shifted cases below, whose tiles are the other head dims'.)
-    const Picks mma = mma_only ? all_tc : picks({}, all_tc);
-    for (int i : mma) ok &= check(with_mma(TC, MMA, cases[i].d), cases[i], "bf16-mma", 1e-2, rng);
-    for (int i : mma) ok &= check(with_mma(TC_F32, MMA_F32, cases[i].d), cases[i], "f32-mma", 1e-5, rng);
+    // Cross-attention with partial tiles, full tiles over two heads, d 80, and rows
+    // that are no whole 16-byte pieces: the emulated mma.sync is slow.
+    const Picks mma = mma_only ? Picks{1, 4} : no_mma ? Picks{} : picks({}, {1, 3, 4, 9});
+    for (int i : mma) ok &= check(with_mma(TC, MMA, MMA_BWD, cases[i].d), cases[i], "bf16-mma", 1e-2, rng);
+    for (int i : mma) ok &= check(with_mma(TC_F32, MMA_F32, MMA_BWD_F32, cases[i].d), cases[i], "f32-mma", 1e-5, rng);
     // Tensors one element into their buffers (also --quick): the tile loads' alignment
     // test must send them value by value (the sanitizer build reports a misaligned
     // 16-byte access).
     if (!mma_only) {
         ok &= check(pick(TC, cases[2].d), cases[2], "bf16-tc", 1e-2, rng, 1);
         ok &= check(pick(TC_F32, cases[2].d), cases[2], "f32-tc", 1e-5, rng, 1);
-        ok &= check(with_mma(TC, MMA, cases[2].d), cases[2], "bf16-mma", 1e-2, rng, 1);
-        ok &= check(with_mma(TC_F32, MMA_F32, cases[2].d), cases[2], "f32-mma", 1e-5, rng, 1);
+    }
+    if (!mma_only && !no_mma) {
+        ok &= check(with_mma(TC, MMA, MMA_BWD, cases[2].d), cases[2], "bf16-mma", 1e-2, rng, 1);
+        ok &= check(with_mma(TC_F32, MMA_F32, MMA_BWD_F32, cases[2].d), cases[2], "f32-mma", 1e-5, rng, 1);
     }
     std::printf("%s\n", ok ? "all cases within tolerance" : "SOME CASES OFF");
     return ok ? 0 : 1;

@@ -735,6 +735,35 @@ template <> struct Frag<float> {
 __device__ __forceinline__ int c_row(int c, int g) { return g + (c >> 1) * 8; }
 __device__ __forceinline__ int c_col(int c, int t) { return 2 * t + (c & 1); }
 
+// The operands of a product, for lane (g, t). A from a row-major tile in shared
+// memory (p at its row 0, depth column kk).
+template <typename T> __device__ __forceinline__ void load_a(T (&a)[Frag<T>::NA], const T *p, int ld, int g, int t) {
+#pragma unroll
+    for (int i = 0; i < Frag<T>::NA; ++i) a[i] = p[Frag<T>::a_row(i, g) * ld + Frag<T>::a_col(i, t)];
+}
+// A from accumulator tiles whose columns are the product's depth (P in P·V): depth
+// index k at kk + k is column kk + key(k), held by this thread as `c_col` requires.
+template <typename T, int NT>
+__device__ __forceinline__ void a_from_acc(T (&a)[Frag<T>::NA], const float (&acc)[NT][4], int kk, int g, int t) {
+#pragma unroll
+    for (int i = 0; i < Frag<T>::NA; ++i) {
+        const int col = kk + Frag<T>::key(Frag<T>::a_col(i, t)), half = Frag<T>::a_row(i, g) >= 8 ? 2 : 0;
+        a[i] = from_f32<T>(acc[col / 8][half + (col & 1)]);
+    }
+}
+// B(k, n) = p[n·ld + k]: the tile's rows are B's columns (Kᵀ in Q Kᵀ; p at row n0,
+// depth column kk).
+template <typename T> __device__ __forceinline__ void b_from_rows(T (&b)[Frag<T>::NB], const T *p, int ld, int g, int t) {
+#pragma unroll
+    for (int i = 0; i < Frag<T>::NB; ++i) b[i] = p[g * ld + Frag<T>::b_row(i, t)];
+}
+// B(k, n) = p[key(k)·ld + n]: the tile's rows are B's depth, in the order that
+// `a_from_acc` gives A's (V in P·V; p at depth row kk, column n0).
+template <typename T> __device__ __forceinline__ void b_from_depth(T (&b)[Frag<T>::NB], const T *p, int ld, int g, int t) {
+#pragma unroll
+    for (int i = 0; i < Frag<T>::NB; ++i) b[i] = p[Frag<T>::key(Frag<T>::b_row(i, t)) * ld + g];
+}
+
 template <typename T, int DM, int BK>
 __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
                           float scale) {
@@ -766,13 +795,11 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
 #pragma unroll
         for (int kk = 0; kk < DM; kk += F::K) {
             T a[F::NA];
-#pragma unroll
-            for (int i = 0; i < F::NA; ++i) a[i] = qw[F::a_row(i, g) * LH + kk + F::a_col(i, t)];
+            load_a(a, qw + kk, LH, g, t);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 T b[F::NB];
-#pragma unroll
-                for (int i = 0; i < F::NB; ++i) b[i] = ks[(8 * j + g) * LH + kk + F::b_row(i, t)];
+                b_from_rows(b, ks + 8 * j * LH + kk, LH, g, t);
                 F::mma(s[j], a, b);
             }
         }
@@ -808,22 +835,15 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         for (int j = 0; j < OT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[j][c] *= rescale[c >> 1];
-        // O += P·V: A is P from the registers (depth index k: key kk + F::key(k)), B(k, n)
-        // = V[that key][channel n].
+        // O += P·V: A is P from the registers, B is V's rows in the same key order.
 #pragma unroll
         for (int kk = 0; kk < BK; kk += F::K) {
             T a[F::NA];
-#pragma unroll
-            for (int i = 0; i < F::NA; ++i) {
-                // P[row][key]: the accumulator tile of that key, element (row half, key & 1).
-                const int key = kk + F::key(F::a_col(i, t)), half = F::a_row(i, g) >= 8 ? 2 : 0;
-                a[i] = from_f32<T>(s[key / 8][half + (key & 1)]);
-            }
+            a_from_acc(a, s, kk, g, t);
 #pragma unroll
             for (int j = 0; j < OT; ++j) {
                 T b[F::NB];
-#pragma unroll
-                for (int i = 0; i < F::NB; ++i) b[i] = vs[(kk + F::key(F::b_row(i, t))) * LH + 8 * j + g];
+                b_from_depth(b, vs + kk * LH + 8 * j, LH, g, t);
                 F::mma(acc[j], a, b);
             }
         }
@@ -847,6 +867,175 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
             const int r = r0 + g + 8 * h;
             if (r < n) lse[(long)bh * n + r] = row_max[h] + logf(row_sum[h]);
         }
+}
+
+// Writes rows r0 + (g, g + 8) of a 16-row accumulator (OT tiles of 8 columns) times
+// `scale`, rows below `rows` and columns below d, to dst (row r at dst[r·w]).
+template <typename T, int OT>
+__device__ __forceinline__ void store_acc(T *dst, const float (&acc)[OT][4], int r0, int rows, long w, int d,
+                                          float scale, int g, int t) {
+#pragma unroll
+    for (int j = 0; j < OT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int r = r0 + c_row(c, g), col = 8 * j + c_col(c, t);
+            if (r < rows && col < d) dst[(long)r * w + col] = from_f32<T>(acc[j][c] * scale);
+        }
+}
+
+// dK and dV for 64 keys a block, 16 a warp, over query tiles of BQ: Sᵀ = K Qᵀ and
+// dPᵀ = V dOᵀ in registers, Pᵀ = exp(s·Sᵀ − lse), dSᵀ = Pᵀ∘(dPᵀ − D) in place,
+// then dV += Pᵀ dO and dK += dSᵀ Q (·s at the end), both with A from the registers.
+// Keys past m compute values nobody stores; query rows past n have lse +inf, P 0.
+template <typename T, int DM, int BQ>
+__device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
+                           T *dk, T *dv, int n, int m, int heads, int d, float scale) {
+    typedef Frag<T> F;
+    constexpr int BK = 64, LH = tc::padded<T, DM>(), NT = BQ / 8, OT = DM / 8;
+    static_assert(DM % F::K == 0 && BQ % F::K == 0, "whole products");
+    __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[BQ * LH], dos[BQ * LH];
+    __shared__ float lse_s[BQ], rowdot_s[BQ];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int bh = blockIdx.y, k0 = blockIdx.x * BK;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+    tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
+    const T *kw = ks + warp * 16 * LH, *vw = vs + warp * 16 * LH;
+    float dk_acc[OT][4], dv_acc[OT][4];
+#pragma unroll
+    for (int j = 0; j < OT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dk_acc[j][c] = dv_acc[j][c] = 0.0f;
+    for (int q0 = 0; q0 < n; q0 += BQ) {
+        __syncthreads();  // every warp is done with the last query tiles (and K, V are in)
+        tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+        tc::load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
+        load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+        __syncthreads();
+        float st[NT][4], dpt[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) st[j][c] = dpt[j][c] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DM; kk += F::K) {
+            T ak[F::NA], av[F::NA];
+            load_a(ak, kw + kk, LH, g, t);
+            load_a(av, vw + kk, LH, g, t);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                T b[F::NB];
+                b_from_rows(b, qs + 8 * j * LH + kk, LH, g, t);
+                F::mma(st[j], ak, b);
+                b_from_rows(b, dos + 8 * j * LH + kk, LH, g, t);
+                F::mma(dpt[j], av, b);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int col = 8 * j + c_col(c, t);  // the query row
+                const float p = expf(st[j][c] * scale - lse_s[col]);
+                st[j][c] = p;
+                dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < BQ; kk += F::K) {
+            T ap[F::NA], ads[F::NA];
+            a_from_acc(ap, st, kk, g, t);
+            a_from_acc(ads, dpt, kk, g, t);
+#pragma unroll
+            for (int j = 0; j < OT; ++j) {
+                T b[F::NB];
+                b_from_depth(b, dos + kk * LH + 8 * j, LH, g, t);
+                F::mma(dv_acc[j], ap, b);
+                b_from_depth(b, qs + kk * LH + 8 * j, LH, g, t);
+                F::mma(dk_acc[j], ads, b);
+            }
+        }
+    }
+    const int r0 = k0 + warp * 16;
+    store_acc(dk + ko, dk_acc, r0, m, w, d, scale, g, t);
+    store_acc(dv + ko, dv_acc, r0, m, w, d, 1.0f, g, t);
+}
+
+// dQ for 64 query rows a block, 16 a warp, over key tiles of BK: S = Q Kᵀ and
+// dP = dO Vᵀ in registers, dS = P∘(dP − D) with P = exp(s·S − lse) (0 for keys
+// past m), then dQ += dS K (·s at the end) with A from the registers.
+template <typename T, int DM, int BK>
+__device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
+                         T *dq, int n, int m, int heads, int d, float scale) {
+    typedef Frag<T> F;
+    constexpr int LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
+    static_assert(DM % F::K == 0 && BK % F::K == 0, "whole products");
+    __shared__ __align__(16) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
+    const long w = (long)heads * d;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    tc::load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
+    const T *qw = qs + warp * 16 * LH, *dow = dos + warp * 16 * LH;
+    const int r0 = q0 + warp * 16;
+    // lse and D of rows g and g + 8 (past n: lse +inf, so P is 0).
+    float row_lse[2], row_dot[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + g + 8 * h;
+        row_lse[h] = r < n ? lse[(long)bh * n + r] : INFINITY;
+        row_dot[h] = r < n ? rowdot[(long)bh * n + r] : 0.0f;
+    }
+    float dq_acc[OT][4];
+#pragma unroll
+    for (int j = 0; j < OT; ++j) dq_acc[j][0] = dq_acc[j][1] = dq_acc[j][2] = dq_acc[j][3] = 0.0f;
+    for (int k0 = 0; k0 < m; k0 += BK) {
+        __syncthreads();  // every warp is done with the last key tiles (and Q, dO are in)
+        tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+        tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
+        __syncthreads();
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[j][c] = dp[j][c] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < DM; kk += F::K) {
+            T aq[F::NA], ado[F::NA];
+            load_a(aq, qw + kk, LH, g, t);
+            load_a(ado, dow + kk, LH, g, t);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                T b[F::NB];
+                b_from_rows(b, ks + 8 * j * LH + kk, LH, g, t);
+                F::mma(s[j], aq, b);
+                b_from_rows(b, vs + 8 * j * LH + kk, LH, g, t);
+                F::mma(dp[j], ado, b);
+            }
+        }
+        const int keys_left = m - k0;
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int h = c >> 1;
+                const float p = 8 * j + c_col(c, t) < keys_left ? expf(s[j][c] * scale - row_lse[h]) : 0.0f;
+                s[j][c] = p * (dp[j][c] - row_dot[h]);  // dS, in place of S
+            }
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += F::K) {
+            T a[F::NA];
+            a_from_acc(a, s, kk, g, t);
+#pragma unroll
+            for (int j = 0; j < OT; ++j) {
+                T b[F::NB];
+                b_from_depth(b, ks + kk * LH + 8 * j, LH, g, t);
+                F::mma(dq_acc[j], a, b);
+            }
+        }
+    }
+    store_acc(dq + qo, dq_acc, r0, n, w, d, scale, g, t);
 }
 }  // namespace mma
 
@@ -922,6 +1111,29 @@ FLASH_TC_F32_TILES(FLASH_TC_F32)
 #define FLASH_MMA_F32(DM, BK) FLASH_MMA_FWD(float, f32, DM, BK)
 FLASH_MMA_TILES(FLASH_MMA_BF16)
 FLASH_MMA_F32_TILES(FLASH_MMA_F32)
+
+// The backward on mma.sync: flash_{dkdv,dq}_mma_{bf16,f32}_d{DM}, 64 keys (dK, dV) or
+// 64 query rows (dQ) a block, X(DM, BT) with BT the other side's tile, for each padded
+// head dim of FLASH_MMA_BWD_TILES (bf16) and FLASH_MMA_BWD_F32_TILES (f32: not d 80,
+// whose f32 tiles would pass 48 KB). sidscript: ops::attention::FLASH_MMA_BWD_TILES
+// and FLASH_MMA_BWD_F32_TILES.
+#define FLASH_MMA_BWD_TILES(X) X(32, 32) X(48, 32) X(64, 32) X(80, 32)
+#define FLASH_MMA_BWD_F32_TILES(X) X(32, 32) X(48, 32) X(64, 16)
+#define FLASH_MMA_BWD(T, TN, DM, BT)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_dkdv_mma_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,             \
+                                    const float *rowdot, T *dk, T *dv, int n, int m, int heads, int d, float scale) {\
+        mma::flash_dkdv<T, DM, BT>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                       \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+        flash_dq_mma_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,               \
+                                  const float *rowdot, T *dq, int n, int m, int heads, int d, float scale) {         \
+        mma::flash_dq<T, DM, BT>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                             \
+    }
+#define FLASH_MMA_BWD_BF16(DM, BT) FLASH_MMA_BWD(bf16, bf16, DM, BT)
+#define FLASH_MMA_BWD_F32(DM, BT) FLASH_MMA_BWD(float, f32, DM, BT)
+FLASH_MMA_BWD_TILES(FLASH_MMA_BWD_BF16)
+FLASH_MMA_BWD_F32_TILES(FLASH_MMA_BWD_F32)
 
 extern "C" __global__ void flash_rowdot_f32(const float *o, const float *dout, float *rowdot, int n, int heads, int d,
                                             int rows) {
