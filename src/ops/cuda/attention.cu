@@ -677,17 +677,18 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (
 #endif
 
 namespace mma {
-constexpr int BQ = 64;  // 4 warps × 16 query rows
+constexpr int BQ = 64;  // query rows a block in the forward and dQ: 4 warps × 16
 
 // One storage type's product d += a·b over K (a 16×K, b K×8; fragments as values of
-// T, element i where the PTX ISA puts it: `a_at`, `b_at`; d as in `c_at`).
+// T, element i where the PTX ISA puts it: `a_row`/`a_col`, `b_row` (B's column is g);
+// d as `c_row`/`c_col` say).
 template <typename T> struct Frag;
 
 __device__ __forceinline__ uint32_t bits16(bf16 x) { return *reinterpret_cast<const unsigned short *>(&x); }
 
 template <> struct Frag<bf16> {
     static constexpr int K = 16, NA = 8, NB = 4;
-    // (row, col) of A's element i, (row, col) of B's, for lane (g, t).
+    // Row and column of A's element i, row of B's, for lane (g, t).
     static __device__ __forceinline__ int a_row(int i, int g) { return g + ((i >> 1) & 1) * 8; }
     static __device__ __forceinline__ int a_col(int i, int t) { return 2 * t + (i & 1) + (i >> 2) * 8; }
     static __device__ __forceinline__ int b_row(int i, int t) { return 2 * t + (i & 1) + (i >> 1) * 8; }
@@ -883,18 +884,18 @@ __device__ __forceinline__ void store_acc(T *dst, const float (&acc)[OT][4], int
         }
 }
 
-// dK and dV for 64 keys a block, 16 a warp, over query tiles of BQ: Sᵀ = K Qᵀ and
+// dK and dV for 64 keys a block, 16 a warp, over query tiles of QT: Sᵀ = K Qᵀ and
 // dPᵀ = V dOᵀ in registers, Pᵀ = exp(s·Sᵀ − lse), dSᵀ = Pᵀ∘(dPᵀ − D) in place,
 // then dV += Pᵀ dO and dK += dSᵀ Q (·s at the end), both with A from the registers.
 // Keys past m compute values nobody stores; query rows past n have lse +inf, P 0.
-template <typename T, int DM, int BQ>
+template <typename T, int DM, int QT>
 __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
                            T *dk, T *dv, int n, int m, int heads, int d, float scale) {
     typedef Frag<T> F;
-    constexpr int BK = 64, LH = tc::padded<T, DM>(), NT = BQ / 8, OT = DM / 8;
-    static_assert(DM % F::K == 0 && BQ % F::K == 0, "whole products");
-    __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[BQ * LH], dos[BQ * LH];
-    __shared__ float lse_s[BQ], rowdot_s[BQ];
+    constexpr int BK = 64, LH = tc::padded<T, DM>(), NT = QT / 8, OT = DM / 8;
+    static_assert(DM % F::K == 0 && QT % F::K == 0, "whole products");
+    __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[QT * LH], dos[QT * LH];
+    __shared__ float lse_s[QT], rowdot_s[QT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int bh = blockIdx.y, k0 = blockIdx.x * BK;
     const long w = (long)heads * d;
@@ -907,11 +908,11 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     for (int j = 0; j < OT; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) dk_acc[j][c] = dv_acc[j][c] = 0.0f;
-    for (int q0 = 0; q0 < n; q0 += BQ) {
+    for (int q0 = 0; q0 < n; q0 += QT) {
         __syncthreads();  // every warp is done with the last query tiles (and K, V are in)
-        tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
-        tc::load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
-        load_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+        tc::load_rows<T, QT, DM>(qs, q + qo, q0, n, w, d);
+        tc::load_rows<T, QT, DM>(dos, dout + qo, q0, n, w, d);
+        load_row_stats<QT>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
         __syncthreads();
         float st[NT][4], dpt[NT][4];
 #pragma unroll
@@ -942,7 +943,7 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
                 dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
             }
 #pragma unroll
-        for (int kk = 0; kk < BQ; kk += F::K) {
+        for (int kk = 0; kk < QT; kk += F::K) {
             T ap[F::NA], ads[F::NA];
             a_from_acc(ap, st, kk, g, t);
             a_from_acc(ads, dpt, kk, g, t);
