@@ -4,7 +4,8 @@
 //! 80 and 160, group and layer norm, group norm + SiLU, SiLU, GEGLU, linear, nearest
 //! upsampling). On
 //! the CPU this checks the f32 kernels; in cuda builds the same test runs the CUDA
-//! forms (cuDNN convolutions with the `cudnn` feature, flash attention). The
+//! forms (cuDNN convolutions with the `cudnn` feature, flash attention on each of
+//! its kernel families: mma.sync, WMMA, plain). The
 //! convolutions, attention and linear maps are also checked in bf16, on the CPU
 //! through the f32 kernels with bf16 operands and results (`ops::is_half_on_cpu`).
 
@@ -99,6 +100,7 @@ fn attention(dev: &Device) -> common::TestResult {
         (2, 40, 70, 77),
         (2, 64, 20, 7),
         (1, 64, 96, 96),
+        (2, 40, 130, 130),
         (1, 80, 16, 77),
         (1, 160, 9, 9),
         (1, 160, 40, 77),
@@ -111,17 +113,31 @@ fn attention(dev: &Device) -> common::TestResult {
             randn(&mut rng, &[2, m, heads * d]),
         ];
         let scale = 1.0 / (d as f64).sqrt();
-        for (dtype, tol) in DTYPES {
-            compare(
-                &format!("attention {heads}×{d}, {n}×{m}"),
-                dev,
-                dtype,
-                &inputs,
-                &move |t| ops::attention(&t[0], &t[1], &t[2], heads, scale),
-                &move |t| ops::attention::attention_composed(&t[0], &t[1], &t[2], heads, scale),
-                tol,
-            );
+        // On CUDA each kernel family: mma.sync (the default for d ≤ 80), WMMA through
+        // shared memory, and the plain FMA kernels (the switches are process-wide; another
+        // test's attention meanwhile takes a path that is checked here as well).
+        let paths: &[(&str, bool, bool)] = if dev.is_cuda() {
+            &[("mma", true, true), ("wmma", true, false), ("plain", false, false)]
+        } else {
+            &[("", true, true)]
+        };
+        for &(path, tensor_cores, mma) in paths {
+            ops::attention::set_flash_tensor_cores(tensor_cores);
+            ops::attention::set_flash_mma(mma);
+            for (dtype, tol) in DTYPES {
+                compare(
+                    &format!("attention {heads}×{d}, {n}×{m} {path}"),
+                    dev,
+                    dtype,
+                    &inputs,
+                    &move |t| ops::attention(&t[0], &t[1], &t[2], heads, scale),
+                    &move |t| ops::attention::attention_composed(&t[0], &t[1], &t[2], heads, scale),
+                    tol,
+                );
+            }
         }
+        ops::attention::set_flash_tensor_cores(true);
+        ops::attention::set_flash_mma(true);
     }
     Ok(())
 }
