@@ -765,6 +765,56 @@ template <typename T> __device__ __forceinline__ void b_from_depth(T (&b)[Frag<T
     for (int i = 0; i < Frag<T>::NB; ++i) b[i] = p[Frag<T>::key(Frag<T>::b_row(i, t)) * ld + g];
 }
 
+template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+}
+
+// acc += P·B for this warp's 16 rows, P (16 × KD) from the accumulator tiles p (its
+// columns the depth, as `a_from_acc` reads them) and B the KD rows at b (stride ld) in
+// the same order: O += P V, dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q.
+template <typename T, int KD, int OT>
+__device__ __forceinline__ void register_product(float (&acc)[OT][4], const float (&p)[KD / 8][4], const T *b, int ld,
+                                                 int g, int t) {
+    typedef Frag<T> F;
+#pragma unroll
+    for (int kk = 0; kk < KD; kk += F::K) {
+        T a[F::NA];
+        a_from_acc(a, p, kk, g, t);
+#pragma unroll
+        for (int j = 0; j < OT; ++j) {
+            T bf[F::NB];
+            b_from_depth(bf, b + kk * ld + 8 * j, ld, g, t);
+            F::mma(acc[j], a, bf);
+        }
+    }
+}
+
+// x = A_x B_xᵀ and y = A_y B_yᵀ over the DM channels, for this warp's 16 rows of A_x
+// and A_y (at ax, ay) against the NT·8 rows of B_x and B_y (at bx, by), all rows of
+// stride ld: the backward's two score products (S and dP, or their transposes).
+template <typename T, int DM, int NT>
+__device__ __forceinline__ void score_products(float (&x)[NT][4], float (&y)[NT][4], const T *ax, const T *ay,
+                                               const T *bx, const T *by, int ld, int g, int t) {
+    typedef Frag<T> F;
+    zero(x);
+    zero(y);
+#pragma unroll
+    for (int kk = 0; kk < DM; kk += F::K) {
+        T a_x[F::NA], a_y[F::NA];
+        load_a(a_x, ax + kk, ld, g, t);
+        load_a(a_y, ay + kk, ld, g, t);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            T b[F::NB];
+            b_from_rows(b, bx + 8 * j * ld + kk, ld, g, t);
+            F::mma(x[j], a_x, b);
+            b_from_rows(b, by + 8 * j * ld + kk, ld, g, t);
+            F::mma(y[j], a_y, b);
+        }
+    }
+}
+
 template <typename T, int DM, int BK>
 __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
                           float scale) {
@@ -779,8 +829,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
     tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
     const T *qw = qs + warp * 16 * LH;  // this warp's 16 rows
     float acc[OT][4];                   // O, rows g and g + 8
-#pragma unroll
-    for (int j = 0; j < OT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    zero(acc);
     // Running max and sum of rows g and g + 8 (the sum this thread's columns only,
     // combined with the other three threads' at the end).
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
@@ -791,8 +840,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         __syncthreads();
         // S = Q Kᵀ: A is Q's rows, B(k, n) = K[key n][channel k].
         float s[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        zero(s);
 #pragma unroll
         for (int kk = 0; kk < DM; kk += F::K) {
             T a[F::NA];
@@ -837,17 +885,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[j][c] *= rescale[c >> 1];
         // O += P·V: A is P from the registers, B is V's rows in the same key order.
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += F::K) {
-            T a[F::NA];
-            a_from_acc(a, s, kk, g, t);
-#pragma unroll
-            for (int j = 0; j < OT; ++j) {
-                T b[F::NB];
-                b_from_depth(b, vs + kk * LH + 8 * j, LH, g, t);
-                F::mma(acc[j], a, b);
-            }
-        }
+        register_product<T, BK>(acc, s, vs, LH, g, t);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -904,35 +942,16 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
     const T *kw = ks + warp * 16 * LH, *vw = vs + warp * 16 * LH;
     float dk_acc[OT][4], dv_acc[OT][4];
-#pragma unroll
-    for (int j = 0; j < OT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) dk_acc[j][c] = dv_acc[j][c] = 0.0f;
+    zero(dk_acc);
+    zero(dv_acc);
     for (int q0 = 0; q0 < n; q0 += QT) {
         __syncthreads();  // every warp is done with the last query tiles (and K, V are in)
         tc::load_rows<T, QT, DM>(qs, q + qo, q0, n, w, d);
         tc::load_rows<T, QT, DM>(dos, dout + qo, q0, n, w, d);
         load_row_stats<QT>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
         __syncthreads();
-        float st[NT][4], dpt[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) st[j][c] = dpt[j][c] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < DM; kk += F::K) {
-            T ak[F::NA], av[F::NA];
-            load_a(ak, kw + kk, LH, g, t);
-            load_a(av, vw + kk, LH, g, t);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                T b[F::NB];
-                b_from_rows(b, qs + 8 * j * LH + kk, LH, g, t);
-                F::mma(st[j], ak, b);
-                b_from_rows(b, dos + 8 * j * LH + kk, LH, g, t);
-                F::mma(dpt[j], av, b);
-            }
-        }
+        float st[NT][4], dpt[NT][4];  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+        score_products<T, DM>(st, dpt, kw, vw, qs, dos, LH, g, t);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -942,20 +961,8 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
                 st[j][c] = p;
                 dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
             }
-#pragma unroll
-        for (int kk = 0; kk < QT; kk += F::K) {
-            T ap[F::NA], ads[F::NA];
-            a_from_acc(ap, st, kk, g, t);
-            a_from_acc(ads, dpt, kk, g, t);
-#pragma unroll
-            for (int j = 0; j < OT; ++j) {
-                T b[F::NB];
-                b_from_depth(b, dos + kk * LH + 8 * j, LH, g, t);
-                F::mma(dv_acc[j], ap, b);
-                b_from_depth(b, qs + kk * LH + 8 * j, LH, g, t);
-                F::mma(dk_acc[j], ads, b);
-            }
-        }
+        register_product<T, QT>(dv_acc, st, dos, LH, g, t);
+        register_product<T, QT>(dk_acc, dpt, qs, LH, g, t);
     }
     const int r0 = k0 + warp * 16;
     store_acc(dk + ko, dk_acc, r0, m, w, d, scale, g, t);
@@ -989,32 +996,14 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
         row_dot[h] = r < n ? rowdot[(long)bh * n + r] : 0.0f;
     }
     float dq_acc[OT][4];
-#pragma unroll
-    for (int j = 0; j < OT; ++j) dq_acc[j][0] = dq_acc[j][1] = dq_acc[j][2] = dq_acc[j][3] = 0.0f;
+    zero(dq_acc);
     for (int k0 = 0; k0 < m; k0 += BK) {
         __syncthreads();  // every warp is done with the last key tiles (and Q, dO are in)
         tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
         tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
         __syncthreads();
-        float s[NT][4], dp[NT][4];
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) s[j][c] = dp[j][c] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < DM; kk += F::K) {
-            T aq[F::NA], ado[F::NA];
-            load_a(aq, qw + kk, LH, g, t);
-            load_a(ado, dow + kk, LH, g, t);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                T b[F::NB];
-                b_from_rows(b, ks + 8 * j * LH + kk, LH, g, t);
-                F::mma(s[j], aq, b);
-                b_from_rows(b, vs + 8 * j * LH + kk, LH, g, t);
-                F::mma(dp[j], ado, b);
-            }
-        }
+        float s[NT][4], dp[NT][4];  // S = Q Kᵀ, dP = dO Vᵀ
+        score_products<T, DM>(s, dp, qw, dow, ks, vs, LH, g, t);
         const int keys_left = m - k0;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -1024,17 +1013,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
                 const float p = 8 * j + c_col(c, t) < keys_left ? expf(s[j][c] * scale - row_lse[h]) : 0.0f;
                 s[j][c] = p * (dp[j][c] - row_dot[h]);  // dS, in place of S
             }
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += F::K) {
-            T a[F::NA];
-            a_from_acc(a, s, kk, g, t);
-#pragma unroll
-            for (int j = 0; j < OT; ++j) {
-                T b[F::NB];
-                b_from_depth(b, ks + kk * LH + 8 * j, LH, g, t);
-                F::mma(dq_acc[j], a, b);
-            }
-        }
+        register_product<T, BK>(dq_acc, s, ks, LH, g, t);
     }
     store_acc(dq + qo, dq_acc, r0, n, w, d, scale, g, t);
 }
