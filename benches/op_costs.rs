@@ -172,9 +172,9 @@ fn benches() {
             ("attention fwd+bwd [1,1024,8×10] f32", true, 1024, 8, 10, candle_core::DType::F32),
         ]
     };
-    // On CUDA each row also with the forward on WMMA through shared memory ("… wmma",
-    // as the backward) rather than mma.sync with the scores in registers, and without
-    // tensor cores ("… plain": the FMA kernels): the difference each path makes.
+    // On CUDA each row also on the WMMA kernels ("… wmma": tiles through shared
+    // memory) rather than mma.sync with the scores in registers, and without tensor
+    // cores ("… plain": the FMA kernels): the difference each path makes.
     let kernel_modes: &[(&str, bool, bool)] = if dev.is_cuda() {
         &[("", true, true), (" wmma", true, false), (" plain", false, false)]
     } else {

@@ -170,7 +170,7 @@ fn one_pass_tf32_fails_the_emulated_check() {
 }
 
 /// A copy of `attention.cu` with `with` replaced by `without` fails the check of the
-/// mma.sync forwards (`--mma`), in `family`.
+/// mma.sync kernels (`--mma`), in `family`.
 fn fails_the_mma_check(exe: &str, family: &str, what: &str, with: &str, without: &str) {
     let define = altered_attention(exe, what, with, without);
     let run = build_and_run_with("attention_check", &tmp(exe), &[define], &["--mma"]);
