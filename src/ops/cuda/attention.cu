@@ -41,6 +41,14 @@ typedef __nv_bfloat16 bf16;
 
 #define FLASH_THREADS 128
 
+// The softmax's exponentials are taken in base 2, as FlashAttention's are: exp(x) =
+// 2^(x·log2 e) with log2 e folded into the scores' scale, so that each is a multiply-
+// add and the SFU's ex2 (exp2f), where expf wraps that same ex2 in ~10 instructions of
+// range reduction — per score, in kernels whose products are on tensor cores, much of
+// a tile's work. Running maxima are in these base-2 units; lse leaves and enters the
+// kernels in natural units (·LN2 when written, ·LOG2E when read).
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f32(float x);
@@ -132,16 +140,17 @@ __device__ __forceinline__ long head_offset(int bh, int len, int heads, int d) {
 }
 
 // One online-softmax step over a BQ×BK tile of scores (row r at ss[r·ls]) times
-// `scale`, keys at or past `keys_left` masked. FLASH_THREADS / BQ threads share a
-// row (consecutive lanes of one warp, so that all 128 threads work rather than one
-// per row): each takes every TPR-th column, and the row's max and sum are reduced
-// over them with warp shuffles. p = exp(s·scale − max) goes to put(r, c, p) (0
-// where masked; put may overwrite the score it came from: each score is read and
-// written by its own thread alone), and the row's first thread updates its running
-// max, sum and the rescale factor of the earlier output. Every tile has a key below
-// m, so the new max is finite; exp(−inf) = 0 rescales the empty start.
+// `scale2` (their scale in base-2 units, s·LOG2E), keys at or past `keys_left`
+// masked. FLASH_THREADS / BQ threads share a row (consecutive lanes of one warp, so
+// that all 128 threads work rather than one per row): each takes every TPR-th
+// column, and the row's max and sum are reduced over them with warp shuffles.
+// p = 2^(s·scale2 − max) goes to put(r, c, p) (0 where masked; put may overwrite the
+// score it came from: each score is read and written by its own thread alone), and
+// the row's first thread updates its running max (base 2), sum and the rescale
+// factor of the earlier output. Every tile has a key
+// below m, so the new max is finite; 2^(−inf) = 0 rescales the empty start.
 template <int BQ, int BK, typename Put>
-__device__ __forceinline__ void online_softmax(const float *ss, int ls, float scale, int keys_left, float *row_max,
+__device__ __forceinline__ void online_softmax(const float *ss, int ls, float scale2, int keys_left, float *row_max,
                                                float *row_sum, float *row_rescale, Put put) {
     constexpr int TPR = FLASH_THREADS / BQ, COLS = BK / TPR;
     static_assert(FLASH_THREADS % BQ == 0 && TPR <= 32 && BK % TPR == 0, "threads per row must split the row");
@@ -152,7 +161,7 @@ __device__ __forceinline__ void online_softmax(const float *ss, int ls, float sc
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = part + j * TPR;
-        if (c < keys_left) mx = fmaxf(mx, s[c] * scale);
+        if (c < keys_left) mx = fmaxf(mx, s[c] * scale2);
     }
 #pragma unroll
     for (int lanes = 1; lanes < TPR; lanes *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, lanes));
@@ -160,7 +169,7 @@ __device__ __forceinline__ void online_softmax(const float *ss, int ls, float sc
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = part + j * TPR;
-        const float p = c < keys_left ? expf(s[c] * scale - mx) : 0.0f;
+        const float p = c < keys_left ? exp2f(s[c] * scale2 - mx) : 0.0f;
         put(r, c, p);
         sum += p;
     }
@@ -169,7 +178,7 @@ __device__ __forceinline__ void online_softmax(const float *ss, int ls, float sc
     // Every thread of the row read old_max before the shuffles, which the row's
     // lanes pass together: the write below cannot overtake a read.
     if (part == 0) {
-        const float rescale = expf(old_max - mx);
+        const float rescale = exp2f(old_max - mx);
         row_rescale[r] = rescale;
         row_sum[r] = row_sum[r] * rescale + sum;
         row_max[r] = mx;
@@ -208,7 +217,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         }
         __syncthreads();
         // The online softmax, in place.
-        online_softmax<BQ, BK>(ss, LS, 1.0f, m - k0, row_max, row_sum, row_rescale,
+        online_softmax<BQ, BK>(ss, LS, LOG2E, m - k0, row_max, row_sum, row_rescale,
                                [&](int r, int c, float p) { ss[r * LS + c] = p; });
         __syncthreads();
 #pragma unroll
@@ -227,7 +236,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         for (int j = 0; j < Ot::RN; ++j) acc[i][j] *= inv;
     }
     store_rows<T, BQ, DM>(o + head_offset(bh, n, heads, d), acc, q0, n, w, d, 1.0f);
-    if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] + logf(row_sum[t]);
+    if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] * LN2 + logf(row_sum[t]);
 }
 
 // One thread per (b·heads + h, query row): D = Σ dO∘O over the head's d channels.
@@ -243,8 +252,8 @@ __device__ void flash_rowdot(const T *o, const T *dout, float *rowdot, int n, in
 }
 
 // P = exp(s·Q Kᵀ − lse) into ps (unless null: dQ needs only dS) and dS = P∘(dO Vᵀ − D)
-// into dss for one BQ×BK pair of tiles in shared memory (qs scaled); zero for keys at
-// or past `keys_left` and for padded query rows (their lse is +inf).
+// into dss for one BQ×BK pair of tiles in shared memory (qs scaled, lse_s in base 2);
+// zero for keys at or past `keys_left` and for padded query rows (their lse is +inf).
 template <int DM, int BQ, int BK>
 __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, const float *qs, const float *dos,
                                                       const float *ks, const float *vs, const float *lse_s,
@@ -262,20 +271,20 @@ __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, con
 #pragma unroll
         for (int j = 0; j < St::RN; ++j) {
             const int c = St::col(j);
-            const float p = c < keys_left ? expf(s[i][j] - lse_s[r]) : 0.0f;
+            const float p = c < keys_left ? exp2f(s[i][j] * LOG2E - lse_s[r]) : 0.0f;
             if (ps) ps[r * LS + c] = p;
             dss[r * LS + c] = p * (dp[i][j] - rowdot_s[r]);
         }
     }
 }
 
-// The query tile's lse (+inf past n, so that P = 0 there) and D (0 past n).
+// The query tile's lse in base 2 (+inf past n, so that P = 0 there) and D (0 past n).
 template <int BQ>
 __device__ __forceinline__ void load_row_stats(float *lse_s, float *rowdot_s, const float *lse, const float *rowdot,
                                                int bh, int q0, int n) {
     for (int r = threadIdx.x; r < BQ; r += FLASH_THREADS) {
         const bool in = q0 + r < n;
-        lse_s[r] = in ? lse[(long)bh * n + q0 + r] : INFINITY;
+        lse_s[r] = in ? lse[(long)bh * n + q0 + r] * LOG2E : INFINITY;
         rowdot_s[r] = in ? rowdot[(long)bh * n + q0 + r] : 0.0f;
     }
 }
@@ -535,7 +544,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         product_to_shared<T, Row, Col, BQ, BK, DM>(ss, LS, qs, LH, ks, LH, false);
         __syncthreads();
         // The online softmax of s·Q Kᵀ (as in the plain kernel).
-        online_softmax<BQ, BK>(ss, LS, scale, m - k0, row_max, row_sum, row_rescale,
+        online_softmax<BQ, BK>(ss, LS, scale * LOG2E, m - k0, row_max, row_sum, row_rescale,
                                [&](int r, int c, float p) { ps[r * LP + c] = from_f32<T>(p); });
         __syncthreads();
         // Rows whose max did not move (most, after the first tiles) keep their values.
@@ -551,7 +560,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         const int r = e / DM, c = e % DM;
         if (q0 + r < n && c < d) o[qo + (long)(q0 + r) * w + c] = from_f32<T>(os[r * LO + c] / row_sum[r]);
     }
-    if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] + logf(row_sum[t]);
+    if (t < BQ && q0 + t < n) lse[(long)bh * n + q0 + t] = row_max[t] * LN2 + logf(row_sum[t]);
 }
 
 // S = Q Kᵀ and dP = dO Vᵀ into ss and dps, then P = exp(s·S − lse) into ps (unless
@@ -568,7 +577,7 @@ __device__ __forceinline__ void probs_and_score_grads(T *ps, T *dss, float *ss, 
     __syncthreads();
     for (int e = threadIdx.x; e < BQ * BK; e += FLASH_THREADS) {
         const int r = e / BK, c = e % BK;
-        const float p = c < keys_left ? expf(ss[r * LS + c] * scale - lse_s[r]) : 0.0f;
+        const float p = c < keys_left ? exp2f(ss[r * LS + c] * (scale * LOG2E) - lse_s[r]) : 0.0f;
         const float ds = p * (dps[r * LS + c] - rowdot_s[r]);
         if (ps) ps[r * LP + c] = from_f32<T>(p);
         dss[r * LP + c] = from_f32<T>(ds);
@@ -823,6 +832,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
     static_assert(DM % F::K == 0 && BK % F::K == 0 && BK % 8 == 0, "whole products");
     __shared__ __align__(16) T qs[BQ * LH], ks[BK * LH], vs[BK * LH];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float scale2 = scale * LOG2E;  // the scores' scale in base-2 units
     const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
     const long w = (long)heads * d;
     const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
@@ -854,12 +864,12 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         }
         // The online softmax of s·S over this tile's keys (past m: none).
         const int keys_left = m - k0;
-        float mx[2] = {row_max[0], row_max[1]};
+        float mx[2] = {row_max[0], row_max[1]};  // base 2
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                const float x = 8 * j + c_col(c, t) < keys_left ? s[j][c] * scale : -INFINITY;
+                const float x = 8 * j + c_col(c, t) < keys_left ? s[j][c] * scale2 : -INFINITY;
                 s[j][c] = x;
                 mx[c >> 1] = fmaxf(mx[c >> 1], x);
             }
@@ -868,7 +878,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         for (int h = 0; h < 2; ++h) {
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-            rescale[h] = expf(row_max[h] - mx[h]);  // the first tile: exp(−inf) = 0
+            rescale[h] = exp2f(row_max[h] - mx[h]);  // the first tile: 2^(−inf) = 0
             row_max[h] = mx[h];
             row_sum[h] *= rescale[h];
         }
@@ -876,7 +886,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                const float p = expf(s[j][c] - mx[c >> 1]);  // masked keys: 0
+                const float p = exp2f(s[j][c] - mx[c >> 1]);  // masked keys: 0
                 s[j][c] = p;
                 row_sum[c >> 1] += p;
             }
@@ -904,7 +914,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = r0 + g + 8 * h;
-            if (r < n) lse[(long)bh * n + r] = row_max[h] + logf(row_sum[h]);
+            if (r < n) lse[(long)bh * n + r] = row_max[h] * LN2 + logf(row_sum[h]);
         }
 }
 
@@ -935,6 +945,7 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[QT * LH], dos[QT * LH];
     __shared__ float lse_s[QT], rowdot_s[QT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float scale2 = scale * LOG2E;  // the scores' scale in base-2 units
     const int bh = blockIdx.y, k0 = blockIdx.x * BK;
     const long w = (long)heads * d;
     const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
@@ -957,7 +968,7 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int col = 8 * j + c_col(c, t);  // the query row
-                const float p = expf(st[j][c] * scale - lse_s[col]);
+                const float p = exp2f(st[j][c] * scale2 - lse_s[col]);
                 st[j][c] = p;
                 dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
             }
@@ -980,6 +991,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     static_assert(DM % F::K == 0 && BK % F::K == 0, "whole products");
     __shared__ __align__(16) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const float scale2 = scale * LOG2E;  // the scores' scale in base-2 units
     const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
     const long w = (long)heads * d;
     const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
@@ -987,12 +999,12 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     tc::load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
     const T *qw = qs + warp * 16 * LH, *dow = dos + warp * 16 * LH;
     const int r0 = q0 + warp * 16;
-    // lse and D of rows g and g + 8 (past n: lse +inf, so P is 0).
+    // lse (base 2) and D of rows g and g + 8 (past n: lse +inf, so P is 0).
     float row_lse[2], row_dot[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int r = r0 + g + 8 * h;
-        row_lse[h] = r < n ? lse[(long)bh * n + r] : INFINITY;
+        row_lse[h] = r < n ? lse[(long)bh * n + r] * LOG2E : INFINITY;
         row_dot[h] = r < n ? rowdot[(long)bh * n + r] : 0.0f;
     }
     float dq_acc[OT][4];
@@ -1010,7 +1022,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int h = c >> 1;
-                const float p = 8 * j + c_col(c, t) < keys_left ? expf(s[j][c] * scale - row_lse[h]) : 0.0f;
+                const float p = 8 * j + c_col(c, t) < keys_left ? exp2f(s[j][c] * scale2 - row_lse[h]) : 0.0f;
                 s[j][c] = p * (dp[j][c] - row_dot[h]);  // dS, in place of S
             }
         register_product<T, BK>(dq_acc, s, ks, LH, g, t);
