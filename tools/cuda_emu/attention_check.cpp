@@ -196,6 +196,10 @@ int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
     const bool quick = mode == "--quick", shifted_only = mode == "--shifted", mma_only = mode == "--mma",
                no_mma = mode == "--no-mma";
+    if (!emu::mma_tables_agree()) {
+        std::printf("the emulator's mma.sync fragment tables disagree with CuTe's layouts\n");
+        return 1;
+    }
     std::mt19937 rng(7);
     // Every padded head dim (SD1.5's 40/80/160, SDXL's 64, 8 and 100 padded), self-
     // and cross-attention (77 text tokens), rows that fill no tile, one tile, several.

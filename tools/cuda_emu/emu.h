@@ -371,6 +371,43 @@ inline void mma_c_coord(int lane, int i, int &r, int &c) {
     r = lane / 4 + (i >= 2 ? 8 : 0);
     c = 2 * (lane % 4) + (i & 1);
 }
+// The same layouts read a second time, from CUTLASS's CuTe (MMA_Traits of
+// SM80_16x8x16_F32BF16BF16F32_TN and SM80_16x8x8_F32TF32TF32F32_TN): each a map from
+// (thread, value) to the column-major index of an element in A (M×K), B (N×K) or C
+// (M×N) — lane = t + 4g with strides (st, sg), value i in mixed radix (digits of
+// `radix`, low first) with one stride per digit. `mma_tables_agree` holds the tables
+// above to these for every lane and element, so that a slip in either reading shows.
+struct CuteLayout {
+    int rows;  // the tile's column length: M for A and C, N for B
+    int st, sg;
+    int digits, radix[3], stride[3];
+    void coord(int lane, int i, int &row, int &col) const {
+        int idx = st * (lane % 4) + sg * (lane / 4);
+        for (int j = 0; j < digits; ++j) idx += stride[j] * (i % radix[j]), i /= radix[j];
+        row = idx % rows, col = idx / rows;
+    }
+};
+inline bool mma_tables_agree() {
+    const CuteLayout a_bf16{16, 32, 1, 3, {2, 2, 2}, {16, 8, 128}}, b_bf16{8, 16, 1, 2, {2, 2}, {8, 64}},
+        a_tf32{16, 16, 1, 2, {2, 2}, {8, 64}}, b_tf32{8, 8, 1, 1, {2}, {32}}, c{16, 32, 1, 2, {2, 2}, {16, 8}};
+    bool ok = true;
+    for (int lane = 0; lane < 32; ++lane) {
+        int r, k, cr, ck;
+        for (int bf16 = 0; bf16 < 2; ++bf16) {
+            for (int i = 0; i < (bf16 ? 8 : 4); ++i) {
+                mma_a_coord(bf16, lane, i, r, k), (bf16 ? a_bf16 : a_tf32).coord(lane, i, cr, ck);
+                ok &= r == cr && k == ck;
+            }
+            for (int i = 0; i < (bf16 ? 4 : 2); ++i) {
+                // CuTe's B is N×K: its row is B's column here.
+                mma_b_coord(bf16, lane, i, k, r), (bf16 ? b_bf16 : b_tf32).coord(lane, i, cr, ck);
+                ok &= r == cr && k == ck;
+            }
+        }
+        for (int i = 0; i < 4; ++i) mma_c_coord(lane, i, r, k), c.coord(lane, i, cr, ck), ok &= r == cr && k == ck;
+    }
+    return ok;
+}
 // Element i of a share: a bf16 half of register i / 2, or the f32 of register i
 // (which must hold a tf32 value: the tensor cores ignore the low 13 bits).
 inline float mma_element(bool bf16, const uint32_t *regs, int i) {
