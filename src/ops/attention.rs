@@ -627,19 +627,41 @@ mod flash {
         }
     }
 
-    /// The kernel for this pass (`flash_fwd`, `flash_dkdv`, `flash_dq`), head dim and
-    /// dtype, with its tiles (query rows, keys): with tensor cores on (`flash_tensor_cores`),
-    /// `{name}_mma_{dtype}_d{DM}` where the mma.sync kernels have the head dim and
-    /// `flash_mma` is on (64 rows a block), else `{name}_tc_{dtype}_d{DM}` for bf16
-    /// and f32 with d ≤ 80; else `{name}_{dtype}_d{DM}`.
+    /// The three passes that have a kernel per head dim.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Pass {
+        /// O and lse (`flash_fwd`).
+        Forward,
+        /// dK and dV over key tiles (`flash_dkdv`).
+        KeysValues,
+        /// dQ over query tiles (`flash_dq`).
+        Queries,
+    }
+
+    impl Pass {
+        fn name(self) -> &'static str {
+            match self {
+                Pass::Forward => "flash_fwd",
+                Pass::KeysValues => "flash_dkdv",
+                Pass::Queries => "flash_dq",
+            }
+        }
+    }
+
+    /// The kernel for this pass, head dim and dtype, with its tiles (query rows,
+    /// keys): with tensor cores on (`flash_tensor_cores`), `{pass}_mma_{dtype}_d{DM}`
+    /// where the mma.sync kernels have the head dim and `flash_mma` is on (64 rows a
+    /// block), else `{pass}_tc_{dtype}_d{DM}` for bf16 and f32 with d ≤ 80; else
+    /// `{pass}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
-        name: &str,
+        pass: Pass,
         g: &Geom,
         dtype: DType,
     ) -> candle_core::Result<(CudaFunction, u32, u32)> {
         let tensor_cores = super::flash_tensor_cores();
-        let mma = super::flash_mma_dim(g.d, dtype, name != "flash_fwd").filter(|_| tensor_cores && super::flash_mma());
+        let backward = pass != Pass::Forward;
+        let mma = super::flash_mma_dim(g.d, dtype, backward).filter(|_| tensor_cores && super::flash_mma());
         let tc = super::flash_tc_tiles(g.d, dtype).filter(|_| tensor_cores);
         let rows = super::FLASH_MMA_TILE;
         let (kind, (dm, bq, bk)) = match (mma, tc, super::flash_tiles(g.d)) {
@@ -648,7 +670,7 @@ mod flash {
             (None, None, Some(tiles)) => ("", tiles),
             (None, None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
         };
-        let full = format!("{name}_{kind}{}_d{dm}", dtype_name(dtype)?);
+        let full = format!("{}_{kind}{}_d{dm}", pass.name(), dtype_name(dtype)?);
         let f = dev.get_or_load_custom_func(&full, "sidscript_attention", PTX)?;
         Ok((f.into_cuda_function(), bq, bk))
     }
@@ -688,7 +710,7 @@ mod flash {
         v: Operand,
     ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
         let dev = q.0.device.clone();
-        let (f, bq, _) = kernel(&dev, "flash_fwd", g, q.0.dtype())?;
+        let (f, bq, _) = kernel(&dev, Pass::Forward, g, q.0.dtype())?;
         let stream = dev.cuda_stream();
         // SAFETY: the kernel writes every output element and every row's lse.
         let mut out = unsafe { stream.alloc::<T>(g.batch * g.n * g.width()) }.map_err(candle_core::Error::wrap)?;
@@ -762,14 +784,14 @@ mod flash {
         let mut packed = unsafe { stream.alloc::<T>(lq + 2 * lk) }.map_err(candle_core::Error::wrap)?;
         let (mut dq, mut rest) = packed.split_at_mut(lq);
         let (mut dk, mut dv) = rest.split_at_mut(lk);
-        let (f, _, bk) = kernel(&dev, "flash_dkdv", g, dtype)?;
+        let (f, _, bk) = kernel(&dev, Pass::KeysValues, g, dtype)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&rowdot).arg(&mut dk).arg(&mut dv);
         b.arg(&n).arg(&m).arg(&heads).arg(&d).arg(&scale);
         // SAFETY: arguments as flash_dkdv(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale).
         unsafe { b.launch(blocks(g.m, bk, g)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
-        let (f, bq, _) = kernel(&dev, "flash_dq", g, dtype)?;
+        let (f, bq, _) = kernel(&dev, Pass::Queries, g, dtype)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lv).arg(&rowdot).arg(&mut dq);
         b.arg(&n).arg(&m).arg(&heads).arg(&d).arg(&scale);
