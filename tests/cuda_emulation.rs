@@ -200,6 +200,16 @@ fn a_missing_max_shuffle_fails_the_emulated_check() {
     fails_the_mma_check("attention_mma_shuffle", "f32-mma", "the second max shuffle", shuffle, "");
 }
 
+/// The bf16 mma.sync kernels take their operands through ldmatrix, whose lanes name
+/// the rows of four 8×8 matrices: with V's (and dO's, Q's, K's) transposed matrices
+/// taken in the other block order, the bf16 kernels fail the check.
+#[test]
+fn the_ldmatrix_block_order_matters_to_the_emulated_check() {
+    let order = "ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j & 1, j >> 1));";
+    let swapped = "ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j >> 1, j & 1));";
+    fails_the_mma_check("attention_mma_ldmatrix", "bf16-mma", "the transposed ldmatrix order", order, swapped);
+}
+
 /// Adam over a whole parameter group in one launch (`src/ops/cuda/adam.cu`): every
 /// tensor's update, tensors under, at and over a block's chunk, each with its own
 /// bias corrections, with and without a first moment, L2 decay and AdamW.

@@ -196,8 +196,8 @@ int main(int argc, char **argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
     const bool quick = mode == "--quick", shifted_only = mode == "--shifted", mma_only = mode == "--mma",
                no_mma = mode == "--no-mma";
-    if (!emu::mma_tables_agree()) {
-        std::printf("the emulator's mma.sync fragment tables disagree with CuTe's layouts\n");
+    if (!emu::mma_tables_agree() || !emu::ldmatrix_tables_agree()) {
+        std::printf("the emulator's mma.sync or ldmatrix tables disagree with CuTe's layouts\n");
         return 1;
     }
     std::mt19937 rng(7);

@@ -16,8 +16,10 @@
 // What it covers: the CUDA C++ the kernels use (threadIdx and friends, __shared__,
 // __syncthreads, __launch_bounds__, bf16 conversions, uint4, math functions, integer
 // min/max, __shfl_xor_sync over a full warp), the WMMA fragments of nvcuda::wmma for bf16
-// 16×16×16 and tf32 16×16×8 products, and the warp-level mma.sync m16n8k16 (bf16) and
-// m16n8k8 (tf32) products with their register layouts (mma_bf16_m16n8k16, mma_tf32_m16n8k8). A fragment here holds its whole tile in every
+// 16×16×16 and tf32 16×16×8 products, the warp-level mma.sync m16n8k16 (bf16) and
+// m16n8k8 (tf32) products with their register layouts (mma_bf16_m16n8k16,
+// mma_tf32_m16n8k8), and the ldmatrix loads that feed them (ldmatrix_x4,
+// ldmatrix_x4_trans). A WMMA fragment here holds its whole tile in every
 // thread (on the GPU each lane holds a share in an unspecified layout), so kernels
 // may touch `x[i]` only uniformly over all i (a scale, a rounding), which both
 // layouts give the same meaning. Not atomics or timing.
@@ -456,6 +458,65 @@ inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint3
 inline void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     emu::mma_sync(false, d, a, b);
 }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8×8 matrices of 16-bit
+// values from shared memory, one row (16 bytes, 16-byte aligned) at the address each
+// lane gives — lane l row l % 8 of matrix l / 8. As the PTX ISA lays out the result
+// ("Warp-level matrix load instruction: ldmatrix"), register j of lane (g, t) holds
+// matrix j's row g, columns 2t and 2t + 1 (low half first); with .trans, its column
+// g, rows 2t and 2t + 1. `ldmatrix_source` says which row of the 32 given and which
+// column register j's half h of a lane comes from.
+namespace emu {
+inline void ldmatrix_source(bool trans, int lane, int j, int h, int &row, int &col) {
+    const int g = lane / 4, t = lane % 4;
+    row = 8 * j + (trans ? 2 * t + h : g);
+    col = trans ? g : 2 * t + h;
+}
+inline void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void *row) {
+    if ((reinterpret_cast<uintptr_t>(row) & 15) != 0) {
+        std::fprintf(stderr, "ldmatrix: a row address %p is not 16-byte aligned\n", row);
+        std::abort();
+    }
+    static std::vector<const uint16_t *> slots;
+    if (slots.size() < threads.size()) slots.resize(threads.size());
+    slots[current] = static_cast<const uint16_t *>(row);
+    wait_at(WARP);
+    const int w0 = current & ~31, lane = current & 31;
+    uint32_t out[4];
+    for (int j = 0; j < 4; ++j) {
+        out[j] = 0;
+        for (int h = 0; h < 2; ++h) {
+            int src, col;
+            ldmatrix_source(trans, lane, j, h, src, col);
+            out[j] |= (uint32_t)slots[w0 + src][col] << (16 * h);
+        }
+    }
+    wait_at(WARP);
+    std::memcpy(r, out, sizeof out);
+}
+// The same layouts from CuTe (Copy_Traits of SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T):
+// each maps (thread, value) to a bit of the 32 rows of 128 bits that the lanes give —
+// for .trans, lane = t + 4g with bit strides (256, 16) and value (16-bit half, pair,
+// register) with (1, 128, 1024); without, lane with stride 32 and (bit, register) with
+// (1, 1024). `ldmatrix_tables_agree` holds `ldmatrix_source` to them.
+inline bool ldmatrix_tables_agree() {
+    bool ok = true;
+    for (int lane = 0; lane < 32; ++lane)
+        for (int j = 0; j < 4; ++j)
+            for (int h = 0; h < 2; ++h) {
+                const int plain_bit = 32 * lane + 16 * h + 1024 * j;
+                const int trans_bit = 256 * (lane % 4) + 16 * (lane / 4) + 128 * h + 1024 * j;
+                int row, col;
+                ldmatrix_source(false, lane, j, h, row, col);
+                ok &= row == plain_bit / 128 && col == plain_bit % 128 / 16;
+                ldmatrix_source(true, lane, j, h, row, col);
+                ok &= row == trans_bit / 128 && col == trans_bit % 128 / 16;
+            }
+    return ok;
+}
+}  // namespace emu
+inline void ldmatrix_x4(uint32_t (&r)[4], const void *row) { emu::ldmatrix_x4(false, r, row); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row) { emu::ldmatrix_x4(true, r, row); }
 
 // A full warp's exchange: every lane posts its value, the warp meets, each reads its
 // partner's, and the warp meets again before the slots are reused.

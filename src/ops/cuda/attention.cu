@@ -653,7 +653,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 }
 }  // namespace tc
 
-// ---- Forward on warp-level tensor-core products (mma.sync), scores in registers ----
+// ---- Attention on warp-level tensor-core products (mma.sync), scores in registers ----
 //
 // The tensor-core forward above passes every tile through shared memory: the scores
 // out of WMMA, the probabilities back in, the output accumulator loaded and stored
@@ -669,7 +669,11 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 // difference remains for tf32: its A operand holds columns t and t + 4, the
 // accumulator 2t and 2t + 1, so the product P·V takes its keys in the order
 // 0, 2, 4, 6, 1, 3, 5, 7 within each 8 (the same order for P's columns and V's rows,
-// which leaves the sum over keys unchanged).
+// which leaves the sum over keys unchanged). bf16 operands come from shared memory
+// by ldmatrix (one instruction for a 16×16 A or two tiles' B, transposed where B's
+// depth runs down the tile's rows, as V's does), as FlashAttention-2's do; f32 ones
+// value by value. The backward has the same shape: dK/dV with each warp owning 16
+// keys, dQ with 16 query rows.
 #ifndef SIDSCRIPT_CPU_EMULATION
 __device__ __forceinline__ void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -683,60 +687,78 @@ __device__ __forceinline__ void mma_tf32_m16n8k8(float (&d)[4], const uint32_t (
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// Four 8×8 matrices of bf16 from shared memory: lane l gives row l % 8 of matrix l / 8
+// (16 bytes, 16-byte aligned); register j of lane (g, t) receives matrix j's row g,
+// columns 2t and 2t + 1 — with .trans its column g, rows 2t and 2t + 1 — low half first.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row)));
+}
+// Two f32 as bf16 in one register, lo in the low half (one cvt.rn.bf16x2.f32).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&h);
+}
+#else
+inline uint32_t pack_bf16x2(float lo, float hi) {
+    return (uint32_t)__float2bfloat16(lo).bits | (uint32_t)__float2bfloat16(hi).bits << 16;
+}
 #endif
 
 namespace mma {
 constexpr int BQ = 64;  // query rows a block in the forward and dQ: 4 warps × 16
 
-// One storage type's product d += a·b over K (a 16×K, b K×8; fragments as values of
-// T, element i where the PTX ISA puts it: `a_row`/`a_col`, `b_row` (B's column is g);
-// d as `c_row`/`c_col` say).
+// One storage type's product d += a·b over K (a 16×K, b K×8) on the fragments that
+// mma.sync takes: for bf16 the registers themselves (two values each, low half first),
+// filled by ldmatrix; for f32 each value's two tf32 parts, split once as the fragment
+// is loaded (an A serves a row of B tiles).
+// Element i of a fragment sits where the PTX ISA puts it (lane g = lane / 4,
+// t = lane % 4): A at row `a_row`, column `a_col`, B at row `b_row` and column g, the
+// accumulator as `c_row`/`c_col` say.
 template <typename T> struct Frag;
 
-__device__ __forceinline__ uint32_t bits16(bf16 x) { return *reinterpret_cast<const unsigned short *>(&x); }
-
 template <> struct Frag<bf16> {
-    static constexpr int K = 16, NA = 8, NB = 4;
-    // Row and column of A's element i, row of B's, for lane (g, t).
-    static __device__ __forceinline__ int a_row(int i, int g) { return g + ((i >> 1) & 1) * 8; }
-    static __device__ __forceinline__ int a_col(int i, int t) { return 2 * t + (i & 1) + (i >> 2) * 8; }
-    static __device__ __forceinline__ int b_row(int i, int t) { return 2 * t + (i & 1) + (i >> 1) * 8; }
-    // The key that P·V's depth index k stands for (in order for bf16).
-    static __device__ __forceinline__ int key(int k) { return k; }
-    static __device__ __forceinline__ void mma(float (&d)[4], const bf16 (&a)[NA], const bf16 (&b)[NB]) {
-        uint32_t ra[4], rb[2];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) ra[i] = bits16(a[2 * i]) | bits16(a[2 * i + 1]) << 16;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) rb[i] = bits16(b[2 * i]) | bits16(b[2 * i + 1]) << 16;
-        mma_bf16_m16n8k16(d, ra, rb);
-    }
+    static constexpr int K = 16;
+    typedef uint32_t A[4];  // a0..a7: rows g (a0, a1, a4, a5) and g + 8, columns 2t, 2t + 1 (+ 8 for a4..a7)
+    typedef uint32_t B[2];  // b0..b3: rows 2t, 2t + 1 (+ 8 for b2, b3), column g
+    static __device__ __forceinline__ void mma(float (&d)[4], const A &a, const B &b) { mma_bf16_m16n8k16(d, a, b); }
 };
 
 template <> struct Frag<float> {
-    static constexpr int K = 8, NA = 4, NB = 2;
+    static constexpr int K = 8;
+    // 3xTF32: x = big + small, both tf32; the small·small product is dropped.
+    struct A {
+        uint32_t big[4], small[4];
+    };
+    struct B {
+        uint32_t big[2], small[2];
+    };
+    template <int N>
+    static __device__ __forceinline__ void split(uint32_t (&big)[N], uint32_t (&small)[N], const float (&x)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float b = nvcuda::wmma::__float_to_tf32(x[i]);
+            big[i] = __float_as_uint(b), small[i] = __float_as_uint(nvcuda::wmma::__float_to_tf32(x[i] - b));
+        }
+    }
+    static __device__ __forceinline__ void split(A &a, const float (&x)[4]) { split(a.big, a.small, x); }
+    static __device__ __forceinline__ void split(B &b, const float (&x)[2]) { split(b.big, b.small, x); }
     static __device__ __forceinline__ int a_row(int i, int g) { return g + (i & 1) * 8; }
     static __device__ __forceinline__ int a_col(int i, int t) { return t + (i >> 1) * 4; }
     static __device__ __forceinline__ int b_row(int i, int t) { return t + i * 4; }
     // Depth index k of P·V stands for key 2k (k < 4) or 2(k − 4) + 1: columns t and
     // t + 4 of A are then the accumulator's 2t and 2t + 1.
     static __device__ __forceinline__ int key(int k) { return k < 4 ? 2 * k : 2 * (k - 4) + 1; }
-    // 3xTF32: x = big + small, both tf32; the small·small product is dropped.
-    static __device__ __forceinline__ void mma(float (&d)[4], const float (&a)[NA], const float (&b)[NB]) {
-        uint32_t a_big[4], a_small[4], b_big[2], b_small[2];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float big = nvcuda::wmma::__float_to_tf32(a[i]);
-            a_big[i] = __float_as_uint(big), a_small[i] = __float_as_uint(nvcuda::wmma::__float_to_tf32(a[i] - big));
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const float big = nvcuda::wmma::__float_to_tf32(b[i]);
-            b_big[i] = __float_as_uint(big), b_small[i] = __float_as_uint(nvcuda::wmma::__float_to_tf32(b[i] - big));
-        }
-        mma_tf32_m16n8k8(d, a_small, b_big);
-        mma_tf32_m16n8k8(d, a_big, b_small);
-        mma_tf32_m16n8k8(d, a_big, b_big);
+    static __device__ __forceinline__ void mma(float (&d)[4], const A &a, const B &b) {
+        mma_tf32_m16n8k8(d, a.small, b.big);
+        mma_tf32_m16n8k8(d, a.big, b.small);
+        mma_tf32_m16n8k8(d, a.big, b.big);
     }
 };
 
@@ -745,33 +767,95 @@ template <> struct Frag<float> {
 __device__ __forceinline__ int c_row(int c, int g) { return g + (c >> 1) * 8; }
 __device__ __forceinline__ int c_col(int c, int t) { return 2 * t + (c & 1); }
 
-// The operands of a product, for lane (g, t). A from a row-major tile in shared
-// memory (p at its row 0, depth column kk).
-template <typename T> __device__ __forceinline__ void load_a(T (&a)[Frag<T>::NA], const T *p, int ld, int g, int t) {
-#pragma unroll
-    for (int i = 0; i < Frag<T>::NA; ++i) a[i] = p[Frag<T>::a_row(i, g) * ld + Frag<T>::a_col(i, t)];
+// The operands of a product, for this lane. In bf16 one ldmatrix.x4 loads a whole
+// A, or the B of two neighbouring 8-column tiles; the lane gives the address of
+// row (lane & 7) of matrix (lane >> 3), each matrix 8 rows of 8 values at rows
+// 8·`sub_row` and columns 8·`sub_col` of the 16×16 block. Tiles in shared memory
+// are row-major with rows padded by 16 bytes (tc::padded): the eight rows of a
+// matrix fall in distinct banks, and every row starts 16-byte aligned.
+__device__ __forceinline__ const bf16 *ldmatrix_row(const bf16 *p, int ld, int lane, int sub_row, int sub_col) {
+    return p + (8 * sub_row + (lane & 7)) * ld + 8 * sub_col;
 }
+
+// A from a row-major tile in shared memory (p at its row 0, depth column kk).
+// bf16: matrices (rows, columns) 0–7 × 0–7, 8–15 × 0–7, 0–7 × 8–15, 8–15 × 8–15
+// are a0a1, a2a3, a4a5, a6a7.
+__device__ __forceinline__ void load_a(Frag<bf16>::A &a, const bf16 *p, int ld, int lane) {
+    const int j = lane >> 3;
+    ldmatrix_x4(a, ldmatrix_row(p, ld, lane, j & 1, j >> 1));
+}
+__device__ __forceinline__ void load_a(Frag<float>::A &a, const float *p, int ld, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = p[Frag<float>::a_row(i, g) * ld + Frag<float>::a_col(i, t)];
+    Frag<float>::split(a, x);
+}
+
 // A from accumulator tiles whose columns are the product's depth (P in P·V): depth
 // index k at kk + k is column kk + key(k), held by this thread as `c_col` requires.
-template <typename T, int NT>
-__device__ __forceinline__ void a_from_acc(T (&a)[Frag<T>::NA], const float (&acc)[NT][4], int kk, int g, int t) {
+// bf16: register i is rows g (i even) or g + 8, columns kk + 2t + 8(i >> 1) and the
+// next: accumulator tile kk / 8 + (i >> 1), elements 2(i & 1) and 2(i & 1) + 1.
+template <int NT> __device__ __forceinline__ void a_from_acc(Frag<bf16>::A &a, const float (&acc)[NT][4], int kk, int) {
 #pragma unroll
-    for (int i = 0; i < Frag<T>::NA; ++i) {
-        const int col = kk + Frag<T>::key(Frag<T>::a_col(i, t)), half = Frag<T>::a_row(i, g) >= 8 ? 2 : 0;
-        a[i] = from_f32<T>(acc[col / 8][half + (col & 1)]);
+    for (int i = 0; i < 4; ++i) {
+        const float(&c)[4] = acc[kk / 8 + (i >> 1)];
+        a[i] = pack_bf16x2(c[2 * (i & 1)], c[2 * (i & 1) + 1]);
     }
 }
-// B(k, n) = p[n·ld + k]: the tile's rows are B's columns (Kᵀ in Q Kᵀ; p at row n0,
-// depth column kk).
-template <typename T> __device__ __forceinline__ void b_from_rows(T (&b)[Frag<T>::NB], const T *p, int ld, int g, int t) {
+template <int NT>
+__device__ __forceinline__ void a_from_acc(Frag<float>::A &a, const float (&acc)[NT][4], int kk, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    float x[4];
 #pragma unroll
-    for (int i = 0; i < Frag<T>::NB; ++i) b[i] = p[g * ld + Frag<T>::b_row(i, t)];
+    for (int i = 0; i < 4; ++i) {
+        const int col = kk + Frag<float>::key(Frag<float>::a_col(i, t)), half = Frag<float>::a_row(i, g) >= 8 ? 2 : 0;
+        x[i] = acc[col / 8][half + (col & 1)];
+    }
+    Frag<float>::split(a, x);
 }
-// B(k, n) = p[key(k)·ld + n]: the tile's rows are B's depth, in the order that
-// `a_from_acc` gives A's (V in P·V; p at depth row kk, column n0).
-template <typename T> __device__ __forceinline__ void b_from_depth(T (&b)[Frag<T>::NB], const T *p, int ld, int g, int t) {
+
+// B of two neighbouring 8-column tiles, B(k, n) = p[n·ld + k] for n < 16: the tile's
+// rows are B's columns (Kᵀ in Q Kᵀ; p at row n0, depth column kk). bf16: matrices
+// (rows, columns) 0–7 × 0–7 and 0–7 × 8–15 are the first tile's b0b1 and b2b3,
+// 8–15 × 0–7 and 8–15 × 8–15 the second's.
+__device__ __forceinline__ void b_pair_from_rows(Frag<bf16>::B (&b)[2], const bf16 *p, int ld, int lane) {
+    const int j = lane >> 3;
+    uint32_t r[4];
+    ldmatrix_x4(r, ldmatrix_row(p, ld, lane, j >> 1, j & 1));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+__device__ __forceinline__ void b_pair_from_rows(Frag<float>::B (&b)[2], const float *p, int ld, int lane) {
+    const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < Frag<T>::NB; ++i) b[i] = p[Frag<T>::key(Frag<T>::b_row(i, t)) * ld + g];
+    for (int h = 0; h < 2; ++h) {
+        float x[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) x[i] = p[(8 * h + g) * ld + Frag<float>::b_row(i, t)];
+        Frag<float>::split(b[h], x);
+    }
+}
+
+// B of two neighbouring 8-column tiles, B(k, n) = p[key(k)·ld + n] for n < 16: the
+// tile's rows are B's depth, in the order that `a_from_acc` gives A's (V in P·V; p
+// at depth row kk, column n0). bf16, transposed: matrices (rows, columns) 0–7 × 0–7
+// and 8–15 × 0–7 are the first tile's b0b1 and b2b3, 0–7 × 8–15 and 8–15 × 8–15
+// the second's.
+__device__ __forceinline__ void b_pair_from_depth(Frag<bf16>::B (&b)[2], const bf16 *p, int ld, int lane) {
+    const int j = lane >> 3;
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j & 1, j >> 1));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+__device__ __forceinline__ void b_pair_from_depth(Frag<float>::B (&b)[2], const float *p, int ld, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float x[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) x[i] = p[Frag<float>::key(Frag<float>::b_row(i, t)) * ld + 8 * h + g];
+        Frag<float>::split(b[h], x);
+    }
 }
 
 template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
@@ -779,49 +863,66 @@ template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
     for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 }
 
+// Scores of keys at or past `keys_left` (columns of the NT accumulator tiles) to −inf:
+// the last key tile's, so that their exponentials are 0.
+template <int NT> __device__ __forceinline__ void mask_keys(float (&s)[NT][4], int keys_left, int t) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            if (8 * j + c_col(c, t) >= keys_left) s[j][c] = -INFINITY;
+}
+
 // acc += P·B for this warp's 16 rows, P (16 × KD) from the accumulator tiles p (its
 // columns the depth, as `a_from_acc` reads them) and B the KD rows at b (stride ld) in
 // the same order: O += P V, dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q.
 template <typename T, int KD, int OT>
 __device__ __forceinline__ void register_product(float (&acc)[OT][4], const float (&p)[KD / 8][4], const T *b, int ld,
-                                                 int g, int t) {
+                                                 int lane) {
     typedef Frag<T> F;
+    static_assert(OT % 2 == 0, "B in pairs of tiles");
 #pragma unroll
     for (int kk = 0; kk < KD; kk += F::K) {
-        T a[F::NA];
-        a_from_acc(a, p, kk, g, t);
+        typename F::A a;
+        a_from_acc(a, p, kk, lane);
 #pragma unroll
-        for (int j = 0; j < OT; ++j) {
-            T bf[F::NB];
-            b_from_depth(bf, b + kk * ld + 8 * j, ld, g, t);
-            F::mma(acc[j], a, bf);
+        for (int j = 0; j < OT; j += 2) {
+            typename F::B bf[2];
+            b_pair_from_depth(bf, b + kk * ld + 8 * j, ld, lane);
+            F::mma(acc[j], a, bf[0]);
+            F::mma(acc[j + 1], a, bf[1]);
         }
     }
 }
 
-// x = A_x B_xᵀ and y = A_y B_yᵀ over the DM channels, for this warp's 16 rows of A_x
-// and A_y (at ax, ay) against the NT·8 rows of B_x and B_y (at bx, by), all rows of
-// stride ld: the backward's two score products (S and dP, or their transposes).
+// x = A_x B_xᵀ over the DM channels, for this warp's 16 rows of A_x (at ax) against
+// the NT·8 rows of B_x (at bx), rows of stride ld: the forward's scores.
 template <typename T, int DM, int NT>
-__device__ __forceinline__ void score_products(float (&x)[NT][4], float (&y)[NT][4], const T *ax, const T *ay,
-                                               const T *bx, const T *by, int ld, int g, int t) {
+__device__ __forceinline__ void score_product(float (&x)[NT][4], const T *ax, const T *bx, int ld, int lane) {
     typedef Frag<T> F;
+    static_assert(NT % 2 == 0, "B in pairs of tiles");
     zero(x);
-    zero(y);
 #pragma unroll
     for (int kk = 0; kk < DM; kk += F::K) {
-        T a_x[F::NA], a_y[F::NA];
-        load_a(a_x, ax + kk, ld, g, t);
-        load_a(a_y, ay + kk, ld, g, t);
+        typename F::A a;
+        load_a(a, ax + kk, ld, lane);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            T b[F::NB];
-            b_from_rows(b, bx + 8 * j * ld + kk, ld, g, t);
-            F::mma(x[j], a_x, b);
-            b_from_rows(b, by + 8 * j * ld + kk, ld, g, t);
-            F::mma(y[j], a_y, b);
+        for (int j = 0; j < NT; j += 2) {
+            typename F::B b[2];
+            b_pair_from_rows(b, bx + 8 * j * ld + kk, ld, lane);
+            F::mma(x[j], a, b[0]);
+            F::mma(x[j + 1], a, b[1]);
         }
     }
+}
+
+// x = A_x B_xᵀ and y = A_y B_yᵀ: the backward's two score products (S and dP, or
+// their transposes).
+template <typename T, int DM, int NT>
+__device__ __forceinline__ void score_products(float (&x)[NT][4], float (&y)[NT][4], const T *ax, const T *ay,
+                                               const T *bx, const T *by, int ld, int lane) {
+    score_product<T, DM>(x, ax, bx, ld, lane);
+    score_product<T, DM>(y, ay, by, ld, lane);
 }
 
 template <typename T, int DM, int BK>
@@ -850,26 +951,15 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         __syncthreads();
         // S = Q Kᵀ: A is Q's rows, B(k, n) = K[key n][channel k].
         float s[NT][4];
-        zero(s);
-#pragma unroll
-        for (int kk = 0; kk < DM; kk += F::K) {
-            T a[F::NA];
-            load_a(a, qw + kk, LH, g, t);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                T b[F::NB];
-                b_from_rows(b, ks + 8 * j * LH + kk, LH, g, t);
-                F::mma(s[j], a, b);
-            }
-        }
+        score_product<T, DM>(s, qw, ks, LH, lane);
         // The online softmax of s·S over this tile's keys (past m: none).
-        const int keys_left = m - k0;
+        if (m - k0 < BK) mask_keys(s, m - k0, t);
         float mx[2] = {row_max[0], row_max[1]};  // base 2
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                const float x = 8 * j + c_col(c, t) < keys_left ? s[j][c] * scale2 : -INFINITY;
+                const float x = s[j][c] * scale2;
                 s[j][c] = x;
                 mx[c >> 1] = fmaxf(mx[c >> 1], x);
             }
@@ -895,7 +985,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[j][c] *= rescale[c >> 1];
         // O += P·V: A is P from the registers, B is V's rows in the same key order.
-        register_product<T, BK>(acc, s, vs, LH, g, t);
+        register_product<T, BK>(acc, s, vs, LH, lane);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -962,7 +1052,7 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
         load_row_stats<QT>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
         __syncthreads();
         float st[NT][4], dpt[NT][4];  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
-        score_products<T, DM>(st, dpt, kw, vw, qs, dos, LH, g, t);
+        score_products<T, DM>(st, dpt, kw, vw, qs, dos, LH, lane);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -972,8 +1062,8 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
                 st[j][c] = p;
                 dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
             }
-        register_product<T, QT>(dv_acc, st, dos, LH, g, t);
-        register_product<T, QT>(dk_acc, dpt, qs, LH, g, t);
+        register_product<T, QT>(dv_acc, st, dos, LH, lane);
+        register_product<T, QT>(dk_acc, dpt, qs, LH, lane);
     }
     const int r0 = k0 + warp * 16;
     store_acc(dk + ko, dk_acc, r0, m, w, d, scale, g, t);
@@ -1015,17 +1105,17 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
         tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
         __syncthreads();
         float s[NT][4], dp[NT][4];  // S = Q Kᵀ, dP = dO Vᵀ
-        score_products<T, DM>(s, dp, qw, dow, ks, vs, LH, g, t);
-        const int keys_left = m - k0;
+        score_products<T, DM>(s, dp, qw, dow, ks, vs, LH, lane);
+        if (m - k0 < BK) mask_keys(s, m - k0, t);  // P 0 past m
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int h = c >> 1;
-                const float p = 8 * j + c_col(c, t) < keys_left ? exp2f(s[j][c] * scale2 - row_lse[h]) : 0.0f;
+                const float p = exp2f(s[j][c] * scale2 - row_lse[h]);
                 s[j][c] = p * (dp[j][c] - row_dot[h]);  // dS, in place of S
             }
-        register_product<T, BK>(dq_acc, s, ks, LH, g, t);
+        register_product<T, BK>(dq_acc, s, ks, LH, lane);
     }
     store_acc(dq + qo, dq_acc, r0, n, w, d, scale, g, t);
 }
