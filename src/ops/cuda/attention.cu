@@ -43,11 +43,28 @@ typedef __nv_bfloat16 bf16;
 
 // The softmax's exponentials are taken in base 2, as FlashAttention's are: exp(x) =
 // 2^(x·log2 e) with log2 e folded into the scores' scale, so that each is a multiply-
-// add and the SFU's ex2 (exp2f), where expf wraps that same ex2 in ~10 instructions of
+// add and the SFU's ex2 (exp2_ftz), where expf wraps that same ex2 in ~10 instructions of
 // range reduction — per score, in kernels whose products are on tensor cores, much of
 // a tile's work. Running maxima are in these base-2 units; lse leaves and enters the
 // kernels in natural units (·LN2 when written, ·LOG2E when read).
 constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+// 2^x on the SFU with subnormal results flushed to zero (ex2.approx.ftz.f32, what
+// exp2f becomes under --use_fast_math, with which FlashAttention is built): plain
+// exp2f wraps the same ex2 in a range test and two multiplies for subnormal results,
+// which no probability below 2^−126 needs.
+#ifndef SIDSCRIPT_CPU_EMULATION
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#else
+inline float exp2_ftz(float x) {
+    const float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.0f : y;
+}
+#endif
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
@@ -169,7 +186,7 @@ __device__ __forceinline__ void online_softmax(const float *ss, int ls, float sc
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = part + j * TPR;
-        const float p = c < keys_left ? exp2f(s[c] * scale2 - mx) : 0.0f;
+        const float p = c < keys_left ? exp2_ftz(s[c] * scale2 - mx) : 0.0f;
         put(r, c, p);
         sum += p;
     }
@@ -178,7 +195,7 @@ __device__ __forceinline__ void online_softmax(const float *ss, int ls, float sc
     // Every thread of the row read old_max before the shuffles, which the row's
     // lanes pass together: the write below cannot overtake a read.
     if (part == 0) {
-        const float rescale = exp2f(old_max - mx);
+        const float rescale = exp2_ftz(old_max - mx);
         row_rescale[r] = rescale;
         row_sum[r] = row_sum[r] * rescale + sum;
         row_max[r] = mx;
@@ -271,7 +288,7 @@ __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, con
 #pragma unroll
         for (int j = 0; j < St::RN; ++j) {
             const int c = St::col(j);
-            const float p = c < keys_left ? exp2f(s[i][j] * LOG2E - lse_s[r]) : 0.0f;
+            const float p = c < keys_left ? exp2_ftz(s[i][j] * LOG2E - lse_s[r]) : 0.0f;
             if (ps) ps[r * LS + c] = p;
             dss[r * LS + c] = p * (dp[i][j] - rowdot_s[r]);
         }
@@ -577,7 +594,7 @@ __device__ __forceinline__ void probs_and_score_grads(T *ps, T *dss, float *ss, 
     __syncthreads();
     for (int e = threadIdx.x; e < BQ * BK; e += FLASH_THREADS) {
         const int r = e / BK, c = e % BK;
-        const float p = c < keys_left ? exp2f(ss[r * LS + c] * (scale * LOG2E) - lse_s[r]) : 0.0f;
+        const float p = c < keys_left ? exp2_ftz(ss[r * LS + c] * (scale * LOG2E) - lse_s[r]) : 0.0f;
         const float ds = p * (dps[r * LS + c] - rowdot_s[r]);
         if (ps) ps[r * LP + c] = from_f32<T>(p);
         dss[r * LP + c] = from_f32<T>(ds);
@@ -968,7 +985,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         for (int h = 0; h < 2; ++h) {
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
             mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-            rescale[h] = exp2f(row_max[h] - mx[h]);  // the first tile: 2^(−inf) = 0
+            rescale[h] = exp2_ftz(row_max[h] - mx[h]);  // the first tile: 2^(−inf) = 0
             row_max[h] = mx[h];
             row_sum[h] *= rescale[h];
         }
@@ -976,7 +993,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                const float p = exp2f(s[j][c] - mx[c >> 1]);  // masked keys: 0
+                const float p = exp2_ftz(s[j][c] - mx[c >> 1]);  // masked keys: 0
                 s[j][c] = p;
                 row_sum[c >> 1] += p;
             }
@@ -993,12 +1010,13 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
     }
     const int r0 = q0 + warp * 16;
+    const float inv_sum[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
 #pragma unroll
     for (int j = 0; j < OT; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const int r = r0 + c_row(c, g), col = 8 * j + c_col(c, t);
-            if (r < n && col < d) o[qo + (long)r * w + col] = from_f32<T>(acc[j][c] / row_sum[c >> 1]);
+            if (r < n && col < d) o[qo + (long)r * w + col] = from_f32<T>(acc[j][c] * inv_sum[c >> 1]);
         }
     if (t == 0)
 #pragma unroll
@@ -1058,7 +1076,7 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int col = 8 * j + c_col(c, t);  // the query row
-                const float p = exp2f(st[j][c] * scale2 - lse_s[col]);
+                const float p = exp2_ftz(st[j][c] * scale2 - lse_s[col]);
                 st[j][c] = p;
                 dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
             }
@@ -1112,7 +1130,7 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int h = c >> 1;
-                const float p = exp2f(s[j][c] * scale2 - row_lse[h]);
+                const float p = exp2_ftz(s[j][c] * scale2 - row_lse[h]);
                 s[j][c] = p * (dp[j][c] - row_dot[h]);  // dS, in place of S
             }
         register_product<T, BK>(dq_acc, s, ks, LH, lane);
