@@ -832,45 +832,32 @@ __device__ __forceinline__ void a_from_acc(Frag<float>::A &a, const float (&acc)
     Frag<float>::split(a, x);
 }
 
-// B of two neighbouring 8-column tiles, B(k, n) = p[n·ld + k] for n < 16: the tile's
-// rows are B's columns (Kᵀ in Q Kᵀ; p at row n0, depth column kk). bf16: matrices
-// (rows, columns) 0–7 × 0–7 and 0–7 × 8–15 are the first tile's b0b1 and b2b3,
-// 8–15 × 0–7 and 8–15 × 8–15 the second's.
-__device__ __forceinline__ void b_pair_from_rows(Frag<bf16>::B (&b)[2], const bf16 *p, int ld, int lane) {
+// B of two neighbouring 8-column tiles (n < 16) from a row-major tile p, either with
+// the tile's rows as B's columns, B(k, n) = p[n·ld + k] (Kᵀ in Q Kᵀ; p at row n0, depth
+// column kk), or with them as B's depth (`DEPTH`), B(k, n) = p[key(k)·ld + n] in the
+// order that `a_from_acc` gives A's (V in P·V; p at depth row kk, column n0). bf16:
+// matrices (rows, columns) 0–7 × 0–7 and 0–7 × 8–15 are the first tile's b0b1 and b2b3,
+// 8–15 × 0–7 and 8–15 × 8–15 the second's; by depth they are loaded transposed, the
+// first tile's being 0–7 × 0–7 and 8–15 × 0–7.
+template <bool DEPTH> __device__ __forceinline__ void b_pair(Frag<bf16>::B (&b)[2], const bf16 *p, int ld, int lane) {
     const int j = lane >> 3;
     uint32_t r[4];
-    ldmatrix_x4(r, ldmatrix_row(p, ld, lane, j >> 1, j & 1));
+    if (DEPTH)
+        ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j & 1, j >> 1));
+    else
+        ldmatrix_x4(r, ldmatrix_row(p, ld, lane, j >> 1, j & 1));
     b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
-__device__ __forceinline__ void b_pair_from_rows(Frag<float>::B (&b)[2], const float *p, int ld, int lane) {
+template <bool DEPTH> __device__ __forceinline__ void b_pair(Frag<float>::B (&b)[2], const float *p, int ld, int lane) {
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         float x[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) x[i] = p[(8 * h + g) * ld + Frag<float>::b_row(i, t)];
-        Frag<float>::split(b[h], x);
-    }
-}
-
-// B of two neighbouring 8-column tiles, B(k, n) = p[key(k)·ld + n] for n < 16: the
-// tile's rows are B's depth, in the order that `a_from_acc` gives A's (V in P·V; p
-// at depth row kk, column n0). bf16, transposed: matrices (rows, columns) 0–7 × 0–7
-// and 8–15 × 0–7 are the first tile's b0b1 and b2b3, 0–7 × 8–15 and 8–15 × 8–15
-// the second's.
-__device__ __forceinline__ void b_pair_from_depth(Frag<bf16>::B (&b)[2], const bf16 *p, int ld, int lane) {
-    const int j = lane >> 3;
-    uint32_t r[4];
-    ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j & 1, j >> 1));
-    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
-}
-__device__ __forceinline__ void b_pair_from_depth(Frag<float>::B (&b)[2], const float *p, int ld, int lane) {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        float x[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) x[i] = p[Frag<float>::key(Frag<float>::b_row(i, t)) * ld + 8 * h + g];
+        for (int i = 0; i < 2; ++i) {
+            const int k = Frag<float>::b_row(i, t), n = 8 * h + g;
+            x[i] = DEPTH ? p[Frag<float>::key(k) * ld + n] : p[n * ld + k];
+        }
         Frag<float>::split(b[h], x);
     }
 }
@@ -905,7 +892,7 @@ __device__ __forceinline__ void register_product(float (&acc)[OT][4], const floa
 #pragma unroll
         for (int j = 0; j < OT; j += 2) {
             typename F::B bf[2];
-            b_pair_from_depth(bf, b + kk * ld + 8 * j, ld, lane);
+            b_pair<true>(bf, b + kk * ld + 8 * j, ld, lane);
             F::mma(acc[j], a, bf[0]);
             F::mma(acc[j + 1], a, bf[1]);
         }
@@ -926,7 +913,7 @@ __device__ __forceinline__ void score_product(float (&x)[NT][4], const T *ax, co
 #pragma unroll
         for (int j = 0; j < NT; j += 2) {
             typename F::B b[2];
-            b_pair_from_rows(b, bx + 8 * j * ld + kk, ld, lane);
+            b_pair<false>(b, bx + 8 * j * ld + kk, ld, lane);
             F::mma(x[j], a, b[0]);
             F::mma(x[j + 1], a, b[1]);
         }
