@@ -734,10 +734,10 @@ constexpr int BQ = 64;  // query rows a block in the forward and dQ: 4 warps × 
 // One storage type's product d += a·b over K (a 16×K, b K×8) on the fragments that
 // mma.sync takes: for bf16 the registers themselves (two values each, low half first),
 // filled by ldmatrix; for f32 each value's two tf32 parts, split once as the fragment
-// is loaded (an A serves a row of B tiles).
-// Element i of a fragment sits where the PTX ISA puts it (lane g = lane / 4,
-// t = lane % 4): A at row `a_row`, column `a_col`, B at row `b_row` and column g, the
-// accumulator as `c_row`/`c_col` say.
+// is loaded (an A serves a row of B tiles). Elements sit where the PTX ISA puts them
+// (lane g = lane / 4, t = lane % 4): bf16's as the comments on A and B say, f32's
+// element i of A at row `a_row`, column `a_col`, of B at row `b_row`, column g; the
+// accumulator's as `c_row`/`c_col` say.
 template <typename T> struct Frag;
 
 template <> struct Frag<bf16> {
