@@ -174,15 +174,17 @@ fn benches() {
     };
     // On CUDA each row also on the WMMA kernels ("… wmma": tiles through shared
     // memory) rather than mma.sync with the scores in registers, and without tensor
-    // cores ("… plain": the FMA kernels): the difference each path makes.
-    let kernel_modes: &[(&str, bool, bool)] = if dev.is_cuda() {
-        &[("", true, true), (" wmma", true, false), (" plain", false, false)]
-    } else {
-        &[("", true, true)]
-    };
-    for &(suffix, tensor_cores, mma) in kernel_modes {
-        sidscript::ops::attention::set_flash_tensor_cores(tensor_cores);
-        sidscript::ops::attention::set_flash_mma(mma);
+    // cores ("… plain": the FMA kernels): the difference each path makes. Only the
+    // families that the switches allow (a GPU check that found one failing turned it
+    // off); the unmarked rows, which PyTorch's are set against, are the family in force.
+    let allowed = sidscript::ops::attention::FlashPath::allowed();
+    let paths = if dev.is_cuda() { allowed.clone() } else { allowed[..1].to_vec() };
+    if dev.is_cuda() {
+        println!("  (attention rows without a family named: the {} kernels)", allowed[0].name());
+    }
+    for path in paths {
+        path.select();
+        let suffix = if path == allowed[0] { String::new() } else { format!(" {}", path.name()) };
         for &(name, fwd_bwd, tokens, heads, d, dtype) in &attention_rows {
             let [q, k, v, w] = [0; 4].map(|_| randn(&[1, tokens, heads * d]).to_dtype(dtype).unwrap());
             let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
@@ -200,8 +202,7 @@ fn benches() {
             );
         }
     }
-    sidscript::ops::attention::set_flash_tensor_cores(true);
-    sidscript::ops::attention::set_flash_mma(true);
+    allowed[0].select();
     // 3×3 convolutions (padding 1, with bias), forward and forward + backward of
     // Σ y·w with x, W and b tracked. On CUDA at SD1.5's first level; on the CPU at the
     // tiny bench's two levels (64 and 128 channels, batch 4), where the patch matrix

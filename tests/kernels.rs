@@ -92,6 +92,7 @@ test_device!(convolutions, convolutions_cpu, convolutions_cuda);
 
 fn attention(dev: &Device) -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(12);
+    let allowed = ops::attention::FlashPath::allowed();
     // Head dims of SD1.5 (40, 80, 160) and SDXL (64), and small ones (8, 100) padded
     // to the next kernel size on CUDA; self- and cross-attention (77 text tokens);
     // query and key counts under one tile and over several.
@@ -113,20 +114,16 @@ fn attention(dev: &Device) -> common::TestResult {
             randn(&mut rng, &[2, m, heads * d]),
         ];
         let scale = 1.0 / (d as f64).sqrt();
-        // On CUDA each kernel family: mma.sync (the default for d ≤ 80), WMMA through
-        // shared memory, and the plain FMA kernels (the switches are process-wide; another
-        // test's attention meanwhile takes a path that is checked here as well).
-        let paths: &[(&str, bool, bool)] = if dev.is_cuda() {
-            &[("mma", true, true), ("wmma", true, false), ("plain", false, false)]
-        } else {
-            &[("", true, true)]
-        };
-        for &(path, tensor_cores, mma) in paths {
-            ops::attention::set_flash_tensor_cores(tensor_cores);
-            ops::attention::set_flash_mma(mma);
+        // On CUDA each kernel family the switches allow: mma.sync (the default for
+        // d ≤ 80), WMMA through shared memory, and the plain FMA kernels (the switches are
+        // process-wide; another test's attention meanwhile takes a path that is checked
+        // here as well). On the CPU the family does not matter.
+        let paths = if dev.is_cuda() { allowed.clone() } else { allowed[..1].to_vec() };
+        for path in paths {
+            path.select();
             for (dtype, tol) in DTYPES {
                 compare(
-                    &format!("attention {heads}×{d}, {n}×{m} {path}"),
+                    &format!("attention {heads}×{d}, {n}×{m} {}", path.name()),
                     dev,
                     dtype,
                     &inputs,
@@ -136,8 +133,7 @@ fn attention(dev: &Device) -> common::TestResult {
                 );
             }
         }
-        ops::attention::set_flash_tensor_cores(true);
-        ops::attention::set_flash_mma(true);
+        allowed[0].select();
     }
     Ok(())
 }

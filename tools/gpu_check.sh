@@ -102,19 +102,26 @@ run)
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >> "$results"
     parts=("${@:2}")
     [ ${#parts[@]} -eq 0 ] && parts=(tests nccl ops bench toy-bf16 runs-sd15 eval runs-sdxl)
+    # The flash attention kernels rest on register layouts of the PTX ISA (mma.sync,
+    # ldmatrix, WMMA) that only a GPU proves. Before any part runs attention, the attention
+    # test alone; where a family fails, the next (WMMA, the FMA kernels, candle's ops),
+    # whose switch the whole run keeps — the kernels test and the ops bench then skip the
+    # families switched off. The choice stays in /tmp while this machine is held, so the
+    # next call does not search again.
+    family=/tmp/sidscript-attention-family
+    if [ "${parts[*]}" != nccl ] && [ ! -f "$family" ]; then
+        for setting in "" SIDSCRIPT_FLASH_MMA=0 SIDSCRIPT_FLASH_TENSOR_CORES=0 SIDSCRIPT_FLASH_ATTENTION=0; do
+            [ -n "$setting" ] && echo "attention failed: again with $setting" | tee -a "$results"
+            KEEP=12 step 60 env $setting .gpu/bin-kernels attention_cuda && { echo "$setting" > "$family"; break; }
+        done
+    fi
+    setting=$(cat "$family" 2>/dev/null)
+    [ -n "$setting" ] && export "${setting?}" && echo "$setting for this run (attention)" | tee -a "$results"
     for part in "${parts[@]}"; do
     case $part in
     tests)
         for t in ${GPU_TESTS:-kernels sid_reference optim checkpointing unet_parity}; do
-            step 90 .gpu/bin-$t && continue
-            # The attention kernels on mma.sync rest on the PTX ISA's fragment layouts, proved
-            # first here: if the kernels test fails, it runs again on the WMMA kernels, and when
-            # that passes the rest of this run keeps them.
-            if [ $t = kernels ] && [ "${SIDSCRIPT_FLASH_MMA:-1}" != 0 ]; then
-                echo "kernels failed: again with SIDSCRIPT_FLASH_MMA=0 (WMMA attention)" | tee -a "$results"
-                SIDSCRIPT_FLASH_MMA=0 step 90 .gpu/bin-$t && export SIDSCRIPT_FLASH_MMA=0 \
-                    && echo "SIDSCRIPT_FLASH_MMA=0 for the rest of this run" | tee -a "$results"
-            fi
+            step 90 .gpu/bin-$t
         done
         ;;
     bench)

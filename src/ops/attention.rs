@@ -503,7 +503,6 @@ fn flash_tc_tiles(d: usize, dtype: DType) -> Option<(usize, u32, u32)> {
 /// with d ≤ 80, f32 as 3xTF32): on unless `SIDSCRIPT_FLASH_TENSOR_CORES=0`,
 /// which keeps every head dim on the plain (FMA) kernels, to compare; the benches
 /// switch it with `set_flash_tensor_cores`.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn flash_tensor_cores() -> bool {
     FLASH_TENSOR_CORES.on()
 }
@@ -512,7 +511,6 @@ static FLASH_TENSOR_CORES: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_TENSOR_CO
 /// Whether the passes take the mma.sync kernels where tensor cores are on and they
 /// have the head dim (on unless `SIDSCRIPT_FLASH_MMA=0`, which keeps them on the
 /// WMMA kernels, to compare).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn flash_mma() -> bool {
     FLASH_MMA.on()
 }
@@ -522,6 +520,53 @@ static FLASH_MMA: EnvSwitch = EnvSwitch::new("SIDSCRIPT_FLASH_MMA", true);
 /// bench times both).
 pub fn set_flash_mma(on: bool) {
     FLASH_MMA.set(on);
+}
+
+/// A family of the CUDA flash kernels, as the tensor-core and mma.sync switches
+/// select it: what the kernels test and the `ops` bench run in turn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashPath {
+    /// Tensor cores through mma.sync, scores in registers (the default).
+    Mma,
+    /// Tensor cores through WMMA, tiles through shared memory.
+    Wmma,
+    /// FMA units only.
+    Plain,
+}
+
+impl FlashPath {
+    /// The families that the switches allow, the one in force first: all three by
+    /// default, none with tensor cores under `SIDSCRIPT_FLASH_TENSOR_CORES=0`, none on
+    /// mma.sync under `SIDSCRIPT_FLASH_MMA=0` (read at the first query, or as last
+    /// `select`ed). A GPU check that finds one family failing sets its switch off and
+    /// runs on; a test or bench that tried every family anyway would fail again.
+    pub fn allowed() -> Vec<FlashPath> {
+        let tensor_cores = flash_tensor_cores();
+        [FlashPath::Mma, FlashPath::Wmma, FlashPath::Plain]
+            .into_iter()
+            .filter(|p| match p {
+                FlashPath::Mma => tensor_cores && flash_mma(),
+                FlashPath::Wmma => tensor_cores,
+                FlashPath::Plain => true,
+            })
+            .collect()
+    }
+
+    /// Runs the flash kernels on this family for the rest of the process (or the next
+    /// `select`).
+    pub fn select(self) {
+        set_flash_tensor_cores(self != FlashPath::Plain);
+        set_flash_mma(self == FlashPath::Mma);
+    }
+
+    /// The family's name in labels: `mma`, `wmma` or `plain`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashPath::Mma => "mma",
+            FlashPath::Wmma => "wmma",
+            FlashPath::Plain => "plain",
+        }
+    }
 }
 
 /// Turns the flash kernels' tensor-core paths on or off for the rest of the process
