@@ -114,6 +114,7 @@ run)
             [ -n "$setting" ] && echo "attention failed: again with $setting" | tee -a "$results"
             KEEP=12 step 60 env $setting .gpu/bin-kernels attention_cuda && { echo "$setting" > "$family"; break; }
         done
+        [ -f "$family" ] || echo "attention failed in every family: the parts below run the defaults" | tee -a "$results"
     fi
     setting=$(cat "$family" 2>/dev/null)
     [ -n "$setting" ] && export "${setting?}" && echo "$setting for this run (attention)" | tee -a "$results"
