@@ -927,6 +927,18 @@ mod tests {
         Ok(())
     }
 
+    /// A family selected turns off the ones above it, and the allowed list starts with
+    /// it (the switches only steer CUDA kernels: other tests' attention on the CPU is
+    /// the same whichever is selected).
+    #[test]
+    fn flash_paths_follow_the_switches() {
+        use FlashPath::*;
+        for (path, allowed) in [(Plain, vec![Plain]), (Wmma, vec![Wmma, Plain]), (Mma, vec![Mma, Wmma, Plain])] {
+            path.select();
+            assert_eq!(FlashPath::allowed(), allowed, "after selecting {}", path.name());
+        }
+    }
+
     /// The head dims and tiles picked here are the ones `attention.cu` builds (plain
     /// and tensor-core kernels).
     #[test]
