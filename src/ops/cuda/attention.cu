@@ -862,6 +862,20 @@ template <bool DEPTH> __device__ __forceinline__ void b_pair(Frag<float>::B (&b)
     }
 }
 
+// Where a thread of an mma kernel works: its warp, lane and the lane's (g, t), the
+// block's batch·head, the row stride, where the head's queries and keys start, and
+// the scores' scale in base-2 units.
+struct Place {
+    int warp, lane, g, t, bh;
+    long w, qo, ko;
+    float scale2;
+};
+__device__ __forceinline__ Place place(int n, int m, int heads, int d, float scale) {
+    const int lane = threadIdx.x % 32, bh = blockIdx.y;
+    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    return {(int)threadIdx.x / 32, lane, lane / 4, lane % 4, bh, (long)heads * d, qo, ko, scale * LOG2E};
+}
+
 template <int N> __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 #pragma unroll
     for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -936,11 +950,8 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
     constexpr int LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
     static_assert(DM % F::K == 0 && BK % F::K == 0 && BK % 8 == 0, "whole products");
     __shared__ __align__(16) T qs[BQ * LH], ks[BK * LH], vs[BK * LH];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float scale2 = scale * LOG2E;  // the scores' scale in base-2 units
-    const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
-    const long w = (long)heads * d;
-    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
+    const int q0 = blockIdx.x * BQ;
     tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
     const T *qw = qs + warp * 16 * LH;  // this warp's 16 rows
     float acc[OT][4];                   // O, rows g and g + 8
@@ -1039,11 +1050,8 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     static_assert(DM % F::K == 0 && QT % F::K == 0, "whole products");
     __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[QT * LH], dos[QT * LH];
     __shared__ float lse_s[QT], rowdot_s[QT];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float scale2 = scale * LOG2E;  // the scores' scale in base-2 units
-    const int bh = blockIdx.y, k0 = blockIdx.x * BK;
-    const long w = (long)heads * d;
-    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
+    const int k0 = blockIdx.x * BK;
     tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
     tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
     const T *kw = ks + warp * 16 * LH, *vw = vs + warp * 16 * LH;
@@ -1085,11 +1093,8 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     constexpr int LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
     static_assert(DM % F::K == 0 && BK % F::K == 0, "whole products");
     __shared__ __align__(16) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const float scale2 = scale * LOG2E;  // the scores' scale in base-2 units
-    const int bh = blockIdx.y, q0 = blockIdx.x * BQ;
-    const long w = (long)heads * d;
-    const long qo = head_offset(bh, n, heads, d), ko = head_offset(bh, m, heads, d);
+    const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
+    const int q0 = blockIdx.x * BQ;
     tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
     tc::load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
     const T *qw = qs + warp * 16 * LH, *dow = dos + warp * 16 * LH;
