@@ -29,6 +29,7 @@
 // adam_check.cpp).
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -421,35 +422,46 @@ inline float mma_element(bool bf16, const uint32_t *regs, int i) {
     }
     return f;
 }
-// The warp posts its shares, meets, and each lane computes its share of D from the
-// whole of A, B and C; the warp meets again before the slots are reused.
-inline void mma_sync(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    static std::vector<MmaShare> slots;
+// A warp-wide exchange: every lane posts `mine`, the warp meets, `use` reads the
+// warp's 32 posts (lane l's at warp[l]) and returns this lane's result, and the warp
+// meets again before the slots are reused (one slot vector per call site).
+template <typename T, typename Use> auto warp_collective(const T &mine, Use use) {
+    static std::vector<T> slots;
     if (slots.size() < threads.size()) slots.resize(threads.size());
-    MmaShare &mine = slots[current];
+    slots[current] = mine;
+    wait_at(WARP);
+    const auto result = use(&slots[current & ~31]);
+    wait_at(WARP);
+    return result;
+}
+// The warp posts its shares and each lane computes its share of D from the whole of
+// A, B and C.
+inline void mma_sync(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    MmaShare mine;
     std::memcpy(mine.a, a, sizeof mine.a);
     std::memcpy(mine.b, b, sizeof mine.b);
     std::memcpy(mine.c, d, sizeof mine.c);
-    wait_at(WARP);
-    const int w0 = current & ~31, K = bf16 ? 16 : 8;
-    float A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
-    for (int l = 0; l < 32; ++l) {
-        const MmaShare &s = slots[w0 + l];
-        int r, c;
-        for (int i = 0; i < (bf16 ? 8 : 4); ++i) mma_a_coord(bf16, l, i, r, c), A[r][c] = mma_element(bf16, s.a, i);
-        for (int i = 0; i < (bf16 ? 4 : 2); ++i) mma_b_coord(bf16, l, i, r, c), B[r][c] = mma_element(bf16, s.b, i);
-        for (int i = 0; i < 4; ++i) mma_c_coord(l, i, r, c), C[r][c] = s.c[i];
-    }
-    float out[4];
-    for (int i = 0; i < 4; ++i) {
-        int r, c;
-        mma_c_coord(current & 31, i, r, c);
-        float acc = C[r][c];
-        for (int k = 0; k < K; ++k) acc += A[r][k] * B[k][c];
-        out[i] = acc;
-    }
-    wait_at(WARP);
-    std::memcpy(d, out, sizeof out);
+    const auto out = warp_collective(mine, [&](const MmaShare *warp) {
+        const int K = bf16 ? 16 : 8;
+        float A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
+        for (int l = 0; l < 32; ++l) {
+            const MmaShare &s = warp[l];
+            int r, c;
+            for (int i = 0; i < (bf16 ? 8 : 4); ++i) mma_a_coord(bf16, l, i, r, c), A[r][c] = mma_element(bf16, s.a, i);
+            for (int i = 0; i < (bf16 ? 4 : 2); ++i) mma_b_coord(bf16, l, i, r, c), B[r][c] = mma_element(bf16, s.b, i);
+            for (int i = 0; i < 4; ++i) mma_c_coord(l, i, r, c), C[r][c] = s.c[i];
+        }
+        std::array<float, 4> out;
+        for (int i = 0; i < 4; ++i) {
+            int r, c;
+            mma_c_coord(current & 31, i, r, c);
+            float acc = C[r][c];
+            for (int k = 0; k < K; ++k) acc += A[r][k] * B[k][c];
+            out[i] = acc;
+        }
+        return out;
+    });
+    std::memcpy(d, out.data(), sizeof d);
 }
 }  // namespace emu
 inline void mma_bf16_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -477,22 +489,18 @@ inline void ldmatrix_x4(bool trans, uint32_t (&r)[4], const void *row) {
         std::fprintf(stderr, "ldmatrix: a row address %p is not 16-byte aligned\n", row);
         std::abort();
     }
-    static std::vector<const uint16_t *> slots;
-    if (slots.size() < threads.size()) slots.resize(threads.size());
-    slots[current] = static_cast<const uint16_t *>(row);
-    wait_at(WARP);
-    const int w0 = current & ~31, lane = current & 31;
-    uint32_t out[4];
-    for (int j = 0; j < 4; ++j) {
-        out[j] = 0;
-        for (int h = 0; h < 2; ++h) {
-            int src, col;
-            ldmatrix_source(trans, lane, j, h, src, col);
-            out[j] |= (uint32_t)slots[w0 + src][col] << (16 * h);
-        }
-    }
-    wait_at(WARP);
-    std::memcpy(r, out, sizeof out);
+    const auto out = warp_collective(static_cast<const uint16_t *>(row), [&](const uint16_t *const *warp) {
+        const int lane = current & 31;
+        std::array<uint32_t, 4> out{};
+        for (int j = 0; j < 4; ++j)
+            for (int h = 0; h < 2; ++h) {
+                int src, col;
+                ldmatrix_source(trans, lane, j, h, src, col);
+                out[j] |= (uint32_t)warp[src][col] << (16 * h);
+            }
+        return out;
+    });
+    std::memcpy(r, out.data(), sizeof r);
 }
 // The same layouts from CuTe (Copy_Traits of SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T):
 // each maps (thread, value) to a bit of the 32 rows of 128 bits that the lanes give —
@@ -518,16 +526,9 @@ inline bool ldmatrix_tables_agree() {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void *row) { emu::ldmatrix_x4(false, r, row); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row) { emu::ldmatrix_x4(true, r, row); }
 
-// A full warp's exchange: every lane posts its value, the warp meets, each reads its
-// partner's, and the warp meets again before the slots are reused.
+// Each lane reads its partner's value.
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-    static std::vector<float> slots;
-    if (slots.size() < emu::threads.size()) slots.resize(emu::threads.size());
-    slots[emu::current] = v;
-    emu::wait_at(emu::WARP);
-    const float r = slots[(emu::current & ~31) | ((emu::current & 31) ^ lane_mask)];
-    emu::wait_at(emu::WARP);
-    return r;
+    return emu::warp_collective(v, [&](const float *warp) { return warp[(emu::current & 31) ^ lane_mask]; });
 }
 
 inline void __syncthreads() {
