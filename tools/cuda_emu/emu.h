@@ -185,11 +185,14 @@ inline bool launch(dim3 grid, dim3 block, std::function<void()> kernel, Order or
     return true;
 }
 
-// For the checks: the largest |got − want| over the largest |want|.
+// For the checks: the largest |got − want| over the largest |want|; infinite where a
+// value is not finite (std::max passes NaN over, so a NaN output would count as exact).
 template <typename T> double rel_err(const std::vector<T> &got, const std::vector<double> &want) {
     double e = 0, s = 1e-30;
-    for (size_t i = 0; i < want.size(); ++i)
+    for (size_t i = 0; i < want.size(); ++i) {
+        if (!std::isfinite((double)got[i])) return INFINITY;
         e = std::max(e, std::fabs((double)got[i] - want[i])), s = std::max(s, std::fabs(want[i]));
+    }
     return e / s;
 }
 
