@@ -108,9 +108,10 @@ run)
     # whose switch the whole run keeps — the kernels test and the ops bench then skip the
     # families switched off. The choice stays in /tmp while this machine is held, so the
     # next call does not search again.
-    # The first process on a machine JIT-compiles attention.cu's PTX for the GPU (84
-    # kernels; ptxas -arch=sm_90 takes 27 s on the 2-core build machine), which the
-    # driver then caches: hence the longer first limit.
+    # sidscript's kernels carry sm_90 machine code (build.rs writes fatbins), but on another
+    # GPU the first process JIT-compiles their PTX (attention.cu: 84 kernels, ~30 s of
+    # ptxas), as it does candle's own PTX kernels everywhere, and the driver caches the
+    # result: hence the longer first limit.
     family=/tmp/sidscript-attention-family
     if [ "${parts[*]}" != nccl ] && [ ! -f "$family" ]; then
         limit=150

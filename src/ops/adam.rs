@@ -115,8 +115,7 @@ fn launch(group: &[AdamTensor], s: AdamShared) -> crate::Result<bool> {
         return Ok(true);
     }
     let table = stream.clone_htod(&table).map_err(candle_core::Error::wrap)?;
-    let func =
-        first_storage.device.get_or_load_custom_func("adam_many_f32", "sidscript_adam", super::kernels_cuda::ADAM)?;
+    let func = super::kernels_cuda::ADAM.function(&first_storage.device, "adam_many_f32")?;
     let f = |x: f64| x as f32;
     let (b1, b2, eps, l2, shrink) = (f(s.beta1), f(s.beta2), f(s.eps), f(s.l2), f(s.shrink));
     let (count, has_m) = (group.len() as i32, i32::from(first.m.is_some()));

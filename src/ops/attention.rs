@@ -651,7 +651,7 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scal
 /// key tiles and dQ over query tiles.
 #[cfg(feature = "cuda")]
 mod flash {
-    use super::super::kernels_cuda::{grid_stride, view, ATTENTION as PTX};
+    use super::super::kernels_cuda::{grid_stride, view, ATTENTION};
     use super::{Geom, SdpaGrad};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -716,7 +716,7 @@ mod flash {
             (None, None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
         };
         let full = format!("{}_{kind}{}_d{dm}", pass.name(), dtype_name(dtype)?);
-        let f = dev.get_or_load_custom_func(&full, "sidscript_attention", PTX)?;
+        let f = ATTENTION.function(dev, &full)?;
         Ok((f.into_cuda_function(), bq, bk))
     }
 
@@ -814,8 +814,7 @@ mod flash {
         let ([n, m, heads, d], scale) = (dims(g), g.scale as f32);
         let rows = g.tasks() * g.n;
         // D = Σ dO∘O per query row.
-        let f =
-            dev.get_or_load_custom_func(&format!("flash_rowdot_{}", dtype_name(dtype)?), "sidscript_attention", PTX)?;
+        let f = ATTENTION.function(&dev, &format!("flash_rowdot_{}", dtype_name(dtype)?))?;
         // SAFETY: flash_rowdot writes every row.
         let mut rowdot = unsafe { stream.alloc::<f32>(rows) }.map_err(candle_core::Error::wrap)?;
         let rows32 = rows as i32;

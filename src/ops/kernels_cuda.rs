@@ -1,18 +1,42 @@
-//! sidscript's own CUDA kernels (`src/ops/cuda/*.cu`, built to PTX by build.rs
-//! with the cuda feature) and what launching them takes. Each op's CUDA path sits
-//! in its own file beside the CPU kernel (`norm.rs`, `activation.rs`, `adam.rs`).
+//! sidscript's own CUDA kernels (`src/ops/cuda/*.cu`, built by build.rs with the
+//! cuda feature) and what launching them takes. Each op's CUDA path sits in its own
+//! file beside the CPU kernel (`norm.rs`, `activation.rs`, `adam.rs`).
 
 use candle_core::cuda::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-use candle_core::{CudaStorage, Layout, Shape};
+use candle_core::cuda::CudaFunc;
+use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
+
+/// One kernel file as nvcc's fatbin: machine code (SASS) for CUDA_COMPUTE_CAP, which
+/// the driver loads as it is, and the PTX, which it compiles for any other GPU. PTX
+/// alone was compiled by the driver before the first launch on each machine (later
+/// processes read its cache) — attention.cu's 84 kernels take ptxas ~30 s.
+pub(crate) struct Kernels {
+    /// The module's name in candle's per-device cache.
+    module: &'static str,
+    image: &'static [u8],
+}
+
+impl Kernels {
+    /// The kernel `name`; the module is loaded on `dev` at its first use.
+    pub(crate) fn function(&self, dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunc> {
+        dev.get_or_load_custom_func_image(name, self.module, self.image)
+    }
+}
+
+macro_rules! kernels {
+    ($module:literal, $file:literal) => {
+        Kernels { module: $module, image: include_bytes!(concat!(env!("OUT_DIR"), "/", $file, ".fatbin")) }
+    };
+}
 
 /// Adam's update (`cuda/adam.cu`).
-pub(crate) const ADAM: &str = include_str!(concat!(env!("OUT_DIR"), "/adam.ptx"));
+pub(crate) const ADAM: Kernels = kernels!("sidscript_adam", "adam");
 /// Group/layer norm each way (`cuda/norm.cu`).
-pub(crate) const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+pub(crate) const NORM: Kernels = kernels!("sidscript_norm", "norm");
 /// Flash attention forward and backward (`cuda/attention.cu`).
-pub(crate) const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+pub(crate) const ATTENTION: Kernels = kernels!("sidscript_attention", "attention");
 /// SiLU and GEGLU each way (`cuda/activation.cu`).
-pub(crate) const ACTIVATION: &str = include_str!(concat!(env!("OUT_DIR"), "/activation.ptx"));
+pub(crate) const ACTIVATION: Kernels = kernels!("sidscript_activation", "activation");
 
 /// Threads per block of every kernel here.
 pub(crate) const THREADS: u32 = 256;
@@ -59,7 +83,7 @@ pub(crate) fn view<'a, T: candle_core::cuda::CudaDType>(
 /// whose last dim is n.
 pub(crate) fn unary(name: &str, x: &CudaStorage, l: &Layout, out: Shape) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device.clone();
-    let f = dev.get_or_load_custom_func(name, "sidscript_activation", ACTIVATION)?;
+    let f = ACTIVATION.function(&dev, name)?;
     let count = out.elem_count();
     let n = l.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every output element.
@@ -83,7 +107,7 @@ pub(crate) fn unary_grad(
     gl: &Layout,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = s.device.clone();
-    let f = dev.get_or_load_custom_func(name, "sidscript_activation", ACTIVATION)?;
+    let f = ACTIVATION.function(&dev, name)?;
     let count = gl.shape().elem_count();
     let n = sl.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every element of dx.

@@ -313,7 +313,7 @@ impl candle_core::CustomOp3 for NormAffineGrad {
 /// (row, chunk) of `row_split`'s chunks.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::super::kernels_cuda::{grid_stride, per_block, row_chunks, row_split, NORM as PTX};
+    use super::super::kernels_cuda::{grid_stride, per_block, row_chunks, row_split, NORM};
     use super::NormGeom;
     use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
     use candle_core::{CudaStorage, Layout, Shape};
@@ -352,7 +352,7 @@ mod cuda {
         let (n, len, chunks, rows) = (at.n as i32, at.len as i32, at.chunks as i32, at.rows as i32);
         let mut partial = alloc(dev, 2 * at.rows * at.chunks)?;
         let xv = view(x)?;
-        let func = dev.get_or_load_custom_func("norm_chunk_stats_f32", "sidscript_norm", PTX)?;
+        let func = NORM.function(dev, "norm_chunk_stats_f32")?;
         let mut b = func.builder();
         b.arg(&xv).arg(&mut partial).arg(&n).arg(&len);
         // SAFETY: arguments as norm_chunk_stats_f32(x, partial, n, len); x holds rows·n
@@ -360,7 +360,7 @@ mod cuda {
         unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
         let mut st = alloc(dev, 2 * at.rows)?;
-        let (func, eps) = (dev.get_or_load_custom_func("norm_stats_f32", "sidscript_norm", PTX)?, g.eps as f32);
+        let (func, eps) = (NORM.function(dev, "norm_stats_f32")?, g.eps as f32);
         let mut b = func.builder();
         b.arg(&partial).arg(&mut st).arg(&rows).arg(&chunks).arg(&n).arg(&len).arg(&eps);
         // SAFETY: arguments as norm_stats_f32(partial, stats, rows, chunks, n, len, eps).
@@ -379,7 +379,7 @@ mod cuda {
         let dev = x.0.device.clone();
         let at = Rows::of(g, x);
         let st = stats(g, x, &at)?;
-        let func = dev.get_or_load_custom_func("norm_fwd_f32", "sidscript_norm", PTX)?;
+        let func = NORM.function(&dev, "norm_fwd_f32")?;
         let mut y = alloc(&dev, at.rows * at.n)?;
         let (xv, wv, bv) = (view(x)?, view(w)?, view(bias)?);
         let dims = [at.n as i32, g.channels as i32, g.spatial as i32, g.groups as i32, g.silu.into()];
@@ -413,7 +413,7 @@ mod cuda {
         let (wv, bv) = (wbv.slice(0..c), wbv.slice(c..2 * c));
         let (n32, chunk_len, chunks) = (at.n as i32, at.len as i32, at.chunks as i32);
         let (c32, s32, g32, silu) = (c as i32, g.spatial as i32, g.groups as i32, i32::from(g.silu));
-        let func = dev.get_or_load_custom_func("norm_dx_partial_f32", "sidscript_norm", PTX)?;
+        let func = NORM.function(&dev, "norm_dx_partial_f32")?;
         let mut b = func.builder();
         b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&mut partial);
         b.arg(&n32).arg(&chunk_len).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
@@ -421,7 +421,7 @@ mod cuda {
         // channels, spatial, groups, silu); partial one pair per (row, chunk) of the grid.
         unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
-        let func = dev.get_or_load_custom_func("norm_dx_f32", "sidscript_norm", PTX)?;
+        let func = NORM.function(&dev, "norm_dx_f32")?;
         {
             let mut dx = out.slice_mut(0..len);
             let mut b = func.builder();
@@ -431,7 +431,7 @@ mod cuda {
             // channels, spatial, groups, silu).
             unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         }
-        let func = dev.get_or_load_custom_func("norm_dwdb_f32", "sidscript_norm", PTX)?;
+        let func = NORM.function(&dev, "norm_dwdb_f32")?;
         let batch = (at.rows / g.groups) as i32;
         let mut rest = out.slice_mut(len..);
         let (mut dw, mut db) = rest.split_at_mut(c);

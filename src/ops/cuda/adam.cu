@@ -1,7 +1,7 @@
 // Adam (and AdamW) as one pass over a parameter, its gradient and its moments, in
 // place: the update of train::optim for f32 parameters on CUDA (the CPU kernel's
-// formula, element for element), one launch for a whole parameter group. Built to
-// PTX by build.rs with the cuda feature.
+// formula, element for element), one launch for a whole parameter group. Built into
+// a fatbin by build.rs with the cuda feature.
 //
 //   g' = g + l2·p                       (L2 weight decay; l2 = 0 for AdamW)
 //   v  = b2·v + (1 − b2)·g'²

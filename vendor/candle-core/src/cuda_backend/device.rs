@@ -317,6 +317,31 @@ impl CudaDevice {
         module_name: &str,
         ptx: &str,
     ) -> Result<CudaFunc> {
+        self.get_or_load_custom(fn_name, module_name, || ptx.into())
+    }
+
+    /// As `get_or_load_custom_func`, for a compiled image (a cubin or a fatbin, as
+    /// `nvcc --fatbin` writes: SASS the driver loads as it is, PTX it compiles for
+    /// other GPUs) rather than PTX text. Patched in for sidscript (SIDSCRIPT.md).
+    pub fn get_or_load_custom_func_image(
+        &self,
+        fn_name: &str,
+        module_name: &str,
+        image: &[u8],
+    ) -> Result<CudaFunc> {
+        self.get_or_load_custom(fn_name, module_name, || {
+            cudarc::nvrtc::Ptx::from_binary(image.to_vec())
+        })
+    }
+
+    /// The function `fn_name` of the module `module_name`, which `module` makes when
+    /// this device has not loaded it yet.
+    fn get_or_load_custom(
+        &self,
+        fn_name: &str,
+        module_name: &str,
+        module: impl FnOnce() -> cudarc::nvrtc::Ptx,
+    ) -> Result<CudaFunc> {
         let ms = self.custom_modules.read().unwrap();
         if let Some(mdl) = ms.get(module_name).as_ref() {
             let func = mdl.load_function(fn_name).w()?;
@@ -327,7 +352,7 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.custom_modules.write().unwrap();
-        let cuda_module = self.context.load_module(ptx.into()).w()?;
+        let cuda_module = self.context.load_module(module()).w()?;
         ms.insert(module_name.to_string(), cuda_module.clone());
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
