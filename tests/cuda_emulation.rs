@@ -75,38 +75,31 @@ fn flash_attention_kernels() {
 /// or fault.
 #[test]
 fn flash_attention_kernels_stay_in_bounds() {
-    let run = sanitized_attention_check("attention_check_asan", &[], "--quick");
+    // UBSan's checks that index arithmetic can break (alignment, signed overflow,
+    // shifts, array bounds, null pointers) rather than all of `undefined`, at -O1: the
+    // build of every kernel takes ~19 s on two cores, against ~45 s with all of
+    // `undefined` at -O2.
+    let sanitizers = [
+        "-fsanitize=address,alignment,signed-integer-overflow,shift,bounds,null".to_string(),
+        "-fno-sanitize-recover=all".to_string(),
+        "-O1".into(),
+    ];
+    let run = build_and_run_with("attention_check", &tmp("attention_check_asan"), &sanitizers, &["--quick"]);
     let err = String::from_utf8_lossy(&run.stderr);
     println!("{}{err}", String::from_utf8_lossy(&run.stdout));
     assert!(run.status.success() && !err.contains("ERROR: AddressSanitizer"), "sanitizers report:\n{err}");
 }
 
-/// `attention_check` built with AddressSanitizer and UBSan (and `flags`) into `exe`,
-/// run with `mode` (`--quick`, or `--shifted` for the misaligned cases alone).
-/// UBSan's checks that index arithmetic can break (alignment, signed overflow, shifts,
-/// array bounds, null pointers) rather than all of `undefined`, at -O1: the build of
-/// every kernel takes ~19 s on two cores, against ~45 s with all of `undefined` at -O2.
-fn sanitized_attention_check(exe: &str, flags: &[String], mode: &str) -> Output {
-    let mut all = vec![
-        "-fsanitize=address,alignment,signed-integer-overflow,shift,bounds,null".to_string(),
-        "-fno-sanitize-recover=all".to_string(),
-        "-O1".into(),
-    ];
-    all.extend_from_slice(flags);
-    build_and_run_with("attention_check", &tmp(exe), &all, &[mode])
-}
-
-/// The tile loads take their 16-byte path only for aligned tensors: a copy of
-/// `attention.cu` without the alignment test, run under the sanitizers on tensors one
-/// element into their buffers, reports a misaligned 16-byte access (on the GPU, a
-/// fault).
+/// The tile loads take their 16-byte path (cp.async) only for aligned tensors: a copy of
+/// `attention.cu` without the alignment test, run on tensors one element into their
+/// buffers, stops at a misaligned 16-byte copy, as the GPU would fault.
 #[test]
-fn an_unaligned_16_byte_load_fails_the_sanitized_check() {
+fn an_unaligned_16_byte_copy_fails_the_emulated_check() {
     let test = " && reinterpret_cast<uintptr_t>(src) % 16 == 0) {";
     let define = altered_attention("attention_unaligned", "the alignment test", test, ") {");
-    let run = sanitized_attention_check("attention_unaligned", &[define], "--shifted");
+    let run = build_and_run_with("attention_check", &tmp("attention_unaligned"), &[define], &["--shifted"]);
     let err = String::from_utf8_lossy(&run.stderr);
-    assert!(!run.status.success() && err.contains("misaligned address"), "no misaligned access reported:\n{err}");
+    assert!(!run.status.success() && err.contains("misaligned"), "no misaligned copy reported:\n{err}");
 }
 
 /// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp
@@ -208,6 +201,24 @@ fn the_ldmatrix_block_order_matters_to_the_emulated_check() {
     let order = "ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j & 1, j >> 1));";
     let swapped = "ldmatrix_x4_trans(r, ldmatrix_row(p, ld, lane, j >> 1, j & 1));";
     fails_the_mma_check("attention_mma_ldmatrix", "bf16-mma", "the transposed ldmatrix order", order, swapped);
+}
+
+/// The mma.sync kernels load the next tiles by cp.async while they multiply, and the
+/// emulator's copies hold garbage (NaN) from their start until the thread waits: a dK/dV
+/// pass that reads the query tile without waiting for its copy fails the check.
+#[test]
+fn a_tile_read_before_its_copy_lands_fails_the_emulated_check() {
+    let wait = "cp_async_wait_all();\n        __syncthreads();  // Q and the stats are in";
+    let no_wait = "__syncthreads();  // Q and the stats are in";
+    fails_the_mma_check("attention_mma_nowait", "bf16-mma", "the wait for the query tile", wait, no_wait);
+}
+
+/// …and one that starts the next dO tile's copy before every warp is done reading the
+/// current one (the barrier before it removed) fails it too.
+#[test]
+fn a_copy_over_a_tile_still_read_fails_the_emulated_check() {
+    let barrier = "__syncthreads();  // every warp is done with dO\n";
+    fails_the_mma_check("attention_mma_overwrite", "bf16-mma", "the barrier before the next dO", barrier, "");
 }
 
 /// Adam over a whole parameter group in one launch (`src/ops/cuda/adam.cu`): every

@@ -19,7 +19,8 @@
 // 16×16×16 and tf32 16×16×8 products, the warp-level mma.sync m16n8k16 (bf16) and
 // m16n8k8 (tf32) products with their register layouts (mma_bf16_m16n8k16,
 // mma_tf32_m16n8k8), and the ldmatrix loads that feed them (ldmatrix_x4,
-// ldmatrix_x4_trans). A WMMA fragment here holds its whole tile in every
+// ldmatrix_x4_trans), and the asynchronous copies to shared memory (cp_async,
+// cp_async_wait_all). A WMMA fragment here holds its whole tile in every
 // thread (on the GPU each lane holds a share in an unspecified layout), so kernels
 // may touch `x[i]` only uniformly over all i (a scale, a rounding), which both
 // layouts give the same meaning. Not atomics or timing.
@@ -90,11 +91,19 @@ namespace emu {
 
 enum class Order { Forward, Reverse };
 
+// A cp.async the thread has started: `size` bytes to dst, the first `bytes` from src.
+struct AsyncCopy {
+    void *dst;
+    const void *src;
+    int size, bytes;
+};
+
 struct Thread {
     ucontext_t context;
     std::vector<char> stack;
     bool done = false;
     int waiting = 0;  // 0: runnable; BLOCK or WARP: at that barrier
+    std::vector<AsyncCopy> copies;  // started, not yet waited for
 };
 constexpr int BLOCK = 1, WARP = 2;
 
@@ -106,6 +115,11 @@ inline bool failed = false;
 
 inline void run_thread() {
     body();
+    if (!threads[current].copies.empty()) {
+        std::fprintf(stderr, "thread %d of block (%u,%u,%u) returned with %zu cp.async copies never waited for\n",
+                     current, blockIdx.x, blockIdx.y, blockIdx.z, threads[current].copies.size());
+        failed = true;
+    }
     threads[current].done = true;
     swapcontext(&threads[current].context, &scheduler);
 }
@@ -138,6 +152,7 @@ inline bool launch(dim3 grid, dim3 block, std::function<void()> kernel, Order or
                     Thread &t = threads[i];
                     t.done = false;
                     t.waiting = 0;
+                    t.copies.clear();
                     getcontext(&t.context);
                     t.context.uc_stack.ss_sp = t.stack.data();
                     t.context.uc_stack.ss_size = t.stack.size();
@@ -532,6 +547,29 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void *row) { emu::ldmatrix
 // Each lane reads its partner's value.
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     return emu::warp_collective(v, [&](const float *warp) { return warp[(emu::current & 31) ^ lane_mask]; });
+}
+
+// cp.async at its most adversarial within the rules: the destination is garbage (NaN
+// bits) from the start until the thread waits, when the copy lands. A read before the
+// wait and its barrier, or a copy started while another warp still reads the old tile,
+// sees NaN in one of the two orders.
+template <int BYTES> inline void cp_async(void *dst, const void *src, int src_bytes) {
+    static_assert(BYTES == 16 || BYTES == 4, "cp.async of 16 bytes (through L2 only) or 4");
+    if (reinterpret_cast<uintptr_t>(dst) % BYTES || reinterpret_cast<uintptr_t>(src) % BYTES || src_bytes < 0 ||
+        src_bytes > BYTES) {
+        std::fprintf(stderr, "cp.async of %d bytes to %p from %p (%d of them): misaligned (a fault on the GPU)\n",
+                     BYTES, dst, src, src_bytes);
+        std::abort();
+    }
+    std::memset(dst, 0xff, BYTES);
+    emu::threads[emu::current].copies.push_back({dst, src, BYTES, src_bytes});
+}
+inline void cp_async_wait_all() {
+    for (const emu::AsyncCopy &c : emu::threads[emu::current].copies) {
+        std::memcpy(c.dst, c.src, c.bytes);
+        std::memset(static_cast<char *>(c.dst) + c.bytes, 0, c.size - c.bytes);
+    }
+    emu::threads[emu::current].copies.clear();
 }
 
 inline void __syncthreads() {

@@ -66,6 +66,25 @@ inline float exp2_ftz(float x) {
 }
 #endif
 
+// Asynchronous copies (cp.async, sm_80): BYTES (16 or 4, aligned so) from global to
+// shared memory without passing through registers, landing while the thread goes on —
+// the mma.sync kernels load the next tile while they multiply the current one, as
+// FlashAttention-2 does. The first `src_bytes` come from src, the rest are zeros
+// (src_bytes 0: past an operand's end; src must still be a valid address). A thread's
+// copies are its own after cp_async_wait_all(), the block's after the __syncthreads()
+// that follows; the destination must not be read, or written by anyone, in between.
+#ifndef SIDSCRIPT_CPU_EMULATION
+template <int BYTES> __device__ __forceinline__ void cp_async(void *dst, const void *src, int src_bytes) {
+    static_assert(BYTES == 16 || BYTES == 4, "cp.async of 16 bytes (through L2 only) or 4");
+    const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" : : "r"(to), "l"(src), "r"(src_bytes));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" : : "r"(to), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+#endif
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f32(float x);
@@ -269,8 +288,9 @@ __device__ void flash_rowdot(const T *o, const T *dout, float *rowdot, int n, in
 }
 
 // P = exp(s·Q Kᵀ − lse) into ps (unless null: dQ needs only dS) and dS = P∘(dO Vᵀ − D)
-// into dss for one BQ×BK pair of tiles in shared memory (qs scaled, lse_s in base 2);
-// zero for keys at or past `keys_left` and for padded query rows (their lse is +inf).
+// into dss for one BQ×BK pair of tiles in shared memory (qs scaled, lse_s natural);
+// zero for keys at or past `keys_left`. Padded query rows (Q, dO and lse zeros) get P 1
+// and dS 0, and add nothing to dV = Σ Pᵀ dO.
 template <int DM, int BQ, int BK>
 __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, const float *qs, const float *dos,
                                                       const float *ks, const float *vs, const float *lse_s,
@@ -288,22 +308,31 @@ __device__ __forceinline__ void probs_and_score_grads(float *ps, float *dss, con
 #pragma unroll
         for (int j = 0; j < St::RN; ++j) {
             const int c = St::col(j);
-            const float p = c < keys_left ? exp2_ftz(s[i][j] * LOG2E - lse_s[r]) : 0.0f;
+            const float p = c < keys_left ? exp2_ftz((s[i][j] - lse_s[r]) * LOG2E) : 0.0f;
             if (ps) ps[r * LS + c] = p;
             dss[r * LS + c] = p * (dp[i][j] - rowdot_s[r]);
         }
     }
 }
 
-// The query tile's lse in base 2 (+inf past n, so that P = 0 there) and D (0 past n).
+// Starts loading the query tile's lse (natural units) and D by cp.async, zeros past n:
+// those rows' Q and dO are zeros too, so their P (finite) meets zeros in every
+// product and leaves dK and dV as they are. load_row_stats: loads and waits.
+template <int BQ>
+__device__ __forceinline__ void start_row_stats(float *lse_s, float *rowdot_s, const float *lse, const float *rowdot,
+                                                int bh, int q0, int n) {
+    for (int r = threadIdx.x; r < BQ; r += FLASH_THREADS) {
+        const bool in = q0 + r < n;
+        const long i = in ? (long)bh * n + q0 + r : 0;
+        cp_async<4>(lse_s + r, lse + i, in ? 4 : 0);
+        cp_async<4>(rowdot_s + r, rowdot + i, in ? 4 : 0);
+    }
+}
 template <int BQ>
 __device__ __forceinline__ void load_row_stats(float *lse_s, float *rowdot_s, const float *lse, const float *rowdot,
                                                int bh, int q0, int n) {
-    for (int r = threadIdx.x; r < BQ; r += FLASH_THREADS) {
-        const bool in = q0 + r < n;
-        lse_s[r] = in ? lse[(long)bh * n + q0 + r] * LOG2E : INFINITY;
-        rowdot_s[r] = in ? rowdot[(long)bh * n + q0 + r] : 0.0f;
-    }
+    start_row_stats<BQ>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+    cp_async_wait_all();
 }
 
 template <typename T, int DM, int BQ, int BK>
@@ -427,21 +456,22 @@ template <> struct Mma<float> {
     }
 };
 
-// Rows r0 .. r0 + R of one head into dst [R][padded<T, DM>] as T, zeros past `rows` and d.
-// In 16-byte pieces (8 bf16 or 4 f32 values per load and store) when the head's rows
-// allow it — d and the row stride w multiples of a piece, the head 16-byte aligned,
-// the same for every thread of the block — else value by value: loading the tiles
-// is most of these kernels' instructions, and a piece is one instruction.
+// Starts loading rows r0 .. r0 + R of one head into dst [R][padded<T, DM>] as T, zeros
+// past `rows` and d: in 16-byte pieces (8 bf16 or 4 f32 values) by cp.async when the
+// head's rows allow it — d and the row stride w multiples of a piece, the head 16-byte
+// aligned, the same for every thread of the block — else value by value, at once.
+// The tile is the thread's own after cp_async_wait_all(), the block's after the barrier
+// that follows (load_rows: both loads and wait). Loading the tiles is most of these
+// kernels' instructions, and a piece is one instruction.
 template <typename T, int R, int DM>
-__device__ __forceinline__ void load_rows(T *dst, const T *src, int r0, int rows, long w, int d) {
+__device__ __forceinline__ void start_rows(T *dst, const T *src, int r0, int rows, long w, int d) {
     constexpr int V = 16 / (int)sizeof(T), PIECES = DM / V;
     static_assert(DM % V == 0, "padded rows hold whole pieces");
     if (d % V == 0 && w % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
         for (int e = threadIdx.x; e < R * PIECES; e += FLASH_THREADS) {
             const int r = e / PIECES, c = e % PIECES * V;
-            uint4 piece = make_uint4(0u, 0u, 0u, 0u);  // zero bits: 0.0 in bf16 and f32
-            if (r0 + r < rows && c < d) piece = *reinterpret_cast<const uint4 *>(src + (long)(r0 + r) * w + c);
-            *reinterpret_cast<uint4 *>(dst + r * padded<T, DM>() + c) = piece;
+            const bool in = r0 + r < rows && c < d;
+            cp_async<16>(dst + r * padded<T, DM>() + c, in ? src + (long)(r0 + r) * w + c : src, in ? 16 : 0);
         }
         return;
     }
@@ -449,6 +479,11 @@ __device__ __forceinline__ void load_rows(T *dst, const T *src, int r0, int rows
         const int r = e / DM, c = e % DM;
         dst[r * padded<T, DM>() + c] = (r0 + r < rows && c < d) ? src[(long)(r0 + r) * w + c] : from_f32<T>(0.0f);
     }
+}
+template <typename T, int R, int DM>
+__device__ __forceinline__ void load_rows(T *dst, const T *src, int r0, int rows, long w, int d) {
+    start_rows<T, R, DM>(dst, src, r0, rows, w, d);
+    cp_async_wait_all();
 }
 
 // Where the tile at (row r0, col c0) of an operand starts: element (r, c) at
@@ -582,8 +617,8 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
 
 // S = Q Kᵀ and dP = dO Vᵀ into ss and dps, then P = exp(s·S − lse) into ps (unless
 // null: dQ needs only dS) and dS = P∘(dP − D) into dss, zero for keys at or past
-// `keys_left` and for padded query rows (lse +inf). For f32, ps and dss are ss and
-// dps themselves (probs_tile).
+// `keys_left` (padded query rows: P 1, dS 0, and zero dO rows). For f32, ps and dss
+// are ss and dps themselves (probs_tile).
 template <typename T, int DM, int BQ, int BK>
 __device__ __forceinline__ void probs_and_score_grads(T *ps, T *dss, float *ss, float *dps, const T *qs, const T *dos,
                                                       const T *ks, const T *vs, const float *lse_s,
@@ -594,7 +629,7 @@ __device__ __forceinline__ void probs_and_score_grads(T *ps, T *dss, float *ss, 
     __syncthreads();
     for (int e = threadIdx.x; e < BQ * BK; e += FLASH_THREADS) {
         const int r = e / BK, c = e % BK;
-        const float p = c < keys_left ? exp2_ftz(ss[r * LS + c] * (scale * LOG2E) - lse_s[r]) : 0.0f;
+        const float p = c < keys_left ? exp2_ftz((ss[r * LS + c] * scale - lse_s[r]) * LOG2E) : 0.0f;
         const float ds = p * (dps[r * LS + c] - rowdot_s[r]);
         if (ps) ps[r * LP + c] = from_f32<T>(p);
         dss[r * LP + c] = from_f32<T>(ds);
@@ -681,7 +716,8 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 // holds rows g and g + 8, columns 2t and 2t + 1 of each 8-column tile, which is
 // (nearly) the layout of the next product's A operand, so the probabilities go from
 // one product to the next without leaving the thread. The warps share only the key
-// and value tiles (two barriers per tile); a row's max and sum are combined across
+// and value tiles (two barriers per tile, each tile copied by cp.async while the warps
+// multiply the one before); a row's max and sum are combined across
 // the four threads that hold it with shuffles. f32 is 3xTF32 as above. One layout
 // difference remains for tf32: its A operand holds columns t and t + 4, the
 // accumulator 2t and 2t + 1, so the product P·V takes its keys in the order
@@ -934,15 +970,6 @@ __device__ __forceinline__ void score_product(float (&x)[NT][4], const T *ax, co
     }
 }
 
-// x = A_x B_xᵀ and y = A_y B_yᵀ: the backward's two score products (S and dP, or
-// their transposes).
-template <typename T, int DM, int NT>
-__device__ __forceinline__ void score_products(float (&x)[NT][4], float (&y)[NT][4], const T *ax, const T *ay,
-                                               const T *bx, const T *by, int ld, int lane) {
-    score_product<T, DM>(x, ax, bx, ld, lane);
-    score_product<T, DM>(y, ay, by, ld, lane);
-}
-
 template <typename T, int DM, int BK>
 __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
                           float scale) {
@@ -952,21 +979,26 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
     __shared__ __align__(16) T qs[BQ * LH], ks[BK * LH], vs[BK * LH];
     const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
     const int q0 = blockIdx.x * BQ;
-    tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    tc::start_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    tc::start_rows<T, BK, DM>(ks, k + ko, 0, m, w, d);
     const T *qw = qs + warp * 16 * LH;  // this warp's 16 rows
     float acc[OT][4];                   // O, rows g and g + 8
     zero(acc);
     // Running max and sum of rows g and g + 8 (the sum this thread's columns only,
     // combined with the other three threads' at the end).
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    // Each tile's values load while the scores are multiplied, the next tile's keys
+    // while the softmax and P·V run: two barriers a tile, as with synchronous loads.
     for (int k0 = 0; k0 < m; k0 += BK) {
-        __syncthreads();  // every warp is done with the last tiles (and Q is in)
-        tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
-        tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
-        __syncthreads();
+        cp_async_wait_all();
+        __syncthreads();  // this tile's keys (and Q) are in; every warp is done with the last values
+        tc::start_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
         // S = Q Kᵀ: A is Q's rows, B(k, n) = K[key n][channel k].
         float s[NT][4];
         score_product<T, DM>(s, qw, ks, LH, lane);
+        cp_async_wait_all();
+        __syncthreads();  // the values are in; every warp is done with the keys
+        if (k0 + BK < m) tc::start_rows<T, BK, DM>(ks, k + ko, k0 + BK, m, w, d);
         // The online softmax of s·S over this tile's keys (past m: none).
         if (m - k0 < BK) mask_keys(s, m - k0, t);
         float mx[2] = {row_max[0], row_max[1]};  // base 2
@@ -1038,10 +1070,12 @@ __device__ __forceinline__ void store_acc(T *dst, const float (&acc)[OT][4], int
         }
 }
 
-// dK and dV for 64 keys a block, 16 a warp, over query tiles of QT: Sᵀ = K Qᵀ and
-// dPᵀ = V dOᵀ in registers, Pᵀ = exp(s·Sᵀ − lse), dSᵀ = Pᵀ∘(dPᵀ − D) in place,
-// then dV += Pᵀ dO and dK += dSᵀ Q (·s at the end), both with A from the registers.
-// Keys past m compute values nobody stores; query rows past n have lse +inf, P 0.
+// dK and dV for 64 keys a block, 16 a warp, over query tiles of QT: dPᵀ = V dOᵀ and
+// Sᵀ = K Qᵀ in registers, Pᵀ = exp(s·Sᵀ − lse), dV += Pᵀ dO, dSᵀ = Pᵀ∘(dPᵀ − D) in
+// place, dK += dSᵀ Q (·s at the end), both with A from the registers. The query tile
+// loads while dPᵀ is multiplied, the next dO tile while dSᵀ and dK are: three
+// barriers a tile. Keys past m compute values nobody stores; query rows past n are
+// zeros in Q and dO, so they add nothing.
 template <typename T, int DM, int QT>
 __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
                            T *dk, T *dv, int n, int m, int heads, int d, float scale) {
@@ -1052,30 +1086,35 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     __shared__ float lse_s[QT], rowdot_s[QT];
     const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
     const int k0 = blockIdx.x * BK;
-    tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
-    tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
+    tc::start_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+    tc::start_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
+    tc::start_rows<T, QT, DM>(dos, dout + qo, 0, n, w, d);
     const T *kw = ks + warp * 16 * LH, *vw = vs + warp * 16 * LH;
     float dk_acc[OT][4], dv_acc[OT][4];
     zero(dk_acc);
     zero(dv_acc);
     for (int q0 = 0; q0 < n; q0 += QT) {
-        __syncthreads();  // every warp is done with the last query tiles (and K, V are in)
-        tc::load_rows<T, QT, DM>(qs, q + qo, q0, n, w, d);
-        tc::load_rows<T, QT, DM>(dos, dout + qo, q0, n, w, d);
-        load_row_stats<QT>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
-        __syncthreads();
-        float st[NT][4], dpt[NT][4];  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
-        score_products<T, DM>(st, dpt, kw, vw, qs, dos, LH, lane);
+        cp_async_wait_all();
+        __syncthreads();  // this tile's dO (and K, V) are in; every warp is done with the last Q and stats
+        tc::start_rows<T, QT, DM>(qs, q + qo, q0, n, w, d);
+        start_row_stats<QT>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+        float dpt[NT][4], st[NT][4];  // dPᵀ = V dOᵀ, Sᵀ = K Qᵀ
+        score_product<T, DM>(dpt, vw, dos, LH, lane);
+        cp_async_wait_all();
+        __syncthreads();  // Q and the stats are in
+        score_product<T, DM>(st, kw, qs, LH, lane);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int col = 8 * j + c_col(c, t);  // the query row
-                const float p = exp2_ftz(st[j][c] * scale2 - lse_s[col]);
-                st[j][c] = p;
-                dpt[j][c] = p * (dpt[j][c] - rowdot_s[col]);
-            }
+            for (int c = 0; c < 4; ++c)  // column: the query row 8j + c_col(c, t)
+                st[j][c] = exp2_ftz(st[j][c] * scale2 - lse_s[8 * j + c_col(c, t)] * LOG2E);
         register_product<T, QT>(dv_acc, st, dos, LH, lane);
+        __syncthreads();  // every warp is done with dO
+        if (q0 + QT < n) tc::start_rows<T, QT, DM>(dos, dout + qo, q0 + QT, n, w, d);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) dpt[j][c] = st[j][c] * (dpt[j][c] - rowdot_s[8 * j + c_col(c, t)]);
         register_product<T, QT>(dk_acc, dpt, qs, LH, lane);
     }
     const int r0 = k0 + warp * 16;
@@ -1083,9 +1122,11 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     store_acc(dv + ko, dv_acc, r0, m, w, d, 1.0f, g, t);
 }
 
-// dQ for 64 query rows a block, 16 a warp, over key tiles of BK: S = Q Kᵀ and
-// dP = dO Vᵀ in registers, dS = P∘(dP − D) with P = exp(s·S − lse) (0 for keys
-// past m), then dQ += dS K (·s at the end) with A from the registers.
+// dQ for 64 query rows a block, 16 a warp, over key tiles of BK: dP = dO Vᵀ and
+// S = Q Kᵀ in registers, dS = P∘(dP − D) with P = exp(s·S − lse) (0 for keys past
+// m), then dQ += dS K (·s at the end) with A from the registers. The key tile loads
+// while dP is multiplied, the next value tile while S, dS and dQ are: two barriers
+// a tile.
 template <typename T, int DM, int BK>
 __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
                          T *dq, int n, int m, int heads, int d, float scale) {
@@ -1095,8 +1136,9 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     __shared__ __align__(16) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
     const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
     const int q0 = blockIdx.x * BQ;
-    tc::load_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
-    tc::load_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
+    tc::start_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    tc::start_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
+    tc::start_rows<T, BK, DM>(vs, v + ko, 0, m, w, d);
     const T *qw = qs + warp * 16 * LH, *dow = dos + warp * 16 * LH;
     const int r0 = q0 + warp * 16;
     // lse (base 2) and D of rows g and g + 8 (past n: lse +inf, so P is 0).
@@ -1110,12 +1152,15 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
     float dq_acc[OT][4];
     zero(dq_acc);
     for (int k0 = 0; k0 < m; k0 += BK) {
-        __syncthreads();  // every warp is done with the last key tiles (and Q, dO are in)
-        tc::load_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
-        tc::load_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
-        __syncthreads();
-        float s[NT][4], dp[NT][4];  // S = Q Kᵀ, dP = dO Vᵀ
-        score_products<T, DM>(s, dp, qw, dow, ks, vs, LH, lane);
+        cp_async_wait_all();
+        __syncthreads();  // this tile's values (and Q, dO) are in; every warp is done with the last keys
+        tc::start_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
+        float dp[NT][4], s[NT][4];  // dP = dO Vᵀ, S = Q Kᵀ
+        score_product<T, DM>(dp, dow, vs, LH, lane);
+        cp_async_wait_all();
+        __syncthreads();  // the keys are in; every warp is done with the values
+        if (k0 + BK < m) tc::start_rows<T, BK, DM>(vs, v + ko, k0 + BK, m, w, d);
+        score_product<T, DM>(s, qw, ks, LH, lane);
         if (m - k0 < BK) mask_keys(s, m - k0, t);  // P 0 past m
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -1190,11 +1235,13 @@ FLASH_TC_F32_TILES(FLASH_TC_F32)
 
 // The forward on mma.sync (query tiles of 64): flash_fwd_mma_{bf16,f32}_d{DM}, X(DM, BK)
 // for each padded head dim of FLASH_MMA_TILES (bf16) and FLASH_MMA_F32_TILES (f32).
-// sidscript: ops::attention::FLASH_MMA_TILES and FLASH_MMA_F32_TILES.
+// sidscript: ops::attention::FLASH_MMA_TILES and FLASH_MMA_F32_TILES. At least four
+// blocks an SM: left to itself ptxas gives the forwards with asynchronous loads up to
+// 168 registers (three blocks), where 128 hold them without spilling (ptxas sm_90).
 #define FLASH_MMA_TILES(X) X(32, 64) X(48, 64) X(64, 64) X(80, 64)
 #define FLASH_MMA_F32_TILES(X) X(32, 64) X(48, 64) X(64, 32) X(80, 32)
 #define FLASH_MMA_FWD(T, TN, DM, BK)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4)                                                   \
         flash_fwd_mma_##TN##_d##DM(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads,    \
                                    int d, float scale) {                                                             \
         mma::flash_fwd<T, DM, BK>(q, k, v, o, lse, n, m, heads, d, scale);                                           \
