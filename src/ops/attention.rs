@@ -454,13 +454,13 @@ const FLASH_TC_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), (64,
 const FLASH_TC_F32_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), (64, 32, 32), (80, 32, 16)];
 
 /// The padded head dims of the forward on warp-level tensor-core products
-/// (mma.sync, scores in registers; query tiles of 64) with their key tiles, for bf16
-/// and f32 (3xTF32), as `FLASH_MMA_TILES` and `FLASH_MMA_F32_TILES` in
-/// `cuda/attention.cu` build them.
+/// (mma.sync, scores in registers) with their query and key tiles, for bf16 (128
+/// query rows, 32 a warp) and f32 (3xTF32; 64 rows), as `FLASH_MMA_TILES` and
+/// `FLASH_MMA_F32_TILES` in `cuda/attention.cu` build them.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_MMA_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 64), (80, 64)];
+const FLASH_MMA_TILES: [(usize, u32, u32); 4] = [(32, 128, 64), (48, 128, 64), (64, 128, 64), (80, 128, 64)];
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_MMA_F32_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 32), (80, 32)];
+const FLASH_MMA_F32_TILES: [(usize, u32, u32); 4] = [(32, 64, 64), (48, 64, 64), (64, 64, 32), (80, 64, 32)];
 /// The padded head dims of the backward on mma.sync with the tile of the other side
 /// (query rows for dK/dV, keys for dQ), for bf16 and f32 (not d 80, which keeps the
 /// WMMA backward), as `FLASH_MMA_BWD_TILES` and `FLASH_MMA_BWD_F32_TILES` build them.
@@ -468,23 +468,25 @@ const FLASH_MMA_F32_TILES: [(usize, u32); 4] = [(32, 64), (48, 64), (64, 32), (8
 const FLASH_MMA_BWD_TILES: [(usize, u32); 4] = [(32, 32), (48, 32), (64, 32), (80, 32)];
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_MMA_BWD_F32_TILES: [(usize, u32); 3] = [(32, 32), (48, 32), (64, 16)];
-/// The mma.sync kernels' rows per block (4 warps of 16): query rows in the forward
-/// and dQ, keys in dK/dV.
+/// The mma.sync backward kernels' rows per block (4 warps of 16): query rows in dQ,
+/// keys in dK/dV.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_MMA_TILE: u32 = 64;
 
 /// The smallest padded head dim of the mma.sync kernels that holds `d` in `dtype`,
-/// for the forward (`backward` false) or the backward.
+/// for the forward (`backward` false) or the backward, with the kernel's rows a block
+/// (query rows; keys in dK/dV).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn flash_mma_dim(d: usize, dtype: DType, backward: bool) -> Option<usize> {
-    let tiles: &[(usize, u32)] = match (dtype, backward) {
-        (DType::BF16, false) => &FLASH_MMA_TILES,
-        (DType::F32, false) => &FLASH_MMA_F32_TILES,
-        (DType::BF16, true) => &FLASH_MMA_BWD_TILES,
-        (DType::F32, true) => &FLASH_MMA_BWD_F32_TILES,
-        _ => &[],
-    };
-    tiles.iter().map(|&(dm, _)| dm).find(|&dm| d <= dm)
+fn flash_mma_tiles(d: usize, dtype: DType, backward: bool) -> Option<(usize, u32)> {
+    let forward = |tiles: &[(usize, u32, u32)]| tiles.iter().find(|t| d <= t.0).map(|&(dm, rows, _)| (dm, rows));
+    let backward_tiles = |tiles: &[(usize, u32)]| tiles.iter().find(|t| d <= t.0).map(|&(dm, _)| (dm, FLASH_MMA_TILE));
+    match (dtype, backward) {
+        (DType::BF16, false) => forward(&FLASH_MMA_TILES),
+        (DType::F32, false) => forward(&FLASH_MMA_F32_TILES),
+        (DType::BF16, true) => backward_tiles(&FLASH_MMA_BWD_TILES),
+        (DType::F32, true) => backward_tiles(&FLASH_MMA_BWD_F32_TILES),
+        _ => None,
+    }
 }
 
 /// The smallest padded head dim of the tensor-core flash kernels that holds `d` in
@@ -696,7 +698,7 @@ mod flash {
     /// The kernel for this pass, head dim and dtype, with its tiles (query rows,
     /// keys): with tensor cores on (`flash_tensor_cores`), `{pass}_mma_{dtype}_d{DM}`
     /// where the mma.sync kernels have the head dim and `flash_mma` is on (64 rows a
-    /// block), else `{pass}_tc_{dtype}_d{DM}` for bf16 and f32 with d ≤ 80; else
+    /// block, 128 in the bf16 forward), else `{pass}_tc_{dtype}_d{DM}` for bf16 and f32 with d ≤ 80; else
     /// `{pass}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
@@ -706,11 +708,10 @@ mod flash {
     ) -> candle_core::Result<(CudaFunction, u32, u32)> {
         let tensor_cores = super::flash_tensor_cores();
         let backward = pass != Pass::Forward;
-        let mma = super::flash_mma_dim(g.d, dtype, backward).filter(|_| tensor_cores && super::flash_mma());
+        let mma = super::flash_mma_tiles(g.d, dtype, backward).filter(|_| tensor_cores && super::flash_mma());
         let tc = super::flash_tc_tiles(g.d, dtype).filter(|_| tensor_cores);
-        let rows = super::FLASH_MMA_TILE;
         let (kind, (dm, bq, bk)) = match (mma, tc, super::flash_tiles(g.d)) {
-            (Some(dm), ..) => ("mma_", (dm, rows, rows)),
+            (Some((dm, rows)), ..) => ("mma_", (dm, rows, rows)),
             (None, Some(tiles), _) => ("tc_", tiles),
             (None, None, Some(tiles)) => ("", tiles),
             (None, None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
@@ -956,17 +957,18 @@ mod tests {
         assert_eq!(triples("FLASH_TILES"), FLASH_TILES);
         assert_eq!(triples("FLASH_TC_TILES"), FLASH_TC_TILES);
         assert_eq!(triples("FLASH_TC_F32_TILES"), FLASH_TC_F32_TILES);
-        assert_eq!(pairs("FLASH_MMA_TILES"), FLASH_MMA_TILES);
-        assert_eq!(pairs("FLASH_MMA_F32_TILES"), FLASH_MMA_F32_TILES);
+        assert_eq!(triples("FLASH_MMA_TILES"), FLASH_MMA_TILES);
+        assert_eq!(triples("FLASH_MMA_F32_TILES"), FLASH_MMA_F32_TILES);
         assert_eq!(pairs("FLASH_MMA_BWD_TILES"), FLASH_MMA_BWD_TILES);
         assert_eq!(pairs("FLASH_MMA_BWD_F32_TILES"), FLASH_MMA_BWD_F32_TILES);
-        assert!(src.contains(&format!("constexpr int BQ = {FLASH_MMA_TILE};")), "the mma kernels' query tile");
+        assert!(src.contains(&format!("constexpr int BQ = {FLASH_MMA_TILE};")), "the mma dQ query tile");
         assert!(src.contains(&format!("constexpr int BK = {FLASH_MMA_TILE},")), "the mma dK/dV key tile");
-        assert_eq!(flash_mma_dim(40, DType::F32, false), Some(48));
-        assert_eq!(flash_mma_dim(80, DType::BF16, true), Some(80));
-        assert_eq!(flash_mma_dim(80, DType::F32, false), Some(80));
-        assert_eq!(flash_mma_dim(80, DType::F32, true), None);
-        assert_eq!(flash_mma_dim(81, DType::BF16, false), None);
+        assert_eq!(flash_mma_tiles(40, DType::F32, false), Some((48, 64)));
+        assert_eq!(flash_mma_tiles(40, DType::BF16, false), Some((48, 128)));
+        assert_eq!(flash_mma_tiles(80, DType::BF16, true), Some((80, 64)));
+        assert_eq!(flash_mma_tiles(80, DType::F32, false), Some((80, 64)));
+        assert_eq!(flash_mma_tiles(80, DType::F32, true), None);
+        assert_eq!(flash_mma_tiles(81, DType::BF16, false), None);
         assert_eq!(flash_tc_tiles(40, DType::BF16), Some((48, 32, 32)));
         assert_eq!(flash_tc_tiles(40, DType::F32), Some((48, 32, 32)));
         assert_eq!(flash_tc_tiles(80, DType::BF16), Some((80, 32, 32)));

@@ -53,11 +53,11 @@ template <typename T, size_t N> const Kernels<T> *pick(const Kernels<T> (&table)
 // head dim to 80, the backward where its tiles fit (f32: not d 80, which keeps the
 // tensor-core backward).
 template <typename T> struct Forward {
-    int dm;
+    int dm, rows;
     void (*fwd)(const T *, const T *, const T *, T *, float *, int, int, int, int, float);
 };
-#define ENTRY_MMA(DM, BK) Forward<bf16>{DM, flash_fwd_mma_bf16_d##DM},
-#define ENTRY_MMA_F32(DM, BK) Forward<float>{DM, flash_fwd_mma_f32_d##DM},
+#define ENTRY_MMA(DM, ROWS, BK) Forward<bf16>{DM, ROWS, flash_fwd_mma_bf16_d##DM},
+#define ENTRY_MMA_F32(DM, ROWS, BK) Forward<float>{DM, ROWS, flash_fwd_mma_f32_d##DM},
 const Forward<bf16> MMA[] = {FLASH_MMA_TILES(ENTRY_MMA)};
 const Forward<float> MMA_F32[] = {FLASH_MMA_F32_TILES(ENTRY_MMA_F32)};
 #define ENTRY_MMA_BWD(DM, BT) Kernels<bf16>{DM, 64, 64, nullptr, flash_dkdv_mma_bf16_d##DM, flash_dq_mma_bf16_d##DM},
@@ -77,7 +77,7 @@ const Kernels<T> *with_mma(const Kernels<T> (&tc)[N], const Forward<T> (&forward
     for (auto &f : forwards)
         if (d <= f.dm) {
             if (f.dm != k.dm) std::abort();  // the tables pad d alike
-            k.fwd = f.fwd, k.fwd_bq = 64;
+            k.fwd = f.fwd, k.fwd_bq = f.rows;
             kept.push_back(k);
             return &kept.back();
         }
@@ -181,8 +181,9 @@ bool check(const Kernels<T> *kern, const Case &c, const char *dtype, double tol,
                                emu::rel_err(widen(dk), want.dk), emu::rel_err(widen(dv), want.dv)};
         const double worst = *std::max_element(std::begin(errs), std::end(errs));
         ok &= worst < tol;
+        const std::string fwd_rows = kern->fwd_bq ? " fwd " + std::to_string(kern->fwd_bq) : "";
         std::printf("%-8s d=%-3d (DM %3d, tiles %dx%d%s) batch %d heads %d n %3d m %3d%s %-7s: o %.1e lse %.1e dq %.1e dk %.1e dv %.1e %s\n",
-                    dtype, c.d, kern->dm, kern->bq, kern->bk, kern->fwd_bq ? " fwd 64" : "", c.batch, c.heads, c.n, c.m, shift ? " +1" : "",
+                    dtype, c.d, kern->dm, kern->bq, kern->bk, fwd_rows.c_str(), c.batch, c.heads, c.n, c.m, shift ? " +1" : "",
                     order == emu::Order::Forward ? "forward" : "reverse", errs[0], errs[1], errs[2], errs[3], errs[4],
                     worst < tol ? "ok" : "OFF");
     }

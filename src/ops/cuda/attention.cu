@@ -710,7 +710,8 @@ __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, cons
 // The tensor-core forward above passes every tile through shared memory: the scores
 // out of WMMA, the probabilities back in, the output accumulator loaded and stored
 // each key tile, four block barriers per tile. Here (as FlashAttention-2 does) each
-// warp owns 16 query rows, 64 to a block, and keeps its scores, probabilities and
+// warp owns blocks of 16 query rows (two in the bf16 forward, which then share each
+// K and V fragment; one elsewhere), 4 warps a block, and keeps its scores, probabilities and
 // output in registers, in the layouts that the PTX ISA gives mma.sync's fragments
 // (m16n8k16 for bf16, m16n8k8 for tf32; g = lane / 4, t = lane % 4): an accumulator
 // holds rows g and g + 8, columns 2t and 2t + 1 of each 8-column tile, which is
@@ -765,7 +766,7 @@ inline uint32_t pack_bf16x2(float lo, float hi) {
 #endif
 
 namespace mma {
-constexpr int BQ = 64;  // query rows a block in the forward and dQ: 4 warps × 16
+constexpr int BQ = 64;  // query rows a block in dQ (and per row block in the forward): 4 warps × 16
 
 // One storage type's product d += a·b over K (a 16×K, b K×8) on the fragments that
 // mma.sync takes: for bf16 the registers themselves (two values each, low half first),
@@ -927,66 +928,136 @@ template <int NT> __device__ __forceinline__ void mask_keys(float (&s)[NT][4], i
             if (8 * j + c_col(c, t) >= keys_left) s[j][c] = -INFINITY;
 }
 
-// acc += P·B for this warp's 16 rows, P (16 × KD) from the accumulator tiles p (its
-// columns the depth, as `a_from_acc` reads them) and B the KD rows at b (stride ld) in
-// the same order: O += P V, dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q.
-template <typename T, int KD, int OT>
-__device__ __forceinline__ void register_product(float (&acc)[OT][4], const float (&p)[KD / 8][4], const T *b, int ld,
-                                                 int lane) {
+// acc += P·B for this warp's RB blocks of 16 rows, P (16 × KD each) from the
+// accumulator tiles p (their columns the depth, as `a_from_acc` reads them) and B the
+// KD rows at b (stride ld) in the same order: O += P V, dQ += dS K, dV += Pᵀ dO,
+// dK += dSᵀ Q. Each B fragment serves all RB blocks: with more rows a warp, fewer
+// shared-memory loads a product.
+template <typename T, int KD, int RB, int OT>
+__device__ __forceinline__ void register_product(float (&acc)[RB][OT][4], const float (&p)[RB][KD / 8][4],
+                                                 const T *b, int ld, int lane) {
     typedef Frag<T> F;
     static_assert(OT % 2 == 0, "B in pairs of tiles");
 #pragma unroll
     for (int kk = 0; kk < KD; kk += F::K) {
-        typename F::A a;
-        a_from_acc(a, p, kk, lane);
+        typename F::A a[RB];
+#pragma unroll
+        for (int r = 0; r < RB; ++r) a_from_acc(a[r], p[r], kk, lane);
 #pragma unroll
         for (int j = 0; j < OT; j += 2) {
             typename F::B bf[2];
             b_pair<true>(bf, b + kk * ld + 8 * j, ld, lane);
-            F::mma(acc[j], a, bf[0]);
-            F::mma(acc[j + 1], a, bf[1]);
+#pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                F::mma(acc[r][j], a[r], bf[0]);
+                F::mma(acc[r][j + 1], a[r], bf[1]);
+            }
         }
     }
 }
+// One block of 16 rows.
+template <typename T, int KD, int OT>
+__device__ __forceinline__ void register_product(float (&acc)[OT][4], const float (&p)[KD / 8][4], const T *b, int ld,
+                                                 int lane) {
+    register_product<T, KD>(reinterpret_cast<float(&)[1][OT][4]>(acc),
+                            reinterpret_cast<const float(&)[1][KD / 8][4]>(p), b, ld, lane);
+}
 
-// x = A_x B_xᵀ over the DM channels, for this warp's 16 rows of A_x (at ax) against
-// the NT·8 rows of B_x (at bx), rows of stride ld: the forward's scores.
-template <typename T, int DM, int NT>
-__device__ __forceinline__ void score_product(float (&x)[NT][4], const T *ax, const T *bx, int ld, int lane) {
+// x = A_x B_xᵀ over the DM channels, for this warp's RB blocks of 16 rows of A_x (at
+// ax, block r at ax + 16r·ld) against the NT·8 rows of B_x (at bx), rows of stride ld:
+// the scores. Each B fragment serves all RB blocks.
+template <typename T, int DM, int RB, int NT>
+__device__ __forceinline__ void score_product(float (&x)[RB][NT][4], const T *ax, const T *bx, int ld, int lane) {
     typedef Frag<T> F;
     static_assert(NT % 2 == 0, "B in pairs of tiles");
-    zero(x);
+#pragma unroll
+    for (int r = 0; r < RB; ++r) zero(x[r]);
 #pragma unroll
     for (int kk = 0; kk < DM; kk += F::K) {
-        typename F::A a;
-        load_a(a, ax + kk, ld, lane);
+        typename F::A a[RB];
+#pragma unroll
+        for (int r = 0; r < RB; ++r) load_a(a[r], ax + 16 * r * ld + kk, ld, lane);
 #pragma unroll
         for (int j = 0; j < NT; j += 2) {
             typename F::B b[2];
             b_pair<false>(b, bx + 8 * j * ld + kk, ld, lane);
-            F::mma(x[j], a, b[0]);
-            F::mma(x[j + 1], a, b[1]);
+#pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                F::mma(x[r][j], a[r], b[0]);
+                F::mma(x[r][j + 1], a[r], b[1]);
+            }
         }
     }
 }
+// One block of 16 rows.
+template <typename T, int DM, int NT>
+__device__ __forceinline__ void score_product(float (&x)[NT][4], const T *ax, const T *bx, int ld, int lane) {
+    score_product<T, DM>(reinterpret_cast<float(&)[1][NT][4]>(x), ax, bx, ld, lane);
+}
 
-template <typename T, int DM, int BK>
+// One key tile of the forward's online softmax for a block of 16 rows: s (the tile's
+// scores, masked keys −inf) becomes P = 2^(s·scale2 − max) against the rows' running
+// max (base 2) and sum (this thread's columns), and the output rows acc are rescaled
+// to the new max.
+template <int NT, int OT>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&acc)[OT][4], float (&row_max)[2],
+                                             float (&row_sum)[2], float scale2) {
+    float mx[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float x = s[j][c] * scale2;
+            s[j][c] = x;
+            mx[c >> 1] = fmaxf(mx[c >> 1], x);
+        }
+    float rescale[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        rescale[h] = exp2_ftz(row_max[h] - mx[h]);  // the first tile: 2^(−inf) = 0
+        row_max[h] = mx[h];
+        row_sum[h] *= rescale[h];
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float p = exp2_ftz(s[j][c] - mx[c >> 1]);  // masked keys: 0
+            s[j][c] = p;
+            row_sum[c >> 1] += p;
+        }
+#pragma unroll
+    for (int j = 0; j < OT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[j][c] *= rescale[c >> 1];
+}
+
+// The forward for 64·RB query rows a block, 16·RB a warp (RB blocks of 16, which
+// share each K and V fragment), over key tiles of BK.
+template <typename T, int DM, int RB, int BK>
 __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads, int d,
                           float scale) {
     typedef Frag<T> F;
-    constexpr int LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
+    constexpr int ROWS = BQ * RB, LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
     static_assert(DM % F::K == 0 && BK % F::K == 0 && BK % 8 == 0, "whole products");
-    __shared__ __align__(16) T qs[BQ * LH], ks[BK * LH], vs[BK * LH];
+    __shared__ __align__(16) T qs[ROWS * LH], ks[BK * LH], vs[BK * LH];
     const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
-    const int q0 = blockIdx.x * BQ;
-    tc::start_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
+    const int q0 = blockIdx.x * ROWS;
+    tc::start_rows<T, ROWS, DM>(qs, q + qo, q0, n, w, d);
     tc::start_rows<T, BK, DM>(ks, k + ko, 0, m, w, d);
-    const T *qw = qs + warp * 16 * LH;  // this warp's 16 rows
-    float acc[OT][4];                   // O, rows g and g + 8
-    zero(acc);
+    const T *qw = qs + warp * 16 * RB * LH;  // this warp's rows
+    float acc[RB][OT][4];                    // O, rows g and g + 8 of each block
     // Running max and sum of rows g and g + 8 (the sum this thread's columns only,
     // combined with the other three threads' at the end).
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    float row_max[RB][2], row_sum[RB][2];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        zero(acc[r]);
+        row_max[r][0] = row_max[r][1] = -INFINITY;
+        row_sum[r][0] = row_sum[r][1] = 0.0f;
+    }
     // Each tile's values load while the scores are multiplied, the next tile's keys
     // while the softmax and P·V run: two barriers a tile, as with synchronous loads.
     for (int k0 = 0; k0 < m; k0 += BK) {
@@ -994,66 +1065,43 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
         __syncthreads();  // this tile's keys (and Q) are in; every warp is done with the last values
         tc::start_rows<T, BK, DM>(vs, v + ko, k0, m, w, d);
         // S = Q Kᵀ: A is Q's rows, B(k, n) = K[key n][channel k].
-        float s[NT][4];
+        float s[RB][NT][4];
         score_product<T, DM>(s, qw, ks, LH, lane);
         cp_async_wait_all();
         __syncthreads();  // the values are in; every warp is done with the keys
         if (k0 + BK < m) tc::start_rows<T, BK, DM>(ks, k + ko, k0 + BK, m, w, d);
         // The online softmax of s·S over this tile's keys (past m: none).
-        if (m - k0 < BK) mask_keys(s, m - k0, t);
-        float mx[2] = {row_max[0], row_max[1]};  // base 2
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const float x = s[j][c] * scale2;
-                s[j][c] = x;
-                mx[c >> 1] = fmaxf(mx[c >> 1], x);
-            }
-        float rescale[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-            rescale[h] = exp2_ftz(row_max[h] - mx[h]);  // the first tile: 2^(−inf) = 0
-            row_max[h] = mx[h];
-            row_sum[h] *= rescale[h];
+        for (int r = 0; r < RB; ++r) {
+            if (m - k0 < BK) mask_keys(s[r], m - k0, t);
+            softmax_step(s[r], acc[r], row_max[r], row_sum[r], scale2);
         }
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const float p = exp2_ftz(s[j][c] - mx[c >> 1]);  // masked keys: 0
-                s[j][c] = p;
-                row_sum[c >> 1] += p;
-            }
-#pragma unroll
-        for (int j = 0; j < OT; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[j][c] *= rescale[c >> 1];
         // O += P·V: A is P from the registers, B is V's rows in the same key order.
         register_product<T, BK>(acc, s, vs, LH, lane);
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-    }
-    const int r0 = q0 + warp * 16;
-    const float inv_sum[2] = {1.0f / row_sum[0], 1.0f / row_sum[1]};
-#pragma unroll
-    for (int j = 0; j < OT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const int r = r0 + c_row(c, g), col = 8 * j + c_col(c, t);
-            if (r < n && col < d) o[qo + (long)r * w + col] = from_f32<T>(acc[j][c] * inv_sum[c >> 1]);
-        }
-    if (t == 0)
+    for (int rb = 0; rb < RB; ++rb) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int r = r0 + g + 8 * h;
-            if (r < n) lse[(long)bh * n + r] = row_max[h] * LN2 + logf(row_sum[h]);
+            row_sum[rb][h] += __shfl_xor_sync(0xffffffffu, row_sum[rb][h], 1);
+            row_sum[rb][h] += __shfl_xor_sync(0xffffffffu, row_sum[rb][h], 2);
         }
+        const int r0 = q0 + (warp * RB + rb) * 16;
+        const float inv_sum[2] = {1.0f / row_sum[rb][0], 1.0f / row_sum[rb][1]};
+#pragma unroll
+        for (int j = 0; j < OT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int r = r0 + c_row(c, g), col = 8 * j + c_col(c, t);
+                if (r < n && col < d) o[qo + (long)r * w + col] = from_f32<T>(acc[rb][j][c] * inv_sum[c >> 1]);
+            }
+        if (t == 0)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + g + 8 * h;
+                if (r < n) lse[(long)bh * n + r] = row_max[rb][h] * LN2 + logf(row_sum[rb][h]);
+            }
+    }
 }
 
 // Writes rows r0 + (g, g + 8) of a 16-row accumulator (OT tiles of 8 columns) times
@@ -1233,21 +1281,27 @@ FLASH_TILES(FLASH_BF16)
 FLASH_TC_TILES(FLASH_TC_BF16)
 FLASH_TC_F32_TILES(FLASH_TC_F32)
 
-// The forward on mma.sync (query tiles of 64): flash_fwd_mma_{bf16,f32}_d{DM}, X(DM, BK)
-// for each padded head dim of FLASH_MMA_TILES (bf16) and FLASH_MMA_F32_TILES (f32).
-// sidscript: ops::attention::FLASH_MMA_TILES and FLASH_MMA_F32_TILES. At least four
-// blocks an SM: left to itself ptxas gives the forwards with asynchronous loads up to
-// 168 registers (three blocks), where 128 hold them without spilling (ptxas sm_90).
-#define FLASH_MMA_TILES(X) X(32, 64) X(48, 64) X(64, 64) X(80, 64)
-#define FLASH_MMA_F32_TILES(X) X(32, 64) X(48, 64) X(64, 32) X(80, 32)
-#define FLASH_MMA_FWD(T, TN, DM, BK)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 4)                                                   \
+// The forward on mma.sync: flash_fwd_mma_{bf16,f32}_d{DM}, X(DM, BQ, BK) for each padded
+// head dim of FLASH_MMA_TILES (bf16) and FLASH_MMA_F32_TILES (f32), BQ query rows a
+// block (64 or 128: 16 or 32 a warp) and BK keys a tile. sidscript:
+// ops::attention::FLASH_MMA_TILES and FLASH_MMA_F32_TILES. With 32 rows a warp each K
+// and V fragment serves two products: in bf16 at 16 rows a warp the ldmatrix loads'
+// bytes outrun what the tensor cores multiply, as FlashAttention-2's forwards, which
+// give each warp 32 or more rows, avoid. f32 keeps 16 (its Q tile would pass 48 KB past
+// d 32, and its operands come from shared memory value by value anyway). At least
+// 256 / BQ blocks an SM: left to itself ptxas gave the 64-row forwards up to 168
+// registers (three blocks), where 128 hold them without spilling (ptxas sm_90).
+#define FLASH_MMA_TILES(X) X(32, 128, 64) X(48, 128, 64) X(64, 128, 64) X(80, 128, 64)
+#define FLASH_MMA_F32_TILES(X) X(32, 64, 64) X(48, 64, 64) X(64, 64, 32) X(80, 64, 32)
+#define FLASH_MMA_FWD(T, TN, DM, ROWS, BK)                                                                           \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 256 / (ROWS))                                        \
         flash_fwd_mma_##TN##_d##DM(const T *q, const T *k, const T *v, T *o, float *lse, int n, int m, int heads,    \
                                    int d, float scale) {                                                             \
-        mma::flash_fwd<T, DM, BK>(q, k, v, o, lse, n, m, heads, d, scale);                                           \
+        static_assert((ROWS) % mma::BQ == 0, "whole blocks of 64 rows");                                             \
+        mma::flash_fwd<T, DM, (ROWS) / mma::BQ, BK>(q, k, v, o, lse, n, m, heads, d, scale);                         \
     }
-#define FLASH_MMA_BF16(DM, BK) FLASH_MMA_FWD(bf16, bf16, DM, BK)
-#define FLASH_MMA_F32(DM, BK) FLASH_MMA_FWD(float, f32, DM, BK)
+#define FLASH_MMA_BF16(DM, ROWS, BK) FLASH_MMA_FWD(bf16, bf16, DM, ROWS, BK)
+#define FLASH_MMA_F32(DM, ROWS, BK) FLASH_MMA_FWD(float, f32, DM, ROWS, BK)
 FLASH_MMA_TILES(FLASH_MMA_BF16)
 FLASH_MMA_F32_TILES(FLASH_MMA_F32)
 
