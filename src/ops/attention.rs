@@ -461,32 +461,31 @@ const FLASH_TC_F32_TILES: [(usize, u32, u32); 4] = [(32, 32, 32), (48, 32, 32), 
 const FLASH_MMA_TILES: [(usize, u32, u32); 4] = [(32, 128, 64), (48, 128, 64), (64, 128, 64), (80, 128, 64)];
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_MMA_F32_TILES: [(usize, u32, u32); 4] = [(32, 64, 64), (48, 64, 64), (64, 64, 32), (80, 64, 32)];
-/// The padded head dims of the backward on mma.sync with the tile of the other side
-/// (query rows for dK/dV, keys for dQ), for bf16 and f32 (not d 80, which keeps the
-/// WMMA backward), as `FLASH_MMA_BWD_TILES` and `FLASH_MMA_BWD_F32_TILES` build them.
+/// The padded head dims of the backward on mma.sync with dQ's query rows a block and
+/// the tile of the other side (query rows for dK/dV, keys for dQ), for bf16 and f32
+/// (not d 80, which keeps the WMMA backward), as `FLASH_MMA_BWD_TILES` and
+/// `FLASH_MMA_BWD_F32_TILES` build them.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_MMA_BWD_TILES: [(usize, u32); 4] = [(32, 32), (48, 32), (64, 32), (80, 32)];
+const FLASH_MMA_BWD_TILES: [(usize, u32, u32); 4] = [(32, 128, 32), (48, 128, 32), (64, 128, 32), (80, 64, 32)];
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const FLASH_MMA_BWD_F32_TILES: [(usize, u32); 3] = [(32, 32), (48, 32), (64, 16)];
-/// The mma.sync backward kernels' rows per block (4 warps of 16): query rows in dQ,
-/// keys in dK/dV.
+const FLASH_MMA_BWD_F32_TILES: [(usize, u32, u32); 3] = [(32, 64, 32), (48, 64, 32), (64, 64, 16)];
+/// The mma.sync dK/dV kernels' keys a block (4 warps of 16).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const FLASH_MMA_TILE: u32 = 64;
 
 /// The smallest padded head dim of the mma.sync kernels that holds `d` in `dtype`,
-/// for the forward (`backward` false) or the backward, with the kernel's rows a block
-/// (query rows; keys in dK/dV).
+/// for the forward (`backward` false) or the backward, with the query rows a block of
+/// the forward or of dQ (dK/dV's keys a block are `FLASH_MMA_TILE`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn flash_mma_tiles(d: usize, dtype: DType, backward: bool) -> Option<(usize, u32)> {
-    let forward = |tiles: &[(usize, u32, u32)]| tiles.iter().find(|t| d <= t.0).map(|&(dm, rows, _)| (dm, rows));
-    let backward_tiles = |tiles: &[(usize, u32)]| tiles.iter().find(|t| d <= t.0).map(|&(dm, _)| (dm, FLASH_MMA_TILE));
-    match (dtype, backward) {
-        (DType::BF16, false) => forward(&FLASH_MMA_TILES),
-        (DType::F32, false) => forward(&FLASH_MMA_F32_TILES),
-        (DType::BF16, true) => backward_tiles(&FLASH_MMA_BWD_TILES),
-        (DType::F32, true) => backward_tiles(&FLASH_MMA_BWD_F32_TILES),
-        _ => None,
-    }
+    let tiles: &[(usize, u32, u32)] = match (dtype, backward) {
+        (DType::BF16, false) => &FLASH_MMA_TILES,
+        (DType::F32, false) => &FLASH_MMA_F32_TILES,
+        (DType::BF16, true) => &FLASH_MMA_BWD_TILES,
+        (DType::F32, true) => &FLASH_MMA_BWD_F32_TILES,
+        _ => &[],
+    };
+    tiles.iter().find(|t| d <= t.0).map(|&(dm, rows, _)| (dm, rows))
 }
 
 /// The smallest padded head dim of the tensor-core flash kernels that holds `d` in
@@ -697,8 +696,8 @@ mod flash {
 
     /// The kernel for this pass, head dim and dtype, with its tiles (query rows,
     /// keys): with tensor cores on (`flash_tensor_cores`), `{pass}_mma_{dtype}_d{DM}`
-    /// where the mma.sync kernels have the head dim and `flash_mma` is on (64 rows a
-    /// block, 128 in the bf16 forward), else `{pass}_tc_{dtype}_d{DM}` for bf16 and f32 with d ≤ 80; else
+    /// where the mma.sync kernels have the head dim and `flash_mma` is on (64 or 128
+    /// query rows a block in the forward and dQ, 64 keys in dK/dV), else `{pass}_tc_{dtype}_d{DM}` for bf16 and f32 with d ≤ 80; else
     /// `{pass}_{dtype}_d{DM}`.
     fn kernel(
         dev: &candle_core::CudaDevice,
@@ -711,7 +710,7 @@ mod flash {
         let mma = super::flash_mma_tiles(g.d, dtype, backward).filter(|_| tensor_cores && super::flash_mma());
         let tc = super::flash_tc_tiles(g.d, dtype).filter(|_| tensor_cores);
         let (kind, (dm, bq, bk)) = match (mma, tc, super::flash_tiles(g.d)) {
-            (Some((dm, rows)), ..) => ("mma_", (dm, rows, rows)),
+            (Some((dm, rows)), ..) => ("mma_", (dm, rows, super::FLASH_MMA_TILE)),
             (None, Some(tiles), _) => ("tc_", tiles),
             (None, None, Some(tiles)) => ("", tiles),
             (None, None, None) => candle_core::bail!("flash attention: head dim {} over 160", g.d),
@@ -953,18 +952,18 @@ mod tests {
         let triples = |name: &str| -> Vec<(usize, u32, u32)> {
             lists(name).iter().map(|v| (v[0] as usize, v[1], v[2])).collect()
         };
-        let pairs = |name: &str| -> Vec<(usize, u32)> { lists(name).iter().map(|v| (v[0] as usize, v[1])).collect() };
         assert_eq!(triples("FLASH_TILES"), FLASH_TILES);
         assert_eq!(triples("FLASH_TC_TILES"), FLASH_TC_TILES);
         assert_eq!(triples("FLASH_TC_F32_TILES"), FLASH_TC_F32_TILES);
         assert_eq!(triples("FLASH_MMA_TILES"), FLASH_MMA_TILES);
         assert_eq!(triples("FLASH_MMA_F32_TILES"), FLASH_MMA_F32_TILES);
-        assert_eq!(pairs("FLASH_MMA_BWD_TILES"), FLASH_MMA_BWD_TILES);
-        assert_eq!(pairs("FLASH_MMA_BWD_F32_TILES"), FLASH_MMA_BWD_F32_TILES);
+        assert_eq!(triples("FLASH_MMA_BWD_TILES"), FLASH_MMA_BWD_TILES);
+        assert_eq!(triples("FLASH_MMA_BWD_F32_TILES"), FLASH_MMA_BWD_F32_TILES);
         assert!(src.contains(&format!("constexpr int BQ = {FLASH_MMA_TILE};")), "the mma dQ query tile");
         assert!(src.contains(&format!("constexpr int BK = {FLASH_MMA_TILE},")), "the mma dK/dV key tile");
         assert_eq!(flash_mma_tiles(40, DType::F32, false), Some((48, 64)));
         assert_eq!(flash_mma_tiles(40, DType::BF16, false), Some((48, 128)));
+        assert_eq!(flash_mma_tiles(64, DType::BF16, true), Some((64, 128)));
         assert_eq!(flash_mma_tiles(80, DType::BF16, true), Some((80, 64)));
         assert_eq!(flash_mma_tiles(80, DType::F32, false), Some((80, 64)));
         assert_eq!(flash_mma_tiles(80, DType::F32, true), None);

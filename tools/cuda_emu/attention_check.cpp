@@ -60,8 +60,8 @@ template <typename T> struct Forward {
 #define ENTRY_MMA_F32(DM, ROWS, BK) Forward<float>{DM, ROWS, flash_fwd_mma_f32_d##DM},
 const Forward<bf16> MMA[] = {FLASH_MMA_TILES(ENTRY_MMA)};
 const Forward<float> MMA_F32[] = {FLASH_MMA_F32_TILES(ENTRY_MMA_F32)};
-#define ENTRY_MMA_BWD(DM, BT) Kernels<bf16>{DM, 64, 64, nullptr, flash_dkdv_mma_bf16_d##DM, flash_dq_mma_bf16_d##DM},
-#define ENTRY_MMA_BWD_F32(DM, BT) Kernels<float>{DM, 64, 64, nullptr, flash_dkdv_mma_f32_d##DM, flash_dq_mma_f32_d##DM},
+#define ENTRY_MMA_BWD(DM, ROWS, BT) Kernels<bf16>{DM, ROWS, 64, nullptr, flash_dkdv_mma_bf16_d##DM, flash_dq_mma_bf16_d##DM},
+#define ENTRY_MMA_BWD_F32(DM, ROWS, BT) Kernels<float>{DM, ROWS, 64, nullptr, flash_dkdv_mma_f32_d##DM, flash_dq_mma_f32_d##DM},
 const Kernels<bf16> MMA_BWD[] = {FLASH_MMA_BWD_TILES(ENTRY_MMA_BWD)};
 const Kernels<float> MMA_BWD_F32[] = {FLASH_MMA_BWD_F32_TILES(ENTRY_MMA_BWD_F32)};
 

@@ -766,7 +766,7 @@ inline uint32_t pack_bf16x2(float lo, float hi) {
 #endif
 
 namespace mma {
-constexpr int BQ = 64;  // query rows a block in dQ (and per row block in the forward): 4 warps × 16
+constexpr int BQ = 64;  // query rows a block of 16 a warp (the forward and dQ take one or two): 4 warps × 16
 
 // One storage type's product d += a·b over K (a 16×K, b K×8) on the fragments that
 // mma.sync takes: for bf16 the registers themselves (two values each, low half first),
@@ -1170,57 +1170,64 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     store_acc(dv + ko, dv_acc, r0, m, w, d, 1.0f, g, t);
 }
 
-// dQ for 64 query rows a block, 16 a warp, over key tiles of BK: dP = dO Vᵀ and
-// S = Q Kᵀ in registers, dS = P∘(dP − D) with P = exp(s·S − lse) (0 for keys past
-// m), then dQ += dS K (·s at the end) with A from the registers. The key tile loads
-// while dP is multiplied, the next value tile while S, dS and dQ are: two barriers
-// a tile.
-template <typename T, int DM, int BK>
+// dQ for 64·RB query rows a block, 16·RB a warp (RB blocks of 16, which share each K
+// and V fragment), over key tiles of BK: dP = dO Vᵀ and S = Q Kᵀ in registers, dS =
+// P∘(dP − D) with P = exp(s·S − lse) (0 for keys past m), then dQ += dS K (·s at the
+// end) with A from the registers. The key tile loads while dP is multiplied, the next
+// value tile while S, dS and dQ are: two barriers a tile.
+template <typename T, int DM, int RB, int BK>
 __device__ void flash_dq(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
                          T *dq, int n, int m, int heads, int d, float scale) {
     typedef Frag<T> F;
-    constexpr int LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
+    constexpr int ROWS = BQ * RB, LH = tc::padded<T, DM>(), NT = BK / 8, OT = DM / 8;
     static_assert(DM % F::K == 0 && BK % F::K == 0, "whole products");
-    __shared__ __align__(16) T qs[BQ * LH], dos[BQ * LH], ks[BK * LH], vs[BK * LH];
+    __shared__ __align__(16) T qs[ROWS * LH], dos[ROWS * LH], ks[BK * LH], vs[BK * LH];
     const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
-    const int q0 = blockIdx.x * BQ;
-    tc::start_rows<T, BQ, DM>(qs, q + qo, q0, n, w, d);
-    tc::start_rows<T, BQ, DM>(dos, dout + qo, q0, n, w, d);
+    const int q0 = blockIdx.x * ROWS;
+    tc::start_rows<T, ROWS, DM>(qs, q + qo, q0, n, w, d);
+    tc::start_rows<T, ROWS, DM>(dos, dout + qo, q0, n, w, d);
     tc::start_rows<T, BK, DM>(vs, v + ko, 0, m, w, d);
-    const T *qw = qs + warp * 16 * LH, *dow = dos + warp * 16 * LH;
-    const int r0 = q0 + warp * 16;
-    // lse (base 2) and D of rows g and g + 8 (past n: lse +inf, so P is 0).
-    float row_lse[2], row_dot[2];
+    const T *qw = qs + warp * 16 * RB * LH, *dow = dos + warp * 16 * RB * LH;  // this warp's rows
+    const int r0 = q0 + warp * 16 * RB;
+    // lse (base 2) and D of rows g and g + 8 of each block (past n: lse +inf, so P is 0).
+    float row_lse[RB][2], row_dot[RB][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = r0 + g + 8 * h;
-        row_lse[h] = r < n ? lse[(long)bh * n + r] * LOG2E : INFINITY;
-        row_dot[h] = r < n ? rowdot[(long)bh * n + r] : 0.0f;
-    }
-    float dq_acc[OT][4];
-    zero(dq_acc);
+    for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + 16 * rb + g + 8 * h;
+            row_lse[rb][h] = r < n ? lse[(long)bh * n + r] * LOG2E : INFINITY;
+            row_dot[rb][h] = r < n ? rowdot[(long)bh * n + r] : 0.0f;
+        }
+    float dq_acc[RB][OT][4];
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) zero(dq_acc[rb]);
     for (int k0 = 0; k0 < m; k0 += BK) {
         cp_async_wait_all();
         __syncthreads();  // this tile's values (and Q, dO) are in; every warp is done with the last keys
         tc::start_rows<T, BK, DM>(ks, k + ko, k0, m, w, d);
-        float dp[NT][4], s[NT][4];  // dP = dO Vᵀ, S = Q Kᵀ
+        float dp[RB][NT][4], s[RB][NT][4];  // dP = dO Vᵀ, S = Q Kᵀ
         score_product<T, DM>(dp, dow, vs, LH, lane);
         cp_async_wait_all();
         __syncthreads();  // the keys are in; every warp is done with the values
         if (k0 + BK < m) tc::start_rows<T, BK, DM>(vs, v + ko, k0 + BK, m, w, d);
         score_product<T, DM>(s, qw, ks, LH, lane);
-        if (m - k0 < BK) mask_keys(s, m - k0, t);  // P 0 past m
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int rb = 0; rb < RB; ++rb) {
+            if (m - k0 < BK) mask_keys(s[rb], m - k0, t);  // P 0 past m
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int h = c >> 1;
-                const float p = exp2_ftz(s[j][c] * scale2 - row_lse[h]);
-                s[j][c] = p * (dp[j][c] - row_dot[h]);  // dS, in place of S
-            }
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int h = c >> 1;
+                    const float p = exp2_ftz(s[rb][j][c] * scale2 - row_lse[rb][h]);
+                    s[rb][j][c] = p * (dp[rb][j][c] - row_dot[rb][h]);  // dS, in place of S
+                }
+        }
         register_product<T, BK>(dq_acc, s, ks, LH, lane);
     }
-    store_acc(dq + qo, dq_acc, r0, n, w, d, scale, g, t);
+#pragma unroll
+    for (int rb = 0; rb < RB; ++rb) store_acc(dq + qo, dq_acc[rb], r0 + 16 * rb, n, w, d, scale, g, t);
 }
 }  // namespace mma
 
@@ -1305,26 +1312,29 @@ FLASH_TC_F32_TILES(FLASH_TC_F32)
 FLASH_MMA_TILES(FLASH_MMA_BF16)
 FLASH_MMA_F32_TILES(FLASH_MMA_F32)
 
-// The backward on mma.sync: flash_{dkdv,dq}_mma_{bf16,f32}_d{DM}, 64 keys (dK, dV) or
-// 64 query rows (dQ) a block, X(DM, BT) with BT the other side's tile, for each padded
-// head dim of FLASH_MMA_BWD_TILES (bf16) and FLASH_MMA_BWD_F32_TILES (f32: not d 80,
-// whose f32 tiles would pass 48 KB). sidscript: ops::attention::FLASH_MMA_BWD_TILES
-// and FLASH_MMA_BWD_F32_TILES.
-#define FLASH_MMA_BWD_TILES(X) X(32, 32) X(48, 32) X(64, 32) X(80, 32)
-#define FLASH_MMA_BWD_F32_TILES(X) X(32, 32) X(48, 32) X(64, 16)
-#define FLASH_MMA_BWD(T, TN, DM, BT)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+// The backward on mma.sync: flash_{dkdv,dq}_mma_{bf16,f32}_d{DM}, X(DM, ROWS, BT) for
+// each padded head dim of FLASH_MMA_BWD_TILES (bf16) and FLASH_MMA_BWD_F32_TILES (f32:
+// not d 80, whose f32 tiles would pass 48 KB): 64 keys a dK/dV block, ROWS query rows a
+// dQ block (128 — 32 a warp, which share each K and V fragment, as in the forward —
+// where Q's and dO's tiles fit in 48 KB), BT the other side's tile. dK/dV keeps 16 keys
+// a warp: two accumulators of 32 rows would pass 255 registers. sidscript:
+// ops::attention::FLASH_MMA_BWD_TILES and FLASH_MMA_BWD_F32_TILES.
+#define FLASH_MMA_BWD_TILES(X) X(32, 128, 32) X(48, 128, 32) X(64, 128, 32) X(80, 64, 32)
+#define FLASH_MMA_BWD_F32_TILES(X) X(32, 64, 32) X(48, 64, 32) X(64, 64, 16)
+#define FLASH_MMA_BWD(T, TN, DM, ROWS, BT)                                                                           \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                      \
         flash_dkdv_mma_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,             \
                                     const float *rowdot, T *dk, T *dv, int n, int m, int heads, int d, float scale) {\
         mma::flash_dkdv<T, DM, BT>(q, k, v, dout, lse, rowdot, dk, dv, n, m, heads, d, scale);                       \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                     \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                      \
         flash_dq_mma_##TN##_d##DM(const T *q, const T *k, const T *v, const T *dout, const float *lse,               \
                                   const float *rowdot, T *dq, int n, int m, int heads, int d, float scale) {         \
-        mma::flash_dq<T, DM, BT>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);                             \
+        static_assert((ROWS) % mma::BQ == 0, "whole blocks of 64 rows");                                             \
+        mma::flash_dq<T, DM, (ROWS) / mma::BQ, BT>(q, k, v, dout, lse, rowdot, dq, n, m, heads, d, scale);           \
     }
-#define FLASH_MMA_BWD_BF16(DM, BT) FLASH_MMA_BWD(bf16, bf16, DM, BT)
-#define FLASH_MMA_BWD_F32(DM, BT) FLASH_MMA_BWD(float, f32, DM, BT)
+#define FLASH_MMA_BWD_BF16(DM, ROWS, BT) FLASH_MMA_BWD(bf16, bf16, DM, ROWS, BT)
+#define FLASH_MMA_BWD_F32(DM, ROWS, BT) FLASH_MMA_BWD(float, f32, DM, ROWS, BT)
 FLASH_MMA_BWD_TILES(FLASH_MMA_BWD_BF16)
 FLASH_MMA_BWD_F32_TILES(FLASH_MMA_BWD_F32)
 
