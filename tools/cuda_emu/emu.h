@@ -557,8 +557,8 @@ template <int BYTES> inline void cp_async(void *dst, const void *src, int src_by
     static_assert(BYTES == 16 || BYTES == 4, "cp.async of 16 bytes (through L2 only) or 4");
     if (reinterpret_cast<uintptr_t>(dst) % BYTES || reinterpret_cast<uintptr_t>(src) % BYTES || src_bytes < 0 ||
         src_bytes > BYTES) {
-        std::fprintf(stderr, "cp.async of %d bytes to %p from %p (%d of them): misaligned (a fault on the GPU)\n",
-                     BYTES, dst, src, src_bytes);
+        std::fprintf(stderr, "cp.async of %d bytes to %p from %p (%d of them): misaligned or over its size (a fault"
+                     " on the GPU)\n", BYTES, dst, src, src_bytes);
         std::abort();
     }
     std::memset(dst, 0xff, BYTES);

@@ -766,7 +766,7 @@ inline uint32_t pack_bf16x2(float lo, float hi) {
 #endif
 
 namespace mma {
-constexpr int BQ = 64;  // query rows a block of 16 a warp (the forward and dQ take one or two): 4 warps × 16
+constexpr int BQ = 64;  // query rows of 4 warps × 16; a forward or dQ block takes RB = 1 or 2 of these
 
 // One storage type's product d += a·b over K (a 16×K, b K×8) on the fragments that
 // mma.sync takes: for bf16 the registers themselves (two values each, low half first),
