@@ -208,17 +208,17 @@ fn the_ldmatrix_block_order_matters_to_the_emulated_check() {
 /// pass that reads the query tile without waiting for its copy fails the check.
 #[test]
 fn a_tile_read_before_its_copy_lands_fails_the_emulated_check() {
-    let wait = "cp_async_wait_all();\n        __syncthreads();  // Q and the stats are in";
-    let no_wait = "__syncthreads();  // Q and the stats are in";
-    fails_the_mma_check("attention_mma_nowait", "bf16-mma", "the wait for the query tile", wait, no_wait);
+    let wait = "        cp_async_wait<1>();  // Q and the stats; the next dO may still be landing\n";
+    fails_the_mma_check("attention_mma_nowait", "bf16-mma", "the wait for the query tile", wait, "");
 }
 
-/// …and one that starts the next dO tile's copy before every warp is done reading the
-/// current one (the barrier before it removed) fails it too.
+/// …and one that copies the next dO tile into the buffer it is still reading, rather
+/// than into the other one, fails it too.
 #[test]
 fn a_copy_over_a_tile_still_read_fails_the_emulated_check() {
-    let barrier = "__syncthreads();  // every warp is done with dO\n";
-    fails_the_mma_check("attention_mma_overwrite", "bf16-mma", "the barrier before the next dO", barrier, "");
+    let other = "tc::start_rows<T, QT, DM>(next, dout + qo, q0 + QT, n, w, d);";
+    let same = "tc::start_rows<T, QT, DM>(dot, dout + qo, q0 + QT, n, w, d);";
+    fails_the_mma_check("attention_mma_overwrite", "bf16-mma", "the next dO's buffer", other, same);
 }
 
 /// Adam over a whole parameter group in one launch (`src/ops/cuda/adam.cu`): every

@@ -20,7 +20,7 @@
 // m16n8k8 (tf32) products with their register layouts (mma_bf16_m16n8k16,
 // mma_tf32_m16n8k8), and the ldmatrix loads that feed them (ldmatrix_x4,
 // ldmatrix_x4_trans), and the asynchronous copies to shared memory (cp_async,
-// cp_async_wait_all). A WMMA fragment here holds its whole tile in every
+// cp_async_commit, cp_async_wait, cp_async_wait_all). A WMMA fragment here holds its whole tile in every
 // thread (on the GPU each lane holds a share in an unspecified layout), so kernels
 // may touch `x[i]` only uniformly over all i (a scale, a rounding), which both
 // layouts give the same meaning. Not atomics or timing.
@@ -30,6 +30,7 @@
 // adam_check.cpp).
 #pragma once
 #include <algorithm>
+#include <climits>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -91,11 +92,12 @@ namespace emu {
 
 enum class Order { Forward, Reverse };
 
-// A cp.async the thread has started: `size` bytes to dst, the first `bytes` from src.
+// A cp.async the thread has started: `size` bytes to dst, the first `bytes` from src,
+// in the thread's group `group` (0, 1, … in commit order; the open one until committed).
 struct AsyncCopy {
     void *dst;
     const void *src;
-    int size, bytes;
+    int size, bytes, group;
 };
 
 struct Thread {
@@ -104,6 +106,7 @@ struct Thread {
     bool done = false;
     int waiting = 0;  // 0: runnable; BLOCK or WARP: at that barrier
     std::vector<AsyncCopy> copies;  // started, not yet waited for
+    int committed = 0;              // groups committed so far
 };
 constexpr int BLOCK = 1, WARP = 2;
 
@@ -153,6 +156,7 @@ inline bool launch(dim3 grid, dim3 block, std::function<void()> kernel, Order or
                     t.done = false;
                     t.waiting = 0;
                     t.copies.clear();
+                    t.committed = 0;
                     getcontext(&t.context);
                     t.context.uc_stack.ss_sp = t.stack.data();
                     t.context.uc_stack.ss_size = t.stack.size();
@@ -562,15 +566,30 @@ template <int BYTES> inline void cp_async(void *dst, const void *src, int src_by
         std::abort();
     }
     std::memset(dst, 0xff, BYTES);
-    emu::threads[emu::current].copies.push_back({dst, src, BYTES, src_bytes});
+    emu::Thread &t = emu::threads[emu::current];
+    t.copies.push_back({dst, src, BYTES, src_bytes, t.committed});
 }
-inline void cp_async_wait_all() {
-    for (const emu::AsyncCopy &c : emu::threads[emu::current].copies) {
+inline void cp_async_commit() { ++emu::threads[emu::current].committed; }
+namespace emu {
+// Lands the thread's copies of groups before `group` (all: INT_MAX), in issue order.
+inline void land_copies(int group) {
+    std::vector<AsyncCopy> &copies = threads[current].copies;
+    std::vector<AsyncCopy> kept;
+    for (const AsyncCopy &c : copies) {
+        if (c.group >= group) {
+            kept.push_back(c);
+            continue;
+        }
         std::memcpy(c.dst, c.src, c.bytes);
         std::memset(static_cast<char *>(c.dst) + c.bytes, 0, c.size - c.bytes);
     }
-    emu::threads[emu::current].copies.clear();
+    copies.swap(kept);
 }
+}  // namespace emu
+template <int N> inline void cp_async_wait() {
+    emu::land_copies(emu::threads[emu::current].committed - N);
+}
+inline void cp_async_wait_all() { emu::land_copies(INT_MAX); }
 
 inline void __syncthreads() {
     emu::threads[emu::current].waiting = true;

@@ -83,6 +83,13 @@ template <int BYTES> __device__ __forceinline__ void cp_async(void *dst, const v
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" : : "r"(to), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Groups: cp_async_commit() closes the thread's copies since the last commit into a
+// group (maybe empty); cp_async_wait<N>() waits until at most the N latest groups are
+// still landing.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 #endif
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -1121,16 +1128,16 @@ __device__ __forceinline__ void store_acc(T *dst, const float (&acc)[OT][4], int
 // dK and dV for 64 keys a block, 16 a warp, over query tiles of QT: dPᵀ = V dOᵀ and
 // Sᵀ = K Qᵀ in registers, Pᵀ = exp(s·Sᵀ − lse), dV += Pᵀ dO, dSᵀ = Pᵀ∘(dPᵀ − D) in
 // place, dK += dSᵀ Q (·s at the end), both with A from the registers. The query tile
-// loads while dPᵀ is multiplied, the next dO tile while dSᵀ and dK are: three
-// barriers a tile. Keys past m compute values nobody stores; query rows past n are
-// zeros in Q and dO, so they add nothing.
+// loads while dPᵀ is multiplied; dO has two buffers, and the next tile's loads during
+// the whole of this one: two barriers a tile. Keys past m compute values nobody
+// stores; query rows past n are zeros in Q and dO, so they add nothing.
 template <typename T, int DM, int QT>
 __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *rowdot,
                            T *dk, T *dv, int n, int m, int heads, int d, float scale) {
     typedef Frag<T> F;
     constexpr int BK = 64, LH = tc::padded<T, DM>(), NT = QT / 8, OT = DM / 8;
     static_assert(DM % F::K == 0 && QT % F::K == 0, "whole products");
-    __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[QT * LH], dos[QT * LH];
+    __shared__ __align__(16) T ks[BK * LH], vs[BK * LH], qs[QT * LH], dos[2 * QT * LH];
     __shared__ float lse_s[QT], rowdot_s[QT];
     const auto [warp, lane, g, t, bh, w, qo, ko, scale2] = place(n, m, heads, d, scale);
     const int k0 = blockIdx.x * BK;
@@ -1141,24 +1148,26 @@ __device__ void flash_dkdv(const T *q, const T *k, const T *v, const T *dout, co
     float dk_acc[OT][4], dv_acc[OT][4];
     zero(dk_acc);
     zero(dv_acc);
-    for (int q0 = 0; q0 < n; q0 += QT) {
+    for (int q0 = 0, i = 0; q0 < n; q0 += QT, ++i) {
+        T *dot = dos + (i & 1) * QT * LH, *next = dos + (~i & 1) * QT * LH;  // this tile's dO, the next's
         cp_async_wait_all();
-        __syncthreads();  // this tile's dO (and K, V) are in; every warp is done with the last Q and stats
+        __syncthreads();  // this tile's dO (and K, V) are in; every warp is done with the last Q, stats and dO
         tc::start_rows<T, QT, DM>(qs, q + qo, q0, n, w, d);
         start_row_stats<QT>(lse_s, rowdot_s, lse, rowdot, bh, q0, n);
+        cp_async_commit();
+        if (q0 + QT < n) tc::start_rows<T, QT, DM>(next, dout + qo, q0 + QT, n, w, d);
+        cp_async_commit();  // (empty after the last tile)
         float dpt[NT][4], st[NT][4];  // dPᵀ = V dOᵀ, Sᵀ = K Qᵀ
-        score_product<T, DM>(dpt, vw, dos, LH, lane);
-        cp_async_wait_all();
-        __syncthreads();  // Q and the stats are in
+        score_product<T, DM>(dpt, vw, dot, LH, lane);
+        cp_async_wait<1>();  // Q and the stats; the next dO may still be landing
+        __syncthreads();     // Q and the stats are in
         score_product<T, DM>(st, kw, qs, LH, lane);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
             for (int c = 0; c < 4; ++c)  // column: the query row 8j + c_col(c, t)
                 st[j][c] = exp2_ftz(st[j][c] * scale2 - lse_s[8 * j + c_col(c, t)] * LOG2E);
-        register_product<T, QT>(dv_acc, st, dos, LH, lane);
-        __syncthreads();  // every warp is done with dO
-        if (q0 + QT < n) tc::start_rows<T, QT, DM>(dos, dout + qo, q0 + QT, n, w, d);
+        register_product<T, QT>(dv_acc, st, dot, LH, lane);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
