@@ -124,6 +124,9 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
         GeneratorLossOptions { guidance, alpha: 1.0, weighting: Weighting::SidLegacy, divisor: batch as f64 };
     let shape = (batch, cfg.in_channels, size, size);
     let phase_memory = std::cell::RefCell::new(Vec::new());
+    // What this binary's allocator held before the profiled iteration (the CPU's phases
+    // are counted above it, as PyTorch's profiler counts its own).
+    let host_base = std::cell::RefCell::new(0usize);
     let mut iteration = || {
         let draw = |rng: &mut Generator| rng.randn(shape, DType::F32, &dev).unwrap();
         let t_of = |rng: &mut Generator| {
@@ -134,17 +137,25 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
             .unwrap()
         };
         // Each phase timed when profiling, with the memory in use before it and its peak
-        // (the CUDA pool's; phases do not nest, so each restarts the peak).
+        // (the CUDA pool's; on the CPU this binary's allocator, above what it held before
+        // the iteration; phases do not nest, so each restarts the peak).
         let span = |name: &'static str, f: &mut dyn FnMut()| {
             if !sidscript::profile::enabled() {
                 return f();
             }
             let before = sidscript::memory::used_bytes(&dev).unwrap();
             sidscript::memory::reset_peak(&dev).unwrap();
+            let host_before = ALLOCATOR.current_usage();
+            ALLOCATOR.reset_peak_usage();
             sidscript::profile::span(name, &dev, f);
-            if let (Some(b), Some(p)) = (before, sidscript::memory::peak_bytes(&dev).unwrap()) {
-                phase_memory.borrow_mut().push((name, b, p));
-            }
+            let (b, p) = match (before, sidscript::memory::peak_bytes(&dev).unwrap()) {
+                (Some(b), Some(p)) => (b as f64, p as f64),
+                _ => {
+                    let base = *host_base.borrow() as f64;
+                    (host_before as f64 - base, ALLOCATOR.peak_usage() as f64 - base)
+                }
+            };
+            phase_memory.borrow_mut().push((name, b, p));
         };
         // Fake-score step.
         let (z, n1) = (draw(&mut rng), draw(&mut rng));
@@ -201,6 +212,7 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     if profile {
         sidscript::profile::reset();
         sidscript::profile::set_enabled(true);
+        *host_base.borrow_mut() = ALLOCATOR.current_usage();
         let start = std::time::Instant::now();
         iteration();
         profiled = start.elapsed().as_secs_f64();
@@ -235,16 +247,33 @@ fn bench(name: &str, cfg_json: &str, batch: usize, size: usize, tokens: usize, r
     if profile {
         println!("  sidscript profile of one iteration with synchronised spans ({:.1} ms):", profiled * 1e3);
         print!("{}", sidscript::profile::table(profiled));
-        for (phase, before, peak) in phase_memory.borrow().iter() {
-            println!(
-                "  memory {phase:<20} in use before {:6.2} GB, peak {:6.2} GB",
-                *before as f64 / 1e9,
-                *peak as f64 / 1e9
-            );
-        }
+        print_phase_memory(&phase_memory.borrow(), torch.as_ref(), dev.is_cpu());
         if let Some(table) = torch.as_ref().and_then(|v| v["profile"].as_str()) {
             println!("  pytorch profile of one iteration (torch.profiler, by self time):\n{table}");
         }
+    }
+}
+
+/// Each phase's memory in use before it and its peak, sidscript's beside PyTorch's
+/// (`phase_memory` of tools/bench_torch.py, the same phases): where one side holds more.
+/// On the CPU both count above what was held before the iteration.
+fn print_phase_memory(ours: &[(&str, f64, f64)], torch: Option<&serde_json::Value>, cpu: bool) {
+    let theirs: Vec<(String, f64, f64)> = torch
+        .and_then(|v| v["phase_memory"].as_array())
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_f64()?, r[2].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let counted = if cpu { "above the iteration's start" } else { "in all" };
+    println!("  memory by phase, GB {counted}: in use before / peak (sidscript | pytorch)");
+    for &(phase, before, peak) in ours {
+        let other = match theirs.iter().find(|(name, _, _)| name == phase) {
+            Some((_, b, p)) => format!(" | {:6.3} / {:6.3}", b / 1e9, p / 1e9),
+            None => String::new(),
+        };
+        println!("  {phase:<20} {:6.3} / {:6.3}{other}", before / 1e9, peak / 1e9);
     }
 }
 

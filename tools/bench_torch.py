@@ -16,8 +16,11 @@ SIDSCRIPT_BENCH_CHECKPOINT=1 turns on gradient checkpointing of the three UNets.
 SIDSCRIPT_BENCH_SCORES=f32 (with bf16) keeps the fake net and the teacher out of autocast
 and the teacher in fp32; the generator stays under autocast.
 The sid bench prints the flags it ran under and the peak memory of one iteration
-(torch.cuda.max_memory_allocated; on the CPU, the growth of the process's peak RSS).
+(torch.cuda.max_memory_allocated; on the CPU, the peak of the bytes PyTorch's allocator
+holds above what it held before, from torch.profiler's memory events), and each phase's
+memory in use before it and its peak, as sidscript's bench prints them.
 """
+import contextlib
 import json
 import os
 import sys
@@ -63,29 +66,80 @@ def flags():
     return ", ".join(parts)
 
 
-def proc_status_bytes(key):
-    """A /proc/self/status memory line (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
+# Memory of each phase of one iteration, while `memory_by_phase` records: (name, bytes in
+# use before the phase, peak during it), the CUDA allocator's; on the CPU the phases are
+# read from the profiler's trace instead (`cpu_allocated_peaks`).
+_PHASES = None
 
 
-def cpu_peak_growth_bytes(fn):
-    """How far the resident set rises above what is live while `fn` runs, on the CPU
-    (Linux): freed heap handed back to the system first (malloc_trim, else the
-    allocator's cached blocks hide the growth), the high-water mark reset (writing 5
-    to /proc/self/clear_refs), then VmHWM after `fn` less VmRSS before it."""
-    import ctypes
-    import gc
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+@contextlib.contextmanager
+def phase(name):
+    """One phase of an iteration (as sidscript's bench spans name them): a profiler range,
+    and on CUDA, while `memory_by_phase` runs, the memory in use before it and its peak."""
+    with torch.profiler.record_function(name):
+        if _PHASES is None:
+            yield
+            return
+        torch.cuda.synchronize(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        yield
+        torch.cuda.synchronize(DEVICE)
+        _PHASES.append((name, before, torch.cuda.max_memory_allocated(DEVICE)))
+
+
+def memory_by_phase(fn):
+    """The peak of one call of `fn` above what was allocated before it, and each
+    phase's memory as [name, bytes in use before, peak]: on CUDA from the allocator's
+    counters (absolute, as sidscript's CUDA pool reports them; phases only with
+    SIDSCRIPT_BENCH_PROFILE, by one more call), on the CPU from the
+    profiler's memory events (above the call's start, as sidscript's counting allocator)."""
+    global _PHASES
+    if DEVICE.type != "cuda":
+        return cpu_allocated_peaks(fn)
+    torch.cuda.synchronize(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
     fn()
-    return max(proc_status_bytes("VmHWM") - before, 0)
+    torch.cuda.synchronize(DEVICE)
+    peak = torch.cuda.max_memory_allocated(DEVICE)
+    if os.environ.get("SIDSCRIPT_BENCH_PROFILE") not in ("1", "true"):
+        return peak, []
+    _PHASES = []
+    try:
+        fn()  # a second call: resetting the peak per phase must not touch the total's
+        return peak, [list(p) for p in _PHASES]
+    finally:
+        _PHASES = None
+
+
+def cpu_allocated_peaks(fn):
+    """`memory_by_phase` on the CPU. torch.profiler with profile_memory reports every
+    allocation and free of PyTorch's CPU allocator with the bytes it holds, counted from
+    the profiler's start: the running maximum of that count is the CPU's
+    max_memory_allocated above the call's start (the process's resident set would also
+    count the heap's cached and fragmented pages). A block allocated before the profiler
+    started and freed during the call is not subtracted (PyTorch warns "Memory block of
+    unknown size"), so the figure is at most over, never under. Phases are the `phase`
+    ranges."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    memory = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events if e.get("name") == "[memory]")
+    if not memory:
+        raise RuntimeError("torch.profiler recorded no memory events")
+    phases = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+                    if e.get("cat") == "user_annotation" and e.get("name", "").startswith("step."))
+    rows = []
+    for start, end, name in phases:
+        before = [b for ts, b in memory if ts < start]
+        during = [b for ts, b in memory if start <= ts <= end]
+        held = before[-1] if before else 0
+        rows.append([name, held, max(during + [held])])
+    return max(0, max(b for _, b in memory)), rows
 
 
 def best(fn, reps):
@@ -147,15 +201,8 @@ def sid_iteration(cfg, batch, size, reps, tokens=77, k=2, K=4, kappa=1.5):
     iteration = sid_setup(cfg, batch, size, tokens, k, K, kappa)
     seconds = best(iteration, reps)
     # Peak memory of one more iteration, from what is allocated between iterations.
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(DEVICE)
-        iteration()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(DEVICE)
-    else:
-        peak = cpu_peak_growth_bytes(iteration)
-    out = {"iteration_s": seconds, "peak_bytes": peak, "flags": flags()}
+    peak, phases = memory_by_phase(iteration)
+    out = {"iteration_s": seconds, "peak_bytes": peak, "phase_memory": phases, "flags": flags()}
     if os.environ.get("SIDSCRIPT_BENCH_PROFILE") in ("1", "true"):
         out["profile"] = profile_table(iteration)
     return out
@@ -238,28 +285,36 @@ def sid_setup(cfg, batch, size, tokens=77, k=2, K=4, kappa=1.5, ddp=False):
                 return x0(net, x, t, c)
 
     def iteration():
-        x_g = generate(False)
+        with phase("step.fake.generate"):
+            x_g = generate(False)
         t = torch.randint(20, 980, (batch,), device=DEVICE)
         n = torch.randn_like(x_g)
         a, s = coef(t)
-        loss_f = ((guided_eps(fake_train, a * x_g + s * n, t, kappa) - n) ** 2).sum() / batch
+        with phase("step.fake.loss"):
+            loss_f = ((guided_eps(fake_train, a * x_g + s * n, t, kappa) - n) ** 2).sum() / batch
         opt_f.zero_grad(set_to_none=True)
-        loss_f.backward()
-        opt_f.step()
+        with phase("step.fake.backward"):
+            loss_f.backward()
+        with phase("step.fake.adam"):
+            opt_f.step()
         opt_f.zero_grad(set_to_none=True)  # freed before the generator's step, as sidscript does
         fake.requires_grad_(False)
-        x_g = generate(True)
+        with phase("step.gen.generate"):
+            x_g = generate(True)
         t = torch.randint(20, 980, (batch,), device=DEVICE)
         a, s = coef(t)
-        x_t = a * x_g + s * torch.randn_like(x_g)
-        y_r = (x_t - s * guided_eps(teacher, x_t, t, kappa)) / a
-        y_f = (x_t - s * guided_eps(fake, x_t, t, kappa)) / a
-        with torch.no_grad():
-            w = (x_g - y_r).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
-        loss_g = ((y_r - y_f) * (y_f - x_g) / w).sum() / batch
+        with phase("step.gen.loss"):
+            x_t = a * x_g + s * torch.randn_like(x_g)
+            y_r = (x_t - s * guided_eps(teacher, x_t, t, kappa)) / a
+            y_f = (x_t - s * guided_eps(fake, x_t, t, kappa)) / a
+            with torch.no_grad():
+                w = (x_g - y_r).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
+            loss_g = ((y_r - y_f) * (y_f - x_g) / w).sum() / batch
         opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        with phase("step.gen.backward"):
+            loss_g.backward()
+        with phase("step.gen.adam"):
+            opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         fake.requires_grad_(True)
 
