@@ -7,7 +7,7 @@
 //! the functions here answer `None` there.
 
 use crate::error::Result;
-use candle_core::Device;
+use candle_core::{Device, Tensor, TensorId};
 
 /// The machine's physical memory in bytes, where the OS says: the bound a
 /// CPU allocation is checked against before it is attempted (a failed allocation
@@ -29,6 +29,37 @@ pub fn check_host_fits(bytes: u128, what: impl std::fmt::Display) -> Result<()> 
             total as f64 / 1e9
         ))),
         _ => Ok(()),
+    }
+}
+
+/// A point in the building of a graph: tensors made from here on come after it.
+pub fn graph_mark() -> TensorId {
+    TensorId::next()
+}
+
+/// Frees the memory of the tensors made since `mark`, in `y`'s graph, that no
+/// backward step will read and that nothing outside the graph holds (vendored
+/// candle-core's `Tensor::release_unread`). candle's graph keeps every intermediate
+/// tensor alive until the backward pass; PyTorch's autograd keeps only what its
+/// backward formulas read. A frozen network's norm outputs and GEGLU outputs (read by
+/// layers whose weights take no gradient), the results that feed only adds and
+/// reshapes: at the end of each UNet segment these go, and the forward pass of SiD's
+/// generator loss — three UNets' graphs — holds what PyTorch's holds. Nothing for a
+/// tensor outside any graph.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let x = Var::new(&[1f32, 2., 3.], &Device::Cpu)?;
+/// let mark = sidscript::memory::graph_mark();
+/// let y = ((x.as_tensor() + 1.)? * 2.)?; // x + 1 feeds an affine map, which reads no value
+/// sidscript::memory::release_unread(&y, mark);
+/// let g = y.sum_all()?.backward()?; // the same gradients
+/// assert_eq!(g.get(x.as_tensor()).unwrap().to_vec1::<f32>()?, [2., 2., 2.]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn release_unread(y: &Tensor, mark: TensorId) {
+    if y.track_op() {
+        crate::profile::span("memory.release_unread", y.device(), || y.release_unread(Some(mark)));
     }
 }
 

@@ -1,9 +1,12 @@
-//! The backward pass frees each activation once it is done with it (the vendored
-//! candle's patch, `vendor/candle-core/SIDSCRIPT.md`): measured by the allocator
-//! (every CPU tensor is a heap allocation) on SD1.5's topology at a small width,
-//! against the same pass keeping every activation to its end
-//! (`SIDSCRIPT_KEEP_ACTIVATIONS=1`, candle's behaviour), with the same gradients.
-//! One test in its own binary, so that no other test's allocations count.
+//! The forward pass frees, block by block, the activations no backward step reads
+//! (`Tensor::release_unread`), and the backward pass frees each activation once it
+//! is done with it (the vendored candle's patches, `vendor/candle-core/SIDSCRIPT.md`):
+//! measured by the allocator (every CPU tensor is a heap allocation) on SD1.5's
+//! topology at a small width, a frozen UNet with a tracked input (as the teacher and
+//! the fake score net in the generator's loss), against the same passes keeping every
+//! activation to its end (`SIDSCRIPT_KEEP_ACTIVATIONS=1`, candle's behaviour), with
+//! the same gradients. One test in its own binary, so that no other test's
+//! allocations count.
 
 use candle_core::{DType, Device, Tensor};
 use peak_alloc::PeakAlloc;
@@ -18,9 +21,9 @@ static ALLOCATOR: PeakAlloc = PeakAlloc;
 /// SD1.5's topology (4 levels, 2 resnets per level, cross-attention) at a small width.
 const SD15_TOPOLOGY: &str = include_str!("common/sd15_small_topology.json");
 
-/// One forward + backward of a fresh copy of the UNet: the bytes live at the end of
-/// the forward (weights and activations), the peak during the backward above
-/// that, and the input gradient.
+/// One forward + backward of a fresh copy of the UNet: the bytes the forward left
+/// live (its activations), the peak during the backward above the forward's end,
+/// and the input gradient.
 fn step() -> (usize, usize, Vec<f32>) {
     let cfg = UnetConfig::from_json(SD15_TOPOLOGY).unwrap();
     let model = Model::<Unet>::random(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
@@ -28,6 +31,7 @@ fn step() -> (usize, usize, Vec<f32>) {
     let x = candle_core::Var::from_tensor(&rng.randn((1, 4, 64, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
     let cond = Condition::new(rng.randn((1, 77, 64), DType::F32, &Device::Cpu).unwrap());
     let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let before_forward = ALLOCATOR.current_usage();
     let loss = model.net.forward(&x, &t, &cond).unwrap().sample.sqr().unwrap().mean_all().unwrap();
     let after_forward = ALLOCATOR.current_usage();
     ALLOCATOR.reset_peak_usage();
@@ -41,27 +45,35 @@ fn step() -> (usize, usize, Vec<f32>) {
         Ok(_) => assert!(std::env::var_os("SIDSCRIPT_KEEP_ACTIVATIONS").is_some(), "a second backward after freeing"),
     }
     let gx = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    (after_forward, extra, gx)
+    (after_forward - before_forward, extra, gx)
 }
 
 #[test]
 fn backward_frees_activations_as_it_goes() {
-    let (_, freed_extra, freed_grad) = step();
+    let (freed_forward, freed_extra, freed_grad) = step();
     // The other mode is read once per thread: a fresh thread with the variable set.
     // SAFETY (set_var): this binary's one test; no other thread reads the
     // environment meanwhile.
     unsafe { std::env::set_var("SIDSCRIPT_KEEP_ACTIVATIONS", "1") };
-    let (forward, kept_extra, kept_grad) = std::thread::spawn(step).join().unwrap();
+    let (kept_forward, kept_extra, kept_grad) = std::thread::spawn(step).join().unwrap();
     let mb = |b: usize| b as f64 / 1e6;
     println!(
-        "live after the forward {:.1} MB; peak above it during the backward: {:.1} MB freeing activations, \
-         {:.1} MB keeping them ({:.2}×)",
-        mb(forward),
+        "activations live after the forward: {:.1} MB releasing unread ones, {:.1} MB keeping them ({:.2}×); \
+         peak above that during the backward: {:.1} MB freeing activations, {:.1} MB keeping them ({:.2}×)",
+        mb(freed_forward),
+        mb(kept_forward),
+        freed_forward as f64 / kept_forward as f64,
         mb(freed_extra),
         mb(kept_extra),
         freed_extra as f64 / kept_extra as f64
     );
     assert_eq!(freed_grad, kept_grad, "freeing activations changed the gradient");
+    assert!(
+        (freed_forward as f64) < 0.9 * kept_forward as f64,
+        "releasing unread activations should cut what the forward leaves live: {:.1} MB vs {:.1} MB",
+        mb(freed_forward),
+        mb(kept_forward)
+    );
     assert!(
         (freed_extra as f64) < 0.6 * kept_extra as f64,
         "freeing activations should cut the backward's growth well below keeping them: {:.1} MB vs {:.1} MB",

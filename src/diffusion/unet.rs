@@ -7,6 +7,7 @@ use super::layers::{Attention, Conv2d, GroupNorm, LayerNorm, Linear};
 pub use super::model::Component;
 use super::weights::Weights;
 use crate::error::{Error, Result};
+use crate::memory::{graph_mark, release_unread};
 use crate::ops::checkpoint::checkpoint;
 use crate::ops::{geglu, silu};
 use candle_core::{DType, Device, Tensor};
@@ -813,7 +814,8 @@ impl Unet {
         Self { checkpoint: on, ..self.clone() }
     }
 
-    /// `f(h, emb, context)`, checkpointed when the network is.
+    /// `f(h, emb, context)`, checkpointed when the network is; what the segment made
+    /// that no backward step reads is freed at its end (`release_unread`).
     fn segment(
         &self,
         f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
@@ -821,11 +823,10 @@ impl Unet {
         emb: &Tensor,
         context: &Tensor,
     ) -> Result<Tensor> {
-        if self.checkpoint {
-            checkpoint(Arc::new(f), h, emb, context)
-        } else {
-            f(h, emb, context)
-        }
+        let mark = graph_mark();
+        let y = if self.checkpoint { checkpoint(Arc::new(f), h, emb, context)? } else { f(h, emb, context)? };
+        release_unread(&y, mark);
+        Ok(y)
     }
 
     /// A resnet and, in cross-attention blocks, its transformer: one segment.
@@ -860,6 +861,7 @@ impl Unet {
     /// - x: `[B, C, H, W]`; t: `[B]`, `[1]` or a scalar; cond.context:
     ///   `[B, tokens, cross_attention_dim]`; the output's `sample`: like x.
     pub fn forward(&self, x: &Tensor, t: &Tensor, cond: &Condition) -> Result<UnetOutput> {
+        let mark = graph_mark();
         let context = &cond.context;
         let (b, _, h, w) = x.dims4()?;
         let levels = 1usize << (self.down.len() - 1);
@@ -928,7 +930,8 @@ impl Unet {
                 h = u.forward(&crate::ops::upsample_nearest(&h, 2)?)?;
             }
         }
-        let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
-        Ok(UnetOutput { sample: out.to_dtype(x.dtype())?, mid: mid.to_dtype(x.dtype())? })
+        let sample = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?.to_dtype(x.dtype())?;
+        release_unread(&sample, mark);
+        Ok(UnetOutput { sample, mid: mid.to_dtype(x.dtype())? })
     }
 }

@@ -170,6 +170,12 @@ macro_rules! fused_unary {
     (@pick result, $input:ident, $result:ident) => {
         $result
     };
+    (@reads input) => {
+        candle_core::BackwardReads::args(true, false, false)
+    };
+    (@reads result) => {
+        candle_core::BackwardReads::RESULT
+    };
     ($op:ident, $grad:ident, $name:literal, $fwd:ident, $bwd:ident, saves $saved:ident, last dim * $num:literal / $den:literal
      $(, cuda $kfwd:literal $kbwd:literal)?) => {
         struct $op;
@@ -200,6 +206,9 @@ macro_rules! fused_unary {
         impl CustomOp1 for $op {
             fn name(&self) -> &'static str {
                 $name
+            }
+            fn bwd_reads(&self) -> candle_core::BackwardReads {
+                fused_unary!(@reads $saved)
             }
             kernel_cpu_fwd!(s l);
             $(

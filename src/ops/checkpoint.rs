@@ -159,6 +159,10 @@ impl candle_core::CustomOp3 for Checkpointed {
     fn name(&self) -> &'static str {
         "checkpointed-segment"
     }
+    /// The segment's inputs, to recompute it; not its output.
+    fn bwd_reads(&self) -> candle_core::BackwardReads {
+        candle_core::BackwardReads::args(true, true, true)
+    }
 
     fn cpu_fwd(
         &self,

@@ -251,6 +251,11 @@ impl candle_core::CustomOp3 for NormAffine {
     fn name(&self) -> &'static str {
         Self::NAME
     }
+    /// The input and the affine parameters, not the output (recomputed where SiLU
+    /// follows): a norm's output that only a frozen layer reads can go before the backward.
+    fn bwd_reads(&self) -> candle_core::BackwardReads {
+        candle_core::BackwardReads::args(true, true, true)
+    }
     kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -285,7 +290,10 @@ impl candle_core::CustomOp3 for NormAffine {
         })?;
         let (len, c) = (x.elem_count(), self.geom.channels);
         let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
-        Ok((Some(gx), Some(packed.narrow(0, len, c)?), Some(packed.narrow(0, len + c, c)?)))
+        // The parameters' gradients are copied out: a view would hold the whole packed
+        // buffer, x's size, for as long as the gradient is kept (to the optimizer step).
+        let param_grad = |p: &Tensor, at: usize| p.track_op().then(|| packed.narrow(0, at, c)?.force_contiguous()).transpose();
+        Ok((Some(gx), param_grad(w, len)?, param_grad(b, len + c)?))
     }
 }
 

@@ -10,7 +10,7 @@
 use super::reduce::bias_sums;
 use super::{conv, has_cpu_kernel, in_f32, is_half_on_cpu, linear, precomputed_cuda_fwd, Precomputed};
 use crate::error::Result;
-use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use candle_core::{BackwardReads, CpuStorage, Layout, Shape, Tensor};
 
 /// One operand of a CPU forward: its storage and layout.
 pub(super) type Operand<'a> = (&'a CpuStorage, &'a Layout);
@@ -29,6 +29,10 @@ struct SelectiveBackward {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     y: Precomputed,
     kind: Kind,
+    /// What the backward reads: x for the weight gradient, w for the input gradient,
+    /// never the bias or the result. A frozen network's layer does not read its input,
+    /// so that input's memory can go before the backward (`Tensor::release_unread`).
+    reads: BackwardReads,
 }
 
 impl SelectiveBackward {
@@ -65,6 +69,9 @@ impl candle_core::CustomOp3 for SelectiveBackward {
     fn name(&self) -> &'static str {
         "selective-backward-linear-or-conv"
     }
+    fn bwd_reads(&self) -> BackwardReads {
+        self.reads
+    }
     fn cpu_fwd(
         &self,
         x: &CpuStorage,
@@ -95,6 +102,9 @@ struct SelectiveBackwardNoBias(SelectiveBackward);
 impl candle_core::CustomOp2 for SelectiveBackwardNoBias {
     fn name(&self) -> &'static str {
         "selective-backward-linear-or-conv"
+    }
+    fn bwd_reads(&self) -> BackwardReads {
+        self.0.reads
     }
     fn cpu_fwd(
         &self,
@@ -146,7 +156,8 @@ pub(super) fn apply(
             return composed(x, w, b);
         }
     };
-    let op = SelectiveBackward { y: Precomputed::new("linear or conv", y), kind };
+    let reads = BackwardReads::args(w.track_op(), x.track_op(), false);
+    let op = SelectiveBackward { y: Precomputed::new("linear or conv", y), kind, reads };
     Ok(match b {
         Some(b) => x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)?,
         None => x.contiguous()?.apply_op2(&w.contiguous()?, SelectiveBackwardNoBias(op))?,

@@ -1,7 +1,7 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::{hash_map::Entry, HashMap, HashSet};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
@@ -169,6 +169,81 @@ impl Tensor {
         self.backward_with(&mut |_| Ok(()))
     }
 
+    /// Frees, now, the memory of every tensor in this tensor's graph that nothing can
+    /// read again: a tensor that the graph's edges alone hold (no handle outside the
+    /// graph, and no view of it held outside either), whose value no backward step
+    /// reads ([`Op::backward_reads`]: an add reads no operand, a linear map with a frozen
+    /// weight not its input, a reshape only a shape). It keeps its shape, dtype and
+    /// place in the graph; the backward pass then runs as before. Returns how many
+    /// storages it freed. sidscript patch: candle's graph holds every intermediate
+    /// tensor until the backward pass, where PyTorch's autograd keeps only the tensors
+    /// its backward formulas save — called at the end of a network's blocks, this
+    /// brings the forward pass's memory down to what the backward needs. With `since`,
+    /// only tensors made since that mark ([`TensorId::next`] taken at a block's start)
+    /// are looked at and freed, so that a call per block costs the block's nodes, not
+    /// the whole graph's: a tensor's consumers all come after it, so those the walk does
+    /// not reach are held from outside, and the tensor stays. Nothing when
+    /// `SIDSCRIPT_KEEP_ACTIVATIONS=1` or `CANDLE_GRAD_DO_NOT_DETACH=1` is set.
+    pub fn release_unread(&self, since: Option<TensorId>) -> usize {
+        if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) || KEEP_ACTIVATIONS.with(|b| *b) {
+            return 0;
+        }
+        // Every node reachable through the ops' operands (made since the mark), once.
+        let mut seen = HashSet::new();
+        let mut nodes: Vec<&Tensor> = Vec::new();
+        let mut stack = vec![self];
+        while let Some(node) = stack.pop() {
+            if since.is_some_and(|mark| node.id() < mark) || !seen.insert(node.id()) {
+                continue;
+            }
+            nodes.push(node);
+            if let Some(op) = node.op() {
+                stack.extend(op.inputs());
+            }
+        }
+        // The graph's references to each node, and the storages some step reads.
+        let mut graph_refs: HashMap<TensorId, usize> = HashMap::new();
+        let mut read: HashSet<usize> = HashSet::new();
+        for node in nodes.iter() {
+            let Some(op) = node.op() else { continue };
+            let reads = op.backward_reads();
+            for (slot, arg) in op.inputs().into_iter().enumerate() {
+                *graph_refs.entry(arg.id()).or_default() += 1;
+                if reads.arg(slot) {
+                    read.insert(arg.storage_key());
+                }
+            }
+            if reads.res {
+                read.insert(node.storage_key());
+            }
+        }
+        // Per storage, how many of the tensors sharing it could go; a storage that one
+        // of them keeps (held outside, read, a variable) stays.
+        let mut free: HashMap<usize, usize> = HashMap::new();
+        let mut kept: HashSet<usize> = HashSet::new();
+        for node in nodes.iter() {
+            let key = node.storage_key();
+            let unheld = node.handle_count() == graph_refs.get(&node.id()).copied().unwrap_or(0);
+            if node.is_variable() || !node.dtype().is_float() || !unheld || read.contains(&key) {
+                kept.insert(key);
+            } else {
+                *free.entry(key).or_default() += 1;
+            }
+        }
+        let mut released = 0;
+        for node in nodes.iter() {
+            let key = node.storage_key();
+            if kept.contains(&key) || node.storage_released() {
+                continue;
+            }
+            if free.get(&key) == Some(&node.storage_share_count()) {
+                node.release_storage_unread();
+                released += 1;
+            }
+        }
+        released
+    }
+
     /// `backward`, telling `on_event` as the pass goes: a variable's gradient as
     /// soon as it is final (the reverse topological walk reaches the variable only
     /// after every node that uses it), and the end of each other node's step. A
@@ -196,7 +271,7 @@ impl Tensor {
                 }
             }
         }
-        if sorted_nodes.iter().any(|n| n.storage_released()) {
+        if spent_for_backward(&sorted_nodes) {
             crate::bail!(
                 "backward: this graph has been through a backward pass already, which freed its \
                  activations; compute the loss again (SIDSCRIPT_KEEP_ACTIVATIONS=1 keeps them)"
@@ -230,17 +305,29 @@ impl Tensor {
                         grads.accumulate(lhs, &grad)?;
                         grads.accumulate(rhs, &grad.neg()?)?;
                     }
+                    // sidscript patch, here and in the matmul and 2d convolutions: an
+                    // operand that tracks no gradient gets none computed, so its partner's
+                    // value is not read (`Op::backward_reads` says so, and
+                    // `Tensor::release_unread` frees it in the forward pass).
                     Op::Binary(lhs, rhs, BinaryOp::Mul) => {
-                        let lhs_grad = grad.mul(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            let lhs_grad = grad.mul(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = grad.mul(lhs)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Div) => {
-                        let lhs_grad = grad.div(rhs)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-                        let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
-                        grads.accumulate(rhs, &rhs_grad.neg()?)?;
+                        if lhs.track_op() {
+                            let lhs_grad = grad.div(rhs)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = grad.mul(lhs)?.div(&rhs.sqr()?)?;
+                            grads.accumulate(rhs, &rhs_grad.neg()?)?;
+                        }
                     }
                     Op::Binary(lhs, rhs, BinaryOp::Minimum)
                     | Op::Binary(lhs, rhs, BinaryOp::Maximum) => {
@@ -316,28 +403,31 @@ impl Tensor {
                         let out_size =
                             (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
                         let out_padding = arg.dim(2)? - out_size;
-                        let grad_arg = grad.conv_transpose2d(
-                            kernel,
-                            *padding,
-                            out_padding,
-                            *stride,
-                            *dilation,
-                        )?;
-                        grads.accumulate(arg, &grad_arg)?;
-
-                        let grad_kernel = arg
-                            .transpose(0, 1)?
-                            .conv2d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
-                            .transpose(0, 1)?;
-                        let sum_grad = grads.or_insert(kernel)?;
-                        let (_, _, k0, k1) = kernel.dims4()?;
-                        let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
-                        let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
-                            grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
-                        } else {
-                            grad_kernel
-                        };
-                        *sum_grad = sum_grad.add(&grad_kernel)?;
+                        if arg.track_op() {
+                            let grad_arg = grad.conv_transpose2d(
+                                kernel,
+                                *padding,
+                                out_padding,
+                                *stride,
+                                *dilation,
+                            )?;
+                            grads.accumulate(arg, &grad_arg)?;
+                        }
+                        if kernel.track_op() {
+                            let grad_kernel = arg
+                                .transpose(0, 1)?
+                                .conv2d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
+                                .transpose(0, 1)?;
+                            let sum_grad = grads.or_insert(kernel)?;
+                            let (_, _, k0, k1) = kernel.dims4()?;
+                            let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
+                            let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
+                                grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
+                            } else {
+                                grad_kernel
+                            };
+                            *sum_grad = sum_grad.add(&grad_kernel)?;
+                        }
                     }
                     Op::ConvTranspose1D { .. } => Err(Error::BackwardNotSupported {
                         op: "conv-transpose1d",
@@ -350,22 +440,25 @@ impl Tensor {
                         dilation,
                         output_padding: _output_padding,
                     } => {
-                        let grad_arg = grad.conv2d(kernel, *padding, *stride, *dilation, 1)?;
-                        grads.accumulate(arg, &grad_arg)?;
-
-                        let grad_kernel = grad
-                            .transpose(0, 1)?
-                            .conv2d(&arg.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
-                            .transpose(0, 1)?;
-                        let sum_grad = grads.or_insert(kernel)?;
-                        let (_, _, k0, k1) = kernel.dims4()?;
-                        let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
-                        let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
-                            grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
-                        } else {
-                            grad_kernel
-                        };
-                        *sum_grad = sum_grad.add(&grad_kernel)?;
+                        if arg.track_op() {
+                            let grad_arg = grad.conv2d(kernel, *padding, *stride, *dilation, 1)?;
+                            grads.accumulate(arg, &grad_arg)?;
+                        }
+                        if kernel.track_op() {
+                            let grad_kernel = grad
+                                .transpose(0, 1)?
+                                .conv2d(&arg.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
+                                .transpose(0, 1)?;
+                            let sum_grad = grads.or_insert(kernel)?;
+                            let (_, _, k0, k1) = kernel.dims4()?;
+                            let (_, _, g_k0, g_k1) = grad_kernel.dims4()?;
+                            let grad_kernel = if g_k0 != k0 || g_k1 != k1 {
+                                grad_kernel.narrow(2, 0, k0)?.narrow(3, 0, k1)?
+                            } else {
+                                grad_kernel
+                            };
+                            *sum_grad = sum_grad.add(&grad_kernel)?;
+                        }
                     }
                     Op::AvgPool2D {
                         arg,
@@ -480,11 +573,14 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        if lhs.track_op() {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -728,6 +824,24 @@ impl Tensor {
         }
         Ok(grads)
     }
+}
+
+/// Whether these nodes went through a backward pass already (which frees what it has
+/// used), or a step over them would read a value whose memory was freed — never so
+/// after [`Tensor::release_unread`] alone, which frees only what no step reads; the
+/// second is a guard on that proof. A second pass is refused even where, by chance, it
+/// would read nothing freed, so that whether it runs does not depend on the graph's
+/// ops. (sidscript patch.)
+fn spent_for_backward(nodes: &[&Tensor]) -> bool {
+    nodes.iter().any(|node| {
+        if node.released_by_backward() {
+            return true;
+        }
+        let Some(op) = node.op() else { return false };
+        let reads = op.backward_reads();
+        (reads.res && node.storage_released())
+            || op.inputs().into_iter().enumerate().any(|(slot, arg)| reads.arg(slot) && arg.storage_released())
+    })
 }
 
 /// What [`Tensor::backward_with`] reports during the pass. (sidscript patch.)

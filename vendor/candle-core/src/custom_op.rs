@@ -33,6 +33,15 @@ pub trait CustomOp1 {
         ))
     }
 
+    /// Which values `bwd` reads: its arguments' (in order) and the result's. An input or
+    /// result that no backward step reads, and that nothing outside the graph holds, may
+    /// have its memory freed before the backward pass ([`Tensor::release_unread`]), so
+    /// a `bwd` that reads a value this leaves out would find it gone. sidscript patch;
+    /// the default, everything, is always safe.
+    fn bwd_reads(&self) -> crate::op::BackwardReads {
+        crate::op::BackwardReads::ALL
+    }
+
     /// This function takes as argument the argument `arg` used in the forward pass, the result
     /// produced by the forward operation `res` and the gradient of the result `grad_res`.
     /// The function should return the gradient of the argument.
@@ -80,6 +89,15 @@ pub trait CustomOp2 {
         Err(crate::Error::Metal(
             format!("no metal implementation for {}", self.name()).into(),
         ))
+    }
+
+    /// Which values `bwd` reads: its arguments' (in order) and the result's. An input or
+    /// result that no backward step reads, and that nothing outside the graph holds, may
+    /// have its memory freed before the backward pass ([`Tensor::release_unread`]), so
+    /// a `bwd` that reads a value this leaves out would find it gone. sidscript patch;
+    /// the default, everything, is always safe.
+    fn bwd_reads(&self) -> crate::op::BackwardReads {
+        crate::op::BackwardReads::ALL
     }
 
     fn bwd(
@@ -138,6 +156,15 @@ pub trait CustomOp3 {
         Err(crate::Error::Metal(
             format!("no metal implementation for {}", self.name()).into(),
         ))
+    }
+
+    /// Which values `bwd` reads: its arguments' (in order) and the result's. An input or
+    /// result that no backward step reads, and that nothing outside the graph holds, may
+    /// have its memory freed before the backward pass ([`Tensor::release_unread`]), so
+    /// a `bwd` that reads a value this leaves out would find it gone. sidscript patch;
+    /// the default, everything, is always safe.
+    fn bwd_reads(&self) -> crate::op::BackwardReads {
+        crate::op::BackwardReads::ALL
     }
 
     fn bwd(

@@ -72,6 +72,36 @@ pub enum UnaryOp {
     Sign,
 }
 
+/// Which values a backward step reads: each operand's (by slot, for ops of up to three
+/// operands) and the result's. A custom op tells its own with `bwd_reads`; the default,
+/// [`BackwardReads::ALL`], is always safe. sidscript patch (see [`Tensor::release_unread`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackwardReads {
+    /// The operands' values, first, second, third.
+    pub args: [bool; 3],
+    /// The result's value.
+    pub res: bool,
+}
+
+impl BackwardReads {
+    /// Every operand and the result: what a backward that says nothing may read.
+    pub const ALL: Self = Self { args: [true; 3], res: true };
+    /// Nothing but shapes (an add, a reshape, a sum).
+    pub const NONE: Self = Self { args: [false; 3], res: false };
+    /// The result alone (exp, sqrt, a softmax).
+    pub const RESULT: Self = Self { args: [false; 3], res: true };
+
+    /// These operands, not the result.
+    pub const fn args(a: bool, b: bool, c: bool) -> Self {
+        Self { args: [a, b, c], res: false }
+    }
+
+    /// Whether the operand in `slot` is read; slots past the third (a cat's) never are.
+    pub(crate) fn arg(&self, slot: usize) -> bool {
+        self.args.get(slot).copied().unwrap_or(false)
+    }
+}
+
 #[derive(Clone)]
 pub enum Op {
     Binary(Tensor, Tensor, BinaryOp),
@@ -233,6 +263,69 @@ impl Op {
             Op::Powf(..) => "powf",
         };
         name.to_string()
+    }
+
+    /// Which values this op's backward step reads — its operands', by slot as
+    /// [`Op::inputs`] lists them, and its result's — as the match in `backprop.rs` reads
+    /// them (shapes, dtypes and devices are not values: a released tensor keeps them).
+    /// sidscript patch: [`Tensor::release_unread`] frees during the forward pass what no
+    /// backward step will read, as PyTorch's autograd saves only what its formulas use.
+    pub(crate) fn backward_reads(&self) -> BackwardReads {
+        use BackwardReads as R;
+        match self {
+            Op::Binary(_, _, BinaryOp::Add | BinaryOp::Sub) => R::NONE,
+            // Each operand's gradient reads the other's value, and is computed only
+            // where the operand tracks one (`backprop.rs`); a quotient's reads the divisor.
+            Op::Binary(a, b, BinaryOp::Mul) => R::args(b.track_op(), a.track_op(), false),
+            Op::Binary(a, b, BinaryOp::Div) => R::args(b.track_op(), a.track_op() || b.track_op(), false),
+            Op::Binary(_, _, BinaryOp::Minimum | BinaryOp::Maximum) => R::ALL,
+            Op::Unary(_, op) => match op {
+                UnaryOp::Neg | UnaryOp::Floor | UnaryOp::Ceil | UnaryOp::Round | UnaryOp::Sign => R::NONE,
+                UnaryOp::Exp | UnaryOp::Tanh | UnaryOp::Sqrt => R::RESULT,
+                UnaryOp::Log
+                | UnaryOp::Sin
+                | UnaryOp::Cos
+                | UnaryOp::Abs
+                | UnaryOp::Recip
+                | UnaryOp::Sqr
+                | UnaryOp::Gelu
+                | UnaryOp::GeluErf
+                | UnaryOp::Erf
+                | UnaryOp::Relu => R::args(true, false, false),
+                UnaryOp::Silu => R::ALL,
+            },
+            // The predicate; the indices of the index ops.
+            Op::WhereCond(..) => R::args(true, false, false),
+            Op::Gather(..) | Op::IndexSelect(..) => R::args(false, true, false),
+            Op::Scatter(..) | Op::ScatterAdd(..) | Op::IndexAdd(..) => R::args(false, true, false),
+            Op::Matmul(a, b) => R::args(b.track_op(), a.track_op(), false),
+            Op::Conv2D { arg, kernel, .. } | Op::ConvTranspose2D { arg, kernel, .. } => {
+                R::args(kernel.track_op(), arg.track_op(), false)
+            }
+            Op::Conv1D { .. } | Op::ConvTranspose1D { .. } => R::args(true, true, false),
+            Op::MaxPool2D { .. } | Op::Reduce(_, ReduceOp::Min | ReduceOp::Max, _) | Op::Elu(..) => R::ALL,
+            Op::Powf(..) => R::args(true, false, false),
+            Op::Reduce(_, ReduceOp::Sum | ReduceOp::ArgMin | ReduceOp::ArgMax, _)
+            | Op::Cmp(..)
+            | Op::AvgPool2D { .. }
+            | Op::UpsampleNearest1D { .. }
+            | Op::UpsampleNearest2D { .. }
+            | Op::UpsampleBilinear2D { .. }
+            | Op::SliceScatter0(..)
+            | Op::Cat(..)
+            | Op::Affine { .. }
+            | Op::ToDType(..)
+            | Op::Copy(..)
+            | Op::Broadcast(..)
+            | Op::Narrow(..)
+            | Op::Reshape(..)
+            | Op::ToDevice(..)
+            | Op::Transpose(..)
+            | Op::Permute(..) => R::NONE,
+            Op::CustomOp1(_, c) => c.bwd_reads(),
+            Op::CustomOp2(_, _, c) => c.bwd_reads(),
+            Op::CustomOp3(_, _, _, c) => c.bwd_reads(),
+        }
     }
 
     /// The tensors this op was applied to, each once per operand slot (a tensor used

@@ -9,16 +9,24 @@ use crate::{bail, storage::Storage, DType, Device, Error, Layout, Result, Shape}
 use parking_lot::RwLock;
 use std::sync::Arc;
 
-/// Unique identifier for tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Unique identifier for tensors. Ids are handed out in creation order (sidscript
+/// patch: `Ord` and [`TensorId::next`], so that a tensor made after a point can be told
+/// apart from one made before it — an op's result always comes after its operands).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(usize);
+
+// https://users.rust-lang.org/t/idiomatic-rust-way-to-generate-unique-id/33805
+static TENSOR_ID_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 impl TensorId {
     fn new() -> Self {
-        // https://users.rust-lang.org/t/idiomatic-rust-way-to-generate-unique-id/33805
-        use std::sync::atomic;
-        static COUNTER: atomic::AtomicUsize = atomic::AtomicUsize::new(1);
-        Self(COUNTER.fetch_add(1, atomic::Ordering::Relaxed))
+        Self(TENSOR_ID_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The id the next tensor made will have, or a later one: every tensor made from
+    /// now on has an id at least this. sidscript patch.
+    pub fn next() -> Self {
+        Self(TENSOR_ID_COUNTER.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -2821,6 +2829,15 @@ impl Tensor {
         *self.storage.write() = Storage::Cpu(crate::CpuStorage::U8(Vec::new()));
     }
 
+    /// [`Self::release_storage`] for [`Tensor::release_unread`], which frees only what no
+    /// backward step reads, before any pass: its marker is an empty u32 storage, so
+    /// that `backward` tells a graph that went through a pass already (u8 markers)
+    /// from one whose unread activations were freed (u32 markers only), and runs the
+    /// latter. Only float tensors are released this way. sidscript patch.
+    pub(crate) fn release_storage_unread(&self) {
+        *self.storage.write() = Storage::Cpu(crate::CpuStorage::U32(Vec::new()));
+    }
+
     /// This tensor's storage and layout, moved out without a copy when this handle is
     /// the tensor's only one and no other tensor shares the storage; the tensor back
     /// otherwise. sidscript patch: a custom op whose result was computed beforehand
@@ -2837,8 +2854,14 @@ impl Tensor {
         }
     }
 
-    /// Whether [`Self::release_storage`] freed this (float) tensor's memory. sidscript patch.
+    /// Whether [`Self::release_storage`] or [`Self::release_storage_unread`] freed this
+    /// tensor's memory (a u8 tensor freed by the former does not show). sidscript patch.
     pub(crate) fn storage_released(&self) -> bool {
+        self.storage.read().dtype() != self.dtype()
+    }
+
+    /// Whether a backward pass freed this (non-u8) tensor's memory. sidscript patch.
+    pub(crate) fn released_by_backward(&self) -> bool {
         self.dtype() != DType::U8 && self.storage.read().dtype() == DType::U8
     }
 
