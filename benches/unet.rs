@@ -36,7 +36,14 @@ pub fn random_unet(cfg: &UnetConfig, device: &Device) -> Unet {
 pub fn torch(args: &[String]) -> Option<serde_json::Value> {
     let py = std::env::var("SIDSCRIPT_TORCH_PYTHON").ok()?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/bench_torch.py");
-    let out = std::process::Command::new(py).arg(script).args(args).output().ok()?;
+    let out = match std::process::Command::new(&py).arg(script).args(args).output() {
+        Ok(out) => out,
+        Err(e) => {
+            // Said, not skipped silently: a run without PyTorch's figures should say why.
+            eprintln!("torch bench not run: SIDSCRIPT_TORCH_PYTHON={py}: {e}");
+            return None;
+        }
+    };
     if !out.status.success() {
         eprintln!("torch bench failed: {}", String::from_utf8_lossy(&out.stderr));
         return None;
