@@ -12,7 +12,8 @@
 # GPU_CHECK_BUDGET seconds (default 570, one device call): steps are cut to the time left.
 #   tests   (GPU_TESTS picks) the CUDA instantiations: the kernels against the CPU (cuDNN convolutions in f32
 #           and bf16, attention, norms, SiLU, GEGLU, linear), the fused Adam, SiD reference
-#           (f64 and bf16 mixed precision), checkpointed gradients, diffusers parity of the UNet
+#           (f64 and bf16 mixed precision), checkpointed gradients, diffusers parity of the UNet,
+#           gradients after activations released in the forward pass (release_unread)
 #   bench   the SiD-iteration bench against PyTorch, same mode both sides: sd15-full in
 #           tf32, bf16 and f32 (BENCH_MODES); sdxl-full in bf16 with checkpointing (the < 80 GB
 #           target; BENCH_SDXL=0 skips it; SDXL_SCORES="bf16 f32" adds it with the fake net and
@@ -48,7 +49,7 @@ pack)
     # The tests that exercise the GPU path of this work (autograd and the VAE/text/sampler
     # parity ran on a GPU before and are unchanged by it).
     bins+=($(list test --release --no-run --features cudnn --test sid_reference --test checkpointing --test kernels \
-        --test optim --test unet_parity) $(list bench --no-run --features cudnn --bench sid_iteration --bench eval --bench op_costs))
+        --test optim --test unet_parity --test release_unread) $(list bench --no-run --features cudnn --bench sid_iteration --bench eval --bench op_costs))
     # One archive with a dictionary larger than all binaries together: they share most of
     # their code (candle, the PTX, sidscript), so 8 binaries of 50-75 MB pack into ~14 MB
     # (each alone: 6-10 MB). Single-threaded on purpose: xz's threads split the dictionary.
@@ -127,7 +128,7 @@ run)
     for part in "${parts[@]}"; do
     case $part in
     tests)
-        for t in ${GPU_TESTS:-kernels sid_reference optim checkpointing unet_parity}; do
+        for t in ${GPU_TESTS:-kernels sid_reference optim checkpointing unet_parity release_unread}; do
             step 90 .gpu/bin-$t
         done
         ;;
