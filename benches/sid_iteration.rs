@@ -261,9 +261,7 @@ fn print_phase_memory(ours: &[(&str, f64, f64)], torch: Option<&serde_json::Valu
     let theirs: Vec<(String, f64, f64)> = torch
         .and_then(|v| v["phase_memory"].as_array())
         .map(|rows| {
-            rows.iter()
-                .filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_f64()?, r[2].as_f64()?)))
-                .collect()
+            rows.iter().filter_map(|r| Some((r[0].as_str()?.to_string(), r[1].as_f64()?, r[2].as_f64()?))).collect()
         })
         .unwrap_or_default();
     let counted = if cpu { "above the iteration's start" } else { "in all" };

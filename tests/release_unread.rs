@@ -28,7 +28,10 @@ fn cases(x: &Tensor, device: &Device) -> Result<Vec<(&'static str, Tensor)>> {
         ("x / c", a.div(&c)?.silu()?),
         ("conv, frozen kernel", a.conv2d(&k, 1, 1, 1, 1)?.relu()?.conv_transpose2d(&kt, 1, 0, 1, 1)?.sqr()?),
         ("conv, tracked kernel", c.conv2d(&(a.narrow(3, 0, 3)?.narrow(2, 0, 3)?), 1, 1, 1, 1)?.gelu()?),
-        ("views and cat", Tensor::cat(&[&a.transpose(2, 3)?, &a.log()?], 1)?.reshape((2, 6, 36))?.sum_keepdim(2)?.cos()?),
+        (
+            "views and cat",
+            Tensor::cat(&[&a.transpose(2, 3)?, &a.log()?], 1)?.reshape((2, 6, 36))?.sum_keepdim(2)?.cos()?,
+        ),
         ("broadcast", a.sum_keepdim(1)?.broadcast_add(&c)?.broadcast_mul(&a.mean_keepdim(3)?)?),
     ])
 }

@@ -292,7 +292,8 @@ impl candle_core::CustomOp3 for NormAffine {
         let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
         // The parameters' gradients are copied out: a view would hold the whole packed
         // buffer, x's size, for as long as the gradient is kept (to the optimizer step).
-        let param_grad = |p: &Tensor, at: usize| p.track_op().then(|| packed.narrow(0, at, c)?.force_contiguous()).transpose();
+        let param_grad =
+            |p: &Tensor, at: usize| p.track_op().then(|| packed.narrow(0, at, c)?.force_contiguous()).transpose();
         Ok((Some(gx), param_grad(w, len)?, param_grad(b, len + c)?))
     }
 }
