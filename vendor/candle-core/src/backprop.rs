@@ -185,7 +185,7 @@ impl Tensor {
     /// not reach are held from outside, and the tensor stays. Nothing when
     /// `SIDSCRIPT_KEEP_ACTIVATIONS=1` or `CANDLE_GRAD_DO_NOT_DETACH=1` is set.
     pub fn release_unread(&self, since: Option<TensorId>) -> usize {
-        if CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) || KEEP_ACTIVATIONS.with(|b| *b) {
+        if !frees_activations() {
             return 0;
         }
         // Every node reachable through the ops' operands (made since the mark), once.
@@ -202,13 +202,12 @@ impl Tensor {
             }
         }
         // The graph's references to each node, and the storages some step reads.
-        let mut graph_refs: HashMap<TensorId, usize> = HashMap::new();
+        let graph_refs = GraphRefs::count(&nodes);
         let mut read: HashSet<usize> = HashSet::new();
         for node in nodes.iter() {
             let Some(op) = node.op() else { continue };
             let reads = op.backward_reads();
             for (slot, arg) in op.inputs().into_iter().enumerate() {
-                *graph_refs.entry(arg.id()).or_default() += 1;
                 if reads.arg(slot) {
                     read.insert(arg.storage_key());
                 }
@@ -223,8 +222,7 @@ impl Tensor {
         let mut kept: HashSet<usize> = HashSet::new();
         for node in nodes.iter() {
             let key = node.storage_key();
-            let unheld = node.handle_count() == graph_refs.get(&node.id()).copied().unwrap_or(0);
-            if node.is_variable() || !node.dtype().is_float() || !unheld || read.contains(&key) {
+            if node.is_variable() || !node.dtype().is_float() || !graph_refs.only_holders(node) || read.contains(&key) {
                 kept.insert(key);
             } else {
                 *free.entry(key).or_default() += 1;
@@ -260,17 +258,10 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
-        let release = !CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) && !KEEP_ACTIVATIONS.with(|b| *b);
+        let release = frees_activations();
         // How many of the graph's op operands hold each node, and, per storage, how
         // many of the tensors sharing it are done.
-        let mut graph_refs: HashMap<TensorId, usize> = HashMap::new();
-        if release {
-            for node in sorted_nodes.iter() {
-                for arg in node.op().as_ref().map(|op| op.inputs()).unwrap_or_default() {
-                    *graph_refs.entry(arg.id()).or_default() += 1;
-                }
-            }
-        }
+        let graph_refs = if release { GraphRefs::count(&sorted_nodes) } else { GraphRefs::default() };
         if spent_for_backward(&sorted_nodes) {
             crate::bail!(
                 "backward: this graph has been through a backward pass already, which freed its \
@@ -813,7 +804,7 @@ impl Tensor {
                     }
                 };
             }
-            if release && node.handle_count() == graph_refs.get(&node.id()).copied().unwrap_or(0) {
+            if release && graph_refs.only_holders(node) {
                 let done = done_per_storage.entry(node.storage_key()).or_default();
                 *done += 1;
                 if *done == node.storage_share_count() {
@@ -823,6 +814,34 @@ impl Tensor {
             on_event(BackwardEvent::NodeDone { node })?;
         }
         Ok(grads)
+    }
+}
+
+/// Whether activations are freed, by the backward pass and by [`Tensor::release_unread`]:
+/// not when gradients stay on the graph (`CANDLE_GRAD_DO_NOT_DETACH=1`) or
+/// `SIDSCRIPT_KEEP_ACTIVATIONS=1` keeps candle's behaviour. (sidscript patch.)
+fn frees_activations() -> bool {
+    !CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b) && !KEEP_ACTIVATIONS.with(|b| *b)
+}
+
+/// How many of a graph's op operand slots hold each of its nodes. (sidscript patch.)
+#[derive(Default)]
+struct GraphRefs(HashMap<TensorId, usize>);
+
+impl GraphRefs {
+    fn count(nodes: &[&Tensor]) -> Self {
+        let mut refs: HashMap<TensorId, usize> = HashMap::new();
+        for node in nodes.iter() {
+            for arg in node.op().as_ref().map(|op| op.inputs()).unwrap_or_default() {
+                *refs.entry(arg.id()).or_default() += 1;
+            }
+        }
+        Self(refs)
+    }
+
+    /// Whether the graph's edges are `node`'s only handles: nothing outside holds it.
+    fn only_holders(&self, node: &Tensor) -> bool {
+        node.handle_count() == self.0.get(&node.id()).copied().unwrap_or(0)
     }
 }
 
