@@ -190,14 +190,16 @@ impl candle_core::CustomOp3 for Checkpointed {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let ((ta, va), (tb, vb), (tc, vc)) = (leaf(a)?, leaf(b)?, leaf(c)?);
+        // The recomputed segment holds, as the forward pass's did, only what its
+        // backward steps read.
+        let mark = crate::memory::graph_mark();
         let y = (self.segment)(&ta, &tb, &tc).map_err(to_candle)?;
-        // d/dθ Σ y·g is the vector-Jacobian product the graph asks for.
+        crate::memory::release_unread(&y, mark);
+        // d/dθ Σ y·g is the vector-Jacobian product the graph asks for (the untracked
+        // seed g gets no gradient, so its product reads g alone).
         let seed = if grad.dtype() == y.dtype() { grad.detach() } else { grad.to_dtype(y.dtype())?.detach() };
         let mut store = (y * &seed)?.sum_all()?.backward()?;
-        // candle's backward also "differentiates" the untracked seed, as y·1: that
-        // entry holds y and with it the whole recomputed graph. Drop it, and cut
-        // every kept gradient from any graph, so that nothing outlives this call.
-        store.remove(&seed);
+        // Cut every kept gradient from any graph, so that nothing outlives this call.
         let mut take = |v: Option<Var>| v.and_then(|v| store.remove(v.as_tensor()));
         let grads = (take(va), take(vb), take(vc));
         let ids: Vec<_> = store.get_ids().copied().collect();
