@@ -48,8 +48,29 @@ fn step() -> (usize, usize, Vec<f32>) {
     (after_forward - before_forward, extra, gx)
 }
 
+/// Bytes left live by a backward pass over x ⊙ c, where c (1 M floats) is made in the
+/// forward pass and held by the graph alone — as a frozen weight cast to bf16 is —
+/// while the loss still holds the graph: x's gradient, once c has gone too.
+fn left_after_backward_over_a_constant() -> usize {
+    let n = 1 << 20;
+    let x = candle_core::Var::from_tensor(&Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let before = ALLOCATOR.current_usage();
+    let loss = {
+        let c = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
+        x.as_tensor().mul(&c).unwrap().sum_all().unwrap()
+    };
+    let grads = sidscript::ops::checkpoint::backward(&loss).unwrap();
+    assert!(grads.get(x.as_tensor()).is_some());
+    let left = ALLOCATOR.current_usage() - before;
+    drop((grads, loss));
+    left
+}
+
 #[test]
 fn backward_frees_activations_as_it_goes() {
+    // x's gradient (4 MB) and a few small tensors; c's 4 MB more if it stayed.
+    let left = left_after_backward_over_a_constant();
+    assert!(left < 5_000_000, "a backward over x ⊙ c left {left} bytes: c stayed with the graph");
     let (freed_forward, freed_extra, freed_grad) = step();
     // The other mode is read once per thread: a fresh thread with the variable set.
     // SAFETY (set_var): this binary's one test; no other thread reads the

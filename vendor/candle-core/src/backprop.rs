@@ -269,6 +269,7 @@ impl Tensor {
             )
         }
         let mut done_per_storage: HashMap<usize, usize> = HashMap::new();
+        let mut consumers_done: HashMap<TensorId, usize> = HashMap::new();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 if let Some(grad) = grads.get(node) {
@@ -804,11 +805,29 @@ impl Tensor {
                     }
                 };
             }
-            if release && graph_refs.only_holders(node) {
-                let done = done_per_storage.entry(node.storage_key()).or_default();
-                *done += 1;
-                if *done == node.storage_share_count() {
-                    node.release_storage();
+            if release {
+                let mut done = |t: &Tensor| {
+                    let done = done_per_storage.entry(t.storage_key()).or_default();
+                    *done += 1;
+                    if *done == t.storage_share_count() {
+                        t.release_storage();
+                    }
+                };
+                if graph_refs.only_holders(node) {
+                    done(node);
+                }
+                // An operand that tracks no gradient is no node of the walk: made in the
+                // forward pass and held by the graph alone (a frozen weight cast to the
+                // compute dtype, a drawn noise), it goes after its last consumer's step.
+                for arg in node.op().as_ref().map(|op| op.inputs()).unwrap_or_default() {
+                    if arg.track_op() || !arg.dtype().is_float() {
+                        continue;
+                    }
+                    let uses = consumers_done.entry(arg.id()).or_default();
+                    *uses += 1;
+                    if *uses == graph_refs.of(arg) && graph_refs.only_holders(arg) {
+                        done(arg);
+                    }
                 }
             }
             on_event(BackwardEvent::NodeDone { node })?;
@@ -839,9 +858,14 @@ impl GraphRefs {
         Self(refs)
     }
 
+    /// How many operand slots hold `node`.
+    fn of(&self, node: &Tensor) -> usize {
+        self.0.get(&node.id()).copied().unwrap_or(0)
+    }
+
     /// Whether the graph's edges are `node`'s only handles: nothing outside holds it.
     fn only_holders(&self, node: &Tensor) -> bool {
-        node.handle_count() == self.0.get(&node.id()).copied().unwrap_or(0)
+        node.handle_count() == self.of(node)
     }
 }
 
