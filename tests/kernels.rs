@@ -278,3 +278,83 @@ fn precomputed_outputs_are_held_once_cuda() -> common::TestResult {
     }
     Ok(())
 }
+
+/// On the CPU, half-precision linear maps, convolutions and attention run the f32
+/// kernels on operands widened inside the op (so that the graph holds only the
+/// half-precision tensors, as on CUDA): outputs and every gradient bit for bit those
+/// of the f32 op between explicit casts, the graph keeping the f32 copies.
+#[test]
+fn half_precision_cpu_ops_equal_the_f32_ops_between_casts() -> common::TestResult {
+    let mut rng = sidscript::rng::Generator::new(13);
+    let cases: Vec<(&str, Vec<Tensor>, Box<Op>)> = vec![
+        (
+            "linear",
+            vec![randn(&mut rng, &[6, 40]), randn(&mut rng, &[24, 40]), randn(&mut rng, &[24])],
+            Box::new(|t| ops::linear(&t[0], &t[1], Some(&t[2]))),
+        ),
+        (
+            "linear without bias",
+            vec![randn(&mut rng, &[5, 16]), randn(&mut rng, &[8, 16])],
+            Box::new(|t| ops::linear(&t[0], &t[1], None)),
+        ),
+        (
+            "conv2d",
+            vec![randn(&mut rng, &[2, 8, 10, 10]), randn(&mut rng, &[16, 8, 3, 3]), randn(&mut rng, &[16])],
+            Box::new(|t| ops::conv2d(&t[0], &t[1], Some(&t[2]), 1, 2)),
+        ),
+        (
+            "attention",
+            vec![randn(&mut rng, &[2, 33, 80]), randn(&mut rng, &[2, 77, 80]), randn(&mut rng, &[2, 77, 80])],
+            Box::new(|t| ops::attention(&t[0], &t[1], &t[2], 2, 40f64.powf(-0.5))),
+        ),
+    ];
+    for (name, inputs, op) in cases {
+        for dtype in [DType::BF16, DType::F16] {
+            let run = |between_casts: bool| -> Vec<Vec<f32>> {
+                let vars: Vec<Var> =
+                    inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()).collect();
+                let ts: Vec<Tensor> = vars
+                    .iter()
+                    .map(|v| {
+                        if between_casts {
+                            v.as_tensor().to_dtype(DType::F32).unwrap()
+                        } else {
+                            v.as_tensor().clone()
+                        }
+                    })
+                    .collect();
+                let mut y = op(&ts).unwrap();
+                if between_casts {
+                    y = y.to_dtype(dtype).unwrap();
+                }
+                assert_eq!(y.dtype(), dtype, "{name}");
+                let weight = Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)
+                    .unwrap()
+                    .affine(0.37, 0.0)
+                    .unwrap()
+                    .sin()
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .reshape(y.shape())
+                    .unwrap();
+                let grads = ops::checkpoint::backward(&(&y * weight).unwrap().sum_all().unwrap()).unwrap();
+                let flat =
+                    |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                std::iter::once(flat(&y))
+                    .chain(vars.iter().map(|v| {
+                        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+                        assert_eq!(g.dtype(), dtype, "{name}");
+                        flat(g)
+                    }))
+                    .collect()
+            };
+            let (got, want) = (run(false), run(true));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{name} in {dtype:?}: tensor {i} (0 the output, then each input's gradient) differs");
+            }
+        }
+    }
+    Ok(())
+}

@@ -27,7 +27,7 @@ use super::activation::{softmax_grad_row, softmax_row};
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
-use super::{contiguous, has_cpu_kernel, in_f32, is_half_on_cpu, precomputed_cuda_fwd, upcast, Precomputed};
+use super::{contiguous, has_cpu_kernel, is_half_on_cpu, precomputed_cuda_fwd, upcast, Precomputed};
 use crate::env_switch::EnvSwitch;
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
@@ -599,13 +599,12 @@ fn takes_flash(_: &Tensor, _: usize) -> bool {
 /// softmax(scale·Q Kᵀ)·V per head for q [B, N, heads·d] and k, v [B, M, heads·d],
 /// as [B, N, heads·d], on the devices `supported` names.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    if is_half_on_cpu(q) {
-        return in_f32(&[q, k, v], |t| attention(&t[0], &t[1], &t[2], heads, scale));
-    }
     crate::profile::span("attention.forward", q.device(), || {
         let (b, n, width) = q.dims3()?;
         let same_dtype = k.dtype() == q.dtype() && v.dtype() == q.dtype();
-        if has_cpu_kernel(q) || (same_dtype && heads > 0 && takes_flash(q, width / heads)) {
+        // Half-precision CPU operands take the CPU kernel in f32 (`dispatch::in_f32`).
+        let cpu_kernel = has_cpu_kernel(q) || (same_dtype && is_half_on_cpu(q));
+        if cpu_kernel || (same_dtype && heads > 0 && takes_flash(q, width / heads)) {
             return attention_in_blocks(q, k, v, heads, scale, None);
         }
         let m = k.dim(1)?;

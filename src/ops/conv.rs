@@ -524,27 +524,29 @@ pub fn input_grad_composed(
 }
 
 /// The input and weight gradients of conv2d(x, w) for the output gradient `g`,
-/// each only when its tensor is tracked.
+/// each only when it is needed.
 pub(super) fn grads(
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
     padding: usize,
     stride: usize,
+    need_x: bool,
+    need_w: bool,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
     if has_cpu_kernel(g) {
         let geom = ConvGeom::of(x, w, padding, stride)?;
-        let gx = if x.track_op() { Some(input_grad(g, &w.detach(), &geom)?) } else { None };
-        let gw = if w.track_op() { Some(weight_grad(g, &x.detach(), &geom)?) } else { None };
+        let gx = if need_x { Some(input_grad(g, &w.detach(), &geom)?) } else { None };
+        let gw = if need_w { Some(weight_grad(g, &x.detach(), &geom)?) } else { None };
         return Ok((gx, gw));
     }
     #[cfg(feature = "cudnn")]
     if g.device().is_cuda() {
-        let gx = match x.track_op() {
+        let gx = match need_x {
             true => Some(super::cudnn::input_grad(g, &w.detach(), x.dims(), padding, stride)?),
             false => None,
         };
-        let gw = match w.track_op() {
+        let gw = match need_w {
             true => Some(super::cudnn::weight_grad(&x.detach(), g, w.dims(), padding, stride)?),
             false => None,
         };
@@ -553,12 +555,9 @@ pub(super) fn grads(
     // Other devices: candle's ops (see input_grad_composed), and a convolution of
     // the input by the output gradient (the stride becomes a dilation).
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
-    let gx = if x.track_op() {
-        Some(input_grad_composed(g, &w.detach(), (x.dim(2)?, x.dim(3)?), padding, stride)?)
-    } else {
-        None
-    };
-    let gw = if w.track_op() {
+    let gx =
+        if need_x { Some(input_grad_composed(g, &w.detach(), (x.dim(2)?, x.dim(3)?), padding, stride)?) } else { None };
+    let gw = if need_w {
         let gk = x.detach().transpose(0, 1)?.conv2d(&g.transpose(0, 1)?, padding, 1, stride, 1)?.transpose(0, 1)?;
         Some(if gk.dim(2)? != kh || gk.dim(3)? != kw { gk.narrow(2, 0, kh)?.narrow(3, 0, kw)? } else { gk })
     } else {

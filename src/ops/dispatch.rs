@@ -1,7 +1,8 @@
 //! The one f32/f64 dispatch of the CPU kernels. A kernel is written once, generic
 //! over [`Real`]; [`cpu`] and [`cpu_in_place`] check that its operands share one
 //! dtype and call it with typed slices (candle's `Map1`/`Map2` idea, for any
-//! number of operands).
+//! number of operands); [`cpu`] and the linear/convolution op take bf16/f16
+//! operands through the f32 kernels ([`in_f32`]).
 
 use super::simd::Real;
 use candle_core::{backend::BackendStorage, CpuStorage, DType, Layout, Shape};
@@ -34,8 +35,40 @@ fn mixed(name: &str, dtypes: impl Iterator<Item = DType>) -> candle_core::Error 
     candle_core::Error::Msg(format!("{name}: operands must all be f32 or all f64, got {dtypes:?}"))
 }
 
-/// Runs `kernel` on f32 or f64 operands of one dtype.
+/// Runs `kernel` on f32 or f64 operands of one dtype, or on half-precision operands
+/// widened to f32 ([`in_f32`]).
 pub fn cpu<K: Kernel>(kernel: &K, operands: &[(&CpuStorage, &Layout)]) -> candle_core::Result<(CpuStorage, Shape)> {
+    in_f32(operands, |operands| typed_cpu(kernel, operands))
+}
+
+/// `f` of the operands, where any is bf16/f16: those widened to f32 (contiguous), the
+/// result rounded to the first operand's dtype — what tensor cores do with bf16
+/// operands (f32 arithmetic, a bf16 store), and what the CUDA kernels do. The widened
+/// copies live for the call only: the graph keeps the half-precision operands, so
+/// that a CPU bf16 run holds what a CUDA one holds.
+pub fn in_f32(
+    operands: &[(&CpuStorage, &Layout)],
+    f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> candle_core::Result<(CpuStorage, Shape)>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let is_half = |s: &CpuStorage| matches!(s.dtype(), DType::BF16 | DType::F16);
+    if !operands.iter().any(|(s, _)| is_half(s)) {
+        return f(operands);
+    }
+    let wide: Vec<Option<(CpuStorage, Layout)>> = operands
+        .iter()
+        .map(|&(s, l)| is_half(s).then(|| Ok((s.to_dtype(l, DType::F32)?, Layout::contiguous(l.shape())))).transpose())
+        .collect::<candle_core::Result<_>>()?;
+    let view: Vec<(&CpuStorage, &Layout)> =
+        operands.iter().zip(&wide).map(|(&(s, l), w)| w.as_ref().map_or((s, l), |(s, l)| (s, l))).collect();
+    let (out, shape) = f(&view)?;
+    match operands.first() {
+        Some((s, _)) if is_half(s) => Ok((out.to_dtype(&Layout::contiguous(&shape), s.dtype())?, shape)),
+        _ => Ok((out, shape)),
+    }
+}
+
+/// Runs `kernel` on f32 or f64 operands of one dtype.
+fn typed_cpu<K: Kernel>(kernel: &K, operands: &[(&CpuStorage, &Layout)]) -> candle_core::Result<(CpuStorage, Shape)> {
     if let Some(v) = typed::<f32>(operands) {
         let (out, shape) = kernel.run(&v)?;
         return Ok((CpuStorage::F32(out), shape));

@@ -45,10 +45,16 @@ pub(super) fn cpu_forward(x: Operand, w: Operand, b: Option<Operand>) -> candle_
 }
 
 /// The input and weight gradients of x·wᵀ for the output gradient `g`, each only
-/// when its tensor is tracked.
-pub(super) fn grads(x: &Tensor, w: &Tensor, g: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let gx = if x.track_op() { Some(product(g, &w.detach())?) } else { None };
-    let gw = if w.track_op() { Some(weight_product(&g.t()?, &x.detach())?) } else { None };
+/// when it is needed.
+pub(super) fn grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    need_x: bool,
+    need_w: bool,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let gx = if need_x { Some(product(g, &w.detach())?) } else { None };
+    let gw = if need_w { Some(weight_product(&g.t()?, &x.detach())?) } else { None };
     Ok((gx, gw))
 }
 

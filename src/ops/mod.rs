@@ -61,21 +61,14 @@ pub fn has_cpu_kernel(x: &Tensor) -> bool {
 /// Whether `x` is a half-precision (bf16/f16) CPU tensor. candle's CPU has no
 /// half-precision convolution and widens its half matmuls operand by operand, so
 /// the linear maps, convolutions and attention take such tensors through the f32
-/// CPU kernels instead ([`in_f32`]): the operands' values as they are, f32
-/// arithmetic, the result rounded back — what tensor cores do with bf16 operands
-/// (f32 accumulation, a bf16 store) and what the CUDA kernels do. Other ops run
-/// their composed forms in the half dtype, as on CUDA.
+/// CPU kernels instead ([`dispatch::in_f32`]): the operands widened inside the op,
+/// f32 arithmetic, the result rounded back — what tensor cores do with bf16
+/// operands (f32 accumulation, a bf16 store) and what the CUDA kernels do; the
+/// backward widens again and rounds each gradient to its operand's dtype. The
+/// graph holds the half-precision tensors only, as on CUDA. Other ops run their
+/// composed forms in the half dtype, as on CUDA.
 pub fn is_half_on_cpu(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16)
-}
-
-/// `f` of `ts` widened to f32, its result rounded to `ts[0]`'s dtype. The casts
-/// are graph ops: gradients pass through `f`'s backward in f32 and are rounded to
-/// the half dtype where they leave it, as a half-precision op's gradients are.
-fn in_f32(ts: &[&Tensor], f: impl FnOnce(&[Tensor]) -> crate::Result<Tensor>) -> crate::Result<Tensor> {
-    let dtype = ts.first().map_or(DType::F32, |t| t.dtype());
-    let wide = ts.iter().map(|t| t.to_dtype(DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(f(&wide)?.to_dtype(dtype)?)
 }
 
 /// Whether `x` takes a fused op that has kernels on both devices (norms, SiLU,

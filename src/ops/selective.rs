@@ -8,7 +8,7 @@
 //! are used as they are.
 
 use super::reduce::bias_sums;
-use super::{conv, has_cpu_kernel, in_f32, is_half_on_cpu, linear, precomputed_cuda_fwd, Precomputed};
+use super::{conv, dispatch, has_cpu_kernel, is_half_on_cpu, linear, precomputed_cuda_fwd, upcast, Precomputed};
 use crate::error::Result;
 use candle_core::{BackwardReads, CpuStorage, Layout, Shape, Tensor};
 
@@ -36,13 +36,22 @@ struct SelectiveBackward {
 }
 
 impl SelectiveBackward {
+    /// The forward on the CPU; half-precision operands in f32, the result rounded
+    /// back (`dispatch::in_f32`: one rounding, after the bias).
     fn cpu_forward(&self, x: Operand, w: Operand, b: Option<Operand>) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.kind {
-            Kind::Linear => linear::cpu_forward(x, w, b),
-            Kind::Conv { padding, stride } => conv::cpu_forward(x, w, b, padding, stride),
-        }
+        let operands: Vec<Operand> = [x, w].into_iter().chain(b).collect();
+        dispatch::in_f32(&operands, |ops| {
+            let (x, w, b) = (ops[0], ops[1], ops.get(2).copied());
+            match self.kind {
+                Kind::Linear => linear::cpu_forward(x, w, b),
+                Kind::Conv { padding, stride } => conv::cpu_forward(x, w, b, padding, stride),
+            }
+        })
     }
 
+    /// The gradients of the tracked operands. Half-precision CPU operands are
+    /// widened here, in the backward, and each gradient is rounded to its operand's
+    /// dtype where it leaves: the graph held only the half-precision tensors.
     fn grads(
         &self,
         x: &Tensor,
@@ -50,19 +59,45 @@ impl SelectiveBackward {
         b: Option<&Tensor>,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gb = match b {
-            Some(b) if b.track_op() => Some(bias_sums(g)?),
-            _ => None,
-        };
+        let need = Needed { x: x.track_op(), w: w.track_op(), b: b.is_some_and(|b| b.track_op()) };
+        if !is_half_on_cpu(g) {
+            return self.needed_grads(x, w, g, need);
+        }
+        // x is read for w's gradient and w for x's; an operand not read may have
+        // been released (`BackwardReads`) and keeps only its shape.
+        let wide = |t: &Tensor, read: bool| if read { upcast(&t.detach()) } else { Ok(t.detach()) };
+        let (gx, gw, gb) = self.needed_grads(&wide(x, need.w)?, &wide(w, need.x)?, &wide(g, true)?, need)?;
+        let round = |grad: Option<Tensor>, like: &Tensor| grad.map(|t| t.to_dtype(like.dtype())).transpose();
+        Ok((round(gx, x)?, round(gw, w)?, b.map(|b| round(gb, b)).transpose()?.flatten()))
+    }
+
+    fn needed_grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        need: Needed,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gb = if need.b { Some(bias_sums(g)?) } else { None };
         let (gx, gw) = match self.kind {
-            Kind::Linear => crate::profile::span("linear.backward", x.device(), || linear::grads(x, w, g))?,
+            Kind::Linear => {
+                crate::profile::span("linear.backward", x.device(), || linear::grads(x, w, g, need.x, need.w))?
+            }
             Kind::Conv { padding, stride } => crate::profile::span("conv.backward", x.device(), || {
                 let _tf32 = super::precision::tf32_convolutions();
-                conv::grads(x, w, g, padding, stride)
+                conv::grads(x, w, g, padding, stride, need.x, need.w)
             })?,
         };
         Ok((gx, gw, gb))
     }
+}
+
+/// Which operands' gradients the backward computes: those that track one.
+#[derive(Clone, Copy)]
+struct Needed {
+    x: bool,
+    w: bool,
+    b: bool,
 }
 
 impl candle_core::CustomOp3 for SelectiveBackward {
@@ -129,7 +164,7 @@ impl candle_core::CustomOp2 for SelectiveBackwardNoBias {
 }
 
 /// Applies the op; half-precision CPU tensors go through the f32 kernels
-/// ([`in_f32`]); `composed` computes the forward with candle's ops where the op has
+/// (`dispatch::in_f32`); `composed` computes the forward with candle's ops where the op has
 /// no kernel of its own (not the CPU, or not f32/f64): on CUDA off the graph, handed
 /// to the op; elsewhere with candle's own graph.
 pub(super) fn apply(
@@ -139,12 +174,8 @@ pub(super) fn apply(
     b: Option<&Tensor>,
     composed: impl FnOnce(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if is_half_on_cpu(x) {
-        let operands: Vec<&Tensor> = [x, w].into_iter().chain(b).collect();
-        return in_f32(&operands, |t| apply(kind, &t[0], &t[1], t.get(2), composed));
-    }
     let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
-    let y = if has_cpu_kernel(x) && w.dtype() == x.dtype() {
+    let y = if (has_cpu_kernel(x) && w.dtype() == x.dtype()) || is_half_on_cpu(x) {
         None
     } else {
         // TF32 applies to convolutions only (in the tf32 mode, on CUDA).
