@@ -66,11 +66,29 @@ fn left_after_backward_over_a_constant() -> usize {
     left
 }
 
+/// Bytes left live by a backward pass over gelu(2x), the loss still holding the
+/// graph: x's gradient, once 2x has gone too — gelu's backward (candle's, adding
+/// through `or_insert`) computes 2x's gradient from 2x itself, which held 2x until
+/// that gradient was stored detached.
+fn left_after_backward_through_gelu() -> usize {
+    let n = 1 << 20;
+    let x = candle_core::Var::from_tensor(&Tensor::ones(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let before = ALLOCATOR.current_usage();
+    let loss = x.as_tensor().affine(2.0, 0.0).unwrap().gelu_erf().unwrap().sum_all().unwrap();
+    let grads = sidscript::ops::checkpoint::backward(&loss).unwrap();
+    assert!(grads.get(x.as_tensor()).is_some());
+    let left = ALLOCATOR.current_usage() - before;
+    drop((grads, loss));
+    left
+}
+
 #[test]
 fn backward_frees_activations_as_it_goes() {
     // x's gradient (4 MB) and a few small tensors; c's 4 MB more if it stayed.
     let left = left_after_backward_over_a_constant();
     assert!(left < 5_000_000, "a backward over x ⊙ c left {left} bytes: c stayed with the graph");
+    let left = left_after_backward_through_gelu();
+    assert!(left < 5_000_000, "a backward through gelu(2x) left {left} bytes: 2x stayed with the graph");
     let (freed_forward, freed_extra, freed_grad) = step();
     // The other mode is read once per thread: a fresh thread with the variable set.
     // SAFETY (set_var): this binary's one test; no other thread reads the

@@ -277,16 +277,21 @@ impl Tensor {
                 }
                 continue;
             }
-            let grad = grads
-                .remove(node)
-                .expect("candle internal error - grad not populated");
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
             // the backprop graph of the backprop itself. This would be an issue for second order
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
-            let grad = if do_not_detach { grad } else { grad.detach() };
+            // The attached gradient goes at once (sidscript patch): kept to the end of the
+            // step, its ops would hold the nodes it was computed from, and the memory check
+            // below would find them held.
+            let grad = {
+                let grad = grads
+                    .remove(node)
+                    .expect("candle internal error - grad not populated");
+                if do_not_detach { grad } else { grad.detach() }
+            };
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
@@ -804,6 +809,14 @@ impl Tensor {
                         grads.accumulate(arg, &arg_grad)?;
                     }
                 };
+                // The arms that add through `or_insert` (unary math, where-cond, conv)
+                // leave an attached sum, whose ops hold the operand and every
+                // intermediate of its derivative (gelu's: five tensors of its size)
+                // until the operand's own step: stored detached, as `accumulate` stores.
+                // (sidscript patch.)
+                if !do_not_detach {
+                    grads.detach_entries(&op.inputs());
+                }
             }
             if release {
                 let mut done = |t: &Tensor| {
@@ -976,6 +989,18 @@ impl GradStore {
             }
         }
         Ok(())
+    }
+
+    /// Detaches the stored gradients of `tensors` that are still on a graph.
+    /// (sidscript patch.)
+    fn detach_entries(&mut self, tensors: &[&Tensor]) {
+        for t in tensors {
+            if let Some(g) = self.0.get_mut(&t.id()) {
+                if g.op().is_some() {
+                    *g = g.detach();
+                }
+            }
+        }
     }
 
     /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
