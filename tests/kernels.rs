@@ -198,24 +198,28 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
             1e-4,
         );
     }
-    compare(
-        "silu",
-        dev,
-        DType::F32,
-        &[randn(&mut rng, &[3, 50])],
-        &move |t| ops::silu(&t[0]),
-        &move |t| Ok(t[0].silu()?),
-        1e-4,
-    );
-    compare(
-        "geglu",
-        dev,
-        DType::F32,
-        &[randn(&mut rng, &[2, 9, 32])],
-        &move |t| ops::geglu(&t[0]),
-        &move |t| ops::activation::geglu_composed(&t[0]),
-        1e-4,
-    );
+    // SiLU and GEGLU in bf16 too: the CUDA kernels load and store bf16.
+    let (silu_in, geglu_in) = (randn(&mut rng, &[3, 50]), randn(&mut rng, &[2, 9, 32]));
+    for (dtype, tol) in DTYPES {
+        compare(
+            "silu",
+            dev,
+            dtype,
+            std::slice::from_ref(&silu_in),
+            &move |t| ops::silu(&t[0]),
+            &move |t| Ok(t[0].silu()?),
+            tol,
+        );
+        compare(
+            "geglu",
+            dev,
+            dtype,
+            std::slice::from_ref(&geglu_in),
+            &move |t| ops::geglu(&t[0]),
+            &move |t| ops::activation::geglu_composed(&t[0]),
+            tol,
+        );
+    }
     let inputs = [randn(&mut rng, &[18, 40]), randn(&mut rng, &[24, 40]), randn(&mut rng, &[24])];
     for (dtype, tol) in DTYPES {
         compare(
@@ -279,8 +283,8 @@ fn precomputed_outputs_are_held_once_cuda() -> common::TestResult {
     Ok(())
 }
 
-/// On the CPU, half-precision linear maps, convolutions and attention run the f32
-/// kernels on operands widened inside the op (so that the graph holds only the
+/// On the CPU, half-precision linear maps, convolutions, attention, SiLU and GEGLU
+/// run the f32 kernels on operands widened inside the op (so that the graph holds only the
 /// half-precision tensors, as on CUDA): outputs and every gradient bit for bit those
 /// of the f32 op between explicit casts, the graph keeping the f32 copies.
 #[test]
@@ -302,6 +306,8 @@ fn half_precision_cpu_ops_equal_the_f32_ops_between_casts() -> common::TestResul
             vec![randn(&mut rng, &[2, 8, 10, 10]), randn(&mut rng, &[16, 8, 3, 3]), randn(&mut rng, &[16])],
             Box::new(|t| ops::conv2d(&t[0], &t[1], Some(&t[2]), 1, 2)),
         ),
+        ("silu", vec![randn(&mut rng, &[3, 70])], Box::new(|t| ops::silu(&t[0]))),
+        ("geglu", vec![randn(&mut rng, &[2, 9, 64])], Box::new(|t| ops::geglu(&t[0]))),
         (
             "attention",
             vec![randn(&mut rng, &[2, 33, 80]), randn(&mut rng, &[2, 77, 80]), randn(&mut rng, &[2, 77, 80])],

@@ -6,7 +6,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, lane_sum_zip, vectorized, Real};
-use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of, rows_written};
+use super::{contiguous, for_rows, has_cpu_kernel, has_fused_activation, rows_of, rows_written};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
@@ -256,9 +256,9 @@ macro_rules! fused_unary {
 }
 
 fused_unary!(Silu, SiluGrad, "silu", silu_fwd, silu_bwd, saves input, last dim * 1 / 1,
-    cuda "silu_fwd_f32" "silu_bwd_f32");
+    cuda "silu_fwd" "silu_bwd");
 fused_unary!(Geglu, GegluGrad, "geglu", geglu_fwd, geglu_bwd, saves input, last dim * 1 / 2,
-    cuda "geglu_fwd_f32" "geglu_bwd_f32");
+    cuda "geglu_fwd" "geglu_bwd");
 fused_unary!(Softmax, SoftmaxGrad, "softmax-last-dim", softmax_fwd, softmax_bwd, saves result, last dim * 1 / 1);
 
 /// GEGLU over the last dim (diffusers' `GEGLU`): the first half times exact GELU
@@ -271,7 +271,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if n2 % 2 != 0 {
         crate::bail!("geglu: the last dim ({n2}) must be even");
     }
-    if has_fused_kernel(h) {
+    if has_fused_activation(h) {
         return crate::profile::span("activation.forward", h.device(), || Ok(h.contiguous()?.apply_op1(Geglu)?));
     }
     geglu_composed(h)
@@ -287,7 +287,7 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
 /// SiLU, x·σ(x): one pass each way on the CPU and (f32) on CUDA; elsewhere
 /// candle's `silu` (the composed form, and the test oracle).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if has_fused_kernel(x) {
+    if has_fused_activation(x) {
         return crate::profile::span("activation.forward", x.device(), || Ok(x.contiguous()?.apply_op1(Silu)?));
     }
     Ok(x.silu()?)

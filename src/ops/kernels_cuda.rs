@@ -2,9 +2,10 @@
 //! cuda feature) and what launching them takes. Each op's CUDA path sits in its own
 //! file beside the CPU kernel (`norm.rs`, `activation.rs`, `adam.rs`).
 
-use candle_core::cuda::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaFunc;
-use candle_core::{CudaDevice, CudaStorage, Layout, Shape};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
 /// One kernel file as nvcc's fatbin: machine code (SASS) for CUDA_COMPUTE_CAP, which
 /// the driver loads as it is, and the PTX, which it compiles for any other GPU. PTX
@@ -79,16 +80,29 @@ pub(crate) fn view<'a, T: candle_core::cuda::CudaDType>(
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-/// `name(x, y, count, n)` of the activation kernels: `count` outputs from `x`,
-/// whose last dim is n.
+/// `name_f32` or `name_bf16(x, y, count, n)` of the activation kernels, by x's
+/// dtype: `count` outputs from `x`, whose last dim is n.
 pub(crate) fn unary(name: &str, x: &CudaStorage, l: &Layout, out: Shape) -> candle_core::Result<(CudaStorage, Shape)> {
+    match x.dtype() {
+        DType::F32 => unary_typed::<f32>(&format!("{name}_f32"), x, l, out),
+        DType::BF16 => unary_typed::<half::bf16>(&format!("{name}_bf16"), x, l, out),
+        dtype => candle_core::bail!("{name}: no CUDA kernel for {dtype:?}"),
+    }
+}
+
+fn unary_typed<T: candle_core::cuda::CudaDType + DeviceRepr>(
+    name: &str,
+    x: &CudaStorage,
+    l: &Layout,
+    out: Shape,
+) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device.clone();
     let f = ACTIVATION.function(&dev, name)?;
     let count = out.elem_count();
     let n = l.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every output element.
-    let mut y = unsafe { dev.cuda_stream().alloc::<f32>(count) }.map_err(candle_core::Error::wrap)?;
-    let xv = view::<f32>(x, l)?;
+    let mut y = unsafe { dev.cuda_stream().alloc::<T>(count) }.map_err(candle_core::Error::wrap)?;
+    let xv = view::<T>(x, l)?;
     let mut b = f.builder();
     b.arg(&xv).arg(&mut y).arg(&count).arg(&n);
     // SAFETY: arguments as name(x, y, count, n).
@@ -97,9 +111,27 @@ pub(crate) fn unary(name: &str, x: &CudaStorage, l: &Layout, out: Shape) -> cand
     Ok((CudaStorage::wrap_cuda_slice(y, dev), out))
 }
 
-/// `name(s, dy, dx, count, n)` of the activation kernels: the input gradient (shaped
-/// like the saved input `s`, last dim n) from `count` output-gradient elements.
+/// `name_f32` or `name_bf16(s, dy, dx, count, n)` of the activation kernels, by the
+/// saved input's dtype: the input gradient (shaped like `s`, last dim n) from
+/// `count` output-gradient elements.
 pub(crate) fn unary_grad(
+    name: &str,
+    s: &CudaStorage,
+    sl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    if g.dtype() != s.dtype() {
+        candle_core::bail!("{name}: gradient {:?} and input {:?} differ in dtype", g.dtype(), s.dtype())
+    }
+    match s.dtype() {
+        DType::F32 => unary_grad_typed::<f32>(&format!("{name}_f32"), s, sl, g, gl),
+        DType::BF16 => unary_grad_typed::<half::bf16>(&format!("{name}_bf16"), s, sl, g, gl),
+        dtype => candle_core::bail!("{name}: no CUDA kernel for {dtype:?}"),
+    }
+}
+
+fn unary_grad_typed<T: candle_core::cuda::CudaDType + DeviceRepr>(
     name: &str,
     s: &CudaStorage,
     sl: &Layout,
@@ -111,9 +143,8 @@ pub(crate) fn unary_grad(
     let count = gl.shape().elem_count();
     let n = sl.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every element of dx.
-    let mut dx =
-        unsafe { dev.cuda_stream().alloc::<f32>(sl.shape().elem_count()) }.map_err(candle_core::Error::wrap)?;
-    let (sv, gv) = (view::<f32>(s, sl)?, view::<f32>(g, gl)?);
+    let mut dx = unsafe { dev.cuda_stream().alloc::<T>(sl.shape().elem_count()) }.map_err(candle_core::Error::wrap)?;
+    let (sv, gv) = (view::<T>(s, sl)?, view::<T>(g, gl)?);
     let mut b = f.builder();
     b.arg(&sv).arg(&gv).arg(&mut dx).arg(&count).arg(&n);
     // SAFETY: arguments as name(s, dy, dx, count, n).

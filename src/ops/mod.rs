@@ -71,8 +71,17 @@ pub fn is_half_on_cpu(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16)
 }
 
-/// Whether `x` takes a fused op that has kernels on both devices (norms, SiLU,
-/// GEGLU): the CPU kernels (f32/f64) and, with the cuda feature, the CUDA kernels (f32).
+/// Whether `x` takes the fused SiLU and GEGLU: the CPU kernels in f32/f64 and, through
+/// f32, bf16/f16 ([`dispatch::in_f32`]); with the cuda feature the CUDA kernels in f32
+/// and bf16 (bf16 loaded and stored, f32 arithmetic, as the CPU does).
+pub fn has_fused_activation(x: &Tensor) -> bool {
+    has_cpu_kernel(x)
+        || is_half_on_cpu(x)
+        || (cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16))
+}
+
+/// Whether `x` takes a fused norm, which has kernels on both devices: the CPU
+/// kernels (f32/f64) and, with the cuda feature, the CUDA kernels (f32).
 pub fn has_fused_kernel(x: &Tensor) -> bool {
     has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32)
 }
