@@ -2,8 +2,8 @@
 //! cuda feature) and what launching them takes. Each op's CUDA path sits in its own
 //! file beside the CPU kernel (`norm.rs`, `activation.rs`, `adam.rs`).
 
-use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda::CudaFunc;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
