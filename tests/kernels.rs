@@ -179,24 +179,27 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
     for (dims, groups) in [([2, 16, 36], 4), ([2, 64, 700], 4), ([30, 24, 1], 1)] {
         let c = dims[1];
         let inputs = [randn(&mut rng, &dims), randn(&mut rng, &[c]), randn(&mut rng, &[c])];
-        compare(
-            &format!("norm {dims:?} in {groups} groups"),
-            dev,
-            DType::F32,
-            &inputs,
-            &move |t| ops::norm_affine(&t[0], groups, &t[1], &t[2], 1e-5),
-            &move |t| ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5),
-            1e-4,
-        );
-        compare(
-            &format!("norm + silu {dims:?} in {groups} groups"),
-            dev,
-            DType::F32,
-            &inputs,
-            &move |t| ops::norm_affine_silu(&t[0], groups, &t[1], &t[2], 1e-5),
-            &move |t| Ok(ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5)?.silu()?),
-            1e-4,
-        );
+        // bf16 too: the kernels load and store a bf16 x with f32 parameters.
+        for (dtype, tol) in DTYPES {
+            compare(
+                &format!("norm {dims:?} in {groups} groups"),
+                dev,
+                dtype,
+                &inputs,
+                &move |t| ops::norm_affine(&t[0], groups, &t[1], &t[2], 1e-5),
+                &move |t| ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5),
+                tol,
+            );
+            compare(
+                &format!("norm + silu {dims:?} in {groups} groups"),
+                dev,
+                dtype,
+                &inputs,
+                &move |t| ops::norm_affine_silu(&t[0], groups, &t[1], &t[2], 1e-5),
+                &move |t| Ok(ops::norm::norm_affine_composed(&t[0], groups, &t[1], &t[2], 1e-5)?.silu()?),
+                tol,
+            );
+        }
     }
     // SiLU and GEGLU in bf16 too: the CUDA kernels load and store bf16.
     let (silu_in, geglu_in) = (randn(&mut rng, &[3, 50]), randn(&mut rng, &[2, 9, 32]));
@@ -283,8 +286,8 @@ fn precomputed_outputs_are_held_once_cuda() -> common::TestResult {
     Ok(())
 }
 
-/// On the CPU, half-precision linear maps, convolutions, attention, SiLU and GEGLU
-/// run the f32 kernels on operands widened inside the op (so that the graph holds only the
+/// On the CPU, half-precision linear maps, convolutions, attention, norms, SiLU and
+/// GEGLU run the f32 kernels on operands widened inside the op (so that the graph holds only the
 /// half-precision tensors, as on CUDA): outputs and every gradient bit for bit those
 /// of the f32 op between explicit casts, the graph keeping the f32 copies.
 #[test]
@@ -305,6 +308,16 @@ fn half_precision_cpu_ops_equal_the_f32_ops_between_casts() -> common::TestResul
             "conv2d",
             vec![randn(&mut rng, &[2, 8, 10, 10]), randn(&mut rng, &[16, 8, 3, 3]), randn(&mut rng, &[16])],
             Box::new(|t| ops::conv2d(&t[0], &t[1], Some(&t[2]), 1, 2)),
+        ),
+        (
+            "group norm + silu",
+            vec![randn(&mut rng, &[2, 16, 36]), randn(&mut rng, &[16]), randn(&mut rng, &[16])],
+            Box::new(|t| ops::norm_affine_silu(&t[0], 4, &t[1], &t[2], 1e-5)),
+        ),
+        (
+            "layer norm",
+            vec![randn(&mut rng, &[30, 24, 1]), randn(&mut rng, &[24]), randn(&mut rng, &[24])],
+            Box::new(|t| ops::norm_affine(&t[0], 1, &t[1], &t[2], 1e-5)),
         ),
         ("silu", vec![randn(&mut rng, &[3, 70])], Box::new(|t| ops::silu(&t[0]))),
         ("geglu", vec![randn(&mut rng, &[2, 9, 64])], Box::new(|t| ops::geglu(&t[0]))),

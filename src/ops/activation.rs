@@ -6,7 +6,7 @@
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, lane_sum_zip, vectorized, Real};
-use super::{contiguous, for_rows, has_cpu_kernel, has_fused_activation, rows_of, rows_written};
+use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of, rows_written};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 
@@ -271,7 +271,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if n2 % 2 != 0 {
         crate::bail!("geglu: the last dim ({n2}) must be even");
     }
-    if has_fused_activation(h) {
+    if has_fused_kernel(h) {
         return crate::profile::span("activation.forward", h.device(), || Ok(h.contiguous()?.apply_op1(Geglu)?));
     }
     geglu_composed(h)
@@ -287,7 +287,7 @@ pub fn geglu_composed(h: &Tensor) -> Result<Tensor> {
 /// SiLU, x·σ(x): one pass each way on the CPU and (f32) on CUDA; elsewhere
 /// candle's `silu` (the composed form, and the test oracle).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if has_fused_activation(x) {
+    if has_fused_kernel(x) {
         return crate::profile::span("activation.forward", x.device(), || Ok(x.contiguous()?.apply_op1(Silu)?));
     }
     Ok(x.silu()?)

@@ -50,6 +50,26 @@ pub fn in_f32(
     operands: &[(&CpuStorage, &Layout)],
     f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> candle_core::Result<(CpuStorage, Shape)>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
+    widened(operands, true, f)
+}
+
+/// Runs `kernel` as [`cpu`] does, but leaves its result in f32 where half-precision
+/// operands were widened: for a packed result whose parts take different dtypes (a
+/// norm's input gradient, rounded by its caller, beside its f32 affine gradients).
+pub fn cpu_unrounded<K: Kernel>(
+    kernel: &K,
+    operands: &[(&CpuStorage, &Layout)],
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    widened(operands, false, |operands| typed_cpu(kernel, operands))
+}
+
+/// `f` of the operands with the half-precision ones widened to f32; the result
+/// rounded to the first operand's dtype when `round`.
+fn widened(
+    operands: &[(&CpuStorage, &Layout)],
+    round: bool,
+    f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> candle_core::Result<(CpuStorage, Shape)>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
     let is_half = |s: &CpuStorage| matches!(s.dtype(), DType::BF16 | DType::F16);
     if !operands.iter().any(|(s, _)| is_half(s)) {
         return f(operands);
@@ -62,7 +82,7 @@ pub fn in_f32(
         operands.iter().zip(&wide).map(|(&(s, l), w)| w.as_ref().map_or((s, l), |(s, l)| (s, l))).collect();
     let (out, shape) = f(&view)?;
     match operands.first() {
-        Some((s, _)) if is_half(s) => Ok((out.to_dtype(&Layout::contiguous(&shape), s.dtype())?, shape)),
+        Some((s, _)) if round && is_half(s) => Ok((out.to_dtype(&Layout::contiguous(&shape), s.dtype())?, shape)),
         _ => Ok((out, shape)),
     }
 }

@@ -60,8 +60,8 @@ pub fn has_cpu_kernel(x: &Tensor) -> bool {
 
 /// Whether `x` is a half-precision (bf16/f16) CPU tensor. candle's CPU has no
 /// half-precision convolution and widens its half matmuls operand by operand, so
-/// the linear maps, convolutions and attention take such tensors through the f32
-/// CPU kernels instead ([`dispatch::in_f32`]): the operands widened inside the op,
+/// the linear maps, convolutions, attention, norms, SiLU and GEGLU take such tensors
+/// through the f32 CPU kernels instead ([`dispatch::in_f32`]): the operands widened inside the op,
 /// f32 arithmetic, the result rounded back — what tensor cores do with bf16
 /// operands (f32 accumulation, a bf16 store) and what the CUDA kernels do; the
 /// backward widens again and rounds each gradient to its operand's dtype. The
@@ -71,19 +71,15 @@ pub fn is_half_on_cpu(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16)
 }
 
-/// Whether `x` takes the fused SiLU and GEGLU: the CPU kernels in f32/f64 and, through
-/// f32, bf16/f16 ([`dispatch::in_f32`]); with the cuda feature the CUDA kernels in f32
-/// and bf16 (bf16 loaded and stored, f32 arithmetic, as the CPU does).
-pub fn has_fused_activation(x: &Tensor) -> bool {
+/// Whether `x` takes the fused ops that have kernels on both devices (norms, group
+/// norm + SiLU, SiLU, GEGLU): the CPU kernels in f32/f64 and, through f32, bf16/f16
+/// ([`dispatch::in_f32`]); with the cuda feature the CUDA kernels in f32 and bf16
+/// (bf16 loaded and stored, f32 arithmetic, as the CPU does). A norm's affine
+/// parameters and statistics are f32 for a half-precision x.
+pub fn has_fused_kernel(x: &Tensor) -> bool {
     has_cpu_kernel(x)
         || is_half_on_cpu(x)
         || (cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16))
-}
-
-/// Whether `x` takes a fused norm, which has kernels on both devices: the CPU
-/// kernels (f32/f64) and, with the cuda feature, the CUDA kernels (f32).
-pub fn has_fused_kernel(x: &Tensor) -> bool {
-    has_cpu_kernel(x) || (cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32)
 }
 
 /// 0 where `x` is finite and NaN where it is not (x − x), so that a sum flags any

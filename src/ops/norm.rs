@@ -5,12 +5,12 @@
 //! fused SiLU keeps only x for the backward, not the norm's output as well).
 
 use super::activation::{silu_at, silu_grad_at};
-use super::dispatch::{kernel_cpu_fwd, Kernel};
+use super::dispatch::{self, kernel_cpu_fwd, Kernel};
 use super::gemm::sum_partials;
 use super::simd::{lane_sum, lane_sum_zip, vectorized, Real};
 use super::{contiguous, has_fused_kernel, rows_written, upcast, PAR_MIN};
 use crate::error::Result;
-use candle_core::{Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -289,7 +289,8 @@ impl candle_core::CustomOp3 for NormAffine {
             x.apply_op3_no_bwd(&wb, &grad.contiguous()?, &op)
         })?;
         let (len, c) = (x.elem_count(), self.geom.channels);
-        let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
+        // Packed in f32 for a half-precision x (the parameters' gradients are f32).
+        let gx = packed.narrow(0, 0, len)?.reshape(x.shape())?.to_dtype(x.dtype())?;
         // The parameters' gradients are copied out: a view would hold the whole packed
         // buffer, x's size, for as long as the gradient is kept (to the optimizer step).
         let param_grad =
@@ -302,7 +303,18 @@ impl candle_core::CustomOp3 for NormAffineGrad {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
+    /// [dx | dw | db] stay f32 for a half-precision x: the caller rounds dx alone.
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        wb: &CpuStorage,
+        wbl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch::cpu_unrounded(self, &[(x, xl), (wb, wbl), (g, gl)])
+    }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -324,19 +336,30 @@ impl candle_core::CustomOp3 for NormAffineGrad {
 mod cuda {
     use super::super::kernels_cuda::{grid_stride, per_block, row_chunks, row_split, NORM};
     use super::NormGeom;
-    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
-    use candle_core::{CudaStorage, Layout, Shape};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::cuda::{CudaDType, CudaFunc};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
 
     type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
-    fn view<'a>((s, l): Operand<'a>) -> candle_core::Result<CudaView<'a, f32>> {
-        super::super::kernels_cuda::view::<f32>(s, l)
+    fn view<'a, T: CudaDType>((s, l): Operand<'a>) -> candle_core::Result<CudaView<'a, T>> {
+        super::super::kernels_cuda::view::<T>(s, l)
     }
 
-    /// An uninitialised f32 buffer of `len`, for a kernel that writes all of it.
-    fn alloc(dev: &candle_core::CudaDevice, len: usize) -> candle_core::Result<CudaSlice<f32>> {
+    /// The kernel `name` for x's dtype (`name_f32`, `name_bf16`).
+    fn kernel(dev: &candle_core::CudaDevice, name: &str, x: Operand) -> candle_core::Result<CudaFunc> {
+        match x.0.dtype() {
+            DType::F32 => NORM.function(dev, &format!("{name}_f32")),
+            DType::BF16 => NORM.function(dev, &format!("{name}_bf16")),
+            dtype => candle_core::bail!("norm: no CUDA kernel for {dtype:?}"),
+        }
+    }
+
+    /// An uninitialised buffer of `len`, for a kernel that writes all of it.
+    fn alloc<T: DeviceRepr>(dev: &candle_core::CudaDevice, len: usize) -> candle_core::Result<CudaSlice<T>> {
         // SAFETY: every caller's kernels write each entry before anything reads it.
-        unsafe { dev.cuda_stream().alloc::<f32>(len) }.map_err(candle_core::Error::wrap)
+        unsafe { dev.cuda_stream().alloc::<T>(len) }.map_err(candle_core::Error::wrap)
     }
 
     /// How x's rows are laid out and split: rows, row length, chunks, chunk length.
@@ -356,19 +379,19 @@ mod cuda {
     }
 
     /// The statistics [rows, 2] of x: each chunk's partials, then merged per row.
-    fn stats(g: &NormGeom, x: Operand, at: &Rows) -> candle_core::Result<CudaSlice<f32>> {
+    fn stats<T: CudaDType>(g: &NormGeom, x: Operand, at: &Rows) -> candle_core::Result<CudaSlice<f32>> {
         let dev = &x.0.device;
         let (n, len, chunks, rows) = (at.n as i32, at.len as i32, at.chunks as i32, at.rows as i32);
-        let mut partial = alloc(dev, 2 * at.rows * at.chunks)?;
-        let xv = view(x)?;
-        let func = NORM.function(dev, "norm_chunk_stats_f32")?;
+        let mut partial = alloc::<f32>(dev, 2 * at.rows * at.chunks)?;
+        let xv = view::<T>(x)?;
+        let func = kernel(dev, "norm_chunk_stats", x)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&mut partial).arg(&n).arg(&len);
-        // SAFETY: arguments as norm_chunk_stats_f32(x, partial, n, len); x holds rows·n
+        // SAFETY: arguments as norm_chunk_stats_*(x, partial, n, len); x holds rows·n
         // values, partial one pair per (row, chunk) of the grid.
         unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
-        let mut st = alloc(dev, 2 * at.rows)?;
+        let mut st = alloc::<f32>(dev, 2 * at.rows)?;
         let (func, eps) = (NORM.function(dev, "norm_stats_f32")?, g.eps as f32);
         let mut b = func.builder();
         b.arg(&partial).arg(&mut st).arg(&rows).arg(&chunks).arg(&n).arg(&len).arg(&eps);
@@ -385,27 +408,55 @@ mod cuda {
         w: Operand,
         bias: Operand,
     ) -> candle_core::Result<((CudaStorage, Shape), CudaSlice<f32>)> {
+        match x.0.dtype() {
+            DType::BF16 => forward_as::<half::bf16>(g, x, w, bias),
+            _ => forward_as::<f32>(g, x, w, bias),
+        }
+    }
+
+    fn forward_as<T: CudaDType + DeviceRepr>(
+        g: &NormGeom,
+        x: Operand,
+        w: Operand,
+        bias: Operand,
+    ) -> candle_core::Result<((CudaStorage, Shape), CudaSlice<f32>)> {
         let dev = x.0.device.clone();
         let at = Rows::of(g, x);
-        let st = stats(g, x, &at)?;
-        let func = NORM.function(&dev, "norm_fwd_f32")?;
-        let mut y = alloc(&dev, at.rows * at.n)?;
-        let (xv, wv, bv) = (view(x)?, view(w)?, view(bias)?);
+        let st = stats::<T>(g, x, &at)?;
+        let func = kernel(&dev, "norm_fwd", x)?;
+        let mut y = alloc::<T>(&dev, at.rows * at.n)?;
+        let (xv, wv, bv) = (view::<T>(x)?, view::<f32>(w)?, view::<f32>(bias)?);
         let dims = [at.n as i32, g.channels as i32, g.spatial as i32, g.groups as i32, g.silu.into()];
         let mut b = func.builder();
         b.arg(&xv).arg(&wv).arg(&bv).arg(&st).arg(&mut y);
         for d in &dims {
             b.arg(d);
         }
-        // SAFETY: arguments as norm_fwd_f32(x, w, b, stats, y, n, channels, spatial, groups, silu).
+        // SAFETY: arguments as norm_fwd_*(x, w, b, stats, y, n, channels, spatial, groups, silu).
         unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
         Ok(((CudaStorage::wrap_cuda_slice(y, dev), x.1.shape().clone()), st))
     }
 
-    /// [dx | dw | db], as the CPU kernel packs them; `wb` is [w | b]; `saved`, x's
-    /// statistics as the forward left them.
+    /// [dx | dw | db] in f32, as the CPU kernel packs them; `wb` is [w | b] (f32);
+    /// x and dy of one dtype; `saved`, x's statistics as the forward left them.
     pub(super) fn backward(
+        g: &NormGeom,
+        saved: Option<&CudaSlice<f32>>,
+        x: Operand,
+        wb: Operand,
+        dy: Operand,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if dy.0.dtype() != x.0.dtype() {
+            candle_core::bail!("norm backward: gradient {:?} and input {:?} differ in dtype", dy.0.dtype(), x.0.dtype())
+        }
+        match x.0.dtype() {
+            DType::BF16 => backward_as::<half::bf16>(g, saved, x, wb, dy),
+            _ => backward_as::<f32>(g, saved, x, wb, dy),
+        }
+    }
+
+    fn backward_as<T: CudaDType>(
         g: &NormGeom,
         saved: Option<&CudaSlice<f32>>,
         x: Operand,
@@ -416,38 +467,38 @@ mod cuda {
         let at = Rows::of(g, x);
         let Some(st) = saved else { candle_core::bail!("norm backward: the forward left no statistics") };
         let (len, c) = (at.rows * at.n, g.channels);
-        let mut out = alloc(&dev, len + 2 * c)?;
-        let mut partial = alloc(&dev, 2 * at.rows * at.chunks)?;
-        let (xv, wbv, gv) = (view(x)?, view(wb)?, view(dy)?);
+        let mut out = alloc::<f32>(&dev, len + 2 * c)?;
+        let mut partial = alloc::<f32>(&dev, 2 * at.rows * at.chunks)?;
+        let (xv, wbv, gv) = (view::<T>(x)?, view::<f32>(wb)?, view::<T>(dy)?);
         let (wv, bv) = (wbv.slice(0..c), wbv.slice(c..2 * c));
         let (n32, chunk_len, chunks) = (at.n as i32, at.len as i32, at.chunks as i32);
         let (c32, s32, g32, silu) = (c as i32, g.spatial as i32, g.groups as i32, i32::from(g.silu));
-        let func = NORM.function(&dev, "norm_dx_partial_f32")?;
+        let func = kernel(&dev, "norm_dx_partial", x)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&mut partial);
         b.arg(&n32).arg(&chunk_len).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
-        // SAFETY: arguments as norm_dx_partial_f32(x, w, b, dy, stats, partial, n, len,
+        // SAFETY: arguments as norm_dx_partial_*(x, w, b, dy, stats, partial, n, len,
         // channels, spatial, groups, silu); partial one pair per (row, chunk) of the grid.
         unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
-        let func = NORM.function(&dev, "norm_dx_f32")?;
+        let func = kernel(&dev, "norm_dx", x)?;
         {
             let mut dx = out.slice_mut(0..len);
             let mut b = func.builder();
             b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&partial).arg(&mut dx);
             b.arg(&n32).arg(&chunks).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
-            // SAFETY: arguments as norm_dx_f32(x, w, b, dy, stats, partial, dx, n, chunks,
+            // SAFETY: arguments as norm_dx_*(x, w, b, dy, stats, partial, dx, n, chunks,
             // channels, spatial, groups, silu).
             unsafe { b.launch(row_chunks(at.rows, at.chunks)) }.map_err(candle_core::Error::wrap)?;
         }
-        let func = NORM.function(&dev, "norm_dwdb_f32")?;
+        let func = kernel(&dev, "norm_dwdb", x)?;
         let batch = (at.rows / g.groups) as i32;
         let mut rest = out.slice_mut(len..);
         let (mut dw, mut db) = rest.split_at_mut(c);
         let mut b = func.builder();
         b.arg(&xv).arg(&wv).arg(&bv).arg(&gv).arg(st).arg(&mut dw).arg(&mut db);
         b.arg(&batch).arg(&c32).arg(&s32).arg(&g32).arg(&silu);
-        // SAFETY: arguments as norm_dwdb_f32(x, w, b, dy, stats, dw, db, batch, channels, spatial, groups, silu).
+        // SAFETY: arguments as norm_dwdb_*(x, w, b, dy, stats, dw, db, batch, channels, spatial, groups, silu).
         unsafe { b.launch(per_block(c)) }.map_err(candle_core::Error::wrap)?;
         drop(b);
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(len + 2 * c)))
@@ -483,8 +534,12 @@ fn norm_affine_then(x: &Tensor, groups: usize, w: &Tensor, b: &Tensor, eps: f64,
         crate::bail!("norm: {channels} channels do not split into {groups} groups");
     }
     let dtype = x.dtype();
-    let x = upcast(x)?;
-    let (w, b) = (upcast(w)?.to_dtype(x.dtype())?, upcast(b)?.to_dtype(x.dtype())?);
+    // The fused kernels take a half-precision x as it is (loaded as such, every sum
+    // in f32) with f32 parameters: the graph keeps x, not an f32 copy of it.
+    let half = matches!(dtype, DType::BF16 | DType::F16) && has_fused_kernel(x);
+    let x = if half { x.clone() } else { upcast(x)? };
+    let params = if half { DType::F32 } else { x.dtype() };
+    let (w, b) = (upcast(w)?.to_dtype(params)?, upcast(b)?.to_dtype(params)?);
     let y = if has_fused_kernel(&x) {
         let geom = NormGeom { channels, spatial, groups, eps, silu };
         crate::profile::span("norm.forward", x.device(), || {

@@ -1,5 +1,8 @@
-// Group and layer normalisation with a per-channel affine on CUDA, f32: the CUDA
-// side of ops::norm (the CPU kernels' formulas). x is [B, C, S]; each image's C
+// Group and layer normalisation with a per-channel affine on CUDA, for f32 and bf16
+// tensors: the CUDA side of ops::norm (the CPU kernels' formulas). x, y and dy are of
+// the tensor's type T (a bf16 one loaded and stored as such, every sum and product
+// in f32); w, b, the statistics, dx and the affine gradients are f32 (dx is packed
+// with dw and db; ops::norm rounds it to T). x is [B, C, S]; each image's C
 // channels form G groups of C/G channels, and group r = b·G + g is the contiguous
 // row x[r·n .. (r+1)·n] with n = (C/G)·S. Layer norm is [rows, D, 1] with G = 1.
 //
@@ -18,8 +21,16 @@
 // with dz = dy, or dy·silu′(z) when `silu` (z recomputed from x: the fused
 // group norm + SiLU keeps no tensor but x for its backward).
 #include <stddef.h>
+#ifndef SIDSCRIPT_CPU_EMULATION
+#include <cuda_bf16.h>
+#endif
 
 #include "silu.cuh"
+
+__device__ __forceinline__ float ld(const float *p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16 *p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float *p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16 *p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
 // The sum of v over the block; `shared` holds one float per warp (32 suffice).
 __device__ float block_sum(float v, float *shared) {
@@ -44,17 +55,18 @@ __device__ __forceinline__ void chunk_range(int n, int len, int *begin, int *end
 }
 
 // Block (r, k): partial[2·(r·chunks + k) ..] = the chunk's mean and Σ(x − mean)².
-extern "C" __global__ void norm_chunk_stats_f32(const float *x, float *partial, int n, int len) {
+template <typename T>
+__device__ __forceinline__ void norm_chunk_stats(const T *x, float *partial, int n, int len) {
     __shared__ float shared[32];
-    const float *row = x + (size_t)blockIdx.x * n;
+    const T *row = x + (size_t)blockIdx.x * n;
     int begin, end;
     chunk_range(n, len, &begin, &end);
     float s = 0.0f;
-    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) s += row[i];
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) s += ld(row, i);
     const float mean = block_sum(s, shared) / (end - begin);
     float q = 0.0f;
     for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
-        const float d = row[i] - mean;
+        const float d = ld(row, i) - mean;
         q += d * d;
     }
     q = block_sum(q, shared);
@@ -88,29 +100,32 @@ extern "C" __global__ void norm_stats_f32(const float *partial, float *stats, in
 __device__ __forceinline__ float affine_grad(float z, float dy, int silu) { return silu ? silu_grad_f32(z, dy) : dy; }
 
 // Row r = blockIdx.x, its elements strided over the row's gridDim.y blocks.
-extern "C" __global__ void norm_fwd_f32(const float *x, const float *w, const float *b, const float *stats,
-                                        float *y, int n, int channels, int spatial, int groups, int silu) {
+template <typename T>
+__device__ __forceinline__ void norm_fwd(const T *x, const float *w, const float *b, const float *stats, T *y, int n,
+                                         int channels, int spatial, int groups, int silu) {
     const size_t r = blockIdx.x;
     const float mean = stats[2 * r], rstd = stats[2 * r + 1];
     const int c0 = (int)(r % groups) * (channels / groups);
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < n; i += gridDim.y * blockDim.x) {
         const int c = c0 + i / spatial;
-        const float z = (x[r * n + i] - mean) * rstd * w[c] + b[c];
-        y[r * n + i] = silu ? silu_f32(z) : z;
+        const float z = (ld(x, r * n + i) - mean) * rstd * w[c] + b[c];
+        st(y, r * n + i, silu ? silu_f32(z) : z);
     }
 }
 
 // ĝ = dz·w[c] at element i of row r, and x̂ there.
-__device__ __forceinline__ float scaled_grad(const float *x, const float *w, const float *b, const float *dy, size_t r,
-                                             int i, int n, float mean, float rstd, int c, int silu, float *xh) {
-    *xh = (x[r * n + i] - mean) * rstd;
-    return affine_grad(*xh * w[c] + b[c], dy[r * n + i], silu) * w[c];
+template <typename T>
+__device__ __forceinline__ float scaled_grad(const T *x, const float *w, const float *b, const T *dy, size_t r, int i,
+                                             int n, float mean, float rstd, int c, int silu, float *xh) {
+    *xh = (ld(x, r * n + i) - mean) * rstd;
+    return affine_grad(*xh * w[c] + b[c], ld(dy, r * n + i), silu) * w[c];
 }
 
 // Block (r, k): partial[2·(r·chunks + k) ..] = the chunk's Σĝ and Σĝ·x̂.
-extern "C" __global__ void norm_dx_partial_f32(const float *x, const float *w, const float *b, const float *dy,
-                                               const float *stats, float *partial, int n, int len, int channels,
-                                               int spatial, int groups, int silu) {
+template <typename T>
+__device__ __forceinline__ void norm_dx_partial(const T *x, const float *w, const float *b, const T *dy,
+                                                const float *stats, float *partial, int n, int len, int channels,
+                                                int spatial, int groups, int silu) {
     __shared__ float shared[32];
     const size_t r = blockIdx.x;
     const float mean = stats[2 * r], rstd = stats[2 * r + 1];
@@ -135,9 +150,10 @@ extern "C" __global__ void norm_dx_partial_f32(const float *x, const float *w, c
 
 // Row r = blockIdx.x, its elements strided over the row's gridDim.y blocks; the
 // row's means of ĝ and ĝ·x̂ from its `chunks` partials, summed in order.
-extern "C" __global__ void norm_dx_f32(const float *x, const float *w, const float *b, const float *dy,
-                                       const float *stats, const float *partial, float *dx, int n, int chunks,
-                                       int channels, int spatial, int groups, int silu) {
+template <typename T>
+__device__ __forceinline__ void norm_dx(const T *x, const float *w, const float *b, const T *dy, const float *stats,
+                                        const float *partial, float *dx, int n, int chunks, int channels, int spatial,
+                                        int groups, int silu) {
     const size_t r = blockIdx.x;
     const float mean = stats[2 * r], rstd = stats[2 * r + 1];
     const int c0 = (int)(r % groups) * (channels / groups);
@@ -155,9 +171,10 @@ extern "C" __global__ void norm_dx_f32(const float *x, const float *w, const flo
     }
 }
 
-extern "C" __global__ void norm_dwdb_f32(const float *x, const float *w, const float *b, const float *dy,
-                                         const float *stats, float *dw, float *db, int batch, int channels,
-                                         int spatial, int groups, int silu) {
+template <typename T>
+__device__ __forceinline__ void norm_dwdb(const T *x, const float *w, const float *b, const T *dy, const float *stats,
+                                          float *dw, float *db, int batch, int channels, int spatial, int groups,
+                                          int silu) {
     __shared__ float shared[32];
     const int c = blockIdx.x, g = c / (channels / groups);
     const float wc = w[c], bc = b[c];
@@ -166,8 +183,8 @@ extern "C" __global__ void norm_dwdb_f32(const float *x, const float *w, const f
     for (size_t k = threadIdx.x; k < total; k += blockDim.x) {
         const size_t image = k / spatial, s = k % spatial, r = image * groups + g;
         const size_t at = (image * channels + c) * spatial + s;
-        const float xh = (x[at] - stats[2 * r]) * stats[2 * r + 1];
-        const float d = affine_grad(xh * wc + bc, dy[at], silu);
+        const float xh = (ld(x, at) - stats[2 * r]) * stats[2 * r + 1];
+        const float d = affine_grad(xh * wc + bc, ld(dy, at), silu);
         sw += d * xh;
         sb += d;
     }
@@ -178,3 +195,32 @@ extern "C" __global__ void norm_dwdb_f32(const float *x, const float *w, const f
         db[c] = sb;
     }
 }
+
+// The kernels ops::norm launches, for f32 and bf16 tensors (norm_stats_f32 above
+// serves both).
+#define NORM_KERNELS(SUFFIX, T)                                                                                     \
+    extern "C" __global__ void norm_chunk_stats_##SUFFIX(const T *x, float *partial, int n, int len) {               \
+        norm_chunk_stats(x, partial, n, len);                                                                        \
+    }                                                                                                                \
+    extern "C" __global__ void norm_fwd_##SUFFIX(const T *x, const float *w, const float *b, const float *stats,     \
+                                                 T *y, int n, int channels, int spatial, int groups, int silu) {     \
+        norm_fwd(x, w, b, stats, y, n, channels, spatial, groups, silu);                                             \
+    }                                                                                                                \
+    extern "C" __global__ void norm_dx_partial_##SUFFIX(const T *x, const float *w, const float *b, const T *dy,     \
+                                                        const float *stats, float *partial, int n, int len,          \
+                                                        int channels, int spatial, int groups, int silu) {           \
+        norm_dx_partial(x, w, b, dy, stats, partial, n, len, channels, spatial, groups, silu);                       \
+    }                                                                                                                \
+    extern "C" __global__ void norm_dx_##SUFFIX(const T *x, const float *w, const float *b, const T *dy,             \
+                                                const float *stats, const float *partial, float *dx, int n,          \
+                                                int chunks, int channels, int spatial, int groups, int silu) {       \
+        norm_dx(x, w, b, dy, stats, partial, dx, n, chunks, channels, spatial, groups, silu);                        \
+    }                                                                                                                \
+    extern "C" __global__ void norm_dwdb_##SUFFIX(const T *x, const float *w, const float *b, const T *dy,           \
+                                                  const float *stats, float *dw, float *db, int batch, int channels, \
+                                                  int spatial, int groups, int silu) {                               \
+        norm_dwdb(x, w, b, dy, stats, dw, db, batch, channels, spatial, groups, silu);                               \
+    }
+
+NORM_KERNELS(f32, float)
+NORM_KERNELS(bf16, __nv_bfloat16)
