@@ -103,7 +103,7 @@ fn an_unaligned_16_byte_copy_fails_the_emulated_check() {
 }
 
 /// Group and layer norm each way (`src/ops/cuda/norm.cu`, whose block sums use warp
-/// shuffles), alone and fused with SiLU: statistics, forward, input and affine
+/// shuffles), alone and fused with SiLU, for f32 and bf16 tensors: statistics, forward, input and affine
 /// gradients, rows in one chunk, in several, and over the 64-chunk cap with a short
 /// last chunk.
 #[test]
@@ -111,6 +111,7 @@ fn norm_kernels() {
     let out = passes("norm_check");
     assert!(out.contains(" 5 chunks") && out.contains("64 chunks"), "no row split into several chunks:\n{out}");
     assert!(out.contains("+silu"), "no case of group norm + SiLU:\n{out}");
+    assert!(out.contains("bf16 batch"), "no case of a bf16 tensor:\n{out}");
 }
 
 /// The norm check has teeth: merging a row's chunk statistics as if every chunk were
