@@ -22,6 +22,15 @@ impl Kernels {
     pub(crate) fn function(&self, dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunc> {
         dev.get_or_load_custom_func_image(name, self.module, self.image)
     }
+
+    /// The kernel `name_f32` or `name_bf16` for tensors of `dtype`.
+    pub(crate) fn function_for(&self, dev: &CudaDevice, name: &str, dtype: DType) -> candle_core::Result<CudaFunc> {
+        match dtype {
+            DType::F32 => self.function(dev, &format!("{name}_f32")),
+            DType::BF16 => self.function(dev, &format!("{name}_bf16")),
+            _ => candle_core::bail!("{name}: no CUDA kernel for {dtype:?}"),
+        }
+    }
 }
 
 macro_rules! kernels {
@@ -84,9 +93,8 @@ pub(crate) fn view<'a, T: candle_core::cuda::CudaDType>(
 /// dtype: `count` outputs from `x`, whose last dim is n.
 pub(crate) fn unary(name: &str, x: &CudaStorage, l: &Layout, out: Shape) -> candle_core::Result<(CudaStorage, Shape)> {
     match x.dtype() {
-        DType::F32 => unary_typed::<f32>(&format!("{name}_f32"), x, l, out),
-        DType::BF16 => unary_typed::<half::bf16>(&format!("{name}_bf16"), x, l, out),
-        dtype => candle_core::bail!("{name}: no CUDA kernel for {dtype:?}"),
+        DType::BF16 => unary_typed::<half::bf16>(name, x, l, out),
+        _ => unary_typed::<f32>(name, x, l, out),
     }
 }
 
@@ -97,7 +105,7 @@ fn unary_typed<T: candle_core::cuda::CudaDType + DeviceRepr>(
     out: Shape,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = x.device.clone();
-    let f = ACTIVATION.function(&dev, name)?;
+    let f = ACTIVATION.function_for(&dev, name, x.dtype())?;
     let count = out.elem_count();
     let n = l.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every output element.
@@ -125,9 +133,8 @@ pub(crate) fn unary_grad(
         candle_core::bail!("{name}: gradient {:?} and input {:?} differ in dtype", g.dtype(), s.dtype())
     }
     match s.dtype() {
-        DType::F32 => unary_grad_typed::<f32>(&format!("{name}_f32"), s, sl, g, gl),
-        DType::BF16 => unary_grad_typed::<half::bf16>(&format!("{name}_bf16"), s, sl, g, gl),
-        dtype => candle_core::bail!("{name}: no CUDA kernel for {dtype:?}"),
+        DType::BF16 => unary_grad_typed::<half::bf16>(name, s, sl, g, gl),
+        _ => unary_grad_typed::<f32>(name, s, sl, g, gl),
     }
 }
 
@@ -139,7 +146,7 @@ fn unary_grad_typed<T: candle_core::cuda::CudaDType + DeviceRepr>(
     gl: &Layout,
 ) -> candle_core::Result<(CudaStorage, Shape)> {
     let dev = s.device.clone();
-    let f = ACTIVATION.function(&dev, name)?;
+    let f = ACTIVATION.function_for(&dev, name, s.dtype())?;
     let count = gl.shape().elem_count();
     let n = sl.dims().last().copied().unwrap_or(1) as i32;
     // SAFETY: the kernel writes every element of dx.

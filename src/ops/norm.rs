@@ -349,11 +349,7 @@ mod cuda {
 
     /// The kernel `name` for x's dtype (`name_f32`, `name_bf16`).
     fn kernel(dev: &candle_core::CudaDevice, name: &str, x: Operand) -> candle_core::Result<CudaFunc> {
-        match x.0.dtype() {
-            DType::F32 => NORM.function(dev, &format!("{name}_f32")),
-            DType::BF16 => NORM.function(dev, &format!("{name}_bf16")),
-            dtype => candle_core::bail!("norm: no CUDA kernel for {dtype:?}"),
-        }
+        NORM.function_for(dev, name, x.0.dtype())
     }
 
     /// An uninitialised buffer of `len`, for a kernel that writes all of it.
