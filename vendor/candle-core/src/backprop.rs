@@ -292,6 +292,8 @@ impl Tensor {
                     .expect("candle internal error - grad not populated");
                 if do_not_detach { grad } else { grad.detach() }
             };
+            // The node's operands, for the detaching and the freeing after its step.
+            let inputs = node.op().as_ref().map(|op| op.inputs()).unwrap_or_default();
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
@@ -815,7 +817,7 @@ impl Tensor {
                 // until the operand's own step: stored detached, as `accumulate` stores.
                 // (sidscript patch.)
                 if !do_not_detach {
-                    grads.detach_entries(&op.inputs());
+                    grads.detach_entries(&inputs);
                 }
             }
             if release {
@@ -832,7 +834,7 @@ impl Tensor {
                 // An operand that tracks no gradient is no node of the walk: made in the
                 // forward pass and held by the graph alone (a frozen weight cast to the
                 // compute dtype, a drawn noise), it goes after its last consumer's step.
-                for arg in node.op().as_ref().map(|op| op.inputs()).unwrap_or_default() {
+                for &arg in inputs.iter() {
                     if arg.track_op() || !arg.dtype().is_float() {
                         continue;
                     }
