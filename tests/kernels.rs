@@ -172,6 +172,49 @@ fn half_precision_sums(dev: &Device) -> common::TestResult {
 }
 test_device!(half_precision_sums, half_precision_sums_cpu, half_precision_sums_cuda);
 
+/// bf16 adds (tensor + tensor, and tensor + a broadcast scalar: candle's vectorized
+/// CPU paths) round each sum as the scalar conversion does, bit for bit: ties to
+/// even, subnormals kept, overflow to infinity, NaN kept. The vendored candle-core
+/// converts by AVX2 integer arithmetic; upstream called avx512bf16 instructions out
+/// of line where the CPU has them (a bf16 add 30× slower than a mul) and flushed
+/// subnormals there. 100 values: three 32-value SIMD blocks and a scalar tail.
+#[test]
+fn bf16_adds_round_as_the_scalar_conversion() -> common::TestResult {
+    use half::bf16;
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+    let mut rng = sidscript::rng::Generator::new(5);
+    let normal = randn(&mut rng, &[2, 100]).to_dtype(DType::BF16)?.to_vec2::<bf16>()?;
+    let (mut a, mut b) = (normal[0].clone(), normal[1].clone());
+    let special: [(u16, u16); 10] = [
+        (0x3f80, 0x3b80), // 1 + 2⁻⁸: a tie, to even (1)
+        (0x3f81, 0x3b80), // (1 + 2⁻⁷) + 2⁻⁸: a tie, to even (1 + 2⁻⁶)
+        (0x0001, 0x0001), // subnormals
+        (0x8003, 0x0001),
+        (0x7f7f, 0x7f7f), // the largest finite, twice: infinity
+        (0x7f80, 0x3f80), // infinity
+        (0xff80, 0x7f80), // −∞ + ∞: NaN
+        (0x7fc1, 0x3f80), // NaN
+        (0x0000, 0x8000), // 0 + −0
+        (0x4049, 0xc049), // x − x
+    ];
+    for (i, (x, y)) in special.iter().enumerate() {
+        // In the first SIMD block, the second, and the scalar tail.
+        for at in [i, 40 + i, 90 + i] {
+            a[at] = bf16::from_bits(*x);
+            b[at] = bf16::from_bits(*y);
+        }
+    }
+    let want: Vec<bf16> = a.iter().zip(&b).map(|(x, y)| bf16::from_f32(x.to_f32() + y.to_f32())).collect();
+    let (ta, tb) = (Tensor::new(a.as_slice(), &Device::Cpu)?, Tensor::new(b.as_slice(), &Device::Cpu)?);
+    assert_eq!(bits(&(&ta + &tb)?.to_vec1::<bf16>()?), bits(&want), "tensor + tensor");
+    for s in [b[0], bf16::from_bits(0x0001), bf16::from_bits(0x3b80)] {
+        let want: Vec<bf16> = a.iter().map(|x| bf16::from_f32(x.to_f32() + s.to_f32())).collect();
+        let got = ta.broadcast_add(&Tensor::new(&[s], &Device::Cpu)?)?.to_vec1::<bf16>()?;
+        assert_eq!(bits(&got), bits(&want), "tensor + scalar {s}");
+    }
+    Ok(())
+}
+
 fn norms_geglu_linear(dev: &Device) -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(13);
     // Group norm [B, C, H·W] in 4 groups (short rows, and rows long enough for the

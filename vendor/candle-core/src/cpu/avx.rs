@@ -4,7 +4,6 @@ use core::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
 use half::{bf16, f16};
-use std::{is_x86_feature_detected, mem::transmute};
 
 pub struct CurrentCpu {}
 
@@ -162,18 +161,16 @@ impl CpuBF16 for CurrentCpuBF16 {
         _mm256_set1_ps(v)
     }
 
+    // sidscript patch: bf16 <-> f32 by AVX2 integer arithmetic, bit for bit half's
+    // scalar conversions. The upstream form asked `is_x86_feature_detected!` for every
+    // 8 values and, where avx512bf16 is present, called `_mm256_cvtpbh_ps` /
+    // `_mm256_cvtneps_pbh` out of line (this crate is not built with that feature):
+    // a bf16 add ran ~30x slower than a bf16 mul on such machines, and the native
+    // store flushed subnormals, unlike the scalar path.
+    #[inline(always)]
     unsafe fn load(mem_addr: *const bf16) -> Self::Unit {
-        if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vl") {
-            _mm256_cvtpbh_ps(transmute::<__m128i, __m128bh>(_mm_loadu_si128(
-                mem_addr as *const __m128i,
-            )))
-        } else {
-            let mut tmp = [0.0f32; 8];
-            for i in 0..8 {
-                tmp[i] = (*mem_addr.add(i)).to_f32();
-            }
-            _mm256_loadu_ps(tmp.as_ptr())
-        }
+        let h = _mm_loadu_si128(mem_addr as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
 
     unsafe fn vec_add(a: Self::Unit, b: Self::Unit) -> Self::Unit {
@@ -184,19 +181,18 @@ impl CpuBF16 for CurrentCpuBF16 {
         _mm256_add_ps(_mm256_mul_ps(b, c), a)
     }
 
+    /// Rounded to nearest even, a NaN kept and made quiet (`half::bf16::from_f32`).
+    #[inline(always)]
     unsafe fn vec_store(mem_addr: *mut bf16, a: Self::Unit) {
-        if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512vl") {
-            _mm_storeu_si128(
-                mem_addr as *mut __m128i,
-                transmute::<__m128bh, __m128i>(_mm256_cvtneps_pbh(a)),
-            )
-        } else {
-            let mut tmp = [0.0f32; 8];
-            _mm256_storeu_ps(tmp.as_mut_ptr(), a);
-            for i in 0..8 {
-                *mem_addr.add(i) = bf16::from_f32(tmp[i]);
-            }
-        }
+        let bits = _mm256_castps_si256(a);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+        let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fff_ffff));
+        let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f80_0000));
+        let quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000));
+        let high = _mm256_srli_epi32::<16>(_mm256_blendv_epi8(rounded, quiet, nan));
+        let packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256::<1>(high));
+        _mm_storeu_si128(mem_addr as *mut __m128i, packed);
     }
 
     unsafe fn vec_reduce(mut x: Self::Array, y: *mut f32) {
