@@ -331,8 +331,9 @@ fn precomputed_outputs_are_held_once_cuda() -> common::TestResult {
 
 /// On the CPU, half-precision linear maps, convolutions, attention, norms, SiLU and
 /// GEGLU run the f32 kernels on operands widened inside the op (so that the graph holds only the
-/// half-precision tensors, as on CUDA): outputs and every gradient bit for bit those
-/// of the f32 op between explicit casts, the graph keeping the f32 copies.
+/// half-precision tensors, as on CUDA; SiLU and GEGLU a block of rows at a time): outputs
+/// and every gradient bit for bit those of the f32 op between explicit casts, the graph
+/// keeping the f32 copies.
 #[test]
 fn half_precision_cpu_ops_equal_the_f32_ops_between_casts() -> common::TestResult {
     let mut rng = sidscript::rng::Generator::new(13);
@@ -364,6 +365,10 @@ fn half_precision_cpu_ops_equal_the_f32_ops_between_casts() -> common::TestResul
         ),
         ("silu", vec![randn(&mut rng, &[3, 70])], Box::new(|t| ops::silu(&t[0]))),
         ("geglu", vec![randn(&mut rng, &[2, 9, 64])], Box::new(|t| ops::geglu(&t[0]))),
+        // Half-precision rows are widened a block at a time (`dispatch::cpu_rows`):
+        // six blocks of 102 rows, the last partial; rows of 40,000 one at a time.
+        ("geglu in blocks", vec![randn(&mut rng, &[2, 300, 640])], Box::new(|t| ops::geglu(&t[0]))),
+        ("silu in blocks", vec![randn(&mut rng, &[5, 40000])], Box::new(|t| ops::silu(&t[0]))),
         (
             "attention",
             vec![randn(&mut rng, &[2, 33, 80]), randn(&mut rng, &[2, 77, 80]), randn(&mut rng, &[2, 77, 80])],

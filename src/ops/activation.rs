@@ -2,7 +2,8 @@
 //! eight elementwise ops), GEGLU with exact GELU (candle's gelu_erf backward
 //! rounds 1/√(2π) to 0.398942) and softmax over the last dim (candle's fused
 //! softmax has no backward). SiLU and GEGLU also run as one kernel each way on
-//! CUDA (f32, `cuda/activation.cu`).
+//! CUDA (f32 and bf16, `cuda/activation.cu`); half-precision CPU tensors take the
+//! f32 kernels a block of rows at a time (`dispatch::cpu_rows`).
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
 use super::simd::{lane_fold, lane_sum_zip, vectorized, Real};
@@ -210,7 +211,7 @@ macro_rules! fused_unary {
             fn bwd_reads(&self) -> candle_core::BackwardReads {
                 fused_unary!(@reads $saved)
             }
-            kernel_cpu_fwd!(s l);
+            kernel_cpu_fwd!(rows: s l);
             $(
             #[cfg(feature = "cuda")]
             fn cuda_fwd(
@@ -238,7 +239,7 @@ macro_rules! fused_unary {
             fn name(&self) -> &'static str {
                 concat!($name, "-grad")
             }
-            kernel_cpu_fwd!(s1 l1, s2 l2);
+            kernel_cpu_fwd!(rows: s1 l1, s2 l2);
             $(
             #[cfg(feature = "cuda")]
             fn cuda_fwd(

@@ -2,7 +2,8 @@
 //! over [`Real`]; [`cpu`] and [`cpu_in_place`] check that its operands share one
 //! dtype and call it with typed slices (candle's `Map1`/`Map2` idea, for any
 //! number of operands); [`cpu`] and the linear/convolution op take bf16/f16
-//! operands through the f32 kernels ([`in_f32`]).
+//! operands through the f32 kernels ([`in_f32`]); row-by-row kernels take them a
+//! block of rows at a time ([`cpu_rows`]).
 
 use super::simd::Real;
 use candle_core::{backend::BackendStorage, CpuStorage, DType, Layout, Shape};
@@ -87,6 +88,96 @@ fn widened(
     }
 }
 
+/// Values per block of rows that [`cpu_rows`] widens at a time (256 KB in f32).
+const ROW_BLOCK_VALUES: usize = 1 << 16;
+
+/// Runs a row-by-row `kernel` — row r of its output depends on row r of each operand
+/// alone, and keeps the first operand's leading dims (an activation, a GEGLU, their
+/// gradients) — as [`cpu`] does, but with half-precision operands widened and the
+/// output rounded a block of rows at a time: the f32 copies of a whole tensor that
+/// [`in_f32`] makes (a GEGLU backward's input, gradient and result: 17 MB for one
+/// [2, 1024, 640] projection at SD1.5-¼'s first level) would otherwise set the CPU's
+/// bf16 peak. The same values as [`cpu`], bit for bit.
+pub fn cpu_rows<K: Kernel>(
+    kernel: &K,
+    operands: &[(&CpuStorage, &Layout)],
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    match operands.first().map(|(s, _)| s.dtype()) {
+        Some(DType::BF16) => half_rows::<K, half::bf16>(kernel, operands),
+        Some(DType::F16) => half_rows::<K, half::f16>(kernel, operands),
+        _ => typed_cpu(kernel, operands),
+    }
+}
+
+/// A half-precision float, widened to f32 and rounded back (round to nearest even).
+trait Half: Copy + candle_core::WithDType {
+    fn widen(self) -> f32;
+    fn round(v: f32) -> Self;
+}
+
+impl Half for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn round(v: f32) -> Self {
+        Self::from_f32(v)
+    }
+}
+
+impl Half for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn round(v: f32) -> Self {
+        Self::from_f32(v)
+    }
+}
+
+/// [`cpu_rows`] for operands all of the half type `H`.
+fn half_rows<K: Kernel, H: Half>(
+    kernel: &K,
+    operands: &[(&CpuStorage, &Layout)],
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let mut parts = Vec::with_capacity(operands.len());
+    for &(s, l) in operands {
+        let (Ok(values), Some((start, end))) = (s.as_slice::<H>(), l.contiguous_offsets()) else {
+            return Err(mixed(K::NAME, operands.iter().map(|(s, _)| s.dtype())));
+        };
+        parts.push((&values[start..end], l.dims().last().copied().unwrap_or(1).max(1)));
+    }
+    let rows = parts[0].0.len() / parts[0].1;
+    if parts.iter().any(|(v, n)| v.len() != rows * n) {
+        candle_core::bail!("{}: operands of different row counts", K::NAME)
+    }
+    let widest = parts.iter().map(|(_, n)| *n).max().unwrap_or(1);
+    let block = (ROW_BLOCK_VALUES / widest).max(1);
+    let mut out: Vec<H> = Vec::new();
+    let mut out_row = 0;
+    for r0 in (0..rows.max(1)).step_by(block) {
+        let r = block.min(rows - r0);
+        let wide: Vec<(Vec<f32>, Layout)> = parts
+            .iter()
+            .map(|(v, n)| (v[r0 * n..(r0 + r) * n].iter().map(|x| x.widen()).collect(), Layout::contiguous((r, *n))))
+            .collect();
+        let view: Vec<(&[f32], &Layout)> = wide.iter().map(|(v, l)| (v.as_slice(), l)).collect();
+        let (y, shape) = kernel.run(&view)?;
+        if r0 == 0 {
+            out_row = shape.dims().last().copied().unwrap_or(1);
+            out.reserve_exact(rows * out_row);
+        }
+        out.extend(y.iter().map(|&v| H::round(v)));
+    }
+    let mut dims = operands[0].1.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out_row;
+    }
+    Ok((H::to_cpu_storage_owned(out), Shape::from(dims)))
+}
+
 /// Runs `kernel` on f32 or f64 operands of one dtype.
 fn typed_cpu<K: Kernel>(kernel: &K, operands: &[(&CpuStorage, &Layout)]) -> candle_core::Result<(CpuStorage, Shape)> {
     if let Some(v) = typed::<f32>(operands) {
@@ -126,7 +217,16 @@ pub fn cpu_in_place<K: KernelInPlace>(
 /// The `cpu_fwd` of a custom op whose CPU forward is its own [`Kernel`] over all
 /// its operands, written inside the op's `CustomOp1/2/3` impl with one storage and
 /// layout name per operand: `kernel_cpu_fwd!(s1 l1, s2 l2)`.
+/// `kernel_cpu_fwd!(rows: …)` for a row-by-row kernel ([`cpu_rows`]).
 macro_rules! kernel_cpu_fwd {
+    (rows: $($s:ident $l:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::ops::dispatch::cpu_rows(self, &[$(($s, $l)),+])
+        }
+    };
     ($($s:ident $l:ident),+) => {
         fn cpu_fwd(
             &self,
