@@ -172,6 +172,57 @@ fn half_precision_sums(dev: &Device) -> common::TestResult {
 }
 test_device!(half_precision_sums, half_precision_sums_cpu, half_precision_sums_cuda);
 
+/// f32 ↔ bf16 conversions of CPU tensors (the vendored candle-core converts
+/// contiguous ones in parallel blocks, 8 values a step) equal `half`'s scalar
+/// conversion bit for bit: all 65,536 bf16 patterns widened, and f32 values rounded —
+/// ties either way, the f32 subnormals, overflow, infinities and NaNs with payloads
+/// (made quiet, as `from_f32` does) — in a tensor of several blocks whose length is
+/// no multiple of 8, and as a strided view.
+#[test]
+fn bf16_conversions_equal_the_scalar_conversion() -> common::TestResult {
+    use half::bf16;
+    let patterns: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+    let wide = Tensor::new(patterns.as_slice(), &Device::Cpu)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    for (b, w) in patterns.iter().zip(&wide) {
+        assert_eq!(w.to_bits(), b.to_f32().to_bits(), "widening {:#06x}", b.to_bits());
+    }
+    let special: [u32; 14] = [
+        0x3f80_8000, // a tie, to even (down)
+        0x3f81_8000, // a tie, to even (up)
+        0x3f80_8001, // just over a tie
+        0x0000_0001, // the smallest subnormal
+        0x007f_ffff, // the largest subnormal: rounds up to the smallest normal
+        0x7f7f_ffff, // the largest finite: rounds to infinity
+        0x7f80_0000, // infinity
+        0xff80_0000,
+        0x7f80_0001, // a signalling NaN: made quiet
+        0x7fc0_ffff, // a quiet NaN with low payload bits
+        0xffbf_ffff, // a negative signalling NaN with every payload bit
+        0x8000_0000, // −0
+        0xc2f7_7fff,
+        0x4049_0fdb, // π
+    ];
+    let mut rng = sidscript::rng::Generator::new(9);
+    let mut values = randn(&mut rng, &[100_003]).to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    for (i, v) in special.iter().enumerate() {
+        for at in [i, 50_000 + i, 100_003 - 1 - i] {
+            values[at] = f32::from_bits(*v);
+        }
+    }
+    let want: Vec<u16> = values.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let t = Tensor::new(values.as_slice(), &Device::Cpu)?;
+    let got: Vec<u16> = t.to_dtype(DType::BF16)?.to_vec1::<bf16>()?.iter().map(|v| v.to_bits()).collect();
+    assert!(got == want, "f32 → bf16 differs at {:?}", got.iter().zip(&want).position(|(a, b)| a != b));
+    // A strided view (candle's own loop).
+    let m = t.narrow(0, 0, 100_000)?.reshape((400, 250))?.t()?;
+    let want: Vec<u16> =
+        m.contiguous()?.flatten_all()?.to_vec1::<f32>()?.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let got: Vec<u16> =
+        m.to_dtype(DType::BF16)?.contiguous()?.flatten_all()?.to_vec1::<bf16>()?.iter().map(|v| v.to_bits()).collect();
+    assert!(got == want, "strided f32 → bf16 differs");
+    Ok(())
+}
+
 /// bf16 adds (tensor + tensor, and tensor + a broadcast scalar: candle's vectorized
 /// CPU paths) round each sum as the scalar conversion does, bit for bit: ties to
 /// even, subnormals kept, overflow to infinity, NaN kept. The vendored candle-core

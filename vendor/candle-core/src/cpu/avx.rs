@@ -167,10 +167,15 @@ impl CpuBF16 for CurrentCpuBF16 {
     // `_mm256_cvtneps_pbh` out of line (this crate is not built with that feature):
     // a bf16 add ran ~30x slower than a bf16 mul on such machines, and the native
     // store flushed subnormals, unlike the scalar path.
+    /// Exact, a NaN made quiet (`half::bf16::to_f32`).
     #[inline(always)]
     unsafe fn load(mem_addr: *const bf16) -> Self::Unit {
         let h = _mm_loadu_si128(mem_addr as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        let bits = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+        let magnitude = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fff_ffff));
+        let nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f80_0000));
+        let quiet = _mm256_and_si256(nan, _mm256_set1_epi32(0x0040_0000));
+        _mm256_castsi256_ps(_mm256_or_si256(bits, quiet))
     }
 
     unsafe fn vec_add(a: Self::Unit, b: Self::Unit) -> Self::Unit {
@@ -383,5 +388,31 @@ pub(crate) unsafe fn vec_scalar_add_bf16(scalar: bf16, xs: *const bf16, ys: *mut
     }
     for j in i..k {
         *ys.add(j) = *xs.add(j) + scalar;
+    }
+}
+
+/// f32 → bf16, 8 values a step (sidscript patch: `CpuStorage::to_dtype`).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn vec_bf16_from_f32(xs: *const f32, ys: *mut bf16, k: usize) {
+    let mut i = 0;
+    while i + CurrentCpuBF16::EPR <= k {
+        CurrentCpuBF16::vec_store(ys.add(i), _mm256_loadu_ps(xs.add(i)));
+        i += CurrentCpuBF16::EPR;
+    }
+    for j in i..k {
+        *ys.add(j) = bf16::from_f32(*xs.add(j));
+    }
+}
+
+/// bf16 → f32, 8 values a step (sidscript patch: `CpuStorage::to_dtype`).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn vec_bf16_to_f32(xs: *const bf16, ys: *mut f32, k: usize) {
+    let mut i = 0;
+    while i + CurrentCpuBF16::EPR <= k {
+        _mm256_storeu_ps(ys.add(i), CurrentCpuBF16::load(xs.add(i)));
+        i += CurrentCpuBF16::EPR;
+    }
+    for j in i..k {
+        *ys.add(j) = (*xs.add(j)).to_f32();
     }
 }
