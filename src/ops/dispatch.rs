@@ -115,27 +115,22 @@ trait Half: Copy + candle_core::WithDType {
     fn round(v: f32) -> Self;
 }
 
-impl Half for half::bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn round(v: f32) -> Self {
-        Self::from_f32(v)
-    }
+// One impl per half type; both types spell the conversions alike.
+macro_rules! impl_half {
+    ($($t:ty),*) => {$(
+        impl Half for $t {
+            #[inline(always)]
+            fn widen(self) -> f32 {
+                self.to_f32()
+            }
+            #[inline(always)]
+            fn round(v: f32) -> Self {
+                Self::from_f32(v)
+            }
+        }
+    )*};
 }
-
-impl Half for half::f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn round(v: f32) -> Self {
-        Self::from_f32(v)
-    }
-}
+impl_half!(half::bf16, half::f16);
 
 /// [`cpu_rows`] for operands all of the half type `H`.
 fn half_rows<K: Kernel, H: Half>(
