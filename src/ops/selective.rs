@@ -66,8 +66,18 @@ impl SelectiveBackward {
         // x is read for w's gradient and w for x's; an operand not read may have
         // been released (`BackwardReads`) and keeps only its shape.
         let wide = |t: &Tensor, read: bool| if read { upcast(&t.detach()) } else { Ok(t.detach()) };
-        let (gx, gw, gb) = self.needed_grads(&wide(x, need.w)?, &wide(w, need.x)?, &wide(g, true)?, need)?;
         let round = |grad: Option<Tensor>, like: &Tensor| grad.map(|t| t.to_dtype(like.dtype())).transpose();
+        let blocks = match (self.kind, g.dims2()) {
+            (Kind::Linear, Ok((rows, cols))) => {
+                let block = (HALF_LINEAR_BLOCK_VALUES / cols.max(w.dim(1)?).max(1)).max(1);
+                (rows > block).then_some(block)
+            }
+            _ => None,
+        };
+        let (gx, gw, gb) = match blocks {
+            Some(block) => half_linear_grads_in_row_blocks(x, &wide(w, need.x)?, g, need, block)?,
+            None => self.needed_grads(&wide(x, need.w)?, &wide(w, need.x)?, &wide(g, true)?, need)?,
+        };
         Ok((round(gx, x)?, round(gw, w)?, b.map(|b| round(gb, b)).transpose()?.flatten()))
     }
 
@@ -90,6 +100,49 @@ impl SelectiveBackward {
         };
         Ok((gx, gw, gb))
     }
+}
+
+/// Values of the widest operand per block of rows in [`half_linear_grads_in_row_blocks`]
+/// (1 MB in f32): long enough for the products to run at their speed.
+const HALF_LINEAR_BLOCK_VALUES: usize = 1 << 18;
+
+/// The gradients of a half-precision CPU linear map (x `[rows, in]`, g `[rows, out]`)
+/// a block of `block` rows at a time: each block of g (and of x, for w's gradient)
+/// widened to f32, x's gradient rounded to x's dtype block by block, w's and b's summed
+/// over the blocks in f32 (the caller rounds them once). Widening whole operands made f32 copies of g, x and
+/// the result (a GEGLU projection's g at SD1.5-¼'s first level: 5 MB) that set the
+/// CPU's bf16 peak with checkpointing. `w_wide` is w in f32 where x's gradient reads it.
+fn half_linear_grads_in_row_blocks(
+    x: &Tensor,
+    w_wide: &Tensor,
+    g: &Tensor,
+    need: Needed,
+    block: usize,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (x, g) = (x.detach(), g.detach());
+    let sum = |total: Option<Tensor>, part: Option<Tensor>| match (total, part) {
+        (Some(t), Some(p)) => (t + p).map(Some),
+        (t, p) => Ok(t.or(p)),
+    };
+    let (mut gx_blocks, mut gw, mut gb) = (Vec::new(), None, None);
+    let rows = g.dim(0)?;
+    for start in (0..rows).step_by(block) {
+        let len = block.min(rows - start);
+        let g_block = upcast(&g.narrow(0, start, len)?)?;
+        let x_block = if need.w { upcast(&x.narrow(0, start, len)?)? } else { x.clone() };
+        let (gx, gw_block) = crate::profile::span("linear.backward", g.device(), || {
+            linear::grads(&x_block, w_wide, &g_block, need.x, need.w)
+        })?;
+        if let Some(gx) = gx {
+            gx_blocks.push(gx.to_dtype(x.dtype())?);
+        }
+        gw = sum(gw, gw_block)?;
+        if need.b {
+            gb = sum(gb, Some(bias_sums(&g_block)?))?;
+        }
+    }
+    let gx = if gx_blocks.is_empty() { None } else { Some(Tensor::cat(&gx_blocks, 0)?) };
+    Ok((gx, gw, gb))
 }
 
 /// Which operands' gradients the backward computes: those that track one.
