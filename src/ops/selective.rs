@@ -109,9 +109,10 @@ const HALF_LINEAR_BLOCK_VALUES: usize = 1 << 18;
 /// The gradients of a half-precision CPU linear map (x `[rows, in]`, g `[rows, out]`)
 /// a block of `block` rows at a time: each block of g (and of x, for w's gradient)
 /// widened to f32, x's gradient rounded to x's dtype block by block, w's and b's summed
-/// over the blocks in f32 (the caller rounds them once). Widening whole operands made f32 copies of g, x and
-/// the result (a GEGLU projection's g at SD1.5-¼'s first level: 5 MB) that set the
-/// CPU's bf16 peak with checkpointing. `w_wide` is w in f32 where x's gradient reads it.
+/// over the blocks in f32 (the caller rounds them once). Widening whole operands made
+/// f32 copies of g, x and the result (a GEGLU projection's g at SD1.5-¼'s first level,
+/// [1024, 640]: 2.6 MB) that set the CPU's bf16 peak with checkpointing. `w_wide` is w
+/// in f32 where x's gradient reads it.
 fn half_linear_grads_in_row_blocks(
     x: &Tensor,
     w_wide: &Tensor,

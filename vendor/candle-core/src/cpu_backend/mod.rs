@@ -7,6 +7,10 @@ use half::{bf16, f16, slice::HalfFloatSliceExt, vec::HalfFloatVecExt};
 use rayon::prelude::*;
 
 mod utils;
+pub use utils::{
+    binary_map, binary_map_vec, binary_map_vec_par, unary_map, unary_map_vec, unary_map_vec_par,
+    Map1, Map1Any, Map2, Map2InPlace, Map2U8,
+};
 
 /// `xs` converted by `convert`, which writes every element of its output.
 /// (sidscript patch.)
@@ -17,10 +21,7 @@ fn converted<T, U>(xs: &[T], convert: fn(&[T], &mut [std::mem::MaybeUninit<U>]))
     unsafe { out.set_len(xs.len()) };
     out
 }
-pub use utils::{
-    binary_map, binary_map_vec, binary_map_vec_par, unary_map, unary_map_vec, unary_map_vec_par,
-    Map1, Map1Any, Map2, Map2InPlace, Map2U8,
-};
+
 mod conv2d;
 use conv2d::Conv2D;
 
