@@ -75,7 +75,10 @@ impl SelectiveBackward {
             _ => None,
         };
         let (gx, gw, gb) = match blocks {
-            Some(block) => half_linear_grads_in_row_blocks(x, &wide(w, need.x)?, g, need, block)?,
+            // One profile span per backward, as `needed_grads` has, not one per block.
+            Some(block) => crate::profile::span("linear.backward", g.device(), || {
+                half_linear_grads_in_row_blocks(x, &wide(w, need.x)?, g, need, block)
+            })?,
             None => self.needed_grads(&wide(x, need.w)?, &wide(w, need.x)?, &wide(g, true)?, need)?,
         };
         Ok((round(gx, x)?, round(gw, w)?, b.map(|b| round(gb, b)).transpose()?.flatten()))
@@ -131,9 +134,7 @@ fn half_linear_grads_in_row_blocks(
         let len = block.min(rows - start);
         let g_block = upcast(&g.narrow(0, start, len)?)?;
         let x_block = if need.w { upcast(&x.narrow(0, start, len)?)? } else { x.clone() };
-        let (gx, gw_block) = crate::profile::span("linear.backward", g.device(), || {
-            linear::grads(&x_block, w_wide, &g_block, need.x, need.w)
-        })?;
+        let (gx, gw_block) = linear::grads(&x_block, w_wide, &g_block, need.x, need.w)?;
         if let Some(gx) = gx {
             gx_blocks.push(gx.to_dtype(x.dtype())?);
         }
