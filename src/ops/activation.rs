@@ -6,7 +6,7 @@
 //! f32 kernels a block of rows at a time (`dispatch::cpu_rows`).
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
-use super::simd::{lane_fold, lane_sum_zip, vectorized, Real};
+use super::simd::{lane_fold, lane_map_sum, lane_sum_zip, vectorized, Real};
 use super::{contiguous, for_rows, has_cpu_kernel, has_fused_kernel, rows_of, rows_written};
 use crate::error::Result;
 use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
@@ -115,15 +115,20 @@ fn silu_bwd<T: Real>(x: &[T], g: &[T], _: usize) -> Vec<T> {
 /// Softmax of one row, in place.
 #[inline(always)]
 pub(crate) fn softmax_row<T: Real>(row: &mut [T]) {
-    let Some(&first) = row.first() else { return };
-    let max = lane_fold(row, first, |a, b| if b > a { b } else { a });
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-    }
-    let inv = T::from_usize(1) / lane_fold(row, T::ZERO, |a, b| a + b);
+    let inv = T::from_usize(1) / exp_row(row);
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// exp(row − max row) in place, and the sum of the new row: a softmax without its
+/// division (0 for an empty row). Attention divides its output rows instead, d
+/// values a row where the division here would take m.
+#[inline(always)]
+pub(crate) fn exp_row<T: Real>(row: &mut [T]) -> T {
+    let Some(&first) = row.first() else { return T::ZERO };
+    let max = lane_fold(row, first, |a, b| if b > a { b } else { a });
+    lane_map_sum(row, |v| (v - max).exp())
 }
 
 fn softmax_fwd<T: Real>(x: &[T], n: usize) -> Vec<T> {
@@ -143,20 +148,21 @@ fn softmax_bwd<T: Real>(y: &[T], g: &[T], n: usize) -> Vec<T> {
     for_rows(&mut out, n, |r, o| {
         vectorized(
             #[inline(always)]
-            || softmax_grad_row(&y[r * n..(r + 1) * n], o),
+            || softmax_grad_row(&y[r * n..(r + 1) * n], o, T::from_usize(1)),
         )
     });
     out
 }
 
 /// The softmax gradient of one row in place: g ← y·(g − Σ y·g), for the softmax
-/// output `y` and the output gradient `g` (the sum in lanes, so that it vectorises
-/// inside `vectorized`).
+/// output y = `inv`·`e` and the output gradient `g` (the sum in lanes, so that it
+/// vectorises inside `vectorized`). `e` is the softmax output itself with `inv` 1,
+/// or `exp_row`'s undivided row with `inv` the reciprocal of its sum.
 #[inline(always)]
-pub(crate) fn softmax_grad_row<T: Real>(y: &[T], g: &mut [T]) {
-    let dot = lane_sum_zip(y, g, |yv, gv| yv * gv);
-    for (gv, &yv) in g.iter_mut().zip(y) {
-        *gv = yv * (*gv - dot);
+pub(crate) fn softmax_grad_row<T: Real>(e: &[T], g: &mut [T], inv: T) {
+    let dot = inv * lane_sum_zip(e, g, |ev, gv| ev * gv);
+    for (gv, &ev) in g.iter_mut().zip(e) {
+        *gv = inv * ev * (*gv - dot);
     }
 }
 

@@ -2,10 +2,12 @@
 //! on the CPU. Composed from candle ops it costs head splits and copies, two
 //! batched matmuls that candle runs one (batch, head) pair after another on one
 //! core, a scale, a softmax, and twice as many ops backward. Here every (batch,
-//! head) pair is one parallel task that reads its head straight out of the
-//! [B, N, heads·d] projections; the backward recomputes the probabilities (as
-//! flash attention does) instead of keeping them, and query rows go in blocks so
-//! that no task holds more than `BLOCK_SCORES` scores at once.
+//! head) pair is one parallel task that copies its head out of the [B, N, heads·d]
+//! projections (widening half-precision heads to f32 as it reads them, so that no
+//! whole tensor is widened); the backward recomputes the probabilities (as flash
+//! attention does) instead of keeping them, and query rows go in blocks so that no
+//! task holds more than `BLOCK_SCORES` scores at once. The probabilities stay
+//! undivided (exp(s − row max)); their products, d values a row, are divided instead.
 //!
 //! On CUDA, f32 and bf16 with head dims up to 160 take flash-attention kernels
 //! (`cuda/attention.cu`, the `flash` module below): the forward keeps each query
@@ -23,8 +25,8 @@
 //! that is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU —
 //! where this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
-use super::activation::{softmax_grad_row, softmax_row};
-use super::dispatch::{self, kernel_cpu_fwd, Kernel};
+use super::activation::{exp_row, softmax_grad_row};
+use super::dispatch::{self, kernel_cpu_fwd, Stored, StoredKernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
 use super::{contiguous, has_cpu_kernel, is_half_on_cpu, precomputed_cuda_fwd, upcast, Precomputed};
@@ -61,28 +63,53 @@ impl Geom {
         self.heads * self.d
     }
 
-    /// Head `h` of batch row `b` of a [batch, len, heads·d] tensor, as len × d.
-    fn head<'a, T>(&self, x: &'a [T], len: usize, task: usize) -> Mat<'a, T> {
-        let (b, h) = (task / self.heads, task % self.heads);
-        Mat::new(&x[b * len * self.width() + h * self.d..], len, self.d, self.width(), 1)
+    /// Head `h` of batch row `b` (task b·heads + h) of a [batch, len, heads·d]
+    /// tensor, widened to the compute type: len × d, contiguous. A task widens the
+    /// heads it reads, so that half-precision operands are never widened whole.
+    fn head<S: Stored>(&self, x: &[S], len: usize, task: usize) -> Vec<S::Wide> {
+        let (b, h, w) = (task / self.heads, task % self.heads, self.width());
+        let mut out = Vec::with_capacity(len * self.d);
+        for row in x[b * len * w..(b + 1) * len * w].chunks(w.max(1)) {
+            out.extend(row[h * self.d..(h + 1) * self.d].iter().map(|v| v.widen()));
+        }
+        out
     }
 
     fn tasks(&self) -> usize {
         self.batch * self.heads
     }
 
-    /// P = softmax(s·Q Kᵀ) for query rows r0..r0 + rows, into `p` (rows × m).
-    fn probs<T: Real>(&self, p: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
+    /// E = exp(s·Q Kᵀ − its row max) for query rows r0..r0 + rows, into `p` (rows ×
+    /// m), and each row's 1 / Σ E into `inv`: softmax(s·Q Kᵀ) = inv·E. Callers divide
+    /// the d-wide products of E instead of E's m-wide rows.
+    fn probs<T: Real>(&self, p: &mut [T], inv: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
         product_into(p, self.m, q.rows(r0, rows), k.t(), T::from_f64(self.scale), false, Serial);
         // A `for` loop, not `for_each`: an outlined fold would lose the vector features.
         vectorized(
             #[inline(always)]
             || {
-                for row in p[..rows * self.m].chunks_mut(self.m) {
-                    softmax_row(row)
+                for (row, inv) in p[..rows * self.m].chunks_mut(self.m).zip(inv.iter_mut()) {
+                    *inv = T::from_usize(1) / exp_row(row);
                 }
             },
         );
+    }
+}
+
+/// `src`'s len × d rows, each times its `scale` and rounded to the stored type, into
+/// `dst`.
+fn store_scaled_rows<S: Stored>(dst: &mut [S], src: &[S::Wide], d: usize, scale: &[S::Wide]) {
+    for ((dst, src), &f) in dst.chunks_mut(d.max(1)).zip(src.chunks(d.max(1))).zip(scale) {
+        for (y, &x) in dst.iter_mut().zip(src) {
+            *y = S::narrow(x * f);
+        }
+    }
+}
+
+/// `src` rounded to the stored type, into `dst`.
+fn store<S: Stored>(dst: &mut [S], src: &[S::Wide]) {
+    for (y, &x) in dst.iter_mut().zip(src) {
+        *y = S::narrow(x);
     }
 }
 
@@ -106,7 +133,7 @@ pub fn merge_heads(t: &Tensor) -> candle_core::Result<Tensor> {
 /// Writes per-task blocks `src[task·stride + offset ..][.. len·d]` (one head's
 /// len × d rows) into `dst` as [batch, len, heads·d]: every element of `dst`, which
 /// needs no zero fill first.
-fn merge_head_blocks<T: Real>(
+fn merge_head_blocks<T: Copy + Send + Sync>(
     src: &[T],
     stride: usize,
     offset: usize,
@@ -126,7 +153,7 @@ fn merge_head_blocks<T: Real>(
 
 /// The [batch, len, heads·d] tensors that `merge_head_blocks` makes of the per-task
 /// blocks at each offset in `offsets`, one after another in one vector.
-fn merged_heads<T: Real>(src: &[T], stride: usize, offsets: &[(usize, usize)], g: &Geom) -> Vec<T> {
+fn merged_heads<T: Copy + Send + Sync>(src: &[T], stride: usize, offsets: &[(usize, usize)], g: &Geom) -> Vec<T> {
     let total = offsets.iter().map(|&(_, len)| g.batch * len * g.width()).sum();
     let mut out = Vec::with_capacity(total);
     let mut rest = &mut out.spare_capacity_mut()[..total];
@@ -141,15 +168,20 @@ fn merged_heads<T: Real>(src: &[T], stride: usize, offsets: &[(usize, usize)], g
     out
 }
 
-fn forward<T: Real>(q: &[T], k: &[T], v: &[T], g: &Geom) -> Vec<T> {
+fn forward<S: Stored>(q: &[S], k: &[S], v: &[S], g: &Geom) -> Vec<S> {
     let (n, m, d) = (g.n, g.m, g.d);
-    let mut heads = vec![T::ZERO; g.tasks() * n * d];
+    let (zero, one) = (S::Wide::ZERO, S::Wide::from_usize(1));
+    let mut heads = vec![S::from_f64(0.0); g.tasks() * n * d];
     heads.par_chunks_mut((n * d).max(1)).enumerate().for_each(|(task, o)| {
         let (qh, kh, vh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task));
-        let mut p = vec![T::ZERO; g.block.min(n) * m];
+        let (qh, kh, vh) = (Mat::dense(&qh, n, d), Mat::dense(&kh, m, d), Mat::dense(&vh, m, d));
+        let block = g.block.min(n);
+        let (mut p, mut inv, mut ob) = (vec![zero; block * m], vec![zero; block], vec![zero; block * d]);
         for (r0, rows) in row_blocks(g.n, g.block) {
-            g.probs(&mut p, qh, kh, (r0, rows));
-            product_into(&mut o[r0 * d..], d, Mat::dense(&p, rows, m), vh, T::from_usize(1), false, Serial);
+            g.probs(&mut p, &mut inv, qh, kh, (r0, rows));
+            // O = inv·(E·V).
+            product_into(&mut ob, d, Mat::dense(&p, rows, m), vh, one, false, Serial);
+            store_scaled_rows(&mut o[r0 * d..(r0 + rows) * d], &ob, d, &inv);
         }
     });
     merged_heads(&heads, n * d, &[(0, n)], g)
@@ -157,39 +189,51 @@ fn forward<T: Real>(q: &[T], k: &[T], v: &[T], g: &Geom) -> Vec<T> {
 
 /// dQ, dK and dV for the output gradient `go`, packed as [dq | dk | dv], each in
 /// its input's [batch, len, heads·d] layout.
-fn backward<T: Real>(q: &[T], k: &[T], v: &[T], go: &[T], g: &Geom) -> Vec<T> {
+fn backward<S: Stored>(q: &[S], k: &[S], v: &[S], go: &[S], g: &Geom) -> Vec<S> {
     let (n, m, d) = (g.n, g.m, g.d);
-    let (one, scale) = (T::from_usize(1), T::from_f64(g.scale));
+    let (zero, one, scale) =
+        (S::Wide::ZERO, S::Wide::from_usize(1), <S::Wide as candle_core::WithDType>::from_f64(g.scale));
     let stride = (n + 2 * m) * d;
-    let mut parts = vec![T::ZERO; g.tasks() * stride];
+    let mut parts = vec![S::from_f64(0.0); g.tasks() * stride];
     parts.par_chunks_mut(stride.max(1)).enumerate().for_each(|(task, part)| {
-        let (dq, rest) = part.split_at_mut(n * d);
-        let (dk, dv) = rest.split_at_mut(m * d);
+        let (dq_out, rest) = part.split_at_mut(n * d);
+        let (dk_out, dv_out) = rest.split_at_mut(m * d);
         let (qh, kh, vh, gh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task), g.head(go, n, task));
-        let mut p = vec![T::ZERO; g.block.min(n) * m];
-        let mut ds = vec![T::ZERO; g.block.min(n) * m];
+        let (qm, km, vm) = (Mat::dense(&qh, n, d), Mat::dense(&kh, m, d), Mat::dense(&vh, m, d));
+        let block = g.block.min(n);
+        let (mut p, mut ds, mut inv) = (vec![zero; block * m], vec![zero; block * m], vec![zero; block]);
+        let (mut gs, mut dq) = (vec![zero; block * d], vec![zero; block * d]);
+        let (mut dk, mut dv) = (vec![zero; m * d], vec![zero; m * d]);
         for (r0, rows) in row_blocks(g.n, g.block) {
             let first = r0 == 0;
-            g.probs(&mut p, qh, kh, (r0, rows));
-            let pm = Mat::dense(&p, rows, m);
-            // dV += Pᵀ·dO; dP = dO·Vᵀ.
-            product_into(dv, d, pm.t(), gh.rows(r0, rows), one, !first, Serial);
-            product_into(&mut ds, m, gh.rows(r0, rows), vh.t(), one, false, Serial);
+            g.probs(&mut p, &mut inv, qm, km, (r0, rows));
+            let (em, gb) = (Mat::dense(&p, rows, m), &gh[r0 * d..(r0 + rows) * d]);
+            // dV += Pᵀ·dO = Eᵀ·(inv·dO); dP = dO·Vᵀ.
+            for ((gs, gb), &f) in gs.chunks_mut(d.max(1)).zip(gb.chunks(d.max(1))).zip(&inv) {
+                for (y, &x) in gs.iter_mut().zip(gb) {
+                    *y = x * f;
+                }
+            }
+            product_into(&mut dv, d, em.t(), Mat::dense(&gs, rows, d), one, !first, Serial);
+            product_into(&mut ds, m, Mat::dense(gb, rows, d), vm.t(), one, false, Serial);
             // dS = P ∘ (dP − Σⱼ P·dP), row by row (a `for` loop inside `vectorized`,
             // as in `probs`).
             vectorized(
                 #[inline(always)]
                 || {
-                    for (dsr, pr) in ds.chunks_mut(m).zip(p.chunks(m)).take(rows) {
-                        softmax_grad_row(pr, dsr);
+                    for ((dsr, er), &f) in ds.chunks_mut(m).zip(p.chunks(m)).zip(&inv).take(rows) {
+                        softmax_grad_row(er, dsr, f);
                     }
                 },
             );
             // dQ = s·dS·K; dK += s·dSᵀ·Q.
             let dsm = Mat::dense(&ds, rows, m);
-            product_into(&mut dq[r0 * d..], d, dsm, kh, scale, false, Serial);
-            product_into(dk, d, dsm.t(), qh.rows(r0, rows), scale, !first, Serial);
+            product_into(&mut dq, d, dsm, km, scale, false, Serial);
+            store(&mut dq_out[r0 * d..(r0 + rows) * d], &dq);
+            product_into(&mut dk, d, dsm.t(), qm.rows(r0, rows), scale, !first, Serial);
         }
+        store(dk_out, &dk);
+        store(dv_out, &dv);
     });
     merged_heads(&parts, stride, &[(0, n), (n * d, m), ((n + m) * d, m)], g)
 }
@@ -230,7 +274,7 @@ impl CustomOp3 for Sdpa {
     fn name(&self) -> &'static str {
         Self::NAME
     }
-    kernel_cpu_fwd!(s1 l1, s2 l2, s3 l3);
+    kernel_cpu_fwd!(stored: s1 l1, s2 l2, s3 l3);
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -271,18 +315,18 @@ impl CustomOp3 for Sdpa {
     }
 }
 
-impl Kernel for Sdpa {
+impl StoredKernel for Sdpa {
     const NAME: &'static str = "scaled-dot-product-attention";
-    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+    fn run<S: Stored>(&self, ops: &[(&[S], &Layout)]) -> candle_core::Result<(Vec<S>, Shape)> {
         let &[(q, ql), (k, kl), (v, vl)] = ops else { candle_core::bail!("attention: three operands") };
         Ok((forward(contiguous(q, ql)?, contiguous(k, kl)?, contiguous(v, vl)?, &self.geom), ql.shape().clone()))
     }
 }
 
-impl Kernel for SdpaGrad {
+impl StoredKernel for SdpaGrad {
     const NAME: &'static str = "scaled-dot-product-attention-grad";
     /// `backward` over q, k, v and the output gradient, in that order.
-    fn run<T: Real>(&self, ops: &[(&[T], &Layout)]) -> candle_core::Result<(Vec<T>, Shape)> {
+    fn run<S: Stored>(&self, ops: &[(&[S], &Layout)]) -> candle_core::Result<(Vec<S>, Shape)> {
         let &[(q, ql), (k, kl), (v, vl), (go, gl)] = ops else {
             candle_core::bail!("attention backward: four operands")
         };
@@ -304,7 +348,7 @@ impl CustomOp1 for SdpaGrad {
         }
         let ((qs, ql), (ks, kl), (vs, vl)) =
             (self.q.storage_and_layout(), self.k.storage_and_layout(), self.v.storage_and_layout());
-        dispatch::cpu(self, &[(cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl), (go, gl)])
+        dispatch::cpu_stored(self, &[(cpu(&qs)?, ql), (cpu(&ks)?, kl), (cpu(&vs)?, vl), (go, gl)])
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -602,7 +646,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     crate::profile::span("attention.forward", q.device(), || {
         let (b, n, width) = q.dims3()?;
         let same_dtype = k.dtype() == q.dtype() && v.dtype() == q.dtype();
-        // Half-precision CPU operands take the CPU kernel in f32 (`dispatch::in_f32`).
+        // Half-precision CPU operands take the CPU kernel, which widens each head it
+        // reads to f32 (`dispatch::cpu_stored`).
         let cpu_kernel = has_cpu_kernel(q) || (same_dtype && is_half_on_cpu(q));
         if cpu_kernel || (same_dtype && heads > 0 && takes_flash(q, width / heads)) {
             return attention_in_blocks(q, k, v, heads, scale, None);

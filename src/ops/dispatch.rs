@@ -3,7 +3,8 @@
 //! dtype and call it with typed slices (candle's `Map1`/`Map2` idea, for any
 //! number of operands); [`cpu`] and the linear/convolution op take bf16/f16
 //! operands through the f32 kernels ([`in_f32`]); row-by-row kernels take them a
-//! block of rows at a time ([`cpu_rows`]).
+//! block of rows at a time ([`cpu_rows`]); a [`StoredKernel`] reads them as they
+//! are stored and widens what it reads ([`cpu_stored`]).
 
 use super::simd::Real;
 use candle_core::{backend::BackendStorage, CpuStorage, DType, Layout, Shape};
@@ -26,14 +27,16 @@ pub trait KernelInPlace {
 }
 
 /// The operands as slices of `T`, if every one holds `T`.
-fn typed<'a, T: Real>(operands: &[(&'a CpuStorage, &'a Layout)]) -> Option<Vec<(&'a [T], &'a Layout)>> {
+fn typed<'a, T: candle_core::WithDType>(
+    operands: &[(&'a CpuStorage, &'a Layout)],
+) -> Option<Vec<(&'a [T], &'a Layout)>> {
     operands.iter().map(|&(s, l)| s.as_slice::<T>().ok().map(|v| (v, l))).collect()
 }
 
 /// The error for operands of mixed or unsupported dtypes.
 fn mixed(name: &str, dtypes: impl Iterator<Item = DType>) -> candle_core::Error {
     let dtypes: Vec<DType> = dtypes.collect();
-    candle_core::Error::Msg(format!("{name}: operands must all be f32 or all f64, got {dtypes:?}"))
+    candle_core::Error::Msg(format!("{name}: operands must all be of one float dtype, got {dtypes:?}"))
 }
 
 /// Runs `kernel` on f32 or f64 operands of one dtype, or on half-precision operands
@@ -109,31 +112,83 @@ pub fn cpu_rows<K: Kernel>(
     }
 }
 
-/// A half-precision float, widened to f32 and rounded back (round to nearest even).
-trait Half: Copy + candle_core::WithDType {
-    fn widen(self) -> f32;
-    fn round(v: f32) -> Self;
+/// An element type as stored and the type the CPU kernels compute it in: f32 and
+/// f64 as they are, bf16/f16 widened to f32 and rounded back (to nearest even).
+pub trait Stored: Copy + candle_core::WithDType {
+    /// The type the kernels compute in.
+    type Wide: Real;
+    /// The value in the compute type.
+    fn widen(self) -> Self::Wide;
+    /// A computed value rounded to the stored type.
+    fn narrow(v: Self::Wide) -> Self;
 }
 
-// One impl per half type; both types spell the conversions alike.
-macro_rules! impl_half {
-    ($($t:ty),*) => {$(
-        impl Half for $t {
+// The types computed as they are, and the half types, which both spell the
+// conversions alike.
+macro_rules! impl_stored {
+    (as is: $($t:ty),*) => {$(
+        impl Stored for $t {
+            type Wide = $t;
+            #[inline(always)]
+            fn widen(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn narrow(v: $t) -> Self {
+                v
+            }
+        }
+    )*};
+    (half: $($t:ty),*) => {$(
+        impl Stored for $t {
+            type Wide = f32;
             #[inline(always)]
             fn widen(self) -> f32 {
                 self.to_f32()
             }
             #[inline(always)]
-            fn round(v: f32) -> Self {
+            fn narrow(v: f32) -> Self {
                 Self::from_f32(v)
             }
         }
     )*};
 }
-impl_half!(half::bf16, half::f16);
+impl_stored!(as is: f32, f64);
+impl_stored!(half: half::bf16, half::f16);
+
+/// A CPU kernel that reads its operands in their stored type and computes in its
+/// wide type ([`Stored`]), a piece at a time: half-precision operands are widened
+/// inside it where it reads them, never whole, and its output is stored in the
+/// operands' type.
+pub trait StoredKernel {
+    /// The op's name, for errors.
+    const NAME: &'static str;
+    /// The output's elements and shape from the operands' elements and layouts
+    /// (each the whole storage: the kernel reads it through its layout).
+    fn run<S: Stored>(&self, operands: &[(&[S], &Layout)]) -> candle_core::Result<(Vec<S>, Shape)>;
+}
+
+/// Runs `kernel` on operands of one dtype: f32, f64, bf16 or f16.
+pub fn cpu_stored<K: StoredKernel>(
+    kernel: &K,
+    operands: &[(&CpuStorage, &Layout)],
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn of<K: StoredKernel, S: Stored>(
+        kernel: &K,
+        operands: &[(&CpuStorage, &Layout)],
+    ) -> Option<candle_core::Result<(CpuStorage, Shape)>> {
+        let typed = typed::<S>(operands)?;
+        Some(kernel.run(&typed).map(|(out, shape)| (S::to_cpu_storage_owned(out), shape)))
+    }
+    of::<K, f32>(kernel, operands)
+        .or_else(|| of::<K, f64>(kernel, operands))
+        .or_else(|| of::<K, half::bf16>(kernel, operands))
+        .or_else(|| of::<K, half::f16>(kernel, operands))
+        .unwrap_or_else(|| Err(mixed(K::NAME, operands.iter().map(|(s, _)| s.dtype()))))
+}
 
 /// [`cpu_rows`] for operands all of the half type `H`.
-fn half_rows<K: Kernel, H: Half>(
+fn half_rows<K: Kernel, H: Stored<Wide = f32>>(
     kernel: &K,
     operands: &[(&CpuStorage, &Layout)],
 ) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -164,7 +219,7 @@ fn half_rows<K: Kernel, H: Half>(
             out_row = shape.dims().last().copied().unwrap_or(1);
             out.reserve_exact(rows * out_row);
         }
-        out.extend(y.iter().map(|&v| H::round(v)));
+        out.extend(y.iter().map(|&v| H::narrow(v)));
     }
     let mut dims = operands[0].1.dims().to_vec();
     if let Some(last) = dims.last_mut() {
@@ -212,8 +267,17 @@ pub fn cpu_in_place<K: KernelInPlace>(
 /// The `cpu_fwd` of a custom op whose CPU forward is its own [`Kernel`] over all
 /// its operands, written inside the op's `CustomOp1/2/3` impl with one storage and
 /// layout name per operand: `kernel_cpu_fwd!(s1 l1, s2 l2)`.
-/// `kernel_cpu_fwd!(rows: …)` for a row-by-row kernel ([`cpu_rows`]).
+/// `kernel_cpu_fwd!(rows: …)` for a row-by-row kernel ([`cpu_rows`]),
+/// `kernel_cpu_fwd!(stored: …)` for a [`StoredKernel`] ([`cpu_stored`]).
 macro_rules! kernel_cpu_fwd {
+    (stored: $($s:ident $l:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::ops::dispatch::cpu_stored(self, &[$(($s, $l)),+])
+        }
+    };
     (rows: $($s:ident $l:ident),+) => {
         fn cpu_fwd(
             &self,

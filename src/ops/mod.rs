@@ -61,7 +61,7 @@ pub fn has_cpu_kernel(x: &Tensor) -> bool {
 /// Whether `x` is a half-precision (bf16/f16) CPU tensor. candle's CPU has no
 /// half-precision convolution and widens its half matmuls operand by operand, so
 /// the linear maps, convolutions, attention, norms, SiLU and GEGLU take such tensors
-/// through the f32 CPU kernels instead ([`dispatch::in_f32`]): the operands widened inside the op,
+/// through the f32 CPU kernels instead ([`dispatch::in_f32`], [`dispatch::cpu_stored`]): the operands widened inside the op,
 /// f32 arithmetic, the result rounded back — what tensor cores do with bf16
 /// operands (f32 accumulation, a bf16 store) and what the CUDA kernels do; the
 /// backward widens again and rounds each gradient to its operand's dtype. The

@@ -65,20 +65,25 @@ impl Real for f32 {
     /// A branch-free polynomial (Cephes' expf: x = n·ln2 + r, |r| ≤ ln2/2, degree 7 in
     /// r, 2ⁿ from the exponent bits), within 2 ulp of libm's, so loops over it
     /// vectorise; x is clamped to [−87, 88] (results stay normal), NaN stays NaN.
+    /// Fused multiply-adds (`mul_add`): inside `vectorized` the CPU's FMA
+    /// instructions, a third fewer operations than a multiply and an add each (the
+    /// softmax of CPU attention is mostly this exp); elsewhere libm's `fmaf`, which
+    /// rounds the same, so both give the same values.
     #[inline(always)]
     fn exp(self) -> Self {
         const MAGIC: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer.
         let x = self.clamp(-87.0, 88.0);
         let t = x * std::f32::consts::LOG2_E + MAGIC;
         let n = t - MAGIC;
-        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
         let p = [1.987_569_1e-4f32, 1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
-        let poly = p.iter().fold(0.0, |acc, &c| acc * r + c);
+        let poly = p.iter().fold(0.0, |acc: f32, &c| acc.mul_add(r, c));
         let two_n = f32::from_bits(((t.to_bits() as i32 - 0x4B40_0000 + 127) << 23) as u32);
-        (poly * r * r + r + 1.0) * two_n
+        (poly * r).mul_add(r, r + 1.0) * two_n
     }
     /// A rational approximation (odd degree 13 over even degree 8, on x clamped to
     /// ±4 where erf is ±1 in f32): no exp, so it vectorises; within 1e-6 of libm's.
+    /// Horner steps as fused multiply-adds, as in `exp`.
     fn erf(self) -> Self {
         let x = self.clamp(-4.0, 4.0);
         let x2 = x * x;
@@ -98,8 +103,8 @@ impl Real for f32 {
             -7.37332916720468e-03,
             -1.42647390514189e-02,
         ];
-        let num = p.iter().fold(0.0, |acc, &c| acc * x2 + c) * x;
-        let den = q.iter().fold(0.0, |acc, &c| acc * x2 + c);
+        let num = p.iter().fold(0.0, |acc: f32, &c| acc.mul_add(x2, c)) * x;
+        let den = q.iter().fold(0.0, |acc: f32, &c| acc.mul_add(x2, c));
         num / den
     }
 }
@@ -158,6 +163,25 @@ pub fn lane_sum_zip<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     ta.iter().zip(tb).fold(sum, |s, (&x, &y)| s + f(x, y))
 }
 
+/// Maps `row` in place by `f` and returns the sum of the new values, through
+/// `LANES` accumulators (one pass where a map and a `lane_sum` would take two).
+#[inline(always)]
+pub fn lane_map_sum<T: Real>(row: &mut [T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *v = f(*v);
+            *a = *a + *v;
+        }
+    }
+    let sum = acc.iter().fold(T::ZERO, |s, &v| s + v);
+    chunks.into_remainder().iter_mut().fold(sum, |s, v| {
+        *v = f(*v);
+        s + *v
+    })
+}
+
 /// Σ f(v) over `row` through `LANES` accumulators, so that the loop vectorises.
 #[inline(always)]
 pub fn lane_sum<T: Real>(row: &[T], f: impl Fn(T) -> T) -> T {
@@ -214,6 +238,10 @@ mod tests {
             assert!((s - e).abs() < 1e-12, "{n}: the shorter slice second");
             let squares = lane_sum(&a, |x| x * x);
             assert!((squares - a.iter().map(|x| x * x).sum::<f64>()).abs() < 1e-12, "{n}");
+            let mut mapped = a.clone();
+            let sum = lane_map_sum(&mut mapped, |x| x * x - 1.0);
+            assert!(mapped.iter().zip(&a).all(|(m, x)| *m == x * x - 1.0), "{n}: mapped in place");
+            assert!((sum - a.iter().map(|x| x * x - 1.0).sum::<f64>()).abs() < 1e-12, "{n}");
         }
     }
 }
