@@ -66,12 +66,14 @@ fn convolutions(dev: &Device) -> common::TestResult {
     // (batch, cin, cout, size, kernel, padding, stride): SD's 3×3 convs, its stride-2
     // downsamplers, 1×1 skip convs, and a non-square input (sides of one parity:
     // candle's own conv2d backward, the reference here, takes the output padding of
-    // a stride-2 input gradient from the height alone).
+    // a stride-2 input gradient from the height alone), and a batch of 4 × 4 images
+    // (the CPU kernels multiply groups of such small images at once).
     for (b, cin, cout, (h, w), k, pad, stride) in [
         (2, 8, 16, (12, 12), 3, 1, 1),
         (1, 16, 16, (12, 12), 3, 1, 2),
         (2, 24, 8, (10, 10), 1, 0, 1),
         (1, 4, 8, (10, 14), 3, 1, 2),
+        (6, 16, 24, (4, 4), 3, 1, 1),
     ] {
         let inputs = [randn(&mut rng, &[b, cin, h, w]), randn(&mut rng, &[cout, cin, k, k]), randn(&mut rng, &[cout])];
         for (dtype, tol) in DTYPES {

@@ -159,7 +159,18 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             let opts = run.host_options()?;
             let _settings = crate::device::for_training(&opts.device);
-            run::run(&Host::new(opts)?, &file, watch)
+            let start = std::time::Instant::now();
+            let result = run::run(&Host::new(opts)?, &file, watch);
+            if crate::profile::enabled() {
+                // Printed also when the run failed: where its time went until then.
+                let whole = start.elapsed().as_secs_f64();
+                eprintln!(
+                    "profile of the run (SIDSCRIPT_PROFILE=1), {:.1} s:\n{}",
+                    whole,
+                    crate::profile::table(whole)
+                );
+            }
+            result
         }
         Command::Init { dir, force } => jobs::init(&dir, force),
         Command::Check { file } => {

@@ -103,14 +103,18 @@ impl ConvGeom {
     }
 }
 
-/// Rows `rows` of the patch matrix of image `b`'s output rows `oys` alone:
-/// `rows.len() × (oys.len()·ow)`.
-fn patch_block<T: Real>(x: &[T], g: &ConvGeom, b: usize, oys: Range<usize>, rows: Range<usize>) -> Vec<T> {
-    let n = oys.len() * g.out_w();
+/// Rows `rows` of the patch matrix of the output rows `oys` of images `images`
+/// alone: `rows.len() × (images.len()·oys.len()·ow)`, each row the images' columns
+/// one image after another.
+fn patch_block<T: Real>(x: &[T], g: &ConvGeom, images: Range<usize>, oys: Range<usize>, rows: Range<usize>) -> Vec<T> {
+    let per_image = oys.len() * g.out_w();
+    let n = images.len() * per_image;
     let len = rows.len() * n;
     let mut out = Vec::with_capacity(len);
     for (r, row) in rows.zip(out.spare_capacity_mut()[..len].chunks_mut(n.max(1))) {
-        fill_patch_row(x, g, r, b, oys.clone(), row);
+        for (b, part) in images.clone().zip(row.chunks_mut(per_image.max(1))) {
+            fill_patch_row(x, g, r, b, oys.clone(), part);
+        }
     }
     // Safety: `fill_patch_row` wrote every element of every row.
     unsafe { out.set_len(len) };
@@ -150,15 +154,15 @@ fn fill_patch_row<T: Real>(x: &[T], g: &ConvGeom, r: usize, b: usize, oys: Range
 }
 
 /// The adjoint of `fill_patch_row` for one (image, channel) plane: the channel's
-/// kh·kw patch rows `taps` (each one image's output pixels long) summed into
-/// `plane`.
+/// kh·kw patch rows `taps` (each one image's output pixels long, `tap_stride`
+/// apart) summed into `plane`.
 #[inline(always)]
-fn col2im_plane<T: Real>(taps: &[T], g: &ConvGeom, plane: &mut [T]) {
+fn col2im_plane<T: Real>(taps: &[T], tap_stride: usize, g: &ConvGeom, plane: &mut [T]) {
     let (oh, ow) = (g.out_h(), g.out_w());
     let n = oh * ow;
     for i in 0..g.kh {
         for j in 0..g.kw {
-            let row = &taps[(i * g.kw + j) * n..][..n];
+            let row = &taps[(i * g.kw + j) * tap_stride..][..n];
             let (lo, hi) = g.valid_x(j);
             for oy in 0..oh {
                 let Some(iy) = g.input_y(oy, i) else { continue };
@@ -189,6 +193,11 @@ const PATCH_BLOCK_BYTES: usize = 512 << 10;
 /// products run far below gemm's speed (a 320 × 2880 kernel by 16 columns).
 const MIN_BLOCK_COLS: usize = 64;
 
+/// Columns a group of whole small images aims at: 128 ran best for 4 × 4 images
+/// (8 of them, 96 and 192 channels, 3×3: 254 → 196 and 464 → 359 µs on 2 cores,
+/// PyTorch 161 and 246; 64 and 256 columns were slower).
+const GROUP_COLS: usize = 128;
+
 /// The threads a blocked kernel of `work` multiply-adds shares its tasks among:
 /// one for small convolutions (about a million multiply-adds; their tasks then
 /// run in turn on the calling thread).
@@ -209,8 +218,12 @@ fn run_tasks(tasks: usize, threads: usize, task: impl Fn(usize) + Send + Sync) {
     }
 }
 
-/// How the forward and the weight gradient split each image's output rows into
-/// blocks, their tasks being (image, block).
+/// How the forward and the weight gradient split the output into tasks: each
+/// image's output rows into blocks, a task being (image, block); or, where a whole
+/// image has fewer than `MIN_BLOCK_COLS` output pixels (4 × 4 at a UNet's deepest
+/// level), the batch into groups of whole images, a task being a group, so that
+/// its product stays wide (a 4 × 4 image's 16 columns ran at half of gemm's speed:
+/// a 96-channel 3×3 convolution of 8 such images took 1.6× PyTorch's time).
 #[derive(Clone, Copy)]
 struct RowBlocks {
     /// Output rows per block (the last block may have fewer).
@@ -219,6 +232,11 @@ struct RowBlocks {
     blocks: usize,
     /// Output rows per image.
     oh: usize,
+    /// Images per task (1 unless whole images are grouped; the last group may have
+    /// fewer).
+    images: usize,
+    /// Images in all.
+    batch: usize,
 }
 
 impl RowBlocks {
@@ -227,24 +245,41 @@ impl RowBlocks {
     /// the batch where there are rows enough, so that shares even out.
     fn new(g: &ConvGeom, row_bytes: usize, threads: usize) -> Self {
         let (oh, ow) = (g.out_h().max(1), g.out_w().max(1));
+        if oh * ow < MIN_BLOCK_COLS && g.batch > 1 {
+            // Enough images for a wide product, but a group per thread at least, and
+            // patches within PATCH_BLOCK_BYTES.
+            let images = GROUP_COLS
+                .div_ceil(oh * ow)
+                .min(g.batch.div_ceil(threads.max(1)))
+                .min(PATCH_BLOCK_BYTES / (oh * row_bytes).max(1))
+                .max(1);
+            return Self { rows: oh, blocks: 1, oh: g.out_h(), images, batch: g.batch };
+        }
         let per_image = (2 * threads).div_ceil(g.batch.max(1));
         let widest = (PATCH_BLOCK_BYTES / row_bytes.max(1)).min(oh.div_ceil(per_image));
         let rows = widest.max(MIN_BLOCK_COLS.div_ceil(ow)).clamp(1, oh);
         // Blocks of equal height, not a full set and a remainder.
         let blocks = oh.div_ceil(rows);
-        Self { rows: oh.div_ceil(blocks), blocks, oh: g.out_h() }
+        Self { rows: oh.div_ceil(blocks), blocks, oh: g.out_h(), images: 1, batch: g.batch }
     }
 
-    /// Task t's image and output rows (tasks run over images, then blocks).
-    fn task(&self, t: usize) -> (usize, Range<usize>) {
-        let block = t % self.blocks;
-        (t / self.blocks, block * self.rows..((block + 1) * self.rows).min(self.oh))
+    /// How many tasks there are.
+    fn tasks(&self) -> usize {
+        self.batch.div_ceil(self.images) * self.blocks
+    }
+
+    /// Task t's images and output rows (tasks run over images, then blocks).
+    fn task(&self, t: usize) -> (Range<usize>, Range<usize>) {
+        let (block, first) = (t % self.blocks, t / self.blocks * self.images);
+        (first..(first + self.images).min(self.batch), block * self.rows..((block + 1) * self.rows).min(self.oh))
     }
 }
 
 /// conv2d(x, w) (+ b) into NCHW, one task per (image, block of output rows): the
 /// block's patches, then W · patches written straight into the image's output
-/// (its `[cout, pixels]` is the product's row-major layout), then the bias.
+/// (its `[cout, pixels]` is the product's row-major layout), then the bias; a task
+/// of several small images multiplies them at once and then copies each image's
+/// rows out.
 struct ConvForward(ConvGeom);
 
 impl Kernel for ConvForward {
@@ -271,34 +306,65 @@ impl Kernel for ConvForward {
         let dst = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
         let threads = threads_for(len * k);
         let row_blocks = RowBlocks::new(g, k * ow * std::mem::size_of::<T>(), threads);
-        let tasks = g.batch * row_blocks.blocks;
+        let tasks = row_blocks.tasks();
         // Too few blocks for the threads (one small image): the output channels are
         // split too, each task making its block's patches itself.
         let channel_step = cout.div_ceil(threads.div_ceil(tasks)).next_multiple_of(16).min(cout);
         let channel_blocks = cout.div_ceil(channel_step);
         let task = |t: usize| {
-            let ((b, oys), c0) = (row_blocks.task(t / channel_blocks), t % channel_blocks * channel_step);
-            let (n, channels) = (oys.len() * ow, c0..(c0 + channel_step).min(cout));
-            let patches = patch_block(x, g, b, oys.clone(), 0..k);
-            let at = (b * cout + c0) * pixels + oys.start * ow;
+            let ((images, oys), c0) = (row_blocks.task(t / channel_blocks), t % channel_blocks * channel_step);
+            let (n, channels) = (images.len() * oys.len() * ow, c0..(c0 + channel_step).min(cout));
+            let patches = patch_block(x, g, images.clone(), oys.clone(), 0..k);
+            let (w_rows, patches) = (Mat::dense(w, cout, k).rows(c0, channels.len()), Mat::dense(&patches, k, n));
+            let bias_of = |c: usize| bias.map_or(T::ZERO, |bias| bias[c]);
+            if images.len() > 1 {
+                // Whole images (row_blocks groups only those): the product, then each
+                // image's rows with the bias, into their places.
+                let mut y: Vec<T> = Vec::with_capacity(channels.len() * n);
+                // Safety: `y` has capacity for the channels × n outputs, which gemm
+                // (read_dst off) writes all of.
+                unsafe {
+                    gemm_raw(
+                        y.spare_capacity_mut().as_mut_ptr().cast::<T>(),
+                        n,
+                        w_rows,
+                        patches,
+                        T::from_usize(1),
+                        false,
+                        Parallelism::None,
+                    );
+                    y.set_len(channels.len() * n);
+                }
+                for (i, b) in images.enumerate() {
+                    for (j, c) in channels.clone().enumerate() {
+                        // Safety: task t alone writes image b's output channels
+                        // `channels`, inside the vector's capacity.
+                        let row: &mut [MaybeUninit<T>] = unsafe {
+                            std::slice::from_raw_parts_mut(dst.ptr().add((b * cout + c) * pixels).cast(), pixels)
+                        };
+                        let (src, bc) = (&y[j * n + i * pixels..][..pixels], bias_of(c));
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for (d, &v) in row.iter_mut().zip(src) {
+                                    d.write(v + bc);
+                                }
+                            },
+                        );
+                    }
+                }
+                return;
+            }
+            let at = (images.start * cout + c0) * pixels + oys.start * ow;
             // Safety: task t alone writes image b's output channels `channels` at the
             // columns of rows `oys` (n each, at row stride `pixels`), inside the
             // vector's capacity.
-            unsafe {
-                gemm_raw(
-                    dst.ptr().add(at),
-                    pixels,
-                    Mat::dense(w, cout, k).rows(c0, channels.len()),
-                    Mat::dense(&patches, k, n),
-                    T::from_usize(1),
-                    false,
-                    Parallelism::None,
-                )
-            };
-            if let Some(bias) = bias {
-                for (c, &bc) in bias[channels].iter().enumerate() {
+            unsafe { gemm_raw(dst.ptr().add(at), pixels, w_rows, patches, T::from_usize(1), false, Parallelism::None) };
+            if bias.is_some() {
+                for (j, c) in channels.enumerate() {
                     // Safety: as above; gemm has written these n outputs.
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(at + c * pixels), n) };
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(at + j * pixels), n) };
+                    let bc = bias_of(c);
                     vectorized(
                         #[inline(always)]
                         || row.iter_mut().for_each(|v| *v += bc),
@@ -331,7 +397,9 @@ pub(super) fn cpu_forward(
 /// d conv2d / d x for the output gradient `grad` (NCHW), one task per (image, block
 /// of input channels): the block's rows of Wᵀ · G_b (channel × kernel tap by
 /// output pixel), then summed into the block's planes (col2im) while they are in
-/// cache — the whole batch's Wᵀ · G is not formed.
+/// cache — the whole batch's Wᵀ · G is not formed. Images of fewer than
+/// `MIN_BLOCK_COLS` output pixels go in groups (as in the forward): a task's
+/// product takes the group's gradients side by side.
 struct ConvInputGrad(ConvGeom);
 
 impl Kernel for ConvInputGrad {
@@ -346,46 +414,69 @@ impl Kernel for ConvInputGrad {
         if cout == 0 || pixels == 0 || len == 0 {
             return Ok((vec![T::ZERO; len], shape));
         }
-        // Channel blocks within PATCH_BLOCK_BYTES, two per thread over the batch.
         let threads = threads_for(len * cout * taps);
-        let by_cache = PATCH_BLOCK_BYTES / (taps * pixels * std::mem::size_of::<T>()).max(1);
-        let per_image = (2 * threads).div_ceil(g.batch);
-        let step = by_cache.min(g.channels.div_ceil(per_image)).clamp(1, g.channels);
+        // Images per task: a group wide enough for gemm where images are small, but
+        // a group per thread at least.
+        let images = if pixels < MIN_BLOCK_COLS && g.batch > 1 {
+            GROUP_COLS.div_ceil(pixels).min(g.batch.div_ceil(threads)).max(1)
+        } else {
+            1
+        };
+        let (groups, n) = (g.batch.div_ceil(images), images * pixels);
+        // Channel blocks within PATCH_BLOCK_BYTES, two per thread over the groups.
+        let by_cache = PATCH_BLOCK_BYTES / (taps * n * std::mem::size_of::<T>()).max(1);
+        let per_group = (2 * threads).div_ceil(groups);
+        let step = by_cache.min(g.channels.div_ceil(per_group)).clamp(1, g.channels);
         let blocks = g.channels.div_ceil(step);
         let mut out = Vec::with_capacity(len);
         let dst = SharedDst(out.spare_capacity_mut().as_mut_ptr().cast::<T>());
         let wt = Mat::dense(w, cout, g.channels * taps).t();
         let task = |t: usize| {
-            let (b, c0) = (t / blocks, t % blocks * step);
-            let channels = step.min(g.channels - c0);
+            let (first, c0) = (t / blocks * images, t % blocks * step);
+            let group = first..(first + images).min(g.batch);
+            let (channels, n) = (step.min(g.channels - c0), group.len() * pixels);
             let rows = channels * taps;
-            let mut cols = Vec::with_capacity(rows * pixels);
-            // Safety: `cols` has capacity for the rows × pixels outputs, which gemm
+            // A group: the images' gradients side by side (cout × n).
+            let grouped: Vec<T>;
+            let gb = if group.len() > 1 {
+                grouped = (0..cout)
+                    .flat_map(|c| group.clone().map(move |b| (b * cout + c) * pixels))
+                    .flat_map(|at| &grad[at..at + pixels])
+                    .copied()
+                    .collect();
+                Mat::dense(&grouped, cout, n)
+            } else {
+                Mat::dense(&grad[first * cout * pixels..], cout, pixels)
+            };
+            let mut cols = Vec::with_capacity(rows * n);
+            // Safety: `cols` has capacity for the rows × n outputs, which gemm
             // (read_dst off) writes all of.
             unsafe {
                 gemm_raw(
                     cols.spare_capacity_mut().as_mut_ptr().cast::<T>(),
-                    pixels,
+                    n,
                     wt.rows(c0 * taps, rows),
-                    Mat::dense(&grad[b * cout * pixels..], cout, pixels),
+                    gb,
                     T::from_usize(1),
                     false,
                     Parallelism::None,
                 );
-                cols.set_len(rows * pixels);
+                cols.set_len(rows * n);
             }
-            // Safety: task t alone writes image b's planes c0..c0 + channels, inside
-            // the vector's capacity; zero bits are 0.0 in f32 and f64.
-            let planes = unsafe {
-                let at = dst.ptr().add((b * g.channels + c0) * plane);
-                std::ptr::write_bytes(at, 0, channels * plane);
-                std::slice::from_raw_parts_mut(at, channels * plane)
-            };
-            for (c, plane) in planes.chunks_mut(plane).enumerate() {
-                col2im_plane(&cols[c * taps * pixels..], g, plane);
+            for (i, b) in group.enumerate() {
+                // Safety: task t alone writes image b's planes c0..c0 + channels,
+                // inside the vector's capacity; zero bits are 0.0 in f32 and f64.
+                let planes = unsafe {
+                    let at = dst.ptr().add((b * g.channels + c0) * plane);
+                    std::ptr::write_bytes(at, 0, channels * plane);
+                    std::slice::from_raw_parts_mut(at, channels * plane)
+                };
+                for (c, plane) in planes.chunks_mut(plane).enumerate() {
+                    col2im_plane(&cols[c * taps * n + i * pixels..], n, g, plane);
+                }
             }
         };
-        run_tasks(g.batch * blocks, threads, task);
+        run_tasks(groups * blocks, threads, task);
         // Safety: the tasks cover every image and channel.
         unsafe { out.set_len(len) };
         Ok((out, shape))
@@ -428,7 +519,7 @@ impl Kernel for ConvWeightGrad {
         }
         let threads = threads_for(cout * k * g.batch * pixels);
         let row_blocks = RowBlocks::new(g, k * ow * std::mem::size_of::<T>(), threads);
-        let tasks = g.batch * row_blocks.blocks;
+        let tasks = row_blocks.tasks();
         let by_tasks =
             tasks >= threads && g.batch * pixels >= threads * MIN_SPLIT && threads * cout * k <= MAX_PARTIALS;
         let column_step = if by_tasks { k } else { k.div_ceil(threads).next_multiple_of(16).min(k) };
@@ -444,10 +535,21 @@ impl Kernel for ConvWeightGrad {
             };
             let columns = k0..(k0 + column_step).min(k);
             for (i, t) in ts.enumerate() {
-                let (b, oys) = row_blocks.task(t);
-                let n = oys.len() * ow;
-                let patches = patch_block(x, g, b, oys.clone(), columns.clone());
-                let gt = Mat::new(&grad[b * cout * pixels + oys.start * ow..], cout, n, pixels, 1);
+                let (images, oys) = row_blocks.task(t);
+                let n = images.len() * oys.len() * ow;
+                let patches = patch_block(x, g, images.clone(), oys.clone(), columns.clone());
+                // A group of whole images: their gradients side by side, as their patches.
+                let grouped: Vec<T>;
+                let gt = if images.len() > 1 {
+                    grouped = (0..cout)
+                        .flat_map(|c| images.clone().map(move |b| (b * cout + c) * pixels))
+                        .flat_map(|at| &grad[at..at + pixels])
+                        .copied()
+                        .collect();
+                    Mat::dense(&grouped, cout, n)
+                } else {
+                    Mat::new(&grad[images.start * cout * pixels + oys.start * ow..], cout, n, pixels, 1)
+                };
                 let pt = Mat::dense(&patches, columns.len(), n).t();
                 // Safety: `dst` holds this part's cout × columns outputs (row stride
                 // k) and no other part's; its first task writes them, the others add.
@@ -646,16 +748,25 @@ mod tests {
     /// The blocked kernels equal candle's conv2d and its gradients however they split
     /// the work: on three threads, one image in row blocks (weight gradient split by
     /// tasks: six, and four, uneven among three parts), one small image split by
-    /// output channels (forward) and by columns (weight gradient), and a strided
-    /// batch of two.
+    /// output channels (forward) and by columns (weight gradient), a strided batch
+    /// of two, and batches of small images in groups of whole images: seven 4 × 4
+    /// images in groups of three, three and one (weight gradient split by columns),
+    /// sixty in groups of eight and a last of four (weight gradient split by tasks),
+    /// and five strided 3 × 2 outputs in groups of two, two and one.
     #[test]
     fn blocked_kernels_equal_candle_for_every_split() -> Result<()> {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().map_err(candle_core::Error::wrap)?;
         pool.install(|| -> Result<()> {
             let dev = Device::Cpu;
-            for &(b, c, (h, w), cout, s) in
-                &[(1, 3, (40, 40), 40, 1), (1, 4, (8, 100), 48, 1), (1, 48, (8, 8), 48, 1), (2, 16, (24, 24), 32, 2)]
-            {
+            for &(b, c, (h, w), cout, s) in &[
+                (1, 3, (40, 40), 40, 1),
+                (1, 4, (8, 100), 48, 1),
+                (1, 48, (8, 8), 48, 1),
+                (2, 16, (24, 24), 32, 2),
+                (7, 64, (4, 4), 64, 1),
+                (60, 8, (4, 4), 16, 1),
+                (5, 48, (5, 3), 96, 2),
+            ] {
                 let x = candle_core::Var::randn(0f64, 1., (b, c, h, w), &dev)?;
                 let w = candle_core::Var::randn(0f64, 1., (cout, c, 3, 3), &dev)?;
                 let bias = candle_core::Var::randn(0f64, 1., cout, &dev)?;
