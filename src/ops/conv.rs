@@ -121,6 +121,16 @@ fn patch_block<T: Real>(x: &[T], g: &ConvGeom, images: Range<usize>, oys: Range<
     out
 }
 
+/// The output gradients of a group of whole images side by side, `channels ×
+/// (images.len()·pixels)`, laid out as `patch_block` lays out the images' patches.
+fn gather_images<T: Real>(grad: &[T], images: Range<usize>, channels: usize, pixels: usize) -> Vec<T> {
+    (0..channels)
+        .flat_map(|c| images.clone().map(move |b| (b * channels + c) * pixels))
+        .flat_map(|at| &grad[at..at + pixels])
+        .copied()
+        .collect()
+}
+
 /// Row `r` (input channel × kernel tap) of the patch matrix of image `b`'s output
 /// rows `oys`, laid out [output row][output column] in `row`: the input's values,
 /// and zeros where the tap reads padding — every element written once, so that
@@ -439,11 +449,7 @@ impl Kernel for ConvInputGrad {
             // A group: the images' gradients side by side (cout × n).
             let grouped: Vec<T>;
             let gb = if group.len() > 1 {
-                grouped = (0..cout)
-                    .flat_map(|c| group.clone().map(move |b| (b * cout + c) * pixels))
-                    .flat_map(|at| &grad[at..at + pixels])
-                    .copied()
-                    .collect();
+                grouped = gather_images(grad, group.clone(), cout, pixels);
                 Mat::dense(&grouped, cout, n)
             } else {
                 Mat::dense(&grad[first * cout * pixels..], cout, pixels)
@@ -541,11 +547,7 @@ impl Kernel for ConvWeightGrad {
                 // A group of whole images: their gradients side by side, as their patches.
                 let grouped: Vec<T>;
                 let gt = if images.len() > 1 {
-                    grouped = (0..cout)
-                        .flat_map(|c| images.clone().map(move |b| (b * cout + c) * pixels))
-                        .flat_map(|at| &grad[at..at + pixels])
-                        .copied()
-                        .collect();
+                    grouped = gather_images(grad, images.clone(), cout, pixels);
                     Mat::dense(&grouped, cout, n)
                 } else {
                     Mat::new(&grad[images.start * cout * pixels + oys.start * ow..], cout, n, pixels, 1)

@@ -270,29 +270,22 @@ pub fn cpu_in_place<K: KernelInPlace>(
 /// `kernel_cpu_fwd!(rows: …)` for a row-by-row kernel ([`cpu_rows`]),
 /// `kernel_cpu_fwd!(stored: …)` for a [`StoredKernel`] ([`cpu_stored`]).
 macro_rules! kernel_cpu_fwd {
-    (stored: $($s:ident $l:ident),+) => {
+    (@with $run:ident; $($s:ident $l:ident),+) => {
         fn cpu_fwd(
             &self,
             $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $crate::ops::dispatch::cpu_stored(self, &[$(($s, $l)),+])
+            $crate::ops::dispatch::$run(self, &[$(($s, $l)),+])
         }
+    };
+    (stored: $($s:ident $l:ident),+) => {
+        $crate::ops::dispatch::kernel_cpu_fwd!(@with cpu_stored; $($s $l),+);
     };
     (rows: $($s:ident $l:ident),+) => {
-        fn cpu_fwd(
-            &self,
-            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $crate::ops::dispatch::cpu_rows(self, &[$(($s, $l)),+])
-        }
+        $crate::ops::dispatch::kernel_cpu_fwd!(@with cpu_rows; $($s $l),+);
     };
     ($($s:ident $l:ident),+) => {
-        fn cpu_fwd(
-            &self,
-            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $crate::ops::dispatch::cpu(self, &[$(($s, $l)),+])
-        }
+        $crate::ops::dispatch::kernel_cpu_fwd!(@with cpu; $($s $l),+);
     };
 }
 pub(crate) use kernel_cpu_fwd;
