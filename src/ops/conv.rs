@@ -148,31 +148,21 @@ fn fill_small_patches<T: Real>(
     let (pw, per_image) = (g.w + 2 * p, oys.len() * g.out_w());
     let n = images.len() * per_image;
     let mut padded = vec![T::ZERO; (g.h + 2 * p) * pw];
+    // Where each tap's first window row starts in the padded plane.
+    let tap_at: Vec<usize> = (0..taps).map(|t| (oys.start * s + t / g.kw) * pw + t % g.kw).collect();
     vectorized(
         #[inline(always)]
         || {
             for c in rows.start / taps..rows.end.div_ceil(taps) {
-                let channel_rows = (c * taps).max(rows.start)..((c + 1) * taps).min(rows.end);
+                let channel_taps = rows.start.max(c * taps) - c * taps..rows.end.min((c + 1) * taps) - c * taps;
                 for (k, b) in images.clone().enumerate() {
                     let plane = &x[(b * g.channels + c) * g.h * g.w..][..g.h * g.w];
-                    for (src, row) in plane.chunks(g.w).zip(padded[p * pw..].chunks_mut(pw)) {
-                        zip_short(&mut row[p..p + g.w], src, |d, v| *d = v);
-                    }
-                    for r in channel_rows.clone() {
-                        let (i, j) = (r % taps / g.kw, r % g.kw);
-                        let part = &mut dst[(r - rows.start) * n + k * per_image..][..per_image];
-                        for (oy, out) in oys.clone().zip(part.chunks_mut(ow)) {
-                            let src = &padded[(oy * s + i) * pw + j..];
-                            if s == 1 {
-                                zip_short(out, &src[..ow], |d, v| {
-                                    d.write(v);
-                                });
-                            } else {
-                                for (ox, d) in out.iter_mut().enumerate() {
-                                    d.write(src[ox * s]);
-                                }
-                            }
-                        }
+                    zip_window(&mut padded[p * pw + p..], (pw, 1), plane, (g.w, 1), (g.h, g.w), |d, v| *d = v);
+                    for tap in channel_taps.clone() {
+                        let out = &mut dst[(c * taps + tap - rows.start) * n + k * per_image..][..per_image];
+                        zip_window(out, (ow, 1), &padded[tap_at[tap]..], (s * pw, s), (oys.len(), ow), |d, v| {
+                            d.write(v);
+                        });
                     }
                 }
             }
@@ -190,26 +180,44 @@ fn gather_images<T: Real>(grad: &[T], images: Range<usize>, channels: usize, pix
         .collect()
 }
 
-/// `f(d, v)` over a few values of `dst` and `src` side by side: lengths 4, 8 and
-/// 16 unrolled (vector moves), where a slice copy calls memmove and a loop of a
-/// variable count pays its set-up for a handful of values.
+/// `f(d, v)` over a `rows × cols` window of `dst` and one of `src`, each given as
+/// (pitch, step): its rows start `pitch` apart and their values lie `step` apart.
+/// Dense rows of 4, 8 or 16 (a UNet's deepest levels) go as fixed-size arrays, a
+/// vector move each, where a slice copy calls memmove and a loop of a variable
+/// count pays its set-up for a handful of values.
 #[inline(always)]
-fn zip_short<D, T: Copy>(dst: &mut [D], src: &[T], f: impl Fn(&mut D, T)) {
+fn zip_window<D, S: Copy>(
+    dst: &mut [D],
+    (dst_pitch, dst_step): (usize, usize),
+    src: &[S],
+    (src_pitch, src_step): (usize, usize),
+    (rows, cols): (usize, usize),
+    f: impl Fn(&mut D, S),
+) {
     macro_rules! fixed {
         ($($n:literal)*) => {$(
-            if let (Ok(dst), Ok(src)) = (<&mut [D; $n]>::try_from(&mut *dst), <&[T; $n]>::try_from(src)) {
-                // A local copy first: the loads no longer alias the stores, so
-                // both become vector moves.
-                let src: [T; $n] = *src;
-                for (d, v) in dst.iter_mut().zip(src) {
-                    f(d, v);
+            if cols == $n && dst_step == 1 && src_step == 1 {
+                for r in 0..rows {
+                    let (d, s) = (&mut dst[r * dst_pitch..][..$n], &src[r * src_pitch..][..$n]);
+                    if let (Ok(d), Ok(&s)) = (<&mut [D; $n]>::try_from(d), <&[S; $n]>::try_from(s)) {
+                        // `s` is a local copy: its loads no longer alias the stores,
+                        // so both become vector moves.
+                        for (d, v) in d.iter_mut().zip(s) {
+                            f(d, v);
+                        }
+                    }
                 }
                 return;
             }
         )*};
     }
     fixed!(4 8 16);
-    dst.iter_mut().zip(src).for_each(|(d, &v)| f(d, v));
+    for r in 0..rows {
+        let (d, s) = (&mut dst[r * dst_pitch..], &src[r * src_pitch..]);
+        for x in 0..cols {
+            f(&mut d[x * dst_step], s[x * src_step]);
+        }
+    }
 }
 
 /// Row `r` (input channel × kernel tap) of the patch matrix of image `b`'s output
@@ -262,21 +270,10 @@ fn col2im_plane<T: Real>(taps: &[T], tap_stride: usize, g: &ConvGeom, plane: &mu
             #[inline(always)]
             || {
                 for (tap, row) in taps.chunks(tap_stride).take(g.kh * g.kw).enumerate() {
-                    let (i, j) = (tap / g.kw, tap % g.kw);
-                    for (oy, src) in row[..n].chunks(ow).enumerate() {
-                        let dst = &mut padded[(oy * s + i) * pw + j..];
-                        if s == 1 {
-                            zip_short(&mut dst[..ow], src, |d, v| *d += v);
-                        } else {
-                            for (ox, &v) in src.iter().enumerate() {
-                                dst[ox * s] += v;
-                            }
-                        }
-                    }
+                    let at = tap / g.kw * pw + tap % g.kw;
+                    zip_window(&mut padded[at..], (s * pw, s), &row[..n], (ow, 1), (oh, ow), |d, v| *d += v);
                 }
-                for (dst, src) in plane.chunks_mut(g.w).zip(padded[p * pw..].chunks(pw)) {
-                    zip_short(dst, &src[p..p + g.w], |d, v| *d += v);
-                }
+                zip_window(plane, (g.w, 1), &padded[p * pw + p..], (pw, 1), (g.h, g.w), |d, v| *d += v);
             },
         );
         return;
