@@ -173,11 +173,15 @@ fn fill_small_patches<T: Real>(
 /// The output gradients of a group of whole images side by side, `channels ×
 /// (images.len()·pixels)`, laid out as `patch_block` lays out the images' patches.
 fn gather_images<T: Real>(grad: &[T], images: Range<usize>, channels: usize, pixels: usize) -> Vec<T> {
-    (0..channels)
-        .flat_map(|c| images.clone().map(move |b| (b * channels + c) * pixels))
-        .flat_map(|at| &grad[at..at + pixels])
-        .copied()
-        .collect()
+    // Slice by slice: collecting a chain of flat_maps pushed value by value, ~10 ns
+    // a value (as long as the group's whole product for 4 × 4 images).
+    let mut out = Vec::with_capacity(channels * images.len() * pixels);
+    for c in 0..channels {
+        for b in images.clone() {
+            out.extend_from_slice(&grad[(b * channels + c) * pixels..][..pixels]);
+        }
+    }
+    out
 }
 
 /// `f(d, v)` over a `rows × cols` window of `dst` and one of `src`, each given as
