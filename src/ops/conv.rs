@@ -13,7 +13,11 @@
 //! is `col2im(Wᵀ · G)` per channel block, for every stride. (One patch matrix for
 //! the whole batch, as before, was written out to L3 and read back by the product:
 //! 2.4 MB at 64 channels of 4 × 16 × 16; the blocked kernels took the tiny bench's
-//! SiD iteration from ~600 to ~520 ms on 2 cores.) The bias gradient is
+//! SiD iteration from ~600 to ~520 ms on 2 cores.) Images of under 64 output
+//! pixels (a UNet's 4 × 4 level) are multiplied in groups of whole images, and
+//! output rows shorter than 16 take their patches from a zero-bordered copy of each
+//! plane by fixed-size window copies (`zip_window`; col2im likewise), where row by
+//! row the copies' set-up cost more than the product. The bias gradient is
 //! `reduce::bias_sums`.
 
 use super::dispatch::{self, kernel_cpu_fwd, Kernel};
