@@ -5,7 +5,7 @@
 //! and every collective returns its input.
 //!
 //! CPU tensors travel over MPI through host memory. CUDA tensors, with the `nccl`
-//! feature, are reduced device to device over NCCL ([`nccl`], its communicator's id
+//! feature, are reduced device to device over NCCL (`nccl`, its communicator's id
 //! handed out over MPI); without it they are copied to the host and back.
 //!
 //! ```

@@ -3,7 +3,7 @@
 //! protocol's denominator (clean-fid, pytorch-fid, EDM2, dgm-eval: N − 1;
 //! StyleGAN/SiD in-loop: N), and statistics files that say what made them.
 //!
-//! A statistics file is safetensors: `mu` (f64 [D]) and `sigma` (f64 [D, D]) with a
+//! A statistics file is safetensors: `mu` (f64 \[D\]) and `sigma` (f64 \[D, D\]) with a
 //! `__metadata__` map: `format` = `sidscript-fd-stats/1`, `protocol`, `detector`,
 //! `dataset`, `n`, `ddof`, `feature_dim`, `source` (and whatever else the writer
 //! adds). Two statistics are only compared when their protocols agree.
