@@ -331,8 +331,9 @@ fn norms_geglu_linear(dev: &Device) -> common::TestResult {
             tol,
         );
     }
-    // Nearest upsampling ×2 (the UNet's and VAE's) and ×3, odd sides and batch 2.
-    for (dims, factor) in [([2, 6, 5, 7], 2), ([1, 3, 4, 4], 3)] {
+    // Nearest upsampling ×2 (the UNet's and VAE's) and ×3, odd sides and batch 2, and
+    // one large enough for the CPU kernels' rows to be split across threads.
+    for (dims, factor) in [([2, 6, 5, 7], 2), ([1, 3, 4, 4], 3), ([2, 64, 12, 10], 2)] {
         compare(
             &format!("upsample ×{factor} {dims:?}"),
             dev,
