@@ -205,14 +205,17 @@ fn benches() {
     allowed[0].select();
     // 3×3 convolutions (padding 1, with bias), forward and forward + backward of
     // Σ y·w with x, W and b tracked. On CUDA at SD1.5's first level; on the CPU at the
-    // tiny bench's two levels (64 and 128 channels, batch 4), where the patch matrix
-    // and a matrix product stand against PyTorch's direct (oneDNN) convolution.
+    // tiny bench's two levels (64 and 128 channels, batch 4) and the toy's (48 channels
+    // at 8 × 8, 96 at 4 × 4, batch 8: short rows and grouped images), where the patch
+    // matrix and a matrix product stand against PyTorch's direct (oneDNN) convolution.
     let conv_rows: &[(&'static str, &'static str, [usize; 4])] = if dev.is_cuda() {
         &[("conv3×3 fwd [1,320,64,64]", "conv3×3 fwd+bwd [1,320,64,64]", [1, 320, 64, 64])]
     } else {
         &[
             ("conv3×3 fwd [4,64,16,16]", "conv3×3 fwd+bwd [4,64,16,16]", [4, 64, 16, 16]),
             ("conv3×3 fwd [4,128,8,8]", "conv3×3 fwd+bwd [4,128,8,8]", [4, 128, 8, 8]),
+            ("conv3×3 fwd [8,48,8,8]", "conv3×3 fwd+bwd [8,48,8,8]", [8, 48, 8, 8]),
+            ("conv3×3 fwd [8,96,4,4]", "conv3×3 fwd+bwd [8,96,4,4]", [8, 96, 4, 4]),
         ]
     };
     for &(fwd_name, bwd_name, dims) in conv_rows {

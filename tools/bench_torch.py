@@ -434,6 +434,10 @@ def op_costs(ops, nodes, reps):
             "conv3×3 fwd+bwd [4,64,16,16]": conv((4, 64, 16, 16), True),
             "conv3×3 fwd [4,128,8,8]": conv((4, 128, 8, 8), False),
             "conv3×3 fwd+bwd [4,128,8,8]": conv((4, 128, 8, 8), True),
+            "conv3×3 fwd [8,48,8,8]": conv((8, 48, 8, 8), False),
+            "conv3×3 fwd+bwd [8,48,8,8]": conv((8, 48, 8, 8), True),
+            "conv3×3 fwd [8,96,4,4]": conv((8, 96, 4, 4), False),
+            "conv3×3 fwd+bwd [8,96,4,4]": conv((8, 96, 4, 4), True),
             "attention fwd [1,1024,8×10] f32": attention(8, 10, torch.float32, False, 1024),
             "attention fwd+bwd [1,1024,8×10] f32": attention(8, 10, torch.float32, True, 1024),
         }
