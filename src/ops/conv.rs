@@ -207,6 +207,7 @@ fn zip_window<D, S: Copy>(
             if cols == $n && dst_step == 1 && src_step == 1 {
                 for r in 0..rows {
                     let (d, s) = (&mut dst[r * dst_pitch..][..$n], &src[r * src_pitch..][..$n]);
+                    // Both are $n long: the conversions always succeed.
                     if let (Ok(d), Ok(&s)) = (<&mut [D; $n]>::try_from(d), <&[S; $n]>::try_from(s)) {
                         // `s` is a local copy: its loads no longer alias the stores,
                         // so both become vector moves.
