@@ -12,7 +12,7 @@
 //! [16, 96, 4, 4] upsampler, ~2% of a toy SiD iteration).
 
 use super::dispatch::{kernel_cpu_fwd, Kernel};
-use super::simd::Real;
+use super::simd::{vectorized, Real};
 use super::{contiguous, has_cpu_kernel, rows_written};
 use crate::error::{Error, Result};
 use candle_core::op::BackwardReads;
@@ -31,11 +31,25 @@ impl Kernel for Upsample {
         // Safety: every output row is written whole, a value per element.
         let y = unsafe {
             rows_written(b * c * h * f * w * f, w * f, |r, row| {
-                for (out, &v) in row.chunks_mut(f).zip(&x[r / f * w..][..w]) {
-                    out.iter_mut().for_each(|d| {
-                        d.write(v);
-                    });
-                }
+                let src = &x[r / f * w..][..w];
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        if f == 2 {
+                            // The UNet's and VAE's factor, as pairs: vector shuffles.
+                            for (pair, &v) in row.chunks_exact_mut(2).zip(src) {
+                                pair[0].write(v);
+                                pair[1].write(v);
+                            }
+                            return;
+                        }
+                        for (out, &v) in row.chunks_mut(f).zip(src) {
+                            out.iter_mut().for_each(|d| {
+                                d.write(v);
+                            });
+                        }
+                    },
+                )
             })
         };
         Ok((y, Shape::from((b, c, h * f, w * f))))
@@ -70,10 +84,23 @@ impl Kernel for UpsampleGrad {
             rows_written(b * c * h * w, w, |r, row| {
                 // Input row r (plane·h + y) reads gradient rows r·f .. r·f + f.
                 let block = &g[r * f * gw..][..f * gw];
-                for (x, d) in row.iter_mut().enumerate() {
-                    let sum = block.chunks(gw).flat_map(|line| &line[x * f..][..f]).fold(T::ZERO, |a, &v| a + v);
-                    d.write(sum);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        if f == 2 {
+                            let (top, bottom) = block.split_at(gw);
+                            for ((d, t), b) in row.iter_mut().zip(top.chunks_exact(2)).zip(bottom.chunks_exact(2)) {
+                                d.write(t[0] + t[1] + (b[0] + b[1]));
+                            }
+                            return;
+                        }
+                        for (x, d) in row.iter_mut().enumerate() {
+                            let sum =
+                                block.chunks(gw).flat_map(|line| &line[x * f..][..f]).fold(T::ZERO, |a, &v| a + v);
+                            d.write(sum);
+                        }
+                    },
+                )
             })
         };
         Ok((dx, Shape::from((b, c, h, w))))
