@@ -174,6 +174,93 @@ fn half_precision_sums(dev: &Device) -> common::TestResult {
 }
 test_device!(half_precision_sums, half_precision_sums_cpu, half_precision_sums_cuda);
 
+/// Sums over every set of dims equal a sum by index in f64 (the vendored
+/// candle-core's CPU reduce reads a contiguous source in runs of reduced or kept
+/// dims, and finds each run's destination once; in parallel from 2^15 values): f32
+/// and f64, shapes with size-1 dims and runs that are no multiple of the vector
+/// width, the source contiguous, at an offset in its buffer (narrowed) and transposed
+/// (strided); each sum within `tol` of the sum of its terms' magnitudes.
+fn sums_over_any_dims(dev: &Device) -> common::TestResult {
+    let mut rng = sidscript::rng::Generator::new(21);
+    for shape in [[2usize, 3, 4, 5], [1, 6, 1, 7], [3, 1, 5, 1], [2, 9, 3, 19], [2, 64, 3, 100]] {
+        let strides: Vec<usize> = (0..4).map(|d| shape[d + 1..].iter().product()).collect();
+        let padded = randn(&mut rng, &[shape[0] + 1, shape[1], shape[2], shape[3]]);
+        let x = padded.narrow(0, 1, shape[0])?;
+        for mask in 1..16u32 {
+            let dims: Vec<usize> = (0..4).filter(|d| mask >> d & 1 == 1).collect();
+            let kept: Vec<usize> = (0..4).map(|d| if dims.contains(&d) { 1 } else { shape[d] }).collect();
+            for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+                // The exact sums of the values in `dtype`.
+                let rounded = x.to_dtype(dtype)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let (mut want, mut magnitude) = (vec![0f64; kept.iter().product()], vec![0f64; kept.iter().product()]);
+                for (i, v) in rounded.iter().enumerate() {
+                    let at = (0..4)
+                        .fold(0, |at, d| at * kept[d] + if dims.contains(&d) { 0 } else { i / strides[d] % shape[d] });
+                    want[at] += v;
+                    magnitude[at] += v.abs();
+                }
+                let on_dev = |t: Tensor| t.to_dtype(dtype).and_then(|t| t.to_device(dev));
+                let sources = [
+                    ("contiguous", on_dev(x.clone())?),
+                    ("at an offset", on_dev(padded.clone())?.narrow(0, 1, shape[0])?),
+                    ("transposed", on_dev(x.transpose(1, 3)?.contiguous()?)?.transpose(1, 3)?),
+                ];
+                for (form, t) in sources {
+                    let got = t.sum_keepdim(dims.clone())?;
+                    assert_eq!(got.dims(), kept.as_slice(), "{form} {shape:?} over {dims:?}");
+                    let got = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                    for ((g, w), m) in got.iter().zip(&want).zip(&magnitude) {
+                        assert!((g - w).abs() <= tol * m, "{dtype:?} {form} {shape:?} over {dims:?}: {g} for {w}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(sums_over_any_dims, sums_over_any_dims_cpu, sums_over_any_dims_cuda);
+
+/// Transposed and permuted views made contiguous (the vendored candle-core's CPU copy
+/// takes a view whose last dim is strided and whose dim before it is contiguous in
+/// blocks of rows; in parallel from 2^15 values) hold, at each position, the source
+/// value its strides point to: sources of `arange` values, so that each value is its
+/// own index in the buffer. Rows no multiple of the block, size-1 dims, a view at an
+/// offset, strided outer dims, dims that merge, an empty view, and views the block
+/// copy does not take.
+fn transposed_copies(dev: &Device) -> common::TestResult {
+    let views: [(&str, &[usize], fn(&Tensor) -> candle_core::Result<Tensor>); 10] = [
+        ("transpose", &[37, 45], |x| x.t()),
+        ("transpose, planes", &[2, 33, 70], |x| x.transpose(1, 2)),
+        ("transpose, parallel", &[3, 200, 130], |x| x.transpose(1, 2)),
+        ("NCHW to NHWC", &[2, 3, 5, 7], |x| x.permute((0, 2, 3, 1))),
+        ("NHWC to NCHW, H and W merged", &[2, 5, 7, 3], |x| x.permute((0, 3, 1, 2))),
+        ("size-1 dims", &[1, 64, 1, 40], |x| x.permute((0, 3, 2, 1))),
+        ("at an offset", &[4, 50, 60], |x| x.narrow(0, 1, 2)?.transpose(1, 2)),
+        ("strided outer dim", &[20, 4, 30], |x| x.permute((1, 2, 0))),
+        ("last dim contiguous", &[6, 10, 12], |x| x.transpose(0, 1)),
+        ("empty", &[4, 0, 3], |x| x.transpose(1, 2)),
+    ];
+    for (name, dims, view) in views {
+        let n: usize = dims.iter().product();
+        for dtype in [DType::F32, DType::U32] {
+            let x = Tensor::arange(0u32, n as u32, dev)?.to_dtype(dtype)?.reshape(dims)?;
+            let v = view(&x)?;
+            let (shape, stride, offset) = (v.dims().to_vec(), v.stride().to_vec(), v.layout().start_offset());
+            let got = v.contiguous()?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            for (i, g) in got.iter().enumerate() {
+                let (mut rest, mut at) = (i, offset);
+                for (&d, &s) in shape.iter().zip(&stride).rev() {
+                    at += rest % d * s;
+                    rest /= d;
+                }
+                assert_eq!(*g, at as f64, "{name} {dtype:?}: position {i}");
+            }
+        }
+    }
+    Ok(())
+}
+test_device!(transposed_copies, transposed_copies_cpu, transposed_copies_cuda);
+
 /// f32 ↔ bf16 conversions of CPU tensors (the vendored candle-core converts
 /// contiguous ones in parallel blocks, 8 values a step) equal `half`'s scalar
 /// conversion bit for bit: all 65,536 bf16 patterns widened, and f32 values rounded —
