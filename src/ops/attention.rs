@@ -113,6 +113,16 @@ fn store<S: Stored>(dst: &mut [S], src: &[S::Wide]) {
     }
 }
 
+/// `src` (rows × cols) transposed and rounded to the stored type, into `dst`
+/// (cols × rows).
+fn store_transposed<S: Stored>(dst: &mut [S], src: &[S::Wide], rows: usize, cols: usize) {
+    for (r, row) in src.chunks(cols.max(1)).take(rows).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            dst[c * rows + r] = S::narrow(x);
+        }
+    }
+}
+
 /// Blocks of `block` rows out of `n`: (first row, rows).
 pub fn row_blocks(n: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(block.max(1)).map(move |r| (r, block.min(n - r)))
@@ -203,18 +213,20 @@ fn backward<S: Stored>(q: &[S], k: &[S], v: &[S], go: &[S], g: &Geom) -> Vec<S> 
         let block = g.block.min(n);
         let (mut p, mut ds, mut inv) = (vec![zero; block * m], vec![zero; block * m], vec![zero; block]);
         let (mut gs, mut dq) = (vec![zero; block * d], vec![zero; block * d]);
-        let (mut dk, mut dv) = (vec![zero; m * d], vec![zero; m * d]);
+        // dK and dV transposed (d × m): their products then run along the keys, not
+        // along d (a head of 10 or 20 channels filled a 16-wide vector 10 or 20 of 32).
+        let (mut dkt, mut dvt) = (vec![zero; m * d], vec![zero; m * d]);
         for (r0, rows) in row_blocks(g.n, g.block) {
             let first = r0 == 0;
             g.probs(&mut p, &mut inv, qm, km, (r0, rows));
             let (em, gb) = (Mat::dense(&p, rows, m), &gh[r0 * d..(r0 + rows) * d]);
-            // dV += Pᵀ·dO = Eᵀ·(inv·dO); dP = dO·Vᵀ.
+            // dVᵀ += dOᵀ·P = (inv·dO)ᵀ·E; dP = dO·Vᵀ.
             for ((gs, gb), &f) in gs.chunks_mut(d.max(1)).zip(gb.chunks(d.max(1))).zip(&inv) {
                 for (y, &x) in gs.iter_mut().zip(gb) {
                     *y = x * f;
                 }
             }
-            product_into(&mut dv, d, em.t(), Mat::dense(&gs, rows, d), one, !first, Serial);
+            product_into(&mut dvt, m, Mat::dense(&gs, rows, d).t(), em, one, !first, Serial);
             product_into(&mut ds, m, Mat::dense(gb, rows, d), vm.t(), one, false, Serial);
             // dS = P ∘ (dP − Σⱼ P·dP), row by row (a `for` loop inside `vectorized`,
             // as in `probs`).
@@ -226,14 +238,14 @@ fn backward<S: Stored>(q: &[S], k: &[S], v: &[S], go: &[S], g: &Geom) -> Vec<S> 
                     }
                 },
             );
-            // dQ = s·dS·K; dK += s·dSᵀ·Q.
+            // dQ = s·dS·K; dKᵀ += s·Qᵀ·dS.
             let dsm = Mat::dense(&ds, rows, m);
             product_into(&mut dq, d, dsm, km, scale, false, Serial);
             store(&mut dq_out[r0 * d..(r0 + rows) * d], &dq);
-            product_into(&mut dk, d, dsm.t(), qm.rows(r0, rows), scale, !first, Serial);
+            product_into(&mut dkt, m, qm.rows(r0, rows).t(), dsm, scale, !first, Serial);
         }
-        store(dk_out, &dk);
-        store(dv_out, &dv);
+        store_transposed(dk_out, &dkt, d, m);
+        store_transposed(dv_out, &dvt, d, m);
     });
     merged_heads(&parts, stride, &[(0, n), (n * d, m), ((n + m) * d, m)], g)
 }
