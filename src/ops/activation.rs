@@ -131,6 +131,47 @@ pub(crate) fn exp_row<T: Real>(row: &mut [T]) -> T {
     lane_map_sum(row, |v| (v - max).exp())
 }
 
+/// `exp_row` down the columns of a row-major matrix `cols` wide: each column's
+/// exp(column − its max) in place, and 1 / the column's sum into `inv`. The loops
+/// run along the rows, one vector lane per column: no horizontal sums, and full
+/// vectors where `exp_row`'s rows of 77 text tokens end in a partial one.
+#[inline(always)]
+pub(crate) fn exp_columns<T: Real>(x: &mut [T], cols: usize, inv: &mut [T]) {
+    let inv = &mut inv[..cols];
+    // No keys: E is empty, and so are the products it scales.
+    let Some(first) = x.get(..cols) else { return inv.fill(T::ZERO) };
+    let mut max = first.to_vec();
+    for row in x.chunks_exact(cols).skip(1) {
+        for (m, &v) in max.iter_mut().zip(row) {
+            if v > *m {
+                *m = v;
+            }
+        }
+    }
+    // Each column summed in `PARTS` interleaved partial sums (row j into part j mod
+    // PARTS), then the parts: the rounding of a sum of that many lanes, as `exp_row`'s
+    // lane sums have, not of one running sum down a column of m.
+    const PARTS: usize = 16;
+    let mut parts = vec![T::ZERO; PARTS * cols];
+    for rows in x.chunks_mut(PARTS * cols) {
+        for (row, sums) in rows.chunks_exact_mut(cols).zip(parts.chunks_exact_mut(cols)) {
+            for ((v, &m), sum) in row.iter_mut().zip(&max).zip(sums.iter_mut()) {
+                *v = (*v - m).exp();
+                *sum += *v;
+            }
+        }
+    }
+    inv.fill(T::ZERO);
+    for sums in parts.chunks_exact(cols) {
+        for (v, &s) in inv.iter_mut().zip(sums) {
+            *v += s;
+        }
+    }
+    for v in inv {
+        *v = T::from_usize(1) / *v;
+    }
+}
+
 fn softmax_fwd<T: Real>(x: &[T], n: usize) -> Vec<T> {
     let mut out = x.to_vec();
     for_rows(&mut out, n, |_, o| {

@@ -25,7 +25,7 @@
 //! that is gigabytes per layer, and one SiD iteration ran out of a 139 GiB GPU —
 //! where this keeps one block of `BATCH_BLOCK_SCORES` at a time.
 
-use super::activation::{exp_row, softmax_grad_row};
+use super::activation::{exp_columns, exp_row, softmax_grad_row};
 use super::dispatch::{self, kernel_cpu_fwd, Stored, StoredKernel};
 use super::gemm::{product_into, Mat};
 use super::simd::{vectorized, Real};
@@ -79,6 +79,18 @@ impl Geom {
         self.batch * self.heads
     }
 
+    /// Eᵀ (m × rows), `probs`' E transposed, for the forward: with the query rows along
+    /// the vector lanes its products Eᵀ = s·K Qᵀ and Oᵀ = Vᵀ·Eᵀ fill them, where
+    /// E·V ran along d (a head of 10 channels filled 10 of 16 lanes, and E was packed
+    /// for it).
+    fn probs_t<T: Real>(&self, pt: &mut [T], inv: &mut [T], q: Mat<T>, k: Mat<T>, (r0, rows): (usize, usize)) {
+        product_into(pt, rows, k, q.rows(r0, rows).t(), T::from_f64(self.scale), false, Serial);
+        vectorized(
+            #[inline(always)]
+            || exp_columns(&mut pt[..self.m * rows], rows, inv),
+        );
+    }
+
     /// E = exp(s·Q Kᵀ − its row max) for query rows r0..r0 + rows, into `p` (rows ×
     /// m), and each row's 1 / Σ E into `inv`: softmax(s·Q Kᵀ) = inv·E. Callers divide
     /// the d-wide products of E instead of E's m-wide rows.
@@ -96,11 +108,11 @@ impl Geom {
     }
 }
 
-/// `src`'s len × d rows, each times its `scale` and rounded to the stored type, into
-/// `dst`.
-fn store_scaled_rows<S: Stored>(dst: &mut [S], src: &[S::Wide], d: usize, scale: &[S::Wide]) {
-    for ((dst, src), &f) in dst.chunks_mut(d.max(1)).zip(src.chunks(d.max(1))).zip(scale) {
-        for (y, &x) in dst.iter_mut().zip(src) {
+/// `src`'s first d × len values transposed, each column times its `scale` and
+/// rounded to the stored type, into `dst` (len × d).
+fn store_scaled_columns<S: Stored>(dst: &mut [S], src: &[S::Wide], (d, len): (usize, usize), scale: &[S::Wide]) {
+    for (c, row) in src[..d * len].chunks(len.max(1)).enumerate() {
+        for ((&x, &f), y) in row.iter().zip(scale).zip(dst[c..].iter_mut().step_by(d)) {
             *y = S::narrow(x * f);
         }
     }
@@ -186,12 +198,12 @@ fn forward<S: Stored>(q: &[S], k: &[S], v: &[S], g: &Geom) -> Vec<S> {
         let (qh, kh, vh) = (g.head(q, n, task), g.head(k, m, task), g.head(v, m, task));
         let (qh, kh, vh) = (Mat::dense(&qh, n, d), Mat::dense(&kh, m, d), Mat::dense(&vh, m, d));
         let block = g.block.min(n);
-        let (mut p, mut inv, mut ob) = (vec![zero; block * m], vec![zero; block], vec![zero; block * d]);
+        let (mut pt, mut inv, mut obt) = (vec![zero; block * m], vec![zero; block], vec![zero; block * d]);
         for (r0, rows) in row_blocks(g.n, g.block) {
-            g.probs(&mut p, &mut inv, qh, kh, (r0, rows));
-            // O = inv·(E·V).
-            product_into(&mut ob, d, Mat::dense(&p, rows, m), vh, one, false, Serial);
-            store_scaled_rows(&mut o[r0 * d..(r0 + rows) * d], &ob, d, &inv);
+            g.probs_t(&mut pt, &mut inv, qh, kh, (r0, rows));
+            // O = inv·(E·V), from Oᵀ = Vᵀ·Eᵀ.
+            product_into(&mut obt, rows, vh.t(), Mat::dense(&pt, m, rows), one, false, Serial);
+            store_scaled_columns(&mut o[r0 * d..(r0 + rows) * d], &obt, (d, rows), &inv);
         }
     });
     merged_heads(&heads, n * d, &[(0, n)], g)
