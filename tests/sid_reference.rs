@@ -133,8 +133,10 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 /// | f16 | 1.1e-3 | 3.0e-2 | 2.4e-4 |
 ///
 /// and sidscript measured x_g 1.01e-2, losses 1.20e-1, 1 − cosine 1.96e-2 in bf16
-/// on an H200 (1.0×, 1.3×, 1.1× PyTorch's); on the CPU 6.6e-3, 1.74e-1, 3.1e-2 in
-/// bf16 (0.7×, 1.9×, 1.8×) and 1.06e-3, 1.18e-2, 2.0e-4 in f16 (1.0×, 0.4×, 0.8×). A fixed multiple of the unit roundoff does not fit both
+/// on an H200 (1.0×, 1.3×, 1.1× PyTorch's); on the CPU 8.2e-3, 2.24e-1, 1.57e-2 in
+/// bf16 (0.8×, 2.5×, 0.9×; 6.6e-3, 1.74e-1, 3.1e-2 before the CPU attention forward
+/// took its scores transposed, 2026-12-06: the loss figure moves with any change
+/// of rounding) and 1.02e-3, 1.68e-2, 2.5e-4 in f16 (0.9×, 0.6×, 1.0×). A fixed multiple of the unit roundoff does not fit both
 /// dtypes: bf16's 1 − cosine is 4.5u in PyTorch too. The generator loss is the most
 /// sensitive figure: it multiplies y_real − y_fake, a difference of predictions that
 /// agree to ~95% here, which amplifies relative errors about twentyfold. The
