@@ -8,6 +8,9 @@
 //! attention does) instead of keeping them, and query rows go in blocks so that no
 //! task holds more than `BLOCK_SCORES` scores at once. The probabilities stay
 //! undivided (exp(s − row max)); their products, d values a row, are divided instead.
+//! The products are laid out so that gemm's vector lanes run along the query rows or
+//! the keys rather than along d (a head of 10 channels filled 10 of 16 lanes): the
+//! forward takes its scores transposed (`probs_t`), the backward its dK and dV.
 //!
 //! On CUDA, f32 and bf16 with head dims up to 160 take flash-attention kernels
 //! (`cuda/attention.cu`, the `flash` module below): the forward keeps each query
