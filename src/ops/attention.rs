@@ -111,12 +111,17 @@ impl Geom {
     }
 }
 
-/// `src`'s first d × len values transposed, each column times its `scale` and
-/// rounded to the stored type, into `dst` (len × d).
-fn store_scaled_columns<S: Stored>(dst: &mut [S], src: &[S::Wide], (d, len): (usize, usize), scale: &[S::Wide]) {
-    for (c, row) in src[..d * len].chunks(len.max(1)).enumerate() {
-        for ((&x, &f), y) in row.iter().zip(scale).zip(dst[c..].iter_mut().step_by(d)) {
-            *y = S::narrow(x * f);
+/// `src`'s first rows × cols values transposed (cols × rows), column c of `src`
+/// times `scale[c]` where given, rounded to the stored type, into `dst`.
+fn store_transposed<S: Stored>(
+    dst: &mut [S],
+    src: &[S::Wide],
+    (rows, cols): (usize, usize),
+    scale: Option<&[S::Wide]>,
+) {
+    for (r, row) in src[..rows * cols].chunks(cols.max(1)).enumerate() {
+        for (c, (y, &x)) in dst[r..].iter_mut().step_by(rows).zip(row).enumerate() {
+            *y = S::narrow(scale.map_or(x, |f| x * f[c]));
         }
     }
 }
@@ -125,16 +130,6 @@ fn store_scaled_columns<S: Stored>(dst: &mut [S], src: &[S::Wide], (d, len): (us
 fn store<S: Stored>(dst: &mut [S], src: &[S::Wide]) {
     for (y, &x) in dst.iter_mut().zip(src) {
         *y = S::narrow(x);
-    }
-}
-
-/// `src` (rows × cols) transposed and rounded to the stored type, into `dst`
-/// (cols × rows).
-fn store_transposed<S: Stored>(dst: &mut [S], src: &[S::Wide], rows: usize, cols: usize) {
-    for (r, row) in src.chunks(cols.max(1)).take(rows).enumerate() {
-        for (c, &x) in row.iter().enumerate() {
-            dst[c * rows + r] = S::narrow(x);
-        }
     }
 }
 
@@ -206,7 +201,7 @@ fn forward<S: Stored>(q: &[S], k: &[S], v: &[S], g: &Geom) -> Vec<S> {
             g.probs_t(&mut pt, &mut inv, qh, kh, (r0, rows));
             // O = inv·(E·V), from Oᵀ = Vᵀ·Eᵀ.
             product_into(&mut obt, rows, vh.t(), Mat::dense(&pt, m, rows), one, false, Serial);
-            store_scaled_columns(&mut o[r0 * d..(r0 + rows) * d], &obt, (d, rows), &inv);
+            store_transposed(&mut o[r0 * d..(r0 + rows) * d], &obt, (d, rows), Some(&inv));
         }
     });
     merged_heads(&heads, n * d, &[(0, n)], g)
@@ -259,8 +254,8 @@ fn backward<S: Stored>(q: &[S], k: &[S], v: &[S], go: &[S], g: &Geom) -> Vec<S> 
             store(&mut dq_out[r0 * d..(r0 + rows) * d], &dq);
             product_into(&mut dkt, m, qm.rows(r0, rows).t(), dsm, scale, !first, Serial);
         }
-        store_transposed(dk_out, &dkt, d, m);
-        store_transposed(dv_out, &dvt, d, m);
+        store_transposed(dk_out, &dkt, (d, m), None);
+        store_transposed(dv_out, &dvt, (d, m), None);
     });
     merged_heads(&parts, stride, &[(0, n), (n * d, m), ((n + m) * d, m)], g)
 }
