@@ -396,8 +396,7 @@ impl ReduceSum<'_> {
                             blocks[b].push(cols);
                         }
                     }
-                    let add_runs = |(b, rows): (usize, Vec<&mut [T]>)| {
-                        let mut rows = rows;
+                    let add_runs = |(b, mut rows): (usize, Vec<&mut [T]>)| {
                         for (j, values) in src.chunks_exact(run).enumerate() {
                             let cols = &mut rows[dst_index_of(j * run) / run];
                             for (d, &v) in cols.iter_mut().zip(&values[b * block..]) {
