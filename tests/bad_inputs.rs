@@ -88,6 +88,24 @@ fn impossible_tensors_and_float_only_ops_on_integers_are_errors_not_aborts() {
 }
 
 #[test]
+fn a_call_no_function_matches_says_what_was_meant() {
+    let host = host();
+    let cases = [
+        // A property called as a method.
+        ("randn([2, 3]).shape()", "`shape` is a property: write x.shape, without parentheses"),
+        // A known name with the wrong arguments: its documented forms.
+        ("randn([2, 3]).matmul(3)", "it takes: `a.matmul(b: Tensor) -> Tensor`"),
+        // A misspelt name: the closest documented ones.
+        ("randn([2, 3]).matmull(randn([3, 2]))", "did you mean `matmul`?"),
+        ("zeroes([2])", "did you mean `zeros`"),
+    ];
+    expect_errors(&host, &cases);
+    // Nothing close: Rhai's message alone.
+    let e = host.eval("frobnicate_all(1)").unwrap_err();
+    assert_eq!(e.message, "Function not found: frobnicate_all (i64)");
+}
+
+#[test]
 fn doc_into_a_closed_pipe_is_not_an_error() {
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_sidscript"))

@@ -42,7 +42,7 @@ impl DrivenScript {
         let file = ast.source().unwrap_or("<script>").to_string();
         host.modules.set_main_dir(super::modules::main_dir_of(&file));
         let mut scope = host.new_scope();
-        host.engine.run_ast_with_scope(&mut scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))?;
+        host.engine.run_ast_with_scope(&mut scope, ast).map_err(|e| ScriptError::from_eval(&e, &file, &host.docs))?;
         Ok(Self { ast: ast.clone(), file })
     }
 
@@ -59,7 +59,7 @@ impl DrivenScript {
         let mut scope = host.new_scope();
         host.engine
             .call_fn_with_options::<Dynamic>(CallFnOptions::new().eval_ast(true), &mut scope, &self.ast, name, args)
-            .map_err(|e| ScriptError::from_eval(&e, &self.file))
+            .map_err(|e| ScriptError::from_eval(&e, &self.file, &host.docs))
     }
 
     /// Calls `name()` when the script defines it without parameters (e.g. `defaults()`).

@@ -5,6 +5,7 @@
 //! script fails, [`ScriptError`] turns Rhai's nested error into one line,
 //! `file:line:col: reason`, followed by the chain of calls that led there.
 
+use super::docs::FnDoc;
 use rhai::{EvalAltResult, ParseError, Position};
 use std::fmt;
 
@@ -95,8 +96,9 @@ impl ScriptError {
     }
 
     /// Unwraps Rhai's nesting of function-call and module errors. `file` is the
-    /// source of the top-level script.
-    pub fn from_eval(err: &EvalAltResult, file: &str) -> Self {
+    /// source of the top-level script; `docs`, the native functions, give a call that
+    /// matches none its hint (`not_found_hint`).
+    pub fn from_eval(err: &EvalAltResult, file: &str, docs: &[FnDoc]) -> Self {
         let mut file = file.to_string();
         let mut err = err;
         let mut trace = vec![];
@@ -126,7 +128,7 @@ impl ScriptError {
             }
         }
         trace.reverse();
-        let message = match err {
+        let mut message = match err {
             EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
             EvalAltResult::ErrorTerminated(..) => "interrupted (Ctrl-C)".to_string(),
             other => {
@@ -136,6 +138,40 @@ impl ScriptError {
                 text.strip_suffix(&suffix).map(str::to_string).unwrap_or(text)
             }
         };
+        if let EvalAltResult::ErrorFunctionNotFound(call, _) = err {
+            if let Some(hint) = not_found_hint(call, docs) {
+                message = format!("{message}; {hint}");
+            }
+        }
         Self { location: locate(&file, err.position()), message, trace }
     }
+}
+
+/// What to tell a script whose call `call` (Rhai's "name (type, type)") matched no
+/// function: that `name` is a property, when it is one and the call had one
+/// argument (`x.shape()` for `x.shape`); the documented forms of `name`, when there
+/// are any (wrong argument types or count); else the documented names closest to it. None when nothing is close.
+fn not_found_hint(call: &str, docs: &[FnDoc]) -> Option<String> {
+    let (name, args) = call.split_once(" (").unwrap_or((call, ")"));
+    let name = name.rsplit("::").next().unwrap_or(name);
+    let args: Vec<&str> = args.trim_end_matches(')').split(", ").filter(|a| !a.is_empty()).collect();
+    let named = |kinds: &[&str]| docs.iter().filter(|d| d.name == name && kinds.contains(&d.kind)).collect::<Vec<_>>();
+    if args.len() == 1 && !named(&["getter"]).is_empty() {
+        return Some(format!("`{name}` is a property: write x.{name}, without parentheses"));
+    }
+    let forms = named(&["function", "method"]);
+    if !forms.is_empty() {
+        let forms: Vec<String> = forms.iter().map(|d| format!("`{}`", d.signature)).collect();
+        return Some(format!("it takes: {}", forms.join(", ")));
+    }
+    let mut close: Vec<(usize, &str)> = docs
+        .iter()
+        .filter(|d| d.kind == "function" || d.kind == "method" || d.kind == "getter")
+        .map(|d| (strsim::damerau_levenshtein(name, &d.name), d.name.as_str()))
+        .filter(|&(dist, _)| dist <= (name.chars().count() / 3).max(1))
+        .collect();
+    close.sort();
+    close.dedup_by_key(|c| c.1);
+    let names: Vec<String> = close.iter().take(3).map(|(_, n)| format!("`{n}`")).collect();
+    (!names.is_empty()).then(|| format!("did you mean {}? (`sidscript doc` lists every function)", names.join(" or ")))
 }

@@ -148,7 +148,9 @@ impl Host {
     pub fn run_ast(&self, scope: &mut Scope, ast: &AST) -> Result<Dynamic, ScriptError> {
         let file = ast.source().unwrap_or("<script>").to_string();
         self.modules.set_main_dir(modules::main_dir_of(&file));
-        self.engine.eval_ast_with_scope::<Dynamic>(scope, ast).map_err(|e| ScriptError::from_eval(&e, &file))
+        self.engine
+            .eval_ast_with_scope::<Dynamic>(scope, ast)
+            .map_err(|e| ScriptError::from_eval(&e, &file, &self.docs))
     }
 
     /// Compiles source text named `name` (a file name, for errors and imports).
@@ -198,7 +200,9 @@ impl Host {
     pub fn eval_in(&self, scope: &mut Scope, src: &str, name: &str) -> Result<Dynamic, ScriptError> {
         let mut ast = self.engine.compile_with_scope(scope, src).map_err(|e| ScriptError::from_parse(&e, name))?;
         ast.set_source(name);
-        self.engine.eval_ast_with_scope::<Dynamic>(scope, &ast).map_err(|e| ScriptError::from_eval(&e, name))
+        self.engine
+            .eval_ast_with_scope::<Dynamic>(scope, &ast)
+            .map_err(|e| ScriptError::from_eval(&e, name, &self.docs))
     }
 }
 
@@ -228,7 +232,7 @@ impl<'h> Session<'h> {
         let result = engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &combined);
         // Definitions stay even when the statements failed, as in any REPL.
         self.functions = self.functions.merge(&ast.clone_functions_only());
-        result.map_err(|e| ScriptError::from_eval(&e, name))
+        result.map_err(|e| ScriptError::from_eval(&e, name, &self.host.docs))
     }
 
     /// `:setup` — runs the loaded training script's `setup(cfg)` and binds its state,
@@ -306,7 +310,7 @@ impl<'h> Session<'h> {
         }
         self.host.modules.set_main_dir(modules::main_dir_of(&file));
         let module = rhai::Module::eval_ast_as_new(self.scope.clone(), &ast, &self.host.engine)
-            .map_err(|e| ScriptError::from_eval(&e, &file))?;
+            .map_err(|e| ScriptError::from_eval(&e, &file, &self.host.docs))?;
         let mut vars = vec![];
         for (name, value) in module.iter_var() {
             self.scope.set_or_push(name.to_string(), value.clone());
