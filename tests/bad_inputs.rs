@@ -98,6 +98,9 @@ fn a_call_no_function_matches_says_what_was_meant() {
         // A misspelt name: the closest documented ones.
         ("randn([2, 3]).matmull(randn([3, 2]))", "did you mean `matmul`?"),
         ("zeroes([2])", "did you mean `zeros`"),
+        // The same for properties: a function read as one, a misspelt one.
+        ("randn([2, 3]).t", "`t` is a function: write x.t()"),
+        ("randn([2, 3]).shap", "did you mean `shape`"),
     ];
     expect_errors(&host, &cases);
     // Nothing close: Rhai's message alone.

@@ -27,9 +27,12 @@ fn variables_and_functions_persist_and_statements_span_lines() {
 
 #[test]
 fn errors_keep_the_session_and_help_reads_the_docs() {
-    let (out, err) = repl("let y = 5;\nzeros([2]).matmul(zeros([3]))\n:help matmul\ny + 1\n");
+    let (out, err) = repl("let y = 5;\nzeros([2]).matmul(zeros([3]))\n:help matmul\n:help matmull\n:step\ny + 1\n");
     assert!(err.contains("error: <repl>:1:"), "{err}");
     assert!(out.contains("a.matmul(b: Tensor) -> Tensor"), "{out}");
+    assert!(out.contains("no function named 'matmull'; did you mean matmul?"), "{out}");
+    // A :step that failed says why and times nothing.
+    assert!(err.contains("no training state") && !out.contains("time:"), "{out}{err}");
     assert!(out.contains("\n6\n"), "{out}");
 }
 

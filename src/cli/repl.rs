@@ -182,33 +182,44 @@ fn command(host: &Host, session: &mut Session, cmd: &str) {
             show(host, result);
             println!("time: {:.3} s", took.as_secs_f64());
         }
-        ":setup" => report(session.setup_state()),
+        ":setup" => {
+            report(session.setup_state());
+        }
         ":step" => match if arg.is_empty() { Ok(1) } else { arg.parse::<i64>() } {
             Ok(n) if n >= 0 => {
                 let start = Instant::now();
-                report(session.step_state(n));
-                println!("time: {:.3} s", start.elapsed().as_secs_f64());
+                if report(session.step_state(n)) {
+                    println!("time: {:.3} s", start.elapsed().as_secs_f64());
+                }
             }
             _ => eprintln!("error: :step N takes a count of iterations, got '{arg}'"),
         },
-        ":checkpoint" => report(session.checkpoint_state()),
+        ":checkpoint" => {
+            report(session.checkpoint_state());
+        }
         _ => eprintln!("unknown command {name}: {COMMANDS}"),
     }
 }
 
 const COMMANDS: &str = ":help [NAME], :load FILE, :setup, :step [N], :checkpoint, :time EXPR, :quit";
 
-fn report(r: Result<String, crate::host::ScriptError>) {
-    match r {
+/// Prints a command's message or its error; whether it succeeded.
+fn report(r: Result<String, crate::host::ScriptError>) -> bool {
+    match &r {
         Ok(msg) => println!("{msg}"),
         Err(e) => eprintln!("error: {e}"),
     }
+    r.is_ok()
 }
 
 fn help(host: &Host, name: &str) {
     let found: Vec<_> = host.docs().iter().filter(|d| name.is_empty() || d.name == name).collect();
     if found.is_empty() {
-        println!("no function named '{name}'");
+        let close = crate::host::docs::closest_names(name, host.docs());
+        match close.is_empty() {
+            true => println!("no function named '{name}'"),
+            false => println!("no function named '{name}'; did you mean {}?", close.join(" or ")),
+        }
     }
     for d in found {
         println!("{:<58} {}", d.signature, d.description);

@@ -35,6 +35,21 @@ pub struct ParamDoc {
     pub ty: String,
 }
 
+/// Up to three documented functions or properties whose names are closest to
+/// `name` (by edits, at most a third of its length, at least one), closest first:
+/// the "did you mean" of a misspelt call.
+pub fn closest_names<'a>(name: &str, docs: &'a [FnDoc]) -> Vec<&'a str> {
+    let mut close: Vec<(usize, &str)> = docs
+        .iter()
+        .filter(|d| matches!(d.kind, "function" | "method" | "getter"))
+        .map(|d| (strsim::damerau_levenshtein(name, &d.name), d.name.as_str()))
+        .filter(|&(edits, _)| edits <= (name.chars().count() / 3).max(1))
+        .collect();
+    close.sort();
+    close.dedup_by_key(|c| c.1);
+    close.into_iter().take(3).map(|(_, n)| n).collect()
+}
+
 /// Registers functions into an engine and documents them.
 pub struct Api<'a> {
     /// The engine registered into (for types and operators registered directly).

@@ -138,10 +138,16 @@ impl ScriptError {
                 text.strip_suffix(&suffix).map(str::to_string).unwrap_or(text)
             }
         };
-        if let EvalAltResult::ErrorFunctionNotFound(call, _) = err {
-            if let Some(hint) = not_found_hint(call, docs) {
-                message = format!("{message}; {hint}");
-            }
+        let hint = match err {
+            EvalAltResult::ErrorFunctionNotFound(call, _) => not_found_hint(call, docs),
+            EvalAltResult::ErrorDotExpr(text, _) => text
+                .strip_prefix("Unknown property '")
+                .and_then(|rest| rest.split_once('\''))
+                .and_then(|(prop, _)| unknown_property_hint(prop, docs)),
+            _ => None,
+        };
+        if let Some(hint) = hint {
+            message = format!("{message}; {hint}");
         }
         Self { location: locate(&file, err.position()), message, trace }
     }
@@ -164,14 +170,19 @@ fn not_found_hint(call: &str, docs: &[FnDoc]) -> Option<String> {
         let forms: Vec<String> = forms.iter().map(|d| format!("`{}`", d.signature)).collect();
         return Some(format!("it takes: {}", forms.join(", ")));
     }
-    let mut close: Vec<(usize, &str)> = docs
-        .iter()
-        .filter(|d| d.kind == "function" || d.kind == "method" || d.kind == "getter")
-        .map(|d| (strsim::damerau_levenshtein(name, &d.name), d.name.as_str()))
-        .filter(|&(dist, _)| dist <= (name.chars().count() / 3).max(1))
-        .collect();
-    close.sort();
-    close.dedup_by_key(|c| c.1);
-    let names: Vec<String> = close.iter().take(3).map(|(_, n)| format!("`{n}`")).collect();
+    did_you_mean(name, docs)
+}
+
+/// What to tell a script that read a property `x.prop` no type has: that `prop` is
+/// a function of x alone (`x.t` for `x.t()`), else the closest documented names.
+fn unknown_property_hint(prop: &str, docs: &[FnDoc]) -> Option<String> {
+    if docs.iter().any(|d| d.name == prop && d.params.len() == 1 && matches!(d.kind, "function" | "method")) {
+        return Some(format!("`{prop}` is a function: write x.{prop}()"));
+    }
+    did_you_mean(prop, docs)
+}
+
+fn did_you_mean(name: &str, docs: &[FnDoc]) -> Option<String> {
+    let names: Vec<String> = super::docs::closest_names(name, docs).iter().map(|n| format!("`{n}`")).collect();
     (!names.is_empty()).then(|| format!("did you mean {}? (`sidscript doc` lists every function)", names.join(" or ")))
 }
